@@ -1,0 +1,16 @@
+//! Process exit codes (sysexits.h), one place for all of them.
+
+/// Command line usage error.
+pub const USAGE: u8 = 64;
+/// Input data was incorrect.
+pub const DATAERR: u8 = 65;
+/// A required service or program is unavailable.
+pub const UNAVAILABLE: u8 = 69;
+/// Internal software error.
+pub const SOFTWARE: u8 = 70;
+/// Temporary failure (for example: the VM's lock is held); retry later.
+pub const TEMPFAIL: u8 = 75;
+/// Permission denied.
+pub const NOPERM: u8 = 77;
+/// Configuration error (Migrantfile, cloud-init.yml, keys).
+pub const CONFIG: u8 = 78;

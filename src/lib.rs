@@ -1,0 +1,17 @@
+//! migrant: throwaway QEMU virtual machines for untrusted workloads.
+//!
+//! See `DESIGN.md` in the steering repository and README.md for the
+//! architecture. The binary in `src/main.rs` is a thin shell over this crate.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod exit;
+pub mod firmware;
+pub mod image;
+pub mod net;
+pub mod provision;
+pub mod qemu;
+pub mod seed;
+pub mod state;
+pub mod supervisor;
