@@ -1,0 +1,1 @@
+//! DNS stub (in progress).
