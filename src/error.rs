@@ -1,1 +1,80 @@
-//! TODO
+//! The top-level error: one variant per module error, each with its exit
+//! code; `main` prints the chain once.
+
+use crate::exit;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    Seed(#[from] crate::seed::SeedError),
+    #[error(transparent)]
+    Key(#[from] crate::provision::keys::KeyError),
+    #[error(transparent)]
+    Control(#[from] crate::supervisor::control::ControlError),
+    #[error(transparent)]
+    Supervisor(#[from] crate::supervisor::SupervisorError),
+    #[error(transparent)]
+    Firmware(#[from] crate::firmware::FirmwareError),
+    /// A failure that carries its own exit code.
+    #[error("{message}")]
+    Other { message: String, code: u8 },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(e) => e.exit_code(),
+            Error::State(e) => e.exit_code(),
+            Error::Image(e) => e.exit_code(),
+            Error::Seed(e) => e.exit_code(),
+            Error::Key(e) => e.exit_code(),
+            Error::Control(e) => e.exit_code(),
+            Error::Supervisor(e) => e.exit_code(),
+            Error::Firmware(e) => e.exit_code(),
+            Error::Other { code, .. } => *code,
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
+                exit::NOPERM
+            }
+            Error::Io { .. } => exit::SOFTWARE,
+        }
+    }
+
+    pub fn other(code: u8, message: impl Into<String>) -> Error {
+        Error::Other {
+            message: message.into(),
+            code,
+        }
+    }
+
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+}
+
+/// `error: a: b: c` — the error and its sources, once.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        let t = src.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = src.source();
+    }
+    s
+}

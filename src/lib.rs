@@ -4,6 +4,7 @@
 //! architecture. The binary in `src/main.rs` is a thin shell over this crate.
 
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod error;
 pub mod exit;

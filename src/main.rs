@@ -1,1 +1,65 @@
-fn main() {}
+use clap::Parser;
+use migrant::cli::{Cli, Cmd};
+use std::process::ExitCode;
+
+fn init_logging(verbose: u8, default: &str) {
+    let filter = match verbose {
+        0 => std::env::var("MIGRANT_LOG").unwrap_or_else(|_| default.to_string()),
+        1 => "migrant=debug".into(),
+        _ => "debug".into(),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                migrant::exit::USAGE
+            } else {
+                0
+            });
+        }
+    };
+    // Hidden self-exec modes first, before any runtime exists.
+    match cli.command {
+        Cmd::Supervisor {
+            name,
+            project,
+            lock_fd,
+            progress_fd,
+        } => {
+            init_logging(cli.verbose, "info");
+            return ExitCode::from(migrant::supervisor::main(migrant::supervisor::Args {
+                name,
+                project,
+                lock_fd,
+                progress_fd,
+            }));
+        }
+        Cmd::Proxy { socket } => {
+            return match migrant::provision::ssh::proxy(&socket) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("migrant: {}: {e}", socket.display());
+                    ExitCode::from(migrant::exit::UNAVAILABLE)
+                }
+            };
+        }
+        _ => {}
+    }
+    init_logging(cli.verbose, "warn");
+    match migrant::commands::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("migrant: error: {}", migrant::error::chain(&e));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

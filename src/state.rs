@@ -1,1 +1,324 @@
-//! TODO
+//! Where things live, per-VM locks and records.
+//!
+//! * images cache: `$MIGRANT_HOME/images` (default `/var/lib/migrant`)
+//! * per-VM state: `$MIGRANT_HOME/vms/<name>/`
+//! * runtime: `$MIGRANT_RUNTIME/<name>/` (default `/run/migrant`)
+//!
+//! Every record write is write-temp, fsync, rename.
+
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VM {name} is busy: another migrant command or its supervisor holds {lock}")]
+    Locked { name: String, lock: PathBuf },
+    #[error("corrupt record {path}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl StateError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StateError::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                crate::exit::NOPERM
+            }
+            StateError::Io { .. } => crate::exit::SOFTWARE,
+            StateError::Locked { .. } => crate::exit::TEMPFAIL,
+            StateError::Corrupt { .. } => crate::exit::DATAERR,
+        }
+    }
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The directories migrant uses, resolved once from the environment.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub home: PathBuf,
+    pub runtime: PathBuf,
+}
+
+impl Paths {
+    pub fn from_env() -> Self {
+        let home = std::env::var_os("MIGRANT_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/migrant"));
+        let runtime = std::env::var_os("MIGRANT_RUNTIME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/migrant"));
+        Paths { home, runtime }
+    }
+    pub fn images(&self) -> PathBuf {
+        self.home.join("images")
+    }
+    pub fn vms(&self) -> PathBuf {
+        self.home.join("vms")
+    }
+    pub fn vm(&self, name: &str) -> VmPaths {
+        VmPaths {
+            name: name.to_string(),
+            state: self.vms().join(name),
+            run: self.runtime.join(name),
+        }
+    }
+}
+
+/// The files of one VM.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub name: String,
+    pub state: PathBuf,
+    pub run: PathBuf,
+}
+
+impl VmPaths {
+    pub fn lock(&self) -> PathBuf {
+        self.state.join("lock")
+    }
+    pub fn record(&self) -> PathBuf {
+        self.state.join("record.json")
+    }
+    pub fn disk(&self) -> PathBuf {
+        self.state.join("disk.qcow2")
+    }
+    pub fn seed(&self) -> PathBuf {
+        self.state.join("seed.img")
+    }
+    pub fn nvram(&self) -> PathBuf {
+        self.state.join("nvram.fd")
+    }
+    pub fn serial_log(&self) -> PathBuf {
+        self.state.join("serial.log")
+    }
+    pub fn supervisor_log(&self) -> PathBuf {
+        self.state.join("supervisor.log")
+    }
+    pub fn control_sock(&self) -> PathBuf {
+        self.run.join("control.sock")
+    }
+    pub fn qmp_sock(&self) -> PathBuf {
+        self.run.join("qmp.sock")
+    }
+    pub fn ssh_sock(&self) -> PathBuf {
+        self.run.join("ssh.sock")
+    }
+    pub fn console_sock(&self) -> PathBuf {
+        self.run.join("console.sock")
+    }
+}
+
+/// Create `dir` (and parents) with `mode` on the last component.
+pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), StateError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(io_err(dir))
+}
+
+/// Atomically replace `path` with `data`: write a temporary file beside it,
+/// fsync it, rename it over `path`, fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io_err(path))
+}
+
+/// What the VM is doing, as last recorded.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Disk exists, nothing runs.
+    Stopped,
+    /// The supervisor is starting QEMU or waiting for the guest.
+    Starting,
+    Running,
+    Paused,
+    /// The supervisor is stopping the VM.
+    Stopping,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+        };
+        f.write_str(s)
+    }
+}
+
+/// The persistent record of one VM (`record.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub name: String,
+    /// Project folder that holds the Migrantfile.
+    pub project_dir: PathBuf,
+    /// Cached base image the disk overlays.
+    pub base_image: PathBuf,
+    pub mac: String,
+    pub guest_ip: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub state: VmState,
+    #[serde(default)]
+    pub supervisor_pid: Option<u32>,
+    #[serde(default)]
+    pub qemu_pid: Option<u32>,
+    /// Accelerator the running QEMU uses ("kvm"/"tcg").
+    #[serde(default)]
+    pub accel: Option<String>,
+    /// User QEMU runs as.
+    #[serde(default)]
+    pub qemu_user: Option<String>,
+    /// Unix seconds when the current boot started.
+    #[serde(default)]
+    pub started_at: Option<u64>,
+    /// The last reason the VM stopped (guest power-off, halt, crash...).
+    #[serde(default)]
+    pub last_stop: Option<String>,
+    /// Provisioning (playbook) completed once.
+    #[serde(default)]
+    pub provisioned: bool,
+}
+
+impl Record {
+    pub fn load(path: &Path) -> Result<Option<Record>, StateError> {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StateError::Corrupt {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(path)(e)),
+        }
+    }
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let mut data = serde_json::to_vec_pretty(self).map_err(|source| StateError::Corrupt {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        data.push(b'\n');
+        write_atomic(path, &data, 0o644)
+    }
+    /// Load, change and save the record at `path`.
+    pub fn update(path: &Path, f: impl FnOnce(&mut Record)) -> Result<Option<Record>, StateError> {
+        let Some(mut rec) = Record::load(path)? else {
+            return Ok(None);
+        };
+        f(&mut rec);
+        rec.save(path)?;
+        Ok(Some(rec))
+    }
+}
+
+/// An exclusive `flock` on a VM's lock file, held until dropped. The
+/// supervisor inherits it for the VM's whole life, so "lock free" means
+/// "nothing runs this VM".
+#[derive(Debug)]
+pub struct VmLock {
+    file: File,
+}
+
+impl VmLock {
+    /// Take the lock without waiting; a held lock is [`StateError::Locked`].
+    pub fn try_acquire(vm: &VmPaths) -> Result<VmLock, StateError> {
+        ensure_dir(&vm.state, 0o750)?;
+        let path = vm.lock();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // SAFETY: flock(2) on a descriptor we own; no memory is shared.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(VmLock { file });
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Err(StateError::Locked {
+                name: vm.name.clone(),
+                lock: path,
+            })
+        } else {
+            Err(io_err(&path)(err))
+        }
+    }
+
+    /// Whether some process holds the lock now (without keeping it).
+    pub fn is_held(vm: &VmPaths) -> bool {
+        if !vm.lock().exists() {
+            return false;
+        }
+        matches!(VmLock::try_acquire(vm), Err(StateError::Locked { .. }))
+    }
+
+    /// The descriptor, to be inherited by the supervisor. The lock belongs
+    /// to the open file description: it stays held while any process keeps
+    /// a descriptor of it open.
+    pub fn as_file(&self) -> &File {
+        &self.file
+    }
+
+    /// Adopt a lock descriptor inherited from the parent (`migrant up`).
+    pub fn from_inherited(file: File) -> VmLock {
+        VmLock { file }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -144,3 +144,5 @@ pub fn load(dir: &Path) -> Result<Config, ConfigError> {
 }
 
 mod parse;
+pub const INIT_MIGRANTFILE: &str = "";
+pub const INIT_CLOUD_INIT: &str = "";

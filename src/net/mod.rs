@@ -1,4 +1,8 @@
-//! The VM's private network: the services the gateway offers the guest.
+//! Networking: the VM's namespace, its TAP device, and the dataplane the
+//! supervisor serves inside it (DHCP, DNS, forwards).
 
 pub mod dhcp;
 pub mod dns;
+pub mod forward;
+pub mod netns;
+pub mod tap;

@@ -1,1 +1,8 @@
-//! TODO
+//! QEMU: the argv builder (pure), the process launcher and the QMP client.
+
+pub mod accel;
+pub mod argv;
+pub mod process;
+pub mod qmp;
+
+pub use argv::{Accelerator, FirmwareFiles, VmSpec, build_argv};

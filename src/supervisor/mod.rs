@@ -1,1 +1,687 @@
-//! TODO
+//! The per-VM supervisor: owns the VM's network namespace, its dataplane
+//! and QEMU. Started by `migrant up` as `migrant __supervisor …` in a new
+//! session; lives exactly as long as the VM.
+
+pub mod control;
+pub mod progress;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{self, Config};
+use crate::net::netns::NetNs;
+use crate::net::{dhcp, dns, forward, tap};
+use crate::qemu::{self, Accelerator, process, qmp::Qmp};
+use crate::state::{self, Paths, Record, VmPaths, VmState};
+use control::{Info, Request, Response};
+use progress::{Progress, Reporter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("VM {0} has no record; run `migrant up`")]
+    NoRecord(String),
+    #[error(transparent)]
+    Netns(#[from] crate::net::netns::NetnsError),
+    #[error(transparent)]
+    Tap(#[from] tap::TapError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Process(#[from] process::ProcessError),
+    #[error(transparent)]
+    Qmp(#[from] qemu::qmp::QmpError),
+    #[error(transparent)]
+    Accel(#[from] qemu::accel::AccelError),
+    #[error(transparent)]
+    Firmware(#[from] crate::firmware::FirmwareError),
+    #[error("QEMU exited during start-up ({status}); last lines of its log:\n{log}")]
+    QemuExited { status: String, log: String },
+}
+
+impl SupervisorError {
+    pub fn exit_code(&self) -> u8 {
+        use crate::exit;
+        match self {
+            SupervisorError::Config(e) => e.exit_code(),
+            SupervisorError::State(e) => e.exit_code(),
+            SupervisorError::NoRecord(_) => exit::USAGE,
+            SupervisorError::Process(e) => e.exit_code(),
+            SupervisorError::Accel(e) => e.exit_code(),
+            SupervisorError::Firmware(e) => e.exit_code(),
+            SupervisorError::Tap(tap::TapError::Open(_)) => exit::UNAVAILABLE,
+            _ => exit::SOFTWARE,
+        }
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
+    let what = what.into();
+    move |source| SupervisorError::Io { what, source }
+}
+
+/// Arguments of the hidden `__supervisor` mode.
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub name: String,
+    pub project: PathBuf,
+    /// Inherited descriptor holding the VM's lock.
+    pub lock_fd: Option<i32>,
+    /// Inherited write end of the progress pipe.
+    pub progress_fd: Option<i32>,
+}
+
+/// Adopt a descriptor number given on our command line by our parent.
+fn adopt(fd: Option<i32>) -> Option<std::fs::File> {
+    let fd = fd?;
+    // SAFETY: `migrant up` opened this descriptor for us, left it open
+    // across exec and passed its number; nothing else in this process owns
+    // it. fcntl checks that it is really open before we take ownership.
+    unsafe {
+        if libc::fcntl(fd, libc::F_GETFD) < 0 {
+            return None;
+        }
+        let owned = OwnedFd::from_raw_fd(fd);
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        Some(std::fs::File::from(owned))
+    }
+}
+
+/// Entry point of `migrant __supervisor`. Returns the process exit code.
+pub fn main(args: Args) -> u8 {
+    let _lock = adopt(args.lock_fd).map(state::VmLock::from_inherited);
+    let mut reporter = Reporter::new(adopt(args.progress_fd));
+    let paths = Paths::from_env();
+    let vm = paths.vm(&args.name);
+    let result = run(&args, &vm, &mut reporter);
+    let code = match &result {
+        Ok(()) => 0,
+        Err(e) => {
+            let message = crate::error::chain(e);
+            tracing::error!("{message}");
+            reporter.send(&Progress::Failed {
+                message,
+                code: e.exit_code(),
+            });
+            e.exit_code()
+        }
+    };
+    cleanup(&vm);
+    code
+}
+
+/// Remove the runtime files and mark the record stopped.
+fn cleanup(vm: &VmPaths) {
+    for sock in [
+        vm.control_sock(),
+        vm.ssh_sock(),
+        vm.console_sock(),
+        vm.qmp_sock(),
+    ] {
+        let _ = std::fs::remove_file(sock);
+    }
+    let _ = std::fs::remove_dir(&vm.run);
+    let _ = Record::update(&vm.record(), |r| {
+        r.state = VmState::Stopped;
+        r.supervisor_pid = None;
+        r.qemu_pid = None;
+        r.started_at = None;
+    });
+}
+
+struct Prepared {
+    cfg: Config,
+    rec: Record,
+    ns: Arc<NetNs>,
+    tap: std::fs::File,
+    dhcp_sock: std::net::UdpSocket,
+    dns_sock: std::net::UdpSocket,
+    qmp_ours: std::os::unix::net::UnixStream,
+    qmp_theirs: std::os::unix::net::UnixStream,
+    console: std::os::unix::net::UnixListener,
+    identity: process::Identity,
+    spec: qemu::VmSpec,
+}
+
+fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, SupervisorError> {
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .map_err(io(format!("cannot listen on {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("chmod {}", path.display())))?;
+    Ok(l)
+}
+
+fn chown(path: &Path, id: &process::Identity) -> Result<(), SupervisorError> {
+    nix::unistd::chown(path, Some(id.uid), Some(id.gid))
+        .map_err(|e| io(format!("chown {}", path.display()))(e.into()))
+}
+
+fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
+    let cfg = config::load(&args.project)?;
+    let rec =
+        Record::load(&vm.record())?.ok_or_else(|| SupervisorError::NoRecord(vm.name.clone()))?;
+    state::ensure_dir(&vm.run, 0o700)?;
+
+    let ns = Arc::new(NetNs::create()?);
+    let gateway = cfg.gateway_ip();
+    let prefix = cfg.network.prefix;
+    let (tap, dhcp_sock, dns_sock) = ns.run(|| -> Result<_, SupervisorError> {
+        let tap = tap::create_tap(tap::TAP_NAME)?;
+        tap::configure(tap::TAP_NAME, gateway, prefix)?;
+        let dhcp_sock = dhcp::bind_socket(tap::TAP_NAME).map_err(io("DHCP socket"))?;
+        let dns_sock =
+            std::net::UdpSocket::bind(SocketAddrV4::new(gateway, 53)).map_err(io("DNS socket"))?;
+        Ok((tap, dhcp_sock, dns_sock))
+    })??;
+
+    let (qmp_ours, qmp_theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(io("QMP socket pair"))?;
+    let console = bind_private(&vm.console_sock())?;
+
+    let identity = process::qemu_identity()?;
+    // QEMU opens its disks itself, as the unprivileged user.
+    let serial = vm.serial_log();
+    if !serial.exists() {
+        std::fs::write(&serial, b"").map_err(io(format!("create {}", serial.display())))?;
+    }
+    let mut owned = vec![vm.disk(), vm.seed(), serial];
+    let firmware = crate::firmware::resolve(cfg.firmware, &vm.nvram())?;
+    if let qemu::FirmwareFiles::Uefi { vars, .. } = &firmware {
+        owned.push(vars.clone());
+    }
+    for f in &owned {
+        chown(f, &identity)?;
+    }
+
+    let accel = qemu::accel::resolve(cfg.accel)?;
+    let spec = qemu::VmSpec {
+        name: cfg.name.clone(),
+        cpus: cfg.cpus,
+        memory_mib: cfg.memory / (1024 * 1024),
+        accel,
+        firmware,
+        disk: vm.disk(),
+        seed: vm.seed(),
+        mac: rec.mac.clone(),
+        tap_fd: tap.as_raw_fd(),
+        qmp_fd: qmp_theirs.as_raw_fd(),
+        console_fd: console.as_raw_fd(),
+        serial_log: vm.serial_log(),
+        extra: Vec::new(),
+    };
+    Ok(Prepared {
+        cfg,
+        rec,
+        ns,
+        tap,
+        dhcp_sock,
+        dns_sock,
+        qmp_ours,
+        qmp_theirs,
+        console,
+        identity,
+        spec,
+    })
+}
+
+fn run(args: &Args, vm: &VmPaths, reporter: &mut Reporter) -> Result<(), SupervisorError> {
+    let p = prepare(args, vm)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("tokio runtime"))?;
+    // block_on runs the root future on this (the main) thread, so QEMU is
+    // forked by the thread that lives as long as the VM.
+    rt.block_on(supervise(p, vm, reporter))
+}
+
+enum Control {
+    Halt {
+        force: bool,
+        timeout: Duration,
+        done: oneshot::Sender<Response>,
+    },
+}
+
+struct Shared {
+    qmp: Qmp,
+    rec: Record,
+    accel: Accelerator,
+    qemu_pid: Option<u32>,
+    lease: watch::Receiver<bool>,
+}
+
+async fn supervise(
+    p: Prepared,
+    vm: &VmPaths,
+    reporter: &mut Reporter,
+) -> Result<(), SupervisorError> {
+    let Prepared {
+        cfg,
+        mut rec,
+        ns,
+        tap,
+        dhcp_sock,
+        dns_sock,
+        qmp_ours,
+        qmp_theirs,
+        console,
+        identity,
+        spec,
+    } = p;
+
+    let qemu_log = vm.state.join("qemu.log");
+    let mut child = process::spawn(process::Launch {
+        argv: qemu::build_argv(&spec),
+        netns: ns.fd(),
+        identity: &identity,
+        keep_fds: vec![spec.tap_fd, spec.qmp_fd, spec.console_fd],
+        log: &qemu_log,
+    })?;
+    // QEMU holds its own copies now.
+    drop((tap, qmp_theirs, console));
+    let qemu_pid = child.id();
+    tracing::info!(pid = ?qemu_pid, accel = spec.accel.as_str(), user = %identity.name, "QEMU started");
+
+    rec.state = VmState::Starting;
+    rec.supervisor_pid = Some(std::process::id());
+    rec.qemu_pid = qemu_pid;
+    rec.accel = Some(spec.accel.as_str().to_string());
+    rec.qemu_user = Some(identity.name.clone());
+    rec.started_at = Some(state::now());
+    rec.save(&vm.record())?;
+    reporter.send(&Progress::Qemu {
+        pid: qemu_pid.unwrap_or(0),
+        accel: spec.accel.as_str().to_string(),
+        user: identity.name.clone(),
+    });
+
+    qmp_ours.set_nonblocking(true).map_err(io("QMP socket"))?;
+    let stream = tokio::net::UnixStream::from_std(qmp_ours).map_err(io("QMP socket"))?;
+    let (qmp, mut events) = tokio::select! {
+        r = Qmp::open(stream) => r?,
+        status = child.wait() => {
+            return Err(qemu_exited(status.ok(), &qemu_log));
+        }
+    };
+
+    let (event_tx, mut event_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(ev) => {
+                    if event_tx.send(ev).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("QMP event stream: {e}");
+                    break;
+                }
+            }
+        }
+    });
+
+    // Dataplane.
+    let guest_ip = cfg.guest_ip();
+    let gateway = cfg.gateway_ip();
+    let (lease_tx, lease_rx) = watch::channel(false);
+    let lease = dhcp::Lease {
+        mac: parse_mac(&rec.mac),
+        ip: guest_ip,
+        server: gateway,
+        netmask: prefix_mask(cfg.network.prefix),
+        router: gateway,
+        dns: vec![gateway],
+        lease_secs: 86400,
+        hostname: Some(cfg.name.clone()),
+        domain: None,
+        mtu: None,
+    };
+    let dhcp_sock = tokio::net::UdpSocket::from_std(dhcp_sock).map_err(io("DHCP socket"))?;
+    tokio::spawn(async move {
+        let r = dhcp::serve(dhcp_sock, lease, move |ev| {
+            if let dhcp::DhcpEvent::Acked { ip } = ev {
+                tracing::info!("DHCP: lease {ip} acknowledged");
+                let _ = lease_tx.send(true);
+            } else {
+                tracing::debug!("DHCP: {ev:?}");
+            }
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!("DHCP server stopped: {e}");
+        }
+    });
+    dns_sock.set_nonblocking(true).map_err(io("DNS socket"))?;
+    let dns_sock = tokio::net::UdpSocket::from_std(dns_sock).map_err(io("DNS socket"))?;
+    let stub = Arc::new(dns::Stub {
+        names: vec![
+            (cfg.name.clone(), guest_ip),
+            ("gateway".to_string(), gateway),
+        ],
+    });
+    tokio::spawn(async move {
+        if let Err(e) = dns::serve_udp(dns_sock, stub).await {
+            tracing::error!("DNS stub stopped: {e}");
+        }
+    });
+
+    let ssh_target = SocketAddr::V4(SocketAddrV4::new(guest_ip, 22));
+    let ssh_listener = bind_private(&vm.ssh_sock())?;
+    ssh_listener
+        .set_nonblocking(true)
+        .map_err(io("ssh socket"))?;
+    let ssh_listener =
+        tokio::net::UnixListener::from_std(ssh_listener).map_err(io("ssh socket"))?;
+    tokio::spawn(forward::serve_unix(
+        ssh_listener,
+        Arc::clone(&ns),
+        ssh_target,
+    ));
+
+    let shared = Arc::new(Shared {
+        qmp,
+        rec: rec.clone(),
+        accel: spec.accel,
+        qemu_pid,
+        lease: lease_rx.clone(),
+    });
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(8);
+    let control = bind_private(&vm.control_sock())?;
+    control
+        .set_nonblocking(true)
+        .map_err(io("control socket"))?;
+    let control = tokio::net::UnixListener::from_std(control).map_err(io("control socket"))?;
+    tokio::spawn(serve_control(control, Arc::clone(&shared), ctl_tx));
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io("signal handler"))?;
+    let mut ready = false;
+    let mut lease_rx = lease_rx;
+    let mut banner_poll = tokio::time::interval(Duration::from_millis(500));
+    let mut lease_reported = false;
+
+    let stop_reason: String = loop {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                if !ready {
+                    return Err(qemu_exited(None, &qemu_log).with_status(status));
+                }
+                break format!("QEMU exited ({status})");
+            }
+            Some(ctl) = ctl_rx.recv() => {
+                let Control::Halt { force, timeout, done } = ctl;
+                let status = halt(&shared.qmp, &mut child, force, timeout).await;
+                let _ = Record::update(&vm.record(), |r| r.state = VmState::Stopped);
+                let reason = format!("halted by request ({status})");
+                // Answer after cleanup, so the caller sees a clean state.
+                cleanup(vm);
+                let _ = done.send(Response::Done);
+                break reason;
+            }
+            _ = sigterm.recv() => {
+                let status = halt(&shared.qmp, &mut child, false, Duration::from_secs(cfg.halt_timeout)).await;
+                break format!("SIGTERM ({status})");
+            }
+            Some(ev) = event_rx.recv() => {
+                on_event(&ev, vm);
+            }
+            Ok(()) = lease_rx.changed(), if !lease_reported => {
+                lease_reported = true;
+                reporter.send(&Progress::Lease { ip: guest_ip.to_string() });
+            }
+            _ = banner_poll.tick(), if !ready && *lease_rx.borrow() => {
+                if forward::ssh_banner(&ns, ssh_target).await {
+                    ready = true;
+                    Record::update(&vm.record(), |r| r.state = VmState::Running)?;
+                    reporter.send(&Progress::Sshd);
+                    reporter.close();
+                    tracing::info!("guest SSH server answers; VM is running");
+                }
+            }
+        }
+    };
+    tracing::info!("VM stopped: {stop_reason}");
+    let _ = Record::update(&vm.record(), |r| r.last_stop = Some(stop_reason));
+    Ok(())
+}
+
+impl SupervisorError {
+    fn with_status(self, s: String) -> Self {
+        match self {
+            SupervisorError::QemuExited { log, .. } => {
+                SupervisorError::QemuExited { status: s, log }
+            }
+            other => other,
+        }
+    }
+}
+
+fn qemu_exited(status: Option<std::process::ExitStatus>, log: &Path) -> SupervisorError {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+    SupervisorError::QemuExited {
+        status: status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "unknown status".into()),
+        log: tail,
+    }
+}
+
+fn on_event(ev: &qapi::qmp::Event, vm: &VmPaths) {
+    use qapi::qmp::Event;
+    match ev {
+        Event::STOP { .. } => {
+            tracing::info!("QMP: STOP");
+            let _ = Record::update(&vm.record(), |r| {
+                if r.state == VmState::Running {
+                    r.state = VmState::Paused
+                }
+            });
+        }
+        Event::RESUME { .. } => {
+            tracing::info!("QMP: RESUME");
+            let _ = Record::update(&vm.record(), |r| {
+                if r.state == VmState::Paused {
+                    r.state = VmState::Running
+                }
+            });
+        }
+        Event::SHUTDOWN { data, .. } => tracing::info!("QMP: SHUTDOWN {data:?}"),
+        Event::RESET { data, .. } => tracing::info!("QMP: RESET {data:?}"),
+        Event::GUEST_PANICKED { data, .. } => tracing::error!("QMP: GUEST_PANICKED {data:?}"),
+        Event::BLOCK_IO_ERROR { data, .. } => tracing::error!("QMP: BLOCK_IO_ERROR {data:?}"),
+        other => tracing::debug!("QMP event: {other:?}"),
+    }
+}
+
+/// Stop QEMU: ACPI power-down (unless forced), then `quit`, then SIGKILL.
+async fn halt(
+    qmp: &Qmp,
+    child: &mut tokio::process::Child,
+    force: bool,
+    timeout: Duration,
+) -> String {
+    if !force {
+        match qmp.run(qapi::qmp::system_powerdown {}).await {
+            Ok(_) => {
+                if let Ok(Ok(s)) = tokio::time::timeout(timeout, child.wait()).await {
+                    return format!("guest powered off, {s}");
+                }
+                tracing::warn!("guest did not power off within {timeout:?}; forcing");
+            }
+            Err(e) => tracing::warn!("system_powerdown: {e}"),
+        }
+    }
+    if let Err(e) = qmp.run(qapi::qmp::quit {}).await {
+        tracing::warn!("quit: {e}");
+    }
+    if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        return format!("stopped, {s}");
+    }
+    let _ = child.start_kill();
+    match child.wait().await {
+        Ok(s) => format!("killed, {s}"),
+        Err(e) => format!("kill: {e}"),
+    }
+}
+
+async fn serve_control(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Shared>,
+    ctl: mpsc::Sender<Control>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let resp = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => handle(req, &shared, &ctl).await,
+                    Err(e) => Response::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                };
+                let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+                out.push(b'\n');
+                if w.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+async fn handle(req: Request, shared: &Shared, ctl: &mpsc::Sender<Control>) -> Response {
+    match req {
+        Request::Status => match shared.qmp.run(qapi::qmp::query_status {}).await {
+            Ok(s) => Response::Status {
+                state: format!("{:?}", s.status).to_lowercase(),
+                lease_seen: *shared.lease.borrow(),
+            },
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        },
+        Request::Info => match info(shared).await {
+            Ok(i) => Response::Info(i),
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        },
+        Request::Resume => match shared.qmp.run(qapi::qmp::cont {}).await {
+            Ok(_) => Response::Done,
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        },
+        Request::Halt {
+            force,
+            timeout_secs,
+        } => {
+            let (done, wait) = oneshot::channel();
+            let sent = ctl
+                .send(Control::Halt {
+                    force,
+                    timeout: Duration::from_secs(timeout_secs),
+                    done,
+                })
+                .await;
+            if sent.is_err() {
+                return Response::Error {
+                    message: "the VM is already stopping".into(),
+                };
+            }
+            wait.await.unwrap_or(Response::Done)
+        }
+    }
+}
+
+async fn info(shared: &Shared) -> Result<Info, qemu::qmp::QmpError> {
+    let status = shared.qmp.run(qapi::qmp::query_status {}).await?;
+    let kvm = shared.qmp.run(qapi::qmp::query_kvm {}).await?;
+    let cpus = shared.qmp.run(qapi::qmp::query_cpus_fast {}).await?;
+    let mem = shared
+        .qmp
+        .run(qapi::qmp::query_memory_size_summary {})
+        .await?;
+    Ok(Info {
+        status: format!("{:?}", status.status).to_lowercase(),
+        running: status.running,
+        accelerator: shared.accel.as_str().to_string(),
+        kvm_enabled: kvm.enabled,
+        cpus: cpus.len(),
+        memory_bytes: mem.base_memory,
+        qemu_pid: shared.qemu_pid,
+        supervisor_pid: std::process::id(),
+        qemu_user: shared.rec.qemu_user.clone().unwrap_or_default(),
+        uptime_secs: shared
+            .rec
+            .started_at
+            .map(|t| state::now().saturating_sub(t))
+            .unwrap_or(0),
+        guest_ip: shared.rec.guest_ip.clone(),
+        lease_seen: *shared.lease.borrow(),
+    })
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    for (i, part) in s.split(':').take(6).enumerate() {
+        mac[i] = u8::from_str_radix(part, 16).unwrap_or(0);
+    }
+    mac
+}
+
+fn prefix_mask(prefix: u8) -> Ipv4Addr {
+    let bits = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
+    };
+    Ipv4Addr::from(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks() {
+        assert_eq!(prefix_mask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(prefix_mask(16), Ipv4Addr::new(255, 255, 0, 0));
+        assert_eq!(prefix_mask(0), Ipv4Addr::new(0, 0, 0, 0));
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("52:54:00:ab:cd:ef"),
+            [0x52, 0x54, 0, 0xab, 0xcd, 0xef]
+        );
+    }
+}

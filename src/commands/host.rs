@@ -1,0 +1,190 @@
+//! Commands about the host and the project folder: `init`, `pubkey`,
+//! `doctor`.
+
+use std::path::Path;
+use std::process::Command;
+
+use super::Result;
+use crate::error::Error;
+use crate::exit;
+use crate::provision::keys;
+
+pub fn init(dir: &Path, force: bool) -> Result<u8> {
+    let files = [
+        (
+            dir.join(crate::config::FILE_NAME),
+            crate::config::INIT_MIGRANTFILE,
+        ),
+        (dir.join("cloud-init.yml"), crate::config::INIT_CLOUD_INIT),
+    ];
+    if !force && let Some((p, _)) = files.iter().find(|(p, _)| p.exists()) {
+        return Err(Error::other(
+            exit::USAGE,
+            format!(
+                "{} exists; `migrant init --force` overwrites it",
+                p.display()
+            ),
+        ));
+    }
+    let who = keys::Invoker::current()?;
+    for (path, text) in &files {
+        crate::state::write_atomic(path, text.as_bytes(), 0o644)?;
+        who.own(path)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(0)
+}
+
+pub fn pubkey() -> Result<u8> {
+    let who = keys::Invoker::current()?;
+    let public = keys::ensure_managed_key(&who)?;
+    println!("{public}");
+    Ok(0)
+}
+
+struct Check {
+    name: &'static str,
+    ok: bool,
+    required: bool,
+    detail: String,
+}
+
+fn version(program: &str, arg: &str) -> std::result::Result<String, String> {
+    match Command::new(program).arg(arg).output() {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+        Err(e) => Err(format!("{program}: {e}")),
+    }
+}
+
+fn check(name: &'static str, required: bool, r: std::result::Result<String, String>) -> Check {
+    match r {
+        Ok(detail) => Check {
+            name,
+            ok: true,
+            required,
+            detail,
+        },
+        Err(detail) => Check {
+            name,
+            ok: false,
+            required,
+            detail,
+        },
+    }
+}
+
+pub fn doctor() -> Result<u8> {
+    let mut checks = vec![
+        check(
+            "root",
+            true,
+            if nix::unistd::Uid::effective().is_root() {
+                Ok("running as root".into())
+            } else {
+                Err("migrant needs root (network namespaces, TAP devices); use sudo".into())
+            },
+        ),
+        check(
+            "qemu",
+            true,
+            version(crate::qemu::process::QEMU_BINARY, "--version"),
+        ),
+        check("qemu-img", true, version("qemu-img", "--version")),
+        check(
+            "ssh client",
+            true,
+            version("ssh", "-V").or_else(|e| {
+                // `ssh -V` prints on stderr.
+                Command::new("ssh")
+                    .arg("-V")
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+                    .map_err(|_| e)
+            }),
+        ),
+        check("ssh-keygen", true, which_ok("ssh-keygen")),
+        check(
+            "tun",
+            true,
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .map(|_| "/dev/net/tun opens".to_string())
+                .map_err(|e| format!("/dev/net/tun: {e}")),
+        ),
+        check(
+            "accelerator",
+            false,
+            match crate::qemu::accel::kvm_usable() {
+                Ok(()) => Ok("KVM runs guests".into()),
+                Err(why) => Err(format!(
+                    "KVM unusable ({why}); VMs run under TCG, much slower"
+                )),
+            },
+        ),
+        check("nftables", false, version("nft", "--version")),
+        check(
+            "uefi firmware",
+            false,
+            crate::firmware::find_ovmf()
+                .map(|(c, v)| format!("{} + {}", c.display(), v.display()))
+                .ok_or_else(|| {
+                    "no OVMF found; firmware = \"uefi\" will not work (apt-get install ovmf)".into()
+                }),
+        ),
+        check("virtiofs", false, qemu_has_device("vhost-user-fs-pci")),
+        check(
+            "qemu user",
+            false,
+            match nix::unistd::User::from_name(crate::qemu::process::QEMU_USER) {
+                Ok(Some(u)) => Ok(format!("{} (uid {})", u.name, u.uid)),
+                _ => Err(format!(
+                    "{} does not exist yet; `migrant up` creates it",
+                    crate::qemu::process::QEMU_USER
+                )),
+            },
+        ),
+    ];
+    let mut fatal = false;
+    for c in checks.drain(..) {
+        let mark = match (c.ok, c.required) {
+            (true, _) => "ok  ",
+            (false, true) => "FAIL",
+            (false, false) => "warn",
+        };
+        fatal |= !c.ok && c.required;
+        println!("{mark} {:<14} {}", c.name, c.detail);
+    }
+    if fatal {
+        println!("\n`migrant up` cannot work on this host until the FAIL lines are fixed.");
+        Ok(exit::UNAVAILABLE)
+    } else {
+        Ok(0)
+    }
+}
+
+fn which_ok(program: &str) -> std::result::Result<String, String> {
+    crate::qemu::process::which(program)
+        .map(|p| p.display().to_string())
+        .ok_or_else(|| format!("{program} not found"))
+}
+
+/// Whether QEMU was built with `device`.
+fn qemu_has_device(device: &str) -> std::result::Result<String, String> {
+    let out = Command::new(crate::qemu::process::QEMU_BINARY)
+        .args(["-device", "help"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains(&format!("\"{device}\"")) {
+        Ok(format!("QEMU has {device}"))
+    } else {
+        Err(format!("QEMU lacks {device}; shared folders will not work"))
+    }
+}

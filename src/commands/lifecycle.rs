@@ -1,0 +1,197 @@
+//! `halt`, `destroy`, `ssh`, `console`.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use super::{Live, Project, Result, live, wait_unlocked};
+use crate::error::Error;
+use crate::exit;
+use crate::state::{VmLock, VmPaths, VmState};
+use crate::supervisor::control::{self, Request};
+
+pub fn halt(p: &Project, force: bool, timeout: Option<u64>) -> Result<u8> {
+    let name = &p.cfg.name;
+    match live(&p.vm)? {
+        Live::NotCreated => {
+            println!("==> {name}: not created");
+            Ok(0)
+        }
+        Live::Stopped(_) => {
+            println!("==> {name}: already stopped");
+            Ok(0)
+        }
+        Live::Busy | Live::Active(_) => {
+            let secs = timeout.unwrap_or(p.cfg.halt_timeout);
+            println!(
+                "==> {name}: {}",
+                if force { "stopping" } else { "shutting down" }
+            );
+            stop(&p.vm, force, secs)?;
+            println!("==> {name}: stopped");
+            Ok(0)
+        }
+    }
+}
+
+/// Ask the supervisor to stop the VM and wait until it has exited.
+fn stop(vm: &VmPaths, force: bool, secs: u64) -> Result<()> {
+    let req = Request::Halt {
+        force,
+        timeout_secs: secs,
+    };
+    // Forced stops take: quit (≤ 10 s) + wait (5 s) + kill.
+    let answer_within = Duration::from_secs(secs + 30);
+    match control::request(&vm.control_sock(), &req, answer_within) {
+        Ok(_) => {}
+        Err(control::ControlError::Connect { .. }) if !VmLock::is_held(vm) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    if wait_unlocked(vm, Duration::from_secs(30)) {
+        Ok(())
+    } else {
+        Err(Error::other(
+            exit::SOFTWARE,
+            format!(
+                "the supervisor of {} did not exit after stopping the VM",
+                vm.name
+            ),
+        ))
+    }
+}
+
+pub fn destroy(p: &Project) -> Result<u8> {
+    let name = &p.cfg.name;
+    let vm = &p.vm;
+    match live(vm)? {
+        Live::NotCreated if !vm.state.exists() => {
+            println!("==> {name}: not created");
+            return Ok(0);
+        }
+        Live::Active(r) => {
+            println!("==> {name}: stopping");
+            if let Err(e) = stop(vm, true, 0) {
+                // The supervisor does not answer: stop it the hard way; its
+                // QEMU dies with it (parent-death signal).
+                tracing::warn!("{e}; killing the supervisor");
+                if let Some(pid) = r.supervisor_pid
+                    && is_our_supervisor(pid)
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                if !wait_unlocked(vm, Duration::from_secs(10)) {
+                    return Err(e);
+                }
+                live(vm)?;
+            }
+        }
+        _ => {}
+    }
+    let _lock = VmLock::try_acquire(vm)?;
+    if let Some(r) = crate::state::Record::load(&vm.record())?
+        && r.state != VmState::Stopped
+    {
+        live(vm)?;
+    }
+    remove_tree(&vm.state)?;
+    let _ = std::fs::remove_dir_all(&vm.run);
+    println!("==> {name}: destroyed");
+    Ok(0)
+}
+
+fn remove_tree(dir: &std::path::Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("cannot remove {}", dir.display()))(e)),
+    }
+}
+
+fn is_our_supervisor(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.split(|&b| b == 0).any(|a| a == b"__supervisor"))
+        .unwrap_or(false)
+}
+
+fn require_running(p: &Project) -> Result<()> {
+    match live(&p.vm)? {
+        Live::Active(r) if r.state == VmState::Running || r.state == VmState::Paused => Ok(()),
+        Live::Active(_) | Live::Busy => Err(Error::other(
+            exit::TEMPFAIL,
+            format!("{} is starting or stopping; try again", p.cfg.name),
+        )),
+        _ => Err(Error::other(
+            exit::UNAVAILABLE,
+            format!("{} is not running; `migrant up` starts it", p.cfg.name),
+        )),
+    }
+}
+
+pub fn ssh(p: &Project, command: &[String]) -> Result<u8> {
+    require_running(p)?;
+    let mut cmd = super::up::ssh_command(&p.cfg, &p.vm)?;
+    if !command.is_empty() {
+        cmd.arg("--").args(command);
+    }
+    // exec: ssh's exit code becomes ours.
+    let err = cmd.exec();
+    Err(Error::other(
+        exit::UNAVAILABLE,
+        format!("cannot run ssh: {err}"),
+    ))
+}
+
+/// Ctrl-]
+const DETACH: u8 = 0x1d;
+
+pub fn console(p: &Project) -> Result<u8> {
+    require_running(p)?;
+    let sock = p.vm.console_sock();
+    let stream = std::os::unix::net::UnixStream::connect(&sock)
+        .map_err(Error::io(format!("cannot attach to {}", sock.display())))?;
+    eprintln!(
+        "Connected to the serial console of {} (detach with Ctrl-])",
+        p.cfg.name
+    );
+    let stdin = std::io::stdin();
+    let saved = nix::sys::termios::tcgetattr(&stdin).ok();
+    if let Some(t) = &saved {
+        let mut raw = t.clone();
+        nix::sys::termios::cfmakeraw(&mut raw);
+        let _ = nix::sys::termios::tcsetattr(&stdin, nix::sys::termios::SetArg::TCSANOW, &raw);
+    }
+    let mut down = stream.try_clone().map_err(Error::io("console socket"))?;
+    std::thread::spawn(move || {
+        let mut out = std::io::stdout();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = down.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            let _ = out.flush();
+        }
+    });
+    let mut up = stream;
+    let mut buf = [0u8; 1024];
+    let mut input = stdin.lock();
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        let end = chunk.iter().position(|&b| b == DETACH);
+        let send = &chunk[..end.unwrap_or(n)];
+        if up.write_all(send).is_err() || end.is_some() {
+            break;
+        }
+    }
+    if let Some(t) = &saved {
+        let _ = nix::sys::termios::tcsetattr(&stdin, nix::sys::termios::SetArg::TCSANOW, t);
+    }
+    eprintln!("\r\nDetached from {}", p.cfg.name);
+    Ok(0)
+}

@@ -1,0 +1,157 @@
+//! The user-facing commands. Each returns the process exit code or an
+//! [`Error`] whose exit code `main` uses.
+
+mod host;
+mod lifecycle;
+mod query;
+mod up;
+
+use std::path::PathBuf;
+
+use crate::cli::{Cli, Cmd};
+use crate::config::{self, Config};
+use crate::error::Error;
+use crate::state::{Paths, Record, VmLock, VmPaths, VmState};
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Dispatch a parsed command line (not the hidden modes).
+pub fn run(cli: Cli) -> Result<u8> {
+    let dir = project_dir(cli.dir.clone())?;
+    match cli.command {
+        Cmd::Init { force } => host::init(&dir, force),
+        Cmd::Pubkey => host::pubkey(),
+        Cmd::Doctor => host::doctor(),
+        Cmd::List { json } => query::list(json),
+        Cmd::Up { timeout } => up::up(&Project::load(&dir)?, timeout),
+        Cmd::Halt { force, timeout } => lifecycle::halt(&Project::load(&dir)?, force, timeout),
+        Cmd::Destroy => lifecycle::destroy(&Project::load(&dir)?),
+        Cmd::Status { json } => query::status(&Project::load(&dir)?, json),
+        Cmd::Ip => query::ip(&Project::load(&dir)?),
+        Cmd::Info { json } => query::info(&Project::load(&dir)?, json),
+        Cmd::Ssh { command } => lifecycle::ssh(&Project::load(&dir)?, &command),
+        Cmd::Console => lifecycle::console(&Project::load(&dir)?),
+        Cmd::Supervisor { .. } | Cmd::Proxy { .. } => Err(Error::other(
+            crate::exit::SOFTWARE,
+            "internal mode reached the command dispatcher",
+        )),
+    }
+}
+
+fn project_dir(given: Option<PathBuf>) -> Result<PathBuf> {
+    let dir = match given {
+        Some(d) => d,
+        None => std::env::current_dir().map_err(Error::io("current directory"))?,
+    };
+    std::fs::canonicalize(&dir).map_err(|e| {
+        Error::other(
+            crate::exit::USAGE,
+            format!("project folder {}: {e}", dir.display()),
+        )
+    })
+}
+
+/// A loaded project: its configuration and its VM's files.
+pub struct Project {
+    pub cfg: Config,
+    pub paths: Paths,
+    pub vm: VmPaths,
+}
+
+impl Project {
+    pub fn load(dir: &std::path::Path) -> Result<Project> {
+        let cfg = config::load(dir)?;
+        let paths = Paths::from_env();
+        let vm = paths.vm(&cfg.name);
+        Ok(Project { cfg, paths, vm })
+    }
+}
+
+/// What is true of a VM now, from its record and its lock.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Live {
+    NotCreated,
+    /// Created, nothing runs.
+    Stopped(Record),
+    /// A supervisor holds the lock.
+    Active(Record),
+    /// Something (an `up` or `destroy` in progress) holds the lock but the
+    /// record is gone or new.
+    Busy,
+}
+
+/// The VM's state; a stale record (dead supervisor) is repaired here.
+pub fn live(vm: &VmPaths) -> Result<Live> {
+    let rec = Record::load(&vm.record())?;
+    let held = VmLock::is_held(vm);
+    Ok(match (rec, held) {
+        (None, false) => Live::NotCreated,
+        (None, true) => Live::Busy,
+        (Some(r), true) => Live::Active(r),
+        (Some(r), false) if r.state == VmState::Stopped => Live::Stopped(r),
+        (Some(_), false) => Live::Stopped(repair_stale(vm)?),
+    })
+}
+
+/// The supervisor died without cleaning up: kill a QEMU it left (it
+/// should have died with it), remove runtime files, mark stopped.
+fn repair_stale(vm: &VmPaths) -> Result<Record> {
+    let rec = Record::load(&vm.record())?;
+    if let Some(pid) = rec.as_ref().and_then(|r| r.qemu_pid)
+        && process_is(pid, "qemu-system")
+    {
+        tracing::warn!("killing QEMU {pid} left behind by a dead supervisor");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for sock in [
+        vm.control_sock(),
+        vm.ssh_sock(),
+        vm.console_sock(),
+        vm.qmp_sock(),
+    ] {
+        let _ = std::fs::remove_file(sock);
+    }
+    let _ = std::fs::remove_dir(&vm.run);
+    let updated = Record::update(&vm.record(), |r| {
+        r.state = VmState::Stopped;
+        r.supervisor_pid = None;
+        r.qemu_pid = None;
+        r.started_at = None;
+        r.last_stop = Some("its supervisor died".into());
+    })?;
+    updated.ok_or_else(|| Error::other(crate::exit::SOFTWARE, "record vanished during repair"))
+}
+
+/// Whether `pid` runs a program whose name starts with `prefix`.
+pub fn process_is(pid: u32, prefix: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().starts_with(prefix))
+        .unwrap_or(false)
+}
+
+/// Wait until nothing holds the VM's lock.
+pub fn wait_unlocked(vm: &VmPaths, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if !VmLock::is_held(vm) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    !VmLock::is_held(vm)
+}
+
+/// The private key used for the guest: the Migrantfile's, or the managed one.
+pub fn ssh_key(cfg: &Config) -> Result<PathBuf> {
+    match &cfg.ssh.key {
+        Some(k) => Ok(k.clone()),
+        None => Ok(crate::provision::keys::Invoker::current()?.managed_key()),
+    }
+}
+
+pub fn self_exe() -> Result<PathBuf> {
+    std::env::current_exe().map_err(Error::io("cannot find the migrant executable"))
+}

@@ -1,0 +1,192 @@
+//! `status`, `list`, `ip`, `info`.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{Live, Project, Result, live};
+use crate::error::Error;
+use crate::exit;
+use crate::state::{Paths, Record};
+use crate::supervisor::control::{self, Request, Response};
+
+#[derive(Debug, Serialize)]
+struct StatusView {
+    name: String,
+    state: String,
+    project: String,
+    ip: Option<String>,
+    accelerator: Option<String>,
+    qemu_user: Option<String>,
+    supervisor_pid: Option<u32>,
+    qemu_pid: Option<u32>,
+    uptime_secs: Option<u64>,
+    last_stop: Option<String>,
+    disk: Option<String>,
+}
+
+fn view(name: &str, live: &Live, project: &str) -> StatusView {
+    let (state, rec): (String, Option<&Record>) = match live {
+        Live::NotCreated => ("not created".into(), None),
+        Live::Busy => ("busy".into(), None),
+        Live::Stopped(r) => ("stopped".into(), Some(r)),
+        Live::Active(r) => (r.state.to_string(), Some(r)),
+    };
+    let active = matches!(live, Live::Active(_));
+    StatusView {
+        name: name.to_string(),
+        state,
+        project: rec
+            .map(|r| r.project_dir.display().to_string())
+            .unwrap_or_else(|| project.to_string()),
+        ip: rec.filter(|_| active).map(|r| r.guest_ip.clone()),
+        accelerator: rec.filter(|_| active).and_then(|r| r.accel.clone()),
+        qemu_user: rec.filter(|_| active).and_then(|r| r.qemu_user.clone()),
+        supervisor_pid: rec.and_then(|r| r.supervisor_pid),
+        qemu_pid: rec.and_then(|r| r.qemu_pid),
+        uptime_secs: rec
+            .and_then(|r| r.started_at)
+            .map(|t| crate::state::now().saturating_sub(t)),
+        last_stop: rec.and_then(|r| r.last_stop.clone()),
+        disk: None,
+    }
+}
+
+fn print_view(v: &StatusView) {
+    println!("name:        {}", v.name);
+    println!("state:       {}", v.state);
+    println!("project:     {}", v.project);
+    if let Some(ip) = &v.ip {
+        println!("ip:          {ip}");
+    }
+    if let Some(a) = &v.accelerator {
+        println!("accelerator: {a}");
+    }
+    if let Some(u) = &v.qemu_user {
+        println!("qemu user:   {u}");
+    }
+    if let Some(pid) = v.qemu_pid {
+        println!("qemu pid:    {pid}");
+    }
+    if let Some(s) = v.uptime_secs {
+        println!("uptime:      {s} s");
+    }
+    if let Some(d) = &v.disk {
+        println!("disk:        {d}");
+    }
+    if let Some(l) = &v.last_stop {
+        println!("last stop:   {l}");
+    }
+}
+
+pub fn status(p: &Project, json: bool) -> Result<u8> {
+    let l = live(&p.vm)?;
+    let mut v = view(&p.cfg.name, &l, &p.cfg.dir.display().to_string());
+    if p.vm.disk().exists() {
+        v.disk = Some(p.vm.disk().display().to_string());
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        print_view(&v);
+    }
+    Ok(0)
+}
+
+pub fn list(json: bool) -> Result<u8> {
+    let paths = Paths::from_env();
+    let mut views = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(paths.vms()) {
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for name in names {
+            let vm = paths.vm(&name);
+            let l = live(&vm)?;
+            if l == Live::NotCreated {
+                continue;
+            }
+            views.push(view(&name, &l, ""));
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&views).unwrap_or_default()
+        );
+    } else if views.is_empty() {
+        println!("no VMs");
+    } else {
+        println!("{:<24} {:<12} {:<15} PROJECT", "NAME", "STATE", "IP");
+        for v in views {
+            println!(
+                "{:<24} {:<12} {:<15} {}",
+                v.name,
+                v.state,
+                v.ip.as_deref().unwrap_or("-"),
+                v.project
+            );
+        }
+    }
+    Ok(0)
+}
+
+pub fn ip(p: &Project) -> Result<u8> {
+    match live(&p.vm)? {
+        Live::Active(r) => {
+            println!("{}", r.guest_ip);
+            Ok(0)
+        }
+        _ => Err(Error::other(
+            exit::UNAVAILABLE,
+            format!("{} is not running", p.cfg.name),
+        )),
+    }
+}
+
+pub fn info(p: &Project, json: bool) -> Result<u8> {
+    if !matches!(live(&p.vm)?, Live::Active(_)) {
+        return Err(Error::other(
+            exit::UNAVAILABLE,
+            format!("{} is not running", p.cfg.name),
+        ));
+    }
+    let resp = control::request(
+        &p.vm.control_sock(),
+        &Request::Info,
+        Duration::from_secs(30),
+    )?;
+    let Response::Info(i) = resp else {
+        return Err(Error::other(
+            exit::SOFTWARE,
+            "unexpected answer from the supervisor",
+        ));
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&i).unwrap_or_default());
+    } else {
+        println!("name:           {}", p.cfg.name);
+        println!("state:          {}", i.status);
+        println!(
+            "accelerator:    {}{}",
+            i.accelerator,
+            if i.kvm_enabled { " (KVM enabled)" } else { "" }
+        );
+        println!("cpus:           {}", i.cpus);
+        println!("memory:         {} MiB", i.memory_bytes / (1024 * 1024));
+        println!("ip:             {}", i.guest_ip);
+        println!(
+            "qemu pid:       {}",
+            i.qemu_pid
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+        println!("qemu user:      {}", i.qemu_user);
+        println!("supervisor pid: {}", i.supervisor_pid);
+        println!("uptime:         {} s", i.uptime_secs);
+    }
+    Ok(0)
+}

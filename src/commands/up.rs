@@ -1,0 +1,377 @@
+//! `migrant up`: create the VM on first use, start its supervisor, wait
+//! until the guest is ready.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::{Live, Project, Result, live, ssh_key};
+use crate::config::{Accel, Autoconnect, Config};
+use crate::error::Error;
+use crate::exit;
+use crate::provision::keys::{self, KeyError};
+use crate::provision::ssh;
+use crate::state::{self, Record, VmLock, VmPaths, VmState};
+use crate::supervisor::control::{self, Request};
+use crate::supervisor::progress::Progress;
+
+const PLACEHOLDER: &str = "__MIGRANT_PUBKEY__";
+
+pub fn up(p: &Project, timeout: u64) -> Result<u8> {
+    let Project { cfg, paths, vm } = p;
+    match live(vm)? {
+        Live::Active(r) if r.state == VmState::Paused => {
+            control::request(
+                &vm.control_sock(),
+                &Request::Resume,
+                Duration::from_secs(15),
+            )?;
+            println!("==> {}: resumed", cfg.name);
+            return Ok(0);
+        }
+        Live::Active(r) if r.state == VmState::Running => {
+            println!("==> {}: already running ({})", cfg.name, r.guest_ip);
+            return Ok(0);
+        }
+        Live::Stopped(r) | Live::Active(r) if r.project_dir != cfg.dir => {
+            return Err(Error::other(
+                exit::CONFIG,
+                format!(
+                    "VM name {:?} belongs to the project {}; set another `name` in {}",
+                    cfg.name,
+                    r.project_dir.display(),
+                    cfg.file.display()
+                ),
+            ));
+        }
+        _ => {}
+    }
+    let lock = VmLock::try_acquire(vm)?;
+    state::ensure_dir(&paths.home, 0o755)?;
+    state::ensure_dir(&paths.vms(), 0o711)?;
+
+    if Record::load(&vm.record())?.is_none() || !vm.disk().exists() {
+        println!("==> {}: creating VM", cfg.name);
+        if let Err(e) = create(cfg, paths, vm) {
+            // Nothing of this VM existed before this command: remove what
+            // it made, but only the VM's own state folder.
+            remove_new_vm(vm);
+            return Err(e);
+        }
+    }
+    start(cfg, vm, &lock, timeout)?;
+    drop(lock);
+    println!("==> {}: ready; `migrant ssh` to log in", cfg.name);
+    match cfg.autoconnect {
+        Autoconnect::None => Ok(0),
+        Autoconnect::Ssh => super::lifecycle::ssh(p, &[]),
+        Autoconnect::Console => super::lifecycle::console(p),
+    }
+}
+
+fn remove_new_vm(vm: &VmPaths) {
+    for f in [
+        vm.disk(),
+        vm.seed(),
+        vm.nvram(),
+        vm.record(),
+        vm.serial_log(),
+        vm.supervisor_log(),
+    ] {
+        let _ = std::fs::remove_file(f);
+    }
+    let _ = std::fs::remove_file(vm.state.join("qemu.log"));
+    let _ = std::fs::remove_file(vm.lock());
+    let _ = std::fs::remove_dir(&vm.state);
+}
+
+/// The user-data with the managed key substituted. Errors before anything
+/// is built.
+fn user_data(cfg: &Config) -> Result<String> {
+    let path = cfg.dir.join("cloud-init.yml");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::other(
+            exit::CONFIG,
+            format!(
+                "{}: {e} (every project needs a cloud-init.yml; `migrant init` writes one)",
+                path.display()
+            ),
+        )
+    })?;
+    if !text.contains(PLACEHOLDER) {
+        return Ok(text);
+    }
+    let key = ssh_key(cfg)?;
+    let public = keys::public_key(&key)?.ok_or(KeyError::Missing {
+        path: key.clone(),
+        file: path.clone(),
+    })?;
+    Ok(crate::seed::substitute_pubkey(&text, Some(&public))?)
+}
+
+fn random_mac() -> Result<String> {
+    let mut b = [0u8; 3];
+    let mut f = std::fs::File::open("/dev/urandom").map_err(Error::io("/dev/urandom"))?;
+    std::io::Read::read_exact(&mut f, &mut b).map_err(Error::io("/dev/urandom"))?;
+    Ok(format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))
+}
+
+fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
+    let user_data = user_data(cfg)?;
+    let src = crate::image::local_source(&cfg.image)?;
+    println!("==> {}: caching image {}", cfg.name, src.display());
+    state::ensure_dir(&paths.images(), 0o755)?;
+    let base = crate::image::cache_local(&src, &paths.images())?;
+    state::ensure_dir(&vm.state, 0o711)?;
+    crate::image::create_overlay(&base, &vm.disk(), cfg.disk)?;
+    let mac = random_mac()?;
+    let instance = format!("{}-{}", cfg.name, state::now());
+    let meta = crate::seed::meta_data(&instance, &cfg.name);
+    let net = crate::seed::network_config(&mac);
+    crate::seed::write_seed(
+        &vm.seed(),
+        &[
+            ("meta-data", meta.as_bytes()),
+            ("user-data", user_data.as_bytes()),
+            ("network-config", net.as_bytes()),
+        ],
+    )?;
+    Record {
+        name: cfg.name.clone(),
+        project_dir: cfg.dir.clone(),
+        base_image: base,
+        mac,
+        guest_ip: cfg.guest_ip().to_string(),
+        created_at: state::now(),
+        state: VmState::Stopped,
+        supervisor_pid: None,
+        qemu_pid: None,
+        accel: None,
+        qemu_user: None,
+        started_at: None,
+        last_stop: None,
+        provisioned: false,
+    }
+    .save(&vm.record())?;
+    Ok(())
+}
+
+/// Start the supervisor and follow its progress until the guest is ready.
+fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let runtime_root = vm.run.parent().unwrap_or(Path::new("/run"));
+    state::ensure_dir(runtime_root, 0o755)?;
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("pipe")(e.into()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(vm.supervisor_log())
+        .map_err(Error::io(format!("{}", vm.supervisor_log().display())))?;
+    let log2 = log.try_clone().map_err(Error::io("supervisor log"))?;
+    let lock_fd = lock.as_file().as_raw_fd();
+    let progress_fd = write_end.as_raw_fd();
+    let mut cmd = Command::new(super::self_exe()?);
+    cmd.arg("__supervisor")
+        .arg("--name")
+        .arg(&cfg.name)
+        .arg("--project")
+        .arg(&cfg.dir)
+        .arg("--lock-fd")
+        .arg(lock_fd.to_string())
+        .arg("--progress-fd")
+        .arg(progress_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    // SAFETY: runs in the forked child before exec; setsid and fcntl are
+    // async-signal-safe and nothing is allocated.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for fd in [lock_fd, progress_fd] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(Error::io("cannot start the supervisor"))?;
+    drop(write_end);
+    println!("==> {}: starting (supervisor pid {})", cfg.name, child.id());
+
+    let lines = spawn_line_reader(read_end);
+    let mut sshd = false;
+    while !sshd {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match lines.recv_timeout(left) {
+            Ok(l) => l,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                abort_start(vm);
+                return Err(Error::other(
+                    exit::UNAVAILABLE,
+                    format!(
+                        "{}: the guest did not answer SSH within {timeout} s; the VM was stopped (disk kept). Serial log: {}",
+                        cfg.name,
+                        vm.serial_log().display()
+                    ),
+                ));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = child.wait();
+                return Err(Error::other(
+                    exit::SOFTWARE,
+                    format!(
+                        "{}: the supervisor exited during start-up; see {}:\n{}",
+                        cfg.name,
+                        vm.supervisor_log().display(),
+                        tail(&vm.supervisor_log(), 10)
+                    ),
+                ));
+            }
+        };
+        match serde_json::from_str::<Progress>(&line) {
+            Ok(Progress::Qemu { pid, accel, user }) => {
+                println!(
+                    "==> {}: QEMU running (pid {pid}, accelerator {accel}, as user {user})",
+                    cfg.name
+                );
+                if accel == "tcg" && cfg.accel == Accel::Auto {
+                    eprintln!(
+                        "warning: KVM cannot run a guest on this host; using TCG (slow). `migrant doctor` says why."
+                    );
+                }
+            }
+            Ok(Progress::Lease { ip }) => {
+                println!("==> {}: guest took its DHCP lease {ip}", cfg.name)
+            }
+            Ok(Progress::Sshd) => {
+                println!("==> {}: guest SSH server answers", cfg.name);
+                sshd = true;
+            }
+            Ok(Progress::Failed { message, code }) => {
+                let _ = child.wait();
+                return Err(Error::other(code, message));
+            }
+            Err(e) => tracing::debug!("unreadable progress line {line:?}: {e}"),
+        }
+    }
+    // The supervisor runs on in its own session; reap it if it exits
+    // while we still wait (never leave a zombie behind us).
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+
+    wait_login(cfg, vm, deadline)?;
+    if cfg.wait_cloud_init {
+        wait_cloud_init(cfg, vm)?;
+    }
+    Ok(())
+}
+
+fn abort_start(vm: &VmPaths) {
+    let _ = control::request(
+        &vm.control_sock(),
+        &Request::Halt {
+            force: true,
+            timeout_secs: 0,
+        },
+        Duration::from_secs(30),
+    );
+    super::wait_unlocked(vm, Duration::from_secs(10));
+}
+
+fn spawn_line_reader(fd: OwnedFd) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let reader = BufReader::new(std::fs::File::from(fd));
+        for line in reader.lines() {
+            match line {
+                Ok(l) => {
+                    if tx.send(l).is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    rx
+}
+
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn ssh_command(cfg: &Config, vm: &VmPaths) -> Result<Command> {
+    Ok(ssh::base_command(
+        &super::self_exe()?,
+        &vm.ssh_sock(),
+        &ssh_key(cfg)?,
+        &cfg.ssh.user,
+        &cfg.name,
+    ))
+}
+
+/// Poll an SSH login until it works: sshd answering is not enough, the
+/// guest may not have installed the key yet.
+fn wait_login(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<()> {
+    loop {
+        let mut cmd = ssh_command(cfg, vm)?;
+        cmd.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=15", "true"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let out = cmd.output().map_err(Error::io("cannot run ssh"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::other(
+                exit::UNAVAILABLE,
+                format!(
+                    "{}: SSH login as {} does not work: {}",
+                    cfg.name,
+                    cfg.ssh.user,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn wait_cloud_init(cfg: &Config, vm: &VmPaths) -> Result<()> {
+    println!("==> {}: waiting for cloud-init to finish", cfg.name);
+    let mut cmd = ssh_command(cfg, vm)?;
+    cmd.args(["-o", "BatchMode=yes", "cloud-init", "status", "--wait"])
+        .stdin(Stdio::null());
+    let out = cmd.output().map_err(Error::io("cannot run ssh"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let status = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("status:"))
+        .unwrap_or("status: unknown")
+        .trim();
+    if out.status.success() && status == "status: done" {
+        println!("==> {}: cloud-init {status}", cfg.name);
+    } else {
+        eprintln!(
+            "warning: {}: cloud-init finished with `{status}`; see `migrant ssh -- cloud-init status --long`",
+            cfg.name
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! The guest's TAP device and the addresses inside the VM's namespace.
+
+use std::fs::{File, OpenOptions};
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+
+/// Name of the TAP device inside the VM's namespace (every VM has its own
+/// namespace, so every VM can use the same name).
+pub const TAP_NAME: &str = "tap0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("cannot open /dev/net/tun (is the tun module loaded?)")]
+    Open(#[source] std::io::Error),
+    #[error("cannot create TAP device {0}")]
+    Create(String, #[source] std::io::Error),
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("no interface named {0}")]
+    NoSuchInterface(String),
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+#[repr(C)]
+struct IfReq {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Create the TAP device `name` in the current thread's namespace, with
+/// virtio-net headers so QEMU can offload checksums and segmentation.
+pub fn create_tap(name: &str) -> Result<File, TapError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(TapError::Open)?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        _pad: [0; 22],
+    };
+    for (dst, src) in req
+        .name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `IfReq` has the
+    // same size and layout (name, then the flags union member) and lives
+    // for the duration of the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+    if rc < 0 {
+        return Err(TapError::Create(
+            name.to_string(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(file)
+}
+
+fn index_of(name: &str) -> Result<u32, TapError> {
+    nix::net::if_::if_nametoindex(name).map_err(|_| TapError::NoSuchInterface(name.to_string()))
+}
+
+/// In the current thread's namespace: bring `lo` up, give `tap` the
+/// gateway address and bring it up. Runs its own small runtime because
+/// the netlink socket must be created in this thread's namespace.
+pub fn configure(tap: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), TapError> {
+    let lo = index_of("lo")?;
+    let tap_idx = index_of(tap)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| TapError::Netlink(e.to_string()))?;
+    rt.block_on(async move {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| TapError::Netlink(e.to_string()))?;
+        let task = tokio::spawn(conn);
+        let result = async {
+            for idx in [lo, tap_idx] {
+                handle
+                    .link()
+                    .set(rtnetlink::LinkUnspec::new_with_index(idx).up().build())
+                    .execute()
+                    .await
+                    .map_err(|e| TapError::Netlink(format!("link {idx} up: {e}")))?;
+            }
+            handle
+                .address()
+                .add(tap_idx, gateway.into(), prefix)
+                .execute()
+                .await
+                .map_err(|e| TapError::Netlink(format!("address {gateway}/{prefix}: {e}")))
+        }
+        .await;
+        task.abort();
+        result
+    })
+}

@@ -1,0 +1,276 @@
+//! The QEMU command line, built by a pure function from a [`VmSpec`].
+//!
+//! QEMU never opens a network device, a monitor or a console by path: the
+//! supervisor creates them and hands over file descriptors, so QEMU can
+//! run unprivileged under its seccomp sandbox.
+
+use std::path::PathBuf;
+
+/// The accelerator QEMU is started with (after `auto` was resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accelerator {
+    Kvm,
+    Tcg,
+}
+
+impl Accelerator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Tcg => "tcg",
+        }
+    }
+}
+
+/// Firmware files, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirmwareFiles {
+    /// QEMU's built-in SeaBIOS.
+    Bios,
+    /// OVMF code (read-only) and this VM's own copy of the variables.
+    Uefi { code: PathBuf, vars: PathBuf },
+}
+
+/// Everything the command line depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub accel: Accelerator,
+    pub firmware: FirmwareFiles,
+    /// qcow2 overlay.
+    pub disk: PathBuf,
+    /// NoCloud seed (raw vfat).
+    pub seed: PathBuf,
+    pub mac: String,
+    /// Open TAP device (IFF_VNET_HDR).
+    pub tap_fd: i32,
+    /// One end of a connected socket pair for QMP.
+    pub qmp_fd: i32,
+    /// Listening unix socket for the serial console.
+    pub console_fd: i32,
+    /// Everything the serial port prints is appended here.
+    pub serial_log: PathBuf,
+    /// Extra arguments, appended last (`.qemu-extra-args`).
+    pub extra: Vec<String>,
+}
+
+fn path(p: &std::path::Path) -> String {
+    // QEMU's option parser splits on ',': a literal comma is doubled.
+    p.to_string_lossy().replace(',', ",,")
+}
+
+/// The full argv (without the program name).
+pub fn build_argv(spec: &VmSpec) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+
+    push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
+    push(&["-msg", "timestamp=on"]);
+    match spec.accel {
+        Accelerator::Kvm => push(&["-machine", "q35,accel=kvm", "-cpu", "host"]),
+        Accelerator::Tcg => push(&[
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+        ]),
+    }
+    push(&["-smp", &spec.cpus.to_string()]);
+    push(&["-m", &format!("{}M", spec.memory_mib)]);
+
+    if let FirmwareFiles::Uefi { code, vars } = &spec.firmware {
+        push(&[
+            "-drive",
+            &format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                path(code)
+            ),
+            "-drive",
+            &format!("if=pflash,format=raw,unit=1,file={}", path(vars)),
+        ]);
+    }
+
+    // Monitor and console: descriptors the supervisor owns.
+    push(&[
+        "-chardev",
+        &format!("socket,id=qmp,fd={}", spec.qmp_fd),
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-chardev",
+        &format!(
+            "socket,id=console,fd={},server=on,wait=off,logfile={},logappend=on",
+            spec.console_fd,
+            path(&spec.serial_log)
+        ),
+        "-serial",
+        "chardev:console",
+    ]);
+
+    // Disks: the overlay boots; the seed is a virtio disk (Debian's cloud
+    // kernel has no AHCI driver, so a SATA CD-ROM would be invisible).
+    push(&[
+        "-drive",
+        &format!(
+            "if=none,id=disk0,file={},format=qcow2,cache=writeback,discard=unmap",
+            path(&spec.disk)
+        ),
+        "-device",
+        "virtio-blk-pci,drive=disk0,bootindex=1",
+        "-drive",
+        &format!(
+            "if=none,id=seed,file={},format=raw,readonly=on",
+            path(&spec.seed)
+        ),
+        "-device",
+        "virtio-blk-pci,drive=seed",
+    ]);
+
+    push(&[
+        "-netdev",
+        &format!("tap,id=net0,fd={}", spec.tap_fd),
+        "-device",
+        &format!("virtio-net-pci,netdev=net0,mac={}", spec.mac),
+        "-device",
+        "virtio-rng-pci",
+    ]);
+
+    a.extend(spec.extra.iter().cloned());
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "box".into(),
+            cpus: 2,
+            memory_mib: 2048,
+            accel: Accelerator::Tcg,
+            firmware: FirmwareFiles::Bios,
+            disk: "/var/lib/migrant/vms/box/disk.qcow2".into(),
+            seed: "/var/lib/migrant/vms/box/seed.img".into(),
+            mac: "52:54:00:12:34:56".into(),
+            tap_fd: 10,
+            qmp_fd: 11,
+            console_fd: 12,
+            serial_log: "/var/lib/migrant/vms/box/serial.log".into(),
+            extra: vec![],
+        }
+    }
+
+    fn joined(spec: &VmSpec) -> String {
+        build_argv(spec).join(" ")
+    }
+
+    /// The value that follows `flag` the `n`th time it appears.
+    fn values<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
+        argv.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn tcg_bios_command_line() {
+        let argv = build_argv(&spec());
+        assert_eq!(values(&argv, "-machine"), ["q35"]);
+        assert_eq!(values(&argv, "-accel"), ["tcg,thread=multi"]);
+        assert_eq!(values(&argv, "-cpu"), ["max"]);
+        assert_eq!(values(&argv, "-smp"), ["2"]);
+        assert_eq!(values(&argv, "-m"), ["2048M"]);
+        assert!(!joined(&spec()).contains("pflash"));
+        assert_eq!(values(&argv, "-netdev"), ["tap,id=net0,fd=10"]);
+        assert!(
+            values(&argv, "-device").contains(&"virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56")
+        );
+    }
+
+    #[test]
+    fn kvm_uses_host_cpu() {
+        let mut s = spec();
+        s.accel = Accelerator::Kvm;
+        let argv = build_argv(&s);
+        assert_eq!(values(&argv, "-machine"), ["q35,accel=kvm"]);
+        assert_eq!(values(&argv, "-cpu"), ["host"]);
+        assert!(values(&argv, "-accel").is_empty());
+    }
+
+    #[test]
+    fn sandbox_is_always_on() {
+        let argv = build_argv(&spec());
+        assert_eq!(
+            values(&argv, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
+        assert!(argv.contains(&"-nodefaults".to_string()));
+        assert!(!argv.iter().any(|a| a == "-daemonize"));
+    }
+
+    #[test]
+    fn monitor_and_console_use_descriptors() {
+        let argv = build_argv(&spec());
+        let chardevs = values(&argv, "-chardev");
+        assert_eq!(chardevs[0], "socket,id=qmp,fd=11");
+        assert!(chardevs[1].starts_with("socket,id=console,fd=12,server=on,wait=off,logfile="));
+        assert_eq!(values(&argv, "-mon"), ["chardev=qmp,mode=control"]);
+        assert_eq!(values(&argv, "-serial"), ["chardev:console"]);
+    }
+
+    #[test]
+    fn seed_is_a_readonly_virtio_disk() {
+        let argv = build_argv(&spec());
+        let drives = values(&argv, "-drive");
+        assert!(
+            drives
+                .iter()
+                .any(|d| d.contains("seed.img,format=raw,readonly=on"))
+        );
+        assert!(values(&argv, "-device").contains(&"virtio-blk-pci,drive=seed"));
+        assert!(values(&argv, "-device").contains(&"virtio-blk-pci,drive=disk0,bootindex=1"));
+    }
+
+    #[test]
+    fn uefi_adds_two_pflash_drives() {
+        let mut s = spec();
+        s.firmware = FirmwareFiles::Uefi {
+            code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+            vars: "/var/lib/migrant/vms/box/nvram.fd".into(),
+        };
+        let argv = build_argv(&s);
+        let drives = values(&argv, "-drive");
+        assert_eq!(
+            drives[0],
+            "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"
+        );
+        assert_eq!(
+            drives[1],
+            "if=pflash,format=raw,unit=1,file=/var/lib/migrant/vms/box/nvram.fd"
+        );
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let mut s = spec();
+        s.disk = "/srv/a,b/disk.qcow2".into();
+        assert!(joined(&s).contains("file=/srv/a,,b/disk.qcow2,format=qcow2"));
+    }
+
+    #[test]
+    fn extra_arguments_come_last() {
+        let mut s = spec();
+        s.extra = vec!["-device".into(), "virtio-balloon-pci".into()];
+        let argv = build_argv(&s);
+        assert_eq!(&argv[argv.len() - 2..], ["-device", "virtio-balloon-pci"]);
+    }
+}

@@ -1,0 +1,170 @@
+//! Starting QEMU: unprivileged, inside the VM's namespace, tied to the
+//! supervisor's life.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::path::Path;
+use std::process::Stdio;
+
+use nix::unistd::{Gid, Uid, User};
+
+/// The user QEMU runs as. Created on first use when missing.
+pub const QEMU_USER: &str = "migrant-qemu";
+
+/// The QEMU binary used for every VM.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error(
+        "{QEMU_BINARY} not found in PATH; install it (scripts/setup or apt-get install qemu-system-x86)"
+    )]
+    NotFound,
+    #[error("cannot start {QEMU_BINARY}")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot look up or create the unprivileged user {QEMU_USER}: {0}")]
+    User(String),
+}
+
+impl ProcessError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ProcessError::NotFound => crate::exit::UNAVAILABLE,
+            ProcessError::Spawn(_) | ProcessError::User(_) => crate::exit::SOFTWARE,
+        }
+    }
+}
+
+/// An unprivileged identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub uid: Uid,
+    pub gid: Gid,
+}
+
+fn lookup(name: &str) -> Result<Option<Identity>, ProcessError> {
+    User::from_name(name)
+        .map_err(|e| ProcessError::User(e.to_string()))
+        .map(|u| {
+            u.map(|u| Identity {
+                name: u.name,
+                uid: u.uid,
+                gid: u.gid,
+            })
+        })
+}
+
+/// The identity QEMU runs as; the system user is created if missing.
+pub fn qemu_identity() -> Result<Identity, ProcessError> {
+    if let Some(id) = lookup(QEMU_USER)? {
+        return Ok(id);
+    }
+    tracing::info!("creating system user {QEMU_USER} for QEMU");
+    let status = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--user-group",
+            QEMU_USER,
+        ])
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| ProcessError::User(format!("useradd: {e}")))?;
+    if !status.success() && lookup(QEMU_USER)?.is_none() {
+        return Err(ProcessError::User(format!("useradd exited with {status}")));
+    }
+    lookup(QEMU_USER)?.ok_or_else(|| ProcessError::User("user missing after useradd".into()))
+}
+
+/// Find `program` in PATH.
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// What to start and how.
+pub struct Launch<'a> {
+    pub argv: Vec<String>,
+    /// Enter this network namespace before exec.
+    pub netns: BorrowedFd<'a>,
+    /// Drop to this identity before exec.
+    pub identity: &'a Identity,
+    /// Descriptors QEMU must inherit (they are named in the argv).
+    pub keep_fds: Vec<RawFd>,
+    /// QEMU's stdout and stderr go here.
+    pub log: &'a Path,
+}
+
+/// Start QEMU. Must be called from the thread that lives as long as the VM
+/// (the supervisor's main thread): the parent-death signal fires when the
+/// thread that forked exits.
+pub fn spawn(launch: Launch<'_>) -> Result<tokio::process::Child, ProcessError> {
+    let program = which(QEMU_BINARY).ok_or(ProcessError::NotFound)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(launch.log)
+        .map_err(ProcessError::Spawn)?;
+    let log2 = log.try_clone().map_err(ProcessError::Spawn)?;
+    let netns = launch.netns.as_raw_fd();
+    let uid = launch.identity.uid;
+    let gid = launch.identity.gid;
+    let keep = launch.keep_fds.clone();
+    let parent = nix::unistd::getpid();
+    // Prepared before fork: the child must not allocate.
+    let user = CString::new(launch.identity.name.clone())
+        .map_err(|e| ProcessError::User(e.to_string()))?;
+
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(&launch.argv)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec; it only
+    // makes async-signal-safe system calls (fcntl, setns, setgroups,
+    // setgid, setuid, prctl, getppid) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &keep {
+                // SAFETY: clearing FD_CLOEXEC on a descriptor the parent
+                // opened for this child.
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(netns, libc::CLONE_NEWNET) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::initgroups(user.as_ptr(), gid.as_raw()) < 0 {
+                // Supplementary groups (kvm) are a convenience; without
+                // them, at least drop root's.
+                if libc::setgroups(0, std::ptr::null()) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setgid(gid.as_raw()) < 0 || libc::setuid(uid.as_raw()) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // After the credential change, which clears it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent.as_raw() {
+                // The supervisor died between fork and prctl.
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(ProcessError::Spawn)
+}

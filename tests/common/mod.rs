@@ -1,0 +1,208 @@
+//! Shared harness for the integration tests: every test gets its own
+//! state, runtime and home folders and its own project folder, runs the
+//! real `migrant` binary as root, boots the test guest under TCG, and
+//! checks that nothing it started outlives it.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub struct Env {
+    pub root: tempfile::TempDir,
+    pub project: PathBuf,
+    pub name: String,
+}
+
+/// The test guest image built by `scripts/build-guest-image`, or `None`
+/// (the test then reports itself skipped) unless `MIGRANT_REQUIRE_INTEGRATION`
+/// is set, in which case a missing prerequisite fails the test.
+pub fn test_image() -> Option<PathBuf> {
+    let required = std::env::var_os("MIGRANT_REQUIRE_INTEGRATION").is_some();
+    let img = std::env::var_os("MIGRANT_TEST_IMAGE").map(PathBuf::from);
+    let root = nix::unistd::Uid::effective().is_root();
+    match img {
+        Some(p) if p.is_file() && root => Some(p),
+        _ if required => panic!(
+            "integration prerequisites missing: MIGRANT_TEST_IMAGE={:?}, root={root}; run scripts/test",
+            std::env::var_os("MIGRANT_TEST_IMAGE")
+        ),
+        _ => {
+            eprintln!("SKIPPED: set MIGRANT_TEST_IMAGE and run as root (scripts/test does)");
+            None
+        }
+    }
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_migrant"))
+}
+
+impl Env {
+    /// A project named `name` with a TOML Migrantfile (`extra` appended).
+    pub fn new(name: &str, image: &Path, extra: &str) -> Env {
+        let root = tempfile::Builder::new()
+            .prefix("migrant-it-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let project = root.path().join("project");
+        std::fs::create_dir_all(&project).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(root.path().join("home")).unwrap_or_else(|e| panic!("{e}"));
+        let name = format!("{name}-{}", std::process::id());
+        std::fs::write(
+            project.join("Migrantfile"),
+            format!(
+                "name = \"{name}\"\nimage = \"{}\"\ncpus = 2\nmemory = \"1G\"\ndisk = \"4G\"\naccel = \"tcg\"\n{extra}",
+                image.display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            project.join("cloud-init.yml"),
+            "#cloud-config\nusers:\n  - name: migrant\n    sudo: ALL=(ALL) NOPASSWD:ALL\n    shell: /bin/bash\n    ssh_authorized_keys:\n      - __MIGRANT_PUBKEY__\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let env = Env {
+            root,
+            project,
+            name,
+        };
+        let out = env.run(&["pubkey"]);
+        assert!(out.status.success(), "pubkey: {}", text(&out));
+        env
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(args)
+            .current_dir(&self.project)
+            .env("MIGRANT_HOME", self.root.path().join("state"))
+            .env("MIGRANT_RUNTIME", self.root.path().join("run"))
+            .env("HOME", self.root.path().join("home"))
+            .env_remove("SUDO_USER")
+            .env_remove("MIGRANT_DIR");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running migrant {args:?}: {e}"))
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "migrant {args:?} failed: {}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.path().join("state").join("vms").join(&self.name)
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.path().join("run").join(&self.name)
+    }
+
+    /// Processes whose command line mentions this test's folders.
+    pub fn processes(&self) -> Vec<(u32, String)> {
+        let needle = self.root.path().to_string_lossy().into_owned();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == std::process::id() {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) {
+                found.push((pid, cmdline));
+            }
+        }
+        found
+    }
+
+    pub fn pid_of(&self, what: &str) -> Option<u32> {
+        self.processes()
+            .into_iter()
+            .find(|(_, c)| c.contains(what))
+            .map(|(p, _)| p)
+    }
+
+    /// Fail if any process, socket or state of this test's VM remains.
+    pub fn assert_clean(&self) {
+        let procs = self.processes();
+        assert!(procs.is_empty(), "processes left behind: {procs:?}");
+        assert!(
+            !self.run_dir().exists(),
+            "runtime dir left: {}",
+            self.run_dir().display()
+        );
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Never leave a VM running, whatever the test did.
+        let _ = self.cmd(&["destroy"]).output();
+        for (pid, _) in self.processes() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Poll `f` until it is true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+/// The network namespace inode of `pid` (`net:[4026532…]`).
+pub fn netns_of(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Whether any process is still in the network namespace `ns`.
+pub fn netns_in_use(ns: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .any(|e| {
+            std::fs::read_link(e.path().join("ns/net"))
+                .map(|p| p.to_string_lossy() == ns)
+                .unwrap_or(false)
+        })
+}

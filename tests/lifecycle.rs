@@ -1,0 +1,147 @@
+//! The foundation's end-to-end path on a real guest under TCG:
+//! up → ssh → status → write a file → halt → up again (file still there,
+//! a concurrent up refused with 75) → kill -9 of the supervisor (QEMU gone
+//! within 2 s) → up works again → destroy leaves nothing.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn up_ssh_halt_up_kill_destroy() {
+    let Some(image) = test_image() else { return };
+    let env = Env::new("life", &image, "");
+
+    // First boot.
+    let out = env.run(&["up"]);
+    assert!(out.status.success(), "up: {}", text(&out));
+    assert_eq!(env.run(&["ssh", "--", "true"]).status.code(), Some(0));
+    assert_eq!(
+        env.run(&["ssh", "--", "exit", "7"]).status.code(),
+        Some(7),
+        "ssh passes the guest's exit code through"
+    );
+
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ok(&["status", "--json"])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["ip"], "10.0.2.15");
+    assert_eq!(env.ok(&["ip"]).trim(), "10.0.2.15");
+    let guest_ip = env.ok(&[
+        "ssh", "--", "ip", "-4", "-o", "addr", "show", "scope", "global",
+    ]);
+    assert!(
+        guest_ip.contains("10.0.2.15/24"),
+        "guest address: {guest_ip}"
+    );
+
+    let info = env.ok(&["info"]);
+    assert!(
+        info.contains("qemu user:      migrant-qemu"),
+        "info: {info}"
+    );
+    assert!(info.contains("accelerator:    tcg"), "info: {info}");
+    assert!(info.contains("cpus:           2"), "info: {info}");
+    assert!(info.contains("memory:         1024 MiB"), "info: {info}");
+    let qemu = env
+        .pid_of("qemu-system")
+        .unwrap_or_else(|| panic!("no QEMU running"));
+    let uid = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
+    assert!(
+        !uid.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
+        "QEMU runs as root: {uid}"
+    );
+
+    env.ok(&[
+        "ssh",
+        "--",
+        "echo",
+        "kept",
+        ">",
+        "/home/migrant/marker",
+        "&&",
+        "sync",
+    ]);
+
+    // Halt: ACPI power-down; everything of the running VM goes.
+    let ns = netns_of(qemu).unwrap_or_else(|| panic!("QEMU has no netns"));
+    env.ok(&["halt"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ok(&["status", "--json"])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status["state"], "stopped");
+    env.assert_clean();
+    assert!(!netns_in_use(&ns), "the VM's namespace outlived halt");
+
+    // Second boot, with a concurrent `up` that must be refused (75).
+    let first = env
+        .cmd(&["up"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        wait_for(Duration::from_secs(30), || env
+            .pid_of("__supervisor")
+            .is_some()),
+        "second up did not start a supervisor"
+    );
+    let second = env.run(&["up"]);
+    assert_eq!(
+        second.status.code(),
+        Some(75),
+        "concurrent up: {}",
+        text(&second)
+    );
+    assert!(String::from_utf8_lossy(&second.stderr).contains("busy"));
+    let first = first.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(first.status.success(), "up after halt: {}", text(&first));
+    assert_eq!(
+        env.ok(&["ssh", "--", "cat", "/home/migrant/marker"]).trim(),
+        "kept"
+    );
+
+    // kill -9 of the supervisor: QEMU follows within 2 s.
+    let sup = env
+        .pid_of("__supervisor")
+        .unwrap_or_else(|| panic!("no supervisor"));
+    let qemu = env
+        .pid_of("qemu-system")
+        .unwrap_or_else(|| panic!("no QEMU"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        wait_for(Duration::from_secs(2), || !std::path::Path::new(&format!(
+            "/proc/{qemu}"
+        ))
+        .exists()
+            || std::fs::read_to_string(format!("/proc/{qemu}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)),
+        "QEMU survived its supervisor by more than 2 s"
+    );
+    // The next command repairs the stale state; the next up works.
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ok(&["status", "--json"])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status["state"], "stopped");
+    env.ok(&["up"]);
+    assert_eq!(
+        env.ok(&["ssh", "--", "cat", "/home/migrant/marker"]).trim(),
+        "kept"
+    );
+
+    env.ok(&["destroy"]);
+    env.assert_clean();
+    assert!(!env.state_dir().exists(), "state left after destroy");
+    assert!(
+        env.project.join("Migrantfile").exists(),
+        "destroy touched the project folder"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ok(&["status", "--json"])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status["state"], "not created");
+}
