@@ -1,33 +1,84 @@
 //! Errors of the Migrantfile reader.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
-/// A Migrantfile problem. Every variant names the file; those about a
-/// particular place name its line and field.
+/// A Migrantfile problem. Every variant names the file (or the folder where
+/// it was looked for); those about a particular place name its line and
+/// field.
+///
+/// All of them are configuration errors: [`ConfigError::exit_code`] is
+/// [`crate::exit::CONFIG`] (78).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("no Migrantfile in {dir}")]
-    NotFound { dir: PathBuf },
-    #[error("cannot read {path}")]
+    /// The project folder has no `Migrantfile`.
+    #[error("no Migrantfile in {}", dir.display())]
+    NotFound {
+        /// The folder that was searched.
+        dir: PathBuf,
+    },
+    /// The Migrantfile exists but could not be read (permissions, not
+    /// UTF-8, ...).
+    #[error("cannot read {}: {source}", path.display())]
     Read {
+        /// The Migrantfile.
         path: PathBuf,
-        #[source]
+        /// What the operating system said.
         source: std::io::Error,
     },
-    #[error("{file}:{line}: {field}: {message}")]
+    /// The content is wrong. Rendered as `<file>:<line>: <field>: <message>`;
+    /// when the problem is not tied to a line (a required field is missing)
+    /// `line` is 0 and the `:<line>` part is left out.
+    #[error("{}", render_invalid(file, *line, field, message))]
     Invalid {
+        /// The Migrantfile.
         file: PathBuf,
+        /// 1-based line number; 0 when the problem concerns the whole file.
         line: usize,
+        /// The setting concerned, as written in the file (`memory`,
+        /// `share[1].tag`, `RAM_MB`, `HOST_ACCESS[0]`, ...).
         field: String,
+        /// What is wrong, and when useful, how to fix it.
         message: String,
     },
 }
 
+fn render_invalid(file: &Path, line: usize, field: &str, message: &str) -> String {
+    let mut out = file.display().to_string();
+    if line > 0 {
+        out.push_str(&format!(":{line}"));
+    }
+    out.push_str(": ");
+    if !field.is_empty() {
+        out.push_str(field);
+        out.push_str(": ");
+    }
+    out.push_str(message);
+    out
+}
+
 impl ConfigError {
+    /// Process exit status for this error: always [`crate::exit::CONFIG`].
     pub fn exit_code(&self) -> u8 {
         match self {
-            ConfigError::NotFound { .. } | ConfigError::Invalid { .. } => crate::exit::CONFIG,
-            ConfigError::Read { .. } => crate::exit::CONFIG,
+            ConfigError::NotFound { .. }
+            | ConfigError::Read { .. }
+            | ConfigError::Invalid { .. } => crate::exit::CONFIG,
+        }
+    }
+
+    /// Shorthand for [`ConfigError::Invalid`].
+    pub(crate) fn invalid(
+        file: &Path,
+        line: usize,
+        field: impl fmt::Display,
+        message: impl fmt::Display,
+    ) -> Self {
+        ConfigError::Invalid {
+            file: file.to_path_buf(),
+            line,
+            field: field.to_string(),
+            message: message.to_string(),
         }
     }
 }

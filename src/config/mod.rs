@@ -1,11 +1,34 @@
 //! The Migrantfile: TOML schema, the original tool's bash-style reader,
-//! validation. Everything here is pure (no QEMU, no root).
+//! validation. Everything here is pure (no QEMU, no root): reading a
+//! project only reads its `Migrantfile` and looks at which files exist
+//! beside it.
+//!
+//! Two formats are read, told apart by [`Format::detect`]:
+//!
+//! * TOML, the native format; [`INIT_MIGRANTFILE`] is a commented example
+//!   listing every setting and its default;
+//! * the original bash tool's `Migrantfile`, a list of shell variable
+//!   assignments (`VM_NAME="x"`, `RAM_MB=4096`, `SHARED_FOLDERS=(...)`).
+//!   It is read as data and never executed; anything beyond plain
+//!   assignments is refused with the file and line. See the `legacy`
+//!   module for the exact subset and how each variable maps.
+//!
+//! Relative paths (share folders, SSH key, WireGuard config, a local
+//! image) are resolved against the Migrantfile's folder; `~/` means the
+//! home of the invoking user (see [`invoking_user_home`]).
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 mod error;
+mod init;
+mod legacy;
+mod parse;
+mod toml_file;
+mod values;
+
 pub use error::ConfigError;
+pub use init::{INIT_CLOUD_INIT, INIT_MIGRANTFILE, PUBKEY_PLACEHOLDER};
 
 /// Fully validated project configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,100 +42,209 @@ pub struct Config {
     pub name: String,
     /// Image reference as written: local path (resolved against `dir`),
     /// `file://`, URL or alias. Resolution happens in `image`.
+    ///
+    /// A relative local path is stored absolute (`file://` keeps its
+    /// scheme: `file://disk.qcow2` becomes `file:///project/disk.qcow2`);
+    /// URLs and aliases are kept as written.
     pub image: String,
+    /// Number of virtual CPUs, 1..=256 (default 2).
     pub cpus: u32,
-    /// Guest RAM in bytes.
+    /// Guest RAM in bytes (default 2 GiB, at least 128 MiB).
     pub memory: u64,
-    /// Disk size in bytes.
+    /// Disk size in bytes (default 20 GiB, at least 1 GiB).
     pub disk: u64,
+    /// Boot firmware (default BIOS).
     pub firmware: Firmware,
+    /// CPU acceleration (default: KVM when usable, else TCG).
     pub accel: Accel,
+    /// Host folders shared with the guest, in file order; tags are unique.
     pub shares: Vec<Share>,
+    /// Guest networking.
     pub network: Network,
+    /// How to log into the guest.
     pub ssh: Ssh,
+    /// What `up` connects to once the VM is ready (default: nothing).
     pub autoconnect: Autoconnect,
+    /// Ports `migrant tunnel` forwards from host 127.0.0.1 to guest
+    /// 127.0.0.1 when given none; all non-zero.
     pub tunnel_ports: Vec<u16>,
+    /// Whether `up` waits for cloud-init to finish (default true).
     pub wait_cloud_init: bool,
     /// Seconds `halt` waits for an ACPI power-down before forcing the stop.
     pub halt_timeout: u64,
+    /// Which syntax the Migrantfile was written in.
+    pub format: Format,
+    /// Non-fatal remarks about the file (settings of the original tool that
+    /// have no exact equivalent here, ...), for the caller to show.
+    pub warnings: Vec<String>,
 }
 
+/// The syntax of a Migrantfile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The native TOML format.
+    Toml,
+    /// The original bash tool's `NAME=value` assignments.
+    Legacy,
+}
+
+/// Guest boot firmware.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Firmware {
+    /// SeaBIOS (legacy BIOS boot).
     Bios,
+    /// OVMF (UEFI boot).
     Uefi,
 }
 
+/// CPU acceleration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
+    /// KVM if `/dev/kvm` is usable, TCG otherwise.
     Auto,
+    /// KVM only; fail if unavailable.
     Kvm,
+    /// Software emulation (slow).
     Tcg,
 }
 
+/// What `up` attaches to once the VM is ready (the original's
+/// `AUTOCONNECT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Autoconnect {
+    /// Return to the shell.
     None,
+    /// Open an SSH session.
     Ssh,
+    /// Attach the serial console as soon as the VM starts.
     Console,
 }
 
+/// A host folder shared with the guest over virtiofs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Share {
     /// Host folder, absolute (resolved against the project folder).
     pub host: PathBuf,
+    /// virtiofs mount tag: 1-36 characters `[A-Za-z0-9_-]`.
     pub tag: String,
     /// Mount point inside the guest, if migrant should mount it.
     pub guest: Option<String>,
-    /// Cap in bytes (isolation on only).
+    /// Cap in bytes (isolation on only; 0 when isolation is off).
     pub size: u64,
+    /// Back the share with a size-capped loop image instead of exposing
+    /// the host folder itself (default true).
     pub isolation: bool,
 }
 
+/// Where guest traffic may go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Egress {
+    /// Internet access; private and link-local addresses refused except
+    /// those opened by rules.
     Direct,
+    /// No egress at all (rules still apply).
     None,
     /// `NETWORK_ISOLATION=false` in the original: still proxied, but the
     /// private-address policy is relaxed (implemented by the networking work).
     Open,
 }
 
+/// Guest networking.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Network {
+    /// Egress policy (default direct).
     pub egress: Egress,
     /// Guest subnet; the gateway is `.2`, the guest `.15`.
     pub subnet: Ipv4Addr,
+    /// Prefix length of `subnet`, 8..=24.
     pub prefix: u8,
+    /// Holes in the isolation, in file order; no two claim the same guest
+    /// port.
     pub rules: Vec<NetRule>,
+    /// Domain names (lower case; may start with `*.`) the guest may reach
+    /// when egress is restricted.
     pub allow_domains: Vec<String>,
+    /// WireGuard config (absolute): the `wireguard` setting, else
+    /// `wireguard.conf` beside the Migrantfile if it exists.
     pub wireguard: Option<PathBuf>,
+    /// Give the guest IPv6 egress (the original's `NETWORK_IPV6=nat`);
+    /// refused together with WireGuard.
     pub ipv6: bool,
+    /// The original's `NETWORKS` entries (virt-install `--network` specs),
+    /// verbatim; empty for TOML files. Recorded only: migrant always gives
+    /// the guest one NIC on its own network.
+    pub legacy_networks: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Transport protocol of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Proto {
+    /// TCP.
     Tcp,
+    /// UDP.
     Udp,
 }
 
+/// A hole in the network isolation (the original's `HOST_ACCESS`
+/// directives, same syntax; [`std::fmt::Display`] writes it back).
 #[derive(Debug, Clone, PartialEq)]
 pub enum NetRule {
     /// `allow-host-port tcp/8080`
-    AllowHostPort { proto: Proto, port: u16 },
+    AllowHostPort {
+        /// Protocol.
+        proto: Proto,
+        /// Port on the host, reached by the guest at the gateway.
+        port: u16,
+    },
     /// `allow-lan-host 192.168.1.50`
-    AllowLanHost { addr: Ipv4Addr },
+    AllowLanHost {
+        /// The LAN host the guest may reach.
+        addr: Ipv4Addr,
+    },
     /// `forward-port tcp/11434 100.64.0.6:11434 [via-tunnel]`
     ForwardPort {
+        /// Protocol.
         proto: Proto,
+        /// Port the guest connects to on the gateway.
         guest_port: u16,
+        /// Where those connections go.
         target: std::net::SocketAddrV4,
+        /// Send through the WireGuard tunnel instead of around it.
         via_tunnel: bool,
     },
 }
 
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(values::proto_name(*self))
+    }
+}
+
+impl std::fmt::Display for NetRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetRule::AllowHostPort { proto, port } => write!(f, "allow-host-port {proto}/{port}"),
+            NetRule::AllowLanHost { addr } => write!(f, "allow-lan-host {addr}"),
+            NetRule::ForwardPort {
+                proto,
+                guest_port,
+                target,
+                via_tunnel,
+            } => {
+                write!(f, "forward-port {proto}/{guest_port} {target}")?;
+                if *via_tunnel {
+                    f.write_str(" via-tunnel")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// SSH access to the guest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ssh {
+    /// Guest user (default [`DEFAULT_SSH_USER`]).
     pub user: String,
     /// Private key; default `~/.ssh/migrant` of the invoking user.
     pub key: Option<PathBuf>,
@@ -137,12 +269,98 @@ fn host_in(net: Ipv4Addr, host: u8) -> Ipv4Addr {
 /// Names of the Migrantfile, in the order they are looked for.
 pub const FILE_NAME: &str = "Migrantfile";
 
-/// Find and load the Migrantfile of the project folder `dir`.
-/// The format (TOML or the original bash-style) is detected from content.
-pub fn load(dir: &Path) -> Result<Config, ConfigError> {
-    parse::load(dir)
+/// The guest user when the Migrantfile names none: `migrant`, the user the
+/// original tool's cloud-init examples create.
+pub const DEFAULT_SSH_USER: &str = "migrant";
+
+/// Default guest subnet.
+pub const DEFAULT_SUBNET: &str = "10.0.2.0/24";
+
+impl Format {
+    /// Decide the syntax of a Migrantfile from its content.
+    ///
+    /// Blank lines and lines whose first non-blank character is `#` are
+    /// skipped. Of the others:
+    ///
+    /// * a *shell line* starts (after optional blanks and an optional
+    ///   `export `) with an upper-case variable name `[A-Z_][A-Z0-9_]*`
+    ///   immediately followed by `=` (`RAM_MB=4096`, `VM_NAME="x"`);
+    /// * a *TOML line* starts with `[` (a table header) or is a bare key
+    ///   followed by blanks and `=` (`cpus = 2`).
+    ///
+    /// The file is [`Format::Legacy`] if it has at least one shell line and
+    /// no TOML line, [`Format::Toml`] if it has no shell line. Having both
+    /// is an error naming one line of each, since guessing would give a
+    /// misleading message. (All native keys are lower case, so a shell
+    /// line can never be valid native TOML.)
+    pub fn detect(text: &str) -> Result<Format, (usize, usize)> {
+        let mut shell_line = None;
+        let mut toml_line = None;
+        for (i, line) in text.lines().enumerate() {
+            let t = line.trim_start();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            if shell_line.is_none() && is_shell_line(t) {
+                shell_line = Some(i + 1);
+            } else if toml_line.is_none() && is_toml_line(t) {
+                toml_line = Some(i + 1);
+            }
+        }
+        match (shell_line, toml_line) {
+            (Some(s), Some(t)) => Err((s, t)),
+            (Some(_), None) => Ok(Format::Legacy),
+            (None, _) => Ok(Format::Toml),
+        }
+    }
 }
 
-mod parse;
-pub const INIT_MIGRANTFILE: &str = "";
-pub const INIT_CLOUD_INIT: &str = "";
+fn is_shell_line(t: &str) -> bool {
+    let t = match t.strip_prefix("export") {
+        Some(rest) if rest.starts_with([' ', '\t']) => rest.trim_start(),
+        _ => t,
+    };
+    let name_len = t
+        .bytes()
+        .take_while(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_')
+        .count();
+    name_len > 0
+        && !t.as_bytes()[0].is_ascii_digit()
+        && t.as_bytes().get(name_len) == Some(&b'=')
+}
+
+fn is_toml_line(t: &str) -> bool {
+    if t.starts_with('[') {
+        return true;
+    }
+    let key_len = t
+        .bytes()
+        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        .count();
+    key_len > 0 && {
+        let rest = &t[key_len..];
+        rest.starts_with([' ', '\t']) && rest.trim_start().starts_with('=')
+    }
+}
+
+/// Home folder of the user who invoked migrant: when running under sudo
+/// (`SUDO_USER` set), that user's home from the password database;
+/// otherwise `$HOME`. `None` if neither is known.
+pub fn invoking_user_home() -> Option<PathBuf> {
+    if let Some(user) = std::env::var_os("SUDO_USER").filter(|u| !u.is_empty())
+        && let Some(user) = user.to_str()
+        && let Ok(Some(entry)) = nix::unistd::User::from_name(user)
+    {
+        return Some(entry.dir);
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Find and load the Migrantfile of the project folder `dir`.
+/// The format (TOML or the original bash style) is detected from content
+/// (see [`Format::detect`]).
+pub fn load(dir: &Path) -> Result<Config, ConfigError> {
+    parse::load(dir, invoking_user_home())
+}

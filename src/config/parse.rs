@@ -1,8 +1,612 @@
-use super::{Config, ConfigError};
-use std::path::Path;
+//! Loading: find and read the Migrantfile, pick the reader, then turn the
+//! reader's [`Draft`] into a validated [`Config`]. Checks that do not
+//! depend on the syntax (ranges, paths, cross-field rules) live here so
+//! both formats get the same ones.
 
-pub(super) fn load(dir: &Path) -> Result<Config, ConfigError> {
-    Err(ConfigError::NotFound {
-        dir: dir.to_path_buf(),
+use super::values::{self, ImageRef, GIB, MIB};
+use super::{
+    Accel, Autoconnect, Config, ConfigError, Egress, Firmware, Format, NetRule, Network, Share,
+    Ssh, DEFAULT_SSH_USER, DEFAULT_SUBNET, FILE_NAME,
+};
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::path::{Component, Path, PathBuf};
+
+/// Smallest guest RAM accepted.
+const MIN_MEMORY: u64 = 128 * MIB;
+/// Smallest disk and share size accepted.
+const MIN_DISK: u64 = GIB;
+const DEFAULT_MEMORY: u64 = 2 * GIB;
+const DEFAULT_DISK: u64 = 20 * GIB;
+const DEFAULT_SHARE_SIZE: u64 = 10 * GIB;
+const DEFAULT_CPUS: i64 = 2;
+const MAX_CPUS: i64 = 256;
+const DEFAULT_HALT_TIMEOUT: i64 = 60;
+const MAX_HALT_TIMEOUT: i64 = 3600;
+
+/// A value read from the file, with where it was read: the line (1-based,
+/// 0 when unknown) and the field as the file spells it.
+#[derive(Debug, Clone)]
+pub(super) struct At<T> {
+    pub value: T,
+    pub line: usize,
+    pub field: String,
+}
+
+impl<T> At<T> {
+    pub fn new(value: T, line: usize, field: impl Into<String>) -> Self {
+        At {
+            value,
+            line,
+            field: field.into(),
+        }
+    }
+}
+
+/// One shared folder as read, before path resolution and checks.
+#[derive(Debug, Clone)]
+pub(super) struct DraftShare {
+    /// Where the share is declared (its first line; `share[0]`,
+    /// `SHARED_FOLDERS[0]`), for errors about the share as a whole.
+    pub at: At<()>,
+    pub host: At<String>,
+    pub tag: Option<At<String>>,
+    pub guest: Option<At<String>>,
+    pub size: Option<At<u64>>,
+    pub isolation: bool,
+    /// How to name the isolation setting in messages.
+    pub isolation_field: String,
+}
+
+/// What a reader extracted, typed but not yet validated. `None` means
+/// "not set, use the default".
+#[derive(Debug, Clone)]
+pub(super) struct Draft {
+    pub format: Format,
+    pub name: Option<At<String>>,
+    pub image: Option<At<String>>,
+    pub cpus: Option<At<i64>>,
+    pub memory: Option<At<u64>>,
+    pub disk: Option<At<u64>>,
+    pub firmware: Firmware,
+    pub accel: Accel,
+    pub halt_timeout: Option<At<i64>>,
+    pub shares: Vec<DraftShare>,
+    /// Size of shares that give none (legacy `SHARED_FOLDER_SIZE_GB`).
+    pub share_default_size: Option<At<u64>>,
+    pub egress: Egress,
+    pub subnet: Option<At<String>>,
+    pub rules: Vec<At<String>>,
+    pub allow_domains: Vec<At<String>>,
+    pub wireguard: Option<At<String>>,
+    pub ipv6: Option<At<bool>>,
+    pub legacy_networks: Vec<String>,
+    pub ssh_user: Option<At<String>>,
+    pub ssh_key: Option<At<String>>,
+    pub autoconnect: Autoconnect,
+    pub tunnel_ports: Vec<At<i64>>,
+    pub wait_cloud_init: bool,
+    pub warnings: Vec<String>,
+}
+
+impl Draft {
+    pub fn new(format: Format) -> Self {
+        Draft {
+            format,
+            name: None,
+            image: None,
+            cpus: None,
+            memory: None,
+            disk: None,
+            firmware: Firmware::Bios,
+            accel: Accel::Auto,
+            halt_timeout: None,
+            shares: Vec::new(),
+            share_default_size: None,
+            egress: Egress::Direct,
+            subnet: None,
+            rules: Vec::new(),
+            allow_domains: Vec::new(),
+            wireguard: None,
+            ipv6: None,
+            legacy_networks: Vec::new(),
+            ssh_user: None,
+            ssh_key: None,
+            autoconnect: Autoconnect::None,
+            tunnel_ports: Vec::new(),
+            wait_cloud_init: true,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// The name of a setting in this draft's format.
+    fn key(&self, toml: &'static str, legacy: &'static str) -> &'static str {
+        match self.format {
+            Format::Toml => toml,
+            Format::Legacy => legacy,
+        }
+    }
+}
+
+/// Where the file is and how `~` expands: everything a reader needs to
+/// report errors and resolve paths.
+#[derive(Debug, Clone)]
+pub(super) struct Ctx {
+    /// The Migrantfile (absolute).
+    pub file: PathBuf,
+    /// Its folder (absolute).
+    pub dir: PathBuf,
+    /// Home of the invoking user, for `~/`.
+    pub home: Option<PathBuf>,
+}
+
+impl Ctx {
+    pub fn new(dir: &Path, home: Option<PathBuf>) -> Self {
+        let dir = std::path::absolute(dir)
+            .map(|d| normalize(&d))
+            .unwrap_or_else(|_| dir.to_path_buf());
+        Ctx {
+            file: dir.join(FILE_NAME),
+            dir,
+            home,
+        }
+    }
+
+    /// An [`ConfigError::Invalid`] about this file.
+    pub fn err(&self, line: usize, field: impl Display, message: impl Display) -> ConfigError {
+        ConfigError::invalid(&self.file, line, field, message)
+    }
+
+    /// An error at a value's place.
+    pub fn err_at<T>(&self, at: &At<T>, message: impl Display) -> ConfigError {
+        self.err(at.line, &at.field, message)
+    }
+
+    /// Resolve a path from the file: `~` and `~/...` against the invoking
+    /// user's home, relative paths against the project folder; `.` and
+    /// `..` are folded lexically (symlinks are left alone).
+    pub fn resolve(&self, at: &At<String>) -> Result<PathBuf, ConfigError> {
+        let text = at.value.as_str();
+        if text.is_empty() {
+            return Err(self.err_at(at, "the path is empty"));
+        }
+        if text.contains('\0') {
+            return Err(self.err_at(at, "the path contains a NUL character"));
+        }
+        let path = if text == "~" || text.starts_with("~/") {
+            let Some(home) = &self.home else {
+                return Err(self.err_at(
+                    at,
+                    format!("cannot expand {text:?}: the invoking user's home is unknown (HOME is not set)"),
+                ));
+            };
+            home.join(text.trim_start_matches('~').trim_start_matches('/'))
+        } else if text.starts_with('~') {
+            return Err(self.err_at(
+                at,
+                format!("{text:?}: only \"~/\" (your own home) is supported, not \"~user\""),
+            ));
+        } else {
+            self.dir.join(text)
+        };
+        Ok(normalize(&path))
+    }
+}
+
+/// Fold `.` and `..` components without touching the file system.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push(c);
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// `path` with symlinks resolved as far as it exists.
+fn real_path(path: &Path) -> PathBuf {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            let mut out = real;
+            out.extend(rest.iter().rev());
+            return out;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// Read the Migrantfile of `dir` and validate it.
+pub(super) fn load(dir: &Path, home: Option<PathBuf>) -> Result<Config, ConfigError> {
+    let ctx = Ctx::new(dir, home);
+    let text = match std::fs::read_to_string(&ctx.file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ConfigError::NotFound { dir: ctx.dir });
+        }
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: ctx.file,
+                source,
+            });
+        }
+    };
+    parse_text(&text, &ctx)
+}
+
+/// Detect the format of `text` (the content of `ctx.file`) and read it.
+pub(super) fn parse_text(text: &str, ctx: &Ctx) -> Result<Config, ConfigError> {
+    let draft = match Format::detect(text) {
+        Ok(Format::Toml) => super::toml_file::read(text, ctx)?,
+        Ok(Format::Legacy) => super::legacy::read(text, ctx)?,
+        Err((shell, toml)) => {
+            return Err(ctx.err(
+                shell.max(toml),
+                "format",
+                format!(
+                    "the file mixes shell-style assignments (line {shell}) with TOML syntax (line {toml}); \
+                     write it either in TOML or as the original tool's NAME=value lines"
+                ),
+            ));
+        }
+    };
+    finish(draft, ctx)
+}
+
+/// Checks common to both formats; fill in defaults.
+fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
+    // --- identity and resources ---
+    let name = match &d.name {
+        Some(at) => {
+            values::check_name(&at.value).map_err(|e| ctx.err_at(at, e))?;
+            at.value.clone()
+        }
+        None => values::sanitize_name(
+            &ctx.dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ),
+    };
+
+    let image_key = d.key("image", "IMAGE_URL");
+    let Some(image_at) = &d.image else {
+        return Err(ctx.err(
+            0,
+            image_key,
+            "missing: set the base image (a URL, a local .qcow2 file, or an image name)",
+        ));
+    };
+    let image = resolve_image(image_at, ctx)?;
+
+    let cpus = match &d.cpus {
+        Some(at) if !(1..=MAX_CPUS).contains(&at.value) => {
+            return Err(ctx.err_at(at, format!("{} CPUs: must be from 1 to {MAX_CPUS}", at.value)));
+        }
+        Some(at) => at.value,
+        None => DEFAULT_CPUS,
+    };
+    let cpus = u32::try_from(cpus).unwrap_or(2);
+
+    let memory = min_size(&d.memory, DEFAULT_MEMORY, MIN_MEMORY, ctx)?;
+    let disk = min_size(&d.disk, DEFAULT_DISK, MIN_DISK, ctx)?;
+
+    let halt_timeout = match &d.halt_timeout {
+        Some(at) if !(1..=MAX_HALT_TIMEOUT).contains(&at.value) => {
+            return Err(ctx.err_at(
+                at,
+                format!("{}: must be from 1 to {MAX_HALT_TIMEOUT} seconds", at.value),
+            ));
+        }
+        Some(at) => at.value,
+        None => DEFAULT_HALT_TIMEOUT,
+    };
+    let halt_timeout = u64::try_from(halt_timeout).unwrap_or(60);
+
+    // --- network ---
+    let (subnet, prefix) = match &d.subnet {
+        Some(at) => values::parse_subnet(&at.value).map_err(|e| ctx.err_at(at, e))?,
+        None => values::parse_subnet(DEFAULT_SUBNET)
+            .map_err(|e| ctx.err(0, "subnet", e))?,
+    };
+
+    let wireguard = match &d.wireguard {
+        Some(at) => {
+            let path = ctx.resolve(at)?;
+            if !path.is_file() {
+                return Err(ctx.err_at(
+                    at,
+                    format!("{} does not exist or is not a file", path.display()),
+                ));
+            }
+            Some(path)
+        }
+        None => {
+            let beside = ctx.dir.join("wireguard.conf");
+            beside.is_file().then_some(beside)
+        }
+    };
+
+    let ipv6 = d.ipv6.as_ref().is_some_and(|at| at.value);
+    if let (Some(at), Some(wg)) = (&d.ipv6, &wireguard)
+        && at.value
+    {
+        return Err(ctx.err_at(
+            at,
+            format!(
+                "IPv6 egress cannot be combined with WireGuard ({}): IPv6 would bypass the tunnel",
+                wg.display()
+            ),
+        ));
+    }
+
+    let mut rules: Vec<NetRule> = Vec::new();
+    let mut claimed: HashMap<(super::Proto, u16), &At<String>> = HashMap::new();
+    for at in &d.rules {
+        let rule = values::parse_rule(&at.value).map_err(|e| ctx.err_at(at, e))?;
+        let inside = |addr| values::in_subnet(addr, subnet, prefix);
+        match &rule {
+            NetRule::AllowLanHost { addr } if inside(*addr) => {
+                return Err(ctx.err_at(
+                    at,
+                    format!("invalid rule {:?}: {addr} is inside the guest's own subnet {subnet}/{prefix}", at.value),
+                ));
+            }
+            NetRule::ForwardPort { target, via_tunnel, .. } => {
+                if inside(*target.ip()) {
+                    return Err(ctx.err_at(
+                        at,
+                        format!(
+                            "invalid rule {:?}: {} is inside the guest's own subnet {subnet}/{prefix}",
+                            at.value,
+                            target.ip()
+                        ),
+                    ));
+                }
+                if *via_tunnel && wireguard.is_none() {
+                    return Err(ctx.err_at(
+                        at,
+                        format!(
+                            "invalid rule {:?}: via-tunnel needs a WireGuard config: {}",
+                            at.value,
+                            d.key(
+                                "set network.wireguard or put a wireguard.conf beside the Migrantfile",
+                                "put a wireguard.conf beside the Migrantfile",
+                            ),
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if let Some(endpoint) = values::rule_guest_port(&rule) {
+            if let Some(first) = claimed.get(&endpoint) {
+                return Err(ctx.err_at(
+                    at,
+                    format!(
+                        "rule {:?} claims guest port {}/{} already claimed by {:?} (line {}); one rule per port",
+                        at.value, endpoint.0, endpoint.1, first.value, first.line
+                    ),
+                ));
+            }
+            claimed.insert(endpoint, at);
+        }
+        rules.push(rule);
+    }
+
+    let mut allow_domains = Vec::new();
+    for at in &d.allow_domains {
+        let domain = values::check_domain(&at.value).map_err(|e| ctx.err_at(at, e))?;
+        if !allow_domains.contains(&domain) {
+            allow_domains.push(domain);
+        }
+    }
+
+    // --- shares ---
+    let default_share_size = match &d.share_default_size {
+        Some(at) if at.value < MIN_DISK => {
+            return Err(ctx.err_at(at, format!("{}: must be at least 1G", values::fmt_size(at.value))));
+        }
+        Some(at) => at.value,
+        None => DEFAULT_SHARE_SIZE,
+    };
+    let project_real = real_path(&ctx.dir);
+    let mut shares: Vec<Share> = Vec::new();
+    let mut tags: HashMap<String, usize> = HashMap::new();
+    for s in &d.shares {
+        let host = ctx.resolve(&s.host)?;
+        let host_real = real_path(&host);
+        if project_real.starts_with(&host_real) {
+            return Err(ctx.err_at(
+                &s.host,
+                format!(
+                    "{} is the project folder or contains it: the guest could rewrite the Migrantfile \
+                     and the files beside it; share a subfolder instead",
+                    host.display()
+                ),
+            ));
+        }
+        let tag = match &s.tag {
+            Some(at) => {
+                values::check_tag(&at.value).map_err(|e| ctx.err_at(at, e))?;
+                at.value.clone()
+            }
+            None => {
+                let base = host
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                values::check_tag(&base).map_err(|e| {
+                    ctx.err(
+                        s.host.line,
+                        format!("{}.tag", s.at.field),
+                        format!("no tag given and the folder name does not make one: {e}; set the tag"),
+                    )
+                })?;
+                base
+            }
+        };
+        if let Some(first_line) = tags.get(&tag) {
+            return Err(ctx.err(
+                s.tag.as_ref().map_or(s.at.line, |t| t.line),
+                s.tag.as_ref().map_or_else(|| format!("{}.tag", s.at.field), |t| t.field.clone()),
+                format!("duplicate tag {tag:?}: already used by the share on line {first_line}"),
+            ));
+        }
+        tags.insert(tag.clone(), s.at.line);
+        let guest = match &s.guest {
+            Some(at) => {
+                check_guest_path(&at.value).map_err(|e| ctx.err_at(at, e))?;
+                Some(at.value.clone())
+            }
+            None => None,
+        };
+        let size = match (&s.size, s.isolation) {
+            (Some(at), false) => {
+                return Err(ctx.err_at(
+                    at,
+                    format!(
+                        "a size limit only applies to isolated shares, and {} is false: remove the size or enable isolation",
+                        s.isolation_field
+                    ),
+                ));
+            }
+            (Some(at), true) if at.value < MIN_DISK => {
+                return Err(ctx.err_at(at, format!("{}: must be at least 1G", values::fmt_size(at.value))));
+            }
+            (Some(at), true) => at.value,
+            (None, true) => default_share_size,
+            (None, false) => 0,
+        };
+        shares.push(Share {
+            host,
+            tag,
+            guest,
+            size,
+            isolation: s.isolation,
+        });
+    }
+
+    // --- ssh, tunnel ---
+    let user = match &d.ssh_user {
+        Some(at) => {
+            values::check_user(&at.value).map_err(|e| ctx.err_at(at, e))?;
+            at.value.clone()
+        }
+        None => DEFAULT_SSH_USER.to_string(),
+    };
+    let key = d.ssh_key.as_ref().map(|at| ctx.resolve(at)).transpose()?;
+
+    let mut tunnel_ports: Vec<u16> = Vec::new();
+    for at in &d.tunnel_ports {
+        let port = u16::try_from(at.value)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| ctx.err_at(at, format!("port {} should be from 1 to 65535", at.value)))?;
+        if tunnel_ports.contains(&port) {
+            return Err(ctx.err_at(at, format!("port {port} is listed twice")));
+        }
+        tunnel_ports.push(port);
+    }
+
+    Ok(Config {
+        file: ctx.file.clone(),
+        dir: ctx.dir.clone(),
+        name,
+        image,
+        cpus,
+        memory,
+        disk,
+        firmware: d.firmware,
+        accel: d.accel,
+        shares,
+        network: Network {
+            egress: d.egress,
+            subnet,
+            prefix,
+            rules,
+            allow_domains,
+            wireguard,
+            ipv6,
+            legacy_networks: std::mem::take(&mut d.legacy_networks),
+        },
+        ssh: Ssh { user, key },
+        autoconnect: d.autoconnect,
+        tunnel_ports,
+        wait_cloud_init: d.wait_cloud_init,
+        halt_timeout,
+        format: d.format,
+        warnings: std::mem::take(&mut d.warnings),
     })
+}
+
+fn min_size(v: &Option<At<u64>>, default: u64, min: u64, ctx: &Ctx) -> Result<u64, ConfigError> {
+    match v {
+        Some(at) if at.value < min => Err(ctx.err_at(
+            at,
+            format!(
+                "{} is too small: at least {}",
+                values::fmt_size(at.value),
+                values::fmt_size(min)
+            ),
+        )),
+        Some(at) => Ok(at.value),
+        None => Ok(default),
+    }
+}
+
+/// Local image paths become absolute; URLs and aliases stay as written.
+fn resolve_image(at: &At<String>, ctx: &Ctx) -> Result<String, ConfigError> {
+    let text = at.value.trim();
+    if text.is_empty() {
+        return Err(ctx.err_at(at, "the image is empty"));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(ctx.err_at(at, "the image contains control characters"));
+    }
+    let path_string = |p: PathBuf| {
+        p.into_os_string()
+            .into_string()
+            .map_err(|_| ctx.err_at(at, "the resolved path is not valid UTF-8"))
+    };
+    match values::classify_image(text) {
+        ImageRef::Url | ImageRef::Alias => Ok(text.to_string()),
+        ImageRef::Path(p) => path_string(ctx.resolve(&At::new(p.to_string(), at.line, &at.field))?),
+        ImageRef::FileUrl(p) => {
+            let resolved = ctx.resolve(&At::new(p.to_string(), at.line, &at.field))?;
+            Ok(format!("file://{}", path_string(resolved)?))
+        }
+    }
+}
+
+/// A guest mount point: absolute, not `/`, no `..`, no blanks or control
+/// characters (it may end up in the guest's fstab).
+fn check_guest_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("guest path {path:?} must be absolute"));
+    }
+    if path.trim_end_matches('/').is_empty() {
+        return Err("the guest path cannot be \"/\"".to_string());
+    }
+    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("guest path {path:?} must not contain blanks or control characters"));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(format!("guest path {path:?} must not contain \"..\""));
+    }
+    Ok(())
 }
