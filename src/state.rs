@@ -268,7 +268,11 @@ pub struct VmLock {
 impl VmLock {
     /// Take the lock without waiting; a held lock is [`StateError::Locked`].
     pub fn try_acquire(vm: &VmPaths) -> Result<VmLock, StateError> {
-        ensure_dir(&vm.state, 0o750)?;
+        if !vm.state.exists() {
+            // Traverse-only for others: QEMU, unprivileged, opens the files
+            // it owns in here by name; it cannot list the folder.
+            ensure_dir(&vm.state, 0o711)?;
+        }
         let path = vm.lock();
         let file = OpenOptions::new()
             .read(true)

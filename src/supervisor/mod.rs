@@ -177,6 +177,8 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     let rec =
         Record::load(&vm.record())?.ok_or_else(|| SupervisorError::NoRecord(vm.name.clone()))?;
     state::ensure_dir(&vm.run, 0o700)?;
+    // QEMU runs unprivileged and opens its files here by name.
+    state::ensure_dir(&vm.state, 0o711)?;
 
     let ns = Arc::new(NetNs::create()?);
     let gateway = cfg.gateway_ip();
@@ -314,10 +316,14 @@ async fn supervise(
 
     qmp_ours.set_nonblocking(true).map_err(io("QMP socket"))?;
     let stream = tokio::net::UnixStream::from_std(qmp_ours).map_err(io("QMP socket"))?;
-    let (qmp, mut events) = tokio::select! {
-        r = Qmp::open(stream) => r?,
-        status = child.wait() => {
-            return Err(qemu_exited(status.ok(), &qemu_log));
+    let (qmp, mut events) = match Qmp::open(stream).await {
+        Ok(q) => q,
+        Err(e) => {
+            // QEMU closing the monitor usually means it exited: say why.
+            if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+                return Err(qemu_exited(Some(status), &qemu_log));
+            }
+            return Err(e.into());
         }
     };
 
