@@ -24,6 +24,8 @@ mod error;
 mod init;
 mod legacy;
 mod parse;
+#[cfg(test)]
+mod tests;
 mod toml_file;
 mod values;
 
@@ -324,9 +326,7 @@ fn is_shell_line(t: &str) -> bool {
         .bytes()
         .take_while(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_')
         .count();
-    name_len > 0
-        && !t.as_bytes()[0].is_ascii_digit()
-        && t.as_bytes().get(name_len) == Some(&b'=')
+    name_len > 0 && !t.as_bytes()[0].is_ascii_digit() && t.as_bytes().get(name_len) == Some(&b'=')
 }
 
 fn is_toml_line(t: &str) -> bool {
