@@ -27,7 +27,7 @@
 //!
 //! | variable                  | setting                                            |
 //! |---------------------------|----------------------------------------------------|
-//! | `VM_NAME`                 | `name`                                             |
+//! | `VM_NAME`                 | `name` (default: the folder name, as in TOML)      |
 //! | `RAM_MB`                  | `memory`, in MiB                                   |
 //! | `VCPUS`                   | `cpus`                                             |
 //! | `DISK_GB`                 | `disk`, in GiB                                     |
@@ -45,6 +45,13 @@
 //! | `SSH_KEY_PATH`            | `ssh.key` (`~/` allowed, empty means default)      |
 //! | `CLOUD_INIT_WAIT`         | `wait_cloud_init` (`true`/`false`)                 |
 //! | `OS_VARIANT`              | ignored                                            |
+//!
+//! Paths follow the native rules: relative to the Migrantfile's folder,
+//! and a leading `~/` means the invoking user's home even when quoted
+//! (the original left a quoted `~` alone). The original insisted on
+//! `VM_NAME`, `RAM_MB`, `VCPUS`, `DISK_GB`, `IMAGE_URL` and `OS_VARIANT`;
+//! here only `IMAGE_URL` is required and the rest take the native
+//! defaults.
 //!
 //! Booleans are `true` or `false` exactly (an empty value means the
 //! default); the original's loose tests (`!= false`, `== true`) are not
@@ -438,7 +445,7 @@ impl<'a> Lexer<'a> {
                         format!("unexpected '{c}': quote values containing parentheses"),
                     ));
                 }
-                '`' => return Err(self.command_substitution()),
+                '`' => return Err(self.command_substitution(name)),
                 '*' | '?' | '[' | ']' | '{' | '}' if place == Place::Array => {
                     return Err(self.err(
                         self.line,
@@ -523,7 +530,7 @@ impl<'a> Lexer<'a> {
                     None => break,
                 },
                 Some('$') => self.dollar(text, name, true)?,
-                Some('`') => return Err(self.command_substitution()),
+                Some('`') => return Err(self.command_substitution(name)),
                 Some(c) => text.push(c),
                 None => break,
             }
@@ -535,10 +542,10 @@ impl<'a> Lexer<'a> {
         ))
     }
 
-    fn command_substitution(&self) -> ConfigError {
+    fn command_substitution(&self, name: &str) -> ConfigError {
         self.err(
             self.line,
-            "syntax",
+            name,
             format!("command substitution (`...` or $(...)) is not supported; {DATA_NOTE}"),
         )
     }
@@ -563,11 +570,11 @@ impl<'a> Lexer<'a> {
                 if self.peek_at(1) == Some('(') {
                     return Err(self.err(
                         line,
-                        "syntax",
+                        name,
                         format!("arithmetic expansion $((...)) is not supported; {DATA_NOTE}"),
                     ));
                 }
-                return Err(self.command_substitution());
+                return Err(self.command_substitution(name));
             }
             Some('{') => {
                 self.bump();

@@ -250,6 +250,7 @@ pub(super) fn load(dir: &Path, home: Option<PathBuf>) -> Result<Config, ConfigEr
 
 /// Detect the format of `text` (the content of `ctx.file`) and read it.
 pub(super) fn parse_text(text: &str, ctx: &Ctx) -> Result<Config, ConfigError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let draft = match Format::detect(text) {
         Ok(Format::Toml) => super::toml_file::read(text, ctx)?,
         Ok(Format::Legacy) => super::legacy::read(text, ctx)?,

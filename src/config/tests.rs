@@ -425,7 +425,7 @@ fn legacy_tunnel_fixture() {
 fn legacy_nixos_fixture_is_refused_at_the_substitution() {
     let dir = fixture("legacy-nixos");
     let text = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap_or_else(|e| panic!("{e}"));
-    bad_in(&dir, &text, 10, "syntax", "command substitution");
+    bad_in(&dir, &text, 10, "IMAGE_URL", "command substitution");
 }
 
 #[test]
@@ -952,31 +952,31 @@ fn legacy_substitutions_are_refused() {
     bad(
         &format!("{L}VM_NAME=$(whoami)\n"),
         3,
-        "syntax",
+        "VM_NAME",
         "command substitution",
     );
     bad(
         &format!("{L}VM_NAME=\"x-$(whoami)\"\n"),
         3,
-        "syntax",
+        "VM_NAME",
         "command substitution",
     );
     bad(
         &format!("{L}VM_NAME=`whoami`\n"),
         3,
-        "syntax",
+        "VM_NAME",
         "command substitution",
     );
     bad(
         &format!("{L}VM_NAME=\"`id -u`\"\n"),
         3,
-        "syntax",
+        "VM_NAME",
         "command substitution",
     );
     bad(
         &format!("{L}VCPUS=$((1+1))\n"),
         3,
-        "syntax",
+        "VCPUS",
         "arithmetic expansion",
     );
     bad(
@@ -1223,4 +1223,34 @@ fn missing_and_unreadable_files() {
     assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
     assert_eq!(err.exit_code(), 78);
     assert!(err.to_string().contains(FILE_NAME), "{err}");
+}
+
+#[test]
+fn invoking_home() {
+    use std::ffi::OsString;
+    let os = |s: &str| Some(OsString::from(s));
+    assert_eq!(
+        home_from(None, os("/home/me")),
+        Some(PathBuf::from("/home/me"))
+    );
+    assert_eq!(
+        home_from(os(""), os("/home/me")),
+        Some(PathBuf::from("/home/me"))
+    );
+    assert_eq!(home_from(None, None), None);
+    assert_eq!(home_from(None, os("")), None);
+    // Under sudo the invoking user's passwd entry wins over HOME.
+    if let Ok(Some(root)) = nix::unistd::User::from_name("root") {
+        assert_eq!(home_from(os("root"), os("/elsewhere")), Some(root.dir));
+    }
+    assert_eq!(
+        home_from(os("no-such-user-for-migrant-tests"), os("/home/me")),
+        Some(PathBuf::from("/home/me"))
+    );
+}
+
+#[test]
+fn byte_order_mark_is_ignored() {
+    let (_d, c) = good("\u{feff}VM_NAME=bom\nIMAGE_URL=debian-12\n");
+    assert_eq!((c.name.as_str(), c.format), ("bom", Format::Legacy));
 }
