@@ -27,7 +27,7 @@
 //!
 //! | variable                  | setting                                            |
 //! |---------------------------|----------------------------------------------------|
-//! | `VM_NAME`                 | `name`                                             |
+//! | `VM_NAME`                 | `name` (default: the folder name, as in TOML)      |
 //! | `RAM_MB`                  | `memory`, in MiB                                   |
 //! | `VCPUS`                   | `cpus`                                             |
 //! | `DISK_GB`                 | `disk`, in GiB                                     |
@@ -45,6 +45,13 @@
 //! | `SSH_KEY_PATH`            | `ssh.key` (`~/` allowed, empty means default)      |
 //! | `CLOUD_INIT_WAIT`         | `wait_cloud_init` (`true`/`false`)                 |
 //! | `OS_VARIANT`              | ignored                                            |
+//!
+//! Paths follow the native rules: relative to the Migrantfile's folder,
+//! and a leading `~/` means the invoking user's home even when quoted
+//! (the original left a quoted `~` alone). The original insisted on
+//! `VM_NAME`, `RAM_MB`, `VCPUS`, `DISK_GB`, `IMAGE_URL` and `OS_VARIANT`;
+//! here only `IMAGE_URL` is required and the rest take the native
+//! defaults.
 //!
 //! Booleans are `true` or `false` exactly (an empty value means the
 //! default); the original's loose tests (`!= false`, `== true`) are not
@@ -84,8 +91,8 @@ const KNOWN: [&str; 18] = [
 /// message when one is found.
 const SHELL_WORDS: [&str; 30] = [
     "if", "then", "else", "elif", "fi", "for", "while", "until", "do", "done", "case", "esac",
-    "function", "select", "source", ".", "eval", "exec", "declare", "typeset", "local",
-    "readonly", "unset", "set", "shopt", "alias", "echo", "printf", "[[", "[",
+    "function", "select", "source", ".", "eval", "exec", "declare", "typeset", "local", "readonly",
+    "unset", "set", "shopt", "alias", "echo", "printf", "[[", "[",
 ];
 
 /// One word of a value, with the line it starts on.
@@ -108,7 +115,8 @@ struct Assignment {
     value: Value,
 }
 
-const DATA_NOTE: &str = "the Migrantfile is read as data, not run: only NAME=value assignments are allowed";
+const DATA_NOTE: &str =
+    "the Migrantfile is read as data, not run: only NAME=value assignments are allowed";
 
 /// Read an original-style Migrantfile into a draft.
 pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
@@ -298,11 +306,7 @@ impl<'a> Lexer<'a> {
             }
             self.chars.get(i) == Some(&'=')
         } {
-            return self.err(
-                line,
-                name,
-                "no blanks are allowed around '=' in NAME=value",
-            );
+            return self.err(line, name, "no blanks are allowed around '=' in NAME=value");
         }
         if SHELL_WORDS.contains(&first_word.as_str()) {
             return self.err(
@@ -314,7 +318,7 @@ impl<'a> Lexer<'a> {
         self.err(
             line,
             "syntax",
-            format!("{text:?} is a command, which is not run; {DATA_NOTE}"),
+            format!("{text:?} is a command; {DATA_NOTE}"),
         )
     }
 
@@ -360,7 +364,9 @@ impl<'a> Lexer<'a> {
                     return Err(self.err(
                         open_line,
                         name,
-                        format!("unterminated array: the '(' on line {open_line} has no matching ')'"),
+                        format!(
+                            "unterminated array: the '(' on line {open_line} has no matching ')'"
+                        ),
                     ));
                 }
                 Some(')') => {
@@ -439,7 +445,7 @@ impl<'a> Lexer<'a> {
                         format!("unexpected '{c}': quote values containing parentheses"),
                     ));
                 }
-                '`' => return Err(self.command_substitution()),
+                '`' => return Err(self.command_substitution(name)),
                 '*' | '?' | '[' | ']' | '{' | '}' if place == Place::Array => {
                     return Err(self.err(
                         self.line,
@@ -450,15 +456,23 @@ impl<'a> Lexer<'a> {
                     ));
                 }
                 '~' if !started
-                    && matches!(self.peek_at(1), None | Some('/' | ' ' | '\t' | '\r' | '\n' | ')')) =>
+                    && matches!(
+                        self.peek_at(1),
+                        None | Some('/' | ' ' | '\t' | '\r' | '\n' | ')')
+                    ) =>
                 {
                     self.bump();
                     text.push_str(&self.home(name)?);
                 }
+                '\\' if self.peek_at(1) == Some('\n') => {
+                    // Line continuation: removed, not part of the word.
+                    self.bump();
+                    self.bump();
+                    continue;
+                }
                 '\\' => {
                     self.bump();
                     match self.bump() {
-                        Some('\n') => {}
                         Some(escaped) => text.push(escaped),
                         None => {
                             return Err(self.err(self.line, name, "a backslash ends the file"));
@@ -516,7 +530,7 @@ impl<'a> Lexer<'a> {
                     None => break,
                 },
                 Some('$') => self.dollar(text, name, true)?,
-                Some('`') => return Err(self.command_substitution()),
+                Some('`') => return Err(self.command_substitution(name)),
                 Some(c) => text.push(c),
                 None => break,
             }
@@ -528,10 +542,10 @@ impl<'a> Lexer<'a> {
         ))
     }
 
-    fn command_substitution(&self) -> ConfigError {
+    fn command_substitution(&self, name: &str) -> ConfigError {
         self.err(
             self.line,
-            "syntax",
+            name,
             format!("command substitution (`...` or $(...)) is not supported; {DATA_NOTE}"),
         )
     }
@@ -556,11 +570,11 @@ impl<'a> Lexer<'a> {
                 if self.peek_at(1) == Some('(') {
                     return Err(self.err(
                         line,
-                        "syntax",
+                        name,
                         format!("arithmetic expansion $((...)) is not supported; {DATA_NOTE}"),
                     ));
                 }
-                return Err(self.command_substitution());
+                return Err(self.command_substitution(name));
             }
             Some('{') => {
                 self.bump();
@@ -574,11 +588,9 @@ impl<'a> Lexer<'a> {
                         Some(c) => inner.push(c),
                     }
                 }
-                let is_name = inner
-                    .chars()
-                    .enumerate()
-                    .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
-                    && !inner.is_empty();
+                let is_name = inner.chars().enumerate().all(|(i, c)| {
+                    c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit())
+                }) && !inner.is_empty();
                 if !is_name {
                     return Err(self.err(
                         line,
@@ -643,11 +655,7 @@ impl Vars {
                 value: Value::Scalar(w),
                 ..
             }) => Ok(Some(At::new(w.text.clone(), w.line, name))),
-            Some(a) => Err(ctx.err(
-                a.line,
-                name,
-                "expects a single value, not an array (...)",
-            )),
+            Some(a) => Err(ctx.err(a.line, name, "expects a single value, not an array (...)")),
         }
     }
 
@@ -692,13 +700,22 @@ impl Vars {
             return Ok(None);
         };
         let n = values::parse_decimal(&at.value).ok_or_else(|| {
-            ctx.err_at(&at, format!("{:?} should be a whole number of {unit}", at.value))
+            ctx.err_at(
+                &at,
+                format!("{:?} should be a whole number of {unit}", at.value),
+            )
         })?;
         Ok(Some(At::new(n, at.line, name)))
     }
 
     /// A whole number of `factor`-byte units, as bytes.
-    fn bytes(&self, name: &str, unit: &str, factor: u64, ctx: &Ctx) -> Result<Option<At<u64>>, ConfigError> {
+    fn bytes(
+        &self,
+        name: &str,
+        unit: &str,
+        factor: u64,
+        ctx: &Ctx,
+    ) -> Result<Option<At<u64>>, ConfigError> {
         let Some(at) = self.number(name, unit, ctx)? else {
             return Ok(None);
         };
@@ -736,9 +753,13 @@ fn apply(assignments: Vec<Assignment>, ctx: &Ctx) -> Result<Draft, ConfigError> 
     d.image = vars.scalar("IMAGE_URL", ctx)?;
     d.memory = vars.bytes("RAM_MB", "megabytes (MiB)", MIB, ctx)?;
     d.disk = vars.bytes("DISK_GB", "gigabytes (GiB)", GIB, ctx)?;
-    d.cpus = vars
-        .number("VCPUS", "CPUs", ctx)?
-        .map(|at| At::new(i64::try_from(at.value).unwrap_or(i64::MAX), at.line, at.field));
+    d.cpus = vars.number("VCPUS", "CPUs", ctx)?.map(|at| {
+        At::new(
+            i64::try_from(at.value).unwrap_or(i64::MAX),
+            at.line,
+            at.field,
+        )
+    });
     d.share_default_size = vars.bytes("SHARED_FOLDER_SIZE_GB", "gigabytes (GiB)", GIB, ctx)?;
 
     let isolation = vars.boolean("SHARED_FOLDER_ISOLATION", true, ctx)?.value;
@@ -746,7 +767,11 @@ fn apply(assignments: Vec<Assignment>, ctx: &Ctx) -> Result<Draft, ConfigError> 
         d.shares.push(shared_folder(&entry, isolation, ctx)?);
     }
 
-    d.legacy_networks = vars.array("NETWORKS").into_iter().map(|at| at.value).collect();
+    d.legacy_networks = vars
+        .array("NETWORKS")
+        .into_iter()
+        .map(|at| at.value)
+        .collect();
     if let Some(a) = vars.get("NETWORKS")
         && d.legacy_networks != ["network=migrant"]
     {
@@ -804,18 +829,29 @@ fn apply(assignments: Vec<Assignment>, ctx: &Ctx) -> Result<Draft, ConfigError> 
     for at in vars.array("TUNNEL_PORTS") {
         let port = values::parse_decimal(&at.value)
             .and_then(|p| i64::try_from(p).ok())
-            .ok_or_else(|| ctx.err_at(&at, format!("port {:?} should be a number from 1 to 65535", at.value)))?;
+            .ok_or_else(|| {
+                ctx.err_at(
+                    &at,
+                    format!("port {:?} should be a number from 1 to 65535", at.value),
+                )
+            })?;
         d.tunnel_ports.push(At::new(port, at.line, at.field));
     }
 
-    d.ssh_key = vars.scalar("SSH_KEY_PATH", ctx)?.filter(|at| !at.value.is_empty());
+    d.ssh_key = vars
+        .scalar("SSH_KEY_PATH", ctx)?
+        .filter(|at| !at.value.is_empty());
     d.wait_cloud_init = vars.boolean("CLOUD_INIT_WAIT", true, ctx)?.value;
     Ok(d)
 }
 
 /// `"host:tag[:size_gb]"`. As in the original, an entry without `:` uses
 /// the same text for host and tag, and an empty size means "default".
-fn shared_folder(entry: &At<String>, isolation: bool, ctx: &Ctx) -> Result<DraftShare, ConfigError> {
+fn shared_folder(
+    entry: &At<String>,
+    isolation: bool,
+    ctx: &Ctx,
+) -> Result<DraftShare, ConfigError> {
     let text = entry.value.as_str();
     let (host, rest) = text.split_once(':').unwrap_or((text, text));
     let (tag, size) = match rest.split_once(':') {
@@ -840,7 +876,9 @@ fn shared_folder(entry: &At<String>, isolation: bool, ctx: &Ctx) -> Result<Draft
             let gb = values::parse_decimal(s)
                 .filter(|n| *n > 0)
                 .ok_or_else(|| bad("the size should be a whole number of gigabytes"))?;
-            let bytes = gb.checked_mul(GIB).ok_or_else(|| bad("the size is too large"))?;
+            let bytes = gb
+                .checked_mul(GIB)
+                .ok_or_else(|| bad("the size is too large"))?;
             Some(At::new(bytes, entry.line, &entry.field))
         }
     };

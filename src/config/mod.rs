@@ -24,6 +24,8 @@ mod error;
 mod init;
 mod legacy;
 mod parse;
+#[cfg(test)]
+mod tests;
 mod toml_file;
 mod values;
 
@@ -43,9 +45,12 @@ pub struct Config {
     /// Image reference as written: local path (resolved against `dir`),
     /// `file://`, URL or alias. Resolution happens in `image`.
     ///
-    /// A relative local path is stored absolute (`file://` keeps its
-    /// scheme: `file://disk.qcow2` becomes `file:///project/disk.qcow2`);
-    /// URLs and aliases are kept as written.
+    /// A value is a local path if it is absolute, starts with `~/` or `.`,
+    /// contains a `/`, or ends in a disk-image extension (`.qcow2`, `.img`,
+    /// `.raw`, ...); such a path is stored absolute (`file://` keeps its
+    /// scheme: `file://disk.qcow2` becomes `file:///project/disk.qcow2`).
+    /// Other `scheme://` URLs and bare words (aliases such as `debian-12`
+    /// or `ubuntu-24.04`) are kept as written.
     pub image: String,
     /// Number of virtual CPUs, 1..=256 (default 2).
     pub cpus: u32,
@@ -324,9 +329,7 @@ fn is_shell_line(t: &str) -> bool {
         .bytes()
         .take_while(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_')
         .count();
-    name_len > 0
-        && !t.as_bytes()[0].is_ascii_digit()
-        && t.as_bytes().get(name_len) == Some(&b'=')
+    name_len > 0 && !t.as_bytes()[0].is_ascii_digit() && t.as_bytes().get(name_len) == Some(&b'=')
 }
 
 fn is_toml_line(t: &str) -> bool {
@@ -347,15 +350,21 @@ fn is_toml_line(t: &str) -> bool {
 /// (`SUDO_USER` set), that user's home from the password database;
 /// otherwise `$HOME`. `None` if neither is known.
 pub fn invoking_user_home() -> Option<PathBuf> {
-    if let Some(user) = std::env::var_os("SUDO_USER").filter(|u| !u.is_empty())
+    home_from(std::env::var_os("SUDO_USER"), std::env::var_os("HOME"))
+}
+
+/// [`invoking_user_home`] with the environment passed in.
+fn home_from(
+    sudo_user: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Option<PathBuf> {
+    if let Some(user) = sudo_user.filter(|u| !u.is_empty())
         && let Some(user) = user.to_str()
         && let Ok(Some(entry)) = nix::unistd::User::from_name(user)
     {
         return Some(entry.dir);
     }
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
+    home.filter(|h| !h.is_empty()).map(PathBuf::from)
 }
 
 /// Find and load the Migrantfile of the project folder `dir`.

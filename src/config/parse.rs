@@ -3,10 +3,10 @@
 //! depend on the syntax (ranges, paths, cross-field rules) live here so
 //! both formats get the same ones.
 
-use super::values::{self, ImageRef, GIB, MIB};
+use super::values::{self, GIB, ImageRef, MIB};
 use super::{
-    Accel, Autoconnect, Config, ConfigError, Egress, Firmware, Format, NetRule, Network, Share,
-    Ssh, DEFAULT_SSH_USER, DEFAULT_SUBNET, FILE_NAME,
+    Accel, Autoconnect, Config, ConfigError, DEFAULT_SSH_USER, DEFAULT_SUBNET, Egress, FILE_NAME,
+    Firmware, Format, NetRule, Network, Share, Ssh,
 };
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -250,6 +250,7 @@ pub(super) fn load(dir: &Path, home: Option<PathBuf>) -> Result<Config, ConfigEr
 
 /// Detect the format of `text` (the content of `ctx.file`) and read it.
 pub(super) fn parse_text(text: &str, ctx: &Ctx) -> Result<Config, ConfigError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let draft = match Format::detect(text) {
         Ok(Format::Toml) => super::toml_file::read(text, ctx)?,
         Ok(Format::Legacy) => super::legacy::read(text, ctx)?,
@@ -295,7 +296,10 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
 
     let cpus = match &d.cpus {
         Some(at) if !(1..=MAX_CPUS).contains(&at.value) => {
-            return Err(ctx.err_at(at, format!("{} CPUs: must be from 1 to {MAX_CPUS}", at.value)));
+            return Err(ctx.err_at(
+                at,
+                format!("{} CPUs: must be from 1 to {MAX_CPUS}", at.value),
+            ));
         }
         Some(at) => at.value,
         None => DEFAULT_CPUS,
@@ -320,8 +324,7 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
     // --- network ---
     let (subnet, prefix) = match &d.subnet {
         Some(at) => values::parse_subnet(&at.value).map_err(|e| ctx.err_at(at, e))?,
-        None => values::parse_subnet(DEFAULT_SUBNET)
-            .map_err(|e| ctx.err(0, "subnet", e))?,
+        None => values::parse_subnet(DEFAULT_SUBNET).map_err(|e| ctx.err(0, "subnet", e))?,
     };
 
     let wireguard = match &d.wireguard {
@@ -366,7 +369,9 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
                     format!("invalid rule {:?}: {addr} is inside the guest's own subnet {subnet}/{prefix}", at.value),
                 ));
             }
-            NetRule::ForwardPort { target, via_tunnel, .. } => {
+            NetRule::ForwardPort {
+                target, via_tunnel, ..
+            } => {
                 if inside(*target.ip()) {
                     return Err(ctx.err_at(
                         at,
@@ -419,7 +424,10 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
     // --- shares ---
     let default_share_size = match &d.share_default_size {
         Some(at) if at.value < MIN_DISK => {
-            return Err(ctx.err_at(at, format!("{}: must be at least 1G", values::fmt_size(at.value))));
+            return Err(ctx.err_at(
+                at,
+                format!("{}: must be at least 1G", values::fmt_size(at.value)),
+            ));
         }
         Some(at) => at.value,
         None => DEFAULT_SHARE_SIZE,
@@ -454,7 +462,9 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
                     ctx.err(
                         s.host.line,
                         format!("{}.tag", s.at.field),
-                        format!("no tag given and the folder name does not make one: {e}; set the tag"),
+                        format!(
+                            "no tag given and the folder name does not make one: {e}; set the tag"
+                        ),
                     )
                 })?;
                 base
@@ -463,7 +473,9 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         if let Some(first_line) = tags.get(&tag) {
             return Err(ctx.err(
                 s.tag.as_ref().map_or(s.at.line, |t| t.line),
-                s.tag.as_ref().map_or_else(|| format!("{}.tag", s.at.field), |t| t.field.clone()),
+                s.tag
+                    .as_ref()
+                    .map_or_else(|| format!("{}.tag", s.at.field), |t| t.field.clone()),
                 format!("duplicate tag {tag:?}: already used by the share on line {first_line}"),
             ));
         }
@@ -486,7 +498,10 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
                 ));
             }
             (Some(at), true) if at.value < MIN_DISK => {
-                return Err(ctx.err_at(at, format!("{}: must be at least 1G", values::fmt_size(at.value))));
+                return Err(ctx.err_at(
+                    at,
+                    format!("{}: must be at least 1G", values::fmt_size(at.value)),
+                ));
             }
             (Some(at), true) => at.value,
             (None, true) => default_share_size,
@@ -516,7 +531,9 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         let port = u16::try_from(at.value)
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| ctx.err_at(at, format!("port {} should be from 1 to 65535", at.value)))?;
+            .ok_or_else(|| {
+                ctx.err_at(at, format!("port {} should be from 1 to 65535", at.value))
+            })?;
         if tunnel_ports.contains(&port) {
             return Err(ctx.err_at(at, format!("port {port} is listed twice")));
         }
@@ -585,7 +602,9 @@ fn resolve_image(at: &At<String>, ctx: &Ctx) -> Result<String, ConfigError> {
     };
     match values::classify_image(text) {
         ImageRef::Url | ImageRef::Alias => Ok(text.to_string()),
-        ImageRef::Path(p) => path_string(ctx.resolve(&At::new(p.to_string(), at.line, &at.field))?),
+        ImageRef::Path(p) => {
+            path_string(ctx.resolve(&At::new(p.to_string(), at.line, &at.field))?)
+        }
         ImageRef::FileUrl(p) => {
             let resolved = ctx.resolve(&At::new(p.to_string(), at.line, &at.field))?;
             Ok(format!("file://{}", path_string(resolved)?))
@@ -603,7 +622,9 @@ fn check_guest_path(path: &str) -> Result<(), String> {
         return Err("the guest path cannot be \"/\"".to_string());
     }
     if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("guest path {path:?} must not contain blanks or control characters"));
+        return Err(format!(
+            "guest path {path:?} must not contain blanks or control characters"
+        ));
     }
     if path.split('/').any(|c| c == "..") {
         return Err(format!("guest path {path:?} must not contain \"..\""));

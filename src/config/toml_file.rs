@@ -128,7 +128,11 @@ enum RawEgress {
 /// 1-based line of byte offset `pos` in `text`.
 pub(super) fn line_of(text: &str, pos: usize) -> usize {
     let end = pos.min(text.len());
-    text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 /// Read a TOML Migrantfile into a draft.
@@ -143,7 +147,8 @@ pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
         let bytes = values::parse_size(s.get_ref()).map_err(|e| ctx.err(line, field, e))?;
         Ok(At::new(bytes, line, field))
     };
-    let int = |s: Spanned<i64>, field: &str| At::new(*s.get_ref(), line_of(text, s.span().start), field);
+    let int =
+        |s: Spanned<i64>, field: &str| At::new(*s.get_ref(), line_of(text, s.span().start), field);
 
     let mut d = Draft::new(Format::Toml);
     d.name = raw.name.map(|s| at(s, "name".into()));
@@ -183,7 +188,10 @@ pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
             host: at(s.host, format!("{field}.host")),
             tag: s.tag.map(|t| at(t, format!("{field}.tag"))),
             guest: s.guest.map(|g| at(g, format!("{field}.guest"))),
-            size: s.size.map(|z| size(z, &format!("{field}.size"))).transpose()?,
+            size: s
+                .size
+                .map(|z| size(z, &format!("{field}.size")))
+                .transpose()?,
             isolation: s.isolation.unwrap_or(true),
             isolation_field: format!("{field}.isolation"),
         });

@@ -19,9 +19,7 @@ pub(super) const RESERVED_GUEST_PORTS: [u16; 3] = [53, 67, 68];
 /// followed by `B` or `iB`. Units are always powers of 1024.
 pub(super) fn parse_size(text: &str) -> Result<u64, String> {
     let s = text.trim();
-    let digits_end = s
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(s.len());
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, rest) = s.split_at(digits_end);
     let hint = "expected a whole number with a unit K, M, G or T, like \"512M\" or \"4G\"";
     if digits.is_empty() {
@@ -42,9 +40,7 @@ pub(super) fn parse_size(text: &str) -> Result<u64, String> {
         Some(_) => return Err(format!("invalid size {text:?}: unknown unit; {hint}")),
     };
     let suffix = chars.as_str();
-    if !(suffix.is_empty()
-        || suffix.eq_ignore_ascii_case("b")
-        || suffix.eq_ignore_ascii_case("ib"))
+    if !(suffix.is_empty() || suffix.eq_ignore_ascii_case("b") || suffix.eq_ignore_ascii_case("ib"))
     {
         return Err(format!("invalid size {text:?}: unknown unit; {hint}"));
     }
@@ -142,7 +138,8 @@ pub(super) fn check_user(user: &str) -> Result<(), String> {
         Some(first) => {
             (first.is_ascii_lowercase() || first == b'_')
                 && user.len() <= 32
-                && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+                && bytes
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
         }
         None => false,
     };
@@ -178,7 +175,9 @@ pub(super) fn parse_ipv4(text: &str) -> Option<Ipv4Addr> {
 pub(super) fn parse_subnet(text: &str) -> Result<(Ipv4Addr, u8), String> {
     let hint = "expected a private IPv4 network like \"10.0.2.0/24\"";
     let Some((addr, prefix)) = text.split_once('/') else {
-        return Err(format!("invalid subnet {text:?}: the /prefix is missing; {hint}"));
+        return Err(format!(
+            "invalid subnet {text:?}: the /prefix is missing; {hint}"
+        ));
     };
     let addr = parse_ipv4(addr).ok_or_else(|| format!("invalid subnet {text:?}: {hint}"))?;
     let prefix = parse_decimal(prefix)
@@ -300,7 +299,9 @@ pub(super) fn parse_rule(text: &str) -> Result<NetRule, String> {
                 [] => false,
                 ["via-tunnel"] => true,
                 [other, ..] => {
-                    return bad(format!("unknown modifier {other:?}; the only one is via-tunnel"));
+                    return bad(format!(
+                        "unknown modifier {other:?}; the only one is via-tunnel"
+                    ));
                 }
             };
             NetRule::ForwardPort {
@@ -371,7 +372,10 @@ pub(super) fn check_domain(text: &str) -> Result<String, String> {
         if label.is_empty() || label.len() > 63 {
             return bad("each dot-separated label must have 1-63 characters");
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return bad("only letters, digits, '-' and '.' are allowed");
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -445,7 +449,18 @@ mod tests {
         assert_eq!(parse_size("1T"), Ok(TIB));
         assert_eq!(parse_size("2048K"), Ok(2 * MIB));
         assert_eq!(parse_size(" 2 G "), Ok(2 * GIB));
-        for bad in ["", "4", "4X", "0G", "G", "-1G", "1.5G", "4GiBs", "99999999999999999999G", "20000000T"] {
+        for bad in [
+            "",
+            "4",
+            "4X",
+            "0G",
+            "G",
+            "-1G",
+            "1.5G",
+            "4GiBs",
+            "99999999999999999999G",
+            "20000000T",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad} accepted");
         }
         assert_eq!(fmt_size(128 * MIB), "128M");
@@ -471,24 +486,51 @@ mod tests {
 
     #[test]
     fn subnets() {
-        assert_eq!(parse_subnet("10.0.2.0/24"), Ok((Ipv4Addr::new(10, 0, 2, 0), 24)));
-        assert_eq!(parse_subnet("172.16.0.0/16"), Ok((Ipv4Addr::new(172, 16, 0, 0), 16)));
-        for bad in ["10.0.2.0", "10.0.2.1/24", "10.0.2.0/25", "8.8.8.0/24", "10.0.2.0/x", "10.0.2/24", "192.0.0.0/7"] {
+        assert_eq!(
+            parse_subnet("10.0.2.0/24"),
+            Ok((Ipv4Addr::new(10, 0, 2, 0), 24))
+        );
+        assert_eq!(
+            parse_subnet("172.16.0.0/16"),
+            Ok((Ipv4Addr::new(172, 16, 0, 0), 16))
+        );
+        for bad in [
+            "10.0.2.0",
+            "10.0.2.1/24",
+            "10.0.2.0/25",
+            "8.8.8.0/24",
+            "10.0.2.0/x",
+            "10.0.2/24",
+            "192.0.0.0/7",
+        ] {
             assert!(parse_subnet(bad).is_err(), "{bad} accepted");
         }
-        assert!(in_subnet(Ipv4Addr::new(10, 0, 2, 9), Ipv4Addr::new(10, 0, 2, 0), 24));
-        assert!(!in_subnet(Ipv4Addr::new(10, 0, 3, 9), Ipv4Addr::new(10, 0, 2, 0), 24));
+        assert!(in_subnet(
+            Ipv4Addr::new(10, 0, 2, 9),
+            Ipv4Addr::new(10, 0, 2, 0),
+            24
+        ));
+        assert!(!in_subnet(
+            Ipv4Addr::new(10, 0, 3, 9),
+            Ipv4Addr::new(10, 0, 2, 0),
+            24
+        ));
     }
 
     #[test]
     fn rules() {
         assert_eq!(
             parse_rule("allow-host-port tcp/8080"),
-            Ok(NetRule::AllowHostPort { proto: Proto::Tcp, port: 8080 })
+            Ok(NetRule::AllowHostPort {
+                proto: Proto::Tcp,
+                port: 8080
+            })
         );
         assert_eq!(
             parse_rule("  allow-lan-host   192.168.001.50 "),
-            Ok(NetRule::AllowLanHost { addr: Ipv4Addr::new(192, 168, 1, 50) })
+            Ok(NetRule::AllowLanHost {
+                addr: Ipv4Addr::new(192, 168, 1, 50)
+            })
         );
         assert_eq!(
             parse_rule("forward-port udp/11434 100.64.0.6:443 via-tunnel"),
@@ -526,7 +568,17 @@ mod tests {
     fn domains() {
         assert_eq!(check_domain("Example.COM"), Ok("example.com".into()));
         assert_eq!(check_domain("*.pypi.org"), Ok("*.pypi.org".into()));
-        for bad in ["", "*.", "com", "a..b", "-a.com", "a_b.com", "foo.*.com", "1.2.3.4", "http://x.com"] {
+        for bad in [
+            "",
+            "*.",
+            "com",
+            "a..b",
+            "-a.com",
+            "a_b.com",
+            "foo.*.com",
+            "1.2.3.4",
+            "http://x.com",
+        ] {
             assert!(check_domain(bad).is_err(), "{bad} accepted");
         }
     }
@@ -534,7 +586,10 @@ mod tests {
     #[test]
     fn images() {
         assert_eq!(classify_image("https://x/y.qcow2"), ImageRef::Url);
-        assert_eq!(classify_image("file://a.qcow2"), ImageRef::FileUrl("a.qcow2"));
+        assert_eq!(
+            classify_image("file://a.qcow2"),
+            ImageRef::FileUrl("a.qcow2")
+        );
         assert_eq!(classify_image("debian-12"), ImageRef::Alias);
         assert_eq!(classify_image("ubuntu-24.04"), ImageRef::Alias);
         assert_eq!(classify_image("disk.qcow2"), ImageRef::Path("disk.qcow2"));

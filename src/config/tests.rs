@@ -1,0 +1,1256 @@
+//! Reader tests: good files of both formats, the fixtures under
+//! `tests/fixtures/config/`, and malformed files with the exact place
+//! each error names.
+
+use super::parse::{self, Ctx};
+use super::values::{GIB, MIB};
+use super::*;
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+
+const HOME: &str = "/home/tester";
+
+fn home() -> Option<PathBuf> {
+    Some(PathBuf::from(HOME))
+}
+
+/// A project folder holding `content` as its Migrantfile.
+fn project(content: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("proj-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("tempdir: {e}"));
+    std::fs::write(dir.path().join(FILE_NAME), content).unwrap_or_else(|e| panic!("write: {e}"));
+    dir
+}
+
+fn load_in(dir: &Path) -> Result<Config, ConfigError> {
+    parse::load(dir, home())
+}
+
+fn good(content: &str) -> (tempfile::TempDir, Config) {
+    let dir = project(content);
+    match load_in(dir.path()) {
+        Ok(c) => (dir, c),
+        Err(e) => panic!("unexpected error: {e}\n--- file:\n{content}"),
+    }
+}
+
+/// Load `content` expecting an error at `line` about `field` whose
+/// message contains `needle`; checks the rendering and exit code too.
+#[track_caller]
+fn bad(content: &str, line: usize, field: &str, needle: &str) {
+    let dir = project(content);
+    bad_in(dir.path(), content, line, field, needle);
+}
+
+#[track_caller]
+fn bad_in(dir: &Path, content: &str, line: usize, field: &str, needle: &str) {
+    let err = match load_in(dir) {
+        Ok(c) => panic!("accepted:\n{content}\n--- gave {c:#?}"),
+        Err(e) => e,
+    };
+    assert_eq!(err.exit_code(), 78, "{err}");
+    let rendered = err.to_string();
+    let ConfigError::Invalid {
+        file,
+        line: got_line,
+        field: got_field,
+        message,
+    } = &err
+    else {
+        panic!("not an Invalid error: {err:?}");
+    };
+    assert!(file.ends_with(FILE_NAME), "{rendered}");
+    assert_eq!((*got_line, got_field.as_str()), (line, field), "{rendered}");
+    assert!(message.contains(needle), "{rendered}\n  lacks {needle:?}");
+    let place = if line > 0 {
+        format!("{FILE_NAME}:{line}: {field}: ")
+    } else {
+        format!("{FILE_NAME}: {field}: ")
+    };
+    assert!(rendered.contains(&place), "{rendered}\n  lacks {place:?}");
+    assert!(rendered.starts_with(&dir.display().to_string()) || rendered.starts_with('/'));
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(name)
+}
+
+// ---------------------------------------------------------------- detection
+
+#[test]
+fn detects_format() {
+    assert_eq!(Format::detect("image = \"x\"\n"), Ok(Format::Toml));
+    assert_eq!(Format::detect("# only a comment\n\n"), Ok(Format::Toml));
+    assert_eq!(
+        Format::detect("[network]\negress=\"none\"\n"),
+        Ok(Format::Toml)
+    );
+    assert_eq!(Format::detect("# c\nVM_NAME=\"x\"\n"), Ok(Format::Legacy));
+    assert_eq!(Format::detect("export RAM_MB=1\n"), Ok(Format::Legacy));
+    assert_eq!(
+        Format::detect("HOST_ACCESS=(\n  \"allow-lan-host 1.2.3.4\"  # c\n)\n"),
+        Ok(Format::Legacy)
+    );
+    // Lower-case assignments alone are valid TOML.
+    assert_eq!(Format::detect("image=\"x\"\n"), Ok(Format::Toml));
+    assert_eq!(Format::detect("VM_NAME=x\n\ncpus = 2\n"), Err((1, 3)));
+    assert_eq!(Format::detect("[ssh]\nRAM_MB=2\n"), Err((2, 1)));
+}
+
+#[test]
+fn mixed_formats_are_refused() {
+    bad(
+        "VM_NAME=\"x\"\nimage = \"debian-12\"\n",
+        2,
+        "format",
+        "mixes shell-style assignments (line 1) with TOML syntax (line 2)",
+    );
+}
+
+// ---------------------------------------------------------------- TOML, good
+
+#[test]
+fn toml_minimal_uses_defaults() {
+    let parent = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = parent.path().join("My Project!");
+    std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.join(FILE_NAME), "image = \"debian-12\"\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = load_in(&dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.name, "My-Project-");
+    assert_eq!(c.file, dir.join(FILE_NAME));
+    assert_eq!(c.dir, dir);
+    assert_eq!(c.image, "debian-12");
+    assert_eq!(c.cpus, 2);
+    assert_eq!(c.memory, 2 * GIB);
+    assert_eq!(c.disk, 20 * GIB);
+    assert_eq!(c.firmware, Firmware::Bios);
+    assert_eq!(c.accel, Accel::Auto);
+    assert_eq!(c.halt_timeout, 60);
+    assert!(c.shares.is_empty());
+    assert_eq!(c.network.egress, Egress::Direct);
+    assert_eq!(c.network.subnet, Ipv4Addr::new(10, 0, 2, 0));
+    assert_eq!(c.network.prefix, 24);
+    assert!(c.network.rules.is_empty() && c.network.allow_domains.is_empty());
+    assert_eq!(c.network.wireguard, None);
+    assert!(!c.network.ipv6);
+    assert_eq!(
+        c.ssh,
+        Ssh {
+            user: "migrant".into(),
+            key: None
+        }
+    );
+    assert_eq!(c.autoconnect, Autoconnect::None);
+    assert!(c.tunnel_ports.is_empty());
+    assert!(c.wait_cloud_init);
+    assert_eq!(c.format, Format::Toml);
+    assert!(c.warnings.is_empty());
+    assert_eq!(c.guest_ip(), Ipv4Addr::new(10, 0, 2, 15));
+    assert_eq!(c.gateway_ip(), Ipv4Addr::new(10, 0, 2, 2));
+}
+
+#[test]
+fn toml_full_fixture() {
+    let dir = fixture("toml-full");
+    let c = load_in(&dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.name, "full.example");
+    assert_eq!(c.image, dir.join("images/base.qcow2").to_string_lossy());
+    assert_eq!((c.cpus, c.memory, c.disk), (8, 6 * GIB, 40 * GIB));
+    assert_eq!((c.firmware, c.accel), (Firmware::Uefi, Accel::Kvm));
+    assert_eq!(c.halt_timeout, 30);
+    assert_eq!(c.autoconnect, Autoconnect::Console);
+    assert_eq!(c.tunnel_ports, vec![3000, 8080]);
+    assert!(!c.wait_cloud_init);
+    assert_eq!(
+        c.shares,
+        vec![
+            Share {
+                host: dir.join("src"),
+                tag: "src".into(),
+                guest: Some("/home/dev/src".into()),
+                size: 10 * GIB,
+                isolation: true,
+            },
+            Share {
+                host: PathBuf::from("/srv/shared/data"),
+                tag: "data".into(),
+                guest: None,
+                size: 0,
+                isolation: false,
+            },
+        ]
+    );
+    let n = &c.network;
+    assert_eq!(n.egress, Egress::None);
+    assert_eq!((n.subnet, n.prefix), (Ipv4Addr::new(192, 168, 77, 0), 24));
+    assert_eq!(c.guest_ip(), Ipv4Addr::new(192, 168, 77, 15));
+    assert_eq!(
+        n.rules,
+        vec![
+            NetRule::AllowHostPort {
+                proto: Proto::Tcp,
+                port: 8080
+            },
+            NetRule::AllowLanHost {
+                addr: Ipv4Addr::new(192, 168, 1, 50)
+            },
+            NetRule::ForwardPort {
+                proto: Proto::Tcp,
+                guest_port: 11434,
+                target: SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 6), 11434),
+                via_tunnel: true,
+            },
+        ]
+    );
+    assert_eq!(n.allow_domains, vec!["deb.debian.org", "*.pypi.org"]);
+    assert_eq!(n.wireguard, Some(dir.join("wg0.conf")));
+    assert!(n.legacy_networks.is_empty());
+    assert_eq!(c.ssh.user, "dev");
+    assert_eq!(c.ssh.key, Some(PathBuf::from(HOME).join(".ssh/dev_key")));
+}
+
+#[test]
+fn init_migrantfile_parses() {
+    let (dir, c) = good(INIT_MIGRANTFILE);
+    assert_eq!(c.image, "debian-12");
+    assert_eq!(c.ssh.user, DEFAULT_SSH_USER);
+    assert_eq!((c.cpus, c.memory, c.disk), (2, 2 * GIB, 20 * GIB));
+    assert!(c.name.starts_with("proj-"), "{}", c.name);
+    assert!(c.shares.is_empty());
+    // Uncommenting the share example must give a valid file too.
+    let uncommented = INIT_MIGRANTFILE
+        .lines()
+        .map(|l| {
+            if l.starts_with("#[[share]]")
+                || l.starts_with("#host")
+                || l.starts_with("#tag")
+                || l.starts_with("#guest")
+                || l.starts_with("#size")
+                || l.starts_with("#isolation")
+            {
+                &l[1..]
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.path().join(FILE_NAME), uncommented).unwrap_or_else(|e| panic!("{e}"));
+    let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.shares.len(), 1);
+    assert_eq!(c.shares[0].tag, "workspace");
+    assert!(INIT_CLOUD_INIT.starts_with("#cloud-config\n"));
+    assert!(INIT_CLOUD_INIT.contains(PUBKEY_PLACEHOLDER));
+    assert!(INIT_CLOUD_INIT.contains("name: migrant"));
+    assert!(INIT_CLOUD_INIT.contains("NOPASSWD:ALL"));
+    assert!(INIT_CLOUD_INIT.contains("shell: /bin/bash"));
+}
+
+#[test]
+fn toml_image_forms() {
+    for (image, expect) in [
+        ("debian-12", "debian-12".to_string()),
+        ("ubuntu-24.04", "ubuntu-24.04".to_string()),
+        (
+            "https://example.org/x.qcow2",
+            "https://example.org/x.qcow2".to_string(),
+        ),
+        ("/var/images/x.qcow2", "/var/images/x.qcow2".to_string()),
+        ("~/images/x.qcow2", format!("{HOME}/images/x.qcow2")),
+    ] {
+        let (_d, c) = good(&format!("image = {image:?}\n"));
+        assert_eq!(c.image, expect);
+    }
+    let (d, c) = good("image = \"sub/../base.qcow2\"\n");
+    assert_eq!(c.image, d.path().join("base.qcow2").to_string_lossy());
+    let (d, c) = good("image = \"file://img/base.qcow2\"\n");
+    assert_eq!(
+        c.image,
+        format!("file://{}", d.path().join("img/base.qcow2").display())
+    );
+    let (_d, c) = good("image = \"file:///abs/base.qcow2\"\n");
+    assert_eq!(c.image, "file:///abs/base.qcow2");
+}
+
+#[test]
+fn toml_wireguard_beside_the_file_is_found() {
+    let dir = project(
+        "image = \"x.qcow2\"\n[network]\nrules = [\"forward-port udp/5000 10.9.0.1:5000 via-tunnel\"]\n",
+    );
+    std::fs::write(dir.path().join("wireguard.conf"), "[Interface]\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.network.wireguard, Some(dir.path().join("wireguard.conf")));
+}
+
+#[test]
+fn netrule_display_round_trips() {
+    for text in [
+        "allow-host-port udp/5353",
+        "allow-lan-host 192.168.1.50",
+        "forward-port tcp/8081 10.0.0.5:80",
+        "forward-port tcp/8081 10.0.0.5:80 via-tunnel",
+    ] {
+        let rule = values::parse_rule(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rule.to_string(), text);
+    }
+}
+
+// ---------------------------------------------------------------- legacy, good
+
+#[test]
+fn legacy_debian_fixture() {
+    let dir = fixture("legacy-debian");
+    let c = load_in(&dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.format, Format::Legacy);
+    assert_eq!(c.name, "debian-agent");
+    assert_eq!(
+        c.image,
+        "https://cloud.debian.org/images/cloud/trixie/latest/debian-13-generic-amd64.qcow2"
+    );
+    assert_eq!((c.cpus, c.memory, c.disk), (2, 4096 * MIB, 20 * GIB));
+    assert_eq!(
+        c.shares,
+        vec![Share {
+            host: dir.join("workspace"),
+            tag: "workspace".into(),
+            guest: None,
+            size: 10 * GIB,
+            isolation: true,
+        }]
+    );
+    assert_eq!(c.firmware, Firmware::Uefi);
+    assert_eq!(c.network.egress, Egress::Direct);
+    assert!(!c.network.ipv6);
+    assert!(c.network.rules.is_empty());
+    assert_eq!(c.network.legacy_networks, vec!["network=migrant"]);
+    assert_eq!(c.autoconnect, Autoconnect::Ssh);
+    assert!(c.tunnel_ports.is_empty());
+    assert!(c.wait_cloud_init);
+    assert_eq!(
+        c.ssh,
+        Ssh {
+            user: "migrant".into(),
+            key: None
+        }
+    );
+    assert_eq!(c.halt_timeout, 60);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn legacy_rules_fixture() {
+    let dir = fixture("legacy-rules");
+    let c = load_in(&dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.name, "rules-test");
+    assert_eq!(
+        c.image,
+        format!("file://{}", dir.join("images/base.qcow2").display())
+    );
+    assert_eq!((c.cpus, c.memory, c.disk), (4, 2 * GIB, 10 * GIB));
+    let shares: Vec<_> = c
+        .shares
+        .iter()
+        .map(|s| (s.host.clone(), s.tag.as_str(), s.size))
+        .collect();
+    assert_eq!(
+        shares,
+        vec![
+            (dir.join("workspace"), "work", 5 * GIB),
+            (dir.join("data"), "data", 25 * GIB),
+            (dir.join("cache"), "cache", 5 * GIB),
+        ]
+    );
+    assert_eq!(c.network.egress, Egress::Open);
+    assert!(c.network.ipv6);
+    assert_eq!(
+        c.network.rules,
+        vec![
+            NetRule::AllowHostPort {
+                proto: Proto::Tcp,
+                port: 9999
+            },
+            NetRule::AllowHostPort {
+                proto: Proto::Udp,
+                port: 5353
+            },
+            NetRule::AllowLanHost {
+                addr: Ipv4Addr::new(192, 168, 1, 50)
+            },
+            NetRule::ForwardPort {
+                proto: Proto::Tcp,
+                guest_port: 8081,
+                target: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 5), 80),
+                via_tunnel: false,
+            },
+        ]
+    );
+    assert_eq!(
+        c.network.legacy_networks,
+        vec!["network=migrant", "network=default"]
+    );
+    assert_eq!(c.tunnel_ports, vec![3000, 5432, 6379]);
+    assert_eq!(c.ssh.key, Some(PathBuf::from(HOME).join(".ssh/rules_key")));
+    assert!(!c.wait_cloud_init);
+    assert_eq!(c.autoconnect, Autoconnect::None);
+    assert_eq!(c.firmware, Firmware::Bios);
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert!(c.warnings[0].contains("NETWORKS is recorded but not used"));
+    assert!(c.warnings[1].contains("HOST_ACCESS had no effect"));
+}
+
+#[test]
+fn legacy_tunnel_fixture() {
+    let dir = fixture("legacy-tunnel");
+    let c = load_in(&dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.image, dir.join("images/base.qcow2").to_string_lossy());
+    assert_eq!(c.network.wireguard, Some(dir.join("wireguard.conf")));
+    assert_eq!(
+        c.network.rules,
+        vec![NetRule::ForwardPort {
+            proto: Proto::Tcp,
+            guest_port: 11434,
+            target: SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 6), 11434),
+            via_tunnel: true,
+        }]
+    );
+}
+
+#[test]
+fn legacy_nixos_fixture_is_refused_at_the_substitution() {
+    let dir = fixture("legacy-nixos");
+    let text = std::fs::read_to_string(dir.join(FILE_NAME)).unwrap_or_else(|e| panic!("{e}"));
+    bad_in(&dir, &text, 10, "IMAGE_URL", "command substitution");
+}
+
+#[test]
+fn legacy_quoting_and_expansions() {
+    let (d, c) = good(concat!(
+        "VM_NAME=a\"b\"'c'\\-d   # glued words\n",
+        "IMAGE_URL=\"$HOME/img/\\$x \\\"q\\\" \\\\ \\n.qcow2\"\n",
+        "SSH_KEY_PATH='$HOME/literal'\n",
+        "SHARED_FOLDERS=(~/work:work \"${VM_DIR}/data:data\" 'a b:ab')\n",
+        "HOST_ACCESS=(\n",
+        "  # a comment line inside the array\n",
+        "  \"allow-host-port tcp/80\" # after an element\n",
+        "\n",
+        "  allow-lan-host\\ 10.1.2.3\n",
+        ")\n",
+        "TUNNEL_PORTS=8080\n",
+        "VCPUS=1\n",
+        "VCPUS=3  # the last assignment wins\n",
+        "AUTOCONNECT=\"console\"\n",
+        "CLOUD_INIT_WAIT=\n",
+        "RAM_MB=0512\n",
+    ));
+    assert_eq!(c.name, "abc-d");
+    assert_eq!(c.image, format!("{HOME}/img/$x \"q\" \\ \\n.qcow2"));
+    assert_eq!(c.ssh.key, Some(d.path().join("$HOME/literal")));
+    let shares: Vec<_> = c
+        .shares
+        .iter()
+        .map(|s| (s.host.clone(), s.tag.clone()))
+        .collect();
+    assert_eq!(
+        shares,
+        vec![
+            (PathBuf::from(HOME).join("work"), "work".to_string()),
+            (d.path().join("data"), "data".to_string()),
+            (d.path().join("a b"), "ab".to_string()),
+        ]
+    );
+    assert_eq!(
+        c.network.rules,
+        vec![
+            NetRule::AllowHostPort {
+                proto: Proto::Tcp,
+                port: 80
+            },
+            NetRule::AllowLanHost {
+                addr: Ipv4Addr::new(10, 1, 2, 3)
+            },
+        ]
+    );
+    assert_eq!(c.tunnel_ports, vec![8080]);
+    assert_eq!(c.cpus, 3);
+    assert_eq!(c.memory, 512 * MIB);
+    assert_eq!(c.autoconnect, Autoconnect::Console);
+    assert!(c.wait_cloud_init);
+    assert_eq!(c.name, "abc-d");
+}
+
+#[test]
+fn legacy_multiline_string() {
+    let (_d, c) = good(&format!(
+        "{L}HOST_ACCESS=(\"allow-host-port\n  tcp/80\")\nVCPUS=3\n"
+    ));
+    assert_eq!(
+        c.network.rules,
+        vec![NetRule::AllowHostPort {
+            proto: Proto::Tcp,
+            port: 80
+        }]
+    );
+    assert_eq!(c.cpus, 3);
+}
+
+#[test]
+fn home_expansion_needs_a_home() {
+    let dir = project("IMAGE_URL=\"$HOME/x.qcow2\"\n");
+    let err = parse::load(dir.path(), None)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains(":1: IMAGE_URL: cannot expand the home folder"),
+        "{err}"
+    );
+    let ctx = Ctx::new(dir.path(), None);
+    let err = ctx
+        .resolve(&parse::At::new("~/k".to_string(), 3, "ssh.key"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains(":3: ssh.key: cannot expand"), "{err}");
+}
+
+// ---------------------------------------------------------------- TOML, bad
+
+const IMG: &str = "image = \"debian-12\"\n";
+
+#[test]
+fn toml_unknown_keys() {
+    bad(
+        &format!("{IMG}colour = \"red\"\n"),
+        2,
+        "colour",
+        "unknown field `colour`",
+    );
+    bad(
+        &format!("{IMG}[network]\nfoo = 1\n"),
+        3,
+        "network.foo",
+        "unknown field `foo`",
+    );
+    bad(
+        &format!("{IMG}[[share]]\nhost = \"a\"\nmode = \"rw\"\n"),
+        4,
+        "share[0].mode",
+        "unknown field `mode`",
+    );
+    bad(&format!("{IMG}[vm]\n"), 2, "vm", "unknown field `vm`");
+}
+
+#[test]
+fn toml_wrong_types() {
+    bad(
+        &format!("{IMG}cpus = \"two\"\n"),
+        2,
+        "cpus",
+        "invalid type: string \"two\"",
+    );
+    bad(
+        &format!("{IMG}memory = 4096\n"),
+        2,
+        "memory",
+        "sizes are strings with a unit",
+    );
+    bad(
+        &format!("{IMG}[network]\nipv6 = \"yes\"\n"),
+        3,
+        "network.ipv6",
+        "expected a boolean",
+    );
+    bad(
+        &format!("{IMG}[network]\nrules = [\"allow-host-port tcp/1\", 3]\n"),
+        3,
+        "network.rules[1]",
+        "invalid type: integer",
+    );
+    bad(
+        &format!("{IMG}[share]\nhost = \"a\"\n"),
+        2,
+        "share",
+        "write [[share]]",
+    );
+    bad(
+        &format!("{IMG}tunnel_ports = [70000]\n"),
+        2,
+        "tunnel_ports[0]",
+        "should be from 1 to 65535",
+    );
+}
+
+#[test]
+fn toml_syntax_errors() {
+    bad(&format!("{IMG}cpus = \n"), 2, "cpus", "");
+    bad(
+        &format!("{IMG}image = \"y\"\n"),
+        2,
+        "image",
+        "duplicate key",
+    );
+    bad("image = \"unterminated\n", 1, "image", "");
+}
+
+#[test]
+fn toml_sizes() {
+    bad(
+        &format!("{IMG}memory = \"4X\"\n"),
+        2,
+        "memory",
+        "invalid size \"4X\"",
+    );
+    bad(
+        &format!("{IMG}disk = \"0G\"\n"),
+        2,
+        "disk",
+        "must not be zero",
+    );
+    bad(
+        &format!("{IMG}memory = \"64M\"\n"),
+        2,
+        "memory",
+        "64M is too small: at least 128M",
+    );
+    bad(&format!("{IMG}disk = \"512M\"\n"), 2, "disk", "at least 1G");
+    bad(
+        &format!("{IMG}memory = \"4\"\n"),
+        2,
+        "memory",
+        "unit is missing",
+    );
+}
+
+#[test]
+fn toml_enums_and_ranges() {
+    bad(
+        &format!("{IMG}firmware = \"efi\"\n"),
+        2,
+        "firmware",
+        "unknown variant `efi`",
+    );
+    bad(
+        &format!("{IMG}accel = \"hvf\"\n"),
+        2,
+        "accel",
+        "unknown variant `hvf`",
+    );
+    bad(
+        &format!("{IMG}autoconnect = \"vnc\"\n"),
+        2,
+        "autoconnect",
+        "unknown variant",
+    );
+    bad(
+        &format!("{IMG}[network]\negress = \"open\"\n"),
+        3,
+        "network.egress",
+        "unknown variant `open`",
+    );
+    bad(
+        &format!("{IMG}cpus = 0\n"),
+        2,
+        "cpus",
+        "must be from 1 to 256",
+    );
+    bad(
+        &format!("{IMG}cpus = 257\n"),
+        2,
+        "cpus",
+        "must be from 1 to 256",
+    );
+    bad(
+        &format!("{IMG}halt_timeout = 0\n"),
+        2,
+        "halt_timeout",
+        "must be from 1",
+    );
+    bad(
+        &format!("{IMG}tunnel_ports = [22, 0]\n"),
+        2,
+        "tunnel_ports[1]",
+        "should be from 1 to 65535",
+    );
+    bad(
+        &format!("{IMG}tunnel_ports = [22, 22]\n"),
+        2,
+        "tunnel_ports[1]",
+        "listed twice",
+    );
+}
+
+#[test]
+fn toml_identity() {
+    bad(
+        &format!("{IMG}name = \"bad name\"\n"),
+        2,
+        "name",
+        "invalid name \"bad name\"",
+    );
+    bad(&format!("{IMG}name = \"-x\"\n"), 2, "name", "invalid name");
+    bad("cpus = 2\n", 0, "image", "missing");
+    bad("image = \"\"\n", 1, "image", "empty");
+    bad(
+        &format!("{IMG}[ssh]\nuser = \"Root\"\n"),
+        3,
+        "ssh.user",
+        "invalid user name",
+    );
+    bad(
+        &format!("{IMG}[ssh]\nkey = \"~bob/.ssh/k\"\n"),
+        3,
+        "ssh.key",
+        "only \"~/\"",
+    );
+}
+
+#[test]
+fn toml_shares() {
+    bad(
+        &format!("{IMG}[[share]]\nhost = \"a\"\n\n[[share]]\nhost = \"b\"\ntag = \"a\"\n"),
+        7,
+        "share[1].tag",
+        "duplicate tag \"a\": already used by the share on line 2",
+    );
+    bad(
+        &format!("{IMG}[[share]]\nhost = \"x/a\"\n[[share]]\nhost = \"y/a\"\n"),
+        4,
+        "share[1].tag",
+        "duplicate tag \"a\"",
+    );
+    bad(
+        &format!("{IMG}[[share]]\nhost = \"a\"\nsize = \"5G\"\nisolation = false\n"),
+        4,
+        "share[0].size",
+        "share[0].isolation is false",
+    );
+    bad(
+        &format!("{IMG}[[share]]\nhost = \"a\"\nsize = \"100M\"\n"),
+        4,
+        "share[0].size",
+        "at least 1G",
+    );
+    bad(
+        &format!("{IMG}[[share]]\ntag = \"a\"\n"),
+        2,
+        "share[0].host",
+        "missing field `host`",
+    );
+    bad(
+        &format!("{IMG}[[share]]\nhost = \"a\"\ntag = \"a.b\"\n"),
+        4,
+        "share[0].tag",
+        "invalid tag",
+    );
+    bad(
+        &format!("{IMG}[[share]]\nhost = \"my.dir\"\n"),
+        3,
+        "share[0].tag",
+        "set the tag",
+    );
+    bad(
+        &format!("{IMG}[[share]]\nhost = \"a\"\nguest = \"mnt/a\"\n"),
+        4,
+        "share[0].guest",
+        "must be absolute",
+    );
+    bad(
+        &format!("{IMG}[[share]]\nhost = \".\"\n"),
+        3,
+        "share[0].host",
+        "is the project folder or contains it",
+    );
+    bad(
+        &format!("{IMG}[[share]]\nhost = \"..\"\n"),
+        3,
+        "share[0].host",
+        "contains it",
+    );
+}
+
+#[test]
+fn toml_network() {
+    bad(
+        &format!("{IMG}[network]\nsubnet = \"10.0.2.1/24\"\n"),
+        3,
+        "network.subnet",
+        "not a network address",
+    );
+    bad(
+        &format!("{IMG}[network]\nsubnet = \"10.0.2.0/25\"\n"),
+        3,
+        "network.subnet",
+        "between 8 and 24",
+    );
+    bad(
+        &format!("{IMG}[network]\nsubnet = \"8.8.8.0/24\"\n"),
+        3,
+        "network.subnet",
+        "private",
+    );
+    bad(
+        &format!("{IMG}[network]\nrules = [\"allow-host-port 8080\"]\n"),
+        3,
+        "network.rules[0]",
+        "invalid rule \"allow-host-port 8080\"",
+    );
+    bad(
+        &format!("{IMG}[network]\nrules = [\"open-everything\"]\n"),
+        3,
+        "network.rules[0]",
+        "expected one of",
+    );
+    bad(
+        &format!("{IMG}[network]\nrules = [\"allow-host-port udp/53\"]\n"),
+        3,
+        "network.rules[0]",
+        "reserved",
+    );
+    bad(
+        &format!("{IMG}[network]\nrules = [\"forward-port udp/67 10.1.1.1:67\"]\n"),
+        3,
+        "network.rules[0]",
+        "reserved",
+    );
+    bad(
+        &format!("{IMG}[network]\nrules = [\"forward-port tcp/68 10.1.1.1:80\"]\n"),
+        3,
+        "network.rules[0]",
+        "reserved",
+    );
+    bad(
+        &format!(
+            "{IMG}[network]\nrules = [\n  \"allow-host-port tcp/8080\",\n  \"forward-port tcp/8080 10.1.1.1:80\",\n]\n"
+        ),
+        5,
+        "network.rules[1]",
+        "already claimed by \"allow-host-port tcp/8080\" (line 4)",
+    );
+    bad(
+        &format!(
+            "{IMG}[network]\nrules = [\"forward-port tcp/11434 100.64.0.6:11434 via-tunnel\"]\n"
+        ),
+        3,
+        "network.rules[0]",
+        "via-tunnel needs a WireGuard config",
+    );
+    bad(
+        &format!("{IMG}[network]\nrules = [\"forward-port tcp/9 10.0.2.7:9\"]\n"),
+        3,
+        "network.rules[0]",
+        "guest's own subnet",
+    );
+    bad(
+        &format!("{IMG}[network]\nrules = [\"allow-lan-host 127.0.0.1\"]\n"),
+        3,
+        "network.rules[0]",
+        "not a unicast address",
+    );
+    bad(
+        &format!("{IMG}[network]\nallow_domains = [\"ok.org\", \"exa mple.com\"]\n"),
+        3,
+        "network.allow_domains[1]",
+        "invalid domain",
+    );
+    bad(
+        &format!("{IMG}[network]\nallow_domains = [\"a.*.org\"]\n"),
+        3,
+        "network.allow_domains[0]",
+        "wildcard",
+    );
+    bad(
+        &format!("{IMG}[network]\nwireguard = \"nope.conf\"\n"),
+        3,
+        "network.wireguard",
+        "does not exist",
+    );
+}
+
+#[test]
+fn toml_ipv6_with_wireguard_is_refused() {
+    let content = format!("{IMG}[network]\nipv6 = true\n");
+    let dir = project(&content);
+    std::fs::write(dir.path().join("wireguard.conf"), "[Interface]\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    bad_in(
+        dir.path(),
+        &content,
+        3,
+        "network.ipv6",
+        "cannot be combined with WireGuard",
+    );
+}
+
+// ---------------------------------------------------------------- legacy, bad
+
+const L: &str = "VM_NAME=\"t\"\nIMAGE_URL=\"https://e.org/i.qcow2\"\n";
+
+#[test]
+fn legacy_commands_are_refused() {
+    bad(
+        &format!("{L}rm -rf /\n"),
+        3,
+        "syntax",
+        "\"rm -rf /\" is a command; the Migrantfile is read as data",
+    );
+    bad(
+        &format!("{L}source ./other\n"),
+        3,
+        "syntax",
+        "shell statement \"source\"",
+    );
+    bad(
+        &format!("{L}if true; then\n  VCPUS=2\nfi\n"),
+        3,
+        "syntax",
+        "shell statement \"if\"",
+    );
+    bad(
+        &format!("{L}setup() {{ echo hi; }}\n"),
+        3,
+        "syntax",
+        "function definitions",
+    );
+    bad(
+        &format!("{L}VCPUS=2; rm -rf /\n"),
+        3,
+        "VCPUS",
+        "';' is not supported",
+    );
+    bad(&format!("{L}VCPUS=2 && echo\n"), 3, "VCPUS", "operator '&'");
+    bad(&format!("{L}VCPUS=2 | cat\n"), 3, "VCPUS", "operator '|'");
+    bad(
+        &format!("{L}VCPUS=2 > /tmp/x\n"),
+        3,
+        "VCPUS",
+        "operator '>'",
+    );
+    bad(
+        &format!("{L}VM_NAME=foo bar\n"),
+        3,
+        "VM_NAME",
+        "quote values that contain blanks",
+    );
+    bad(&format!("{L}VCPUS+=1\n"), 3, "VCPUS", "+=");
+    bad(
+        &format!("{L}TUNNEL_PORTS[0]=1\n"),
+        3,
+        "TUNNEL_PORTS",
+        "one array element",
+    );
+    bad(&format!("{L}export\n"), 3, "syntax", "command");
+}
+
+#[test]
+fn legacy_substitutions_are_refused() {
+    bad(
+        &format!("{L}VM_NAME=$(whoami)\n"),
+        3,
+        "VM_NAME",
+        "command substitution",
+    );
+    bad(
+        &format!("{L}VM_NAME=\"x-$(whoami)\"\n"),
+        3,
+        "VM_NAME",
+        "command substitution",
+    );
+    bad(
+        &format!("{L}VM_NAME=`whoami`\n"),
+        3,
+        "VM_NAME",
+        "command substitution",
+    );
+    bad(
+        &format!("{L}VM_NAME=\"`id -u`\"\n"),
+        3,
+        "VM_NAME",
+        "command substitution",
+    );
+    bad(
+        &format!("{L}VCPUS=$((1+1))\n"),
+        3,
+        "VCPUS",
+        "arithmetic expansion",
+    );
+    bad(
+        &format!("{L}VM_NAME=\"$USER-vm\"\n"),
+        3,
+        "VM_NAME",
+        "variable expansion $USER is not supported",
+    );
+    bad(
+        &format!("{L}SSH_KEY_PATH=\"${{HOME:-/root}}/k\"\n"),
+        3,
+        "SSH_KEY_PATH",
+        "parameter expansion ${HOME:-/root}",
+    );
+    bad(
+        &format!("{L}VM_NAME=$1\n"),
+        3,
+        "VM_NAME",
+        "special parameter $1",
+    );
+    bad(
+        &format!("{L}VM_NAME=$'a\\tb'\n"),
+        3,
+        "VM_NAME",
+        "quoting is not supported",
+    );
+}
+
+#[test]
+fn legacy_unterminated() {
+    bad(
+        &format!("{L}VM_NAME=\"abc\nVCPUS=2\n"),
+        3,
+        "VM_NAME",
+        "unterminated double quote: the \" on line 3",
+    );
+    bad(
+        &format!("{L}VM_NAME='abc\n"),
+        3,
+        "VM_NAME",
+        "unterminated single quote",
+    );
+    bad(
+        &format!("{L}SHARED_FOLDERS=(\n  \"a:a\"\n"),
+        3,
+        "SHARED_FOLDERS",
+        "unterminated array: the '(' on line 3",
+    );
+    bad(
+        &format!("{L}SHARED_FOLDERS=(\n  \"a:a\"\nVCPUS=2\n"),
+        5,
+        "SHARED_FOLDERS",
+        "an assignment inside the array opened on line 3",
+    );
+    bad(
+        &format!("{L}HOST_ACCESS=(\n \"a\"\nNETWORKS=(\n"),
+        5,
+        "HOST_ACCESS",
+        "is its ')' missing",
+    );
+    bad(
+        &format!("{L}VM_NAME=\"${{HOME\"\n"),
+        3,
+        "VM_NAME",
+        "unterminated ${...}",
+    );
+}
+
+#[test]
+fn legacy_variables() {
+    bad(
+        &format!("{L}RAM_GB=4\n"),
+        3,
+        "RAM_GB",
+        "unknown variable RAM_GB",
+    );
+    bad(&format!("{L}vm_name=x\n"), 3, "vm_name", "unknown variable");
+    bad(
+        &format!("{L}RAM_MB=abc\n"),
+        3,
+        "RAM_MB",
+        "\"abc\" should be a whole number of megabytes",
+    );
+    bad(
+        &format!("{L}RAM_MB=64\n"),
+        3,
+        "RAM_MB",
+        "64M is too small: at least 128M",
+    );
+    bad(&format!("{L}RAM_MB=0\n"), 3, "RAM_MB", "must not be zero");
+    bad(
+        &format!("{L}DISK_GB=20G\n"),
+        3,
+        "DISK_GB",
+        "whole number of gigabytes",
+    );
+    bad(
+        &format!("{L}VCPUS=0\n"),
+        3,
+        "VCPUS",
+        "must be from 1 to 256",
+    );
+    bad(&format!("{L}VCPUS=(2 4)\n"), 3, "VCPUS", "not an array");
+    bad(
+        &format!("{L}BOOT_FIRMWARE=coreboot\n"),
+        3,
+        "BOOT_FIRMWARE",
+        "should be bios or uefi",
+    );
+    bad(
+        &format!("{L}NETWORK_IPV6=yes\n"),
+        3,
+        "NETWORK_IPV6",
+        "should be off or nat",
+    );
+    bad(
+        &format!("{L}CLOUD_INIT_WAIT=yes\n"),
+        3,
+        "CLOUD_INIT_WAIT",
+        "should be true or false",
+    );
+    bad(
+        &format!("{L}NETWORK_ISOLATION=off\n"),
+        3,
+        "NETWORK_ISOLATION",
+        "should be true or false",
+    );
+    bad(
+        &format!("{L}AUTOCONNECT=vnc\n"),
+        3,
+        "AUTOCONNECT",
+        "should be ssh, console or empty",
+    );
+    bad(
+        &format!("{L}TUNNEL_PORTS=(3000\n  0)\n"),
+        4,
+        "TUNNEL_PORTS[1]",
+        "should be from 1 to 65535",
+    );
+    bad(
+        &format!("{L}TUNNEL_PORTS=(http)\n"),
+        3,
+        "TUNNEL_PORTS[0]",
+        "should be a number",
+    );
+    bad(
+        &format!("{L}TUNNEL_PORTS=(*)\n"),
+        3,
+        "TUNNEL_PORTS",
+        "unquoted '*'",
+    );
+    bad(
+        &format!("{L}VM_NAME=\"bad/name\"\n"),
+        3,
+        "VM_NAME",
+        "invalid name",
+    );
+    bad("VM_NAME=x\n", 0, "IMAGE_URL", "missing");
+}
+
+#[test]
+fn legacy_shares_and_rules() {
+    bad(
+        &format!("{L}SHARED_FOLDER_ISOLATION=false\nSHARED_FOLDERS=(\n  \"work:work:10\"\n)\n"),
+        5,
+        "SHARED_FOLDERS[0]",
+        "SHARED_FOLDER_ISOLATION is false",
+    );
+    bad(
+        &format!("{L}SHARED_FOLDERS=(\"work:work:ten\")\n"),
+        3,
+        "SHARED_FOLDERS[0]",
+        "whole number of gigabytes",
+    );
+    bad(
+        &format!("{L}SHARED_FOLDERS=(\":work\")\n"),
+        3,
+        "SHARED_FOLDERS[0]",
+        "host path is empty",
+    );
+    bad(
+        &format!("{L}SHARED_FOLDERS=(\"a:x\" \"b:x\")\n"),
+        3,
+        "SHARED_FOLDERS[1]",
+        "duplicate tag \"x\"",
+    );
+    bad(
+        &format!("{L}SHARED_FOLDER_SIZE_GB=x\n"),
+        3,
+        "SHARED_FOLDER_SIZE_GB",
+        "whole number",
+    );
+    bad(
+        &format!("{L}SHARED_FOLDERS=(\"hooks/..:x\")\n"),
+        3,
+        "SHARED_FOLDERS[0]",
+        "project folder",
+    );
+    bad(
+        &format!(
+            "{L}HOST_ACCESS=(\n  \"allow-host-port tcp/8080\"\n  \"allow-lan-host router\"\n)\n"
+        ),
+        5,
+        "HOST_ACCESS[1]",
+        "\"router\" is not a numeric IPv4 address",
+    );
+    bad(
+        &format!("{L}HOST_ACCESS=(\n  \"forward-port udp/53 10.0.0.1:53\"\n)\n"),
+        4,
+        "HOST_ACCESS[0]",
+        "reserved",
+    );
+    bad(
+        &format!(
+            "{L}HOST_ACCESS=(\"allow-host-port tcp/80\" \"forward-port tcp/80 10.9.9.9:80\")\n"
+        ),
+        3,
+        "HOST_ACCESS[1]",
+        "already claimed",
+    );
+    bad(
+        &format!("{L}HOST_ACCESS=(\"forward-port tcp/80 10.9.9.9:80 via-tunnel\")\n"),
+        3,
+        "HOST_ACCESS[0]",
+        "put a wireguard.conf beside the Migrantfile",
+    );
+}
+
+#[test]
+fn missing_and_unreadable_files() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let err = load(dir.path())
+        .err()
+        .unwrap_or_else(|| panic!("loaded nothing"));
+    assert!(matches!(err, ConfigError::NotFound { .. }));
+    assert_eq!(err.exit_code(), 78);
+    assert!(err.to_string().contains(&dir.path().display().to_string()));
+
+    std::fs::write(dir.path().join(FILE_NAME), [0xff, 0xfe, b'\n'])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = load(dir.path())
+        .err()
+        .unwrap_or_else(|| panic!("loaded junk"));
+    assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+    assert_eq!(err.exit_code(), 78);
+    assert!(err.to_string().contains(FILE_NAME), "{err}");
+}
+
+#[test]
+fn invoking_home() {
+    use std::ffi::OsString;
+    let os = |s: &str| Some(OsString::from(s));
+    assert_eq!(
+        home_from(None, os("/home/me")),
+        Some(PathBuf::from("/home/me"))
+    );
+    assert_eq!(
+        home_from(os(""), os("/home/me")),
+        Some(PathBuf::from("/home/me"))
+    );
+    assert_eq!(home_from(None, None), None);
+    assert_eq!(home_from(None, os("")), None);
+    // Under sudo the invoking user's passwd entry wins over HOME.
+    if let Ok(Some(root)) = nix::unistd::User::from_name("root") {
+        assert_eq!(home_from(os("root"), os("/elsewhere")), Some(root.dir));
+    }
+    assert_eq!(
+        home_from(os("no-such-user-for-migrant-tests"), os("/home/me")),
+        Some(PathBuf::from("/home/me"))
+    );
+}
+
+#[test]
+fn byte_order_mark_is_ignored() {
+    let (_d, c) = good("\u{feff}VM_NAME=bom\nIMAGE_URL=debian-12\n");
+    assert_eq!((c.name.as_str(), c.format), ("bom", Format::Legacy));
+}
