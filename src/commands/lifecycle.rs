@@ -148,7 +148,10 @@ pub fn ssh(p: &Project, command: &[String]) -> Result<u8> {
 const DETACH: u8 = 0x1d;
 
 pub fn console(p: &Project) -> Result<u8> {
-    require_running(p)?;
+    // Also while starting: watching the boot is what a console is for.
+    if !matches!(live(&p.vm)?, Live::Active(_)) {
+        require_running(p)?;
+    }
     let sock = p.vm.console_sock();
     let stream = std::os::unix::net::UnixStream::connect(&sock)
         .map_err(Error::io(format!("cannot attach to {}", sock.display())))?;

@@ -61,6 +61,9 @@ pub struct Project {
 impl Project {
     pub fn load(dir: &std::path::Path) -> Result<Project> {
         let cfg = config::load(dir)?;
+        for w in &cfg.warnings {
+            eprintln!("warning: {w}");
+        }
         let paths = Paths::from_env();
         let vm = paths.vm(&cfg.name);
         Ok(Project { cfg, paths, vm })

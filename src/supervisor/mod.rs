@@ -320,7 +320,8 @@ async fn supervise(
         Ok(q) => q,
         Err(e) => {
             // QEMU closing the monitor usually means it exited: say why.
-            if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+            if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), child.wait()).await
+            {
                 return Err(qemu_exited(Some(status), &qemu_log));
             }
             return Err(e.into());

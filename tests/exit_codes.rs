@@ -1,0 +1,205 @@
+//! Every exit code migrant defines, from the outside, without a VM
+//! (nothing here boots a guest). Each case also checks that a refused
+//! command left nothing behind.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+struct Sandbox {
+    root: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new(migrantfile: &str, cloud_init: Option<&str>) -> Sandbox {
+        let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let project = root.path().join("project");
+        std::fs::create_dir_all(&project).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(root.path().join("home")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(project.join("Migrantfile"), migrantfile).unwrap_or_else(|e| panic!("{e}"));
+        if let Some(ci) = cloud_init {
+            std::fs::write(project.join("cloud-init.yml"), ci).unwrap_or_else(|e| panic!("{e}"));
+        }
+        std::fs::write(root.path().join("base.qcow2"), b"not really an image")
+            .unwrap_or_else(|e| panic!("{e}"));
+        Sandbox { root }
+    }
+    fn home(&self) -> std::path::PathBuf {
+        self.root.path().join("state")
+    }
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(common::bin());
+        c.args(args)
+            .current_dir(self.root.path().join("project"))
+            .env("MIGRANT_HOME", self.home())
+            .env("MIGRANT_RUNTIME", self.root.path().join("run"))
+            .env("HOME", self.root.path().join("home"))
+            .env_remove("SUDO_USER")
+            .env_remove("MIGRANT_DIR");
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn good_file(root: &Path) -> String {
+    format!(
+        "name = \"codes\"\nimage = \"{}\"\n",
+        root.join("base.qcow2").display()
+    )
+}
+
+const CLOUD_INIT: &str =
+    "#cloud-config\nusers:\n  - name: migrant\n    ssh_authorized_keys: [__MIGRANT_PUBKEY__]\n";
+
+#[test]
+fn usage_error_is_64() {
+    let s = Sandbox::new("", None);
+    let o = s.run(&["up", "--no-such-flag"]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--no-such-flag"));
+}
+
+#[test]
+fn bad_migrantfile_is_78_and_creates_nothing() {
+    let s = Sandbox::new(
+        "name = \"codes\"\nimage = \"/x.qcow2\"\nmemory = \"4X\"\n",
+        Some(CLOUD_INIT),
+    );
+    let o = s.run(&["up"]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("Migrantfile:3") && e.contains("memory"), "{e}");
+    assert!(
+        !s.home().exists(),
+        "a refused up created {}",
+        s.home().display()
+    );
+}
+
+#[test]
+fn missing_key_with_placeholder_is_78_and_creates_nothing() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = Sandbox::new(&good_file(tmp.path()), Some(CLOUD_INIT));
+    std::fs::write(tmp.path().join("base.qcow2"), b"x").unwrap_or_else(|e| panic!("{e}"));
+    let o = s.run(&["up"]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(stderr(&o).contains("migrant pubkey"), "{}", stderr(&o));
+    let vms = s.home().join("vms").join("codes");
+    assert!(!vms.join("disk.qcow2").exists() && !vms.join("record.json").exists());
+    assert!(
+        !s.home().join("images").exists(),
+        "image cached before the key check"
+    );
+}
+
+#[test]
+fn held_lock_is_75() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = Sandbox::new(&good_file(tmp.path()), Some("#cloud-config\n"));
+    let dir = s.home().join("vms").join("codes");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let f = std::fs::File::create(dir.join("lock")).unwrap_or_else(|e| panic!("{e}"));
+    let _held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .unwrap_or_else(|(_, e)| panic!("{e}"));
+    let o = s.run(&["up"]);
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(stderr(&o).contains("busy"), "{}", stderr(&o));
+    assert!(!dir.join("disk.qcow2").exists());
+}
+
+#[test]
+fn not_running_is_69() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = Sandbox::new(&good_file(tmp.path()), None);
+    for cmd in [&["ssh", "--", "true"][..], &["ip"], &["info"]] {
+        let o = s.run(cmd);
+        assert_eq!(o.status.code(), Some(69), "{cmd:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("not running"), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn corrupt_record_is_65() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = Sandbox::new(&good_file(tmp.path()), None);
+    let dir = s.home().join("vms").join("codes");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.join("record.json"), b"{ not json").unwrap_or_else(|e| panic!("{e}"));
+    let o = s.run(&["status"]);
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    assert!(stderr(&o).contains("record.json"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(dir.join("record.json")).unwrap_or_default(),
+        b"{ not json"
+    );
+}
+
+#[test]
+fn unusable_state_folder_is_70() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = Sandbox::new(&good_file(tmp.path()), Some("#cloud-config\n"));
+    // MIGRANT_HOME below a regular file: no folder can be made there.
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, b"").unwrap_or_else(|e| panic!("{e}"));
+    let o = s
+        .cmd(&["up"])
+        .env("MIGRANT_HOME", blocker.join("home"))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(o.status.code(), Some(70), "{}", stderr(&o));
+}
+
+#[test]
+fn permission_denied_is_77() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: needs root to switch to an unprivileged user");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = Sandbox::new(&good_file(tmp.path()), None);
+    let dir = s.home().join("vms").join("codes");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.join("record.json"), b"{}").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The project and binary must be reachable by `nobody`.
+    std::fs::set_permissions(
+        s.root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(
+        s.home(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(
+        s.home().join("vms"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut c = s.cmd(&["status"]);
+    // SAFETY: setuid/setgid in the forked child before exec; no allocation.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::setgid(65534) < 0 || libc::setuid(65534) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = c.output().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(o.status.code(), Some(77), "{}", stderr(&o));
+}
