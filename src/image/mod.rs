@@ -1,19 +1,40 @@
-//! Base images: resolving the Migrantfile's `image`, caching, overlays.
+//! Base images: resolving the Migrantfile's `image`, downloading and
+//! verifying, the cache, and the qcow2 files of a VM (overlay, snapshot,
+//! resize).
 //!
-//! This stage handles local paths and `file://` URLs: the file is copied
-//! into the cache under a name derived from its content, so a rebuilt
-//! source never changes the base of an existing VM's overlay.
+//! * an image name (`debian-12`, see [`alias`]) is the distribution's
+//!   official cloud image, verified against the checksum list published
+//!   beside it;
+//! * an `http(s)://` URL is verified against `image_checksum` (a digest,
+//!   or the URL of a checksum list), else against a `SHA512SUMS` or
+//!   `SHA256SUMS` file in the same folder;
+//! * a local path or `file://` URL is copied into the cache each time
+//!   (the source may have been rebuilt), named by its content.
+//!
+//! Downloads are verified while the bytes arrive and renamed into the
+//! cache only when the digest matches; see [`download`] and [`cache`].
+
+pub mod alias;
+pub mod cache;
+pub mod checksum;
+pub mod download;
+pub mod progress;
+mod qemu_img;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use sha2::{Digest, Sha256};
+pub use checksum::{Algo, Checksum, Digest};
+pub use qemu_img::{ImgInfo, convert_flat, create_overlay, info, resize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error(
-        "image {0}: downloads and aliases are not supported yet; give a local path or a file:// URL"
+        "unknown image name {name:?}; known names: {known} (or give an https:// URL or a local file)"
+    )]
+    UnknownAlias { name: String, known: String },
+    #[error(
+        "image {0}: only http://, https://, file:// URLs, local paths and image names are supported"
     )]
     Unsupported(String),
     #[error("image {path} does not exist or is not a regular file")]
@@ -24,37 +45,371 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("image cache: {path}")]
+    Cache {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", http_message(url, *status, expected.as_ref()))]
+    Http {
+        url: String,
+        status: u16,
+        expected: Option<Digest>,
+    },
+    #[error("{}", download_message(url, message, expected, *received, actual.as_ref()))]
+    Download {
+        url: String,
+        message: String,
+        expected: Digest,
+        received: u64,
+        actual: Option<Digest>,
+    },
+    #[error(
+        "checksum mismatch for {url}: expected {expected}, got {actual} ({size} bytes); nothing was kept"
+    )]
+    Mismatch {
+        url: String,
+        expected: Digest,
+        actual: Digest,
+        size: u64,
+    },
+    #[error("cannot fetch the checksum list {url}: {message}")]
+    List { url: String, message: String },
+    #[error("the checksum list {list} has no entry for {file}")]
+    NotInList { list: String, file: String },
+    #[error(
+        "no checksum for {url}: set image_checksum = \"sha256:…\" (or \"sha512:…\", or the URL of a checksum list); \
+         no SHA512SUMS or SHA256SUMS beside it lists {file}"
+    )]
+    NoChecksum { url: String, file: String },
+    #[error("{source_name} is not a usable disk image: {message}")]
+    BadImage {
+        source_name: String,
+        message: String,
+    },
     #[error("qemu-img {action} failed: {message}")]
     QemuImg { action: String, message: String },
     #[error("disk = {disk} bytes is smaller than the image's virtual size ({virtual_size} bytes)")]
     DiskTooSmall { disk: u64, virtual_size: u64 },
 }
 
+fn http_message(url: &str, status: u16, expected: Option<&Digest>) -> String {
+    let mut s = format!("download of {url} failed: HTTP status {status}");
+    if status == 404 {
+        s.push_str(" (not found)");
+    }
+    if let Some(d) = expected {
+        s.push_str(&format!("; expected {d}, got nothing; nothing was kept"));
+    }
+    s
+}
+
+fn download_message(
+    url: &str,
+    message: &str,
+    expected: &Digest,
+    received: u64,
+    actual: Option<&Digest>,
+) -> String {
+    let got = match actual {
+        Some(a) if received > 0 => format!("got {a} of the {received} bytes received"),
+        _ => "got nothing".to_string(),
+    };
+    format!("download of {url} failed: {message}; expected {expected}, {got}; nothing was kept")
+}
+
 impl ImageError {
     pub fn exit_code(&self) -> u8 {
+        use crate::exit;
         match self {
-            ImageError::Unsupported(_) | ImageError::DiskTooSmall { .. } => crate::exit::CONFIG,
-            ImageError::Missing { .. } => crate::exit::CONFIG,
-            ImageError::Copy { .. } => crate::exit::SOFTWARE,
-            ImageError::QemuImg { .. } => crate::exit::SOFTWARE,
+            ImageError::UnknownAlias { .. }
+            | ImageError::Unsupported(_)
+            | ImageError::Missing { .. }
+            | ImageError::NoChecksum { .. }
+            | ImageError::DiskTooSmall { .. } => exit::CONFIG,
+            ImageError::Http { .. } | ImageError::Download { .. } | ImageError::List { .. } => {
+                exit::UNAVAILABLE
+            }
+            ImageError::Mismatch { .. }
+            | ImageError::NotInList { .. }
+            | ImageError::BadImage { .. } => exit::DATAERR,
+            ImageError::Cache { source, .. } | ImageError::Copy { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                exit::NOPERM
+            }
+            ImageError::Copy { .. } | ImageError::Cache { .. } | ImageError::QemuImg { .. } => {
+                exit::SOFTWARE
+            }
         }
     }
 }
 
-/// A local source file for `image`, if it names one.
-pub fn local_source(image: &str) -> Result<PathBuf, ImageError> {
-    if let Some(rest) = image.strip_prefix("file://") {
-        return Ok(PathBuf::from(rest));
+/// How a remote image is verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verify {
+    /// The digest is known.
+    Digest(Digest),
+    /// Look the file name up in this checksum list.
+    List(String),
+    /// Look for `SHA512SUMS`, then `SHA256SUMS`, beside the image.
+    Beside,
+}
+
+/// Where an image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A local file, copied into the cache each time.
+    Local {
+        path: PathBuf,
+        checksum: Option<Digest>,
+    },
+    /// A download.
+    Remote {
+        url: String,
+        /// The image name it was given as.
+        alias: Option<String>,
+        verify: Verify,
+    },
+}
+
+impl Source {
+    /// What to call it in messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Local { path, .. } => path.display().to_string(),
+            Source::Remote {
+                alias: Some(a),
+                url,
+                ..
+            } => format!("{a} ({url})"),
+            Source::Remote { url, .. } => url.clone(),
+        }
     }
-    if image.contains("://") || !image.starts_with('/') {
+}
+
+/// Resolve the Migrantfile's `image` (as the config module left it: local
+/// paths absolute, URLs and names as written) and `image_checksum`.
+pub fn resolve(image: &str, checksum: Option<&Checksum>) -> Result<Source, ImageError> {
+    if let Some(rest) = image.strip_prefix("file://") {
+        return local(PathBuf::from(rest), checksum, image);
+    }
+    if image.starts_with('/') {
+        return local(PathBuf::from(image), checksum, image);
+    }
+    if image.starts_with("http://") || image.starts_with("https://") {
+        let verify = match checksum {
+            Some(Checksum::Digest(d)) => Verify::Digest(d.clone()),
+            Some(Checksum::List(l)) => Verify::List(l.clone()),
+            None => Verify::Beside,
+        };
+        return Ok(Source::Remote {
+            url: image.to_string(),
+            alias: None,
+            verify,
+        });
+    }
+    if image.contains("://") {
         return Err(ImageError::Unsupported(image.to_string()));
     }
-    Ok(PathBuf::from(image))
+    let entry = alias::find(image).ok_or_else(|| ImageError::UnknownAlias {
+        name: image.to_string(),
+        known: alias::names(),
+    })?;
+    let mirror = alias::mirror_from_env();
+    let verify = match checksum {
+        // A pinned digest for a name: use it instead of the list.
+        Some(Checksum::Digest(d)) => Verify::Digest(d.clone()),
+        Some(Checksum::List(l)) => Verify::List(l.clone()),
+        None => Verify::List(entry.list_url(mirror.as_deref())),
+    };
+    Ok(Source::Remote {
+        url: entry.image_url(mirror.as_deref()),
+        alias: Some(entry.name.to_string()),
+        verify,
+    })
+}
+
+fn local(path: PathBuf, checksum: Option<&Checksum>, image: &str) -> Result<Source, ImageError> {
+    let checksum = match checksum {
+        None => None,
+        Some(Checksum::Digest(d)) => Some(d.clone()),
+        Some(Checksum::List(_)) => {
+            return Err(ImageError::Unsupported(format!(
+                "{image} with a checksum list URL (give the digest itself for a local file)"
+            )));
+        }
+    };
+    Ok(Source::Local { path, checksum })
+}
+
+/// A local source file for `image`, if it names one.
+pub fn local_source(image: &str) -> Result<PathBuf, ImageError> {
+    match resolve(image, None)? {
+        Source::Local { path, .. } => Ok(path),
+        Source::Remote { url, .. } => Err(ImageError::Unsupported(url)),
+    }
+}
+
+/// The base image in the cache for `source`: copied (local), found in the
+/// cache, or downloaded. `label` prefixes messages (the VM name).
+pub fn obtain(source: &Source, cache_dir: &Path, label: &str) -> Result<PathBuf, ImageError> {
+    std::fs::create_dir_all(cache_dir).map_err(|source| ImageError::Cache {
+        path: cache_dir.to_path_buf(),
+        source,
+    })?;
+    match source {
+        Source::Local { path, checksum } => {
+            println!("==> {label}: copying image {}", path.display());
+            cache_local_checked(path, cache_dir, checksum.as_ref())
+        }
+        Source::Remote { url, alias, verify } => {
+            let agent = download::agent();
+            let expected = match expected_digest(&agent, url, verify) {
+                Ok(d) => d,
+                Err(e @ ImageError::List { .. }) => {
+                    // Offline: the newest copy of this URL still serves.
+                    if let Some(entry) = cache::newest_from(cache_dir, url) {
+                        eprintln!(
+                            "warning: {e}; using the cached {} (added {})",
+                            entry.file_name(),
+                            entry
+                                .meta
+                                .as_ref()
+                                .map(|m| age(m.added_at))
+                                .unwrap_or_default()
+                        );
+                        return Ok(entry.path);
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(found) = cache::find_digest(cache_dir, &expected) {
+                println!(
+                    "==> {label}: using cached image {}",
+                    found.file_name().unwrap_or_default().to_string_lossy()
+                );
+                return Ok(found);
+            }
+            let file = download::url_file_name(url);
+            let name = cache::cache_name(&file, &expected);
+            download::download(
+                &agent,
+                url,
+                &expected,
+                cache_dir,
+                &name,
+                alias.as_deref(),
+                label,
+            )
+        }
+    }
+}
+
+/// `3 days ago`, `5 minutes ago`.
+pub fn age(unix: u64) -> String {
+    let secs = crate::state::now().saturating_sub(unix);
+    match secs {
+        0..=119 => format!("{secs} seconds ago"),
+        120..=7199 => format!("{} minutes ago", secs / 60),
+        7200..=172_799 => format!("{} hours ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86400),
+    }
+}
+
+/// The digest a remote image must have.
+fn expected_digest(agent: &ureq::Agent, url: &str, verify: &Verify) -> Result<Digest, ImageError> {
+    let file = download::url_file_name(url);
+    if file.is_empty() {
+        return Err(ImageError::Unsupported(format!(
+            "{url} (the URL names no file)"
+        )));
+    }
+    let from_list = |list: &str| -> Result<Option<Digest>, download::FetchError> {
+        let text = download::fetch_text(agent, list)?;
+        Ok(checksum::lookup(&text, &file))
+    };
+    match verify {
+        Verify::Digest(d) => Ok(d.clone()),
+        Verify::List(list) => match from_list(list) {
+            Ok(Some(d)) => Ok(d),
+            Ok(None) => Err(ImageError::NotInList {
+                list: list.clone(),
+                file,
+            }),
+            Err(e) => Err(ImageError::List {
+                url: list.clone(),
+                message: e.to_string(),
+            }),
+        },
+        Verify::Beside => {
+            for name in ["SHA512SUMS", "SHA256SUMS"] {
+                let list = download::sibling_url(url, name);
+                match from_list(&list) {
+                    Ok(Some(d)) => return Ok(d),
+                    Ok(None) | Err(download::FetchError::Status(_)) => continue,
+                    Err(e) => {
+                        return Err(ImageError::List {
+                            url: list,
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
+            Err(ImageError::NoChecksum {
+                url: url.to_string(),
+                file,
+            })
+        }
+    }
+}
+
+/// Check that `path` is a disk image QEMU can use as a base: a format
+/// qemu-img recognises, and no backing or external data file (which
+/// would make QEMU open other host files). Returns the format.
+pub fn check_image(path: &Path, source_name: &str) -> Result<String, ImageError> {
+    let info = info(path, false).map_err(|e| ImageError::BadImage {
+        source_name: source_name.to_string(),
+        message: e.to_string(),
+    })?;
+    if let Some(b) = &info.backing_filename {
+        return Err(ImageError::BadImage {
+            source_name: source_name.to_string(),
+            message: format!("it refers to a backing file ({b}); give a standalone image"),
+        });
+    }
+    if info.has_data_file {
+        return Err(ImageError::BadImage {
+            source_name: source_name.to_string(),
+            message: "it refers to an external data file; give a standalone image".into(),
+        });
+    }
+    if !matches!(
+        info.format.as_str(),
+        "qcow2" | "raw" | "vmdk" | "vdi" | "vhdx" | "vpc" | "qed"
+    ) {
+        return Err(ImageError::BadImage {
+            source_name: source_name.to_string(),
+            message: format!("unsupported format {}", info.format),
+        });
+    }
+    Ok(info.format)
 }
 
 /// Copy `src` into `cache`, named by its SHA-256, atomically. Returns the
 /// cached path (reused when the same content is already there).
 pub fn cache_local(src: &Path, cache: &Path) -> Result<PathBuf, ImageError> {
+    cache_local_checked(src, cache, None)
+}
+
+/// [`cache_local`], also checking `expected` when given.
+pub fn cache_local_checked(
+    src: &Path,
+    cache: &Path,
+    expected: Option<&Digest>,
+) -> Result<PathBuf, ImageError> {
     if !src.is_file() {
         return Err(ImageError::Missing {
             path: src.to_path_buf(),
@@ -65,104 +420,77 @@ pub fn cache_local(src: &Path, cache: &Path) -> Result<PathBuf, ImageError> {
         source,
     };
     std::fs::create_dir_all(cache).map_err(copy_err)?;
-    let stem = src
-        .file_stem()
-        .map(|s| {
-            s.to_string_lossy().replace(
-                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_' && c != '.',
-                "_",
-            )
-        })
+    let file_name = src
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "image".into());
-    let tmp = cache.join(format!(".{stem}.partial{}", std::process::id()));
-    let result = (|| -> std::io::Result<PathBuf> {
-        let mut input = std::fs::File::open(src)?;
-        let mut out = std::fs::File::create(&tmp)?;
-        let mut hasher = Sha256::new();
+    let tmp = cache.join(format!(
+        ".{}.partial{}",
+        cache::sanitize(&file_name),
+        std::process::id()
+    ));
+    let result = (|| -> Result<PathBuf, ImageError> {
+        let mut input = std::fs::File::open(src).map_err(copy_err)?;
+        let mut out = std::fs::File::create(&tmp).map_err(copy_err)?;
+        let mut naming = Algo::Sha256.hasher();
+        let mut check = expected
+            .filter(|d| d.algo != Algo::Sha256)
+            .map(|d| d.algo.hasher());
         let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
         loop {
-            let n = input.read(&mut buf)?;
+            let n = input.read(&mut buf).map_err(copy_err)?;
             if n == 0 {
                 break;
             }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])?;
+            naming.update(&buf[..n]);
+            if let Some(h) = check.as_mut() {
+                h.update(&buf[..n]);
+            }
+            out.write_all(&buf[..n]).map_err(copy_err)?;
+            size += n as u64;
         }
-        out.sync_all()?;
-        let digest = hex::encode(hasher.finalize());
-        let dest = cache.join(format!("{stem}-{}.img", &digest[..16]));
-        if dest.exists() {
-            std::fs::remove_file(&tmp)?;
-        } else {
-            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-            std::fs::rename(&tmp, &dest)?;
+        out.sync_all().map_err(copy_err)?;
+        let digest = naming.finish();
+        if let Some(want) = expected {
+            let got = match check {
+                Some(h) => h.finish(),
+                None => digest.clone(),
+            };
+            if got != *want {
+                return Err(ImageError::Mismatch {
+                    url: src.display().to_string(),
+                    expected: want.clone(),
+                    actual: got,
+                    size,
+                });
+            }
         }
+        let dest = cache.join(cache::cache_name(&file_name, &digest));
+        if dest.exists() && cache::load_meta(&dest).is_some_and(|m| m.digest == digest) {
+            std::fs::remove_file(&tmp).map_err(copy_err)?;
+            return Ok(dest);
+        }
+        let format = check_image(&tmp, &src.display().to_string())?;
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .map_err(copy_err)?;
+        std::fs::rename(&tmp, &dest).map_err(copy_err)?;
+        let meta = cache::Meta {
+            source: src.display().to_string(),
+            alias: None,
+            digest,
+            size,
+            added_at: crate::state::now(),
+            format: Some(format),
+        };
+        cache::save_meta(&dest, &meta)
+            .map_err(|e| copy_err(std::io::Error::other(e.to_string())))?;
         Ok(dest)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.map_err(copy_err)
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct ImgInfo {
-    format: String,
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-}
-
-fn qemu_img(args: &[&std::ffi::OsStr], action: &str) -> Result<Vec<u8>, ImageError> {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .map_err(|e| ImageError::QemuImg {
-            action: action.into(),
-            message: format!("cannot run qemu-img: {e}"),
-        })?;
-    if !out.status.success() {
-        return Err(ImageError::QemuImg {
-            action: action.into(),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(out.stdout)
-}
-
-/// Create `disk`, a qcow2 overlay on `base`, of `size` bytes (never
-/// smaller than the base).
-pub fn create_overlay(base: &Path, disk: &Path, size: u64) -> Result<(), ImageError> {
-    let info = qemu_img(
-        &["info".as_ref(), "--output=json".as_ref(), base.as_os_str()],
-        "info",
-    )?;
-    let info: ImgInfo = serde_json::from_slice(&info).map_err(|e| ImageError::QemuImg {
-        action: "info".into(),
-        message: e.to_string(),
-    })?;
-    if size < info.virtual_size {
-        return Err(ImageError::DiskTooSmall {
-            disk: size,
-            virtual_size: info.virtual_size,
-        });
-    }
-    let size = size.to_string();
-    qemu_img(
-        &[
-            "create".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            info.format.as_ref(),
-            "-b".as_ref(),
-            base.as_os_str(),
-            disk.as_os_str(),
-            size.as_ref(),
-        ],
-        "create",
-    )?;
-    Ok(())
+    result
 }
 
 #[cfg(test)]
@@ -180,34 +508,124 @@ mod tests {
             Some("/srv/a.qcow2".into())
         );
         assert!(matches!(
-            local_source("debian-12"),
-            Err(ImageError::Unsupported(_))
+            resolve("debian-99", None),
+            Err(ImageError::UnknownAlias { .. })
         ));
         assert!(matches!(
-            local_source("https://x/y.qcow2"),
+            resolve("ftp://x/y.qcow2", None),
             Err(ImageError::Unsupported(_))
         ));
+        assert_eq!(
+            resolve("https://x/y.qcow2", None).ok(),
+            Some(Source::Remote {
+                url: "https://x/y.qcow2".into(),
+                alias: None,
+                verify: Verify::Beside
+            })
+        );
+        let list = Checksum::List("https://x/SUMS".into());
+        assert!(matches!(
+            resolve("https://x/y.qcow2", Some(&list)),
+            Ok(Source::Remote { verify: Verify::List(l), .. }) if l == "https://x/SUMS"
+        ));
+        assert!(resolve("/srv/a.qcow2", Some(&list)).is_err());
     }
 
     #[test]
-    fn cache_is_content_addressed() {
+    fn aliases_resolve_to_their_list() {
+        // Only checked when no mirror is configured in this environment.
+        if alias::mirror_from_env().is_some() {
+            return;
+        }
+        match resolve("debian-12", None) {
+            Ok(Source::Remote { url, alias, verify }) => {
+                assert!(url.ends_with("/bookworm/latest/debian-12-genericcloud-amd64.qcow2"));
+                assert_eq!(alias.as_deref(), Some("debian-12"));
+                assert_eq!(
+                    verify,
+                    Verify::List(
+                        "https://cloud.debian.org/images/cloud/bookworm/latest/SHA512SUMS".into()
+                    )
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_url_and_both_digests() {
+        let expected = Digest {
+            algo: Algo::Sha256,
+            hex: "a".repeat(64),
+        };
+        let actual = Digest {
+            algo: Algo::Sha256,
+            hex: "b".repeat(64),
+        };
+        let e = ImageError::Mismatch {
+            url: "http://h/x.img".into(),
+            expected: expected.clone(),
+            actual: actual.clone(),
+            size: 3,
+        };
+        let s = e.to_string();
+        assert!(
+            s.contains("http://h/x.img") && s.contains(&expected.hex) && s.contains(&actual.hex)
+        );
+        assert_eq!(e.exit_code(), crate::exit::DATAERR);
+        let e = ImageError::Download {
+            url: "http://h/x.img".into(),
+            message: "closed".into(),
+            expected: expected.clone(),
+            received: 10,
+            actual: Some(actual.clone()),
+        };
+        let s = e.to_string();
+        assert!(s.contains(&expected.hex) && s.contains(&actual.hex) && s.contains("10 bytes"));
+        assert_eq!(e.exit_code(), crate::exit::UNAVAILABLE);
+        let e = ImageError::Http {
+            url: "http://h/x.img".into(),
+            status: 404,
+            expected: Some(expected),
+        };
+        assert!(e.to_string().contains("404"));
+    }
+
+    #[test]
+    fn local_copies_are_content_addressed_and_checked() {
+        // Copies are checked with qemu-img; skip where it is not installed.
+        if crate::qemu::process::which("qemu-img").is_none() {
+            eprintln!("SKIPPED: no qemu-img");
+            return;
+        }
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let src = dir.path().join("base.qcow2");
+        let src = dir.path().join("base.img");
         std::fs::write(&src, b"one").unwrap_or_else(|e| panic!("{e}"));
         let cache = dir.path().join("cache");
         let a = cache_local(&src, &cache).unwrap_or_else(|e| panic!("{e}"));
         let b = cache_local(&src, &cache).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a, b);
+        assert!(cache::load_meta(&a).is_some());
         std::fs::write(&src, b"two").unwrap_or_else(|e| panic!("{e}"));
         let c = cache_local(&src, &cache).unwrap_or_else(|e| panic!("{e}"));
         assert_ne!(a, c);
         assert_eq!(std::fs::read(&a).unwrap_or_default(), b"one");
+        // A wrong digest is refused and leaves nothing.
+        let wrong = Digest {
+            algo: Algo::Sha512,
+            hex: "0".repeat(128),
+        };
+        std::fs::write(&src, b"three").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            cache_local_checked(&src, &cache, Some(&wrong)),
+            Err(ImageError::Mismatch { .. })
+        ));
         let leftovers: Vec<_> = std::fs::read_dir(&cache)
             .unwrap_or_else(|e| panic!("{e}"))
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
             .collect();
-        assert!(leftovers.is_empty());
+        assert!(leftovers.is_empty(), "{leftovers:?}");
         assert!(matches!(
             cache_local(&dir.path().join("nope"), &cache),
             Err(ImageError::Missing { .. })
