@@ -14,9 +14,16 @@ pub const INIT_MIGRANTFILE: &str = r#"# Migrantfile: one throwaway VM, defined i
 #name = "my-vm"
 
 # Base image: an image name, an https:// URL, a file:// URL or a local
-# .qcow2 file. "debian-12" names the Debian 12 cloud image; until image
-# names are available, point this at a downloaded .qcow2 file instead.
+# .qcow2 file. Names: debian-12, debian-13 (debian), ubuntu-22.04,
+# ubuntu-24.04, ubuntu-26.04 (ubuntu-lts), ubuntu-26.10 (ubuntu): the
+# distribution's official cloud image, checked against its published
+# checksum list. `migrant image list` shows what is cached.
 image = "debian-12"
+
+# How to verify an https:// image: "sha256:<hex>", "sha512:<hex>" or the
+# URL of a checksum list. Without it, a SHA512SUMS or SHA256SUMS file
+# beside the image is used.
+#image_checksum = "sha512:..."
 
 # Resources. Sizes take a unit: K, M, G or T (powers of 1024).
 cpus = 2
@@ -25,6 +32,9 @@ disk = "20G"
 
 # "bios" or "uefi" (some images, e.g. Debian's generic one, need uefi).
 #firmware = "bios"
+
+# UEFI Secure Boot with the distribution's keys enrolled (uefi only).
+#secure_boot = false
 
 # "auto" (KVM when available), "kvm" or "tcg" (software, slow).
 #accel = "auto"

@@ -32,6 +32,7 @@
 //! | `VCPUS`                   | `cpus`                                             |
 //! | `DISK_GB`                 | `disk`, in GiB                                     |
 //! | `IMAGE_URL`               | `image`                                            |
+//! | `IMAGE_CHECKSUM`          | `image_checksum` (migrant only; not in the original) |
 //! | `SHARED_FOLDERS`          | `share`: `"host:tag[:size_gb]"` each               |
 //! | `SHARED_FOLDER_SIZE_GB`   | size of shares without `:size_gb` (default 10)     |
 //! | `SHARED_FOLDER_ISOLATION` | `isolation` of every share (`true`/`false`)        |
@@ -66,13 +67,14 @@ use super::{Autoconnect, ConfigError, Egress, Firmware, Format};
 use std::collections::HashMap;
 
 /// The variables the original tool read from its Migrantfile.
-const KNOWN: [&str; 18] = [
+const KNOWN: [&str; 19] = [
     "VM_NAME",
     "OS_VARIANT",
     "RAM_MB",
     "VCPUS",
     "DISK_GB",
     "IMAGE_URL",
+    "IMAGE_CHECKSUM",
     "SHARED_FOLDERS",
     "SHARED_FOLDER_SIZE_GB",
     "SHARED_FOLDER_ISOLATION",
@@ -751,6 +753,9 @@ fn apply(assignments: Vec<Assignment>, ctx: &Ctx) -> Result<Draft, ConfigError> 
 
     d.name = vars.scalar("VM_NAME", ctx)?;
     d.image = vars.scalar("IMAGE_URL", ctx)?;
+    d.image_checksum = vars
+        .scalar("IMAGE_CHECKSUM", ctx)?
+        .filter(|at| !at.value.is_empty());
     d.memory = vars.bytes("RAM_MB", "megabytes (MiB)", MIB, ctx)?;
     d.disk = vars.bytes("DISK_GB", "gigabytes (GiB)", GIB, ctx)?;
     d.cpus = vars.number("VCPUS", "CPUs", ctx)?.map(|at| {

@@ -52,6 +52,11 @@ pub struct Config {
     /// Other `scheme://` URLs and bare words (aliases such as `debian-12`
     /// or `ubuntu-24.04`) are kept as written.
     pub image: String,
+    /// How to verify a downloaded (or copied) image (`image_checksum`):
+    /// a digest `sha256:…`/`sha512:…`, or the `http(s)://` URL of a
+    /// checksum list. `None`: image names use their distribution's list,
+    /// other URLs a `SHA512SUMS`/`SHA256SUMS` beside them.
+    pub image_checksum: Option<crate::image::Checksum>,
     /// Number of virtual CPUs, 1..=256 (default 2).
     pub cpus: u32,
     /// Guest RAM in bytes (default 2 GiB, at least 128 MiB).
@@ -60,6 +65,8 @@ pub struct Config {
     pub disk: u64,
     /// Boot firmware (default BIOS).
     pub firmware: Firmware,
+    /// UEFI Secure Boot (`secure_boot = true`, UEFI only; default off).
+    pub secure_boot: bool,
     /// CPU acceleration (default: KVM when usable, else TCG).
     pub accel: Accel,
     /// Host folders shared with the guest, in file order; tags are unique.

@@ -65,6 +65,8 @@ pub(super) struct Draft {
     pub format: Format,
     pub name: Option<At<String>>,
     pub image: Option<At<String>>,
+    pub image_checksum: Option<At<String>>,
+    pub secure_boot: Option<At<bool>>,
     pub cpus: Option<At<i64>>,
     pub memory: Option<At<u64>>,
     pub disk: Option<At<u64>>,
@@ -95,6 +97,8 @@ impl Draft {
             format,
             name: None,
             image: None,
+            image_checksum: None,
+            secure_boot: None,
             cpus: None,
             memory: None,
             disk: None,
@@ -293,6 +297,43 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         ));
     };
     let image = resolve_image(image_at, ctx)?;
+    let image_checksum = match &d.image_checksum {
+        Some(at) => {
+            let c = crate::image::Checksum::parse(&at.value).map_err(|e| ctx.err_at(at, e))?;
+            match (values::classify_image(&image_at.value), &c) {
+                (ImageRef::Path(_) | ImageRef::FileUrl(_), crate::image::Checksum::List(_)) => {
+                    return Err(ctx.err_at(
+                        at,
+                        "a local image is checked against a digest (\"sha256:…\"), not a checksum list",
+                    ));
+                }
+                (ImageRef::Url, _)
+                    if !image.starts_with("http://") && !image.starts_with("https://") =>
+                {
+                    return Err(ctx.err_at(
+                        at,
+                        "checksums apply to http(s) URLs, local files and image names",
+                    ));
+                }
+                _ => {}
+            }
+            Some(c)
+        }
+        None => None,
+    };
+    let secure_boot = match &d.secure_boot {
+        Some(at) if at.value && d.firmware != Firmware::Uefi => {
+            return Err(ctx.err_at(
+                at,
+                format!(
+                    "Secure Boot needs UEFI firmware: set {} = \"uefi\"",
+                    d.key("firmware", "BOOT_FIRMWARE")
+                ),
+            ));
+        }
+        Some(at) => at.value,
+        None => false,
+    };
 
     let cpus = match &d.cpus {
         Some(at) if !(1..=MAX_CPUS).contains(&at.value) => {
@@ -545,10 +586,12 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         dir: ctx.dir.clone(),
         name,
         image,
+        image_checksum,
         cpus,
         memory,
         disk,
         firmware: d.firmware,
+        secure_boot,
         accel: d.accel,
         shares,
         network: Network {

@@ -1254,3 +1254,82 @@ fn byte_order_mark_is_ignored() {
     let (_d, c) = good("\u{feff}VM_NAME=bom\nIMAGE_URL=debian-12\n");
     assert_eq!((c.name.as_str(), c.format), ("bom", Format::Legacy));
 }
+
+#[test]
+fn image_checksums() {
+    let sha = "sha512:".to_string() + &"Ab".repeat(64);
+    let (_d, c) = good(&format!(
+        "image = \"https://h/x.qcow2\"\nimage_checksum = \"{sha}\"\n"
+    ));
+    match c.image_checksum {
+        Some(crate::image::Checksum::Digest(d)) => assert_eq!(d.hex, "ab".repeat(64)),
+        other => panic!("{other:?}"),
+    }
+    let (_d, c) =
+        good("image = \"https://h/x.qcow2\"\nimage_checksum = \"https://h/SHA256SUMS\"\n");
+    assert_eq!(
+        c.image_checksum,
+        Some(crate::image::Checksum::List("https://h/SHA256SUMS".into()))
+    );
+    let (_d, c) = good("image = \"debian-12\"\n");
+    assert_eq!(c.image_checksum, None);
+    let (_d, c) = good(&format!(
+        "image = \"x.qcow2\"\nimage_checksum = \"{sha}\"\n"
+    ));
+    assert!(c.image_checksum.is_some());
+    bad(
+        "image = \"https://h/x.qcow2\"\nimage_checksum = \"md5:abc\"\n",
+        2,
+        "image_checksum",
+        "unknown checksum algorithm",
+    );
+    bad(
+        "image = \"https://h/x.qcow2\"\nimage_checksum = \"sha256:abc\"\n",
+        2,
+        "image_checksum",
+        "64 hex digits",
+    );
+    bad(
+        "image = \"x.qcow2\"\nimage_checksum = \"https://h/SUMS\"\n",
+        2,
+        "image_checksum",
+        "not a checksum list",
+    );
+    bad(
+        "image = \"ftp://h/x.qcow2\"\nimage_checksum = \"https://h/SUMS\"\n",
+        2,
+        "image_checksum",
+        "http(s) URLs",
+    );
+    bad(
+        "image = \"x.qcow2\"\nimage_checksum = 5\n",
+        2,
+        "image_checksum",
+        "invalid type",
+    );
+    // The legacy reader knows it too.
+    let (_d, c) = good(&format!(
+        "IMAGE_URL=\"https://h/x.img\"\nIMAGE_CHECKSUM=\"{sha}\"\n"
+    ));
+    assert!(c.image_checksum.is_some());
+    bad(
+        "IMAGE_URL=\"https://h/x.img\"\nIMAGE_CHECKSUM=\"sha1:00\"\n",
+        2,
+        "IMAGE_CHECKSUM",
+        "unknown checksum algorithm",
+    );
+}
+
+#[test]
+fn secure_boot_needs_uefi() {
+    let (_d, c) = good("image = \"debian-12\"\nfirmware = \"uefi\"\nsecure_boot = true\n");
+    assert!(c.secure_boot);
+    let (_d, c) = good("image = \"debian-12\"\n");
+    assert!(!c.secure_boot);
+    bad(
+        "image = \"debian-12\"\nsecure_boot = true\n",
+        2,
+        "secure_boot",
+        "needs UEFI",
+    );
+}

@@ -3,10 +3,12 @@
 //! ```toml
 //! name = "agent"            # default: the folder name
 //! image = "debian-12"       # required: alias, URL, file:// or local path
+//! image_checksum = "sha512:…"  # or "sha256:…", or a checksum list URL
 //! cpus = 2
 //! memory = "2G"             # K/M/G/T, binary; optional B or iB
 //! disk = "20G"
 //! firmware = "bios"         # or "uefi"
+//! secure_boot = false       # UEFI Secure Boot (uefi only)
 //! accel = "auto"            # or "kvm", "tcg"
 //! halt_timeout = 60         # seconds
 //! autoconnect = "none"      # or "ssh", "console"
@@ -49,6 +51,8 @@ use toml::de::{DeTable, DeValue};
 struct RawFile {
     name: Option<Spanned<String>>,
     image: Option<Spanned<String>>,
+    image_checksum: Option<Spanned<String>>,
+    secure_boot: Option<Spanned<bool>>,
     cpus: Option<Spanned<i64>>,
     memory: Option<Spanned<String>>,
     disk: Option<Spanned<String>>,
@@ -153,6 +157,10 @@ pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
     let mut d = Draft::new(Format::Toml);
     d.name = raw.name.map(|s| at(s, "name".into()));
     d.image = raw.image.map(|s| at(s, "image".into()));
+    d.image_checksum = raw.image_checksum.map(|s| at(s, "image_checksum".into()));
+    d.secure_boot = raw
+        .secure_boot
+        .map(|s| At::new(*s.get_ref(), line_of(text, s.span().start), "secure_boot"));
     d.cpus = raw.cpus.map(|s| int(s, "cpus"));
     d.memory = raw.memory.map(|s| size(s, "memory")).transpose()?;
     d.disk = raw.disk.map(|s| size(s, "disk")).transpose()?;
