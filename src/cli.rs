@@ -86,6 +86,33 @@ pub enum Cmd {
     },
     /// Check this host: QEMU, a working accelerator, TUN, nftables, firmware, virtiofs.
     Doctor,
+    /// Grow the VM's disk to SIZE (default: the Migrantfile's `disk`): live
+    /// while it runs, including the guest's root file system. Never shrinks.
+    Resize {
+        /// New size, like "40G" (powers of 1024).
+        #[arg(value_name = "SIZE")]
+        size: Option<String>,
+    },
+    /// Shut the VM down cleanly and save its disk as a snapshot; the VM
+    /// stays down.
+    Snapshot,
+    /// Rebuild the VM from its snapshot and boot it (no provisioning).
+    Reset {
+        /// Seconds to wait for the guest to answer SSH.
+        #[arg(long, default_value_t = 600, value_name = "SECS")]
+        timeout: u64,
+    },
+    /// Show the image cache and every VM's files with their sizes.
+    Storage {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the base image cache.
+    Image {
+        #[command(subcommand)]
+        command: ImageCmd,
+    },
 
     /// (internal) The per-VM supervisor.
     #[command(name = "__supervisor", hide = true)]
@@ -102,4 +129,31 @@ pub enum Cmd {
     /// (internal) ssh ProxyCommand: relay stdin/stdout to a unix socket.
     #[command(name = "__proxy", hide = true)]
     Proxy { socket: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Cached images: size, source, which VMs use them.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download (or copy) an image into the cache: an image name, an
+    /// http(s) URL or a local file.
+    Pull {
+        /// debian-12, https://…/disk.qcow2, /path/disk.qcow2
+        name: String,
+        /// "sha256:…", "sha512:…" or the URL of a checksum list.
+        #[arg(long, value_name = "CHECKSUM")]
+        checksum: Option<String>,
+    },
+    /// Remove cached images (by file name, image name or URL); images a VM
+    /// uses are kept.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove every image no VM uses, and leftovers of interrupted downloads.
+    Prune,
 }

@@ -1,8 +1,21 @@
 //! Firmware: SeaBIOS (QEMU's default) or UEFI (OVMF).
 //!
-//! OVMF is found through QEMU's firmware descriptors
-//! (`/usr/share/qemu/firmware/*.json`, the interop format), then the usual
-//! distribution paths. Each VM gets its own copy of the variable store.
+//! OVMF is found, in this order, through
+//!
+//! 1. QEMU's firmware descriptors (the interop JSON files in
+//!    `/etc/qemu/firmware` and `/usr/share/qemu/firmware`; a file in
+//!    `/etc` hides the one of the same name in `/usr/share`, an empty one
+//!    disables it; read in file-name order, as QEMU does);
+//! 2. the usual distribution paths (Debian, Fedora, Arch);
+//! 3. a copy of the `ovmf-prebuilt` crate's release in
+//!    `$MIGRANT_HOME/firmware/ovmf-prebuilt`, fetched by `migrant up` the
+//!    first time a UEFI VM needs it on a host that has none (no Secure
+//!    Boot build there).
+//!
+//! Secure Boot is off unless the Migrantfile asks (`secure_boot = true`);
+//! then only a descriptor with `secure-boot` and `enrolled-keys` is used,
+//! and QEMU runs with SMM. Each VM gets its own copy of the variable store
+//! (`nvram.fd` in its state folder, deleted with the VM).
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +30,14 @@ pub enum FirmwareError {
         "firmware = \"uefi\" but no OVMF firmware was found (install the ovmf package); looked in {0}"
     )]
     NoOvmf(String),
+    #[error(
+        "secure_boot = true but no Secure Boot OVMF with enrolled keys was found (install the ovmf package); looked in {0}"
+    )]
+    NoSecureOvmf(String),
+    #[error(
+        "no OVMF on this host, and fetching the ovmf-prebuilt release into {dir} failed: {message}"
+    )]
+    Prebuilt { dir: PathBuf, message: String },
     #[error("cannot create the UEFI variable store {path}")]
     Vars {
         path: PathBuf,
@@ -28,7 +49,9 @@ pub enum FirmwareError {
 impl FirmwareError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            FirmwareError::NoOvmf(_) => crate::exit::UNAVAILABLE,
+            FirmwareError::NoOvmf(_)
+            | FirmwareError::NoSecureOvmf(_)
+            | FirmwareError::Prebuilt { .. } => crate::exit::UNAVAILABLE,
             FirmwareError::Vars { .. } => crate::exit::SOFTWARE,
         }
     }
@@ -55,6 +78,13 @@ const FALLBACKS: &[(&str, &str)] = &[
     ),
 ];
 
+/// SeaBIOS as QEMU ships it (for `doctor`).
+const SEABIOS: &[&str] = &[
+    "/usr/share/seabios/bios-256k.bin",
+    "/usr/share/qemu/bios-256k.bin",
+    "/usr/share/qemu/bios.bin",
+];
+
 #[derive(Debug, Deserialize)]
 struct Descriptor {
     #[serde(rename = "interface-types", default)]
@@ -70,6 +100,8 @@ struct Descriptor {
 struct Mapping {
     #[serde(default)]
     device: String,
+    #[serde(default)]
+    mode: Option<String>,
     #[serde(rename = "executable")]
     executable: Option<FileRef>,
     #[serde(rename = "nvram-template")]
@@ -92,15 +124,36 @@ struct Target {
     machines: Vec<String>,
 }
 
-/// A plain (no Secure Boot) x86_64 q35 OVMF with a separate variable store.
-fn usable(d: &Descriptor) -> Option<(PathBuf, PathBuf)> {
+/// OVMF code and the template of its variable store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ovmf {
+    pub code: PathBuf,
+    pub vars: PathBuf,
+    pub secure_boot: bool,
+    /// Where it was found (a descriptor file, "distribution path",
+    /// "ovmf-prebuilt").
+    pub origin: String,
+}
+
+/// An x86_64 q35 OVMF in split flash mode (code + variable template),
+/// raw format. `secure`: with Secure Boot and enrolled keys (needs SMM);
+/// otherwise without Secure Boot and without SMM.
+fn usable(d: &Descriptor, secure: bool) -> Option<(PathBuf, PathBuf)> {
     if !d.interface_types.iter().any(|t| t == "uefi") || d.mapping.device != "flash" {
         return None;
     }
-    if d.features
-        .iter()
-        .any(|f| f == "secure-boot" || f == "enrolled-keys" || f == "amd-sev")
-    {
+    if d.mapping.mode.as_deref().is_some_and(|m| m != "split") {
+        return None;
+    }
+    let has = |f: &str| d.features.iter().any(|x| x == f);
+    // Confidential-computing builds boot nothing else.
+    if has("amd-sev-es") || has("amd-sev-snp") || has("intel-tdx") {
+        return None;
+    }
+    if secure != (has("secure-boot") && has("enrolled-keys")) {
+        return None;
+    }
+    if !secure && (has("secure-boot") || has("requires-smm")) {
         return None;
     }
     let q35 = d
@@ -120,50 +173,161 @@ fn usable(d: &Descriptor) -> Option<(PathBuf, PathBuf)> {
         .then(|| (exe.filename.clone(), vars.filename.clone()))
 }
 
-/// Find OVMF: descriptors first (sorted by file name, as QEMU does), then
-/// the usual paths.
-pub fn find_ovmf() -> Option<(PathBuf, PathBuf)> {
-    let mut files: Vec<PathBuf> = DESCRIPTOR_DIRS
-        .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .flat_map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    files.sort_by_key(|p| p.file_name().map(|n| n.to_os_string()));
-    for f in files {
+/// Descriptor files in the order QEMU reads them: by file name, a file in
+/// an earlier folder hiding one of the same name in a later folder.
+fn descriptor_files(dirs: &[&Path]) -> Vec<PathBuf> {
+    let mut by_name: std::collections::BTreeMap<std::ffi::OsString, PathBuf> =
+        std::collections::BTreeMap::new();
+    for dir in dirs {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                by_name.entry(e.file_name()).or_insert(p);
+            }
+        }
+    }
+    by_name.into_values().collect()
+}
+
+fn from_descriptors(dirs: &[&Path], secure: bool) -> Option<Ovmf> {
+    for f in descriptor_files(dirs) {
         let Ok(text) = std::fs::read_to_string(&f) else {
             continue;
         };
-        if let Ok(d) = serde_json::from_str::<Descriptor>(&text)
-            && let Some(found) = usable(&d)
-        {
-            return Some(found);
+        if text.trim().is_empty() {
+            continue; // an empty file masks the descriptor
         }
+        if let Ok(d) = serde_json::from_str::<Descriptor>(&text)
+            && let Some((code, vars)) = usable(&d, secure)
+        {
+            return Some(Ovmf {
+                code,
+                vars,
+                secure_boot: secure,
+                origin: f.display().to_string(),
+            });
+        }
+    }
+    None
+}
+
+/// Where the `ovmf-prebuilt` release is kept.
+pub fn prebuilt_dir(home: &Path) -> PathBuf {
+    home.join("firmware").join("ovmf-prebuilt")
+}
+
+fn from_prebuilt(home: &Path) -> Option<Ovmf> {
+    let dir = prebuilt_dir(home).join("x64");
+    let (code, vars) = (dir.join("code.fd"), dir.join("vars.fd"));
+    (code.is_file() && vars.is_file()).then(|| Ovmf {
+        code,
+        vars,
+        secure_boot: false,
+        origin: "ovmf-prebuilt".into(),
+    })
+}
+
+/// Find OVMF on this host (see the module documentation); `home` is
+/// `$MIGRANT_HOME`, for the prebuilt copy.
+pub fn find(secure: bool, home: &Path) -> Option<Ovmf> {
+    let dirs: Vec<&Path> = DESCRIPTOR_DIRS.iter().map(Path::new).collect();
+    if let Some(found) = from_descriptors(&dirs, secure) {
+        return Some(found);
+    }
+    if secure {
+        return None;
     }
     FALLBACKS
         .iter()
         .map(|(c, v)| (PathBuf::from(c), PathBuf::from(v)))
         .find(|(c, v)| c.is_file() && v.is_file())
+        .map(|(code, vars)| Ovmf {
+            code,
+            vars,
+            secure_boot: false,
+            origin: "distribution path".into(),
+        })
+        .or_else(|| from_prebuilt(home))
+}
+
+/// Find OVMF (without Secure Boot) with the default home; for `doctor`.
+pub fn find_ovmf() -> Option<(PathBuf, PathBuf)> {
+    find(false, &crate::state::Paths::from_env().home).map(|o| (o.code, o.vars))
+}
+
+/// SeaBIOS, if QEMU's copy is where distributions put it.
+pub fn find_seabios() -> Option<PathBuf> {
+    SEABIOS.iter().map(PathBuf::from).find(|p| p.is_file())
+}
+
+fn looked() -> String {
+    DESCRIPTOR_DIRS.join(", ") + " and the usual OVMF paths"
+}
+
+/// Make sure OVMF is there for a VM that needs it: on a host without any,
+/// fetch the `ovmf-prebuilt` release (once) into `$MIGRANT_HOME`. Called
+/// by `up` before the supervisor starts.
+pub fn ensure(want: Firmware, secure: bool, home: &Path) -> Result<Option<Ovmf>, FirmwareError> {
+    if want == Firmware::Bios {
+        return Ok(None);
+    }
+    if let Some(found) = find(secure, home) {
+        return Ok(Some(found));
+    }
+    if secure {
+        return Err(FirmwareError::NoSecureOvmf(looked()));
+    }
+    let dir = prebuilt_dir(home);
+    println!(
+        "==> no OVMF on this host; fetching the ovmf-prebuilt release {} into {}",
+        ovmf_prebuilt::Source::LATEST.tag,
+        dir.display()
+    );
+    let prebuilt =
+        ovmf_prebuilt::Prebuilt::fetch(ovmf_prebuilt::Source::LATEST, &dir).map_err(|e| {
+            FirmwareError::Prebuilt {
+                dir: dir.clone(),
+                message: e.to_string(),
+            }
+        })?;
+    let code = prebuilt.get_file(ovmf_prebuilt::Arch::X64, ovmf_prebuilt::FileType::Code);
+    let vars = prebuilt.get_file(ovmf_prebuilt::Arch::X64, ovmf_prebuilt::FileType::Vars);
+    if !(code.is_file() && vars.is_file()) {
+        return Err(FirmwareError::Prebuilt {
+            dir,
+            message: "the release has no x64 code.fd and vars.fd".into(),
+        });
+    }
+    Ok(from_prebuilt(home))
 }
 
 /// Resolve the firmware for a VM; for UEFI, the VM's variable store at
 /// `nvram` is created from the template on first use.
-pub fn resolve(want: Firmware, nvram: &Path) -> Result<FirmwareFiles, FirmwareError> {
+pub fn resolve(want: Firmware, secure: bool, nvram: &Path) -> Result<FirmwareFiles, FirmwareError> {
     match want {
         Firmware::Bios => Ok(FirmwareFiles::Bios),
         Firmware::Uefi => {
-            let (code, template) = find_ovmf().ok_or_else(|| {
-                FirmwareError::NoOvmf(DESCRIPTOR_DIRS.join(", ") + " and the usual OVMF paths")
+            let home = crate::state::Paths::from_env().home;
+            let ovmf = find(secure, &home).ok_or_else(|| {
+                if secure {
+                    FirmwareError::NoSecureOvmf(looked())
+                } else {
+                    FirmwareError::NoOvmf(looked())
+                }
             })?;
             if !nvram.exists() {
-                std::fs::copy(&template, nvram).map_err(|source| FirmwareError::Vars {
+                std::fs::copy(&ovmf.vars, nvram).map_err(|source| FirmwareError::Vars {
                     path: nvram.to_path_buf(),
                     source,
                 })?;
             }
             Ok(FirmwareFiles::Uefi {
-                code,
+                code: ovmf.code,
                 vars: nvram.to_path_buf(),
+                secure_boot: ovmf.secure_boot,
             })
         }
     }
@@ -173,29 +337,94 @@ pub fn resolve(want: Firmware, nvram: &Path) -> Result<FirmwareFiles, FirmwareEr
 mod tests {
     use super::*;
 
+    fn descriptor(features: &str, code: &str, machines: &str) -> Descriptor {
+        serde_json::from_str(&format!(
+            r#"{{"interface-types":["uefi"],"mapping":{{"device":"flash",
+            "executable":{{"filename":"{code}","format":"raw"}},
+            "nvram-template":{{"filename":"/bin/ls","format":"raw"}}}},
+            "targets":[{{"architecture":"x86_64","machines":[{machines}]}}],
+            "features":[{features}]}}"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     #[test]
-    fn secure_boot_descriptors_are_skipped() {
-        let d: Descriptor = serde_json::from_str(
-            r#"{"interface-types":["uefi"],"mapping":{"device":"flash",
-            "executable":{"filename":"/bin/sh","format":"raw"},
-            "nvram-template":{"filename":"/bin/sh","format":"raw"}},
-            "targets":[{"architecture":"x86_64","machines":["pc-q35-*"]}],
-            "features":["secure-boot","requires-smm"]}"#,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert!(usable(&d).is_none());
+    fn secure_boot_descriptors_only_when_asked() {
+        let d = descriptor(
+            r#""secure-boot","enrolled-keys","requires-smm""#,
+            "/bin/sh",
+            r#""pc-q35-*""#,
+        );
+        assert!(usable(&d, false).is_none());
+        assert_eq!(usable(&d, true), Some(("/bin/sh".into(), "/bin/ls".into())));
+        // Secure Boot without keys is no use for distribution images.
+        let d = descriptor(
+            r#""secure-boot","requires-smm""#,
+            "/bin/sh",
+            r#""pc-q35-*""#,
+        );
+        assert!(usable(&d, true).is_none());
     }
 
     #[test]
     fn plain_q35_descriptor_is_used() {
-        let d: Descriptor = serde_json::from_str(
-            r#"{"interface-types":["uefi"],"mapping":{"device":"flash",
-            "executable":{"filename":"/bin/sh","format":"raw"},
-            "nvram-template":{"filename":"/bin/ls","format":"raw"}},
-            "targets":[{"architecture":"x86_64","machines":["pc-q35-*"]}],
-            "features":["acpi-s3"]}"#,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(usable(&d), Some(("/bin/sh".into(), "/bin/ls".into())));
+        // Debian's plain descriptor lists amd-sev: it still boots anything.
+        let d = descriptor(
+            r#""acpi-s3","amd-sev","verbose-dynamic""#,
+            "/bin/sh",
+            r#""pc-i440fx-*","pc-q35-*""#,
+        );
+        assert_eq!(
+            usable(&d, false),
+            Some(("/bin/sh".into(), "/bin/ls".into()))
+        );
+        assert!(usable(&d, true).is_none());
+        let d = descriptor(r#""amd-sev-es""#, "/bin/sh", r#""pc-q35-*""#);
+        assert!(usable(&d, false).is_none());
+        let d = descriptor("", "/bin/sh", r#""pc-i440fx-*""#);
+        assert!(usable(&d, false).is_none());
+        let d = descriptor("", "/nonexistent/code.fd", r#""pc-q35-*""#);
+        assert!(usable(&d, false).is_none());
+    }
+
+    #[test]
+    fn etc_hides_usr_share_and_order_is_by_name() {
+        let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let etc = root.path().join("etc");
+        let usr = root.path().join("usr");
+        for d in [&etc, &usr] {
+            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let plain = |code: &str| {
+            format!(
+                r#"{{"interface-types":["uefi"],"mapping":{{"device":"flash",
+                "executable":{{"filename":"{code}"}},"nvram-template":{{"filename":"/bin/ls"}}}},
+                "targets":[{{"architecture":"x86_64","machines":["pc-q35-8.0"]}}],"features":[]}}"#
+            )
+        };
+        let write = |p: PathBuf, s: &str| std::fs::write(p, s).unwrap_or_else(|e| panic!("{e}"));
+        write(usr.join("50-a.json"), &plain("/bin/sh"));
+        write(usr.join("60-b.json"), &plain("/bin/cat"));
+        let dirs = [etc.as_path(), usr.as_path()];
+        let found = from_descriptors(&dirs, false).map(|o| o.code);
+        assert_eq!(found, Some(PathBuf::from("/bin/sh")));
+        // An empty file in /etc masks 50-a.json.
+        write(etc.join("50-a.json"), "");
+        let found = from_descriptors(&dirs, false).map(|o| o.code);
+        assert_eq!(found, Some(PathBuf::from("/bin/cat")));
+    }
+
+    #[test]
+    fn prebuilt_copy_is_found_in_home() {
+        let home = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        assert!(from_prebuilt(home.path()).is_none());
+        let x64 = prebuilt_dir(home.path()).join("x64");
+        std::fs::create_dir_all(&x64).unwrap_or_else(|e| panic!("{e}"));
+        for f in ["code.fd", "vars.fd"] {
+            std::fs::write(x64.join(f), b"x").unwrap_or_else(|e| panic!("{e}"));
+        }
+        let o = from_prebuilt(home.path()).unwrap_or_else(|| panic!("not found"));
+        assert_eq!(o.origin, "ovmf-prebuilt");
+        assert!(!o.secure_boot);
     }
 }

@@ -109,6 +109,14 @@ impl VmPaths {
     pub fn nvram(&self) -> PathBuf {
         self.state.join("nvram.fd")
     }
+    /// The flattened disk `migrant snapshot` saved.
+    pub fn snapshot(&self) -> PathBuf {
+        self.state.join("snapshot.qcow2")
+    }
+    /// The UEFI variables saved with the snapshot.
+    pub fn snapshot_nvram(&self) -> PathBuf {
+        self.state.join("snapshot-nvram.fd")
+    }
     pub fn serial_log(&self) -> PathBuf {
         self.state.join("serial.log")
     }
@@ -221,6 +229,12 @@ pub struct Record {
     /// Provisioning (playbook) completed once.
     #[serde(default)]
     pub provisioned: bool,
+    /// CPUs of the current (or last) boot.
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// Memory in bytes of the current (or last) boot.
+    #[serde(default)]
+    pub memory: Option<u64>,
 }
 
 impl Record {

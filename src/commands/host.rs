@@ -130,14 +130,17 @@ pub fn doctor() -> Result<u8> {
         ),
         check("nftables", false, version("nft", "--version")),
         check(
-            "uefi firmware",
+            "bios firmware",
             false,
-            crate::firmware::find_ovmf()
-                .map(|(c, v)| format!("{} + {}", c.display(), v.display()))
+            crate::firmware::find_seabios()
+                .map(|p| format!("SeaBIOS {}", p.display()))
                 .ok_or_else(|| {
-                    "no OVMF found; firmware = \"uefi\" will not work (apt-get install ovmf)".into()
+                    "SeaBIOS not found where distributions put it (QEMU may still have it built in)"
+                        .into()
                 }),
         ),
+        check("uefi firmware", false, uefi_check(false)),
+        check("secure boot", false, uefi_check(true)),
         check("virtiofs", false, qemu_has_device("vhost-user-fs-pci")),
         check(
             "qemu user",
@@ -166,6 +169,28 @@ pub fn doctor() -> Result<u8> {
         Ok(exit::UNAVAILABLE)
     } else {
         Ok(0)
+    }
+}
+
+/// What `firmware = "uefi"` (with `secure_boot` or not) would use.
+fn uefi_check(secure: bool) -> std::result::Result<String, String> {
+    let home = crate::state::Paths::from_env().home;
+    match crate::firmware::find(secure, &home) {
+        Some(o) => Ok(format!(
+            "{} + {} (from {})",
+            o.code.display(),
+            o.vars.display(),
+            o.origin
+        )),
+        None if secure => Err(
+            "no Secure Boot OVMF with enrolled keys; secure_boot = true will not work (apt-get install ovmf)"
+                .into(),
+        ),
+        None => Err(format!(
+            "no OVMF on this host; the first UEFI `up` fetches the ovmf-prebuilt release {} into {}",
+            ovmf_prebuilt::Source::LATEST.tag,
+            crate::firmware::prebuilt_dir(&home).display()
+        )),
     }
 }
 

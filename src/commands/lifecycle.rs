@@ -35,7 +35,7 @@ pub fn halt(p: &Project, force: bool, timeout: Option<u64>) -> Result<u8> {
 }
 
 /// Ask the supervisor to stop the VM and wait until it has exited.
-fn stop(vm: &VmPaths, force: bool, secs: u64) -> Result<()> {
+pub(super) fn stop(vm: &VmPaths, force: bool, secs: u64) -> Result<()> {
     let req = Request::Halt {
         force,
         timeout_secs: secs,

@@ -1,7 +1,9 @@
 //! The user-facing commands. Each returns the process exit code or an
 //! [`Error`] whose exit code `main` uses.
 
+mod disk;
 mod host;
+mod image;
 mod lifecycle;
 mod query;
 mod up;
@@ -31,6 +33,11 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Info { json } => query::info(&Project::load(&dir)?, json),
         Cmd::Ssh { command } => lifecycle::ssh(&Project::load(&dir)?, &command),
         Cmd::Console => lifecycle::console(&Project::load(&dir)?),
+        Cmd::Resize { size } => disk::resize(&Project::load(&dir)?, size.as_deref()),
+        Cmd::Snapshot => disk::snapshot(&Project::load(&dir)?),
+        Cmd::Reset { timeout } => disk::reset(&Project::load(&dir)?, timeout),
+        Cmd::Storage { json } => image::storage(json),
+        Cmd::Image { command } => image::run(command),
         Cmd::Supervisor { .. } | Cmd::Proxy { .. } => Err(Error::other(
             crate::exit::SOFTWARE,
             "internal mode reached the command dispatcher",

@@ -23,6 +23,12 @@ struct StatusView {
     uptime_secs: Option<u64>,
     last_stop: Option<String>,
     disk: Option<String>,
+    /// `saved 5 minutes ago (412.0 MiB)`; `None` without a snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<String>,
+    /// Migrantfile changes the VM does not have yet.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pending: Vec<String>,
 }
 
 fn view(name: &str, live: &Live, project: &str) -> StatusView {
@@ -49,6 +55,8 @@ fn view(name: &str, live: &Live, project: &str) -> StatusView {
             .map(|t| crate::state::now().saturating_sub(t)),
         last_stop: rec.and_then(|r| r.last_stop.clone()),
         disk: None,
+        snapshot: None,
+        pending: Vec::new(),
     }
 }
 
@@ -74,8 +82,14 @@ fn print_view(v: &StatusView) {
     if let Some(d) = &v.disk {
         println!("disk:        {d}");
     }
+    if v.state != "not created" {
+        println!("snapshot:    {}", v.snapshot.as_deref().unwrap_or("none"));
+    }
     if let Some(l) = &v.last_stop {
         println!("last stop:   {l}");
+    }
+    for note in &v.pending {
+        println!("pending:     {note}");
     }
 }
 
@@ -84,6 +98,10 @@ pub fn status(p: &Project, json: bool) -> Result<u8> {
     let mut v = view(&p.cfg.name, &l, &p.cfg.dir.display().to_string());
     if p.vm.disk().exists() {
         v.disk = Some(p.vm.disk().display().to_string());
+    }
+    v.snapshot = super::disk::snapshot_summary(&p.vm);
+    if let Live::Active(r) | Live::Stopped(r) = &l {
+        v.pending = super::disk::pending_changes(p, r, matches!(l, Live::Active(_)));
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -35,6 +35,9 @@ pub fn up(p: &Project, timeout: u64) -> Result<u8> {
         }
         Live::Active(r) if r.state == VmState::Running => {
             println!("==> {}: already running ({})", cfg.name, r.guest_ip);
+            for note in super::disk::pending_changes(p, &r, true) {
+                println!("==> {}: {note}", cfg.name);
+            }
             return Ok(0);
         }
         Live::Stopped(r) | Live::Active(r) if r.project_dir != cfg.dir => {
@@ -54,15 +57,23 @@ pub fn up(p: &Project, timeout: u64) -> Result<u8> {
     state::ensure_dir(&paths.home, 0o755)?;
     state::ensure_dir(&paths.vms(), 0o711)?;
 
-    if Record::load(&vm.record())?.is_none() || !vm.disk().exists() {
-        println!("==> {}: creating VM", cfg.name);
-        if let Err(e) = create(cfg, paths, vm) {
-            // Nothing of this VM existed before this command: remove what
-            // it made, but only the VM's own state folder.
-            remove_new_vm(vm);
-            return Err(e);
+    match Record::load(&vm.record())? {
+        Some(rec) if vm.disk().exists() => {
+            for note in super::disk::pending_changes(p, &rec, false) {
+                println!("==> {}: {note}", cfg.name);
+            }
+        }
+        _ => {
+            println!("==> {}: creating VM", cfg.name);
+            if let Err(e) = create(cfg, paths, vm) {
+                // Nothing of this VM existed before this command: remove what
+                // it made, but only the VM's own state folder.
+                remove_new_vm(vm);
+                return Err(e);
+            }
         }
     }
+    crate::firmware::ensure(cfg.firmware, cfg.secure_boot, &paths.home)?;
     start(cfg, vm, &lock, timeout)?;
     drop(lock);
     println!("==> {}: ready; `migrant ssh` to log in", cfg.name);
@@ -78,6 +89,8 @@ fn remove_new_vm(vm: &VmPaths) {
         vm.disk(),
         vm.seed(),
         vm.nvram(),
+        vm.snapshot(),
+        vm.snapshot_nvram(),
         vm.record(),
         vm.serial_log(),
         vm.supervisor_log(),
@@ -122,10 +135,9 @@ fn random_mac() -> Result<String> {
 
 fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
     let user_data = user_data(cfg)?;
-    let src = crate::image::local_source(&cfg.image)?;
-    println!("==> {}: caching image {}", cfg.name, src.display());
+    let source = crate::image::resolve(&cfg.image, cfg.image_checksum.as_ref())?;
     state::ensure_dir(&paths.images(), 0o755)?;
-    let base = crate::image::cache_local(&src, &paths.images())?;
+    let base = crate::image::obtain(&source, &paths.images(), &cfg.name)?;
     state::ensure_dir(&vm.state, 0o711)?;
     crate::image::create_overlay(&base, &vm.disk(), cfg.disk)?;
     let mac = random_mac()?;
@@ -155,6 +167,8 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
         started_at: None,
         last_stop: None,
         provisioned: false,
+        cpus: None,
+        memory: None,
     }
     .save(&vm.record())?;
     Ok(())

@@ -32,6 +32,12 @@ mod values;
 pub use error::ConfigError;
 pub use init::{INIT_CLOUD_INIT, INIT_MIGRANTFILE, PUBKEY_PLACEHOLDER};
 
+/// Parse a size as the Migrantfile writes it (`20G`, `512M`; powers of
+/// 1024), for command-line arguments.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    values::parse_size(text)
+}
+
 /// Fully validated project configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {

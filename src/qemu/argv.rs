@@ -27,8 +27,13 @@ impl Accelerator {
 pub enum FirmwareFiles {
     /// QEMU's built-in SeaBIOS.
     Bios,
-    /// OVMF code (read-only) and this VM's own copy of the variables.
-    Uefi { code: PathBuf, vars: PathBuf },
+    /// OVMF code (read-only) and this VM's own copy of the variables;
+    /// `secure_boot`: a Secure Boot build, which needs SMM.
+    Uefi {
+        code: PathBuf,
+        vars: PathBuf,
+        secure_boot: bool,
+    },
 }
 
 /// Everything the command line depends on.
@@ -73,11 +78,19 @@ pub fn build_argv(spec: &VmSpec) -> Vec<String> {
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
     push(&["-msg", "timestamp=on"]);
+    let smm = matches!(
+        spec.firmware,
+        FirmwareFiles::Uefi {
+            secure_boot: true,
+            ..
+        }
+    );
+    let machine = if smm { "q35,smm=on" } else { "q35" };
     match spec.accel {
-        Accelerator::Kvm => push(&["-machine", "q35,accel=kvm", "-cpu", "host"]),
+        Accelerator::Kvm => push(&["-machine", &format!("{machine},accel=kvm"), "-cpu", "host"]),
         Accelerator::Tcg => push(&[
             "-machine",
-            "q35",
+            machine,
             "-accel",
             "tcg,thread=multi",
             "-cpu",
@@ -87,7 +100,16 @@ pub fn build_argv(spec: &VmSpec) -> Vec<String> {
     push(&["-smp", &spec.cpus.to_string()]);
     push(&["-m", &format!("{}M", spec.memory_mib)]);
 
-    if let FirmwareFiles::Uefi { code, vars } = &spec.firmware {
+    if let FirmwareFiles::Uefi {
+        code,
+        vars,
+        secure_boot,
+    } = &spec.firmware
+    {
+        if *secure_boot {
+            // Only SMM code may write the variable store.
+            push(&["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+        }
         push(&[
             "-drive",
             &format!(
@@ -246,8 +268,11 @@ mod tests {
         s.firmware = FirmwareFiles::Uefi {
             code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
             vars: "/var/lib/migrant/vms/box/nvram.fd".into(),
+            secure_boot: false,
         };
         let argv = build_argv(&s);
+        assert_eq!(values(&argv, "-machine"), ["q35"]);
+        assert!(values(&argv, "-global").is_empty());
         let drives = values(&argv, "-drive");
         assert_eq!(
             drives[0],
@@ -256,6 +281,22 @@ mod tests {
         assert_eq!(
             drives[1],
             "if=pflash,format=raw,unit=1,file=/var/lib/migrant/vms/box/nvram.fd"
+        );
+    }
+
+    #[test]
+    fn secure_boot_turns_on_smm() {
+        let mut s = spec();
+        s.firmware = FirmwareFiles::Uefi {
+            code: "/usr/share/OVMF/OVMF_CODE_4M.ms.fd".into(),
+            vars: "/v/nvram.fd".into(),
+            secure_boot: true,
+        };
+        let argv = build_argv(&s);
+        assert_eq!(values(&argv, "-machine"), ["q35,smm=on"]);
+        assert_eq!(
+            values(&argv, "-global"),
+            ["driver=cfi.pflash01,property=secure,value=on"]
         );
     }
 

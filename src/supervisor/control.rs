@@ -19,6 +19,9 @@ pub enum Request {
     Halt { force: bool, timeout_secs: u64 },
     /// Resume a paused VM.
     Resume,
+    /// Grow the VM's disk to `size` bytes, live (QMP `block_resize`).
+    /// Refused when smaller than the disk is now.
+    Resize { size: u64 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -40,10 +43,20 @@ pub struct Info {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Status { state: String, lease_seen: bool },
+    Status {
+        state: String,
+        lease_seen: bool,
+    },
     Info(Info),
     Done,
-    Error { message: String },
+    /// The disk's size before and after a [`Request::Resize`].
+    Resized {
+        from: u64,
+        to: u64,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,5 +123,11 @@ mod tests {
         assert_eq!(s, r#"{"op":"halt","force":false,"timeout_secs":60}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).ok(), Some(r));
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+        let r = Request::Resize { size: 1 << 30 };
+        let s = serde_json::to_string(&r).unwrap_or_default();
+        assert_eq!(s, r#"{"op":"resize","size":1073741824}"#);
+        let a = Response::Resized { from: 1, to: 2 };
+        let s = serde_json::to_string(&a).unwrap_or_default();
+        assert_eq!(serde_json::from_str::<Response>(&s).ok(), Some(a));
     }
 }

@@ -203,7 +203,7 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         std::fs::write(&serial, b"").map_err(io(format!("create {}", serial.display())))?;
     }
     let mut owned = vec![vm.disk(), vm.seed(), serial];
-    let firmware = crate::firmware::resolve(cfg.firmware, &vm.nvram())?;
+    let firmware = crate::firmware::resolve(cfg.firmware, cfg.secure_boot, &vm.nvram())?;
     if let qemu::FirmwareFiles::Uefi { vars, .. } = &firmware {
         owned.push(vars.clone());
     }
@@ -305,6 +305,8 @@ async fn supervise(
     rec.supervisor_pid = Some(std::process::id());
     rec.qemu_pid = qemu_pid;
     rec.accel = Some(spec.accel.as_str().to_string());
+    rec.cpus = Some(spec.cpus);
+    rec.memory = Some(cfg.memory);
     rec.qemu_user = Some(identity.name.clone());
     rec.started_at = Some(state::now());
     rec.save(&vm.record())?;
@@ -606,6 +608,7 @@ async fn handle(req: Request, shared: &Shared, ctl: &mpsc::Sender<Control>) -> R
                 message: e.to_string(),
             },
         },
+        Request::Resize { size } => resize(shared, size).await,
         Request::Halt {
             force,
             timeout_secs,
@@ -625,6 +628,64 @@ async fn handle(req: Request, shared: &Shared, ctl: &mpsc::Sender<Control>) -> R
             }
             wait.await.unwrap_or(Response::Done)
         }
+    }
+}
+
+/// The drive id of the VM's disk on QEMU's command line.
+const DISK_DRIVE: &str = "disk0";
+
+/// Grow the disk live; never shrink it.
+async fn resize(shared: &Shared, size: u64) -> Response {
+    let blocks = match shared.qmp.run(qapi::qmp::query_block {}).await {
+        Ok(b) => b,
+        Err(e) => {
+            return Response::Error {
+                message: e.to_string(),
+            };
+        }
+    };
+    let Some(current) = blocks
+        .iter()
+        .find(|b| b.device == DISK_DRIVE)
+        .and_then(|b| b.inserted.as_ref())
+        .map(|i| u64::try_from(i.image.base.virtual_size).unwrap_or(0))
+    else {
+        return Response::Error {
+            message: format!("QEMU reports no drive {DISK_DRIVE}"),
+        };
+    };
+    if size < current {
+        return Response::Error {
+            message: format!("shrinking is refused: the disk is {current} bytes, {size} requested"),
+        };
+    }
+    if size == current {
+        return Response::Resized {
+            from: current,
+            to: current,
+        };
+    }
+    let Ok(bytes) = i64::try_from(size) else {
+        return Response::Error {
+            message: format!("{size} bytes is too large"),
+        };
+    };
+    let cmd = qapi::qmp::block_resize {
+        device: Some(DISK_DRIVE.to_string()),
+        node_name: None,
+        size: bytes,
+    };
+    match shared.qmp.run(cmd).await {
+        Ok(_) => {
+            tracing::info!("disk grown from {current} to {size} bytes");
+            Response::Resized {
+                from: current,
+                to: size,
+            }
+        }
+        Err(e) => Response::Error {
+            message: format!("block_resize: {e}"),
+        },
     }
 }
 

@@ -1,0 +1,389 @@
+//! The disk lifecycle: `resize`, `snapshot`, `reset`; what changed in the
+//! Migrantfile since the VM last booted.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use super::{Live, Project, Result, live};
+use crate::error::Error;
+use crate::exit;
+use crate::image::progress::human;
+use crate::state::{Record, VmLock, VmPaths, VmState};
+use crate::supervisor::control::{self, Request, Response};
+
+/// The hook call points of commands that take the VM down. Hooks
+/// (`hooks/pre-down`, `hooks/post-down`) are run by the provisioning work;
+/// until it lands these do nothing. `pre_down_hook` may abort the command.
+pub fn pre_down_hook(_p: &Project, _trigger: &str) -> Result<()> {
+    Ok(())
+}
+
+/// See [`pre_down_hook`]; a failing post-down hook only warns.
+pub fn post_down_hook(_p: &Project, _trigger: &str) {}
+
+/// Settings that differ between the Migrantfile and the VM as it was
+/// built or last booted, each as one sentence. `running`: say "at the
+/// next boot" instead of "now".
+pub fn pending_changes(p: &Project, rec: &Record, running: bool) -> Vec<String> {
+    let cfg = &p.cfg;
+    let when = if running {
+        "applies at the next boot (`migrant halt && migrant up`)"
+    } else {
+        "applies at this boot"
+    };
+    let mut notes = Vec::new();
+    if let Some(cpus) = rec.cpus
+        && cpus != cfg.cpus
+    {
+        notes.push(format!(
+            "cpus = {} in the Migrantfile, the VM {} with {cpus}: {when}",
+            cfg.cpus,
+            if running { "runs" } else { "last ran" }
+        ));
+    }
+    if let Some(mem) = rec.memory
+        && mem != cfg.memory
+    {
+        notes.push(format!(
+            "memory = {} in the Migrantfile, the VM {} with {}: {when}",
+            human(cfg.memory),
+            if running { "runs" } else { "last ran" },
+            human(mem)
+        ));
+    }
+    if let Ok(info) = crate::image::info(&p.vm.disk(), true) {
+        if cfg.disk > info.virtual_size {
+            notes.push(format!(
+                "disk = {} in the Migrantfile, the disk is {}: `migrant resize` grows it",
+                human(cfg.disk),
+                human(info.virtual_size)
+            ));
+        } else if cfg.disk < info.virtual_size {
+            notes.push(format!(
+                "disk = {} in the Migrantfile is smaller than the VM's {} disk; disks never shrink (`migrant destroy` and `up` to rebuild)",
+                human(cfg.disk),
+                human(info.virtual_size)
+            ));
+        }
+    }
+    notes
+}
+
+/// `migrant resize [SIZE]`: grow the disk to SIZE (default: the
+/// Migrantfile's `disk`). Live while the VM runs (QMP `block_resize`,
+/// then the guest's partition and file system over SSH); with `qemu-img`
+/// while it is stopped (cloud-init grows the file system at the next boot).
+pub fn resize(p: &Project, size: Option<&str>) -> Result<u8> {
+    let name = &p.cfg.name;
+    let (target, from_cli) = match size {
+        Some(s) => (
+            crate::config::parse_size(s).map_err(|e| Error::other(exit::USAGE, e))?,
+            true,
+        ),
+        None => (p.cfg.disk, false),
+    };
+    let current =
+        |vm: &VmPaths| -> Result<u64> { Ok(crate::image::info(&vm.disk(), true)?.virtual_size) };
+    let refuse_shrink = |now: u64| {
+        Error::other(
+            if from_cli { exit::USAGE } else { exit::CONFIG },
+            format!(
+                "{name}: shrinking a disk is refused: it is {} ({now} bytes), {} ({target} bytes) requested{}",
+                human(now),
+                human(target),
+                if from_cli {
+                    ""
+                } else {
+                    " by `disk` in the Migrantfile; `migrant destroy` and `up` rebuild it smaller"
+                }
+            ),
+        )
+    };
+    match live(&p.vm)? {
+        Live::NotCreated => Err(Error::other(
+            exit::UNAVAILABLE,
+            format!(
+                "{name} is not created; `migrant up` creates it with `disk` from the Migrantfile"
+            ),
+        )),
+        Live::Active(r) if r.state == VmState::Running || r.state == VmState::Paused => {
+            let now = current(&p.vm)?;
+            if target < now {
+                return Err(refuse_shrink(now));
+            }
+            let resp = control::request(
+                &p.vm.control_sock(),
+                &Request::Resize { size: target },
+                Duration::from_secs(60),
+            )?;
+            let Response::Resized { from, to } = resp else {
+                return Err(Error::other(
+                    exit::SOFTWARE,
+                    "unexpected answer from the supervisor",
+                ));
+            };
+            if from == to {
+                println!("==> {name}: the disk is already {}", human(to));
+            } else {
+                println!(
+                    "==> {name}: disk grown from {} to {}",
+                    human(from),
+                    human(to)
+                );
+            }
+            if r.state == VmState::Paused {
+                println!(
+                    "==> {name}: the VM is paused; grow the guest's file system once it runs (`migrant resize` again)"
+                );
+                return Ok(0);
+            }
+            grow_in_guest(p);
+            Ok(0)
+        }
+        Live::Active(_) | Live::Busy => Err(Error::other(
+            exit::TEMPFAIL,
+            format!("{name} is starting or stopping; try again"),
+        )),
+        Live::Stopped(_) => {
+            let _lock = VmLock::try_acquire(&p.vm)?;
+            let now = current(&p.vm)?;
+            if target < now {
+                return Err(refuse_shrink(now));
+            }
+            if target == now {
+                println!("==> {name}: the disk is already {}", human(now));
+                return Ok(0);
+            }
+            crate::image::resize(&p.vm.disk(), target)?;
+            println!(
+                "==> {name}: disk grown from {} to {} (stopped: cloud-init grows the root file system at the next boot)",
+                human(now),
+                human(target)
+            );
+            Ok(0)
+        }
+    }
+}
+
+/// Grows the partition holding `/` and its file system to the end of
+/// the disk. growpart exits 1 when there is nothing to grow.
+const GROW_SCRIPT: &str = r#"set -e
+src=$(findmnt -no SOURCE /)
+name=$(basename "$src")
+if [ -r "/sys/class/block/$name/partition" ]; then
+  part=$(cat "/sys/class/block/$name/partition")
+  disk=/dev/$(lsblk -no PKNAME "$src" | head -n 1)
+  rc=0; out=$(growpart "$disk" "$part" 2>&1) || rc=$?
+  if [ "$rc" -gt 1 ]; then echo "$out" >&2; exit "$rc"; fi
+fi
+case $(findmnt -no FSTYPE /) in
+  ext2|ext3|ext4) resize2fs "$src" >/dev/null 2>&1 ;;
+  xfs) xfs_growfs / >/dev/null ;;
+  btrfs) btrfs filesystem resize max / >/dev/null ;;
+esac
+df -h --output=size / | tail -n 1"#;
+
+/// Grow the guest's root partition and file system over SSH; a failure
+/// only warns (the disk itself did grow).
+fn grow_in_guest(p: &Project) {
+    let name = &p.cfg.name;
+    let run = || -> Result<std::process::Output> {
+        let mut cmd = super::up::ssh_command(&p.cfg, &p.vm)?;
+        let remote = format!(
+            "sudo -n sh -c {}",
+            crate::provision::ssh::sh_quote(GROW_SCRIPT)
+        );
+        cmd.args(["-o", "BatchMode=yes", "--", &remote])
+            .stdin(Stdio::null());
+        cmd.output().map_err(Error::io("cannot run ssh"))
+    };
+    match run() {
+        Ok(out) if out.status.success() => {
+            let size = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            println!("==> {name}: the guest's root file system is now {size}");
+        }
+        Ok(out) => eprintln!(
+            "warning: {name}: growing the guest's root file system failed ({}); grow it inside the guest (growpart, resize2fs)",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => eprintln!(
+            "warning: {name}: {}; grow the root file system inside the guest",
+            crate::error::chain(&e)
+        ),
+    }
+}
+
+/// Stop the VM for `trigger` (`snapshot`, `reset`), with the down hooks.
+fn take_down(p: &Project, trigger: &str, force: bool) -> Result<()> {
+    let name = &p.cfg.name;
+    match live(&p.vm)? {
+        Live::NotCreated => Err(Error::other(
+            exit::UNAVAILABLE,
+            format!("{name} is not created; `migrant up` creates it"),
+        )),
+        Live::Stopped(_) => Ok(()),
+        Live::Active(r) if r.state == VmState::Running || r.state == VmState::Paused => {
+            pre_down_hook(p, trigger)?;
+            println!(
+                "==> {name}: {} for the {trigger}",
+                if force { "stopping" } else { "shutting down" }
+            );
+            super::lifecycle::stop(&p.vm, force, p.cfg.halt_timeout)?;
+            post_down_hook(p, trigger);
+            Ok(())
+        }
+        Live::Active(_) | Live::Busy => Err(Error::other(
+            exit::TEMPFAIL,
+            format!("{name} is starting or stopping; try again"),
+        )),
+    }
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path.display().to_string())(e)
+}
+
+/// Copy `from` to `to` through a temporary file and a rename.
+fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
+    let tmp = to.with_file_name(format!(
+        ".{}.tmp",
+        to.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let r = std::fs::copy(from, &tmp)
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, to));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.map_err(io_at(to))
+}
+
+/// Replace the VM's disk with an empty overlay on its snapshot.
+fn disk_from_snapshot(vm: &VmPaths) -> Result<()> {
+    let snap = vm.snapshot();
+    let size = crate::image::info(&snap, false)?.virtual_size;
+    let tmp = vm.state.join(".disk.qcow2.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let r = crate::image::create_overlay(&snap, &tmp, size)
+        .map_err(Error::from)
+        .and_then(|()| std::fs::rename(&tmp, vm.disk()).map_err(io_at(&vm.disk())));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// `migrant snapshot`: shut the VM down cleanly, flatten its disk into
+/// `snapshot.qcow2` (and keep its UEFI variables); the VM stays down.
+pub fn snapshot(p: &Project) -> Result<u8> {
+    let name = &p.cfg.name;
+    let vm = &p.vm;
+    take_down(p, "snapshot", false)?;
+    let _lock = VmLock::try_acquire(vm)?;
+    if !vm.disk().exists() {
+        return Err(Error::other(
+            exit::UNAVAILABLE,
+            format!("{name} has no disk; `migrant up` creates it"),
+        ));
+    }
+    if vm.snapshot().exists() {
+        println!("==> {name}: replacing the existing snapshot");
+    }
+    println!("==> {name}: saving the disk into a snapshot");
+    let tmp = vm.state.join(".snapshot.qcow2.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let flat = crate::image::convert_flat(&vm.disk(), &tmp)
+        .map_err(Error::from)
+        .and_then(|()| {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io_at(&tmp))
+        })
+        .and_then(|()| std::fs::rename(&tmp, vm.snapshot()).map_err(io_at(&vm.snapshot())));
+    if let Err(e) = flat {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    if vm.nvram().exists() {
+        copy_atomic(&vm.nvram(), &vm.snapshot_nvram())?;
+    } else {
+        let _ = std::fs::remove_file(vm.snapshot_nvram());
+    }
+    // The disk now equals the snapshot: start it afresh on top of it.
+    disk_from_snapshot(vm)?;
+    println!(
+        "==> {name}: snapshot saved ({}, {}); the VM stays down: `migrant up` boots it, `migrant reset` returns to this state",
+        vm.snapshot().display(),
+        human(crate::image::cache::disk_usage(&vm.snapshot()))
+    );
+    Ok(0)
+}
+
+/// `migrant reset`: rebuild the VM from its snapshot and boot it;
+/// provisioning does not run again.
+pub fn reset(p: &Project, timeout: u64) -> Result<u8> {
+    let name = &p.cfg.name;
+    let vm = &p.vm;
+    if !vm.snapshot().exists() {
+        return Err(Error::other(
+            exit::UNAVAILABLE,
+            format!("{name} has no snapshot; `migrant snapshot` saves one"),
+        ));
+    }
+    take_down(p, "reset", true)?;
+    {
+        let _lock = VmLock::try_acquire(vm)?;
+        println!(
+            "==> {name}: rebuilding from the snapshot of {}",
+            snapshot_age(vm).unwrap_or_default()
+        );
+        disk_from_snapshot(vm)?;
+        if vm.snapshot_nvram().exists() {
+            copy_atomic(&vm.snapshot_nvram(), &vm.nvram())?;
+        } else {
+            let _ = std::fs::remove_file(vm.nvram());
+        }
+        Record::update(&vm.record(), |r| {
+            r.provisioned = true;
+            r.last_stop = Some("reset to its snapshot".into());
+        })?;
+    }
+    super::up::up(p, timeout)
+}
+
+/// `5 minutes ago`, from the snapshot's time.
+pub fn snapshot_age(vm: &VmPaths) -> Option<String> {
+    let m = std::fs::metadata(vm.snapshot()).ok()?;
+    let t = m
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    Some(crate::image::age(t))
+}
+
+/// `saved 5 minutes ago (412.0 MiB)` or `none`.
+pub fn snapshot_summary(vm: &VmPaths) -> Option<String> {
+    let age = snapshot_age(vm)?;
+    Some(format!(
+        "saved {age} ({})",
+        human(crate::image::cache::disk_usage(&vm.snapshot()))
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grow_script_is_plain_sh() {
+        // Quoted as one argument for the remote shell.
+        let q = crate::provision::ssh::sh_quote(GROW_SCRIPT);
+        assert!(q.starts_with('\'') && q.ends_with('\''));
+        assert!(GROW_SCRIPT.contains("growpart") && GROW_SCRIPT.contains("resize2fs"));
+    }
+}
