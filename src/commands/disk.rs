@@ -300,6 +300,13 @@ pub fn snapshot(p: &Project) -> Result<u8> {
         .and_then(|()| {
             std::fs::File::open(&tmp)
                 .and_then(|f| f.sync_all())
+                .and_then(|()| {
+                    // QEMU, unprivileged, reads it as the disk's backing file.
+                    std::fs::set_permissions(
+                        &tmp,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+                    )
+                })
                 .map_err(io_at(&tmp))
         })
         .and_then(|()| std::fs::rename(&tmp, vm.snapshot()).map_err(io_at(&vm.snapshot())));

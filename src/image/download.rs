@@ -293,6 +293,12 @@ pub fn download(
     let result = fetch_into(agent, url, expected, &partial, label);
     let outcome = result.and_then(|size| {
         let format = super::check_image(&partial, url)?;
+        // QEMU, unprivileged, reads base images (whatever the umask).
+        std::fs::set_permissions(
+            &partial,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .map_err(cache_err(&partial))?;
         std::fs::rename(&partial, &dest).map_err(cache_err(&dest))?;
         let meta = Meta {
             source: url.to_string(),
