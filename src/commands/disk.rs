@@ -22,15 +22,26 @@ pub fn pre_down_hook(_p: &Project, _trigger: &str) -> Result<()> {
 /// See [`pre_down_hook`]; a failing post-down hook only warns.
 pub fn post_down_hook(_p: &Project, _trigger: &str) {}
 
+/// Whose point of view [`pending_changes`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// The VM runs.
+    Running,
+    /// The VM is down.
+    Stopped,
+    /// `up` is booting it now.
+    Booting,
+}
+
 /// Settings that differ between the Migrantfile and the VM as it was
-/// built or last booted, each as one sentence. `running`: say "at the
-/// next boot" instead of "now".
-pub fn pending_changes(p: &Project, rec: &Record, running: bool) -> Vec<String> {
+/// built or last booted, each as one sentence.
+pub fn pending_changes(p: &Project, rec: &Record, now: When) -> Vec<String> {
     let cfg = &p.cfg;
-    let when = if running {
-        "applies at the next boot (`migrant halt && migrant up`)"
-    } else {
-        "applies at this boot"
+    let running = now == When::Running;
+    let when = match now {
+        When::Running => "applies at the next boot (`migrant halt && migrant up`)",
+        When::Stopped => "applies at the next `migrant up`",
+        When::Booting => "applies at this boot",
     };
     let mut notes = Vec::new();
     if let Some(cpus) = rec.cpus

@@ -341,7 +341,19 @@ pub fn storage(json: bool) -> Result<u8> {
                 },
                 &path,
             )),
-            Kind::Lock | Kind::Temporary | Kind::Other => other.push(file_view("unknown", &path)),
+            Kind::Lock => downloads.push(file_view(
+                if FileLock::is_held(&path) {
+                    "download lock (held)"
+                } else {
+                    "stale download lock (prune removes it)"
+                },
+                &path,
+            )),
+            Kind::Temporary => downloads.push(file_view(
+                "temporary copy (prune removes it once its writer is gone)",
+                &path,
+            )),
+            Kind::Other => other.push(file_view("unknown", &path)),
         }
     }
     let mut vms = Vec::new();

@@ -101,7 +101,12 @@ pub fn status(p: &Project, json: bool) -> Result<u8> {
     }
     v.snapshot = super::disk::snapshot_summary(&p.vm);
     if let Live::Active(r) | Live::Stopped(r) = &l {
-        v.pending = super::disk::pending_changes(p, r, matches!(l, Live::Active(_)));
+        let now = if matches!(l, Live::Active(_)) {
+            super::disk::When::Running
+        } else {
+            super::disk::When::Stopped
+        };
+        v.pending = super::disk::pending_changes(p, r, now);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -35,7 +35,7 @@ pub fn up(p: &Project, timeout: u64) -> Result<u8> {
         }
         Live::Active(r) if r.state == VmState::Running => {
             println!("==> {}: already running ({})", cfg.name, r.guest_ip);
-            for note in super::disk::pending_changes(p, &r, true) {
+            for note in super::disk::pending_changes(p, &r, super::disk::When::Running) {
                 println!("==> {}: {note}", cfg.name);
             }
             return Ok(0);
@@ -59,7 +59,7 @@ pub fn up(p: &Project, timeout: u64) -> Result<u8> {
 
     match Record::load(&vm.record())? {
         Some(rec) if vm.disk().exists() => {
-            for note in super::disk::pending_changes(p, &rec, false) {
+            for note in super::disk::pending_changes(p, &rec, super::disk::When::Booting) {
                 println!("==> {}: {note}", cfg.name);
             }
         }
