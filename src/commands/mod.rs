@@ -31,6 +31,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Info { json } => query::info(&Project::load(&dir)?, json),
         Cmd::Ssh { command } => lifecycle::ssh(&Project::load(&dir)?, &command),
         Cmd::Console => lifecycle::console(&Project::load(&dir)?),
+        Cmd::Tunnel { ports } => lifecycle::tunnel(&Project::load(&dir)?, &ports),
         Cmd::Supervisor { .. } | Cmd::Proxy { .. } => Err(Error::other(
             crate::exit::SOFTWARE,
             "internal mode reached the command dispatcher",

@@ -8,4 +8,6 @@ pub mod forward;
 pub mod netns;
 pub mod nft;
 pub mod policy;
+pub mod proxy;
+pub mod resolver;
 pub mod tap;
