@@ -32,7 +32,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Ssh { command } => lifecycle::ssh(&Project::load(&dir)?, &command),
         Cmd::Console => lifecycle::console(&Project::load(&dir)?),
         Cmd::Tunnel { ports } => lifecycle::tunnel(&Project::load(&dir)?, &ports),
-        Cmd::Supervisor { .. } | Cmd::Proxy { .. } => Err(Error::other(
+        Cmd::Supervisor { .. } | Cmd::Proxy { .. } | Cmd::Netlab { .. } => Err(Error::other(
             crate::exit::SOFTWARE,
             "internal mode reached the command dispatcher",
         )),
