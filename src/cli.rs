@@ -72,6 +72,12 @@ pub enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Open host 127.0.0.1:PORT to the guest's 127.0.0.1:PORT until Ctrl-C
+    /// (default ports: the Migrantfile's tunnel_ports).
+    Tunnel {
+        /// Ports to forward.
+        ports: Vec<u16>,
+    },
     /// Attach to the VM's serial console (detach with Ctrl-]).
     Console,
     /// Print the VM's IP address.
@@ -125,6 +131,15 @@ pub enum Cmd {
         lock_fd: Option<i32>,
         #[arg(long)]
         progress_fd: Option<i32>,
+    },
+    /// (internal) Benchmarks: run the dataplane of the project's VM on the
+    /// interface `tap0` of an existing namespace, until SIGTERM/SIGINT.
+    #[command(name = "__netlab", hide = true)]
+    Netlab {
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long)]
+        project: PathBuf,
     },
     /// (internal) ssh ProxyCommand: relay stdin/stdout to a unix socket.
     #[command(name = "__proxy", hide = true)]

@@ -38,7 +38,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Reset { timeout } => disk::reset(&Project::load(&dir)?, timeout),
         Cmd::Storage { json } => image::storage(json),
         Cmd::Image { command } => image::run(command),
-        Cmd::Supervisor { .. } | Cmd::Proxy { .. } => Err(Error::other(
+        Cmd::Tunnel { ports } => lifecycle::tunnel(&Project::load(&dir)?, &ports),
+        Cmd::Supervisor { .. } | Cmd::Proxy { .. } | Cmd::Netlab { .. } => Err(Error::other(
             crate::exit::SOFTWARE,
             "internal mode reached the command dispatcher",
         )),

@@ -29,6 +29,8 @@ struct StatusView {
     /// Migrantfile changes the VM does not have yet.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pending: Vec<String>,
+    /// Egress counters from the running supervisor.
+    network: Option<crate::net::proxy::StatsView>,
 }
 
 fn view(name: &str, live: &Live, project: &str) -> StatusView {
@@ -57,6 +59,7 @@ fn view(name: &str, live: &Live, project: &str) -> StatusView {
         disk: None,
         snapshot: None,
         pending: Vec::new(),
+        network: None,
     }
 }
 
@@ -91,6 +94,21 @@ fn print_view(v: &StatusView) {
     for note in &v.pending {
         println!("pending:     {note}");
     }
+    if let Some(n) = &v.network {
+        println!(
+            "egress:      {} TCP connections, {} UDP flows",
+            n.tcp_connections, n.udp_flows
+        );
+        if n.denied.is_empty() {
+            println!("denied:      none");
+        } else {
+            let parts: Vec<String> = n.denied.iter().map(|(k, c)| format!("{k} {c}")).collect();
+            println!(
+                "denied:      {} (details in the supervisor log)",
+                parts.join(", ")
+            );
+        }
+    }
 }
 
 pub fn status(p: &Project, json: bool) -> Result<u8> {
@@ -107,6 +125,15 @@ pub fn status(p: &Project, json: bool) -> Result<u8> {
             super::disk::When::Stopped
         };
         v.pending = super::disk::pending_changes(p, r, now);
+    }
+    if matches!(l, Live::Active(_))
+        && let Ok(Response::Status { network, .. }) = control::request(
+            &p.vm.control_sock(),
+            &Request::Status,
+            Duration::from_secs(10),
+        )
+    {
+        v.network = Some(network);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

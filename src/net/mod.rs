@@ -1,8 +1,14 @@
 //! Networking: the VM's namespace, its TAP device, and the dataplane the
 //! supervisor serves inside it (DHCP, DNS, forwards).
 
+pub mod dataplane;
 pub mod dhcp;
 pub mod dns;
+pub mod domains;
 pub mod forward;
 pub mod netns;
+pub mod nft;
+pub mod policy;
+pub mod proxy;
+pub mod resolver;
 pub mod tap;

@@ -46,6 +46,8 @@ pub enum Response {
     Status {
         state: String,
         lease_seen: bool,
+        /// Egress counters.
+        network: crate::net::proxy::StatsView,
     },
     Info(Info),
     Done,

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{self, Config};
 use crate::net::netns::NetNs;
-use crate::net::{dhcp, dns, forward, tap};
+use crate::net::{dataplane, dhcp, forward, proxy, tap};
 use crate::qemu::{self, Accelerator, process, qmp::Qmp};
 use crate::state::{self, Paths, Record, VmPaths, VmState};
 use control::{Info, Request, Response};
@@ -36,6 +36,8 @@ pub enum SupervisorError {
     Netns(#[from] crate::net::netns::NetnsError),
     #[error(transparent)]
     Tap(#[from] tap::TapError),
+    #[error(transparent)]
+    Dataplane(#[from] dataplane::DataplaneError),
     #[error("{what}")]
     Io {
         what: String,
@@ -65,6 +67,7 @@ impl SupervisorError {
             SupervisorError::Accel(e) => e.exit_code(),
             SupervisorError::Firmware(e) => e.exit_code(),
             SupervisorError::Tap(tap::TapError::Open(_)) => exit::UNAVAILABLE,
+            SupervisorError::Dataplane(e) => e.exit_code(),
             _ => exit::SOFTWARE,
         }
     }
@@ -150,7 +153,7 @@ struct Prepared {
     ns: Arc<NetNs>,
     tap: std::fs::File,
     dhcp_sock: std::net::UdpSocket,
-    dns_sock: std::net::UdpSocket,
+    sockets: dataplane::Sockets,
     qmp_ours: std::os::unix::net::UnixStream,
     qmp_theirs: std::os::unix::net::UnixStream,
     console: std::os::unix::net::UnixListener,
@@ -181,15 +184,12 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     state::ensure_dir(&vm.state, 0o711)?;
 
     let ns = Arc::new(NetNs::create()?);
-    let gateway = cfg.gateway_ip();
-    let prefix = cfg.network.prefix;
-    let (tap, dhcp_sock, dns_sock) = ns.run(|| -> Result<_, SupervisorError> {
+    let setup = dataplane::Setup::for_config(&cfg);
+    let (tap, dhcp_sock, sockets) = ns.run(|| -> Result<_, SupervisorError> {
         let tap = tap::create_tap(tap::TAP_NAME)?;
-        tap::configure(tap::TAP_NAME, gateway, prefix)?;
+        let sockets = dataplane::setup_in_ns(tap::TAP_NAME, &setup)?;
         let dhcp_sock = dhcp::bind_socket(tap::TAP_NAME).map_err(io("DHCP socket"))?;
-        let dns_sock =
-            std::net::UdpSocket::bind(SocketAddrV4::new(gateway, 53)).map_err(io("DNS socket"))?;
-        Ok((tap, dhcp_sock, dns_sock))
+        Ok((tap, dhcp_sock, sockets))
     })??;
 
     let (qmp_ours, qmp_theirs) =
@@ -233,7 +233,7 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         ns,
         tap,
         dhcp_sock,
-        dns_sock,
+        sockets,
         qmp_ours,
         qmp_theirs,
         console,
@@ -258,6 +258,8 @@ enum Control {
         force: bool,
         timeout: Duration,
         done: oneshot::Sender<Response>,
+        /// Fired once the answer was written to the client.
+        flushed: oneshot::Receiver<()>,
     },
 }
 
@@ -267,6 +269,7 @@ struct Shared {
     accel: Accelerator,
     qemu_pid: Option<u32>,
     lease: watch::Receiver<bool>,
+    stats: Arc<proxy::Stats>,
 }
 
 async fn supervise(
@@ -280,7 +283,7 @@ async fn supervise(
         ns,
         tap,
         dhcp_sock,
-        dns_sock,
+        sockets,
         qmp_ours,
         qmp_theirs,
         console,
@@ -378,19 +381,7 @@ async fn supervise(
             tracing::error!("DHCP server stopped: {e}");
         }
     });
-    dns_sock.set_nonblocking(true).map_err(io("DNS socket"))?;
-    let dns_sock = tokio::net::UdpSocket::from_std(dns_sock).map_err(io("DNS socket"))?;
-    let stub = Arc::new(dns::Stub {
-        names: vec![
-            (cfg.name.clone(), guest_ip),
-            ("gateway".to_string(), gateway),
-        ],
-    });
-    tokio::spawn(async move {
-        if let Err(e) = dns::serve_udp(dns_sock, stub).await {
-            tracing::error!("DNS stub stopped: {e}");
-        }
-    });
+    let stats = dataplane::spawn(&cfg, Arc::clone(&ns), sockets)?;
 
     let ssh_target = SocketAddr::V4(SocketAddrV4::new(guest_ip, 22));
     let ssh_listener = bind_private(&vm.ssh_sock())?;
@@ -411,6 +402,7 @@ async fn supervise(
         accel: spec.accel,
         qemu_pid,
         lease: lease_rx.clone(),
+        stats: Arc::clone(&stats),
     });
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(8);
     let control = bind_private(&vm.control_sock())?;
@@ -437,13 +429,14 @@ async fn supervise(
                 break format!("QEMU exited ({status})");
             }
             Some(ctl) = ctl_rx.recv() => {
-                let Control::Halt { force, timeout, done } = ctl;
+                let Control::Halt { force, timeout, done, flushed } = ctl;
                 let status = halt(&shared.qmp, &mut child, force, timeout).await;
                 let _ = Record::update(&vm.record(), |r| r.state = VmState::Stopped);
                 let reason = format!("halted by request ({status})");
                 // Answer after cleanup, so the caller sees a clean state.
                 cleanup(vm);
                 let _ = done.send(Response::Done);
+                let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
                 break reason;
             }
             _ = sigterm.recv() => {
@@ -569,15 +562,19 @@ async fn serve_control(
             let (r, mut w) = stream.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                let (flushed_tx, flushed_rx) = oneshot::channel();
                 let resp = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => handle(req, &shared, &ctl).await,
+                    Ok(req) => handle(req, &shared, &ctl, flushed_rx).await,
                     Err(e) => Response::Error {
                         message: format!("bad request: {e}"),
                     },
                 };
                 let mut out = serde_json::to_vec(&resp).unwrap_or_default();
                 out.push(b'\n');
-                if w.write_all(&out).await.is_err() {
+                let written = w.write_all(&out).await;
+                let _ = w.flush().await;
+                let _ = flushed_tx.send(());
+                if written.is_err() {
                     break;
                 }
             }
@@ -585,12 +582,18 @@ async fn serve_control(
     }
 }
 
-async fn handle(req: Request, shared: &Shared, ctl: &mpsc::Sender<Control>) -> Response {
+async fn handle(
+    req: Request,
+    shared: &Shared,
+    ctl: &mpsc::Sender<Control>,
+    flushed: oneshot::Receiver<()>,
+) -> Response {
     match req {
         Request::Status => match shared.qmp.run(qapi::qmp::query_status {}).await {
             Ok(s) => Response::Status {
                 state: format!("{:?}", s.status).to_lowercase(),
                 lease_seen: *shared.lease.borrow(),
+                network: shared.stats.view(),
             },
             Err(e) => Response::Error {
                 message: e.to_string(),
@@ -619,6 +622,7 @@ async fn handle(req: Request, shared: &Shared, ctl: &mpsc::Sender<Control>) -> R
                     force,
                     timeout: Duration::from_secs(timeout_secs),
                     done,
+                    flushed,
                 })
                 .await;
             if sent.is_err() {
