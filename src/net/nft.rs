@@ -161,6 +161,15 @@ pub fn ruleset(plan: &Plan) -> Value {
             json!({"accept": null}),
         ],
     ));
+    // Replies to the supervisor's own connections into the guest.
+    cmds.push(rule(
+        "input",
+        vec![
+            iif(tap),
+            ct_state_in(&["established", "related"]),
+            json!({"accept": null}),
+        ],
+    ));
     cmds.push(rule("input", vec![iif(tap), json!({"drop": null})]));
     json!({"nftables": cmds})
 }
