@@ -132,7 +132,10 @@ pub fn ruleset(plan: &Plan) -> Value {
                         iif(tap),
                         match_eq(json!({"meta": {"key": "l4proto"}}), json!(proto)),
                         json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": TPROXY_MARK}}),
+                        // tproxy assigns the socket but does not end the
+                        // chain: accept, or the catch-all drop below wins.
                         json!({"tproxy": {"family": "ip", "port": port}}),
+                        json!({"accept": null}),
                     ],
                 ));
             }
@@ -293,7 +296,7 @@ mod tests {
                 "{listed}"
             );
             assert_eq!(
-                listed.contains("tproxy ip to :15001"),
+                listed.contains("tproxy ip to :15001 accept"),
                 proxy.is_some(),
                 "{listed}"
             );
