@@ -28,6 +28,9 @@ pub const UDP_PORT: u16 = 15002;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const UDP_IDLE: Duration = Duration::from_secs(60);
+/// Relay buffer per direction: large enough that one copy moves a full
+/// TSO-sized segment burst, which is most of the throughput.
+const RELAY_BUF: usize = 256 * 1024;
 /// How long a client on a shared address may take to name its server.
 const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for a client to speak first before assuming a
@@ -193,7 +196,14 @@ impl Proxy {
             return;
         }
         // Both directions, each shut down for writing when its source ends.
-        if let Err(e) = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await {
+        if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
+            &mut guest,
+            &mut upstream,
+            RELAY_BUF,
+            RELAY_BUF,
+        )
+        .await
+        {
             tracing::debug!("relay {src} -> {}: {e}", allowed.to);
         }
     }
