@@ -1,9 +1,13 @@
 //! The user-facing commands. Each returns the process exit code or an
 //! [`Error`] whose exit code `main` uses.
 
+mod docs;
 mod host;
 mod lifecycle;
+mod provision;
 mod query;
+mod run;
+mod sshconfig;
 mod up;
 
 use std::path::PathBuf;
@@ -23,7 +27,18 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Pubkey => host::pubkey(),
         Cmd::Doctor => host::doctor(),
         Cmd::List { json } => query::list(json),
-        Cmd::Up { timeout } => up::up(&Project::load(&dir)?, timeout),
+        Cmd::Up {
+            timeout,
+            no_autoconnect,
+            trigger,
+        } => up::up(
+            &Project::load(&dir)?,
+            &up::UpOptions {
+                timeout,
+                autoconnect: !no_autoconnect,
+                trigger,
+            },
+        ),
         Cmd::Halt { force, timeout } => lifecycle::halt(&Project::load(&dir)?, force, timeout),
         Cmd::Destroy => lifecycle::destroy(&Project::load(&dir)?),
         Cmd::Status { json } => query::status(&Project::load(&dir)?, json),
@@ -31,6 +46,24 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Info { json } => query::info(&Project::load(&dir)?, json),
         Cmd::Ssh { command } => lifecycle::ssh(&Project::load(&dir)?, &command),
         Cmd::Console => lifecycle::console(&Project::load(&dir)?),
+        Cmd::Provision { args } => provision::provision(&Project::load(&dir)?, &args),
+        Cmd::SshConfig { host } => sshconfig::ssh_config(&Project::load(&dir)?, host.as_deref()),
+        Cmd::Run {
+            rm,
+            snapshot,
+            timeout,
+            command,
+        } => run::run(
+            &Project::load(&dir)?,
+            &run::RunOptions {
+                rm,
+                snapshot,
+                timeout,
+                command,
+            },
+        ),
+        Cmd::Completions { shell } => docs::completions(shell),
+        Cmd::Man { dir: out } => docs::man(out.as_deref()),
         Cmd::Supervisor { .. } | Cmd::Proxy { .. } => Err(Error::other(
             crate::exit::SOFTWARE,
             "internal mode reached the command dispatcher",
