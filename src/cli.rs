@@ -129,9 +129,9 @@ pub enum Cmd {
     },
     /// Print the manual page (roff), or write one page per command into DIR.
     Man {
-        /// Write migrant.1 and migrant-COMMAND.1 files here instead.
+        /// Write migrant.1 and migrant-COMMAND.1 files into DIR instead.
         #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
+        out_dir: Option<PathBuf>,
     },
 
     /// (internal) The per-VM supervisor.

@@ -63,7 +63,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             },
         ),
         Cmd::Completions { shell } => docs::completions(shell),
-        Cmd::Man { dir: out } => docs::man(out.as_deref()),
+        Cmd::Man { out_dir } => docs::man(out_dir.as_deref()),
         Cmd::Supervisor { .. } | Cmd::Proxy { .. } => Err(Error::other(
             crate::exit::SOFTWARE,
             "internal mode reached the command dispatcher",
