@@ -186,12 +186,15 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
         qemu_cmdline(&env)
     );
 
-    // --- ssh-config, used by plain ssh as the user.
+    // --- ssh-config, used by plain ssh and scp as the user. (Not through
+    // `-F <(…)`: OpenSSH closes inherited descriptors before it reads
+    // -F, so process substitution cannot work with any generator.)
     let config = sudo_ok(&env, &["ssh-config"]);
     assert!(config.starts_with(&format!("Host {name}\n")), "{config}");
     let script = format!(
-        "cd {dir} && ssh -F <(SUDO_USER=nobody {bin} ssh-config) {name} cat /home/migrant/provisioned",
-        bin = bin().display()
+        "cd {log} && SUDO_USER=nobody {bin} -C {dir} ssh-config > ssh_config && ssh -F ssh_config {name} cat /home/migrant/provisioned && scp -q -F ssh_config {name}:/home/migrant/controller-uid copied && cat copied",
+        bin = bin().display(),
+        log = log.display(),
     );
     let out = std::process::Command::new("setpriv")
         .args([
@@ -210,10 +213,34 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(
         out.status.success(),
-        "ssh -F <(migrant ssh-config): {}",
+        "ssh -F $(migrant ssh-config): {}",
         text(&out)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "run\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("run\n{NOBODY}\n")
+    );
+    // The same config from standard input.
+    let script = format!(
+        "SUDO_USER=nobody {bin} -C {dir} ssh-config | ssh -F /dev/stdin {name} true",
+        bin = bin().display(),
+    );
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "bash",
+            "-c",
+            &script,
+        ])
+        .env("MIGRANT_HOME", root.join("state"))
+        .env("MIGRANT_RUNTIME", root.join("run"))
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "ssh -F /dev/stdin: {}", text(&out));
 
     // --- provision runs the playbook again.
     sudo_ok(&env, &["provision"]);

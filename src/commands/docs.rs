@@ -39,7 +39,7 @@ pub fn man(dir: Option<&Path>) -> Result<u8> {
     }
 }
 
-fn write_stdout(bytes: &[u8]) -> Result<u8> {
+pub(super) fn write_stdout(bytes: &[u8]) -> Result<u8> {
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
         Ok(()) => Ok(0),

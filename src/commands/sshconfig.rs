@@ -18,6 +18,5 @@ pub fn ssh_config(p: &Project, host: Option<&str>) -> Result<u8> {
         sock: &sock,
     })
     .map_err(|e| Error::other(exit::CONFIG, e.to_string()))?;
-    print!("{text}");
-    Ok(0)
+    super::docs::write_stdout(text.as_bytes())
 }
