@@ -78,6 +78,12 @@ pub enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Open host 127.0.0.1:PORT to the guest's 127.0.0.1:PORT until Ctrl-C
+    /// (default ports: the Migrantfile's tunnel_ports).
+    Tunnel {
+        /// Ports to forward.
+        ports: Vec<u16>,
+    },
     /// Attach to the VM's serial console (detach with Ctrl-]).
     Console,
     /// Print the VM's IP address.

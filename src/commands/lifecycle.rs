@@ -164,6 +164,45 @@ pub fn ssh(p: &Project, command: &[String]) -> Result<u8> {
     ))
 }
 
+/// Forward host 127.0.0.1:PORT to the guest's 127.0.0.1:PORT over SSH
+/// (through the supervisor's forward), until interrupted.
+pub fn tunnel(p: &Project, ports: &[u16]) -> Result<u8> {
+    let ports: Vec<u16> = if ports.is_empty() {
+        p.cfg.tunnel_ports.clone()
+    } else {
+        ports.to_vec()
+    };
+    if ports.is_empty() {
+        return Err(Error::other(
+            exit::USAGE,
+            format!(
+                "no ports: give them (`migrant tunnel 8000`) or set tunnel_ports in {}",
+                p.cfg.file.display()
+            ),
+        ));
+    }
+    if let Some(0) = ports.iter().find(|&&p| p == 0) {
+        return Err(Error::other(exit::USAGE, "port 0 cannot be forwarded"));
+    }
+    require_running(p)?;
+    let mut cmd = super::up::ssh_command(&p.cfg, &p.vm)?;
+    cmd.args(["-N", "-o", "ExitOnForwardFailure=yes"]);
+    for port in &ports {
+        cmd.arg("-L")
+            .arg(format!("127.0.0.1:{port}:127.0.0.1:{port}"));
+        eprintln!(
+            "==> {}: 127.0.0.1:{port} -> guest 127.0.0.1:{port}",
+            p.cfg.name
+        );
+    }
+    eprintln!("==> {}: forwarding until Ctrl-C", p.cfg.name);
+    let err = cmd.exec();
+    Err(Error::other(
+        exit::UNAVAILABLE,
+        format!("cannot run ssh: {err}"),
+    ))
+}
+
 /// Ctrl-]
 const DETACH: u8 = 0x1d;
 

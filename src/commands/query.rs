@@ -23,6 +23,8 @@ struct StatusView {
     uptime_secs: Option<u64>,
     last_stop: Option<String>,
     disk: Option<String>,
+    /// Egress counters from the running supervisor.
+    network: Option<crate::net::proxy::StatsView>,
 }
 
 fn view(name: &str, live: &Live, project: &str) -> StatusView {
@@ -49,6 +51,7 @@ fn view(name: &str, live: &Live, project: &str) -> StatusView {
             .map(|t| crate::state::now().saturating_sub(t)),
         last_stop: rec.and_then(|r| r.last_stop.clone()),
         disk: None,
+        network: None,
     }
 }
 
@@ -77,6 +80,21 @@ fn print_view(v: &StatusView) {
     if let Some(l) = &v.last_stop {
         println!("last stop:   {l}");
     }
+    if let Some(n) = &v.network {
+        println!(
+            "egress:      {} TCP connections, {} UDP flows",
+            n.tcp_connections, n.udp_flows
+        );
+        if n.denied.is_empty() {
+            println!("denied:      none");
+        } else {
+            let parts: Vec<String> = n.denied.iter().map(|(k, c)| format!("{k} {c}")).collect();
+            println!(
+                "denied:      {} (details in the supervisor log)",
+                parts.join(", ")
+            );
+        }
+    }
 }
 
 pub fn status(p: &Project, json: bool) -> Result<u8> {
@@ -84,6 +102,15 @@ pub fn status(p: &Project, json: bool) -> Result<u8> {
     let mut v = view(&p.cfg.name, &l, &p.cfg.dir.display().to_string());
     if p.vm.disk().exists() {
         v.disk = Some(p.vm.disk().display().to_string());
+    }
+    if matches!(l, Live::Active(_)) {
+        if let Ok(Response::Status { network, .. }) = control::request(
+            &p.vm.control_sock(),
+            &Request::Status,
+            Duration::from_secs(10),
+        ) {
+            v.network = Some(network);
+        }
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -3,6 +3,11 @@
 
 pub mod dhcp;
 pub mod dns;
+pub mod domains;
 pub mod forward;
 pub mod netns;
+pub mod nft;
+pub mod policy;
+pub mod proxy;
+pub mod resolver;
 pub mod tap;

@@ -69,7 +69,14 @@ fn index_of(name: &str) -> Result<u32, TapError> {
 /// In the current thread's namespace: bring `lo` up, give `tap` the
 /// gateway address and bring it up. Runs its own small runtime because
 /// the netlink socket must be created in this thread's namespace.
-pub fn configure(tap: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), TapError> {
+pub fn configure(tap: &str, gateway: Ipv4Addr, prefix: u8, tproxy: bool) -> Result<(), TapError> {
+    // No IPv6 in the VM's namespace at all (v1 policy).
+    for key in ["all", "default", tap] {
+        let path = format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6");
+        if std::path::Path::new(&path).exists() {
+            std::fs::write(&path, b"1").map_err(|e| TapError::Netlink(format!("{path}: {e}")))?;
+        }
+    }
     let lo = index_of("lo")?;
     let tap_idx = index_of(tap)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -94,7 +101,34 @@ pub fn configure(tap: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), TapErro
                 .add(tap_idx, gateway.into(), prefix)
                 .execute()
                 .await
-                .map_err(|e| TapError::Netlink(format!("address {gateway}/{prefix}: {e}")))
+                .map_err(|e| TapError::Netlink(format!("address {gateway}/{prefix}: {e}")))?;
+            if tproxy {
+                // Packets the ruleset marked for the proxy are delivered
+                // locally whatever their destination.
+                handle
+                    .rule()
+                    .add()
+                    .v4()
+                    .fw_mark(super::nft::TPROXY_MARK)
+                    .table_id(super::nft::TPROXY_TABLE)
+                    .execute()
+                    .await
+                    .map_err(|e| TapError::Netlink(format!("tproxy rule: {e}")))?;
+                let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                    .output_interface(lo)
+                    .table_id(super::nft::TPROXY_TABLE)
+                    .kind(rtnetlink::packet_route::route::RouteType::Local)
+                    .scope(rtnetlink::packet_route::route::RouteScope::Host)
+                    .build();
+                handle
+                    .route()
+                    .add(route)
+                    .execute()
+                    .await
+                    .map_err(|e| TapError::Netlink(format!("tproxy route: {e}")))?;
+            }
+            Ok(())
         }
         .await;
         task.abort();

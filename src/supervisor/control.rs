@@ -40,10 +40,17 @@ pub struct Info {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Status { state: String, lease_seen: bool },
+    Status {
+        state: String,
+        lease_seen: bool,
+        /// Egress counters.
+        network: crate::net::proxy::StatsView,
+    },
     Info(Info),
     Done,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{self, Config};
 use crate::net::netns::NetNs;
-use crate::net::{dhcp, dns, forward, tap};
+use crate::net::{dhcp, dns, forward, nft, policy, proxy, resolver, tap};
 use crate::qemu::{self, Accelerator, process, qmp::Qmp};
 use crate::state::{self, Paths, Record, VmPaths, VmState};
 use control::{Info, Request, Response};
@@ -36,6 +36,8 @@ pub enum SupervisorError {
     Netns(#[from] crate::net::netns::NetnsError),
     #[error(transparent)]
     Tap(#[from] tap::TapError),
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
     #[error("{what}")]
     Io {
         what: String,
@@ -65,6 +67,7 @@ impl SupervisorError {
             SupervisorError::Accel(e) => e.exit_code(),
             SupervisorError::Firmware(e) => e.exit_code(),
             SupervisorError::Tap(tap::TapError::Open(_)) => exit::UNAVAILABLE,
+            SupervisorError::Nft(nft::NftError::Spawn(_)) => exit::UNAVAILABLE,
             _ => exit::SOFTWARE,
         }
     }
@@ -151,6 +154,7 @@ struct Prepared {
     tap: std::fs::File,
     dhcp_sock: std::net::UdpSocket,
     dns_sock: std::net::UdpSocket,
+    listeners: Option<(std::net::TcpListener, std::net::UdpSocket)>,
     qmp_ours: std::os::unix::net::UnixStream,
     qmp_theirs: std::os::unix::net::UnixStream,
     console: std::os::unix::net::UnixListener,
@@ -197,13 +201,29 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     let ns = Arc::new(NetNs::create()?);
     let gateway = cfg.gateway_ip();
     let prefix = cfg.network.prefix;
-    let (tap, dhcp_sock, dns_sock) = ns.run(|| -> Result<_, SupervisorError> {
+    // The proxy runs unless nothing at all may leave.
+    let proxied = cfg.network.egress != config::Egress::None || !cfg.network.rules.is_empty();
+    let plan = nft::Plan {
+        tap: tap::TAP_NAME.to_string(),
+        gateway,
+        proxy: proxied.then_some((proxy::TCP_PORT, proxy::UDP_PORT)),
+    };
+    let (tap, dhcp_sock, dns_sock, listeners) = ns.run(|| -> Result<_, SupervisorError> {
         let tap = tap::create_tap(tap::TAP_NAME)?;
-        tap::configure(tap::TAP_NAME, gateway, prefix)?;
+        tap::configure(tap::TAP_NAME, gateway, prefix, proxied)?;
+        nft::apply(&nft::ruleset(&plan))?;
         let dhcp_sock = dhcp::bind_socket(tap::TAP_NAME).map_err(io("DHCP socket"))?;
         let dns_sock =
             std::net::UdpSocket::bind(SocketAddrV4::new(gateway, 53)).map_err(io("DNS socket"))?;
-        Ok((tap, dhcp_sock, dns_sock))
+        let listeners = if proxied {
+            Some((
+                proxy::tcp_listener().map_err(io("TCP proxy listener"))?,
+                proxy::udp_socket().map_err(io("UDP proxy socket"))?,
+            ))
+        } else {
+            None
+        };
+        Ok((tap, dhcp_sock, dns_sock, listeners))
     })??;
 
     let (qmp_ours, qmp_theirs) =
@@ -250,6 +270,7 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         tap,
         dhcp_sock,
         dns_sock,
+        listeners,
         qmp_ours,
         qmp_theirs,
         console,
@@ -274,6 +295,8 @@ enum Control {
         force: bool,
         timeout: Duration,
         done: oneshot::Sender<Response>,
+        /// Fired once the answer was written to the client.
+        flushed: oneshot::Receiver<()>,
     },
 }
 
@@ -283,6 +306,7 @@ struct Shared {
     accel: Accelerator,
     qemu_pid: Option<u32>,
     lease: watch::Receiver<bool>,
+    stats: Arc<proxy::Stats>,
 }
 
 async fn supervise(
@@ -297,6 +321,7 @@ async fn supervise(
         tap,
         dhcp_sock,
         dns_sock,
+        listeners,
         qmp_ours,
         qmp_theirs,
         console,
@@ -394,17 +419,59 @@ async fn supervise(
     });
     dns_sock.set_nonblocking(true).map_err(io("DNS socket"))?;
     let dns_sock = tokio::net::UdpSocket::from_std(dns_sock).map_err(io("DNS socket"))?;
-    let stub = Arc::new(dns::Stub {
-        names: vec![
-            (cfg.name.clone(), guest_ip),
-            ("gateway".to_string(), gateway),
-        ],
+    let stats = Arc::new(proxy::Stats::default());
+    let allow = (!cfg.network.allow_domains.is_empty())
+        .then(|| crate::net::domains::Allowlist::new(&cfg.network.allow_domains));
+    let resolver = Arc::new(resolver::Resolver {
+        stub: dns::Stub {
+            names: vec![
+                (cfg.name.clone(), guest_ip),
+                ("gateway".to_string(), gateway),
+            ],
+        },
+        // With egress none the guest resolves local names only.
+        upstreams: if cfg.network.egress == config::Egress::None {
+            Vec::new()
+        } else {
+            resolver::host_upstreams()
+        },
+        allow: allow.clone(),
+        stats: Arc::clone(&stats),
     });
-    tokio::spawn(async move {
-        if let Err(e) = dns::serve_udp(dns_sock, stub).await {
-            tracing::error!("DNS stub stopped: {e}");
+    tokio::spawn({
+        let r = Arc::clone(&resolver);
+        async move {
+            if let Err(e) = r.serve_udp(dns_sock).await {
+                tracing::error!("DNS stopped: {e}");
+            }
         }
     });
+    if let Some((tcp, udp)) = listeners {
+        let host = policy::HostAddrs::default();
+        host.replace(policy::HostAddrs::read_host());
+        tokio::spawn(proxy::watch_host_addrs(host.clone()));
+        let proxy = Arc::new(proxy::Proxy {
+            policy: policy::Policy {
+                egress: cfg.network.egress,
+                gateway,
+                subnet: cfg.network.subnet,
+                prefix: cfg.network.prefix,
+                rules: cfg.network.rules.clone(),
+                host,
+                domains: allow,
+            },
+            stats: Arc::clone(&stats),
+            ns: Arc::clone(&ns),
+            resolver: Arc::clone(&resolver),
+        });
+        let tcp = tokio::net::TcpListener::from_std(tcp).map_err(io("TCP proxy listener"))?;
+        tokio::spawn(Arc::clone(&proxy).serve_tcp(tcp));
+        tokio::spawn(async move {
+            if let Err(e) = proxy.serve_udp(udp).await {
+                tracing::error!("UDP proxy stopped: {e}");
+            }
+        });
+    }
 
     let ssh_target = SocketAddr::V4(SocketAddrV4::new(guest_ip, 22));
     let ssh_listener = bind_private(&vm.ssh_sock())?;
@@ -426,6 +493,7 @@ async fn supervise(
         accel: spec.accel,
         qemu_pid,
         lease: lease_rx.clone(),
+        stats: Arc::clone(&stats),
     });
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(8);
     let control = bind_private(&vm.control_sock())?;
@@ -452,13 +520,14 @@ async fn supervise(
                 break format!("QEMU exited ({status})");
             }
             Some(ctl) = ctl_rx.recv() => {
-                let Control::Halt { force, timeout, done } = ctl;
+                let Control::Halt { force, timeout, done, flushed } = ctl;
                 let status = halt(&shared.qmp, &mut child, force, timeout).await;
                 let _ = Record::update(&vm.record(), |r| r.state = VmState::Stopped);
                 let reason = format!("halted by request ({status})");
                 // Answer after cleanup, so the caller sees a clean state.
                 cleanup(vm);
                 let _ = done.send(Response::Done);
+                let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
                 break reason;
             }
             _ = sigterm.recv() => {
@@ -584,15 +653,19 @@ async fn serve_control(
             let (r, mut w) = stream.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                let (flushed_tx, flushed_rx) = oneshot::channel();
                 let resp = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => handle(req, &shared, &ctl).await,
+                    Ok(req) => handle(req, &shared, &ctl, flushed_rx).await,
                     Err(e) => Response::Error {
                         message: format!("bad request: {e}"),
                     },
                 };
                 let mut out = serde_json::to_vec(&resp).unwrap_or_default();
                 out.push(b'\n');
-                if w.write_all(&out).await.is_err() {
+                let written = w.write_all(&out).await;
+                let _ = w.flush().await;
+                let _ = flushed_tx.send(());
+                if written.is_err() {
                     break;
                 }
             }
@@ -600,12 +673,18 @@ async fn serve_control(
     }
 }
 
-async fn handle(req: Request, shared: &Shared, ctl: &mpsc::Sender<Control>) -> Response {
+async fn handle(
+    req: Request,
+    shared: &Shared,
+    ctl: &mpsc::Sender<Control>,
+    flushed: oneshot::Receiver<()>,
+) -> Response {
     match req {
         Request::Status => match shared.qmp.run(qapi::qmp::query_status {}).await {
             Ok(s) => Response::Status {
                 state: format!("{:?}", s.status).to_lowercase(),
                 lease_seen: *shared.lease.borrow(),
+                network: shared.stats.view(),
             },
             Err(e) => Response::Error {
                 message: e.to_string(),
@@ -633,6 +712,7 @@ async fn handle(req: Request, shared: &Shared, ctl: &mpsc::Sender<Control>) -> R
                     force,
                     timeout: Duration::from_secs(timeout_secs),
                     done,
+                    flushed,
                 })
                 .await;
             if sent.is_err() {

@@ -9,10 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+pub mod net;
+
 pub struct Env {
     pub root: tempfile::TempDir,
     pub project: PathBuf,
     pub name: String,
+    /// Run migrant inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 /// The test guest image built by `scripts/build-guest-image`, or `None`
@@ -42,6 +46,11 @@ pub fn bin() -> PathBuf {
 impl Env {
     /// A project named `name` with a TOML Migrantfile (`extra` appended).
     pub fn new(name: &str, image: &Path, extra: &str) -> Env {
+        Env::new_in(name, image, extra, None)
+    }
+
+    /// Like [`Env::new`], with every migrant command run inside `netns`.
+    pub fn new_in(name: &str, image: &Path, extra: &str, netns: Option<&str>) -> Env {
         let root = tempfile::Builder::new()
             .prefix("migrant-it-")
             .tempdir()
@@ -67,6 +76,7 @@ impl Env {
             root,
             project,
             name,
+            netns: netns.map(str::to_string),
         };
         let out = env.run(&["pubkey"]);
         assert!(out.status.success(), "pubkey: {}", text(&out));
@@ -74,7 +84,14 @@ impl Env {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin());
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         c.args(args)
             .current_dir(&self.project)
             .env("MIGRANT_HOME", self.root.path().join("state"))
@@ -90,6 +107,36 @@ impl Env {
             .stdin(std::process::Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("running migrant {args:?}: {e}"))
+    }
+
+    /// Run with `input` on stdin.
+    pub fn run_input(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .cmd(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("running migrant {args:?}: {e}"));
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input).unwrap_or_else(|e| panic!("{e}"));
+        }
+        child.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Run the guest probe (tests/guest_probe.py) with `checks`; returns
+    /// one result line per check, as `check => result`.
+    pub fn probe(&self, checks: &[&str]) -> std::collections::HashMap<String, String> {
+        let mut args = vec!["ssh", "--", "python3", "-"];
+        args.extend_from_slice(checks);
+        let out = self.run_input(&args, include_bytes!("../guest_probe.py"));
+        assert!(out.status.success(), "probe: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once(" => "))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     /// Run and require success; returns stdout.

@@ -1,0 +1,270 @@
+//! The VM namespace's nftables ruleset, built as nft's JSON and applied
+//! with `nft -j -f -` from a thread inside that namespace.
+//!
+//! Why the `nft` binary with JSON rather than a netlink crate: nft is the
+//! reference implementation of the ruleset encoding (bytecode, sets,
+//! TPROXY), applies a whole ruleset atomically, and its JSON input is a
+//! documented, stable schema we can build and unit-test as data. The
+//! netlink crates for nf_tables are young and would make us maintain the
+//! expression encoding ourselves. The rules live only in the VM's own
+//! namespace: the host's ruleset is never touched, and they vanish with
+//! the namespace.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+
+/// Firewall mark of packets diverted to the proxy; routed to `lo` by a
+/// policy rule.
+pub const TPROXY_MARK: u32 = 1;
+/// Routing table holding the `local 0.0.0.0/0 dev lo` route.
+pub const TPROXY_TABLE: u32 = 100;
+
+pub const TABLE: &str = "migrant";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run nft (install nftables)")]
+    Spawn(#[source] std::io::Error),
+    #[error("nft refused the VM's ruleset: {0}")]
+    Rejected(String),
+}
+
+/// What the ruleset must do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub tap: String,
+    pub gateway: Ipv4Addr,
+    /// TCP and UDP TPROXY listener ports inside the namespace; `None` when
+    /// nothing may leave (egress none, no holes): then all but DHCP and DNS
+    /// is dropped.
+    pub proxy: Option<(u16, u16)>,
+}
+
+fn match_eq(left: Value, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": left, "right": right}})
+}
+
+fn iif(tap: &str) -> Value {
+    match_eq(json!({"meta": {"key": "iifname"}}), json!(tap))
+}
+
+fn rule(chain: &str, expr: Vec<Value>) -> Value {
+    json!({"add": {"rule": {"family": "inet", "table": TABLE, "chain": chain, "expr": expr}}})
+}
+
+/// The complete ruleset as nft JSON.
+pub fn ruleset(plan: &Plan) -> Value {
+    let tap = plan.tap.as_str();
+    let gw = plan.gateway.to_string();
+    let mut cmds = vec![
+        json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
+        json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "prerouting",
+            "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}}}),
+        json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "input",
+            "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}}),
+        json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "forward",
+            "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}}}),
+        // No IPv6 at all.
+        rule(
+            "prerouting",
+            vec![
+                iif(tap),
+                match_eq(json!({"meta": {"key": "nfproto"}}), json!("ipv6")),
+                json!({"drop": null}),
+            ],
+        ),
+        // DHCP (broadcast) and DNS on the gateway are served locally.
+        rule(
+            "prerouting",
+            vec![
+                iif(tap),
+                match_eq(
+                    json!({"payload": {"protocol": "udp", "field": "dport"}}),
+                    json!(67),
+                ),
+                json!({"accept": null}),
+            ],
+        ),
+        rule(
+            "prerouting",
+            vec![
+                iif(tap),
+                match_eq(
+                    json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+                    json!(gw),
+                ),
+                match_eq(
+                    json!({"payload": {"protocol": "udp", "field": "dport"}}),
+                    json!(53),
+                ),
+                json!({"accept": null}),
+            ],
+        ),
+    ];
+    match plan.proxy {
+        Some((tcp, udp)) => {
+            for (proto, port) in [("tcp", tcp), ("udp", udp)] {
+                cmds.push(rule(
+                    "prerouting",
+                    vec![
+                        iif(tap),
+                        match_eq(json!({"meta": {"key": "l4proto"}}), json!(proto)),
+                        json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": TPROXY_MARK}}),
+                        json!({"tproxy": {"family": "ip", "port": port}}),
+                    ],
+                ));
+            }
+            cmds.push(rule("prerouting", vec![iif(tap), json!({"drop": null})]));
+        }
+        None => cmds.push(rule("prerouting", vec![iif(tap), json!({"drop": null})])),
+    }
+    // Anything from the guest that reached the input hook unmarked and is
+    // not DHCP/DNS was not meant for us.
+    cmds.push(rule(
+        "input",
+        vec![
+            iif(tap),
+            match_eq(json!({"meta": {"key": "mark"}}), json!(TPROXY_MARK)),
+            json!({"accept": null}),
+        ],
+    ));
+    cmds.push(rule(
+        "input",
+        vec![
+            iif(tap),
+            match_eq(
+                json!({"payload": {"protocol": "udp", "field": "dport"}}),
+                json!({"set": [53, 67]}),
+            ),
+            json!({"accept": null}),
+        ],
+    ));
+    cmds.push(rule("input", vec![iif(tap), json!({"drop": null})]));
+    json!({"nftables": cmds})
+}
+
+/// Apply `ruleset` with nft; call from a thread inside the namespace.
+pub fn apply(ruleset: &Value) -> Result<(), NftError> {
+    let mut child = Command::new("nft")
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(NftError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(ruleset.to_string().as_bytes())
+            .map_err(NftError::Spawn)?;
+    }
+    let out = child.wait_with_output().map_err(NftError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NftError::Rejected(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(v: &Value) -> Vec<String> {
+        v["nftables"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|c| c["add"]["rule"].is_object())
+                    .map(|c| c["add"]["rule"]["expr"].to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn direct_egress_diverts_tcp_and_udp_to_the_proxy() {
+        let v = ruleset(&Plan {
+            tap: "tap0".into(),
+            gateway: Ipv4Addr::new(10, 0, 2, 2),
+            proxy: Some((15001, 15002)),
+        });
+        let r = rules(&v);
+        assert!(r.iter().any(
+            |e| e.contains("\"tproxy\":{\"family\":\"ip\",\"port\":15001}")
+                && e.contains("\"tcp\"")
+        ));
+        assert!(r.iter().any(
+            |e| e.contains("\"tproxy\":{\"family\":\"ip\",\"port\":15002}")
+                && e.contains("\"udp\"")
+        ));
+        // The catch-all drop comes after the diversions.
+        let last_pre = r
+            .iter()
+            .rposition(|e| e.contains("tproxy"))
+            .unwrap_or(usize::MAX);
+        let drop = r
+            .iter()
+            .position(|e| e == &format!("[{},{{\"drop\":null}}]", iif("tap0")))
+            .unwrap_or(0);
+        assert!(drop > last_pre);
+        // The forward hook drops: the namespace never routes guest packets.
+        let forward = v["nftables"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["add"]["chain"]["name"] == "forward"))
+            .map(|c| c["add"]["chain"]["policy"].clone());
+        assert_eq!(forward, Some(json!("drop")));
+    }
+
+    #[test]
+    fn without_a_proxy_nothing_is_diverted() {
+        let v = ruleset(&Plan {
+            tap: "tap0".into(),
+            gateway: Ipv4Addr::new(10, 0, 2, 2),
+            proxy: None,
+        });
+        assert!(!v.to_string().contains("tproxy"));
+        assert!(v.to_string().contains("10.0.2.2"));
+    }
+
+    /// nft itself accepts the ruleset (root only: needs a private namespace).
+    #[test]
+    fn nft_accepts_the_ruleset() {
+        if !nix::unistd::Uid::effective().is_root() || crate::qemu::process::which("nft").is_none()
+        {
+            eprintln!("SKIPPED: needs root and nft");
+            return;
+        }
+        let ns = crate::net::netns::NetNs::create().unwrap_or_else(|e| panic!("{e}"));
+        for proxy in [Some((15001, 15002)), None] {
+            let plan = Plan {
+                tap: "tap0".into(),
+                gateway: Ipv4Addr::new(10, 0, 2, 2),
+                proxy,
+            };
+            let listed = ns
+                .run(|| {
+                    apply(&ruleset(&plan))?;
+                    let out = Command::new("nft")
+                        .args(["list", "ruleset"])
+                        .output()
+                        .map_err(NftError::Spawn)?;
+                    // Start over for the next plan.
+                    let _ = Command::new("nft").args(["flush", "ruleset"]).status();
+                    Ok::<_, NftError>(String::from_utf8_lossy(&out.stdout).into_owned())
+                })
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(listed.contains("table inet migrant"), "{listed}");
+            assert_eq!(
+                listed.contains("tproxy ip to :15001"),
+                proxy.is_some(),
+                "{listed}"
+            );
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! The egress proxy: TPROXY listeners inside the VM's namespace receive
+//! every TCP connection and UDP datagram the guest sends anywhere; the
+//! supervisor reads the original destination, asks the [`Policy`], and
+//! makes its own connection from the host's namespace.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use super::domains::{Allowlist, requested_name};
+use super::netns::NetNs;
+use super::policy::{Allowed, Denial, Policy};
+use super::resolver::Resolver;
+use crate::config::Proto;
+
+/// Listener ports inside the VM's namespace (nothing else listens there).
+pub const TCP_PORT: u16 = 15001;
+pub const UDP_PORT: u16 = 15002;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const UDP_IDLE: Duration = Duration::from_secs(60);
+/// How long a client on a shared address may take to name its server.
+const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for a client to speak first before assuming a
+/// server-first protocol.
+const CLIENT_FIRST_WAIT: Duration = Duration::from_millis(800);
+
+/// Counters shown by `migrant status`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    tcp: AtomicU64,
+    udp: AtomicU64,
+    denied: Mutex<BTreeMap<Denial, u64>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StatsView {
+    pub tcp_connections: u64,
+    pub udp_flows: u64,
+    /// Refused attempts by reason.
+    pub denied: BTreeMap<String, u64>,
+}
+
+impl Stats {
+    pub fn deny(&self, proto: Proto, src: SocketAddr, dst: SocketAddrV4, why: Denial) {
+        if let Ok(mut d) = self.denied.lock() {
+            *d.entry(why).or_default() += 1;
+        }
+        tracing::info!(
+            "denied {} {src} -> {dst}: {}",
+            if proto == Proto::Tcp { "tcp" } else { "udp" },
+            why.as_str()
+        );
+    }
+    pub fn deny_name(&self, name: &str) {
+        if let Ok(mut d) = self.denied.lock() {
+            *d.entry(Denial::NotAllowedDomain).or_default() += 1;
+        }
+        tracing::info!("denied DNS query for {name}: not in allow_domains");
+    }
+    pub fn view(&self) -> StatsView {
+        StatsView {
+            tcp_connections: self.tcp.load(Ordering::Relaxed),
+            udp_flows: self.udp.load(Ordering::Relaxed),
+            denied: self
+                .denied
+                .lock()
+                .map(|d| {
+                    d.iter()
+                        .map(|(k, v)| (k.as_str().to_string(), *v))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+pub struct Proxy {
+    pub policy: Policy,
+    pub stats: Arc<Stats>,
+    pub ns: Arc<NetNs>,
+    pub resolver: Arc<Resolver>,
+}
+
+/// The TCP TPROXY listener; call on a thread inside the namespace.
+pub fn tcp_listener() -> std::io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_ip_transparent_v4(true)?;
+    s.bind(&SocketAddr::from(([0, 0, 0, 0], TCP_PORT)).into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// The UDP TPROXY socket (with the original destination delivered as
+/// ancillary data); call on a thread inside the namespace.
+pub fn udp_socket() -> std::io::Result<std::net::UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_ip_transparent_v4(true)?;
+    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4OrigDstAddr, &true)
+        .map_err(std::io::Error::from)?;
+    s.bind(&SocketAddr::from(([0, 0, 0, 0], UDP_PORT)).into())?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match addr {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map(|ip| SocketAddrV4::new(ip, a.port())),
+    }
+}
+
+/// Close a guest connection with a reset, so the guest sees a refusal at
+/// once instead of a hang.
+fn reset(stream: TcpStream) {
+    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+impl Proxy {
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, src) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("proxy accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let this = Arc::clone(&self);
+            tokio::spawn(async move { this.tcp_flow(stream, src).await });
+        }
+    }
+
+    async fn tcp_flow(&self, mut guest: TcpStream, src: SocketAddr) {
+        // With TPROXY the accepted socket's local address is where the
+        // guest meant to go.
+        let Some(dst) = guest.local_addr().ok().and_then(v4) else {
+            return reset(guest);
+        };
+        let allowed = match self.policy.decide(Proto::Tcp, dst) {
+            Ok(a) => a,
+            Err(why) => {
+                self.stats.deny(Proto::Tcp, src, dst, why);
+                return reset(guest);
+            }
+        };
+        let mut first = Vec::new();
+        if let (Some(list), false) = (&self.policy.domains, allowed.hole) {
+            match check_shared(list, *dst.ip(), &mut guest, &mut first).await {
+                Ok(()) => {}
+                Err(why) => {
+                    self.stats.deny(Proto::Tcp, src, dst, why);
+                    return reset(guest);
+                }
+            }
+        }
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, connect_out(allowed)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!("connect {} for {src}: {e}", allowed.to);
+                return reset(guest);
+            }
+            Err(_) => {
+                tracing::debug!("connect {} for {src}: timed out", allowed.to);
+                return reset(guest);
+            }
+        };
+        self.stats.tcp.fetch_add(1, Ordering::Relaxed);
+        let _ = upstream.set_nodelay(true);
+        let _ = guest.set_nodelay(true);
+        let mut upstream = upstream;
+        if !first.is_empty() && upstream.write_all(&first).await.is_err() {
+            return;
+        }
+        // Both directions, each shut down for writing when its source ends.
+        if let Err(e) = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await {
+            tracing::debug!("relay {src} -> {}: {e}", allowed.to);
+        }
+    }
+
+    pub async fn serve_udp(self: Arc<Self>, socket: std::net::UdpSocket) -> std::io::Result<()> {
+        // SAFETY: `socket` is an open, owned UDP socket that moves into the
+        // AsyncFd and is neither closed nor replaced while it lives there.
+        let fd = unsafe { AsyncFd::register(socket) }
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let flows: Arc<Mutex<HashMap<(SocketAddr, SocketAddrV4), Arc<UdpSocket>>>> = Arc::default();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let mut guard = fd.readable().await?;
+            let got = guard.try_io(|inner| recv_orig(inner.get_ref(), &mut buf));
+            let (len, src, dst) = match got {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::debug!("udp proxy recv: {e}");
+                    continue;
+                }
+                Err(_would_block) => continue,
+            };
+            let data = buf[..len].to_vec();
+            let existing = flows.lock().ok().and_then(|f| f.get(&(src, dst)).cloned());
+            if let Some(up) = existing {
+                let _ = up.send(&data).await;
+                continue;
+            }
+            let this = Arc::clone(&self);
+            let flows = Arc::clone(&flows);
+            tokio::spawn(async move { this.udp_flow(src, dst, data, flows).await });
+        }
+    }
+
+    async fn udp_flow(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddrV4,
+        first: Vec<u8>,
+        flows: Arc<Mutex<HashMap<(SocketAddr, SocketAddrV4), Arc<UdpSocket>>>>,
+    ) {
+        // DNS to any server goes to the gateway's resolver, so that
+        // `allow_domains` sees every lookup.
+        let is_dns = dst.port() == 53;
+        let allowed = if is_dns {
+            None
+        } else {
+            match self.policy.decide(Proto::Udp, dst) {
+                Ok(a) => Some(a),
+                Err(why) => {
+                    self.stats.deny(Proto::Udp, src, dst, why);
+                    return;
+                }
+            }
+        };
+        // The reply socket speaks as `dst` to the guest.
+        let ns = Arc::clone(&self.ns);
+        let reply = tokio::task::spawn_blocking(move || ns.run(|| reply_socket(dst, src)))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r.map_err(std::io::Error::other))
+            .and_then(|r| r);
+        let reply = match reply.and_then(|s| UdpSocket::from_std(s)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("udp reply socket for {dst}: {e}");
+                return;
+            }
+        };
+        if is_dns {
+            return self.dns_flow(reply, first).await;
+        }
+        let Some(allowed) = allowed else { return };
+        let bind: SocketAddr = match allowed.to {
+            SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let up = match UdpSocket::bind(bind).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("udp upstream socket: {e}");
+                return;
+            }
+        };
+        if up.connect(allowed.to).await.is_err() {
+            return;
+        }
+        let up = Arc::new(up);
+        if let Ok(mut f) = flows.lock() {
+            f.insert((src, dst), Arc::clone(&up));
+        }
+        self.stats.udp.fetch_add(1, Ordering::Relaxed);
+        let _ = up.send(&first).await;
+        let mut from_up = vec![0u8; 65536];
+        let mut from_guest = vec![0u8; 65536];
+        loop {
+            tokio::select! {
+                r = up.recv(&mut from_up) => match r {
+                    Ok(n) => { let _ = reply.send(&from_up[..n]).await; }
+                    Err(_) => break,
+                },
+                // Later datagrams of this flow may land on the connected
+                // reply socket instead of the TPROXY socket.
+                r = reply.recv(&mut from_guest) => match r {
+                    Ok(n) => { let _ = up.send(&from_guest[..n]).await; }
+                    Err(_) => break,
+                },
+                _ = tokio::time::sleep(UDP_IDLE) => break,
+            }
+        }
+        if let Ok(mut f) = flows.lock() {
+            f.remove(&(src, dst));
+        }
+    }
+
+    async fn dns_flow(&self, reply: UdpSocket, first: Vec<u8>) {
+        let mut query = first;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            if let Some(resp) = self.resolver.handle(&query).await {
+                let _ = reply.send(&resp).await;
+            }
+            match tokio::time::timeout(Duration::from_secs(10), reply.recv(&mut buf)).await {
+                Ok(Ok(n)) => query = buf[..n].to_vec(),
+                _ => return,
+            }
+        }
+    }
+}
+
+async fn connect_out(allowed: Allowed) -> std::io::Result<TcpStream> {
+    TcpStream::connect(allowed.to).await
+}
+
+/// With `allow_domains`, a client that names its server (TLS SNI, HTTP
+/// Host) must name an allowed one, whatever address it dialled. A client
+/// that says nothing first (SSH, SMTP: the server speaks first) is let
+/// through to an admitted address, unless other names share that address.
+async fn check_shared(
+    list: &Allowlist,
+    ip: std::net::Ipv4Addr,
+    guest: &mut TcpStream,
+    first: &mut Vec<u8>,
+) -> Result<(), Denial> {
+    let deadline = tokio::time::Instant::now() + PEEK_TIMEOUT;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match requested_name(first) {
+            Ok(Some(name)) if list.admits_request(ip, &name) => return Ok(()),
+            Ok(Some(_)) => return Err(Denial::NotAllowedDomain),
+            Ok(None) if !first.is_empty() => {
+                return if list.is_shared(ip) {
+                    Err(Denial::NotAllowedDomain)
+                } else {
+                    Ok(())
+                };
+            }
+            _ => {}
+        }
+        if first.len() > 16 * 1024 {
+            return Err(Denial::NotAllowedDomain);
+        }
+        // Server-first protocols: nothing arrives.
+        let wait = if first.is_empty() {
+            tokio::time::Instant::now() + CLIENT_FIRST_WAIT
+        } else {
+            deadline
+        };
+        match tokio::time::timeout_at(wait.min(deadline), guest.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => first.extend_from_slice(&chunk[..n]),
+            Ok(_) => return Err(Denial::NotAllowedDomain),
+            Err(_) if first.is_empty() && !list.is_shared(ip) => return Ok(()),
+            Err(_) => return Err(Denial::NotAllowedDomain),
+        }
+    }
+}
+
+/// Receive one datagram with its original destination.
+fn recv_orig(
+    sock: &std::net::UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, SocketAddrV4)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(libc::sockaddr_in);
+    let msg = recvmsg::<SockaddrIn>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(std::io::Error::from)?;
+    let src = msg
+        .address
+        .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())))
+        .ok_or_else(|| std::io::Error::other("datagram without a source"))?;
+    let mut dst = None;
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::Ipv4OrigDstAddr(sin) = c {
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            dst = Some(SocketAddrV4::new(ip, u16::from_be(sin.sin_port)));
+        }
+    }
+    let len = msg.bytes;
+    let dst =
+        dst.ok_or_else(|| std::io::Error::other("datagram without its original destination"))?;
+    Ok((len, src, dst))
+}
+
+/// A socket bound to `dst` (not a local address: IP_TRANSPARENT) and
+/// connected to the guest, for replies that appear to come from `dst`.
+fn reply_socket(dst: SocketAddrV4, guest: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_ip_transparent_v4(true)?;
+    s.bind(&SocketAddr::V4(dst).into())?;
+    s.connect(&guest.into())?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// Keep the policy's view of the host's addresses current.
+pub async fn watch_host_addrs(policy_host: super::policy::HostAddrs) {
+    loop {
+        let now: std::collections::HashSet<IpAddr> = super::policy::HostAddrs::read_host();
+        if policy_host.replace(now) {
+            tracing::info!("host addresses changed; policy updated");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}

@@ -1,0 +1,212 @@
+//! Test networks that never leave this machine: namespaces this test
+//! creates and removes.
+//!
+//! ```text
+//!   [host ns] 45.10.0.1 ──veth── 45.10.0.2 [internet ns]  45.20.0.10 http "internet-ok"
+//!       │                                                  45.20.0.11 http "other"
+//!       │ 192.168.77.1                                     45.20.0.53 dnsmasq
+//!       └──veth── 192.168.77.50, .51 [lan ns]  http "lan"
+//!   host ns also: 127.0.0.1:8080 http "host-loopback", 45.10.0.1:9090 http "host-public"
+//! ```
+//! migrant runs inside the host namespace (`ip netns exec`), whose
+//! resolv.conf (`/etc/netns/<host>/resolv.conf`) names the internet DNS.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+pub struct TestNet {
+    pub host: String,
+    pub inet: String,
+    pub lan: String,
+    servers: Vec<Child>,
+    etc: PathBuf,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ip: {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn in_ns(ns: &str, args: &[&str]) {
+    let mut a = vec!["netns", "exec", ns];
+    a.extend_from_slice(args);
+    ip(&a);
+}
+
+/// A tiny HTTP server answering every request with `body` and echoing
+/// the Host header it saw: `python3` from Debian.
+const HTTP: &str = r#"
+import http.server, sys
+body = sys.argv[3].encode()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"#;
+
+impl TestNet {
+    pub fn new(tag: &str) -> TestNet {
+        let id = format!("{tag}{}", std::process::id() % 100000);
+        let net = TestNet {
+            host: format!("mgt-h-{id}"),
+            inet: format!("mgt-i-{id}"),
+            lan: format!("mgt-l-{id}"),
+            servers: Vec::new(),
+            etc: PathBuf::from(format!("/etc/netns/mgt-h-{id}")),
+        };
+        for ns in [&net.host, &net.inet, &net.lan] {
+            ip(&["netns", "add", ns]);
+            in_ns(ns, &["ip", "link", "set", "lo", "up"]);
+        }
+        let (h, i, l) = (net.host.as_str(), net.inet.as_str(), net.lan.as_str());
+        ip(&[
+            "link", "add", "mgt-hi", "netns", h, "type", "veth", "peer", "name", "mgt-ih", "netns",
+            i,
+        ]);
+        ip(&[
+            "link", "add", "mgt-hl", "netns", h, "type", "veth", "peer", "name", "mgt-lh", "netns",
+            l,
+        ]);
+        in_ns(h, &["ip", "addr", "add", "45.10.0.1/24", "dev", "mgt-hi"]);
+        in_ns(
+            h,
+            &["ip", "addr", "add", "192.168.77.1/24", "dev", "mgt-hl"],
+        );
+        in_ns(h, &["ip", "link", "set", "mgt-hi", "up"]);
+        in_ns(h, &["ip", "link", "set", "mgt-hl", "up"]);
+        in_ns(h, &["ip", "route", "add", "default", "via", "45.10.0.2"]);
+        in_ns(i, &["ip", "addr", "add", "45.10.0.2/24", "dev", "mgt-ih"]);
+        in_ns(i, &["ip", "link", "set", "mgt-ih", "up"]);
+        for a in ["45.20.0.10/32", "45.20.0.11/32", "45.20.0.53/32"] {
+            in_ns(i, &["ip", "addr", "add", a, "dev", "lo"]);
+        }
+        in_ns(
+            l,
+            &["ip", "addr", "add", "192.168.77.50/24", "dev", "mgt-lh"],
+        );
+        in_ns(
+            l,
+            &["ip", "addr", "add", "192.168.77.51/24", "dev", "mgt-lh"],
+        );
+        in_ns(l, &["ip", "link", "set", "mgt-lh", "up"]);
+        std::fs::create_dir_all(&net.etc).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(net.etc.join("resolv.conf"), "nameserver 45.20.0.53\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut net = net;
+        net.http(&net.inet.clone(), "45.20.0.10", 80, "internet-ok");
+        net.http(&net.inet.clone(), "45.20.0.11", 80, "other");
+        net.http(&net.lan.clone(), "192.168.77.50", 80, "lan");
+        net.http(&net.lan.clone(), "192.168.77.51", 80, "lan-other");
+        net.http(&net.host.clone(), "127.0.0.1", 8080, "host-loopback");
+        net.http(&net.host.clone(), "127.0.0.1", 9091, "host-loopback-closed");
+        net.http(&net.host.clone(), "45.10.0.1", 9090, "host-public");
+        let dns = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.inet,
+                "dnsmasq",
+                "--no-daemon",
+                "--no-resolv",
+                "--no-hosts",
+                "--listen-address=45.20.0.53",
+                "--bind-interfaces",
+                "--port=53",
+                "--address=/ok.test/45.20.0.10",
+                "--address=/other.test/45.20.0.11",
+                "--address=/shared.test/45.20.0.10",
+                "--address=/api.allowed.test/45.20.0.10",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("dnsmasq: {e}"));
+        net.servers.push(dns);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        net
+    }
+
+    fn http(&mut self, ns: &str, addr: &str, port: u16, body: &str) {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "python3",
+                "-c",
+                HTTP,
+                addr,
+                &port.to_string(),
+                body,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("http server: {e}"));
+        self.servers.push(child);
+    }
+
+    /// Run `cmd` inside the host namespace.
+    pub fn wrap(&self, cmd: &mut Command) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.host])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        if let Some(d) = cmd.get_current_dir() {
+            c.current_dir(d);
+        }
+        c
+    }
+
+    /// `nft list ruleset` of a namespace (`None`: the real host's).
+    pub fn ruleset(ns: Option<&str>) -> String {
+        let out = match ns {
+            Some(ns) => Command::new("ip")
+                .args(["netns", "exec", ns, "nft", "list", "ruleset"])
+                .output(),
+            None => Command::new("nft").args(["list", "ruleset"]).output(),
+        }
+        .unwrap_or_else(|e| panic!("nft: {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        for ns in [&self.host, &self.inet, &self.lan] {
+            let _ = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                });
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.etc);
+    }
+}

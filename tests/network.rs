@@ -1,0 +1,219 @@
+//! Network isolation and egress on a real guest under TCG, inside test
+//! namespaces (see tests/common/net.rs): nothing leaves this machine.
+
+mod common;
+
+use common::net::TestNet;
+use common::*;
+use std::time::Duration;
+
+fn expect(results: &std::collections::HashMap<String, String>, check: &str, want: &str) {
+    let got = results
+        .get(check)
+        .map(String::as_str)
+        .unwrap_or("<missing>");
+    if want == "ERR" {
+        assert!(
+            got.starts_with("ERR"),
+            "{check}: expected a failure, got {got:?}"
+        );
+    } else {
+        assert_eq!(got, want, "{check}");
+    }
+}
+
+#[test]
+fn direct_egress_policy_holes_tunnel_and_cleanup() {
+    let Some(image) = test_image() else { return };
+    let root_rules = TestNet::ruleset(None);
+    let net = TestNet::new("d");
+    let host_rules = TestNet::ruleset(Some(&net.host));
+    let env = Env::new_in(
+        "net",
+        &image,
+        "[network]\nrules = [\"allow-host-port tcp/8080\", \"allow-lan-host 192.168.77.50\", \"forward-port tcp/8081 192.168.77.51:80\"]\n",
+        Some(&net.host),
+    );
+    env.ok(&["up"]);
+    let qemu = env
+        .pid_of("qemu-system")
+        .unwrap_or_else(|| panic!("no QEMU"));
+    let ns = netns_of(qemu).unwrap_or_else(|| panic!("no netns"));
+
+    let r = env.probe(&[
+        "dns:ok.test",
+        "http:http://ok.test/",
+        "http:http://45.20.0.11/",
+        "udpdns:45.20.0.53:other.test",
+        // The gateway: only DNS/DHCP and the named holes.
+        "tcp:10.0.2.2:22",
+        "tcp:10.0.2.2:80",
+        "tcp:10.0.2.2:9999",
+        "http:http://10.0.2.2:8080/",
+        "http:http://10.0.2.2:9091/",
+        "http:http://10.0.2.2:8081/",
+        // The host itself, by its public-looking address.
+        "http:http://45.10.0.1:9090/",
+        // LAN: only the allowed host; metadata never.
+        "http:http://192.168.77.50/",
+        "http:http://192.168.77.51/",
+        "http:http://169.254.169.254/",
+        "tcp:10.0.2.99:22",
+    ]);
+    expect(&r, "dns:ok.test", "45.20.0.10");
+    expect(&r, "http:http://ok.test/", "internet-ok");
+    expect(&r, "http:http://45.20.0.11/", "other");
+    expect(&r, "udpdns:45.20.0.53:other.test", "45.20.0.11");
+    expect(&r, "tcp:10.0.2.2:22", "ERR");
+    expect(&r, "tcp:10.0.2.2:80", "ERR");
+    expect(&r, "tcp:10.0.2.2:9999", "ERR");
+    expect(&r, "http:http://10.0.2.2:8080/", "host-loopback");
+    expect(&r, "http:http://10.0.2.2:9091/", "ERR");
+    expect(&r, "http:http://10.0.2.2:8081/", "lan-other");
+    expect(&r, "http:http://45.10.0.1:9090/", "ERR");
+    expect(&r, "http:http://192.168.77.50/", "lan");
+    expect(&r, "http:http://192.168.77.51/", "ERR");
+    expect(&r, "http:http://169.254.169.254/", "ERR");
+    expect(&r, "tcp:10.0.2.99:22", "ERR");
+
+    let status = env.ok(&["status"]);
+    for reason in [
+        "gateway-port",
+        "host-address",
+        "private",
+        "link-local",
+        "guest-network",
+    ] {
+        assert!(status.contains(reason), "status lacks {reason}: {status}");
+    }
+
+    // migrant tunnel: host 127.0.0.1:8000 -> guest 127.0.0.1:8000.
+    env.ok(&[
+        "ssh",
+        "--",
+        "nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 </dev/null &",
+    ]);
+    let mut tunnel = env
+        .cmd(&["tunnel", "8000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let fetch = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &net.host, "python3", "-c",
+                "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8000/',timeout=5).status)"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "200")
+            .unwrap_or(false)
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), fetch),
+        "tunnel does not carry HTTP"
+    );
+    let listening = std::process::Command::new("ip")
+        .args(["netns", "exec", &net.host, "ss", "-Hltn", "sport = :8000"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(listening.contains("127.0.0.1:8000"), "{listening}");
+    assert!(
+        !listening.contains("0.0.0.0:8000") && !listening.contains("*:8000"),
+        "{listening}"
+    );
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+
+    // Halt: nothing of the VM's network remains.
+    env.ok(&["halt"]);
+    env.assert_clean();
+    assert!(!netns_in_use(&ns), "the VM's namespace outlived halt");
+    assert_eq!(
+        TestNet::ruleset(None),
+        root_rules,
+        "the host's ruleset changed"
+    );
+    assert_eq!(TestNet::ruleset(Some(&net.host)), host_rules);
+
+    // kill -9 of the supervisor: the same.
+    env.ok(&["up"]);
+    let sup = env
+        .pid_of("__supervisor")
+        .unwrap_or_else(|| panic!("no supervisor"));
+    let qemu = env
+        .pid_of("qemu-system")
+        .unwrap_or_else(|| panic!("no QEMU"));
+    let ns = netns_of(qemu).unwrap_or_else(|| panic!("no netns"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        wait_for(Duration::from_secs(5), || !netns_in_use(&ns)),
+        "namespace outlived kill -9"
+    );
+    let status = env.ok(&["status"]);
+    assert!(status.contains("stopped"), "{status}");
+    env.assert_clean();
+    assert_eq!(TestNet::ruleset(None), root_rules);
+    assert_eq!(TestNet::ruleset(Some(&net.host)), host_rules);
+    env.ok(&["destroy"]);
+}
+
+#[test]
+fn egress_none_and_allow_domains() {
+    let Some(image) = test_image() else { return };
+    let net = TestNet::new("n");
+
+    let none = Env::new_in(
+        "none",
+        &image,
+        "[network]\negress = \"none\"\nrules = [\"allow-host-port tcp/8080\"]\n",
+        Some(&net.host),
+    );
+    none.ok(&["up"]);
+    let r = none.probe(&[
+        "dns:ok.test",
+        "http:http://45.20.0.10/",
+        "udpdns:45.20.0.53:ok.test",
+        "http:http://10.0.2.2:8080/",
+    ]);
+    expect(&r, "dns:ok.test", "ERR");
+    expect(&r, "http:http://45.20.0.10/", "ERR");
+    expect(&r, "udpdns:45.20.0.53:ok.test", "ERR");
+    expect(&r, "http:http://10.0.2.2:8080/", "host-loopback");
+    none.ok(&["destroy"]);
+    none.assert_clean();
+
+    let allow = Env::new_in(
+        "allow",
+        &image,
+        "[network]\nallow_domains = [\"ok.test\", \"*.allowed.test\"]\n",
+        Some(&net.host),
+    );
+    allow.ok(&["up"]);
+    let r = allow.probe(&[
+        "http:http://45.20.0.10/",
+        "dns:ok.test",
+        "dns:api.allowed.test",
+        "dns:other.test",
+        "http:http://ok.test/",
+        "http:http://45.20.0.11/",
+        "httphost:45.20.0.10:api.allowed.test",
+        "httphost:45.20.0.10:shared.test",
+    ]);
+    // Before the guest resolved an allowed name, its address is closed.
+    expect(&r, "http:http://45.20.0.10/", "ERR");
+    expect(&r, "dns:ok.test", "45.20.0.10");
+    expect(&r, "dns:api.allowed.test", "45.20.0.10");
+    expect(&r, "dns:other.test", "ERR");
+    expect(&r, "http:http://ok.test/", "internet-ok");
+    expect(&r, "http:http://45.20.0.11/", "ERR");
+    expect(&r, "httphost:45.20.0.10:api.allowed.test", "internet-ok");
+    expect(&r, "httphost:45.20.0.10:shared.test", "ERR");
+    let status = allow.ok(&["status"]);
+    assert!(status.contains("not-allowed-domain"), "{status}");
+    allow.ok(&["destroy"]);
+    allow.assert_clean();
+}
