@@ -65,7 +65,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Completions { shell } => docs::completions(shell),
         Cmd::Man { out_dir } => docs::man(out_dir.as_deref()),
         Cmd::Tunnel { ports } => lifecycle::tunnel(&Project::load(&dir)?, &ports),
-        Cmd::Supervisor { .. } | Cmd::Proxy { .. } => Err(Error::other(
+        Cmd::Supervisor { .. } | Cmd::Proxy { .. } | Cmd::Netlab { .. } => Err(Error::other(
             crate::exit::SOFTWARE,
             "internal mode reached the command dispatcher",
         )),

@@ -103,14 +103,14 @@ pub fn status(p: &Project, json: bool) -> Result<u8> {
     if p.vm.disk().exists() {
         v.disk = Some(p.vm.disk().display().to_string());
     }
-    if matches!(l, Live::Active(_)) {
-        if let Ok(Response::Status { network, .. }) = control::request(
+    if matches!(l, Live::Active(_))
+        && let Ok(Response::Status { network, .. }) = control::request(
             &p.vm.control_sock(),
             &Request::Status,
             Duration::from_secs(10),
-        ) {
-            v.network = Some(network);
-        }
+        )
+    {
+        v.network = Some(network);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -16,7 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::domains::{Allowlist, requested_name};
+use super::domains::{Allowlist, Peek, requested_name};
 use super::netns::NetNs;
 use super::policy::{Allowed, Denial, Policy};
 use super::resolver::Resolver;
@@ -33,6 +33,9 @@ const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for a client to speak first before assuming a
 /// server-first protocol.
 const CLIENT_FIRST_WAIT: Duration = Duration::from_millis(800);
+
+/// Live UDP flows: (guest source, original destination) → upstream socket.
+type Flows = Arc<Mutex<HashMap<(SocketAddr, SocketAddrV4), Arc<UdpSocket>>>>;
 
 /// Counters shown by `migrant status`.
 #[derive(Debug, Default)]
@@ -200,7 +203,7 @@ impl Proxy {
         // AsyncFd and is neither closed nor replaced while it lives there.
         let fd = unsafe { AsyncFd::register(socket) }
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let flows: Arc<Mutex<HashMap<(SocketAddr, SocketAddrV4), Arc<UdpSocket>>>> = Arc::default();
+        let flows: Flows = Arc::default();
         let mut buf = vec![0u8; 65536];
         loop {
             let mut guard = fd.readable().await?;
@@ -225,13 +228,7 @@ impl Proxy {
         }
     }
 
-    async fn udp_flow(
-        &self,
-        src: SocketAddr,
-        dst: SocketAddrV4,
-        first: Vec<u8>,
-        flows: Arc<Mutex<HashMap<(SocketAddr, SocketAddrV4), Arc<UdpSocket>>>>,
-    ) {
+    async fn udp_flow(&self, src: SocketAddr, dst: SocketAddrV4, first: Vec<u8>, flows: Flows) {
         // DNS to any server goes to the gateway's resolver, so that
         // `allow_domains` sees every lookup.
         let is_dns = dst.port() == 53;
@@ -339,9 +336,9 @@ async fn check_shared(
     let mut chunk = [0u8; 4096];
     loop {
         match requested_name(first) {
-            Ok(Some(name)) if list.admits_request(ip, &name) => return Ok(()),
-            Ok(Some(_)) => return Err(Denial::NotAllowedDomain),
-            Ok(None) if !first.is_empty() => {
+            Peek::Name(name) if list.admits_request(ip, &name) => return Ok(()),
+            Peek::Name(_) => return Err(Denial::NotAllowedDomain),
+            Peek::NoName if !first.is_empty() => {
                 return if list.is_shared(ip) {
                     Err(Denial::NotAllowedDomain)
                 } else {
