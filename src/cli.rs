@@ -40,6 +40,12 @@ pub enum Cmd {
         /// Seconds to wait for the guest to answer SSH.
         #[arg(long, default_value_t = 600, value_name = "SECS")]
         timeout: u64,
+        /// Do not connect afterwards, whatever the Migrantfile's autoconnect says.
+        #[arg(long)]
+        no_autoconnect: bool,
+        /// (internal) The command hooks are told caused them (`run` uses it).
+        #[arg(long, hide = true, value_enum, default_value = "up")]
+        trigger: crate::provision::hooks::Trigger,
     },
     /// Shut the VM down (ACPI power-down, forced after a timeout).
     Halt {
@@ -118,6 +124,47 @@ pub enum Cmd {
     Image {
         #[command(subcommand)]
         command: ImageCmd,
+    },
+    /// Run the Ansible playbook (playbook.yml) against the running VM again.
+    Provision {
+        /// Extra arguments for ansible-playbook (e.g. `-- --tags web -v`).
+        #[arg(last = true, value_name = "ANSIBLE_ARGS")]
+        args: Vec<String>,
+    },
+    /// Print an OpenSSH config block for the VM (`ssh -F <(migrant ssh-config) NAME`).
+    #[command(name = "ssh-config")]
+    SshConfig {
+        /// Host alias to use instead of the VM's name.
+        #[arg(long, value_name = "ALIAS")]
+        host: Option<String>,
+    },
+    /// For CI: bring the VM up, run CMD in it (stdin, stdout, stderr passed
+    /// through; its exit code returned), optionally destroy it afterwards.
+    Run {
+        /// Destroy the VM afterwards, also when CMD fails or on Ctrl-C.
+        #[arg(long)]
+        rm: bool,
+        /// Start from the VM's snapshot (not supported yet).
+        #[arg(long)]
+        snapshot: bool,
+        /// Seconds to wait for the guest to answer SSH.
+        #[arg(long, default_value_t = 600, value_name = "SECS")]
+        timeout: u64,
+        /// The command. One argument is a shell command line for the guest's
+        /// shell; several are quoted and run as they are.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per command into DIR.
+    Man {
+        /// Write migrant.1 and migrant-COMMAND.1 files into DIR instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
     },
 
     /// (internal) The per-VM supervisor.

@@ -21,6 +21,10 @@ pub enum Error {
     Supervisor(#[from] crate::supervisor::SupervisorError),
     #[error(transparent)]
     Firmware(#[from] crate::firmware::FirmwareError),
+    #[error(transparent)]
+    Hook(#[from] crate::provision::hooks::HookError),
+    #[error(transparent)]
+    Ansible(#[from] crate::provision::ansible::AnsibleError),
     /// A failure that carries its own exit code.
     #[error("{message}")]
     Other { message: String, code: u8 },
@@ -43,6 +47,8 @@ impl Error {
             Error::Control(e) => e.exit_code(),
             Error::Supervisor(e) => e.exit_code(),
             Error::Firmware(e) => e.exit_code(),
+            Error::Hook(e) => e.exit_code(),
+            Error::Ansible(e) => e.exit_code(),
             Error::Other { code, .. } => *code,
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
                 exit::NOPERM

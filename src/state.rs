@@ -317,7 +317,18 @@ impl VmLock {
         if !vm.lock().exists() {
             return false;
         }
-        matches!(VmLock::try_acquire(vm), Err(StateError::Locked { .. }))
+        match VmLock::try_acquire(vm) {
+            Err(StateError::Locked { .. }) => true,
+            // Not root (a hook running `migrant ssh` as the invoking
+            // user): the recorded supervisor, if it still runs, stands in
+            // for the lock it holds.
+            Err(StateError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                recorded_supervisor_runs(vm)
+            }
+            _ => false,
+        }
     }
 
     /// The descriptor, to be inherited by the supervisor. The lock belongs
@@ -331,6 +342,21 @@ impl VmLock {
     pub fn from_inherited(file: File) -> VmLock {
         VmLock { file }
     }
+}
+
+fn recorded_supervisor_runs(vm: &VmPaths) -> bool {
+    let Ok(Some(rec)) = Record::load(&vm.record()) else {
+        return false;
+    };
+    let Some(pid) = rec.supervisor_pid else {
+        return false;
+    };
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+            args.contains(&b"__supervisor".as_slice()) && args.contains(&vm.name.as_bytes())
+        })
+        .unwrap_or(false)
 }
 
 /// Seconds since the Unix epoch.

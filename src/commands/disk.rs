@@ -9,18 +9,30 @@ use super::{Live, Project, Result, live};
 use crate::error::Error;
 use crate::exit;
 use crate::image::progress::human;
+use crate::provision::hooks::{self, Hook, Trigger};
 use crate::state::{Record, VmLock, VmPaths, VmState};
 use crate::supervisor::control::{self, Request, Response};
 
-/// The hook call points of commands that take the VM down. Hooks
-/// (`hooks/pre-down`, `hooks/post-down`) are run by the provisioning work;
-/// until it lands these do nothing. `pre_down_hook` may abort the command.
-pub fn pre_down_hook(_p: &Project, _trigger: &str) -> Result<()> {
+fn trigger_of(trigger: &str) -> Trigger {
+    if trigger == "reset" {
+        Trigger::Reset
+    } else {
+        Trigger::Snapshot
+    }
+}
+
+/// `hooks/pre-down` for commands that take the VM down: a failure aborts
+/// `snapshot` (not `reset`), as for `halt` and `destroy`.
+pub fn pre_down_hook(p: &Project, trigger: &str) -> Result<()> {
+    let ip = p.cfg.guest_ip();
+    hooks::fire(&p.cfg, Hook::PreDown, trigger_of(trigger), Some(ip), false)?;
     Ok(())
 }
 
-/// See [`pre_down_hook`]; a failing post-down hook only warns.
-pub fn post_down_hook(_p: &Project, _trigger: &str) {}
+/// `hooks/post-down`; a failure only warns.
+pub fn post_down_hook(p: &Project, trigger: &str) {
+    let _ = hooks::fire(&p.cfg, Hook::PostDown, trigger_of(trigger), None, false);
+}
 
 /// Whose point of view [`pending_changes`] takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,7 +381,14 @@ pub fn reset(p: &Project, timeout: u64) -> Result<u8> {
             r.last_stop = Some("reset to its snapshot".into());
         })?;
     }
-    super::up::up(p, timeout)
+    super::up::up(
+        p,
+        &super::up::UpOptions {
+            timeout,
+            autoconnect: false,
+            trigger: Trigger::Reset,
+        },
+    )
 }
 
 /// `5 minutes ago`, from the snapshot's time.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::{Live, Project, Result, live, wait_unlocked};
 use crate::error::Error;
 use crate::exit;
+use crate::provision::hooks::{self, Hook, Trigger};
 use crate::state::{VmLock, VmPaths, VmState};
 use crate::supervisor::control::{self, Request};
 
@@ -23,12 +24,16 @@ pub fn halt(p: &Project, force: bool, timeout: Option<u64>) -> Result<u8> {
         }
         Live::Busy | Live::Active(_) => {
             let secs = timeout.unwrap_or(p.cfg.halt_timeout);
+            // A failing pre-down blocks a graceful halt, not a forced one.
+            let ip = Some(p.cfg.guest_ip());
+            hooks::fire(&p.cfg, Hook::PreDown, Trigger::Halt, ip, force)?;
             println!(
                 "==> {name}: {}",
                 if force { "stopping" } else { "shutting down" }
             );
             stop(&p.vm, force, secs)?;
             println!("==> {name}: stopped");
+            hooks::fire(&p.cfg, Hook::PostDown, Trigger::Halt, None, force)?;
             Ok(0)
         }
     }
@@ -61,9 +66,21 @@ pub(super) fn stop(vm: &VmPaths, force: bool, secs: u64) -> Result<()> {
 }
 
 pub fn destroy(p: &Project) -> Result<u8> {
+    destroy_as(p, Trigger::Destroy)
+}
+
+/// `destroy`, with the command hooks are told caused it. Hooks run for a
+/// VM that exists, running or not; a failing pre-down cannot block it.
+pub fn destroy_as(p: &Project, trigger: Trigger) -> Result<u8> {
     let name = &p.cfg.name;
     let vm = &p.vm;
-    match live(vm)? {
+    let state = live(vm)?;
+    let exists = matches!(state, Live::Active(_) | Live::Stopped(_));
+    if exists {
+        let ip = matches!(state, Live::Active(_)).then(|| p.cfg.guest_ip());
+        hooks::fire(&p.cfg, Hook::PreDown, trigger, ip, true)?;
+    }
+    match state {
         Live::NotCreated if !vm.state.exists() => {
             println!("==> {name}: not created");
             return Ok(0);
@@ -99,6 +116,9 @@ pub fn destroy(p: &Project) -> Result<u8> {
     remove_tree(&vm.state)?;
     let _ = std::fs::remove_dir_all(&vm.run);
     println!("==> {name}: destroyed");
+    if exists {
+        hooks::fire(&p.cfg, Hook::PostDown, trigger, None, true)?;
+    }
     Ok(0)
 }
 

@@ -2,10 +2,14 @@
 //! [`Error`] whose exit code `main` uses.
 
 mod disk;
+mod docs;
 mod host;
 mod image;
 mod lifecycle;
+mod provision;
 mod query;
+mod run;
+mod sshconfig;
 mod up;
 
 use std::path::PathBuf;
@@ -25,7 +29,18 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Pubkey => host::pubkey(),
         Cmd::Doctor => host::doctor(),
         Cmd::List { json } => query::list(json),
-        Cmd::Up { timeout } => up::up(&Project::load(&dir)?, timeout),
+        Cmd::Up {
+            timeout,
+            no_autoconnect,
+            trigger,
+        } => up::up(
+            &Project::load(&dir)?,
+            &up::UpOptions {
+                timeout,
+                autoconnect: !no_autoconnect,
+                trigger,
+            },
+        ),
         Cmd::Halt { force, timeout } => lifecycle::halt(&Project::load(&dir)?, force, timeout),
         Cmd::Destroy => lifecycle::destroy(&Project::load(&dir)?),
         Cmd::Status { json } => query::status(&Project::load(&dir)?, json),
@@ -38,6 +53,24 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Reset { timeout } => disk::reset(&Project::load(&dir)?, timeout),
         Cmd::Storage { json } => image::storage(json),
         Cmd::Image { command } => image::run(command),
+        Cmd::Provision { args } => provision::provision(&Project::load(&dir)?, &args),
+        Cmd::SshConfig { host } => sshconfig::ssh_config(&Project::load(&dir)?, host.as_deref()),
+        Cmd::Run {
+            rm,
+            snapshot,
+            timeout,
+            command,
+        } => run::run(
+            &Project::load(&dir)?,
+            &run::RunOptions {
+                rm,
+                snapshot,
+                timeout,
+                command,
+            },
+        ),
+        Cmd::Completions { shell } => docs::completions(shell),
+        Cmd::Man { out_dir } => docs::man(out_dir.as_deref()),
         Cmd::Tunnel { ports } => lifecycle::tunnel(&Project::load(&dir)?, &ports),
         Cmd::Supervisor { .. } | Cmd::Proxy { .. } | Cmd::Netlab { .. } => Err(Error::other(
             crate::exit::SOFTWARE,

@@ -13,17 +13,29 @@ use super::{Live, Project, Result, live, ssh_key};
 use crate::config::{Accel, Autoconnect, Config};
 use crate::error::Error;
 use crate::exit;
+use crate::provision::hooks::{self, Hook, Trigger};
 use crate::provision::keys::{self, KeyError};
-use crate::provision::ssh;
+use crate::provision::{ansible, ssh};
 use crate::state::{self, Record, VmLock, VmPaths, VmState};
 use crate::supervisor::control::{self, Request};
 use crate::supervisor::progress::Progress;
 
 const PLACEHOLDER: &str = "__MIGRANT_PUBKEY__";
 
-pub fn up(p: &Project, timeout: u64) -> Result<u8> {
+/// How `up` was asked to run.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub timeout: u64,
+    /// Honour the Migrantfile's `autoconnect`.
+    pub autoconnect: bool,
+    /// What hooks are told caused them.
+    pub trigger: Trigger,
+}
+
+pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     let Project { cfg, paths, vm } = p;
     match live(vm)? {
+        // Already up: no hooks (they ran when it started), no provisioning.
         Live::Active(r) if r.state == VmState::Paused => {
             control::request(
                 &vm.control_sock(),
@@ -31,14 +43,14 @@ pub fn up(p: &Project, timeout: u64) -> Result<u8> {
                 Duration::from_secs(15),
             )?;
             println!("==> {}: resumed", cfg.name);
-            return Ok(0);
+            return connect(p, opts);
         }
         Live::Active(r) if r.state == VmState::Running => {
             println!("==> {}: already running ({})", cfg.name, r.guest_ip);
             for note in super::disk::pending_changes(p, &r, super::disk::When::Running) {
                 println!("==> {}: {note}", cfg.name);
             }
-            return Ok(0);
+            return connect(p, opts);
         }
         Live::Stopped(r) | Live::Active(r) if r.project_dir != cfg.dir => {
             return Err(Error::other(
@@ -57,27 +69,75 @@ pub fn up(p: &Project, timeout: u64) -> Result<u8> {
     state::ensure_dir(&paths.home, 0o755)?;
     state::ensure_dir(&paths.vms(), 0o711)?;
 
-    match Record::load(&vm.record())? {
+    let creating = match Record::load(&vm.record())? {
         Some(rec) if vm.disk().exists() => {
             for note in super::disk::pending_changes(p, &rec, super::disk::When::Booting) {
                 println!("==> {}: {note}", cfg.name);
             }
+            false
         }
-        _ => {
-            println!("==> {}: creating VM", cfg.name);
-            if let Err(e) = create(cfg, paths, vm) {
-                // Nothing of this VM existed before this command: remove what
-                // it made, but only the VM's own state folder.
-                remove_new_vm(vm);
-                return Err(e);
-            }
+        _ => true,
+    };
+    if creating {
+        println!("==> {}: creating VM", cfg.name);
+        if let Err(e) = create(cfg, paths, vm) {
+            // Nothing of this VM existed before this command: remove what
+            // it made, but only the VM's own state folder.
+            remove_new_vm(vm);
+            return Err(e);
         }
     }
+    // pre-up: nothing runs yet. A failure leaves nothing started, and a VM
+    // this command was creating is removed again.
+    let before_start = hooks::fire(cfg, Hook::PreUp, opts.trigger, None, false).and_then(|()| {
+        if creating {
+            hooks::take_extra_args(cfg, vm).map(drop)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = before_start {
+        if creating {
+            remove_new_vm(vm);
+        }
+        return Err(e.into());
+    }
     crate::firmware::ensure(cfg.firmware, cfg.secure_boot, &paths.home)?;
-    start(cfg, vm, &lock, timeout)?;
+    let provisioned = Record::load(&vm.record())?.is_some_and(|r| r.provisioned);
+    let playbook = cfg.dir.join(ansible::PLAYBOOK).is_file();
+    // The original's console autoconnect: attach as soon as QEMU runs,
+    // unless provisioning must happen first.
+    let console_now =
+        opts.autoconnect && cfg.autoconnect == Autoconnect::Console && (provisioned || !playbook);
+    start(cfg, vm, &lock, opts.timeout, console_now)?;
     drop(lock);
+    if console_now {
+        if !provisioned {
+            super::provision::mark_provisioned(p)?;
+        }
+        hooks::fire(cfg, Hook::PostUp, opts.trigger, None, false)?;
+        eprintln!("==> {}: attaching the serial console", cfg.name);
+        return super::lifecycle::console(p);
+    }
+    if !provisioned {
+        // First boot (or a first provisioning that never completed).
+        if playbook {
+            super::provision::run_playbook(p, &[])?;
+        } else {
+            super::provision::mark_provisioned(p)?;
+        }
+    }
+    hooks::fire(cfg, Hook::PostUp, opts.trigger, Some(cfg.guest_ip()), false)?;
     println!("==> {}: ready; `migrant ssh` to log in", cfg.name);
-    match cfg.autoconnect {
+    connect(p, opts)
+}
+
+/// The Migrantfile's `autoconnect`, unless told not to.
+fn connect(p: &Project, opts: &UpOptions) -> Result<u8> {
+    if !opts.autoconnect {
+        return Ok(0);
+    }
+    match p.cfg.autoconnect {
         Autoconnect::None => Ok(0),
         Autoconnect::Ssh => super::lifecycle::ssh(p, &[]),
         Autoconnect::Console => super::lifecycle::console(p),
@@ -98,6 +158,7 @@ fn remove_new_vm(vm: &VmPaths) {
         let _ = std::fs::remove_file(f);
     }
     let _ = std::fs::remove_file(vm.state.join("qemu.log"));
+    hooks::forget_extra_args(vm);
     let _ = std::fs::remove_file(vm.lock());
     let _ = std::fs::remove_dir(&vm.state);
 }
@@ -174,8 +235,9 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
     Ok(())
 }
 
-/// Start the supervisor and follow its progress until the guest is ready.
-fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64) -> Result<()> {
+/// Start the supervisor and follow its progress until the guest is ready
+/// (or, with `qemu_only`, until QEMU runs).
+fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: bool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let runtime_root = vm.run.parent().unwrap_or(Path::new("/run"));
     state::ensure_dir(runtime_root, 0o755)?;
@@ -264,6 +326,9 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64) -> Result<()> 
                         "warning: KVM cannot run a guest on this host; using TCG (slow). `migrant doctor` says why."
                     );
                 }
+                if qemu_only {
+                    break;
+                }
             }
             Ok(Progress::Lease { ip }) => {
                 println!("==> {}: guest took its DHCP lease {ip}", cfg.name)
@@ -284,6 +349,9 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64) -> Result<()> 
     std::thread::spawn(move || {
         let _ = child.wait();
     });
+    if qemu_only {
+        return Ok(());
+    }
 
     wait_login(cfg, vm, deadline)?;
     if cfg.wait_cloud_init {

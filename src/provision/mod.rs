@@ -1,4 +1,8 @@
-//! After boot: SSH access, readiness, and (later) Ansible and hooks.
+//! After boot: SSH access, readiness, Ansible and lifecycle hooks.
 
+pub mod ansible;
+pub mod as_user;
+pub mod hooks;
 pub mod keys;
 pub mod ssh;
+pub mod sshconfig;

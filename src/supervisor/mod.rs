@@ -170,6 +170,18 @@ fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Supervi
     Ok(l)
 }
 
+/// The SSH socket belongs to the user who ran `migrant up` (still 0600).
+fn give_to_invoker(path: &Path) -> Result<(), SupervisorError> {
+    let Ok(who) = crate::provision::keys::Invoker::current() else {
+        return Ok(());
+    };
+    crate::provision::as_user::chown_to(path, &who).map_err(io(format!(
+        "chown {} to {}",
+        path.display(),
+        who.name
+    )))
+}
+
 fn chown(path: &Path, id: &process::Identity) -> Result<(), SupervisorError> {
     nix::unistd::chown(path, Some(id.uid), Some(id.gid))
         .map_err(|e| io(format!("chown {}", path.display()))(e.into()))
@@ -179,7 +191,9 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     let cfg = config::load(&args.project)?;
     let rec =
         Record::load(&vm.record())?.ok_or_else(|| SupervisorError::NoRecord(vm.name.clone()))?;
-    state::ensure_dir(&vm.run, 0o700)?;
+    // Traverse-only for others: the SSH socket inside belongs to the
+    // invoking user (hooks, Ansible and `ssh-config` users reach it).
+    state::ensure_dir(&vm.run, 0o711)?;
     // QEMU runs unprivileged and opens its files here by name.
     state::ensure_dir(&vm.state, 0o711)?;
 
@@ -225,7 +239,9 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         qmp_fd: qmp_theirs.as_raw_fd(),
         console_fd: console.as_raw_fd(),
         serial_log: vm.serial_log(),
-        extra: Vec::new(),
+        // What a pre-up hook gave on creation (see provision::hooks).
+        extra: crate::provision::hooks::stored_extra_args(vm)
+            .map_err(io("the VM's extra QEMU arguments"))?,
     };
     Ok(Prepared {
         cfg,
@@ -385,6 +401,7 @@ async fn supervise(
 
     let ssh_target = SocketAddr::V4(SocketAddrV4::new(guest_ip, 22));
     let ssh_listener = bind_private(&vm.ssh_sock())?;
+    give_to_invoker(&vm.ssh_sock())?;
     ssh_listener
         .set_nonblocking(true)
         .map_err(io("ssh socket"))?;

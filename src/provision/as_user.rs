@@ -1,0 +1,171 @@
+//! Running host programs (hooks, `ansible-playbook`) as the invoking
+//! user rather than as root.
+//!
+//! migrant runs as root through `sudo`; what it starts on the user's
+//! behalf must not: the child gets the user's uid, primary gid and
+//! supplementary groups, and the user's `HOME`, `USER`, `LOGNAME` (and
+//! `XDG_RUNTIME_DIR` when the user has one, so `systemctl --user` works
+//! from a hook). When migrant already runs as that user nothing changes.
+
+use std::ffi::CString;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::unistd::{Gid, Uid};
+
+use super::keys::Invoker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AsUserError {
+    #[error("cannot look up the groups of {user}")]
+    Groups {
+        user: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("user name {0:?} contains a NUL byte")]
+    Name(String),
+    #[error("cannot inspect {path}")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} belongs to uid {owner} (or is writable by others) but would run as root; run migrant through sudo as that user, or make the file root's"
+    )]
+    NotRootOwned { path: PathBuf, owner: u32 },
+}
+
+/// Whether starting a program for `who` needs a change of identity.
+pub fn must_switch(who: &Invoker) -> bool {
+    Uid::effective().is_root() && !who.uid.is_root()
+}
+
+/// Make `cmd` run as `who` (see the module documentation).
+pub fn apply(cmd: &mut Command, who: &Invoker) -> Result<(), AsUserError> {
+    if !must_switch(who) {
+        return Ok(());
+    }
+    let name = CString::new(who.name.clone()).map_err(|_| AsUserError::Name(who.name.clone()))?;
+    // Everything that reads /etc/group or allocates happens here, before
+    // the fork; the child only makes three system calls.
+    let groups: Vec<libc::gid_t> = nix::unistd::getgrouplist(&name, who.gid)
+        .map_err(|source| AsUserError::Groups {
+            user: who.name.clone(),
+            source,
+        })?
+        .into_iter()
+        .map(Gid::as_raw)
+        .collect();
+    let uid = who.uid.as_raw();
+    let gid = who.gid.as_raw();
+    cmd.env("HOME", &who.home)
+        .env("USER", &who.name)
+        .env("LOGNAME", &who.name);
+    let runtime = PathBuf::from(format!("/run/user/{uid}"));
+    if runtime.is_dir() {
+        cmd.env("XDG_RUNTIME_DIR", runtime);
+    } else {
+        cmd.env_remove("XDG_RUNTIME_DIR");
+    }
+    // SAFETY: runs in the forked child before exec. setgroups, setgid and
+    // setuid are async-signal-safe system calls; `groups` was allocated
+    // before the fork and is only read. Groups and gid are dropped before
+    // the uid, since a non-root process may no longer change them. A
+    // failure aborts the spawn, so the program never runs as root.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Paranoia: regaining root must now be impossible.
+            if libc::setuid(0) == 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// When a program runs as root, refuse one that someone else controls:
+/// the file must belong to root and not be writable by group or others.
+/// (Root running `migrant up` in another user's folder must not run that
+/// user's hook as root.) No-op when the program runs as a normal user.
+pub fn check_runnable(path: &Path, who: &Invoker) -> Result<(), AsUserError> {
+    if !Uid::effective().is_root() || !who.uid.is_root() {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(path).map_err(|source| AsUserError::Stat {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(AsUserError::NotRootOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+        });
+    }
+    Ok(())
+}
+
+/// Give `path` to `who` (a no-op when that is us).
+pub fn chown_to(path: &Path, who: &Invoker) -> std::io::Result<()> {
+    if !must_switch(who) {
+        return Ok(());
+    }
+    nix::unistd::chown(path, Some(who.uid), Some(who.gid)).map_err(std::io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Invoker {
+        let uid = Uid::effective();
+        Invoker {
+            name: "whoever".into(),
+            uid,
+            gid: Gid::effective(),
+            home: PathBuf::from("/nonexistent"),
+        }
+    }
+
+    #[test]
+    fn no_switch_for_ourselves() {
+        let who = me();
+        assert!(!must_switch(&who));
+        let mut cmd = Command::new("true");
+        apply(&mut cmd, &who).unwrap_or_else(|e| panic!("{e}"));
+        // Nothing was set: no HOME override.
+        assert!(cmd.get_envs().next().is_none());
+    }
+
+    #[test]
+    fn switching_sets_the_users_environment() {
+        if !Uid::effective().is_root() {
+            return;
+        }
+        let who = Invoker {
+            name: "nobody".into(),
+            uid: Uid::from_raw(65534),
+            gid: Gid::from_raw(65534),
+            home: PathBuf::from("/nonexistent"),
+        };
+        let mut cmd = Command::new("id");
+        apply(&mut cmd, &who).unwrap_or_else(|e| panic!("{e}"));
+        let out = cmd.arg("-u").output().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65534");
+        let envs: Vec<_> = cmd.get_envs().collect();
+        assert!(envs.contains(&(
+            std::ffi::OsStr::new("HOME"),
+            Some(std::ffi::OsStr::new("/nonexistent"))
+        )));
+    }
+}

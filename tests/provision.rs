@@ -1,0 +1,448 @@
+//! Provisioning, hooks and ssh-config on a real guest under TCG, run the
+//! way a user runs migrant: through sudo (`SUDO_USER=nobody`), so hooks,
+//! Ansible and the SSH socket must all belong to that user, never root.
+//!
+//! One test boots twice: create (pre-up writes `.qemu-extra-args`, the
+//! playbook runs once, post-up runs `migrant ssh` as the user) →
+//! `ssh -F <(migrant ssh-config)` → `provision` again → a failing playbook
+//! → a blocking pre-down → halt → a failing pre-up on the stopped VM →
+//! up (no playbook) → destroy despite a failing pre-down. The other test
+//! boots nothing.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Output, Stdio};
+
+const NOBODY: u32 = 65534;
+
+fn write_exec(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn chown(path: &Path, uid: u32) {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(uid)),
+    )
+    .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+}
+
+/// `migrant ARGS` as if run through `sudo` by nobody.
+fn sudo(env: &Env, args: &[&str]) -> Output {
+    env.cmd(args)
+        .env("SUDO_USER", "nobody")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("migrant {args:?}: {e}"))
+}
+
+fn sudo_ok(env: &Env, args: &[&str]) -> String {
+    let out = sudo(env, args);
+    assert!(out.status.success(), "migrant {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const PLAYBOOK: &str = "---
+- name: provision without the internet
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: count provisioning runs
+      ansible.builtin.shell: echo run >> /home/migrant/provisioned
+    - name: record who ran Ansible on the host
+      ansible.builtin.copy:
+        content: \"{{ lookup('pipe', 'id -u') }}\\n\"
+        dest: /home/migrant/controller-uid
+";
+
+const FAILING_PLAYBOOK: &str = "---
+- hosts: all
+  gather_facts: false
+  tasks:
+    - ansible.builtin.fail:
+        msg: deliberate-playbook-failure
+";
+
+fn hook_lines(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log.join("hooks.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
+    let Some(image) = test_image() else { return };
+    let env = Env::new("prov", &image, "");
+    let root = env.root.path().to_path_buf();
+    let key = root.join("home/.ssh/migrant");
+    let mut mf =
+        std::fs::read_to_string(env.project.join("Migrantfile")).unwrap_or_else(|e| panic!("{e}"));
+    mf.push_str(&format!("\n[ssh]\nkey = \"{}\"\n", key.display()));
+    std::fs::write(env.project.join("Migrantfile"), mf).unwrap_or_else(|e| panic!("{e}"));
+
+    // What nobody needs: reach its key, own the project folder (pre-up
+    // writes into it) and a folder for the hooks' log.
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for p in [
+        root.join("home/.ssh"),
+        key.clone(),
+        root.join("home/.ssh/migrant.pub"),
+        env.project.clone(),
+    ] {
+        chown(&p, NOBODY);
+    }
+    let log = root.join("log");
+    std::fs::create_dir(&log).unwrap_or_else(|e| panic!("{e}"));
+    chown(&log, NOBODY);
+
+    let hooks = env.project.join("hooks");
+    std::fs::create_dir(&hooks).unwrap_or_else(|e| panic!("{e}"));
+    let record = format!(
+        "echo \"$MIGRANT_HOOK $MIGRANT_TRIGGER $MIGRANT_VM_NAME [$MIGRANT_VM_IP] uid=$(id -u) home=$HOME pwd=$PWD dir=$MIGRANT_VM_DIR\" >> {}/hooks.log\n",
+        log.display()
+    );
+    write_exec(
+        &hooks.join("pre-up"),
+        &format!(
+            "#!/bin/sh\n{record}[ -e {log}/fail-pre-up ] && exit 4\nif [ ! -e {log}/created ]; then\n  touch {log}/created\n  printf -- '-smbios\\ntype=11,value=migrant-extra-arg\\n' > \"$MIGRANT_VM_DIR/.qemu-extra-args\"\nfi\nexit 0\n",
+            log = log.display()
+        ),
+    );
+    write_exec(
+        &hooks.join("post-up"),
+        &format!(
+            "#!/bin/sh\n{record}{bin} ssh -- cat /home/migrant/provisioned > {log}/post-up-ssh 2>&1\n",
+            bin = bin().display(),
+            log = log.display()
+        ),
+    );
+    write_exec(
+        &hooks.join("pre-down"),
+        &format!("#!/bin/sh\n{record}[ ! -e {}/block-down ]\n", log.display()),
+    );
+    write_exec(&hooks.join("post-down"), &format!("#!/bin/sh\n{record}"));
+    std::fs::write(env.project.join("playbook.yml"), PLAYBOOK).unwrap_or_else(|e| panic!("{e}"));
+
+    // --- first boot: create, pre-up, playbook, post-up.
+    let out = sudo(&env, &["up"]);
+    assert!(out.status.success(), "up: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("provisioning with playbook.yml"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("extra argument"), "{stdout}");
+    let name = &env.name;
+    let dir = env.project.display().to_string();
+    let tail = format!("uid={NOBODY} home=/nonexistent pwd={dir} dir={dir}");
+    assert_eq!(
+        hook_lines(&log),
+        vec![
+            format!("pre-up up {name} [] {tail}"),
+            format!("post-up up {name} [10.0.2.15] {tail}"),
+        ]
+    );
+    assert_eq!(
+        env.ok(&["ssh", "--", "cat", "/home/migrant/provisioned"]),
+        "run\n"
+    );
+    assert_eq!(
+        env.ok(&["ssh", "--", "cat", "/home/migrant/controller-uid"])
+            .trim(),
+        NOBODY.to_string(),
+        "ansible-playbook must run as the invoking user"
+    );
+    // post-up ran `migrant ssh` as nobody, through the user's socket.
+    let post_up_ssh = std::fs::read_to_string(log.join("post-up-ssh")).unwrap_or_default();
+    assert!(
+        post_up_ssh.contains("run"),
+        "post-up's migrant ssh: {post_up_ssh}"
+    );
+    let sock = env.run_dir().join("ssh.sock");
+    let meta = std::fs::metadata(&sock).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(meta.uid(), NOBODY, "ssh.sock owner");
+    assert_eq!(meta.mode() & 0o777, 0o600, "ssh.sock mode");
+    // .qemu-extra-args: consumed, on QEMU's command line.
+    assert!(!env.project.join(".qemu-extra-args").exists());
+    let qemu_cmdline = |env: &Env| {
+        env.processes()
+            .into_iter()
+            .find(|(_, c)| c.contains("qemu-system"))
+            .map(|(_, c)| c)
+            .unwrap_or_default()
+    };
+    assert!(
+        qemu_cmdline(&env).contains("-smbios type=11,value=migrant-extra-arg"),
+        "{}",
+        qemu_cmdline(&env)
+    );
+
+    // --- ssh-config, used by plain ssh and scp as the user. (Not through
+    // `-F <(…)`: OpenSSH closes inherited descriptors before it reads
+    // -F, so process substitution cannot work with any generator.)
+    let config = sudo_ok(&env, &["ssh-config"]);
+    assert!(config.starts_with(&format!("Host {name}\n")), "{config}");
+    let script = format!(
+        "cd {log} && SUDO_USER=nobody {bin} -C {dir} ssh-config > ssh_config && ssh -F ssh_config {name} cat /home/migrant/provisioned && scp -q -F ssh_config {name}:/home/migrant/controller-uid copied && cat copied",
+        bin = bin().display(),
+        log = log.display(),
+    );
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "bash",
+            "-c",
+            &script,
+        ])
+        .env("MIGRANT_HOME", root.join("state"))
+        .env("MIGRANT_RUNTIME", root.join("run"))
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "ssh -F $(migrant ssh-config): {}",
+        text(&out)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("run\n{NOBODY}\n")
+    );
+    // The same config from standard input.
+    let script = format!(
+        "SUDO_USER=nobody {bin} -C {dir} ssh-config | ssh -F /dev/stdin {name} true",
+        bin = bin().display(),
+    );
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "bash",
+            "-c",
+            &script,
+        ])
+        .env("MIGRANT_HOME", root.join("state"))
+        .env("MIGRANT_RUNTIME", root.join("run"))
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "ssh -F /dev/stdin: {}", text(&out));
+
+    // --- provision runs the playbook again.
+    sudo_ok(&env, &["provision"]);
+    assert_eq!(
+        env.ok(&["ssh", "--", "cat", "/home/migrant/provisioned"]),
+        "run\nrun\n"
+    );
+
+    // --- a failing playbook: its message, exit 70, the VM stays up.
+    std::fs::write(env.project.join("playbook.yml"), FAILING_PLAYBOOK)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = sudo(&env, &["provision"]);
+    assert_eq!(
+        out.status.code(),
+        Some(70),
+        "failing provision: {}",
+        text(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("playbook.yml failed") && stderr.contains("migrant provision"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("deliberate-playbook-failure"),
+        "{}",
+        text(&out)
+    );
+    env.ok(&["ssh", "--", "true"]);
+    std::fs::write(env.project.join("playbook.yml"), PLAYBOOK).unwrap_or_else(|e| panic!("{e}"));
+
+    // --- a failing pre-down blocks halt.
+    std::fs::write(log.join("block-down"), "").unwrap_or_else(|e| panic!("{e}"));
+    let out = sudo(&env, &["halt"]);
+    assert_eq!(out.status.code(), Some(75), "blocked halt: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pre-down"),
+        "{}",
+        text(&out)
+    );
+    env.ok(&["ssh", "--", "true"]);
+    std::fs::remove_file(log.join("block-down")).unwrap_or_else(|e| panic!("{e}"));
+    sudo_ok(&env, &["halt"]);
+    env.assert_clean();
+
+    // --- a failing pre-up on the stopped VM starts nothing.
+    std::fs::write(log.join("fail-pre-up"), "").unwrap_or_else(|e| panic!("{e}"));
+    let out = sudo(&env, &["up"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "failing pre-up: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pre-up hook"),
+        "{}",
+        text(&out)
+    );
+    env.assert_clean();
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ok(&["status", "--json"])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status["state"], "stopped");
+    std::fs::remove_file(log.join("fail-pre-up")).unwrap_or_else(|e| panic!("{e}"));
+
+    // --- second boot: hooks again, no playbook, extra args kept.
+    let out = sudo(&env, &["up"]);
+    assert!(out.status.success(), "second up: {}", text(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("provisioning"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        env.ok(&["ssh", "--", "cat", "/home/migrant/provisioned"]),
+        "run\nrun\n"
+    );
+    assert!(qemu_cmdline(&env).contains("value=migrant-extra-arg"));
+
+    // --- destroy is not blocked by a failing pre-down.
+    std::fs::write(log.join("block-down"), "").unwrap_or_else(|e| panic!("{e}"));
+    let out = sudo(&env, &["destroy"]);
+    assert!(out.status.success(), "destroy: {}", text(&out));
+    env.assert_clean();
+    assert!(!env.state_dir().exists());
+
+    assert_eq!(
+        hook_lines(&log),
+        vec![
+            format!("pre-up up {name} [] {tail}"),
+            format!("post-up up {name} [10.0.2.15] {tail}"),
+            format!("pre-down halt {name} [10.0.2.15] {tail}"),
+            format!("pre-down halt {name} [10.0.2.15] {tail}"),
+            format!("post-down halt {name} [] {tail}"),
+            format!("pre-up up {name} [] {tail}"),
+            format!("pre-up up {name} [] {tail}"),
+            format!("post-up up {name} [10.0.2.15] {tail}"),
+            format!("pre-down destroy {name} [10.0.2.15] {tail}"),
+            format!("post-down destroy {name} [] {tail}"),
+        ]
+    );
+}
+
+/// Without booting: a failing pre-up on a new VM creates nothing; the
+/// commands that need no VM; `provision` and `run --snapshot` refusals.
+#[test]
+fn without_a_guest() {
+    // Needs root for the state folders; nothing boots, so a tiny empty
+    // image stands in for the guest's (cheap to cache).
+    if test_image().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let image = tmp.path().join("empty.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("1G")
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img: {e}"));
+    assert!(out.status.success(), "qemu-img: {}", text(&out));
+    let env = Env::new("noboot", &image, "");
+    let hooks = env.project.join("hooks");
+    std::fs::create_dir(&hooks).unwrap_or_else(|e| panic!("{e}"));
+    write_exec(
+        &hooks.join("pre-up"),
+        "#!/bin/sh\necho refusing >&2\nexit 3\n",
+    );
+    let out = env.run(&["up"]);
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing") && stderr.contains("exit 3"),
+        "{stderr}"
+    );
+    assert!(!env.state_dir().exists(), "a refused up left state behind");
+    env.assert_clean();
+
+    // A hook root would run but root does not own: refused.
+    chown(&hooks.join("pre-up"), NOBODY);
+    let out = env.run(&["up"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("would run as root"),
+        "{}",
+        text(&out)
+    );
+    assert!(!env.state_dir().exists());
+
+    let out = env.run(&["provision"]);
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    let out = env.run(&["run", "--snapshot", "--", "true"]);
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not supported yet"),
+        "{}",
+        text(&out)
+    );
+    let out = env.run(&["run", "--rm"]);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "run without CMD: {}",
+        text(&out)
+    );
+
+    let config = env.ok(&["ssh-config", "--host", "alias"]);
+    assert!(config.starts_with("Host alias\n"), "{config}");
+    assert!(config.contains("__proxy"), "{config}");
+    assert!(config.contains("IdentityFile \""), "{config}");
+    // ssh itself reads it back.
+    let file = env.root.path().join("ssh_config");
+    std::fs::write(&file, &config).unwrap_or_else(|e| panic!("{e}"));
+    let out = std::process::Command::new("ssh")
+        .arg("-G")
+        .arg("-F")
+        .arg(&file)
+        .arg("alias")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let parsed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ssh -G: {}", text(&out));
+    assert!(parsed.contains("user migrant\n"), "{parsed}");
+    assert!(parsed.contains("proxycommand "), "{parsed}");
+    assert!(parsed.contains("stricthostkeychecking false"), "{parsed}");
+
+    let bash = env.ok(&["completions", "bash"]);
+    assert!(
+        bash.contains("ssh-config") && bash.contains("_migrant"),
+        "bash completion"
+    );
+    let zsh = env.ok(&["completions", "zsh"]);
+    assert!(zsh.starts_with("#compdef migrant"), "zsh completion");
+    let man = env.ok(&["man"]);
+    assert!(
+        man.contains(".TH migrant 1"),
+        "man: {}",
+        &man[..man.len().min(200)]
+    );
+    let mandir = env.root.path().join("man");
+    env.ok(&["man", "--out-dir", &mandir.to_string_lossy()]);
+    assert!(mandir.join("migrant.1").is_file());
+    assert!(mandir.join("migrant-run.1").is_file());
+    assert!(mandir.join("migrant-ssh-config.1").is_file());
+}
