@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::netns::NetNs;
 use super::{dns, domains, nft, policy, proxy, resolver, tap};
-use crate::config::{Config, Egress};
+use crate::config::{Config, Egress, NetRule, Proto};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -46,6 +46,8 @@ pub struct Setup {
     pub prefix: u8,
     /// The proxy runs unless nothing at all may leave.
     pub proxied: bool,
+    /// Gateway TCP ports opened by rules.
+    pub gateway_tcp_holes: Vec<u16>,
 }
 
 impl Setup {
@@ -54,6 +56,23 @@ impl Setup {
             gateway: cfg.gateway_ip(),
             prefix: cfg.network.prefix,
             proxied: cfg.network.egress != Egress::None || !cfg.network.rules.is_empty(),
+            gateway_tcp_holes: cfg
+                .network
+                .rules
+                .iter()
+                .filter_map(|r| match *r {
+                    NetRule::AllowHostPort {
+                        proto: Proto::Tcp,
+                        port,
+                    } => Some(port),
+                    NetRule::ForwardPort {
+                        proto: Proto::Tcp,
+                        guest_port,
+                        ..
+                    } => Some(guest_port),
+                    _ => None,
+                })
+                .collect(),
         }
     }
 }
@@ -71,6 +90,7 @@ pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError
         tap: iface.to_string(),
         gateway: setup.gateway,
         proxy: setup.proxied.then_some((proxy::TCP_PORT, proxy::UDP_PORT)),
+        gateway_tcp_holes: setup.gateway_tcp_holes.clone(),
     };
     nft::apply(&nft::ruleset(&plan))?;
     let dns = std::net::UdpSocket::bind(SocketAddrV4::new(setup.gateway, 53))

@@ -41,6 +41,9 @@ pub struct Plan {
     /// nothing may leave (egress none, no holes): then all but DHCP and DNS
     /// is dropped.
     pub proxy: Option<(u16, u16)>,
+    /// Gateway TCP ports that named holes open; a connection to any other
+    /// gateway port is refused with a reset before any handshake.
+    pub gateway_tcp_holes: Vec<u16>,
 }
 
 fn match_eq(left: Value, right: Value) -> Value {
@@ -123,6 +126,23 @@ pub fn ruleset(plan: &Plan) -> Value {
             ],
         ),
     ];
+    // The gateway's closed TCP ports answer like closed ports: a reset
+    // to the SYN (the proxy would otherwise complete the handshake first).
+    let mut closed = vec![
+        iif(tap),
+        match_eq(
+            json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+            json!(gw.clone()),
+        ),
+        match_eq(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
+    ];
+    if !plan.gateway_tcp_holes.is_empty() {
+        closed.push(json!({"match": {"op": "!=",
+            "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+            "right": {"set": plan.gateway_tcp_holes}}}));
+    }
+    closed.push(json!({"reject": {"type": "tcp reset"}}));
+    cmds.push(rule("prerouting", closed));
     match plan.proxy {
         Some((tcp, udp)) => {
             for (proto, port) in [("tcp", tcp), ("udp", udp)] {
@@ -223,6 +243,7 @@ mod tests {
             tap: "tap0".into(),
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             proxy: Some((15001, 15002)),
+            gateway_tcp_holes: vec![8080],
         });
         let r = rules(&v);
         assert!(r.iter().any(
@@ -257,6 +278,7 @@ mod tests {
             tap: "tap0".into(),
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             proxy: None,
+            gateway_tcp_holes: vec![],
         });
         assert!(!v.to_string().contains("tproxy"));
         assert!(v.to_string().contains("10.0.2.2"));
@@ -276,6 +298,7 @@ mod tests {
                 tap: "tap0".into(),
                 gateway: Ipv4Addr::new(10, 0, 2, 2),
                 proxy,
+                gateway_tcp_holes: vec![8080, 8081],
             };
             let listed = ns
                 .run(|| {
@@ -291,6 +314,12 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"))
                 .unwrap_or_else(|e| panic!("{e}"));
             assert!(listed.contains("table inet migrant"), "{listed}");
+            assert!(
+                listed.contains(
+                    "ip daddr 10.0.2.2 tcp dport != { 8080, 8081 } reject with tcp reset"
+                ),
+                "{listed}"
+            );
             assert!(
                 listed.contains("ct state established,related accept"),
                 "{listed}"
