@@ -34,6 +34,23 @@ pub struct UpOptions {
 
 pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     let Project { cfg, paths, vm } = p;
+    if !cfg.shares.is_empty() {
+        eprintln!(
+            "warning: {}: shared folders are not served yet; the guest boots without {}",
+            cfg.file.display(),
+            cfg.shares
+                .iter()
+                .map(|s| s.tag.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if cfg.network.wireguard.is_some() {
+        eprintln!(
+            "warning: {}: WireGuard egress is not implemented yet; the guest uses direct egress",
+            cfg.file.display()
+        );
+    }
     match live(vm)? {
         // Already up: no hooks (they ran when it started), no provisioning.
         Live::Active(r) if r.state == VmState::Paused => {
