@@ -45,11 +45,16 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
                 .join(", ")
         );
     }
-    if cfg.network.wireguard.is_some() {
-        eprintln!(
-            "warning: {}: WireGuard egress is not implemented yet; the guest uses direct egress",
-            cfg.file.display()
-        );
+    // Fail closed: a VM that asked for the tunnel never gets direct egress.
+    if let Some(wg) = &cfg.network.wireguard {
+        return Err(Error::other(
+            exit::UNAVAILABLE,
+            format!(
+                "{}: WireGuard egress ({}) is not implemented yet; refusing to start rather than egress outside the tunnel",
+                cfg.file.display(),
+                wg.display()
+            ),
+        ));
     }
     match live(vm)? {
         // Already up: no hooks (they ran when it started), no provisioning.
