@@ -92,6 +92,12 @@ pub enum Cmd {
     },
     /// Check this host: QEMU, a working accelerator, TUN, nftables, firmware, virtiofs.
     Doctor,
+    /// Mount the shares' stores on their folders while the VM is halted
+    /// (creating a missing store, so a workspace can be filled before the
+    /// first `up`).
+    Mount,
+    /// Unmount the shares' stores mounted by `migrant mount`.
+    Unmount,
 
     /// (internal) The per-VM supervisor.
     #[command(name = "__supervisor", hide = true)]
@@ -104,6 +110,16 @@ pub enum Cmd {
         lock_fd: Option<i32>,
         #[arg(long)]
         progress_fd: Option<i32>,
+    },
+    /// (internal) The embedded virtiofsd serving one share.
+    #[command(name = "__virtiofsd", hide = true)]
+    Virtiofsd {
+        #[arg(long)]
+        fd: i32,
+        #[arg(long)]
+        shared_dir: PathBuf,
+        #[arg(long)]
+        tag: String,
     },
     /// (internal) ssh ProxyCommand: relay stdin/stdout to a unix socket.
     #[command(name = "__proxy", hide = true)]

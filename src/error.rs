@@ -21,6 +21,8 @@ pub enum Error {
     Supervisor(#[from] crate::supervisor::SupervisorError),
     #[error(transparent)]
     Firmware(#[from] crate::firmware::FirmwareError),
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
     /// A failure that carries its own exit code.
     #[error("{message}")]
     Other { message: String, code: u8 },
@@ -43,6 +45,7 @@ impl Error {
             Error::Control(e) => e.exit_code(),
             Error::Supervisor(e) => e.exit_code(),
             Error::Firmware(e) => e.exit_code(),
+            Error::Share(e) => e.exit_code(),
             Error::Other { code, .. } => *code,
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
                 exit::NOPERM

@@ -44,6 +44,20 @@ fn main() -> ExitCode {
                 progress_fd,
             }));
         }
+        Cmd::Virtiofsd {
+            fd,
+            shared_dir,
+            tag,
+        } => {
+            init_logging(cli.verbose, "info");
+            return ExitCode::from(migrant::share::virtiofsd::main(
+                migrant::share::virtiofsd::Args {
+                    fd,
+                    shared_dir,
+                    tag,
+                },
+            ));
+        }
         Cmd::Proxy { socket } => {
             return match migrant::provision::ssh::proxy(&socket) {
                 Ok(()) => ExitCode::SUCCESS,

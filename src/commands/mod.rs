@@ -4,6 +4,7 @@
 mod host;
 mod lifecycle;
 mod query;
+mod share;
 mod up;
 
 use std::path::PathBuf;
@@ -32,7 +33,9 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Ssh { command } => lifecycle::ssh(&Project::load(&dir)?, &command),
         Cmd::Console => lifecycle::console(&Project::load(&dir)?),
         Cmd::Tunnel { ports } => lifecycle::tunnel(&Project::load(&dir)?, &ports),
-        Cmd::Supervisor { .. } | Cmd::Proxy { .. } => Err(Error::other(
+        Cmd::Mount => share::mount(&Project::load(&dir)?),
+        Cmd::Unmount => share::unmount(&Project::load(&dir)?),
+        Cmd::Supervisor { .. } | Cmd::Proxy { .. } | Cmd::Virtiofsd { .. } => Err(Error::other(
             crate::exit::SOFTWARE,
             "internal mode reached the command dispatcher",
         )),
@@ -119,6 +122,7 @@ fn repair_stale(vm: &VmPaths) -> Result<Record> {
         let _ = std::fs::remove_file(sock);
     }
     let _ = std::fs::remove_dir(&vm.run);
+    crate::share::cleanup_recorded(vm);
     let updated = Record::update(&vm.record(), |r| {
         r.state = VmState::Stopped;
         r.supervisor_pid = None;

@@ -23,6 +23,11 @@ const PLACEHOLDER: &str = "__MIGRANT_PUBKEY__";
 
 pub fn up(p: &Project, timeout: u64) -> Result<u8> {
     let Project { cfg, paths, vm } = p;
+    // A moved project folder or share: refused naming the share and both
+    // paths, before anything else.
+    if let Some(rec) = crate::share::load_recorded(vm)? {
+        crate::share::check_drift(cfg, &rec)?;
+    }
     match live(vm)? {
         Live::Active(r) if r.state == VmState::Paused => {
             control::request(
@@ -54,7 +59,11 @@ pub fn up(p: &Project, timeout: u64) -> Result<u8> {
     state::ensure_dir(&paths.home, 0o755)?;
     state::ensure_dir(&paths.vms(), 0o711)?;
 
-    if Record::load(&vm.record())?.is_none() || !vm.disk().exists() {
+    let building = Record::load(&vm.record())?.is_none() || !vm.disk().exists();
+    // Shares: path rules, drift, stores (created when building, required
+    // after). Never deletes a store, whatever fails later.
+    crate::share::prepare_for_up(cfg, vm, building)?;
+    if building {
         println!("==> {}: creating VM", cfg.name);
         if let Err(e) = create(cfg, paths, vm) {
             // Nothing of this VM existed before this command: remove what
@@ -62,6 +71,9 @@ pub fn up(p: &Project, timeout: u64) -> Result<u8> {
             remove_new_vm(vm);
             return Err(e);
         }
+    }
+    if building || crate::share::load_recorded(vm)?.is_none() {
+        crate::share::save_recorded(vm, cfg)?;
     }
     start(cfg, vm, &lock, timeout)?;
     drop(lock);
@@ -122,6 +134,11 @@ fn random_mac() -> Result<String> {
 
 fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
     let user_data = user_data(cfg)?;
+    // Shares with a guest path are mounted by the seed.
+    let (user_data, warning) = crate::share::seed::user_data_with_mounts(&user_data, &cfg.shares);
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
     let src = crate::image::local_source(&cfg.image)?;
     println!("==> {}: caching image {}", cfg.name, src.display());
     state::ensure_dir(&paths.images(), 0o755)?;
