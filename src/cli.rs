@@ -121,6 +121,15 @@ pub enum Cmd {
         #[arg(long)]
         tag: String,
     },
+    /// (internal) Benchmarks: run the dataplane of the project's VM on the
+    /// interface `tap0` of an existing namespace, until SIGTERM/SIGINT.
+    #[command(name = "__netlab", hide = true)]
+    Netlab {
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long)]
+        project: PathBuf,
+    },
     /// (internal) ssh ProxyCommand: relay stdin/stdout to a unix socket.
     #[command(name = "__proxy", hide = true)]
     Proxy { socket: PathBuf },

@@ -58,6 +58,16 @@ fn main() -> ExitCode {
                 },
             ));
         }
+        Cmd::Netlab { netns, project } => {
+            init_logging(cli.verbose, "warn");
+            return match migrant::net::dataplane::netlab(&netns, &project) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("migrant: error: {}", migrant::error::chain(e.as_ref()));
+                    ExitCode::from(migrant::exit::SOFTWARE)
+                }
+            };
+        }
         Cmd::Proxy { socket } => {
             return match migrant::provision::ssh::proxy(&socket) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -8,9 +8,15 @@ use common::*;
 use std::time::Duration;
 
 fn expect(results: &std::collections::HashMap<String, String>, check: &str, want: &str) {
-    let got = results.get(check).map(String::as_str).unwrap_or("<missing>");
+    let got = results
+        .get(check)
+        .map(String::as_str)
+        .unwrap_or("<missing>");
     if want == "ERR" {
-        assert!(got.starts_with("ERR"), "{check}: expected a failure, got {got:?}");
+        assert!(
+            got.starts_with("ERR"),
+            "{check}: expected a failure, got {got:?}"
+        );
     } else {
         assert_eq!(got, want, "{check}");
     }
@@ -29,7 +35,9 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
         Some(&net.host),
     );
     env.ok(&["up"]);
-    let qemu = env.pid_of("qemu-system").unwrap_or_else(|| panic!("no QEMU"));
+    let qemu = env
+        .pid_of("qemu-system")
+        .unwrap_or_else(|| panic!("no QEMU"));
     let ns = netns_of(qemu).unwrap_or_else(|| panic!("no netns"));
 
     let r = env.probe(&[
@@ -69,12 +77,22 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
     expect(&r, "tcp:10.0.2.99:22", "ERR");
 
     let status = env.ok(&["status"]);
-    for reason in ["gateway-port", "host-address", "private", "link-local", "guest-network"] {
+    for reason in [
+        "gateway-port",
+        "host-address",
+        "private",
+        "link-local",
+        "guest-network",
+    ] {
         assert!(status.contains(reason), "status lacks {reason}: {status}");
     }
 
     // migrant tunnel: host 127.0.0.1:8000 -> guest 127.0.0.1:8000.
-    env.ok(&["ssh", "--", "nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 </dev/null &"]);
+    env.ok(&[
+        "ssh",
+        "--",
+        "nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 </dev/null &",
+    ]);
     let mut tunnel = env
         .cmd(&["tunnel", "8000"])
         .stdout(std::process::Stdio::null())
@@ -89,14 +107,20 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "200")
             .unwrap_or(false)
     };
-    assert!(wait_for(Duration::from_secs(30), fetch), "tunnel does not carry HTTP");
+    assert!(
+        wait_for(Duration::from_secs(30), fetch),
+        "tunnel does not carry HTTP"
+    );
     let listening = std::process::Command::new("ip")
         .args(["netns", "exec", &net.host, "ss", "-Hltn", "sport = :8000"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     assert!(listening.contains("127.0.0.1:8000"), "{listening}");
-    assert!(!listening.contains("0.0.0.0:8000") && !listening.contains("*:8000"), "{listening}");
+    assert!(
+        !listening.contains("0.0.0.0:8000") && !listening.contains("*:8000"),
+        "{listening}"
+    );
     let _ = tunnel.kill();
     let _ = tunnel.wait();
 
@@ -104,17 +128,31 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
     env.ok(&["halt"]);
     env.assert_clean();
     assert!(!netns_in_use(&ns), "the VM's namespace outlived halt");
-    assert_eq!(TestNet::ruleset(None), root_rules, "the host's ruleset changed");
+    assert_eq!(
+        TestNet::ruleset(None),
+        root_rules,
+        "the host's ruleset changed"
+    );
     assert_eq!(TestNet::ruleset(Some(&net.host)), host_rules);
 
     // kill -9 of the supervisor: the same.
     env.ok(&["up"]);
-    let sup = env.pid_of("__supervisor").unwrap_or_else(|| panic!("no supervisor"));
-    let qemu = env.pid_of("qemu-system").unwrap_or_else(|| panic!("no QEMU"));
+    let sup = env
+        .pid_of("__supervisor")
+        .unwrap_or_else(|| panic!("no supervisor"));
+    let qemu = env
+        .pid_of("qemu-system")
+        .unwrap_or_else(|| panic!("no QEMU"));
     let ns = netns_of(qemu).unwrap_or_else(|| panic!("no netns"));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(sup as i32), nix::sys::signal::Signal::SIGKILL)
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(wait_for(Duration::from_secs(5), || !netns_in_use(&ns)), "namespace outlived kill -9");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        wait_for(Duration::from_secs(5), || !netns_in_use(&ns)),
+        "namespace outlived kill -9"
+    );
     let status = env.ok(&["status"]);
     assert!(status.contains("stopped"), "{status}");
     env.assert_clean();
@@ -135,7 +173,12 @@ fn egress_none_and_allow_domains() {
         Some(&net.host),
     );
     none.ok(&["up"]);
-    let r = none.probe(&["dns:ok.test", "http:http://45.20.0.10/", "udpdns:45.20.0.53:ok.test", "http:http://10.0.2.2:8080/"]);
+    let r = none.probe(&[
+        "dns:ok.test",
+        "http:http://45.20.0.10/",
+        "udpdns:45.20.0.53:ok.test",
+        "http:http://10.0.2.2:8080/",
+    ]);
     expect(&r, "dns:ok.test", "ERR");
     expect(&r, "http:http://45.20.0.10/", "ERR");
     expect(&r, "udpdns:45.20.0.53:ok.test", "ERR");

@@ -178,12 +178,19 @@ pub fn tunnel(p: &Project, ports: &[u16]) -> Result<u8> {
     let mut cmd = super::up::ssh_command(&p.cfg, &p.vm)?;
     cmd.args(["-N", "-o", "ExitOnForwardFailure=yes"]);
     for port in &ports {
-        cmd.arg("-L").arg(format!("127.0.0.1:{port}:127.0.0.1:{port}"));
-        eprintln!("==> {}: 127.0.0.1:{port} -> guest 127.0.0.1:{port}", p.cfg.name);
+        cmd.arg("-L")
+            .arg(format!("127.0.0.1:{port}:127.0.0.1:{port}"));
+        eprintln!(
+            "==> {}: 127.0.0.1:{port} -> guest 127.0.0.1:{port}",
+            p.cfg.name
+        );
     }
     eprintln!("==> {}: forwarding until Ctrl-C", p.cfg.name);
     let err = cmd.exec();
-    Err(Error::other(exit::UNAVAILABLE, format!("cannot run ssh: {err}")))
+    Err(Error::other(
+        exit::UNAVAILABLE,
+        format!("cannot run ssh: {err}"),
+    ))
 }
 
 /// Ctrl-]

@@ -88,12 +88,18 @@ fn print_view(v: &StatusView) {
         print_share(s);
     }
     if let Some(n) = &v.network {
-        println!("egress:      {} TCP connections, {} UDP flows", n.tcp_connections, n.udp_flows);
+        println!(
+            "egress:      {} TCP connections, {} UDP flows",
+            n.tcp_connections, n.udp_flows
+        );
         if n.denied.is_empty() {
             println!("denied:      none");
         } else {
             let parts: Vec<String> = n.denied.iter().map(|(k, c)| format!("{k} {c}")).collect();
-            println!("denied:      {} (details in the supervisor log)", parts.join(", "));
+            println!(
+                "denied:      {} (details in the supervisor log)",
+                parts.join(", ")
+            );
         }
     }
 }
@@ -129,12 +135,14 @@ pub fn status(p: &Project, json: bool) -> Result<u8> {
     if p.vm.disk().exists() {
         v.disk = Some(p.vm.disk().display().to_string());
     }
-    if matches!(l, Live::Active(_)) {
-        if let Ok(Response::Status { network, .. }) =
-            control::request(&p.vm.control_sock(), &Request::Status, Duration::from_secs(10))
-        {
-            v.network = Some(network);
-        }
+    if matches!(l, Live::Active(_))
+        && let Ok(Response::Status { network, .. }) = control::request(
+            &p.vm.control_sock(),
+            &Request::Status,
+            Duration::from_secs(10),
+        )
+    {
+        v.network = Some(network);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

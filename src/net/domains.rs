@@ -109,10 +109,28 @@ impl Allowlist {
     }
 }
 
+/// What a client's first bytes say about the server it wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peek {
+    /// The TLS SNI or HTTP Host name.
+    Name(String),
+    /// Neither TLS with SNI nor an HTTP request.
+    NoName,
+    /// A request has started; more bytes are needed.
+    NeedMore,
+}
+
 /// The server name a client's first bytes ask for: the SNI of a TLS
-/// ClientHello, or the Host header of an HTTP/1 request. `Ok(None)`: the
-/// bytes are neither; `Err(())`: more bytes are needed.
-pub fn requested_name(first: &[u8]) -> Result<Option<String>, ()> {
+/// ClientHello, or the Host header of an HTTP/1 request.
+pub fn requested_name(first: &[u8]) -> Peek {
+    match requested_name_inner(first) {
+        Ok(Some(n)) => Peek::Name(n),
+        Ok(None) => Peek::NoName,
+        Err(()) => Peek::NeedMore,
+    }
+}
+
+fn requested_name_inner(first: &[u8]) -> Result<Option<String>, ()> {
     if first.first() == Some(&0x16) {
         return tls_sni(first);
     }
@@ -211,9 +229,9 @@ mod tests {
     #[test]
     fn http_host_is_read() {
         let req = b"GET / HTTP/1.1\r\nHost: Api.Example.com:8080\r\nUser-Agent: x\r\n\r\n";
-        assert_eq!(requested_name(req), Ok(Some("api.example.com".into())));
-        assert_eq!(requested_name(b"GET / HTTP/1.1\r\nHo"), Err(()));
-        assert_eq!(requested_name(b"SSH-2.0-OpenSSH_9.2\r\n"), Ok(None));
+        assert_eq!(requested_name(req), Peek::Name("api.example.com".into()));
+        assert_eq!(requested_name(b"GET / HTTP/1.1\r\nHo"), Peek::NeedMore);
+        assert_eq!(requested_name(b"SSH-2.0-OpenSSH_9.2\r\n"), Peek::NoName);
     }
 
     #[test]
@@ -241,7 +259,7 @@ mod tests {
         let mut rec = vec![0x16, 0x03, 0x01];
         rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
         rec.extend_from_slice(&hs);
-        assert_eq!(requested_name(&rec), Ok(Some("api.example.com".into())));
-        assert_eq!(requested_name(&rec[..20]), Err(()));
+        assert_eq!(requested_name(&rec), Peek::Name("api.example.com".into()));
+        assert_eq!(requested_name(&rec[..20]), Peek::NeedMore);
     }
 }

@@ -1,6 +1,7 @@
 //! Networking: the VM's namespace, its TAP device, and the dataplane the
 //! supervisor serves inside it (DHCP, DNS, forwards).
 
+pub mod dataplane;
 pub mod dhcp;
 pub mod dns;
 pub mod domains;

@@ -43,6 +43,12 @@ impl NetNs {
         })
     }
 
+    /// Hold an existing namespace, e.g. `/run/netns/NAME`.
+    pub fn open(path: &std::path::Path) -> Result<NetNs, NetnsError> {
+        let f = File::open(path).map_err(NetnsError::Enter)?;
+        Ok(NetNs { fd: f.into() })
+    }
+
     /// Run `f` on a thread inside this namespace and return its result.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
         std::thread::scope(|s| {

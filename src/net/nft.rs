@@ -47,6 +47,11 @@ fn match_eq(left: Value, right: Value) -> Value {
     json!({"match": {"op": "==", "left": left, "right": right}})
 }
 
+/// Connection-tracking state is a bit mask: "in" tests for any of the bits.
+fn ct_state_in(states: &[&str]) -> Value {
+    json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": states}})
+}
+
 fn iif(tap: &str) -> Value {
     match_eq(json!({"meta": {"key": "iifname"}}), json!(tap))
 }
@@ -74,6 +79,20 @@ pub fn ruleset(plan: &Plan) -> Value {
                 iif(tap),
                 match_eq(json!({"meta": {"key": "nfproto"}}), json!("ipv6")),
                 json!({"drop": null}),
+            ],
+        ),
+        // Replies to connections the supervisor itself opened into the
+        // guest (the SSH forward) are ours: deliver them, never divert.
+        rule(
+            "prerouting",
+            vec![
+                iif(tap),
+                match_eq(
+                    json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+                    json!(gw.clone()),
+                ),
+                ct_state_in(&["established", "related"]),
+                json!({"accept": null}),
             ],
         ),
         // DHCP (broadcast) and DNS on the gateway are served locally.
@@ -260,6 +279,10 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"))
                 .unwrap_or_else(|e| panic!("{e}"));
             assert!(listed.contains("table inet migrant"), "{listed}");
+            assert!(
+                listed.contains("ct state established,related accept"),
+                "{listed}"
+            );
             assert_eq!(
                 listed.contains("tproxy ip to :15001"),
                 proxy.is_some(),

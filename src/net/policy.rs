@@ -224,10 +224,10 @@ impl Policy {
         if self.host.contains(IpAddr::V4(ip)) {
             return Err(Denial::HostAddress);
         }
-        if let Some(list) = &self.domains {
-            if !list.admits_addr(ip) {
-                return Err(Denial::NotAllowedDomain);
-            }
+        if let Some(list) = &self.domains
+            && !list.admits_addr(ip)
+        {
+            return Err(Denial::NotAllowedDomain);
         }
         Ok(Allowed {
             to: SocketAddr::V4(dst),

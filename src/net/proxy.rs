@@ -16,7 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::domains::{requested_name, Allowlist};
+use super::domains::{Allowlist, Peek, requested_name};
 use super::netns::NetNs;
 use super::policy::{Allowed, Denial, Policy};
 use super::resolver::Resolver;
@@ -33,6 +33,9 @@ const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for a client to speak first before assuming a
 /// server-first protocol.
 const CLIENT_FIRST_WAIT: Duration = Duration::from_millis(800);
+
+/// Live UDP flows: (guest source, original destination) → upstream socket.
+type Flows = Arc<Mutex<HashMap<(SocketAddr, SocketAddrV4), Arc<UdpSocket>>>>;
 
 /// Counters shown by `migrant status`.
 #[derive(Debug, Default)]
@@ -74,7 +77,11 @@ impl Stats {
             denied: self
                 .denied
                 .lock()
-                .map(|d| d.iter().map(|(k, v)| (k.as_str().to_string(), *v)).collect())
+                .map(|d| {
+                    d.iter()
+                        .map(|(k, v)| (k.as_str().to_string(), *v))
+                        .collect()
+                })
                 .unwrap_or_default(),
         }
     }
@@ -114,7 +121,10 @@ pub fn udp_socket() -> std::io::Result<std::net::UdpSocket> {
 fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
     match addr {
         SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().map(|ip| SocketAddrV4::new(ip, a.port())),
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map(|ip| SocketAddrV4::new(ip, a.port())),
     }
 }
 
@@ -191,8 +201,9 @@ impl Proxy {
     pub async fn serve_udp(self: Arc<Self>, socket: std::net::UdpSocket) -> std::io::Result<()> {
         // SAFETY: `socket` is an open, owned UDP socket that moves into the
         // AsyncFd and is neither closed nor replaced while it lives there.
-        let fd = unsafe { AsyncFd::register(socket) }.map_err(|e| std::io::Error::other(e.to_string()))?;
-        let flows: Arc<Mutex<HashMap<(SocketAddr, SocketAddrV4), Arc<UdpSocket>>>> = Arc::default();
+        let fd = unsafe { AsyncFd::register(socket) }
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let flows: Flows = Arc::default();
         let mut buf = vec![0u8; 65536];
         loop {
             let mut guard = fd.readable().await?;
@@ -217,13 +228,7 @@ impl Proxy {
         }
     }
 
-    async fn udp_flow(
-        &self,
-        src: SocketAddr,
-        dst: SocketAddrV4,
-        first: Vec<u8>,
-        flows: Arc<Mutex<HashMap<(SocketAddr, SocketAddrV4), Arc<UdpSocket>>>>,
-    ) {
+    async fn udp_flow(&self, src: SocketAddr, dst: SocketAddrV4, first: Vec<u8>, flows: Flows) {
         // DNS to any server goes to the gateway's resolver, so that
         // `allow_domains` sees every lookup.
         let is_dns = dst.port() == 53;
@@ -321,15 +326,24 @@ async fn connect_out(allowed: Allowed) -> std::io::Result<TcpStream> {
 /// Host) must name an allowed one, whatever address it dialled. A client
 /// that says nothing first (SSH, SMTP: the server speaks first) is let
 /// through to an admitted address, unless other names share that address.
-async fn check_shared(list: &Allowlist, ip: std::net::Ipv4Addr, guest: &mut TcpStream, first: &mut Vec<u8>) -> Result<(), Denial> {
+async fn check_shared(
+    list: &Allowlist,
+    ip: std::net::Ipv4Addr,
+    guest: &mut TcpStream,
+    first: &mut Vec<u8>,
+) -> Result<(), Denial> {
     let deadline = tokio::time::Instant::now() + PEEK_TIMEOUT;
     let mut chunk = [0u8; 4096];
     loop {
         match requested_name(first) {
-            Ok(Some(name)) if list.admits_request(ip, &name) => return Ok(()),
-            Ok(Some(_)) => return Err(Denial::NotAllowedDomain),
-            Ok(None) if !first.is_empty() => {
-                return if list.is_shared(ip) { Err(Denial::NotAllowedDomain) } else { Ok(()) };
+            Peek::Name(name) if list.admits_request(ip, &name) => return Ok(()),
+            Peek::Name(_) => return Err(Denial::NotAllowedDomain),
+            Peek::NoName if !first.is_empty() => {
+                return if list.is_shared(ip) {
+                    Err(Denial::NotAllowedDomain)
+                } else {
+                    Ok(())
+                };
             }
             _ => {}
         }
@@ -352,12 +366,20 @@ async fn check_shared(list: &Allowlist, ip: std::net::Ipv4Addr, guest: &mut TcpS
 }
 
 /// Receive one datagram with its original destination.
-fn recv_orig(sock: &std::net::UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, SocketAddrV4)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
+fn recv_orig(
+    sock: &std::net::UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, SocketAddrV4)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!(libc::sockaddr_in);
-    let msg = recvmsg::<SockaddrIn>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)
-        .map_err(std::io::Error::from)?;
+    let msg = recvmsg::<SockaddrIn>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(std::io::Error::from)?;
     let src = msg
         .address
         .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())))
@@ -370,7 +392,8 @@ fn recv_orig(sock: &std::net::UdpSocket, buf: &mut [u8]) -> std::io::Result<(usi
         }
     }
     let len = msg.bytes;
-    let dst = dst.ok_or_else(|| std::io::Error::other("datagram without its original destination"))?;
+    let dst =
+        dst.ok_or_else(|| std::io::Error::other("datagram without its original destination"))?;
     Ok((len, src, dst))
 }
 

@@ -65,11 +65,12 @@ impl Resolver {
             return Some(refused);
         }
         let names = question_names(query);
-        if let Some(allow) = &self.allow {
-            if names.is_empty() || !names.iter().all(|n| allow.name_allowed(n)) {
-                self.stats.deny_name(names.first().map(String::as_str).unwrap_or("?"));
-                return Some(refused);
-            }
+        if let Some(allow) = &self.allow
+            && (names.is_empty() || !names.iter().all(|n| allow.name_allowed(n)))
+        {
+            self.stats
+                .deny_name(names.first().map(String::as_str).unwrap_or("?"));
+            return Some(refused);
         }
         let response = self.forward(query).await?;
         if let Some(allow) = &self.allow {

@@ -111,6 +111,7 @@ pub fn configure(tap: &str, gateway: Ipv4Addr, prefix: u8, tproxy: bool) -> Resu
                     .v4()
                     .fw_mark(super::nft::TPROXY_MARK)
                     .table_id(super::nft::TPROXY_TABLE)
+                    .action(rtnetlink::packet_route::rule::RuleAction::ToTable)
                     .execute()
                     .await
                     .map_err(|e| TapError::Netlink(format!("tproxy rule: {e}")))?;

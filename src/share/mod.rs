@@ -475,7 +475,7 @@ pub fn mount_store(tag: &str, image: &Path, dir: &Path) -> Result<bool, ShareErr
         .open(image)
         .map_err(mount_err)?;
     let dev = loopdev::attach(&file).map_err(mount_err)?;
-    let flags = nix::mount::MsFlags::from_bits_truncate(
+    let flags = nix::mount::MsFlags::from_bits_retain(
         libc::MS_NOSYMFOLLOW | libc::MS_NODEV | libc::MS_NOSUID,
     );
     let mounted = nix::mount::mount(

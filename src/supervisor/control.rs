@@ -48,7 +48,9 @@ pub enum Response {
     },
     Info(Info),
     Done,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{self, Config};
 use crate::net::netns::NetNs;
-use crate::net::{dhcp, dns, forward, nft, policy, proxy, resolver, tap};
+use crate::net::{dataplane, dhcp, forward, proxy, tap};
 use crate::qemu::{self, Accelerator, process, qmp::Qmp};
 use crate::state::{self, Paths, Record, VmPaths, VmState};
 use control::{Info, Request, Response};
@@ -37,7 +37,7 @@ pub enum SupervisorError {
     #[error(transparent)]
     Tap(#[from] tap::TapError),
     #[error(transparent)]
-    Nft(#[from] nft::NftError),
+    Dataplane(#[from] dataplane::DataplaneError),
     #[error("{what}")]
     Io {
         what: String,
@@ -70,7 +70,7 @@ impl SupervisorError {
             SupervisorError::Firmware(e) => e.exit_code(),
             SupervisorError::Share(e) => e.exit_code(),
             SupervisorError::Tap(tap::TapError::Open(_)) => exit::UNAVAILABLE,
-            SupervisorError::Nft(nft::NftError::Spawn(_)) => exit::UNAVAILABLE,
+            SupervisorError::Dataplane(e) => e.exit_code(),
             _ => exit::SOFTWARE,
         }
     }
@@ -158,8 +158,7 @@ struct Prepared {
     ns: Arc<NetNs>,
     tap: std::fs::File,
     dhcp_sock: std::net::UdpSocket,
-    dns_sock: std::net::UdpSocket,
-    listeners: Option<(std::net::TcpListener, std::net::UdpSocket)>,
+    sockets: dataplane::Sockets,
     qmp_ours: std::os::unix::net::UnixStream,
     qmp_theirs: std::os::unix::net::UnixStream,
     console: std::os::unix::net::UnixListener,
@@ -195,31 +194,12 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     state::ensure_dir(&vm.state, 0o711)?;
 
     let ns = Arc::new(NetNs::create()?);
-    let gateway = cfg.gateway_ip();
-    let prefix = cfg.network.prefix;
-    // The proxy runs unless nothing at all may leave.
-    let proxied = cfg.network.egress != config::Egress::None || !cfg.network.rules.is_empty();
-    let plan = nft::Plan {
-        tap: tap::TAP_NAME.to_string(),
-        gateway,
-        proxy: proxied.then_some((proxy::TCP_PORT, proxy::UDP_PORT)),
-    };
-    let (tap, dhcp_sock, dns_sock, listeners) = ns.run(|| -> Result<_, SupervisorError> {
+    let setup = dataplane::Setup::for_config(&cfg);
+    let (tap, dhcp_sock, sockets) = ns.run(|| -> Result<_, SupervisorError> {
         let tap = tap::create_tap(tap::TAP_NAME)?;
-        tap::configure(tap::TAP_NAME, gateway, prefix, proxied)?;
-        nft::apply(&nft::ruleset(&plan))?;
+        let sockets = dataplane::setup_in_ns(tap::TAP_NAME, &setup)?;
         let dhcp_sock = dhcp::bind_socket(tap::TAP_NAME).map_err(io("DHCP socket"))?;
-        let dns_sock =
-            std::net::UdpSocket::bind(SocketAddrV4::new(gateway, 53)).map_err(io("DNS socket"))?;
-        let listeners = if proxied {
-            Some((
-                proxy::tcp_listener().map_err(io("TCP proxy listener"))?,
-                proxy::udp_socket().map_err(io("UDP proxy socket"))?,
-            ))
-        } else {
-            None
-        };
-        Ok((tap, dhcp_sock, dns_sock, listeners))
+        Ok((tap, dhcp_sock, sockets))
     })??;
 
     let (qmp_ours, qmp_theirs) =
@@ -264,8 +244,7 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         ns,
         tap,
         dhcp_sock,
-        dns_sock,
-        listeners,
+        sockets,
         qmp_ours,
         qmp_theirs,
         console,
@@ -316,8 +295,7 @@ async fn supervise(
         ns,
         tap,
         dhcp_sock,
-        dns_sock,
-        listeners,
+        sockets,
         qmp_ours,
         qmp_theirs,
         console,
@@ -439,61 +417,7 @@ async fn supervise(
             tracing::error!("DHCP server stopped: {e}");
         }
     });
-    dns_sock.set_nonblocking(true).map_err(io("DNS socket"))?;
-    let dns_sock = tokio::net::UdpSocket::from_std(dns_sock).map_err(io("DNS socket"))?;
-    let stats = Arc::new(proxy::Stats::default());
-    let allow = (!cfg.network.allow_domains.is_empty())
-        .then(|| crate::net::domains::Allowlist::new(&cfg.network.allow_domains));
-    let resolver = Arc::new(resolver::Resolver {
-        stub: dns::Stub {
-            names: vec![
-                (cfg.name.clone(), guest_ip),
-                ("gateway".to_string(), gateway),
-            ],
-        },
-        // With egress none the guest resolves local names only.
-        upstreams: if cfg.network.egress == config::Egress::None {
-            Vec::new()
-        } else {
-            resolver::host_upstreams()
-        },
-        allow: allow.clone(),
-        stats: Arc::clone(&stats),
-    });
-    tokio::spawn({
-        let r = Arc::clone(&resolver);
-        async move {
-            if let Err(e) = r.serve_udp(dns_sock).await {
-                tracing::error!("DNS stopped: {e}");
-            }
-        }
-    });
-    if let Some((tcp, udp)) = listeners {
-        let host = policy::HostAddrs::default();
-        host.replace(policy::HostAddrs::read_host());
-        tokio::spawn(proxy::watch_host_addrs(host.clone()));
-        let proxy = Arc::new(proxy::Proxy {
-            policy: policy::Policy {
-                egress: cfg.network.egress,
-                gateway,
-                subnet: cfg.network.subnet,
-                prefix: cfg.network.prefix,
-                rules: cfg.network.rules.clone(),
-                host,
-                domains: allow,
-            },
-            stats: Arc::clone(&stats),
-            ns: Arc::clone(&ns),
-            resolver: Arc::clone(&resolver),
-        });
-        let tcp = tokio::net::TcpListener::from_std(tcp).map_err(io("TCP proxy listener"))?;
-        tokio::spawn(Arc::clone(&proxy).serve_tcp(tcp));
-        tokio::spawn(async move {
-            if let Err(e) = proxy.serve_udp(udp).await {
-                tracing::error!("UDP proxy stopped: {e}");
-            }
-        });
-    }
+    let stats = dataplane::spawn(&cfg, Arc::clone(&ns), sockets)?;
 
     let ssh_target = SocketAddr::V4(SocketAddrV4::new(guest_ip, 22));
     let ssh_listener = bind_private(&vm.ssh_sock())?;

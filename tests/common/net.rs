@@ -25,8 +25,15 @@ pub struct TestNet {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| panic!("ip: {e}"));
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ip: {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn in_ns(ns: &str, args: &[&str]) {
@@ -65,10 +72,19 @@ impl TestNet {
             in_ns(ns, &["ip", "link", "set", "lo", "up"]);
         }
         let (h, i, l) = (net.host.as_str(), net.inet.as_str(), net.lan.as_str());
-        ip(&["link", "add", "mgt-hi", "netns", h, "type", "veth", "peer", "name", "mgt-ih", "netns", i]);
-        ip(&["link", "add", "mgt-hl", "netns", h, "type", "veth", "peer", "name", "mgt-lh", "netns", l]);
+        ip(&[
+            "link", "add", "mgt-hi", "netns", h, "type", "veth", "peer", "name", "mgt-ih", "netns",
+            i,
+        ]);
+        ip(&[
+            "link", "add", "mgt-hl", "netns", h, "type", "veth", "peer", "name", "mgt-lh", "netns",
+            l,
+        ]);
         in_ns(h, &["ip", "addr", "add", "45.10.0.1/24", "dev", "mgt-hi"]);
-        in_ns(h, &["ip", "addr", "add", "192.168.77.1/24", "dev", "mgt-hl"]);
+        in_ns(
+            h,
+            &["ip", "addr", "add", "192.168.77.1/24", "dev", "mgt-hl"],
+        );
         in_ns(h, &["ip", "link", "set", "mgt-hi", "up"]);
         in_ns(h, &["ip", "link", "set", "mgt-hl", "up"]);
         in_ns(h, &["ip", "route", "add", "default", "via", "45.10.0.2"]);
@@ -77,11 +93,18 @@ impl TestNet {
         for a in ["45.20.0.10/32", "45.20.0.11/32", "45.20.0.53/32"] {
             in_ns(i, &["ip", "addr", "add", a, "dev", "lo"]);
         }
-        in_ns(l, &["ip", "addr", "add", "192.168.77.50/24", "dev", "mgt-lh"]);
-        in_ns(l, &["ip", "addr", "add", "192.168.77.51/24", "dev", "mgt-lh"]);
+        in_ns(
+            l,
+            &["ip", "addr", "add", "192.168.77.50/24", "dev", "mgt-lh"],
+        );
+        in_ns(
+            l,
+            &["ip", "addr", "add", "192.168.77.51/24", "dev", "mgt-lh"],
+        );
         in_ns(l, &["ip", "link", "set", "mgt-lh", "up"]);
         std::fs::create_dir_all(&net.etc).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(net.etc.join("resolv.conf"), "nameserver 45.20.0.53\n").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(net.etc.join("resolv.conf"), "nameserver 45.20.0.53\n")
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut net = net;
         net.http(&net.inet.clone(), "45.20.0.10", 80, "internet-ok");
         net.http(&net.inet.clone(), "45.20.0.11", 80, "other");
@@ -91,10 +114,22 @@ impl TestNet {
         net.http(&net.host.clone(), "127.0.0.1", 9091, "host-loopback-closed");
         net.http(&net.host.clone(), "45.10.0.1", 9090, "host-public");
         let dns = Command::new("ip")
-            .args(["netns", "exec", &net.inet, "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts",
-                "--listen-address=45.20.0.53", "--bind-interfaces", "--port=53",
-                "--address=/ok.test/45.20.0.10", "--address=/other.test/45.20.0.11",
-                "--address=/shared.test/45.20.0.10", "--address=/api.allowed.test/45.20.0.10"])
+            .args([
+                "netns",
+                "exec",
+                &net.inet,
+                "dnsmasq",
+                "--no-daemon",
+                "--no-resolv",
+                "--no-hosts",
+                "--listen-address=45.20.0.53",
+                "--bind-interfaces",
+                "--port=53",
+                "--address=/ok.test/45.20.0.10",
+                "--address=/other.test/45.20.0.11",
+                "--address=/shared.test/45.20.0.10",
+                "--address=/api.allowed.test/45.20.0.10",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -106,7 +141,17 @@ impl TestNet {
 
     fn http(&mut self, ns: &str, addr: &str, port: u16, body: &str) {
         let child = Command::new("ip")
-            .args(["netns", "exec", ns, "python3", "-c", HTTP, addr, &port.to_string(), body])
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "python3",
+                "-c",
+                HTTP,
+                addr,
+                &port.to_string(),
+                body,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -117,7 +162,9 @@ impl TestNet {
     /// Run `cmd` inside the host namespace.
     pub fn wrap(&self, cmd: &mut Command) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.host]).arg(cmd.get_program()).args(cmd.get_args());
+        c.args(["netns", "exec", &self.host])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
         for (k, v) in cmd.get_envs() {
             match v {
                 Some(v) => c.env(k, v),
@@ -133,7 +180,9 @@ impl TestNet {
     /// `nft list ruleset` of a namespace (`None`: the real host's).
     pub fn ruleset(ns: Option<&str>) -> String {
         let out = match ns {
-            Some(ns) => Command::new("ip").args(["netns", "exec", ns, "nft", "list", "ruleset"]).output(),
+            Some(ns) => Command::new("ip")
+                .args(["netns", "exec", ns, "nft", "list", "ruleset"])
+                .output(),
             None => Command::new("nft").args(["list", "ruleset"]).output(),
         }
         .unwrap_or_else(|e| panic!("nft: {e}"));
@@ -148,11 +197,14 @@ impl Drop for TestNet {
             let _ = s.wait();
         }
         for ns in [&self.host, &self.inet, &self.lan] {
-            let _ = Command::new("ip").args(["netns", "pids", ns]).output().map(|o| {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            });
+            let _ = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                });
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = std::fs::remove_dir_all(&self.etc);

@@ -1,0 +1,179 @@
+//! The VM namespace's dataplane, independent of QEMU: addresses, policy
+//! routing and the nftables ruleset on the guest-facing interface, then
+//! the DNS and egress-proxy tasks. The supervisor uses it with a TAP
+//! device; `migrant __netlab` (benchmarks) with a veth whose other end is
+//! a namespace standing in for the guest.
+
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+
+use super::netns::NetNs;
+use super::{dns, domains, nft, policy, proxy, resolver, tap};
+use crate::config::{Config, Egress};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(transparent)]
+    Tap(#[from] tap::TapError),
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DataplaneError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DataplaneError::Nft(nft::NftError::Spawn(_))
+            | DataplaneError::Tap(tap::TapError::Open(_)) => crate::exit::UNAVAILABLE,
+            _ => crate::exit::SOFTWARE,
+        }
+    }
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> DataplaneError {
+    move |source| DataplaneError::Io { what, source }
+}
+
+/// What the namespace needs, from the Migrantfile.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub gateway: std::net::Ipv4Addr,
+    pub prefix: u8,
+    /// The proxy runs unless nothing at all may leave.
+    pub proxied: bool,
+}
+
+impl Setup {
+    pub fn for_config(cfg: &Config) -> Setup {
+        Setup {
+            gateway: cfg.gateway_ip(),
+            prefix: cfg.network.prefix,
+            proxied: cfg.network.egress != Egress::None || !cfg.network.rules.is_empty(),
+        }
+    }
+}
+
+/// Sockets created inside the namespace, used from the host's.
+pub struct Sockets {
+    pub dns: std::net::UdpSocket,
+    pub listeners: Option<(std::net::TcpListener, std::net::UdpSocket)>,
+}
+
+/// Configure `iface` and the namespace; call on a thread inside it.
+pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError> {
+    tap::configure(iface, setup.gateway, setup.prefix, setup.proxied)?;
+    let plan = nft::Plan {
+        tap: iface.to_string(),
+        gateway: setup.gateway,
+        proxy: setup.proxied.then_some((proxy::TCP_PORT, proxy::UDP_PORT)),
+    };
+    nft::apply(&nft::ruleset(&plan))?;
+    let dns = std::net::UdpSocket::bind(SocketAddrV4::new(setup.gateway, 53))
+        .map_err(io("DNS socket"))?;
+    dns.set_nonblocking(true).map_err(io("DNS socket"))?;
+    let listeners = if setup.proxied {
+        Some((
+            proxy::tcp_listener().map_err(io("TCP proxy listener"))?,
+            proxy::udp_socket().map_err(io("UDP proxy socket"))?,
+        ))
+    } else {
+        None
+    };
+    Ok(Sockets { dns, listeners })
+}
+
+/// Start DNS and the proxy on the current runtime; returns the counters.
+pub fn spawn(
+    cfg: &Config,
+    ns: Arc<NetNs>,
+    sockets: Sockets,
+) -> Result<Arc<proxy::Stats>, DataplaneError> {
+    let gateway = cfg.gateway_ip();
+    let dns_sock = tokio::net::UdpSocket::from_std(sockets.dns).map_err(io("DNS socket"))?;
+    let stats = Arc::new(proxy::Stats::default());
+    let allow = (!cfg.network.allow_domains.is_empty())
+        .then(|| domains::Allowlist::new(&cfg.network.allow_domains));
+    let resolver = Arc::new(resolver::Resolver {
+        stub: dns::Stub {
+            names: vec![
+                (cfg.name.clone(), cfg.guest_ip()),
+                ("gateway".to_string(), gateway),
+            ],
+        },
+        // With egress none the guest resolves local names only.
+        upstreams: if cfg.network.egress == Egress::None {
+            Vec::new()
+        } else {
+            resolver::host_upstreams()
+        },
+        allow: allow.clone(),
+        stats: Arc::clone(&stats),
+    });
+    tokio::spawn({
+        let r = Arc::clone(&resolver);
+        async move {
+            if let Err(e) = r.serve_udp(dns_sock).await {
+                tracing::error!("DNS stopped: {e}");
+            }
+        }
+    });
+    if let Some((tcp, udp)) = sockets.listeners {
+        let host = policy::HostAddrs::default();
+        host.replace(policy::HostAddrs::read_host());
+        tokio::spawn(proxy::watch_host_addrs(host.clone()));
+        let proxy = Arc::new(proxy::Proxy {
+            policy: policy::Policy {
+                egress: cfg.network.egress,
+                gateway,
+                subnet: cfg.network.subnet,
+                prefix: cfg.network.prefix,
+                rules: cfg.network.rules.clone(),
+                host,
+                domains: allow,
+            },
+            stats: Arc::clone(&stats),
+            ns,
+            resolver,
+        });
+        let tcp = tokio::net::TcpListener::from_std(tcp).map_err(io("TCP proxy listener"))?;
+        tokio::spawn(Arc::clone(&proxy).serve_tcp(tcp));
+        tokio::spawn(async move {
+            if let Err(e) = proxy.serve_udp(udp).await {
+                tracing::error!("UDP proxy stopped: {e}");
+            }
+        });
+    }
+    Ok(stats)
+}
+
+/// `migrant __netlab`: the dataplane of the project at `project` on the
+/// interface `tap0` of the namespace at `netns`, until SIGTERM or SIGINT.
+pub fn netlab(
+    netns: &std::path::Path,
+    project: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = crate::config::load(project)?;
+    let ns = Arc::new(NetNs::open(netns)?);
+    let setup = Setup::for_config(&cfg);
+    let sockets = ns.run(|| setup_in_ns(tap::TAP_NAME, &setup))??;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let stats = spawn(&cfg, ns, sockets)?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        println!("ready");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("{:?}", stats.view());
+        Ok(())
+    })
+}
