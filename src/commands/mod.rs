@@ -35,13 +35,12 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Tunnel { ports } => lifecycle::tunnel(&Project::load(&dir)?, &ports),
         Cmd::Mount => share::mount(&Project::load(&dir)?),
         Cmd::Unmount => share::unmount(&Project::load(&dir)?),
-        Cmd::Supervisor { .. }
-        | Cmd::Proxy { .. }
-        | Cmd::Netlab { .. }
-        | Cmd::Virtiofsd { .. } => Err(Error::other(
-            crate::exit::SOFTWARE,
-            "internal mode reached the command dispatcher",
-        )),
+        Cmd::Supervisor { .. } | Cmd::Proxy { .. } | Cmd::Netlab { .. } | Cmd::Virtiofsd { .. } => {
+            Err(Error::other(
+                crate::exit::SOFTWARE,
+                "internal mode reached the command dispatcher",
+            ))
+        }
     }
 }
 
