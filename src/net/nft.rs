@@ -132,7 +132,10 @@ pub fn ruleset(plan: &Plan) -> Value {
                         iif(tap),
                         match_eq(json!({"meta": {"key": "l4proto"}}), json!(proto)),
                         json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": TPROXY_MARK}}),
+                        // tproxy assigns the socket but does not end the
+                        // chain: accept, or the catch-all drop below wins.
                         json!({"tproxy": {"family": "ip", "port": port}}),
+                        json!({"accept": null}),
                     ],
                 ));
             }
@@ -158,6 +161,15 @@ pub fn ruleset(plan: &Plan) -> Value {
                 json!({"payload": {"protocol": "udp", "field": "dport"}}),
                 json!({"set": [53, 67]}),
             ),
+            json!({"accept": null}),
+        ],
+    ));
+    // Replies to the supervisor's own connections into the guest.
+    cmds.push(rule(
+        "input",
+        vec![
+            iif(tap),
+            ct_state_in(&["established", "related"]),
             json!({"accept": null}),
         ],
     ));
@@ -284,7 +296,7 @@ mod tests {
                 "{listed}"
             );
             assert_eq!(
-                listed.contains("tproxy ip to :15001"),
+                listed.contains("tproxy ip to :15001 accept"),
                 proxy.is_some(),
                 "{listed}"
             );
