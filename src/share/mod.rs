@@ -492,6 +492,19 @@ pub fn mount_store(tag: &str, image: &Path, dir: &Path) -> Result<bool, ShareErr
         return Err(mount_err(e.into()));
     }
     drop(dev);
+    // Shared: a mount namespace created while the store is mounted (`ip
+    // netns exec`, a systemd service) gets a copy in the same peer group,
+    // so our unmount reaches that copy too instead of leaving it holding
+    // the file system and its loop device.
+    if let Err(e) = nix::mount::mount(
+        None::<&str>,
+        &real_dir,
+        None::<&str>,
+        nix::mount::MsFlags::MS_SHARED,
+        None::<&str>,
+    ) {
+        tracing::warn!("cannot make {} a shared mount: {e}", real_dir.display());
+    }
     let mounts = mountinfo::read().map_err(io("/proc/self/mountinfo"))?;
     if let Err(why) = check_mount(&mounts, &real_dir, image) {
         let _ = unmount_dir(&real_dir);
