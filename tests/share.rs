@@ -270,6 +270,30 @@ fn shares_refuse_to_start_and_delete_nothing() {
     nix::mount::umount(&ws).unwrap_or_else(|e| panic!("{e}"));
     assert!(!env.state_dir().join("disk.qcow2").exists());
 
+    // The store vanishes while the VM starts: the periodic check kills
+    // QEMU at once and `up` fails with 78.
+    let child = env
+        .cmd(&["up"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        wait_for(Duration::from_secs(120), || env
+            .pid_of("qemu-system")
+            .is_some()),
+        "QEMU never started"
+    );
+    nix::mount::umount2(&ws, nix::mount::MntFlags::MNT_DETACH).unwrap_or_else(|e| panic!("{e}"));
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("nothing mounted"), "{}", text(&out));
+    assert!(
+        env.pid_of("qemu-system").is_none(),
+        "QEMU survived the check"
+    );
+    assert!(img.exists());
+
     // An unmountable store (not ext4): the VM is built, refuses to start
     // (no QEMU), and the store is untouched.
     std::fs::remove_file(&img).unwrap_or_else(|e| panic!("{e}"));
