@@ -166,6 +166,12 @@ pub enum Cmd {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
+    /// Mount the shares' stores on their folders while the VM is halted
+    /// (creating a missing store, so a workspace can be filled before the
+    /// first `up`).
+    Mount,
+    /// Unmount the shares' stores mounted by `migrant mount`.
+    Unmount,
 
     /// (internal) The per-VM supervisor.
     #[command(name = "__supervisor", hide = true)]
@@ -178,6 +184,16 @@ pub enum Cmd {
         lock_fd: Option<i32>,
         #[arg(long)]
         progress_fd: Option<i32>,
+    },
+    /// (internal) The embedded virtiofsd serving one share.
+    #[command(name = "__virtiofsd", hide = true)]
+    Virtiofsd {
+        #[arg(long)]
+        fd: i32,
+        #[arg(long)]
+        shared_dir: PathBuf,
+        #[arg(long)]
+        tag: String,
     },
     /// (internal) Benchmarks: run the dataplane of the project's VM on the
     /// interface `tap0` of an existing namespace, until SIGTERM/SIGINT.

@@ -25,6 +25,8 @@ pub enum Error {
     Hook(#[from] crate::provision::hooks::HookError),
     #[error(transparent)]
     Ansible(#[from] crate::provision::ansible::AnsibleError),
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
     /// A failure that carries its own exit code.
     #[error("{message}")]
     Other { message: String, code: u8 },
@@ -49,6 +51,7 @@ impl Error {
             Error::Firmware(e) => e.exit_code(),
             Error::Hook(e) => e.exit_code(),
             Error::Ansible(e) => e.exit_code(),
+            Error::Share(e) => e.exit_code(),
             Error::Other { code, .. } => *code,
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
                 exit::NOPERM

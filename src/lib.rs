@@ -14,5 +14,6 @@ pub mod net;
 pub mod provision;
 pub mod qemu;
 pub mod seed;
+pub mod share;
 pub mod state;
 pub mod supervisor;

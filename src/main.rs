@@ -44,6 +44,20 @@ fn main() -> ExitCode {
                 progress_fd,
             }));
         }
+        Cmd::Virtiofsd {
+            fd,
+            shared_dir,
+            tag,
+        } => {
+            init_logging(cli.verbose, "info");
+            return ExitCode::from(migrant::share::virtiofsd::main(
+                migrant::share::virtiofsd::Args {
+                    fd,
+                    shared_dir,
+                    tag,
+                },
+            ));
+        }
         Cmd::Netlab { netns, project } => {
             init_logging(cli.verbose, "warn");
             return match migrant::net::dataplane::netlab(&netns, &project) {

@@ -116,6 +116,16 @@ pub fn destroy_as(p: &Project, trigger: Trigger) -> Result<u8> {
     remove_tree(&vm.state)?;
     let _ = std::fs::remove_dir_all(&vm.run);
     println!("==> {name}: destroyed");
+    // Stores are the user's data: never deleted.
+    for s in p.cfg.shares.iter().filter(|s| s.isolation) {
+        let img = crate::share::image_path(&s.host);
+        if img.exists() {
+            println!(
+                "==> {name}: store kept: {} (delete it yourself if you no longer need it)",
+                img.display()
+            );
+        }
+    }
     if exists {
         hooks::fire(&p.cfg, Hook::PostDown, trigger, None, true)?;
     }

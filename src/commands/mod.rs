@@ -9,6 +9,7 @@ mod lifecycle;
 mod provision;
 mod query;
 mod run;
+mod share;
 mod sshconfig;
 mod up;
 
@@ -72,10 +73,14 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Completions { shell } => docs::completions(shell),
         Cmd::Man { out_dir } => docs::man(out_dir.as_deref()),
         Cmd::Tunnel { ports } => lifecycle::tunnel(&Project::load(&dir)?, &ports),
-        Cmd::Supervisor { .. } | Cmd::Proxy { .. } | Cmd::Netlab { .. } => Err(Error::other(
-            crate::exit::SOFTWARE,
-            "internal mode reached the command dispatcher",
-        )),
+        Cmd::Mount => share::mount(&Project::load(&dir)?),
+        Cmd::Unmount => share::unmount(&Project::load(&dir)?),
+        Cmd::Supervisor { .. } | Cmd::Proxy { .. } | Cmd::Netlab { .. } | Cmd::Virtiofsd { .. } => {
+            Err(Error::other(
+                crate::exit::SOFTWARE,
+                "internal mode reached the command dispatcher",
+            ))
+        }
     }
 }
 
@@ -159,6 +164,7 @@ fn repair_stale(vm: &VmPaths) -> Result<Record> {
         let _ = std::fs::remove_file(sock);
     }
     let _ = std::fs::remove_dir(&vm.run);
+    crate::share::cleanup_recorded(vm);
     let updated = Record::update(&vm.record(), |r| {
         r.state = VmState::Stopped;
         r.supervisor_pid = None;

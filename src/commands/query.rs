@@ -31,6 +31,9 @@ struct StatusView {
     pending: Vec<String>,
     /// Egress counters from the running supervisor.
     network: Option<crate::net::proxy::StatsView>,
+    /// Shared folders (status of one project only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    shares: Vec<crate::share::ShareView>,
 }
 
 fn view(name: &str, live: &Live, project: &str) -> StatusView {
@@ -60,6 +63,7 @@ fn view(name: &str, live: &Live, project: &str) -> StatusView {
         snapshot: None,
         pending: Vec::new(),
         network: None,
+        shares: Vec::new(),
     }
 }
 
@@ -94,6 +98,9 @@ fn print_view(v: &StatusView) {
     for note in &v.pending {
         println!("pending:     {note}");
     }
+    for s in &v.shares {
+        print_share(s);
+    }
     if let Some(n) = &v.network {
         println!(
             "egress:      {} TCP connections, {} UDP flows",
@@ -111,9 +118,34 @@ fn print_view(v: &StatusView) {
     }
 }
 
+fn print_share(s: &crate::share::ShareView) {
+    use crate::share::human;
+    let guest = s.guest.as_deref().unwrap_or("(not mounted by migrant)");
+    let state = if !s.isolation {
+        "plain folder, no cap".to_string()
+    } else if s.mounted {
+        format!(
+            "mounted, {} used of {}",
+            s.used.map(human).unwrap_or_else(|| "?".into()),
+            s.cap.map(human).unwrap_or_else(|| "?".into())
+        )
+    } else {
+        format!(
+            "not mounted, cap {}, image uses {} on disk",
+            s.cap.map(human).unwrap_or_else(|| "?".into()),
+            s.used.map(human).unwrap_or_else(|| "0B".into())
+        )
+    };
+    println!("share:       {} {} -> {guest}: {state}", s.tag, s.host);
+    if let Some(problem) = &s.problem {
+        println!("             problem: {} {problem}", s.host);
+    }
+}
+
 pub fn status(p: &Project, json: bool) -> Result<u8> {
     let l = live(&p.vm)?;
     let mut v = view(&p.cfg.name, &l, &p.cfg.dir.display().to_string());
+    v.shares = crate::share::views(&p.cfg);
     if p.vm.disk().exists() {
         v.disk = Some(p.vm.disk().display().to_string());
     }

@@ -34,16 +34,10 @@ pub struct UpOptions {
 
 pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     let Project { cfg, paths, vm } = p;
-    if !cfg.shares.is_empty() {
-        eprintln!(
-            "warning: {}: shared folders are not served yet; the guest boots without {}",
-            cfg.file.display(),
-            cfg.shares
-                .iter()
-                .map(|s| s.tag.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+    // A moved project folder or share: refused naming the share and both
+    // paths, before anything else.
+    if let Some(rec) = crate::share::load_recorded(vm)? {
+        crate::share::check_drift(cfg, &rec)?;
     }
     // Fail closed: a VM that asked for the tunnel never gets direct egress.
     if let Some(wg) = &cfg.network.wireguard {
@@ -100,6 +94,9 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
         }
         _ => true,
     };
+    // Shares: path rules, drift, stores (created when building, required
+    // after). Never deletes a store, whatever fails later.
+    crate::share::prepare_for_up(cfg, vm, creating)?;
     if creating {
         println!("==> {}: creating VM", cfg.name);
         if let Err(e) = create(cfg, paths, vm) {
@@ -125,6 +122,9 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
         return Err(e.into());
     }
     crate::firmware::ensure(cfg.firmware, cfg.secure_boot, &paths.home)?;
+    if creating || crate::share::load_recorded(vm)?.is_none() {
+        crate::share::save_recorded(vm, cfg)?;
+    }
     let provisioned = Record::load(&vm.record())?.is_some_and(|r| r.provisioned);
     let playbook = cfg.dir.join(ansible::PLAYBOOK).is_file();
     // The original's console autoconnect: attach as soon as QEMU runs,
@@ -176,6 +176,7 @@ fn remove_new_vm(vm: &VmPaths) {
         vm.record(),
         vm.serial_log(),
         vm.supervisor_log(),
+        crate::share::record_file(vm),
     ] {
         let _ = std::fs::remove_file(f);
     }
@@ -218,6 +219,11 @@ fn random_mac() -> Result<String> {
 
 fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
     let user_data = user_data(cfg)?;
+    // Shares with a guest path are mounted by the seed.
+    let (user_data, warning) = crate::share::seed::user_data_with_mounts(&user_data, &cfg.shares);
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
     let source = crate::image::resolve(&cfg.image, cfg.image_checksum.as_ref())?;
     state::ensure_dir(&paths.images(), 0o755)?;
     let base = crate::image::obtain(&source, &paths.images(), &cfg.name)?;

@@ -36,6 +36,16 @@ pub enum FirmwareFiles {
     },
 }
 
+/// A virtiofs device: a vhost-user-fs PCI device whose chardev is one end
+/// of a socket connected to that share's virtiofsd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsDevice {
+    /// The mount tag the guest sees.
+    pub tag: String,
+    /// Connected unix socket to virtiofsd.
+    pub fd: i32,
+}
+
 /// Everything the command line depends on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
@@ -57,6 +67,9 @@ pub struct VmSpec {
     pub console_fd: i32,
     /// Everything the serial port prints is appended here.
     pub serial_log: PathBuf,
+    /// Shared folders. When there are any, guest RAM is a shared memfd
+    /// backend (vhost-user needs to map it).
+    pub shares: Vec<FsDevice>,
     /// Extra arguments, appended last (`.qemu-extra-args`).
     pub extra: Vec<String>,
 }
@@ -99,6 +112,18 @@ pub fn build_argv(spec: &VmSpec) -> Vec<String> {
     }
     push(&["-smp", &spec.cpus.to_string()]);
     push(&["-m", &format!("{}M", spec.memory_mib)]);
+    if !spec.shares.is_empty() {
+        // vhost-user backends map guest RAM: it must be shareable.
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                spec.memory_mib
+            ),
+            "-numa",
+            "node,memdev=mem",
+        ]);
+    }
 
     if let FirmwareFiles::Uefi {
         code,
@@ -165,6 +190,15 @@ pub fn build_argv(spec: &VmSpec) -> Vec<String> {
         "virtio-rng-pci",
     ]);
 
+    for (i, fs) in spec.shares.iter().enumerate() {
+        push(&[
+            "-chardev",
+            &format!("socket,id=fs{i},fd={}", fs.fd),
+            "-device",
+            &format!("vhost-user-fs-pci,chardev=fs{i},tag={}", fs.tag),
+        ]);
+    }
+
     a.extend(spec.extra.iter().cloned());
     a
 }
@@ -187,6 +221,7 @@ mod tests {
             qmp_fd: 11,
             console_fd: 12,
             serial_log: "/var/lib/migrant/vms/box/serial.log".into(),
+            shares: vec![],
             extra: vec![],
         }
     }
@@ -305,6 +340,43 @@ mod tests {
         let mut s = spec();
         s.disk = "/srv/a,b/disk.qcow2".into();
         assert!(joined(&s).contains("file=/srv/a,,b/disk.qcow2,format=qcow2"));
+    }
+
+    #[test]
+    fn no_shares_no_shared_memory() {
+        let argv = build_argv(&spec());
+        assert!(values(&argv, "-object").is_empty());
+        assert!(values(&argv, "-numa").is_empty());
+        assert!(!joined(&spec()).contains("vhost-user-fs"));
+    }
+
+    #[test]
+    fn shares_get_a_memfd_backend_and_one_device_each() {
+        let mut s = spec();
+        s.shares = vec![
+            FsDevice {
+                tag: "workspace".into(),
+                fd: 20,
+            },
+            FsDevice {
+                tag: "data".into(),
+                fd: 21,
+            },
+        ];
+        let argv = build_argv(&s);
+        assert_eq!(
+            values(&argv, "-object"),
+            ["memory-backend-memfd,id=mem,size=2048M,share=on"]
+        );
+        assert_eq!(values(&argv, "-numa"), ["node,memdev=mem"]);
+        let chardevs = values(&argv, "-chardev");
+        assert!(chardevs.contains(&"socket,id=fs0,fd=20"));
+        assert!(chardevs.contains(&"socket,id=fs1,fd=21"));
+        let devices = values(&argv, "-device");
+        assert!(devices.contains(&"vhost-user-fs-pci,chardev=fs0,tag=workspace"));
+        assert!(devices.contains(&"vhost-user-fs-pci,chardev=fs1,tag=data"));
+        // The memory size matches -m.
+        assert_eq!(values(&argv, "-m"), ["2048M"]);
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub enum SupervisorError {
     Accel(#[from] qemu::accel::AccelError),
     #[error(transparent)]
     Firmware(#[from] crate::firmware::FirmwareError),
+    #[error(transparent)]
+    Share(#[from] crate::share::ShareError),
     #[error("QEMU exited during start-up ({status}); last lines of its log:\n{log}")]
     QemuExited { status: String, log: String },
 }
@@ -66,6 +68,7 @@ impl SupervisorError {
             SupervisorError::Process(e) => e.exit_code(),
             SupervisorError::Accel(e) => e.exit_code(),
             SupervisorError::Firmware(e) => e.exit_code(),
+            SupervisorError::Share(e) => e.exit_code(),
             SupervisorError::Tap(tap::TapError::Open(_)) => exit::UNAVAILABLE,
             SupervisorError::Dataplane(e) => e.exit_code(),
             _ => exit::SOFTWARE,
@@ -139,6 +142,8 @@ fn cleanup(vm: &VmPaths) {
         let _ = std::fs::remove_file(sock);
     }
     let _ = std::fs::remove_dir(&vm.run);
+    // The stores: unmounted, their loop devices freed (never deleted).
+    crate::share::cleanup_recorded(vm);
     let _ = Record::update(&vm.record(), |r| {
         r.state = VmState::Stopped;
         r.supervisor_pid = None;
@@ -159,6 +164,8 @@ struct Prepared {
     console: std::os::unix::net::UnixListener,
     identity: process::Identity,
     spec: qemu::VmSpec,
+    /// Shares to serve, their stores mounted.
+    served: Vec<crate::share::Served>,
 }
 
 fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, SupervisorError> {
@@ -194,6 +201,9 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     // Traverse-only for others: the SSH socket inside belongs to the
     // invoking user (hooks, Ansible and `ssh-config` users reach it).
     state::ensure_dir(&vm.run, 0o711)?;
+    // Fail closed before anything runs: drift, forbidden paths, and each
+    // store mounted and verified (unmounted again by `cleanup`).
+    let served = crate::share::mount_for_vm(&cfg, vm)?;
     // QEMU runs unprivileged and opens its files here by name.
     state::ensure_dir(&vm.state, 0o711)?;
 
@@ -239,9 +249,15 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         qmp_fd: qmp_theirs.as_raw_fd(),
         console_fd: console.as_raw_fd(),
         serial_log: vm.serial_log(),
-        // What a pre-up hook gave on creation (see provision::hooks).
-        extra: crate::provision::hooks::stored_extra_args(vm)
-            .map_err(io("the VM's extra QEMU arguments"))?,
+        shares: Vec::new(),
+        // What a pre-up hook gave on creation (see provision::hooks), then
+        // MIGRANT_QEMU_EXTRA_ARGS (benchmarks, debugging).
+        extra: {
+            let mut extra = crate::provision::hooks::stored_extra_args(vm)
+                .map_err(io("the VM's extra QEMU arguments"))?;
+            extra.extend(crate::share::extra_qemu_args());
+            extra
+        },
     };
     Ok(Prepared {
         cfg,
@@ -255,6 +271,7 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         console,
         identity,
         spec,
+        served,
     })
 }
 
@@ -304,19 +321,45 @@ async fn supervise(
         qmp_theirs,
         console,
         identity,
-        spec,
+        mut spec,
+        served,
     } = p;
 
+    // One embedded virtiofsd per share, started before QEMU (from this
+    // thread: they die with it).
+    let exe = std::env::current_exe().map_err(io("cannot find the migrant executable"))?;
+    let mut daemons = Vec::new();
+    let mut fs_ends = Vec::new();
+    for s in &served {
+        let (daemon, end) = crate::share::virtiofsd::spawn(
+            &exe,
+            &s.tag,
+            &s.dir,
+            &vm.run.join(format!("virtiofsd-{}.sock", s.tag)),
+            &vm.state.join(format!("virtiofsd-{}.log", s.tag)),
+        )
+        .map_err(io(format!("cannot start virtiofsd for share {:?}", s.tag)))?;
+        tracing::info!(pid = ?daemon.child.id(), tag = %s.tag, dir = %s.dir.display(), "virtiofsd started");
+        spec.shares.push(qemu::FsDevice {
+            tag: s.tag.clone(),
+            fd: end.as_raw_fd(),
+        });
+        daemons.push(daemon);
+        fs_ends.push(end);
+    }
+
     let qemu_log = vm.state.join("qemu.log");
+    let mut keep_fds = vec![spec.tap_fd, spec.qmp_fd, spec.console_fd];
+    keep_fds.extend(spec.shares.iter().map(|s| s.fd));
     let mut child = process::spawn(process::Launch {
         argv: qemu::build_argv(&spec),
         netns: ns.fd(),
         identity: &identity,
-        keep_fds: vec![spec.tap_fd, spec.qmp_fd, spec.console_fd],
+        keep_fds,
         log: &qemu_log,
     })?;
     // QEMU holds its own copies now.
-    drop((tap, qmp_theirs, console));
+    drop((tap, qmp_theirs, console, fs_ends));
     let qemu_pid = child.id();
     tracing::info!(pid = ?qemu_pid, accel = spec.accel.as_str(), user = %identity.name, "QEMU started");
 
@@ -435,6 +478,8 @@ async fn supervise(
     let mut lease_rx = lease_rx;
     let mut banner_poll = tokio::time::interval(Duration::from_millis(500));
     let mut lease_reported = false;
+    // Fail closed while running: the stores must stay what was verified.
+    let mut share_check = tokio::time::interval(Duration::from_secs(2));
 
     let stop_reason: String = loop {
         tokio::select! {
@@ -448,6 +493,7 @@ async fn supervise(
             Some(ctl) = ctl_rx.recv() => {
                 let Control::Halt { force, timeout, done, flushed } = ctl;
                 let status = halt(&shared.qmp, &mut child, force, timeout).await;
+                crate::share::virtiofsd::stop_all(&mut daemons).await;
                 let _ = Record::update(&vm.record(), |r| r.state = VmState::Stopped);
                 let reason = format!("halted by request ({status})");
                 // Answer after cleanup, so the caller sees a clean state.
@@ -462,6 +508,26 @@ async fn supervise(
             }
             Some(ev) = event_rx.recv() => {
                 on_event(&ev, vm);
+            }
+            _ = share_check.tick(), if !served.is_empty() => {
+                if let Err(why) = crate::share::verify_served(&served) {
+                    // Stop at once: no ACPI, no hooks, nothing the guest
+                    // could use to write more through the share.
+                    tracing::error!("{why}; stopping the VM now");
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    if !ready {
+                        crate::share::virtiofsd::stop_all(&mut daemons).await;
+                        return Err(crate::share::ShareError::Check(why).into());
+                    }
+                    break format!("stopped at once: {why}");
+                }
+                for d in daemons.iter_mut().filter(|d| !d.exited) {
+                    if let Ok(Some(status)) = d.child.try_wait() {
+                        d.exited = true;
+                        tracing::error!("virtiofsd of share {:?} exited ({status}); the guest lost that share", d.tag);
+                    }
+                }
             }
             Ok(()) = lease_rx.changed(), if !lease_reported => {
                 lease_reported = true;
@@ -478,6 +544,7 @@ async fn supervise(
             }
         }
     };
+    crate::share::virtiofsd::stop_all(&mut daemons).await;
     tracing::info!("VM stopped: {stop_reason}");
     let _ = Record::update(&vm.record(), |r| r.last_stop = Some(stop_reason));
     Ok(())

@@ -1,0 +1,91 @@
+//! `mount`, `unmount`: host access to the shares' stores while the VM is
+//! halted.
+
+use super::{Live, Project, Result, live};
+use crate::error::Error;
+use crate::exit;
+use crate::share::{self, image};
+use crate::state::VmLock;
+
+pub fn mount(p: &Project) -> Result<u8> {
+    let name = &p.cfg.name;
+    match live(&p.vm)? {
+        Live::Active(_) => {
+            println!("==> {name}: running; its stores are mounted while it runs");
+            return Ok(0);
+        }
+        Live::Busy => {
+            return Err(Error::other(
+                exit::TEMPFAIL,
+                format!("{name} is starting or stopping; try again"),
+            ));
+        }
+        _ => {}
+    }
+    if !p.cfg.shares.iter().any(|s| s.isolation) {
+        println!("==> {name}: no isolated shares: nothing to mount");
+        return Ok(0);
+    }
+    let _lock = VmLock::try_acquire(&p.vm)?;
+    share::check_paths(&p.cfg)?;
+    if let Some(rec) = share::load_recorded(&p.vm)? {
+        share::check_drift(&p.cfg, &rec)?;
+    }
+    let owner = image::Owner::invoker();
+    for s in p.cfg.shares.iter().filter(|s| s.isolation) {
+        let img = share::image_path(&s.host);
+        if !s.host.exists() {
+            std::fs::create_dir_all(&s.host)
+                .map_err(Error::io(format!("create {}", s.host.display())))?;
+            owner.own(&s.host);
+        }
+        if !img.exists() {
+            println!(
+                "==> {name}: creating the {} store {}",
+                share::human(s.size),
+                img.display()
+            );
+            image::create(&img, s.size, &owner).map_err(|(why, code)| {
+                share::ShareError::Create {
+                    tag: s.tag.clone(),
+                    image: img.clone(),
+                    why,
+                    code,
+                }
+            })?;
+        }
+        if share::mount_store(&s.tag, &img, &s.host)? {
+            println!(
+                "==> {name}: mounted {} on {}",
+                img.display(),
+                s.host.display()
+            );
+        } else {
+            println!("==> {name}: {} is already mounted", s.host.display());
+        }
+    }
+    Ok(0)
+}
+
+pub fn unmount(p: &Project) -> Result<u8> {
+    let name = &p.cfg.name;
+    match live(&p.vm)? {
+        Live::Active(_) | Live::Busy => {
+            return Err(Error::other(
+                exit::TEMPFAIL,
+                format!("{name} is running: its stores stay mounted until `migrant halt`"),
+            ));
+        }
+        _ => {}
+    }
+    let _lock = VmLock::try_acquire(&p.vm)?;
+    for s in p.cfg.shares.iter().filter(|s| s.isolation) {
+        let img = share::image_path(&s.host);
+        if share::unmount_store(&s.tag, &img, &s.host)? {
+            println!("==> {name}: unmounted {}", s.host.display());
+        } else {
+            println!("==> {name}: {} was not mounted", s.host.display());
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,295 @@
+//! The embedded virtiofsd: `migrant __virtiofsd --fd N --shared-dir DIR
+//! --tag TAG`, run by the supervisor once per share and handled by `main`
+//! before any runtime starts (virtiofsd forks, unshares and blocks).
+//!
+//! It is the `virtiofsd` crate's own daemon, driven as a library with
+//! fixed, conservative settings: the namespace sandbox (new mount, PID and
+//! network namespaces, the share as the root), seccomp with `kill`, file
+//! handles off, no xattrs, capabilities reduced to the set it needs to
+//! create files as the guest's users.
+
+use std::collections::HashSet;
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use virtiofsd::passthrough::{self, CachePolicy, InodeFileHandlesMode, PassthroughFs};
+use virtiofsd::sandbox::{Sandbox, SandboxMode};
+use virtiofsd::vhost_user::VhostUserFsBackendBuilder;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Arguments of the hidden `__virtiofsd` mode.
+#[derive(Debug, Clone)]
+pub struct Args {
+    /// Inherited listening unix socket (vhost-user); the supervisor has
+    /// already connected QEMU's end to it.
+    pub fd: RawFd,
+    /// The folder served as the file system's root.
+    pub shared_dir: PathBuf,
+    /// The virtiofs tag (logged; QEMU announces the tag itself).
+    pub tag: String,
+}
+
+/// Descriptors reserved for the daemon itself (memory slots and threads),
+/// as virtiofsd's own main does.
+const INTERNAL_FD_RESERVE: u64 = 509 + 100 + 1;
+
+/// Capabilities the sandboxed daemon keeps: what a passthrough file system
+/// needs to act for the guest's users. Everything else is dropped.
+const CAPS: [&str; 8] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "SETGID",
+    "SETUID",
+    "MKNOD",
+    "SETFCAP",
+];
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(1) };
+}
+
+fn set_signal_handlers() -> std::io::Result<()> {
+    for sig in [libc::SIGHUP, libc::SIGTERM] {
+        // SAFETY: installs a handler that only calls _exit; the sigaction
+        // struct is zero-initialised and fully set before use.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn fail(tag: &str, what: impl std::fmt::Display) -> u8 {
+    eprintln!("migrant virtiofsd [{tag}]: {what}");
+    1
+}
+
+/// Entry point of `migrant __virtiofsd`; returns the exit code. Never
+/// returns in the sandbox's outer process (it waits for the inner one and
+/// exits with its status).
+pub fn main(args: Args) -> u8 {
+    let tag = args.tag.clone();
+    if let Err(e) = set_signal_handlers() {
+        return fail(&tag, format!("signal handlers: {e}"));
+    }
+    // SAFETY: fcntl on a descriptor number given to us; it fails cleanly
+    // (EBADF) when the descriptor is not open.
+    if unsafe { libc::fcntl(args.fd, libc::F_GETFD) } < 0 {
+        return fail(&tag, format!("descriptor {} is not open", args.fd));
+    }
+    // SAFETY: the supervisor created this listening socket for us and left
+    // it open across exec; nothing else in this process owns it.
+    let listener = unsafe { Listener::from_raw_fd(args.fd) };
+    // SAFETY: as above, marks our own descriptor close-on-exec.
+    unsafe { libc::fcntl(args.fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+
+    let shared_dir = match args.shared_dir.to_str() {
+        Some(s) if Path::new(s).is_dir() => s.to_string(),
+        _ => {
+            return fail(
+                &tag,
+                format!("{} is not a folder", args.shared_dir.display()),
+            );
+        }
+    };
+    let fd_limit = match virtiofsd::limits::setup_rlimit_nofile(None) {
+        Ok(n) => n,
+        Err(e) => return fail(&tag, format!("raising the open-file limit: {e}")),
+    };
+    let guest_fd_limit = fd_limit.saturating_sub(INTERNAL_FD_RESERVE).max(128);
+
+    let mut sandbox = Sandbox::new(
+        shared_dir.clone(),
+        SandboxMode::Namespace,
+        Vec::new(),
+        Vec::new(),
+    );
+    // Forks: the outer process waits for the sandboxed inner one and exits
+    // with its status; only the inner process returns from `enter`.
+    let listener = match sandbox.enter(listener) {
+        Ok(l) => l,
+        Err(e) => return fail(&tag, format!("entering the sandbox: {e}")),
+    };
+
+    let timeout = Duration::from_secs(1);
+    let cfg = passthrough::Config {
+        entry_timeout: timeout,
+        attr_timeout: timeout,
+        cache_policy: CachePolicy::Auto,
+        root_dir: sandbox.get_root_dir(),
+        mountinfo_prefix: None,
+        xattr: false,
+        proc_sfd_rawfd: sandbox.get_proc_self_fd(),
+        proc_mountinfo_rawfd: sandbox.get_mountinfo_fd(),
+        announce_submounts: true,
+        inode_file_handles: InodeFileHandlesMode::Never,
+        readdirplus: true,
+        writeback: false,
+        allow_direct_io: false,
+        killpriv_v2: false,
+        guest_fd_limit,
+        ..Default::default()
+    };
+
+    if let Err(e) =
+        virtiofsd::seccomp::enable_seccomp(virtiofsd::seccomp::SeccompAction::Kill, false)
+    {
+        return fail(&tag, format!("seccomp: {e}"));
+    }
+    if let Err(e) = drop_capabilities() {
+        return fail(&tag, format!("dropping capabilities: {e}"));
+    }
+
+    let fs = match PassthroughFs::new(cfg) {
+        Ok(fs) => fs,
+        Err(e) => return fail(&tag, format!("file system: {e}")),
+    };
+    serve(fs, listener, &tag)
+}
+
+fn drop_capabilities() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let caps: HashSet<&str> = CAPS.into_iter().collect();
+    capng::clear(capng::Set::BOTH);
+    capng::updatev(
+        capng::Action::ADD,
+        capng::Type::PERMITTED | capng::Type::EFFECTIVE,
+        caps.into_iter().collect(),
+    )
+    .map_err(|e| e.to_string())?;
+    capng::apply(capng::Set::BOTH).map_err(|e| e.to_string())
+}
+
+fn serve(fs: PassthroughFs, mut listener: Listener, tag: &str) -> u8 {
+    let backend = match VhostUserFsBackendBuilder::default()
+        .set_thread_pool_size(0)
+        .set_tag(None)
+        .build(fs)
+    {
+        Ok(b) => Arc::new(b),
+        Err(e) => return fail(tag, format!("vhost-user backend: {e}")),
+    };
+    let mut daemon = match VhostUserDaemon::new(
+        String::from("migrant-virtiofsd"),
+        backend,
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    ) {
+        Ok(d) => d,
+        Err(e) => return fail(tag, format!("vhost-user daemon: {e:?}")),
+    };
+    if let Err(e) = daemon.start(&mut listener) {
+        return fail(tag, format!("accepting QEMU's connection: {e:?}"));
+    }
+    match daemon.wait() {
+        Ok(()) => 0,
+        Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => 0,
+        Err(e) => fail(tag, format!("serving: {e:?}")),
+    }
+}
+
+/// A running `migrant __virtiofsd`, seen from the supervisor.
+pub struct Daemon {
+    pub tag: String,
+    pub child: tokio::process::Child,
+    /// Set once its exit was reported.
+    pub exited: bool,
+}
+
+/// Start the embedded virtiofsd for one share. Returns the daemon and the
+/// socket end QEMU gets (`-chardev socket,fd=`): the supervisor creates
+/// the listening socket, connects to it (the connection waits in the
+/// backlog until virtiofsd accepts it) and removes its path, so nothing
+/// else can ever connect. Must be called from the thread that lives as
+/// long as the VM: the daemon gets SIGKILL when that thread exits.
+pub fn spawn(
+    exe: &Path,
+    tag: &str,
+    dir: &Path,
+    socket_path: &Path,
+    log: &Path,
+) -> std::io::Result<(Daemon, std::os::unix::net::UnixStream)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+
+    let _ = std::fs::remove_file(socket_path);
+    let listener = std::os::unix::net::UnixListener::bind(socket_path)?;
+    let result = (|| {
+        std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o600))?;
+        std::os::unix::net::UnixStream::connect(socket_path)
+    })();
+    let _ = std::fs::remove_file(socket_path);
+    let qemu_end = result?;
+
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let err = out.try_clone()?;
+    let fd = listener.as_raw_fd();
+    let parent = nix::unistd::getpid();
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("__virtiofsd")
+        .arg("--fd")
+        .arg(fd.to_string())
+        .arg("--shared-dir")
+        .arg(dir)
+        .arg("--tag")
+        .arg(tag)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true);
+    // SAFETY: runs in the forked child before exec and only makes
+    // async-signal-safe calls (fcntl, prctl, getppid); nothing allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent.as_raw() {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(listener);
+    Ok((
+        Daemon {
+            tag: tag.to_string(),
+            child,
+            exited: false,
+        },
+        qemu_end,
+    ))
+}
+
+/// Stop the daemons and wait for them (a file system they hold keeps its
+/// loop device attached).
+pub async fn stop_all(daemons: &mut [Daemon]) {
+    for d in daemons.iter_mut() {
+        let _ = d.child.start_kill();
+    }
+    for d in daemons.iter_mut() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), d.child.wait()).await;
+    }
+}

@@ -1,0 +1,354 @@
+//! Shared folders on a real guest under TCG: virtiofs served by the
+//! embedded virtiofsd from size-capped, symlink-safe stores, and every way
+//! of refusing to start.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const GIB: u64 = 1 << 30;
+
+/// Mount points at or below `dir` in our mount namespace.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&dir)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Loop devices whose backing file is under `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file"))
+            && b.starts_with(&dir)
+        {
+            found.push(format!("{name}: {}", b.trim()));
+        }
+    }
+    found
+}
+
+/// Mounts and loop devices of the test's folders are gone (loop devices
+/// clear themselves a moment after the last user lets go).
+fn assert_no_mounts_or_loops(env: &Env) {
+    let root = env.root.path();
+    assert!(
+        wait_for(Duration::from_secs(10), || mounts_under(root).is_empty()),
+        "mounts left: {:?}",
+        mounts_under(root)
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || loops_under(root).is_empty()),
+        "loop devices left: {:?}",
+        loops_under(root)
+    );
+}
+
+fn status(env: &Env) -> serde_json::Value {
+    serde_json::from_str(&env.ok(&["status", "--json"])).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn guest(env: &Env, script: &str) -> String {
+    env.ok(&["ssh", "--", script])
+}
+
+fn errno_of_open(path: &Path) -> Option<i32> {
+    std::fs::File::open(path)
+        .err()
+        .and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn shares_end_to_end() {
+    let Some(image) = test_image() else { return };
+    let env = Env::new(
+        "share",
+        &image,
+        "[[share]]\nhost = \"ws\"\nguest = \"/home/migrant/ws\"\nsize = \"1G\"\n\n\
+         [[share]]\nhost = \"data\"\nguest = \"/mnt/data\"\nsize = \"2G\"\n",
+    );
+    let ws = env.project.join("ws");
+    let ws_img = env.project.join("ws.img");
+    let data_img = env.project.join("data.img");
+    // Outside every share: the guest must never reach it.
+    std::fs::write(env.project.join("outside-marker"), b"host only")
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // Fill the workspace before the first boot.
+    let out = env.ok(&["mount"]);
+    assert!(out.contains("creating the 1G store"), "{out}");
+    let line = mounts_under(&ws).join("\n");
+    for opt in ["nosymfollow", "nodev", "nosuid"] {
+        assert!(line.contains(opt), "{opt} missing: {line}");
+    }
+    assert!(line.contains(" - ext4 /dev/loop"), "{line}");
+    std::fs::write(ws.join("from-host.txt"), b"hello from the host\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    env.ok(&["unmount"]);
+    assert!(
+        !ws.join("from-host.txt").exists(),
+        "unmount left the store visible"
+    );
+    assert_no_mounts_or_loops(&env);
+
+    // First boot: both stores are mounted by the supervisor and by the
+    // seed in the guest.
+    let out = env.run(&["up"]);
+    assert!(out.status.success(), "up: {}", text(&out));
+    let s = status(&env);
+    let shares = s["shares"].as_array().cloned().unwrap_or_default();
+    assert_eq!(shares.len(), 2, "{s}");
+    assert_eq!(shares[0]["mounted"], true, "{s}");
+    assert_eq!(shares[0]["cap"], GIB, "{s}");
+    assert_eq!(shares[1]["mounted"], true, "{s}");
+    assert_eq!(shares[1]["cap"], 2 * GIB, "{s}");
+    let human = env.ok(&["status"]);
+    assert!(human.contains("share:       ws"), "{human}");
+    assert!(human.contains("used of 1G"), "{human}");
+    assert!(human.contains("used of 2G"), "{human}");
+
+    // Both directions, and the guest's view of the mounts.
+    let g = guest(
+        &env,
+        "grep virtiofs /proc/mounts; cat /home/migrant/ws/from-host.txt; \
+         sudo sh -c 'echo written by the guest > /home/migrant/ws/from-guest.txt; echo d > /mnt/data/d.txt; sync'",
+    );
+    assert!(g.contains("ws /home/migrant/ws virtiofs"), "{g}");
+    assert!(g.contains("data /mnt/data virtiofs"), "{g}");
+    assert!(g.contains("hello from the host"), "{g}");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("from-guest.txt")).unwrap_or_default(),
+        "written by the guest\n"
+    );
+    assert!(env.project.join("data/d.txt").exists());
+
+    // Symlinks and device nodes the guest plants are inert on the host.
+    guest(
+        &env,
+        "cd /home/migrant/ws && sudo ln -s /etc/shadow evil && sudo ln -s / rootlink && \
+         sudo mknod mem c 1 1 && sudo mknod null c 1 3 && sync",
+    );
+    assert_eq!(errno_of_open(&ws.join("evil")), Some(libc::ELOOP));
+    assert_eq!(
+        errno_of_open(&ws.join("rootlink/etc/shadow")),
+        Some(libc::ELOOP)
+    );
+    assert_eq!(errno_of_open(&ws.join("mem")), Some(libc::EACCES));
+    assert_eq!(errno_of_open(&ws.join("null")), Some(libc::EACCES));
+
+    // `..` from the share never leaves the guest's own tree.
+    let walk = guest(
+        &env,
+        "for d in /home/migrant/ws /mnt/data; do for n in 1 2 3 4 5 6 7 8; do \
+         p=$d; i=0; while [ $i -lt $n ]; do p=$p/..; i=$((i+1)); done; \
+         if [ -e $p/outside-marker ] || [ -e $p/ws.img ]; then echo ESCAPED $p; fi; done; done; \
+         ls -a /home/migrant/ws/..; echo walked",
+    );
+    assert!(walk.contains("walked"), "{walk}");
+    assert!(!walk.contains("ESCAPED"), "{walk}");
+    assert!(!walk.contains("outside-marker"), "{walk}");
+
+    // The guest cannot write past the cap; the image stays within it.
+    let fill = env.run(&[
+        "ssh",
+        "--",
+        "sudo dd if=/dev/zero of=/home/migrant/ws/fill bs=1M count=1500 conv=fsync 2>&1; echo dd=$?",
+    ]);
+    let fill_out = String::from_utf8_lossy(&fill.stdout).into_owned();
+    assert!(
+        fill_out.contains("No space left on device"),
+        "no ENOSPC: {}",
+        text(&fill)
+    );
+    let meta = std::fs::metadata(&ws_img).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(meta.len(), GIB);
+    assert!(
+        meta.blocks() * 512 <= GIB,
+        "image uses {} bytes",
+        meta.blocks() * 512
+    );
+    guest(&env, "sudo rm -f /home/migrant/ws/fill && sync");
+
+    // Halt unmounts and frees everything.
+    env.ok(&["halt"]);
+    assert_eq!(status(&env)["state"], "stopped");
+    env.assert_clean();
+    assert_no_mounts_or_loops(&env);
+
+    // Data survives; then a dead supervisor's stores are cleaned by the
+    // next command.
+    let out = env.run(&["up"]);
+    assert!(out.status.success(), "second up: {}", text(&out));
+    let g = guest(&env, "cat /home/migrant/ws/from-guest.txt /mnt/data/d.txt");
+    assert!(g.contains("written by the guest"), "{g}");
+    let sup = env
+        .pid_of("__supervisor")
+        .unwrap_or_else(|| panic!("no supervisor"));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || env.processes().is_empty()),
+        "processes outlived the supervisor: {:?}",
+        env.processes()
+    );
+    assert_eq!(status(&env)["state"], "stopped");
+    assert_no_mounts_or_loops(&env);
+    env.assert_clean();
+
+    // destroy never deletes a store.
+    let out = env.ok(&["destroy"]);
+    assert!(out.contains("store kept"), "{out}");
+    assert!(ws_img.exists() && data_img.exists());
+    env.ok(&["mount"]);
+    assert!(ws.join("from-guest.txt").exists());
+    env.ok(&["unmount"]);
+    assert_no_mounts_or_loops(&env);
+}
+
+fn sha(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn shares_refuse_to_start_and_delete_nothing() {
+    let Some(image) = test_image() else { return };
+
+    // Forbidden paths: hooks/ and the project folder itself.
+    for host in ["hooks", "hooks/x", "."] {
+        let env = Env::new(
+            "sharebad",
+            &image,
+            &format!("[[share]]\nhost = \"{host}\"\ntag = \"t\"\n"),
+        );
+        let out = env.run(&["up"]);
+        assert_eq!(out.status.code(), Some(78), "{host}: {}", text(&out));
+        assert!(!env.state_dir().join("disk.qcow2").exists());
+    }
+
+    let env = Env::new(
+        "shareno",
+        &image,
+        "[[share]]\nhost = \"ws\"\nsize = \"1G\"\n",
+    );
+    let ws = env.project.join("ws");
+    let img = env.project.join("ws.img");
+
+    // A foreign mount on the share folder: refused, left alone.
+    std::fs::create_dir_all(&ws).unwrap_or_else(|e| panic!("{e}"));
+    nix::mount::mount(
+        Some("tmpfs"),
+        &ws,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(ws.join("keep"), b"x").unwrap_or_else(|e| panic!("{e}"));
+    let out = env.run(&["up"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("tmpfs"), "{}", text(&out));
+    assert!(ws.join("keep").exists(), "the foreign mount was touched");
+    nix::mount::umount(&ws).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!env.state_dir().join("disk.qcow2").exists());
+
+    // The store vanishes while the VM starts: the periodic check kills
+    // QEMU at once and `up` fails with 78.
+    let child = env
+        .cmd(&["up"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        wait_for(Duration::from_secs(120), || env
+            .pid_of("qemu-system")
+            .is_some()),
+        "QEMU never started"
+    );
+    nix::mount::umount2(&ws, nix::mount::MntFlags::MNT_DETACH).unwrap_or_else(|e| panic!("{e}"));
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("nothing mounted"), "{}", text(&out));
+    assert!(
+        env.pid_of("qemu-system").is_none(),
+        "QEMU survived the check"
+    );
+    assert!(img.exists());
+
+    // An unmountable store (not ext4): the VM is built, refuses to start
+    // (no QEMU), and the store is untouched.
+    std::fs::remove_file(&img).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&img, vec![0x5a; 4 << 20]).unwrap_or_else(|e| panic!("{e}"));
+    let before = sha(&img);
+    let out = env.run(&["up"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("cannot mount"), "{}", text(&out));
+    assert_eq!(sha(&img), before, "the store changed");
+    assert!(env.state_dir().join("disk.qcow2").exists());
+    env.assert_clean();
+    assert_no_mounts_or_loops(&env);
+
+    // A missing store once the VM was built with it.
+    std::fs::remove_file(&img).unwrap_or_else(|e| panic!("{e}"));
+    let out = env.run(&["up"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("missing"), "{}", text(&out));
+    assert!(!img.exists(), "up recreated a missing store");
+    // `migrant mount` makes a new empty one on request.
+    env.ok(&["mount"]);
+    env.ok(&["unmount"]);
+    assert!(img.exists());
+
+    // Drift: the project folder moved after the VM was built.
+    let moved: PathBuf = env.root.path().join("moved");
+    std::fs::rename(&env.project, &moved).unwrap_or_else(|e| panic!("{e}"));
+    let out = env
+        .cmd(&["-C", &moved.to_string_lossy(), "up"])
+        .current_dir(env.root.path())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::rename(&moved, &env.project).unwrap_or_else(|e| panic!("{e}"));
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    assert!(t.contains("\"ws\""), "{t}");
+    assert!(
+        t.contains(&env.project.join("ws").display().to_string()),
+        "{t}"
+    );
+    assert!(t.contains(&moved.join("ws").display().to_string()), "{t}");
+
+    // A store mounted without the safe options is foreign too.
+    let loop_out = std::process::Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&ws)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(loop_out.status.success(), "mount -o loop: {loop_out:?}");
+    let out = env.run(&["up"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("without nosymfollow"), "{}", text(&out));
+    let _ = std::process::Command::new("umount").arg(&ws).status();
+    env.assert_clean();
+    assert_no_mounts_or_loops(&env);
+    assert!(img.exists());
+}
