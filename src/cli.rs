@@ -141,10 +141,13 @@ pub enum Cmd {
     /// For CI: bring the VM up, run CMD in it (stdin, stdout, stderr passed
     /// through; its exit code returned), optionally destroy it afterwards.
     Run {
-        /// Destroy the VM afterwards, also when CMD fails or on Ctrl-C.
+        /// Destroy the VM afterwards, also when CMD fails or on Ctrl-C (with
+        /// --snapshot: stop it and throw the run's changes away, keeping
+        /// the VM and its snapshot).
         #[arg(long)]
         rm: bool,
-        /// Start from the VM's snapshot (not supported yet).
+        /// Stop the VM if it runs and start it from its snapshot
+        /// (`migrant snapshot`), so CMD sees the same state every time.
         #[arg(long)]
         snapshot: bool,
         /// Seconds to wait for the guest to answer SSH.

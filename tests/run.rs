@@ -102,3 +102,54 @@ fn run_rm_passes_io_and_exit_code_and_cleans_up() {
     );
     env.assert_clean();
 }
+
+/// `run --snapshot`: refused (69, nothing made) without a snapshot; with
+/// one, every run starts from it, and `--rm` throws the run's changes away
+/// while keeping the VM and the snapshot for the next run.
+#[test]
+fn run_snapshot_starts_from_the_snapshot_every_time() {
+    let Some(image) = test_image() else { return };
+    let env = Env::new("runsnap", &image, "");
+
+    let out = env.run(&["run", "--snapshot", "--", "true"]);
+    assert_eq!(out.status.code(), Some(69), "no snapshot: {}", text(&out));
+    assert!(
+        text(&out).contains("no snapshot"),
+        "the error says why: {}",
+        text(&out)
+    );
+    assert!(!env.state_dir().exists(), "a refused run made a VM");
+
+    env.ok(&["up"]);
+    env.ok(&["ssh", "--", "echo base | sudo tee /var/tmp/base >/dev/null"]);
+    env.ok(&["snapshot"]);
+    // The VM runs when `run` starts: it is stopped and rebuilt first.
+    env.ok(&["up"]);
+    env.ok(&["ssh", "--", "sudo touch /var/tmp/after-snapshot"]);
+
+    // Each run sees the snapshot's state, not the previous run's junk.
+    let probe = "cat /var/tmp/base; for f in after-snapshot junk; do \
+                 test -e /var/tmp/$f && echo leaked-$f; done; sudo touch /var/tmp/junk";
+    for round in 1..=2 {
+        let out = env.run(&["run", "--snapshot", "--rm", "--", probe]);
+        assert_eq!(out.status.code(), Some(0), "round {round}: {}", text(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "base\n",
+            "round {round}: {}",
+            text(&out)
+        );
+        assert!(
+            env.state_dir().join("snapshot.qcow2").is_file(),
+            "round {round}: --rm --snapshot removed the snapshot"
+        );
+        let status = env.ok(&["status", "--json"]);
+        let status: serde_json::Value =
+            serde_json::from_str(&status).unwrap_or_else(|e| panic!("{e}: {status}"));
+        assert_eq!(status["state"], "stopped", "round {round}: {status}");
+    }
+
+    env.ok(&["destroy"]);
+    assert!(!env.state_dir().exists());
+    env.assert_clean();
+}

@@ -14,10 +14,10 @@ use crate::state::{Record, VmLock, VmPaths, VmState};
 use crate::supervisor::control::{self, Request, Response};
 
 fn trigger_of(trigger: &str) -> Trigger {
-    if trigger == "reset" {
-        Trigger::Reset
-    } else {
-        Trigger::Snapshot
+    match trigger {
+        "reset" => Trigger::Reset,
+        "run" => Trigger::Run,
+        _ => Trigger::Snapshot,
     }
 }
 
@@ -355,32 +355,7 @@ pub fn snapshot(p: &Project) -> Result<u8> {
 /// `migrant reset`: rebuild the VM from its snapshot and boot it;
 /// provisioning does not run again.
 pub fn reset(p: &Project, timeout: u64) -> Result<u8> {
-    let name = &p.cfg.name;
-    let vm = &p.vm;
-    if !vm.snapshot().exists() {
-        return Err(Error::other(
-            exit::UNAVAILABLE,
-            format!("{name} has no snapshot; `migrant snapshot` saves one"),
-        ));
-    }
-    take_down(p, "reset", true)?;
-    {
-        let _lock = VmLock::try_acquire(vm)?;
-        println!(
-            "==> {name}: rebuilding from the snapshot of {}",
-            snapshot_age(vm).unwrap_or_default()
-        );
-        disk_from_snapshot(vm)?;
-        if vm.snapshot_nvram().exists() {
-            copy_atomic(&vm.snapshot_nvram(), &vm.nvram())?;
-        } else {
-            let _ = std::fs::remove_file(vm.nvram());
-        }
-        Record::update(&vm.record(), |r| {
-            r.provisioned = true;
-            r.last_stop = Some("reset to its snapshot".into());
-        })?;
-    }
+    restore_snapshot(p, "reset")?;
     super::up::up(
         p,
         &super::up::UpOptions {
@@ -389,6 +364,38 @@ pub fn reset(p: &Project, timeout: u64) -> Result<u8> {
             trigger: Trigger::Reset,
         },
     )
+}
+
+/// Stop the VM if it runs (forced: its changes are being thrown away) and
+/// rebuild its disk and UEFI variables from its snapshot, which is kept.
+/// `trigger` is what the down hooks are told (`reset` or `run`); their
+/// failure does not stop it.
+pub fn restore_snapshot(p: &Project, trigger: &str) -> Result<()> {
+    let name = &p.cfg.name;
+    let vm = &p.vm;
+    if !vm.snapshot().exists() {
+        return Err(Error::other(
+            exit::UNAVAILABLE,
+            format!("{name} has no snapshot; `migrant snapshot` saves one"),
+        ));
+    }
+    take_down(p, trigger, true)?;
+    let _lock = VmLock::try_acquire(vm)?;
+    println!(
+        "==> {name}: rebuilding from the snapshot of {}",
+        snapshot_age(vm).unwrap_or_default()
+    );
+    disk_from_snapshot(vm)?;
+    if vm.snapshot_nvram().exists() {
+        copy_atomic(&vm.snapshot_nvram(), &vm.nvram())?;
+    } else {
+        let _ = std::fs::remove_file(vm.nvram());
+    }
+    Record::update(&vm.record(), |r| {
+        r.provisioned = true;
+        r.last_stop = Some("reset to its snapshot".into());
+    })?;
+    Ok(())
 }
 
 /// `5 minutes ago`, from the snapshot's time.

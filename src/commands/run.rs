@@ -8,6 +8,11 @@
 //!    failed, and on SIGINT, SIGTERM or SIGHUP (which are passed on to the
 //!    running child; the exit code is then 128 + the signal's number).
 //!
+//! With `--snapshot` the VM is first stopped (if it runs) and rebuilt from
+//! its snapshot, so CMD always starts from the same state; `--rm` then
+//! throws the run's changes away the same way instead of destroying the VM
+//! and the snapshot the next run needs.
+//!
 //! Standard output carries CMD's output only: everything migrant, its
 //! hooks and Ansible print goes to standard error.
 
@@ -129,20 +134,32 @@ fn code_of(status: ExitStatus) -> u8 {
 }
 
 pub fn run(p: &Project, o: &RunOptions) -> Result<u8> {
-    if o.snapshot {
+    let remote = remote_command(&o.command)?;
+    if o.snapshot && !p.vm.snapshot().exists() {
+        // Checked first, so that nothing is created or stopped.
         return Err(Error::other(
             exit::UNAVAILABLE,
-            "`run --snapshot` is not supported yet: this migrant cannot take or boot VM snapshots",
+            format!(
+                "{} has no snapshot to run from; `migrant up`, then `migrant snapshot`, saves one",
+                p.cfg.name
+            ),
         ));
     }
-    let remote = remote_command(&o.command)?;
     install_signal_handlers()?;
     let stdout = divert_stdout()?;
-    let result = up_and_run(p, o, &remote, stdout);
+    let restored = if o.snapshot {
+        super::disk::restore_snapshot(p, "run")
+    } else {
+        Ok(())
+    };
+    let result = restored.and_then(|()| up_and_run(p, o, &remote, stdout));
     if !o.rm {
         return result;
     }
-    match (remove(p), result) {
+    // With --snapshot, --rm throws the run's changes away but keeps the VM
+    // and its snapshot for the next run; without it, the VM is destroyed.
+    let cleanup = if o.snapshot { discard(p) } else { remove(p) };
+    match (cleanup, result) {
         (Ok(()), result) => result,
         (Err(e), Ok(0)) => Err(e),
         (Err(e), result) => {
@@ -193,6 +210,27 @@ fn up_and_run(p: &Project, o: &RunOptions, remote: &str, stdout: OwnedFd) -> Res
         );
     }
     Ok(code)
+}
+
+/// `--rm --snapshot`: stop the VM and rebuild its disk from the snapshot,
+/// retrying while an interrupted `up` is still setting itself up.
+fn discard(p: &Project) -> Result<()> {
+    eprintln!(
+        "==> {}: discarding the run's changes (--rm --snapshot)",
+        p.cfg.name
+    );
+    let mut last = None;
+    for _ in 0..30 {
+        match super::disk::restore_snapshot(p, "run") {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::debug!("restore: {e}");
+                last = Some(e);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::other(exit::SOFTWARE, "the snapshot was not restored")))
 }
 
 /// Destroy the VM for `--rm`. A VM whose `up` was interrupted may still be
