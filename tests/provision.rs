@@ -395,7 +395,7 @@ fn without_a_guest() {
     let out = env.run(&["run", "--snapshot", "--", "true"]);
     assert_eq!(out.status.code(), Some(69), "{}", text(&out));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not supported yet"),
+        String::from_utf8_lossy(&out.stderr).contains("no snapshot"),
         "{}",
         text(&out)
     );
