@@ -19,6 +19,31 @@ def dns_udp(server, name):
         return "ERR no answer"
     return socket.inet_ntoa(r[-4:])
 
+def dns_tcp(server, name):
+    q = struct.pack(">HHHHHH", 0x4d48, 0x0100, 1, 0, 0, 0)
+    for part in name.split("."):
+        q += bytes([len(part)]) + part.encode()
+    q += b"\0" + struct.pack(">HH", 1, 1)
+    s = socket.create_connection((server, 53), timeout=4)
+    s.sendall(struct.pack(">H", len(q)) + q)
+    def read(n):
+        b = b""
+        while len(b) < n:
+            chunk = s.recv(n - len(b))
+            if not chunk:
+                raise EOFError()
+            b += chunk
+        return b
+    r = read(struct.unpack(">H", read(2))[0])
+    if r[:2] != q[:2]:
+        return "ERR id"
+    rcode = r[3] & 0xF
+    if rcode:
+        return "ERR rcode %d" % rcode
+    if not struct.unpack(">H", r[6:8])[0]:
+        return "ERR no answer"
+    return socket.inet_ntoa(r[-4:])
+
 def check(c):
     kind, _, arg = c.partition(":")
     if kind == "dns":
@@ -26,6 +51,9 @@ def check(c):
     if kind == "udpdns":
         server, name = arg.split(":")
         return dns_udp(server, name)
+    if kind == "tcpdns":
+        server, name = arg.split(":")
+        return dns_tcp(server, name)
     if kind == "http":
         return urllib.request.urlopen(arg, timeout=6).read().decode()
     if kind == "httphost":

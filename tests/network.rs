@@ -45,6 +45,8 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
         "http:http://ok.test/",
         "http:http://45.20.0.11/",
         "udpdns:45.20.0.53:other.test",
+        // DNS over TCP on the gateway, forwarded over TCP.
+        "tcpdns:10.0.2.2:ok.test",
         // The gateway: only DNS/DHCP and the named holes.
         "tcp:10.0.2.2:22",
         "tcp:10.0.2.2:80",
@@ -64,6 +66,7 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
     expect(&r, "http:http://ok.test/", "internet-ok");
     expect(&r, "http:http://45.20.0.11/", "other");
     expect(&r, "udpdns:45.20.0.53:other.test", "45.20.0.11");
+    expect(&r, "tcpdns:10.0.2.2:ok.test", "45.20.0.10");
     expect(&r, "tcp:10.0.2.2:22", "ERR");
     expect(&r, "tcp:10.0.2.2:80", "ERR");
     expect(&r, "tcp:10.0.2.2:9999", "ERR");
@@ -76,13 +79,20 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
     expect(&r, "http:http://169.254.169.254/", "ERR");
     expect(&r, "tcp:10.0.2.99:22", "ERR");
 
-    // Counted by the proxy. (Closed gateway ports are reset by nftables
-    // before the proxy sees them, and 10.0.2.99 is on the guest's own
-    // link: its ARP goes unanswered.)
+    // Counted by the proxy, and the closed gateway ports (22, 80, 9999) by
+    // nftables, which resets them before the proxy sees them. (10.0.2.99 is
+    // on the guest's own link: its ARP goes unanswered.)
     let status = env.ok(&["status"]);
-    for reason in ["host-address", "private", "link-local"] {
+    for reason in ["host-address", "private", "link-local", "gateway-port"] {
         assert!(status.contains(reason), "status lacks {reason}: {status}");
     }
+    let json = env.ok(&["status", "--json"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    let refused = json["network"]["denied"]["gateway-port"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(refused >= 3, "gateway refusals not counted: {json}");
 
     // migrant tunnel: host 127.0.0.1:8000 -> guest 127.0.0.1:8000.
     env.ok(&[

@@ -80,6 +80,7 @@ impl Setup {
 /// Sockets created inside the namespace, used from the host's.
 pub struct Sockets {
     pub dns: std::net::UdpSocket,
+    pub dns_tcp: std::net::TcpListener,
     pub listeners: Option<(std::net::TcpListener, std::net::UdpSocket)>,
 }
 
@@ -96,6 +97,11 @@ pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError
     let dns = std::net::UdpSocket::bind(SocketAddrV4::new(setup.gateway, 53))
         .map_err(io("DNS socket"))?;
     dns.set_nonblocking(true).map_err(io("DNS socket"))?;
+    let dns_tcp = std::net::TcpListener::bind(SocketAddrV4::new(setup.gateway, 53))
+        .map_err(io("DNS TCP listener"))?;
+    dns_tcp
+        .set_nonblocking(true)
+        .map_err(io("DNS TCP listener"))?;
     let listeners = if setup.proxied {
         Some((
             proxy::tcp_listener().map_err(io("TCP proxy listener"))?,
@@ -104,7 +110,11 @@ pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError
     } else {
         None
     };
-    Ok(Sockets { dns, listeners })
+    Ok(Sockets {
+        dns,
+        dns_tcp,
+        listeners,
+    })
 }
 
 /// Start DNS and the proxy on the current runtime; returns the counters.
@@ -142,6 +152,9 @@ pub fn spawn(
             }
         }
     });
+    let dns_tcp =
+        tokio::net::TcpListener::from_std(sockets.dns_tcp).map_err(io("DNS TCP listener"))?;
+    tokio::spawn(Arc::clone(&resolver).serve_tcp(dns_tcp));
     if let Some((tcp, udp)) = sockets.listeners {
         let host = policy::HostAddrs::default();
         host.replace(policy::HostAddrs::read_host());

@@ -11,4 +11,5 @@ pub mod nft;
 pub mod policy;
 pub mod proxy;
 pub mod resolver;
+pub mod splice;
 pub mod tap;

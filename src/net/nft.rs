@@ -69,6 +69,7 @@ pub fn ruleset(plan: &Plan) -> Value {
     let gw = plan.gateway.to_string();
     let mut cmds = vec![
         json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
+        json!({"add": {"counter": {"family": "inet", "table": TABLE, "name": GATEWAY_REFUSED}}}),
         json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "prerouting",
             "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}}}),
         json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "input",
@@ -116,10 +117,26 @@ pub fn ruleset(plan: &Plan) -> Value {
                 iif(tap),
                 match_eq(
                     json!({"payload": {"protocol": "ip", "field": "daddr"}}),
-                    json!(gw),
+                    json!(gw.clone()),
                 ),
                 match_eq(
                     json!({"payload": {"protocol": "udp", "field": "dport"}}),
+                    json!(53),
+                ),
+                json!({"accept": null}),
+            ],
+        ),
+        // DNS over TCP too (answers too large for a datagram).
+        rule(
+            "prerouting",
+            vec![
+                iif(tap),
+                match_eq(
+                    json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+                    json!(gw.clone()),
+                ),
+                match_eq(
+                    json!({"payload": {"protocol": "tcp", "field": "dport"}}),
                     json!(53),
                 ),
                 json!({"accept": null}),
@@ -141,6 +158,7 @@ pub fn ruleset(plan: &Plan) -> Value {
             "left": {"payload": {"protocol": "tcp", "field": "dport"}},
             "right": {"set": plan.gateway_tcp_holes}}}));
     }
+    closed.push(json!({"counter": GATEWAY_REFUSED}));
     closed.push(json!({"reject": {"type": "tcp reset"}}));
     cmds.push(rule("prerouting", closed));
     match plan.proxy {
@@ -184,6 +202,21 @@ pub fn ruleset(plan: &Plan) -> Value {
             json!({"accept": null}),
         ],
     ));
+    cmds.push(rule(
+        "input",
+        vec![
+            iif(tap),
+            match_eq(
+                json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+                json!(gw.clone()),
+            ),
+            match_eq(
+                json!({"payload": {"protocol": "tcp", "field": "dport"}}),
+                json!(53),
+            ),
+            json!({"accept": null}),
+        ],
+    ));
     // Replies to the supervisor's own connections into the guest.
     cmds.push(rule(
         "input",
@@ -195,6 +228,37 @@ pub fn ruleset(plan: &Plan) -> Value {
     ));
     cmds.push(rule("input", vec![iif(tap), json!({"drop": null})]));
     json!({"nftables": cmds})
+}
+
+/// The named counter of connection attempts to closed gateway TCP ports
+/// (refused by the ruleset itself, so the proxy never sees them).
+pub const GATEWAY_REFUSED: &str = "gateway_refused";
+
+/// Packets counted so far by the named counter `name` of our table; call
+/// from a thread inside the namespace.
+pub fn read_counter(name: &str) -> Result<u64, NftError> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "counter", "inet", TABLE, name])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(NftError::Spawn)?;
+    if !out.status.success() {
+        return Err(NftError::Rejected(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    counter_packets(&out.stdout, name)
+        .ok_or_else(|| NftError::Rejected(format!("no counter {name} in nft's answer")))
+}
+
+/// The `packets` of counter `name` in `nft -j list counter` output.
+fn counter_packets(json: &[u8], name: &str) -> Option<u64> {
+    let v: Value = serde_json::from_slice(json).ok()?;
+    v["nftables"]
+        .as_array()?
+        .iter()
+        .find(|o| o["counter"]["name"] == name)
+        .and_then(|o| o["counter"]["packets"].as_u64())
 }
 
 /// Apply `ruleset` with nft; call from a thread inside the namespace.
@@ -284,6 +348,14 @@ mod tests {
         assert!(v.to_string().contains("10.0.2.2"));
     }
 
+    #[test]
+    fn counter_packets_from_nft_json() {
+        let out = br#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"counter": {"family": "inet", "name": "gateway_refused", "table": "migrant", "handle": 1, "packets": 7, "bytes": 420}}]}"#;
+        assert_eq!(counter_packets(out, GATEWAY_REFUSED), Some(7));
+        assert_eq!(counter_packets(out, "other"), None);
+        assert_eq!(counter_packets(b"not json", GATEWAY_REFUSED), None);
+    }
+
     /// nft itself accepts the ruleset (root only: needs a private namespace).
     #[test]
     fn nft_accepts_the_ruleset() {
@@ -303,6 +375,7 @@ mod tests {
             let listed = ns
                 .run(|| {
                     apply(&ruleset(&plan))?;
+                    assert_eq!(read_counter(GATEWAY_REFUSED)?, 0);
                     let out = Command::new("nft")
                         .args(["list", "ruleset"])
                         .output()
@@ -316,7 +389,7 @@ mod tests {
             assert!(listed.contains("table inet migrant"), "{listed}");
             assert!(
                 listed.contains(
-                    "ip daddr 10.0.2.2 tcp dport != { 8080, 8081 } reject with tcp reset"
+                    "ip daddr 10.0.2.2 tcp dport != { 8080, 8081 } counter name \"gateway_refused\" reject with tcp reset"
                 ),
                 "{listed}"
             );

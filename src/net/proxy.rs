@@ -28,9 +28,6 @@ pub const UDP_PORT: u16 = 15002;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const UDP_IDLE: Duration = Duration::from_secs(60);
-/// Relay buffer per direction: large enough that one copy moves a full
-/// TSO-sized segment burst, which is most of the throughput.
-const RELAY_BUF: usize = 256 * 1024;
 /// How long a client on a shared address may take to name its server.
 const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for a client to speak first before assuming a
@@ -195,15 +192,9 @@ impl Proxy {
         if !first.is_empty() && upstream.write_all(&first).await.is_err() {
             return;
         }
-        // Both directions, each shut down for writing when its source ends.
-        if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
-            &mut guest,
-            &mut upstream,
-            RELAY_BUF,
-            RELAY_BUF,
-        )
-        .await
-        {
+        // Both directions, each shut down for writing when its source
+        // ends; the bytes move by splice(2) and never enter user space.
+        if let Err(e) = super::splice::relay(&guest, &upstream).await {
             tracing::debug!("relay {src} -> {}: {e}", allowed.to);
         }
     }
@@ -317,7 +308,11 @@ impl Proxy {
         let mut query = first;
         let mut buf = vec![0u8; 4096];
         loop {
-            if let Some(resp) = self.resolver.handle(&query).await {
+            if let Some(resp) = self
+                .resolver
+                .handle(&query, super::resolver::Transport::Udp)
+                .await
+            {
                 let _ = reply.send(&resp).await;
             }
             match tokio::time::timeout(Duration::from_secs(10), reply.recv(&mut buf)).await {

@@ -9,12 +9,27 @@ use std::time::Duration;
 
 use hickory_proto::op::Message;
 use hickory_proto::rr::RData;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::dns::{self, Outcome, Stub};
 use super::domains::Allowlist;
 use super::proxy::Stats;
 
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// DNS over TCP: a client connection closes after this long without a
+/// query, or after this many queries; at most this many at once.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+const TCP_MAX_QUERIES: usize = 256;
+const TCP_MAX_CONNECTIONS: usize = 32;
+/// The smallest DNS message: its header.
+const HEADER_LEN: usize = 12;
+
+/// How a query reached us, and so how it is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
 
 pub struct Resolver {
     pub stub: Stub,
@@ -54,8 +69,8 @@ fn question_names(query: &[u8]) -> Vec<String> {
 }
 
 impl Resolver {
-    /// The response for `query`, if any.
-    pub async fn handle(&self, query: &[u8]) -> Option<Vec<u8>> {
+    /// The response for `query`, if any; forwarded over `transport`.
+    pub async fn handle(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
         let refused = match dns::resolve(&self.stub, query) {
             Outcome::Answer(bytes) => return Some(bytes),
             Outcome::Drop => return None,
@@ -72,7 +87,10 @@ impl Resolver {
                 .deny_name(names.first().map(String::as_str).unwrap_or("?"));
             return Some(refused);
         }
-        let response = self.forward(query).await?;
+        let response = match transport {
+            Transport::Udp => self.forward(query).await?,
+            Transport::Tcp => self.forward_tcp(query).await?,
+        };
         if let Some(allow) = &self.allow {
             learn(allow, &names, &response);
         }
@@ -106,6 +124,80 @@ impl Resolver {
         None
     }
 
+    /// Forward over TCP (a client that asked over TCP wants the whole
+    /// answer, however large), to the first upstream that answers.
+    async fn forward_tcp(&self, query: &[u8]) -> Option<Vec<u8>> {
+        let len = u16::try_from(query.len()).ok()?.to_be_bytes();
+        for up in &self.upstreams {
+            let exchange = async {
+                let mut s = tokio::net::TcpStream::connect(up).await?;
+                let mut msg = Vec::with_capacity(query.len() + 2);
+                msg.extend_from_slice(&len);
+                msg.extend_from_slice(query);
+                s.write_all(&msg).await?;
+                read_message(&mut s).await
+            };
+            match tokio::time::timeout(UPSTREAM_TIMEOUT, exchange).await {
+                Ok(Ok(Some(resp))) if resp.get(..2) == query.get(..2) => return Some(resp),
+                Ok(Ok(_)) => tracing::debug!("dns: upstream {up} answered nothing usable over TCP"),
+                Ok(Err(e)) => tracing::debug!("dns: upstream {up} over TCP: {e}"),
+                Err(_) => tracing::debug!("dns: upstream {up} over TCP: timed out"),
+            }
+        }
+        None
+    }
+
+    /// Serve DNS over TCP on the gateway's port 53 (RFC 7766: messages
+    /// with a two-byte length, several per connection) until the listener
+    /// fails.
+    pub async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(TCP_MAX_CONNECTIONS));
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("dns: TCP accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                tracing::debug!("dns: too many TCP clients; closing {peer}");
+                continue;
+            };
+            let this = Arc::clone(&self);
+            tokio::spawn(async move {
+                this.tcp_client(stream).await;
+                drop(slot);
+            });
+        }
+    }
+
+    async fn tcp_client(&self, mut stream: tokio::net::TcpStream) {
+        for _ in 0..TCP_MAX_QUERIES {
+            let query = match tokio::time::timeout(TCP_IDLE, read_message(&mut stream)).await {
+                Ok(Ok(Some(q))) => q,
+                _ => return,
+            };
+            let Some(resp) = self.handle(&query, Transport::Tcp).await else {
+                // Nothing to say to this one (not a query); the next may be.
+                continue;
+            };
+            let Ok(len) = u16::try_from(resp.len()) else {
+                return;
+            };
+            let mut msg = Vec::with_capacity(resp.len() + 2);
+            msg.extend_from_slice(&len.to_be_bytes());
+            msg.extend_from_slice(&resp);
+            if !matches!(
+                tokio::time::timeout(TCP_IDLE, stream.write_all(&msg)).await,
+                Ok(Ok(()))
+            ) {
+                return;
+            }
+        }
+    }
+
     /// Serve queries on the gateway's UDP port 53 until the socket fails.
     pub async fn serve_udp(self: Arc<Self>, socket: tokio::net::UdpSocket) -> std::io::Result<()> {
         let socket = Arc::new(socket);
@@ -120,12 +212,32 @@ impl Resolver {
             let this = Arc::clone(&self);
             let socket = Arc::clone(&socket);
             tokio::spawn(async move {
-                if let Some(resp) = this.handle(&query).await {
+                if let Some(resp) = this.handle(&query, Transport::Udp).await {
                     let _ = socket.send_to(&resp, peer).await;
                 }
             });
         }
     }
+}
+
+/// One length-prefixed DNS message from a TCP stream; `None` at a clean
+/// end of stream or for a length too short to be a message.
+async fn read_message<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = usize::from(u16::from_be_bytes(len));
+    if len < HEADER_LEN {
+        return Ok(None);
+    }
+    let mut msg = vec![0u8; len];
+    r.read_exact(&mut msg).await?;
+    Ok(Some(msg))
 }
 
 /// Admit the A records of an answer to allowed `names`.
@@ -159,5 +271,70 @@ mod tests {
                 "[fe80::1]:53".parse().unwrap_or_else(|e| panic!("{e}")),
             ]
         );
+    }
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        use hickory_proto::op::{MessageType, OpCode, Query};
+        use hickory_proto::rr::{Name, RecordType};
+        use std::str::FromStr;
+        let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+        msg.add_query(Query::query(
+            Name::from_str(name).unwrap_or_else(|e| panic!("{e}")),
+            RecordType::A,
+        ));
+        msg.to_vec().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test]
+    async fn dns_over_tcp_answers_several_queries_per_connection() {
+        use hickory_proto::op::ResponseCode;
+        let r = Arc::new(Resolver {
+            stub: Stub {
+                names: vec![("box".to_string(), Ipv4Addr::new(10, 0, 2, 15))],
+            },
+            upstreams: Vec::new(),
+            allow: None,
+            stats: Arc::new(Stats::default()),
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(Arc::clone(&r).serve_tcp(l));
+        let mut c = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (id, name, code, answers) in [
+            (7, "box.", ResponseCode::NoError, 1),
+            // No upstreams (egress none): other names are refused.
+            (8, "example.com.", ResponseCode::Refused, 0),
+            (9, "box.", ResponseCode::NoError, 1),
+        ] {
+            let q = query(id, name);
+            let mut msg = (q.len() as u16).to_be_bytes().to_vec();
+            msg.extend_from_slice(&q);
+            c.write_all(&msg).await.unwrap_or_else(|e| panic!("{e}"));
+            let resp = read_message(&mut c)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("no answer for {name}"));
+            let resp = Message::from_vec(&resp).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(resp.metadata.id, id);
+            assert_eq!(resp.metadata.response_code, code, "{name}");
+            assert_eq!(resp.answers.len(), answers, "{name}");
+        }
+        // A length too short for a message ends the connection.
+        c.write_all(&[0, 3, 1, 2, 3])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // (An end of stream, or a reset for the unread bytes.)
+        let mut rest = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|e| panic!("the connection stayed open: {e}"));
+        match end {
+            Ok(n) => assert_eq!(n, 0),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        }
     }
 }

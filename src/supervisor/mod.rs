@@ -303,6 +303,7 @@ struct Shared {
     qemu_pid: Option<u32>,
     lease: watch::Receiver<bool>,
     stats: Arc<proxy::Stats>,
+    ns: Arc<NetNs>,
 }
 
 async fn supervise(
@@ -463,6 +464,7 @@ async fn supervise(
         qemu_pid,
         lease: lease_rx.clone(),
         stats: Arc::clone(&stats),
+        ns: Arc::clone(&ns),
     });
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(8);
     let control = bind_private(&vm.control_sock())?;
@@ -666,6 +668,30 @@ async fn serve_control(
     }
 }
 
+/// The proxy's counters plus the refusals nftables counted itself
+/// (connections to closed gateway ports never reach the proxy).
+async fn network_view(shared: &Shared) -> proxy::StatsView {
+    let mut view = shared.stats.view();
+    let ns = Arc::clone(&shared.ns);
+    let refused = tokio::task::spawn_blocking(move || {
+        ns.run(|| crate::net::nft::read_counter(crate::net::nft::GATEWAY_REFUSED))
+    })
+    .await;
+    match refused {
+        Ok(Ok(Ok(0))) => {}
+        Ok(Ok(Ok(n))) => {
+            *view
+                .denied
+                .entry(crate::net::policy::Denial::GatewayPort.as_str().to_string())
+                .or_default() += n;
+        }
+        Ok(Ok(Err(e))) => tracing::warn!("reading the gateway counter: {e}"),
+        Ok(Err(e)) => tracing::warn!("reading the gateway counter: {e}"),
+        Err(e) => tracing::warn!("reading the gateway counter: {e}"),
+    }
+    view
+}
+
 async fn handle(
     req: Request,
     shared: &Shared,
@@ -674,11 +700,14 @@ async fn handle(
 ) -> Response {
     match req {
         Request::Status => match shared.qmp.run(qapi::qmp::query_status {}).await {
-            Ok(s) => Response::Status {
-                state: format!("{:?}", s.status).to_lowercase(),
-                lease_seen: *shared.lease.borrow(),
-                network: shared.stats.view(),
-            },
+            Ok(s) => {
+                let network = network_view(shared).await;
+                Response::Status {
+                    state: format!("{:?}", s.status).to_lowercase(),
+                    lease_seen: *shared.lease.borrow(),
+                    network,
+                }
+            }
             Err(e) => Response::Error {
                 message: e.to_string(),
             },
