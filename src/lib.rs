@@ -17,3 +17,4 @@ pub mod seed;
 pub mod share;
 pub mod state;
 pub mod supervisor;
+pub mod wireguard;

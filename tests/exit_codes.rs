@@ -203,3 +203,42 @@ fn permission_denied_is_77() {
     let o = c.output().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(o.status.code(), Some(77), "{}", stderr(&o));
 }
+
+#[test]
+fn wireguard_config_is_checked_then_refused_and_creates_nothing() {
+    let s = Sandbox::new("", Some(CLOUD_INIT));
+    let project = s.root.path().join("project");
+    std::fs::write(project.join("Migrantfile"), good_file(s.root.path()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let secret = "c2VjcmV0LXNlY3JldC1zZWNyZXQ=";
+    let conf = project.join("wireguard.conf");
+    // A key that is not a WireGuard key: 78, the line named, the value not
+    // repeated.
+    std::fs::write(
+        &conf,
+        format!("[Interface]\nPrivateKey = {secret}\nAddress = 10.64.0.2/32\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let o = s.run(&["up"]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("wireguard.conf:2: PrivateKey:"), "{e}");
+    assert!(!e.contains(secret), "the key was printed: {e}");
+    assert!(!s.home().join("vms").join("codes").exists());
+
+    // A valid config: refused (69) until the tunnel exists; nothing made.
+    std::fs::write(
+        &conf,
+        "[Interface]\nPrivateKey = AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\nAddress = 10.64.0.2/32\n\
+         DNS = 10.64.0.1\nPostUp = echo never\n[Peer]\n\
+         PublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\nEndpoint = 127.0.0.1:51820\n\
+         AllowedIPs = 0.0.0.0/0\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let o = s.run(&["up"]);
+    assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("PostUp ignored"), "{e}");
+    assert!(e.contains("refusing to start"), "{e}");
+    assert!(!s.home().join("vms").join("codes").exists());
+}

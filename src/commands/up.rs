@@ -40,7 +40,12 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
         crate::share::check_drift(cfg, &rec)?;
     }
     // Fail closed: a VM that asked for the tunnel never gets direct egress.
+    // Its config is still read, so that its mistakes are reported now.
     if let Some(wg) = &cfg.network.wireguard {
+        let conf = crate::wireguard::conf::load(wg)?;
+        for w in &conf.warnings {
+            eprintln!("warning: {w}");
+        }
         return Err(Error::other(
             exit::UNAVAILABLE,
             format!(
