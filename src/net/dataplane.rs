@@ -184,12 +184,29 @@ pub fn spawn(
     Ok(stats)
 }
 
+/// Raise the soft limit on open files to the hard one: every relayed TCP
+/// connection holds six descriptors (two sockets, two pipes), and the
+/// usual soft limit of 1024 would cap a VM at about 170 connections.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open-file limit: {e}"),
+    }
+}
+
 /// `migrant __netlab`: the dataplane of the project at `project` on the
 /// interface `tap0` of the namespace at `netns`, until SIGTERM or SIGINT.
 pub fn netlab(
     netns: &std::path::Path,
     project: &std::path::Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    raise_fd_limit();
     let cfg = crate::config::load(project)?;
     let ns = Arc::new(NetNs::open(netns)?);
     let setup = Setup::for_config(&cfg);

@@ -40,6 +40,8 @@ pub enum Denial {
     NotAllowedDomain,
     /// IPv6 (no IPv6 egress in this version).
     Ipv6,
+    /// More concurrent TCP connections than the proxy relays for one VM.
+    TooManyConnections,
 }
 
 impl Denial {
@@ -57,6 +59,7 @@ impl Denial {
             Denial::GuestNetwork => "guest-network",
             Denial::NotAllowedDomain => "not-allowed-domain",
             Denial::Ipv6 => "ipv6",
+            Denial::TooManyConnections => "too-many-connections",
         }
     }
 }

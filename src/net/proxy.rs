@@ -27,6 +27,13 @@ pub const TCP_PORT: u16 = 15001;
 pub const UDP_PORT: u16 = 15002;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// TCP connections relayed at once for one VM: each holds two sockets and
+/// two pipes, so this bounds the supervisor's descriptors and the kernel
+/// memory a guest can pin. Beyond it new connections are reset and counted.
+pub const MAX_TCP_FLOWS: usize = 4096;
+/// UDP flows tracked at once for one VM (each holds two sockets until it
+/// has been idle for `UDP_IDLE`).
+pub const MAX_UDP_FLOWS: usize = 4096;
 const UDP_IDLE: Duration = Duration::from_secs(60);
 /// How long a client on a shared address may take to name its server.
 const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -137,6 +144,7 @@ fn reset(stream: TcpStream) {
 
 impl Proxy {
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_FLOWS));
         loop {
             let (stream, src) = match listener.accept().await {
                 Ok(c) => c,
@@ -146,8 +154,19 @@ impl Proxy {
                     continue;
                 }
             };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                if let Some(dst) = stream.local_addr().ok().and_then(v4) {
+                    self.stats
+                        .deny(Proto::Tcp, src, dst, Denial::TooManyConnections);
+                }
+                reset(stream);
+                continue;
+            };
             let this = Arc::clone(&self);
-            tokio::spawn(async move { this.tcp_flow(stream, src).await });
+            tokio::spawn(async move {
+                this.tcp_flow(stream, src).await;
+                drop(slot);
+            });
         }
     }
 
@@ -205,6 +224,7 @@ impl Proxy {
         let fd = unsafe { AsyncFd::register(socket) }
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let flows: Flows = Arc::default();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_UDP_FLOWS));
         let mut buf = vec![0u8; 65536];
         loop {
             let mut guard = fd.readable().await?;
@@ -223,9 +243,17 @@ impl Proxy {
                 let _ = up.send(&data).await;
                 continue;
             }
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                self.stats
+                    .deny(Proto::Udp, src, dst, Denial::TooManyConnections);
+                continue;
+            };
             let this = Arc::clone(&self);
             let flows = Arc::clone(&flows);
-            tokio::spawn(async move { this.udp_flow(src, dst, data, flows).await });
+            tokio::spawn(async move {
+                this.udp_flow(src, dst, data, flows).await;
+                drop(slot);
+            });
         }
     }
 

@@ -112,6 +112,7 @@ fn adopt(fd: Option<i32>) -> Option<std::fs::File> {
 pub fn main(args: Args) -> u8 {
     let _lock = adopt(args.lock_fd).map(state::VmLock::from_inherited);
     let mut reporter = Reporter::new(adopt(args.progress_fd));
+    crate::net::dataplane::raise_fd_limit();
     let paths = Paths::from_env();
     let vm = paths.vm(&args.name);
     let result = run(&args, &vm, &mut reporter);
