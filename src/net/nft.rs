@@ -63,6 +63,22 @@ fn rule(chain: &str, expr: Vec<Value>) -> Value {
     json!({"add": {"rule": {"family": "inet", "table": TABLE, "chain": chain, "expr": expr}}})
 }
 
+/// Accept `proto` to the gateway's `port`, arriving on `tap`.
+fn to_gateway(tap: &str, gw: &str, proto: &str, port: u16) -> Vec<Value> {
+    vec![
+        iif(tap),
+        match_eq(
+            json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+            json!(gw),
+        ),
+        match_eq(
+            json!({"payload": {"protocol": proto, "field": "dport"}}),
+            json!(port),
+        ),
+        json!({"accept": null}),
+    ]
+}
+
 /// The complete ruleset as nft JSON.
 pub fn ruleset(plan: &Plan) -> Value {
     let tap = plan.tap.as_str();
@@ -111,37 +127,9 @@ pub fn ruleset(plan: &Plan) -> Value {
                 json!({"accept": null}),
             ],
         ),
-        rule(
-            "prerouting",
-            vec![
-                iif(tap),
-                match_eq(
-                    json!({"payload": {"protocol": "ip", "field": "daddr"}}),
-                    json!(gw.clone()),
-                ),
-                match_eq(
-                    json!({"payload": {"protocol": "udp", "field": "dport"}}),
-                    json!(53),
-                ),
-                json!({"accept": null}),
-            ],
-        ),
-        // DNS over TCP too (answers too large for a datagram).
-        rule(
-            "prerouting",
-            vec![
-                iif(tap),
-                match_eq(
-                    json!({"payload": {"protocol": "ip", "field": "daddr"}}),
-                    json!(gw.clone()),
-                ),
-                match_eq(
-                    json!({"payload": {"protocol": "tcp", "field": "dport"}}),
-                    json!(53),
-                ),
-                json!({"accept": null}),
-            ],
-        ),
+        // DNS over UDP, and over TCP for answers too large for a datagram.
+        rule("prerouting", to_gateway(tap, &gw, "udp", 53)),
+        rule("prerouting", to_gateway(tap, &gw, "tcp", 53)),
     ];
     // The gateway's closed TCP ports answer like closed ports: a reset
     // to the SYN (the proxy would otherwise complete the handshake first).
@@ -202,22 +190,7 @@ pub fn ruleset(plan: &Plan) -> Value {
             json!({"accept": null}),
         ],
     ));
-    cmds.push(rule(
-        "input",
-        vec![
-            iif(tap),
-            match_eq(
-                json!({"payload": {"protocol": "ip", "field": "daddr"}}),
-                json!(gw.clone()),
-            ),
-            match_eq(
-                json!({"payload": {"protocol": "tcp", "field": "dport"}}),
-                json!(53),
-            ),
-            json!({"accept": null}),
-        ],
-    ));
-    // Replies to the supervisor's own connections into the guest.
+    cmds.push(rule("input", to_gateway(tap, &gw, "tcp", 53))); // Replies to the supervisor's own connections into the guest.
     cmds.push(rule(
         "input",
         vec![
