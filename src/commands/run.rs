@@ -212,43 +212,38 @@ fn up_and_run(p: &Project, o: &RunOptions, remote: &str, stdout: OwnedFd) -> Res
     Ok(code)
 }
 
-/// `--rm --snapshot`: stop the VM and rebuild its disk from the snapshot,
-/// retrying while an interrupted `up` is still setting itself up.
+/// `--rm --snapshot`: stop the VM and rebuild its disk from the snapshot.
 fn discard(p: &Project) -> Result<()> {
     eprintln!(
         "==> {}: discarding the run's changes (--rm --snapshot)",
         p.cfg.name
     );
-    let mut last = None;
-    for _ in 0..30 {
-        match super::disk::restore_snapshot(p, "run") {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                tracing::debug!("restore: {e}");
-                last = Some(e);
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        }
-    }
-    Err(last.unwrap_or_else(|| Error::other(exit::SOFTWARE, "the snapshot was not restored")))
+    retry("restore", || super::disk::restore_snapshot(p, "run"))
 }
 
-/// Destroy the VM for `--rm`. A VM whose `up` was interrupted may still be
-/// setting itself up (its lock held, no control socket yet): retry.
+/// Destroy the VM for `--rm`.
 fn remove(p: &Project) -> Result<()> {
     eprintln!("==> {}: removing the VM (--rm)", p.cfg.name);
+    retry("destroy", || {
+        super::lifecycle::destroy_as(p, Trigger::Run).map(drop)
+    })
+}
+
+/// Try `step` for up to 30 s: a VM whose `up` was interrupted may still be
+/// setting itself up (its lock held, no control socket yet).
+fn retry(what: &str, mut step: impl FnMut() -> Result<()>) -> Result<()> {
     let mut last = None;
     for _ in 0..30 {
-        match super::lifecycle::destroy_as(p, Trigger::Run) {
-            Ok(_) => return Ok(()),
+        match step() {
+            Ok(()) => return Ok(()),
             Err(e) => {
-                tracing::debug!("destroy: {e}");
+                tracing::debug!("{what}: {e}");
                 last = Some(e);
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
     }
-    Err(last.unwrap_or_else(|| Error::other(exit::SOFTWARE, "destroy did not finish")))
+    Err(last.unwrap_or_else(|| Error::other(exit::SOFTWARE, format!("{what} did not finish"))))
 }
 
 #[cfg(test)]

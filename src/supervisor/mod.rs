@@ -677,17 +677,18 @@ async fn network_view(shared: &Shared) -> proxy::StatsView {
     let refused = tokio::task::spawn_blocking(move || {
         ns.run(|| crate::net::nft::read_counter(crate::net::nft::GATEWAY_REFUSED))
     })
-    .await;
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()))
+    .and_then(|r| r.map_err(|e| e.to_string()));
     match refused {
-        Ok(Ok(Ok(0))) => {}
-        Ok(Ok(Ok(n))) => {
+        Ok(0) => {}
+        Ok(n) => {
             *view
                 .denied
                 .entry(crate::net::policy::Denial::GatewayPort.as_str().to_string())
                 .or_default() += n;
         }
-        Ok(Ok(Err(e))) => tracing::warn!("reading the gateway counter: {e}"),
-        Ok(Err(e)) => tracing::warn!("reading the gateway counter: {e}"),
         Err(e) => tracing::warn!("reading the gateway counter: {e}"),
     }
     view
