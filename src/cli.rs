@@ -66,6 +66,13 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show the VM's WireGuard tunnel: per peer, its endpoint, the latest
+    /// handshake and the bytes moved (no root needed).
+    Wg {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// List every VM on this host.
     List {
         /// Machine-readable output.
@@ -206,6 +213,22 @@ pub enum Cmd {
         netns: PathBuf,
         #[arg(long)]
         project: PathBuf,
+    },
+    /// (internal) The WireGuard packet loop of one VM.
+    #[command(name = "__wg", hide = true)]
+    WgLoop {
+        #[arg(long)]
+        tun_fd: i32,
+        #[arg(long)]
+        udp_fd: i32,
+        #[arg(long)]
+        report_fd: i32,
+        #[arg(long)]
+        uid: u32,
+        #[arg(long)]
+        gid: u32,
+        #[arg(long)]
+        parent: i32,
     },
     /// (internal) ssh ProxyCommand: relay stdin/stdout to a unix socket.
     #[command(name = "__proxy", hide = true)]

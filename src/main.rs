@@ -44,6 +44,26 @@ fn main() -> ExitCode {
                 progress_fd,
             }));
         }
+        Cmd::WgLoop {
+            tun_fd,
+            udp_fd,
+            report_fd,
+            uid,
+            gid,
+            parent,
+        } => {
+            init_logging(cli.verbose, "info");
+            return ExitCode::from(migrant::wireguard::child::main(
+                migrant::wireguard::child::Args {
+                    tun_fd,
+                    udp_fd,
+                    report_fd,
+                    uid,
+                    gid,
+                    parent,
+                },
+            ));
+        }
         Cmd::Virtiofsd {
             fd,
             shared_dir,

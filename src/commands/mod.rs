@@ -12,6 +12,7 @@ mod run;
 mod share;
 mod sshconfig;
 mod up;
+mod wg;
 
 use std::path::PathBuf;
 
@@ -46,6 +47,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Destroy => lifecycle::destroy(&Project::load(&dir)?),
         Cmd::Status { json } => query::status(&Project::load(&dir)?, json),
         Cmd::Ip => query::ip(&Project::load(&dir)?),
+        Cmd::Wg { json } => wg::wg(&Project::load(&dir)?, json),
         Cmd::Info { json } => query::info(&Project::load(&dir)?, json),
         Cmd::Ssh { command } => lifecycle::ssh(&Project::load(&dir)?, &command),
         Cmd::Console => lifecycle::console(&Project::load(&dir)?),
@@ -75,12 +77,14 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Tunnel { ports } => lifecycle::tunnel(&Project::load(&dir)?, &ports),
         Cmd::Mount => share::mount(&Project::load(&dir)?),
         Cmd::Unmount => share::unmount(&Project::load(&dir)?),
-        Cmd::Supervisor { .. } | Cmd::Proxy { .. } | Cmd::Netlab { .. } | Cmd::Virtiofsd { .. } => {
-            Err(Error::other(
-                crate::exit::SOFTWARE,
-                "internal mode reached the command dispatcher",
-            ))
-        }
+        Cmd::Supervisor { .. }
+        | Cmd::Proxy { .. }
+        | Cmd::Netlab { .. }
+        | Cmd::Virtiofsd { .. }
+        | Cmd::WgLoop { .. } => Err(Error::other(
+            crate::exit::SOFTWARE,
+            "internal mode reached the command dispatcher",
+        )),
     }
 }
 

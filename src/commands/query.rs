@@ -34,6 +34,12 @@ struct StatusView {
     /// Shared folders (status of one project only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     shares: Vec<crate::share::ShareView>,
+    /// The WireGuard tunnel, while the VM runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wireguard: Option<String>,
+    /// Where the guest's DNS queries go, in WireGuard mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<String>,
 }
 
 fn view(name: &str, live: &Live, project: &str) -> StatusView {
@@ -64,6 +70,8 @@ fn view(name: &str, live: &Live, project: &str) -> StatusView {
         pending: Vec::new(),
         network: None,
         shares: Vec::new(),
+        wireguard: None,
+        dns: None,
     }
 }
 
@@ -100,6 +108,12 @@ fn print_view(v: &StatusView) {
     }
     for s in &v.shares {
         print_share(s);
+    }
+    if let Some(w) = &v.wireguard {
+        println!("wireguard:   {w}");
+    }
+    if let Some(d) = &v.dns {
+        println!("dns:         {d}");
     }
     if let Some(n) = &v.network {
         println!(
@@ -166,6 +180,13 @@ pub fn status(p: &Project, json: bool) -> Result<u8> {
         )
     {
         v.network = Some(network);
+    }
+    if matches!(l, Live::Active(_)) && p.cfg.network.wireguard.is_some() {
+        v.wireguard = Some(
+            super::wg::summary(p)
+                .unwrap_or_else(|| "DOWN: the tunnel process is gone; no egress".into()),
+        );
+        v.dns = super::wg::dns_summary(p);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

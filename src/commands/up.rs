@@ -39,21 +39,19 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     if let Some(rec) = crate::share::load_recorded(vm)? {
         crate::share::check_drift(cfg, &rec)?;
     }
-    // Fail closed: a VM that asked for the tunnel never gets direct egress.
-    // Its config is still read, so that its mistakes are reported now.
+    // The WireGuard file's mistakes are reported before anything starts
+    // (the supervisor reads it again and resolves endpoint names).
     if let Some(wg) = &cfg.network.wireguard {
         let conf = crate::wireguard::conf::load(wg)?;
         for w in &conf.warnings {
             eprintln!("warning: {w}");
         }
-        return Err(Error::other(
-            exit::UNAVAILABLE,
-            format!(
-                "{}: WireGuard egress ({}) is not implemented yet; refusing to start rather than egress outside the tunnel",
-                cfg.file.display(),
+        if !conf.dns.iter().any(|d| d.is_ipv4()) {
+            eprintln!(
+                "warning: {} has no IPv4 DNS server: the guest's DNS queries go to the host's resolvers, outside the tunnel",
                 wg.display()
-            ),
-        ));
+            );
+        }
     }
     match live(vm)? {
         // Already up: no hooks (they ran when it started), no provisioning.
@@ -361,6 +359,20 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
                 }
                 if qemu_only {
                     break;
+                }
+            }
+            Ok(Progress::Tunnel { peers, dns }) => {
+                println!(
+                    "==> {}: WireGuard tunnel up (handshake with {})",
+                    cfg.name,
+                    peers.join(", ")
+                );
+                if !dns.is_empty() {
+                    println!(
+                        "==> {}: DNS through the tunnel: {}",
+                        cfg.name,
+                        dns.join(", ")
+                    );
                 }
             }
             Ok(Progress::Lease { ip }) => {

@@ -185,6 +185,8 @@ pub struct Network {
     /// WireGuard config (absolute): the `wireguard` setting, else
     /// `wireguard.conf` beside the Migrantfile if it exists.
     pub wireguard: Option<PathBuf>,
+    /// How long `up` waits for the tunnel's first handshake (default 10 s).
+    pub wireguard_timeout: std::time::Duration,
     /// Give the guest IPv6 egress (the original's `NETWORK_IPV6=nat`);
     /// refused together with WireGuard.
     pub ipv6: bool,
@@ -214,10 +216,12 @@ pub enum NetRule {
         /// Port on the host, reached by the guest at the gateway.
         port: u16,
     },
-    /// `allow-lan-host 192.168.1.50`
+    /// `allow-lan-host 192.168.1.50 [via-tunnel]`
     AllowLanHost {
         /// The LAN host the guest may reach.
         addr: Ipv4Addr,
+        /// Reach it through the WireGuard tunnel instead of around it.
+        via_tunnel: bool,
     },
     /// `forward-port tcp/11434 100.64.0.6:11434 [via-tunnel]`
     ForwardPort {
@@ -242,7 +246,11 @@ impl std::fmt::Display for NetRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             NetRule::AllowHostPort { proto, port } => write!(f, "allow-host-port {proto}/{port}"),
-            NetRule::AllowLanHost { addr } => write!(f, "allow-lan-host {addr}"),
+            NetRule::AllowLanHost { addr, via_tunnel } => write!(
+                f,
+                "allow-lan-host {addr}{}",
+                if *via_tunnel { " via-tunnel" } else { "" }
+            ),
             NetRule::ForwardPort {
                 proto,
                 guest_port,

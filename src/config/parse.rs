@@ -81,6 +81,7 @@ pub(super) struct Draft {
     pub rules: Vec<At<String>>,
     pub allow_domains: Vec<At<String>>,
     pub wireguard: Option<At<String>>,
+    pub wireguard_timeout: Option<At<i64>>,
     pub ipv6: Option<At<bool>>,
     pub legacy_networks: Vec<String>,
     pub ssh_user: Option<At<String>>,
@@ -112,6 +113,7 @@ impl Draft {
             rules: Vec::new(),
             allow_domains: Vec::new(),
             wireguard: None,
+            wireguard_timeout: None,
             ipv6: None,
             legacy_networks: Vec::new(),
             ssh_user: None,
@@ -385,6 +387,22 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         }
     };
 
+    let wireguard_timeout = match &d.wireguard_timeout {
+        Some(at) if !(1..=600).contains(&at.value) => {
+            return Err(ctx.err_at(
+                at,
+                format!("{} seconds is out of range: 1 to 600", at.value),
+            ));
+        }
+        Some(at) if wireguard.is_none() => {
+            return Err(ctx.err_at(
+                at,
+                "a handshake timeout without a WireGuard config (set network.wireguard or put a wireguard.conf beside the Migrantfile)".to_string(),
+            ));
+        }
+        Some(at) => std::time::Duration::from_secs(at.value as u64),
+        None => std::time::Duration::from_secs(10),
+    };
     let ipv6 = d.ipv6.as_ref().is_some_and(|at| at.value);
     if let (Some(at), Some(wg)) = (&d.ipv6, &wireguard)
         && at.value
@@ -404,40 +422,46 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         let rule = values::parse_rule(&at.value).map_err(|e| ctx.err_at(at, e))?;
         let inside = |addr| values::in_subnet(addr, subnet, prefix);
         match &rule {
-            NetRule::AllowLanHost { addr } if inside(*addr) => {
+            NetRule::AllowLanHost { addr, .. } if inside(*addr) => {
                 return Err(ctx.err_at(
                     at,
                     format!("invalid rule {:?}: {addr} is inside the guest's own subnet {subnet}/{prefix}", at.value),
                 ));
             }
-            NetRule::ForwardPort {
-                target, via_tunnel, ..
-            } => {
-                if inside(*target.ip()) {
-                    return Err(ctx.err_at(
-                        at,
-                        format!(
-                            "invalid rule {:?}: {} is inside the guest's own subnet {subnet}/{prefix}",
-                            at.value,
-                            target.ip()
-                        ),
-                    ));
-                }
-                if *via_tunnel && wireguard.is_none() {
-                    return Err(ctx.err_at(
-                        at,
-                        format!(
-                            "invalid rule {:?}: via-tunnel needs a WireGuard config: {}",
-                            at.value,
-                            d.key(
-                                "set network.wireguard or put a wireguard.conf beside the Migrantfile",
-                                "put a wireguard.conf beside the Migrantfile",
-                            ),
-                        ),
-                    ));
-                }
+            NetRule::ForwardPort { target, .. } if inside(*target.ip()) => {
+                return Err(ctx.err_at(
+                    at,
+                    format!(
+                        "invalid rule {:?}: {} is inside the guest's own subnet {subnet}/{prefix}",
+                        at.value,
+                        target.ip()
+                    ),
+                ));
             }
             _ => {}
+        }
+        let via_tunnel = matches!(
+            rule,
+            NetRule::ForwardPort {
+                via_tunnel: true,
+                ..
+            } | NetRule::AllowLanHost {
+                via_tunnel: true,
+                ..
+            }
+        );
+        if via_tunnel && wireguard.is_none() {
+            return Err(ctx.err_at(
+                at,
+                format!(
+                    "invalid rule {:?}: via-tunnel needs a WireGuard config: {}",
+                    at.value,
+                    d.key(
+                        "set network.wireguard or put a wireguard.conf beside the Migrantfile",
+                        "put a wireguard.conf beside the Migrantfile",
+                    ),
+                ),
+            ));
         }
         if let Some(endpoint) = values::rule_guest_port(&rule) {
             if let Some(first) = claimed.get(&endpoint) {
@@ -601,6 +625,7 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
             rules,
             allow_domains,
             wireguard,
+            wireguard_timeout,
             ipv6,
             legacy_networks: std::mem::take(&mut d.legacy_networks),
         },

@@ -197,7 +197,8 @@ fn toml_full_fixture() {
                 port: 8080
             },
             NetRule::AllowLanHost {
-                addr: Ipv4Addr::new(192, 168, 1, 50)
+                addr: Ipv4Addr::new(192, 168, 1, 50),
+                via_tunnel: false
             },
             NetRule::ForwardPort {
                 proto: Proto::Tcp,
@@ -380,7 +381,8 @@ fn legacy_rules_fixture() {
                 port: 5353
             },
             NetRule::AllowLanHost {
-                addr: Ipv4Addr::new(192, 168, 1, 50)
+                addr: Ipv4Addr::new(192, 168, 1, 50),
+                via_tunnel: false
             },
             NetRule::ForwardPort {
                 proto: Proto::Tcp,
@@ -472,7 +474,8 @@ fn legacy_quoting_and_expansions() {
                 port: 80
             },
             NetRule::AllowLanHost {
-                addr: Ipv4Addr::new(10, 1, 2, 3)
+                addr: Ipv4Addr::new(10, 1, 2, 3),
+                via_tunnel: false
             },
         ]
     );

@@ -28,6 +28,7 @@
 //! rules = ["allow-host-port tcp/8080"]
 //! allow_domains = ["*.debian.org"]
 //! wireguard = "wg0.conf"
+//! wireguard_timeout = 10       # seconds to wait for the first handshake
 //! ipv6 = false
 //!
 //! [ssh]
@@ -89,6 +90,7 @@ struct RawNetwork {
     #[serde(default)]
     allow_domains: Vec<Spanned<String>>,
     wireguard: Option<Spanned<String>>,
+    wireguard_timeout: Option<Spanned<i64>>,
     ipv6: Option<Spanned<bool>>,
 }
 
@@ -224,6 +226,13 @@ pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
             .map(|(i, s)| at(s, format!("network.allow_domains[{i}]")))
             .collect();
         d.wireguard = net.wireguard.map(|s| at(s, "network.wireguard".into()));
+        d.wireguard_timeout = net.wireguard_timeout.map(|s| {
+            At::new(
+                *s.get_ref(),
+                line_of(text, s.span().start),
+                "network.wireguard_timeout",
+            )
+        });
         d.ipv6 = net
             .ipv6
             .map(|s| At::new(*s.get_ref(), line_of(text, s.span().start), "network.ipv6"));

@@ -250,7 +250,7 @@ fn check_rule_target(addr: Ipv4Addr) -> Result<(), String> {
     Ok(())
 }
 
-const RULE_FORMS: &str = "expected one of: allow-host-port <tcp|udp>/<port>; allow-lan-host <ipv4>; forward-port <tcp|udp>/<guest-port> <ipv4>:<port> [via-tunnel]";
+const RULE_FORMS: &str = "expected one of: allow-host-port <tcp|udp>/<port>; allow-lan-host <ipv4> [via-tunnel]; forward-port <tcp|udp>/<guest-port> <ipv4>:<port> [via-tunnel]";
 
 /// Parse one network rule (the original's `HOST_ACCESS` directive syntax).
 /// Checks syntax, port ranges, reserved guest ports and target addresses;
@@ -267,16 +267,25 @@ pub(super) fn parse_rule(text: &str) -> Result<NetRule, String> {
         ["allow-host-port", ..] => {
             return bad("expected allow-host-port <tcp|udp>/<port>".into());
         }
-        ["allow-lan-host", addr] => {
+        ["allow-lan-host", addr, rest @ ..] if rest.len() <= 1 => {
             let Some(addr) = parse_ipv4(addr) else {
                 return bad(format!("{addr:?} is not a numeric IPv4 address"));
             };
             if let Err(e) = check_rule_target(addr) {
                 return bad(e);
             }
-            NetRule::AllowLanHost { addr }
+            let via_tunnel = match rest {
+                [] => false,
+                ["via-tunnel"] => true,
+                [other, ..] => {
+                    return bad(format!(
+                        "unknown modifier {other:?}; the only one is via-tunnel"
+                    ));
+                }
+            };
+            NetRule::AllowLanHost { addr, via_tunnel }
         }
-        ["allow-lan-host", ..] => return bad("expected allow-lan-host <ipv4>".into()),
+        ["allow-lan-host", ..] => return bad("expected allow-lan-host <ipv4> [via-tunnel]".into()),
         ["forward-port", spec, target, rest @ ..] if rest.len() <= 1 => {
             let (proto, guest_port) = match parse_proto_port(spec) {
                 Ok(v) => v,
@@ -529,7 +538,8 @@ mod tests {
         assert_eq!(
             parse_rule("  allow-lan-host   192.168.001.50 "),
             Ok(NetRule::AllowLanHost {
-                addr: Ipv4Addr::new(192, 168, 1, 50)
+                addr: Ipv4Addr::new(192, 168, 1, 50),
+                via_tunnel: false
             })
         );
         assert_eq!(

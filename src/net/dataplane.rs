@@ -48,6 +48,16 @@ pub struct Setup {
     pub proxied: bool,
     /// Gateway TCP ports opened by rules.
     pub gateway_tcp_holes: Vec<u16>,
+    /// WireGuard mode: the TUN, which nothing may reach the namespace from
+    /// except answers to the supervisor's own connections.
+    pub tunnel_iface: Option<String>,
+}
+
+/// WireGuard mode, for [`spawn`].
+pub struct TunnelExit {
+    pub sockets: Arc<super::netns::NsSockets>,
+    /// The tunnel's DNS servers; empty: the host's resolvers answer.
+    pub dns: Vec<std::net::Ipv4Addr>,
 }
 
 impl Setup {
@@ -73,6 +83,11 @@ impl Setup {
                     _ => None,
                 })
                 .collect(),
+            tunnel_iface: cfg
+                .network
+                .wireguard
+                .is_some()
+                .then(|| crate::wireguard::TUN_NAME.to_string()),
         }
     }
 }
@@ -92,6 +107,7 @@ pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError
         gateway: setup.gateway,
         proxy: setup.proxied.then_some((proxy::TCP_PORT, proxy::UDP_PORT)),
         gateway_tcp_holes: setup.gateway_tcp_holes.clone(),
+        tunnel: setup.tunnel_iface.clone(),
     };
     nft::apply(&nft::ruleset(&plan))?;
     let dns = std::net::UdpSocket::bind(SocketAddrV4::new(setup.gateway, 53))
@@ -122,6 +138,7 @@ pub fn spawn(
     cfg: &Config,
     ns: Arc<NetNs>,
     sockets: Sockets,
+    tunnel: Option<TunnelExit>,
 ) -> Result<Arc<proxy::Stats>, DataplaneError> {
     let gateway = cfg.gateway_ip();
     let dns_sock = tokio::net::UdpSocket::from_std(sockets.dns).map_err(io("DNS socket"))?;
@@ -135,11 +152,20 @@ pub fn spawn(
                 ("gateway".to_string(), gateway),
             ],
         },
-        // With egress none the guest resolves local names only.
-        upstreams: if cfg.network.egress == Egress::None {
-            Vec::new()
-        } else {
-            resolver::host_upstreams()
+        // With egress none the guest resolves local names only; with a
+        // tunnel that names DNS servers, they answer through it.
+        upstreams: match &tunnel {
+            _ if cfg.network.egress == Egress::None => Vec::new(),
+            Some(t) if !t.dns.is_empty() => t
+                .dns
+                .iter()
+                .map(|ip| std::net::SocketAddr::from((*ip, 53)))
+                .collect(),
+            _ => resolver::host_upstreams(),
+        },
+        exit: match &tunnel {
+            Some(t) if !t.dns.is_empty() => super::netns::Exit::Tunnel(Arc::clone(&t.sockets)),
+            _ => super::netns::Exit::Host,
         },
         allow: allow.clone(),
         stats: Arc::clone(&stats),
@@ -168,10 +194,12 @@ pub fn spawn(
                 rules: cfg.network.rules.clone(),
                 host,
                 domains: allow,
+                tunnel: tunnel.is_some(),
             },
             stats: Arc::clone(&stats),
             ns,
             resolver,
+            tunnel: tunnel.map(|t| t.sockets),
         });
         let tcp = tokio::net::TcpListener::from_std(tcp).map_err(io("TCP proxy listener"))?;
         tokio::spawn(Arc::clone(&proxy).serve_tcp(tcp));
@@ -210,12 +238,44 @@ pub fn netlab(
     let cfg = crate::config::load(project)?;
     let ns = Arc::new(NetNs::open(netns)?);
     let setup = Setup::for_config(&cfg);
-    let sockets = ns.run(|| setup_in_ns(tap::TAP_NAME, &setup))??;
+    let plan = crate::wireguard::plan_for(&cfg)?;
+    let (sockets, tun) = ns
+        .run(|| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            let tun = plan
+                .as_ref()
+                .map(crate::wireguard::create_tun_in_ns)
+                .transpose()?;
+            Ok((setup_in_ns(tap::TAP_NAME, &setup)?, tun))
+        })?
+        .map_err(|e| e as Box<dyn std::error::Error>)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let stats = spawn(&cfg, ns, sockets)?;
+        // WireGuard mode: the same tunnel a VM would get.
+        let mut running = None;
+        if let (Some(plan), Some(tun)) = (&plan, tun) {
+            let udp = crate::wireguard::bind_udp(plan)?;
+            let exe = std::env::current_exe()?;
+            let log =
+                std::env::temp_dir().join(format!("migrant-netlab-wg-{}.log", std::process::id()));
+            running = Some(
+                crate::wireguard::bring_up(
+                    &exe,
+                    (plan, tun, udp),
+                    &crate::qemu::process::qemu_identity()?,
+                    &log,
+                    cfg.network.wireguard_timeout,
+                    &ns,
+                )
+                .await?,
+            );
+        }
+        let (exit, _tunnel) = match running {
+            Some(r) => (Some(r.exit), Some(r.tunnel)),
+            None => (None, None),
+        };
+        let stats = spawn(&cfg, ns, sockets, exit)?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         println!("ready");

@@ -44,6 +44,8 @@ pub struct Plan {
     /// Gateway TCP ports that named holes open; a connection to any other
     /// gateway port is refused with a reset before any handshake.
     pub gateway_tcp_holes: Vec<u16>,
+    /// WireGuard's TUN: only answers to our own connections come in.
+    pub tunnel: Option<String>,
 }
 
 fn match_eq(left: Value, right: Value) -> Value {
@@ -200,6 +202,19 @@ pub fn ruleset(plan: &Plan) -> Value {
         ],
     ));
     cmds.push(rule("input", vec![iif(tap), json!({"drop": null})]));
+    if let Some(tun) = &plan.tunnel {
+        // The far side of the tunnel may answer, never open: no listener
+        // of the namespace (DNS, the proxy) is reachable from there.
+        cmds.push(rule(
+            "input",
+            vec![
+                iif(tun),
+                ct_state_in(&["established", "related"]),
+                json!({"accept": null}),
+            ],
+        ));
+        cmds.push(rule("input", vec![iif(tun), json!({"drop": null})]));
+    }
     json!({"nftables": cmds})
 }
 
@@ -281,6 +296,7 @@ mod tests {
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             proxy: Some((15001, 15002)),
             gateway_tcp_holes: vec![8080],
+            tunnel: None,
         });
         let r = rules(&v);
         assert!(r.iter().any(
@@ -316,6 +332,7 @@ mod tests {
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             proxy: None,
             gateway_tcp_holes: vec![],
+            tunnel: None,
         });
         assert!(!v.to_string().contains("tproxy"));
         assert!(v.to_string().contains("10.0.2.2"));
@@ -344,6 +361,7 @@ mod tests {
                 gateway: Ipv4Addr::new(10, 0, 2, 2),
                 proxy,
                 gateway_tcp_holes: vec![8080, 8081],
+                tunnel: None,
             };
             let listed = ns
                 .run(|| {

@@ -160,6 +160,8 @@ pub struct Policy {
     pub host: HostAddrs,
     /// With `allow_domains`: addresses its DNS answers admitted.
     pub domains: Option<super::domains::Allowlist>,
+    /// WireGuard mode: flows that are not named holes use the tunnel.
+    pub tunnel: bool,
 }
 
 impl Policy {
@@ -203,15 +205,15 @@ impl Policy {
         if self.in_subnet(ip) {
             return Err(Denial::GuestNetwork);
         }
-        let lan_hole = self
-            .rules
-            .iter()
-            .any(|r| matches!(r, NetRule::AllowLanHost { addr } if *addr == ip));
-        if lan_hole {
+        let lan_hole = self.rules.iter().find_map(|r| match r {
+            NetRule::AllowLanHost { addr, via_tunnel } if *addr == ip => Some(*via_tunnel),
+            _ => None,
+        });
+        if let Some(via_tunnel) = lan_hole {
             return Ok(Allowed {
                 to: SocketAddr::V4(dst),
                 hole: true,
-                via_tunnel: false,
+                via_tunnel,
             });
         }
         if self.egress == Egress::None {
@@ -232,10 +234,12 @@ impl Policy {
         {
             return Err(Denial::NotAllowedDomain);
         }
+        // With WireGuard, everything that is not a named hole leaves
+        // through the tunnel.
         Ok(Allowed {
             to: SocketAddr::V4(dst),
             hole: false,
-            via_tunnel: false,
+            via_tunnel: self.tunnel,
         })
     }
 }
@@ -262,6 +266,7 @@ mod tests {
             rules,
             host,
             domains: None,
+            tunnel: false,
         }
     }
 
@@ -341,6 +346,7 @@ mod tests {
                 },
                 NetRule::AllowLanHost {
                     addr: Ipv4Addr::new(192, 168, 1, 50),
+                    via_tunnel: false,
                 },
                 NetRule::ForwardPort {
                     proto: Proto::Tcp,

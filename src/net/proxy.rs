@@ -99,6 +99,8 @@ pub struct Proxy {
     pub stats: Arc<Stats>,
     pub ns: Arc<NetNs>,
     pub resolver: Arc<Resolver>,
+    /// WireGuard mode: where flows marked `via_tunnel` connect from.
+    pub tunnel: Option<Arc<super::netns::NsSockets>>,
 }
 
 /// The TCP TPROXY listener; call on a thread inside the namespace.
@@ -176,6 +178,11 @@ impl Proxy {
         let Some(dst) = guest.local_addr().ok().and_then(v4) else {
             return reset(guest);
         };
+        // DNS over TCP to any server is answered by the gateway's
+        // resolver, like DNS over UDP: one resolver sees every lookup.
+        if dst.port() == 53 && *dst.ip() != self.policy.gateway {
+            return self.resolver.tcp_client(guest).await;
+        }
         let allowed = match self.policy.decide(Proto::Tcp, dst) {
             Ok(a) => a,
             Err(why) => {
@@ -193,7 +200,11 @@ impl Proxy {
                 }
             }
         }
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, connect_out(allowed)).await {
+        let exit = match self.exit(allowed) {
+            Some(e) => e,
+            None => return reset(guest),
+        };
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, exit.connect(allowed.to)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!("connect {} for {src}: {e}", allowed.to);
@@ -290,11 +301,10 @@ impl Proxy {
             return self.dns_flow(reply, first).await;
         }
         let Some(allowed) = allowed else { return };
-        let bind: SocketAddr = match allowed.to {
-            SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
-            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        let Some(exit) = self.exit(allowed) else {
+            return;
         };
-        let up = match UdpSocket::bind(bind).await {
+        let up = match exit.udp_for(allowed.to).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("udp upstream socket: {e}");
@@ -351,8 +361,22 @@ impl Proxy {
     }
 }
 
-async fn connect_out(allowed: Allowed) -> std::io::Result<TcpStream> {
-    TcpStream::connect(allowed.to).await
+impl Proxy {
+    /// Where an allowed flow connects from; `None` (never the host) when
+    /// it must use a tunnel that does not exist.
+    fn exit(&self, allowed: Allowed) -> Option<super::netns::Exit> {
+        match (allowed.via_tunnel, &self.tunnel) {
+            (false, _) => Some(super::netns::Exit::Host),
+            (true, Some(t)) => Some(super::netns::Exit::Tunnel(Arc::clone(t))),
+            (true, None) => {
+                tracing::error!(
+                    "flow to {} must use the tunnel, which is missing",
+                    allowed.to
+                );
+                None
+            }
+        }
+    }
 }
 
 /// With `allow_domains`, a client that names its server (TLS SNI, HTTP

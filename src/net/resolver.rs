@@ -3,7 +3,7 @@
 //! 127.0.0.53 works), and with `allow_domains` only allowed names are
 //! forwarded; their answers open their addresses.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +33,11 @@ pub enum Transport {
 
 pub struct Resolver {
     pub stub: Stub,
-    /// Host resolvers; empty means: answer local names only.
+    /// Host resolvers, or the tunnel's; empty means: answer local names
+    /// only.
     pub upstreams: Vec<SocketAddr>,
+    /// Where queries to `upstreams` are sent from.
+    pub exit: super::netns::Exit,
     pub allow: Option<Allowlist>,
     pub stats: Arc<Stats>,
 }
@@ -100,11 +103,7 @@ impl Resolver {
     async fn forward(&self, query: &[u8]) -> Option<Vec<u8>> {
         let id = query.get(..2)?;
         for up in &self.upstreams {
-            let bind: SocketAddr = match up {
-                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-            };
-            let Ok(sock) = tokio::net::UdpSocket::bind(bind).await else {
+            let Ok(sock) = self.exit.udp_for(*up).await else {
                 continue;
             };
             if sock.connect(up).await.is_err() || sock.send(query).await.is_err() {
@@ -130,7 +129,7 @@ impl Resolver {
         let len = u16::try_from(query.len()).ok()?.to_be_bytes();
         for up in &self.upstreams {
             let exchange = async {
-                let mut s = tokio::net::TcpStream::connect(up).await?;
+                let mut s = self.exit.connect(*up).await?;
                 let mut msg = Vec::with_capacity(query.len() + 2);
                 msg.extend_from_slice(&len);
                 msg.extend_from_slice(query);
@@ -173,7 +172,7 @@ impl Resolver {
         }
     }
 
-    async fn tcp_client(&self, mut stream: tokio::net::TcpStream) {
+    pub async fn tcp_client(&self, mut stream: tokio::net::TcpStream) {
         for _ in 0..TCP_MAX_QUERIES {
             let query = match tokio::time::timeout(TCP_IDLE, read_message(&mut stream)).await {
                 Ok(Ok(Some(q))) => q,
@@ -290,9 +289,10 @@ mod tests {
         use hickory_proto::op::ResponseCode;
         let r = Arc::new(Resolver {
             stub: Stub {
-                names: vec![("box".to_string(), Ipv4Addr::new(10, 0, 2, 15))],
+                names: vec![("box".to_string(), std::net::Ipv4Addr::new(10, 0, 2, 15))],
             },
             upstreams: Vec::new(),
+            exit: crate::net::netns::Exit::Host,
             allow: None,
             stats: Arc::new(Stats::default()),
         });

@@ -32,6 +32,19 @@ struct IfReq {
 /// Create the TAP device `name` in the current thread's namespace, with
 /// virtio-net headers so QEMU can offload checksums and segmentation.
 pub fn create_tap(name: &str) -> Result<File, TapError> {
+    create_dev(
+        name,
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+    )
+}
+
+/// Create the TUN device `name` (bare IP packets, no headers) in the
+/// current thread's namespace. It vanishes when the descriptor is closed.
+pub fn create_tun(name: &str) -> Result<File, TapError> {
+    create_dev(name, (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short)
+}
+
+fn create_dev(name: &str, flags: libc::c_short) -> Result<File, TapError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -39,7 +52,7 @@ pub fn create_tap(name: &str) -> Result<File, TapError> {
         .map_err(TapError::Open)?;
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        flags,
         _pad: [0; 22],
     };
     for (dst, src) in req
@@ -128,6 +141,62 @@ pub fn configure(tap: &str, gateway: Ipv4Addr, prefix: u8, tproxy: bool) -> Resu
                     .execute()
                     .await
                     .map_err(|e| TapError::Netlink(format!("tproxy route: {e}")))?;
+            }
+            Ok(())
+        }
+        .await;
+        task.abort();
+        result
+    })
+}
+
+/// In the current thread's namespace: give the TUN `name` its address and
+/// MTU, bring it up and route each of `routes` into it.
+pub fn configure_tun(
+    name: &str,
+    address: ipnet::Ipv4Net,
+    mtu: u16,
+    routes: &[ipnet::Ipv4Net],
+) -> Result<(), TapError> {
+    let idx = index_of(name)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| TapError::Netlink(e.to_string()))?;
+    rt.block_on(async move {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| TapError::Netlink(e.to_string()))?;
+        let task = tokio::spawn(conn);
+        let result = async {
+            handle
+                .link()
+                .set(
+                    rtnetlink::LinkUnspec::new_with_index(idx)
+                        .mtu(u32::from(mtu))
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| TapError::Netlink(format!("{name} up: {e}")))?;
+            handle
+                .address()
+                .add(idx, address.addr().into(), address.prefix_len())
+                .execute()
+                .await
+                .map_err(|e| TapError::Netlink(format!("address {address}: {e}")))?;
+            for net in routes {
+                let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(net.network(), net.prefix_len())
+                    .output_interface(idx)
+                    .build();
+                match handle.route().add(route).execute().await {
+                    Ok(()) => {}
+                    // The interface address's own subnet route already
+                    // covers an AllowedIPs entry equal to it.
+                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+                    Err(e) => return Err(TapError::Netlink(format!("route {net}: {e}"))),
+                }
             }
             Ok(())
         }

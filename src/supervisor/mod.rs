@@ -54,6 +54,8 @@ pub enum SupervisorError {
     Firmware(#[from] crate::firmware::FirmwareError),
     #[error(transparent)]
     Share(#[from] crate::share::ShareError),
+    #[error(transparent)]
+    Wireguard(#[from] crate::wireguard::WgError),
     #[error("QEMU exited during start-up ({status}); last lines of its log:\n{log}")]
     QemuExited { status: String, log: String },
 }
@@ -69,6 +71,7 @@ impl SupervisorError {
             SupervisorError::Accel(e) => e.exit_code(),
             SupervisorError::Firmware(e) => e.exit_code(),
             SupervisorError::Share(e) => e.exit_code(),
+            SupervisorError::Wireguard(e) => e.exit_code(),
             SupervisorError::Tap(tap::TapError::Open(_)) => exit::UNAVAILABLE,
             SupervisorError::Dataplane(e) => e.exit_code(),
             _ => exit::SOFTWARE,
@@ -167,6 +170,9 @@ struct Prepared {
     spec: qemu::VmSpec,
     /// Shares to serve, their stores mounted.
     served: Vec<crate::share::Served>,
+    /// WireGuard mode: the plan, the TUN (in the namespace) and the UDP
+    /// socket (in the host's).
+    wg: Option<(crate::wireguard::Plan, std::fs::File, std::net::UdpSocket)>,
 }
 
 fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, SupervisorError> {
@@ -208,14 +214,27 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     // QEMU runs unprivileged and opens its files here by name.
     state::ensure_dir(&vm.state, 0o711)?;
 
+    // Endpoint names are resolved here, once, in the host's namespace.
+    let wg_plan = crate::wireguard::plan_for(&cfg)?;
     let ns = Arc::new(NetNs::create()?);
     let setup = dataplane::Setup::for_config(&cfg);
-    let (tap, dhcp_sock, sockets) = ns.run(|| -> Result<_, SupervisorError> {
+    let (tap, dhcp_sock, sockets, tun) = ns.run(|| -> Result<_, SupervisorError> {
         let tap = tap::create_tap(tap::TAP_NAME)?;
+        let tun = wg_plan
+            .as_ref()
+            .map(crate::wireguard::create_tun_in_ns)
+            .transpose()?;
         let sockets = dataplane::setup_in_ns(tap::TAP_NAME, &setup)?;
         let dhcp_sock = dhcp::bind_socket(tap::TAP_NAME).map_err(io("DHCP socket"))?;
-        Ok((tap, dhcp_sock, sockets))
+        Ok((tap, dhcp_sock, sockets, tun))
     })??;
+    let wg = match (wg_plan, tun) {
+        (Some(plan), Some(tun)) => {
+            let udp = crate::wireguard::bind_udp(&plan)?;
+            Some((plan, tun, udp))
+        }
+        _ => None,
+    };
 
     let (qmp_ours, qmp_theirs) =
         std::os::unix::net::UnixStream::pair().map_err(io("QMP socket pair"))?;
@@ -273,6 +292,7 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         identity,
         spec,
         served,
+        wg,
     })
 }
 
@@ -325,11 +345,47 @@ async fn supervise(
         identity,
         mut spec,
         served,
+        wg,
     } = p;
+    let exe = std::env::current_exe().map_err(io("cannot find the migrant executable"))?;
+
+    // WireGuard first: fail closed before the guest exists.
+    let mut tunnel = None;
+    let mut tunnel_exit = None;
+    if let Some((plan, tun, udp)) = wg {
+        let up = crate::wireguard::bring_up(
+            &exe,
+            (&plan, tun, udp),
+            &identity,
+            &vm.state.join("wireguard.log"),
+            cfg.network.wireguard_timeout,
+            &ns,
+        )
+        .await?;
+        let peers = plan
+            .peers
+            .iter()
+            .map(|p| match (&p.written, p.endpoint) {
+                (Some(w), Some(e)) if *w != e.to_string() => format!("{w} ({e})"),
+                (_, Some(e)) => e.to_string(),
+                _ => format!("{} (no endpoint)", p.public_key),
+            })
+            .collect();
+        reporter.send(&Progress::Tunnel {
+            peers,
+            dns: plan.dns.iter().map(|d| d.to_string()).collect(),
+        });
+        tokio::spawn(publish_wg(
+            up.tunnel.reports.clone(),
+            vm.run.clone(),
+            plan.clone(),
+        ));
+        tunnel_exit = Some(up.exit);
+        tunnel = Some(up.tunnel);
+    }
 
     // One embedded virtiofsd per share, started before QEMU (from this
     // thread: they die with it).
-    let exe = std::env::current_exe().map_err(io("cannot find the migrant executable"))?;
     let mut daemons = Vec::new();
     let mut fs_ends = Vec::new();
     for s in &served {
@@ -442,7 +498,7 @@ async fn supervise(
             tracing::error!("DHCP server stopped: {e}");
         }
     });
-    let stats = dataplane::spawn(&cfg, Arc::clone(&ns), sockets)?;
+    let stats = dataplane::spawn(&cfg, Arc::clone(&ns), sockets, tunnel_exit)?;
 
     let ssh_target = SocketAddr::V4(SocketAddrV4::new(guest_ip, 22));
     let ssh_listener = bind_private(&vm.ssh_sock())?;
@@ -512,6 +568,19 @@ async fn supervise(
             Some(ev) = event_rx.recv() => {
                 on_event(&ev, vm);
             }
+            status = async {
+                match tunnel.as_mut() {
+                    Some(t) => t.child.wait().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // Fail closed: the TUN went with the process, so nothing
+                // leaves any more; the VM keeps running without egress.
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                tracing::error!("the WireGuard process exited ({status}); the guest has no egress");
+                tunnel = None;
+                let _ = std::fs::remove_file(crate::wireguard::Published::path(&vm.run));
+            }
             _ = share_check.tick(), if !served.is_empty() => {
                 if let Err(why) = crate::share::verify_served(&served) {
                     // Stop at once: no ACPI, no hooks, nothing the guest
@@ -551,6 +620,37 @@ async fn supervise(
     tracing::info!("VM stopped: {stop_reason}");
     let _ = Record::update(&vm.record(), |r| r.last_stop = Some(stop_reason));
     Ok(())
+}
+
+/// Publish the packet loop's reports for `migrant wg` and `status` (no
+/// secrets in them), world-readable like the VM's record.
+async fn publish_wg(
+    mut reports: watch::Receiver<Option<crate::wireguard::tunnel::Report>>,
+    run: std::path::PathBuf,
+    plan: crate::wireguard::Plan,
+) {
+    let path = crate::wireguard::Published::path(&run);
+    loop {
+        let report = reports.borrow_and_update().clone();
+        if let Some(r) = report {
+            let p = crate::wireguard::Published {
+                written_ms: state::now_ms(),
+                address: plan.address.to_string(),
+                dns: plan.dns.iter().map(|d| d.to_string()).collect(),
+                peers: r.peers,
+                written_endpoints: plan.peers.iter().map(|p| p.written.clone()).collect(),
+            };
+            if let Ok(json) = serde_json::to_vec_pretty(&p)
+                && let Err(e) = state::write_atomic(&path, &json, 0o644)
+            {
+                tracing::warn!("cannot write {}: {e}", path.display());
+            }
+        }
+        if reports.changed().await.is_err() {
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+    }
 }
 
 impl SupervisorError {

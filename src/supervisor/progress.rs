@@ -13,6 +13,11 @@ pub enum Progress {
         accel: String,
         user: String,
     },
+    /// The WireGuard tunnel completed its first handshakes (before QEMU).
+    Tunnel {
+        peers: Vec<String>,
+        dns: Vec<String>,
+    },
     /// The guest took its DHCP lease.
     Lease { ip: String },
     /// The guest's SSH server answers.

@@ -1,6 +1,325 @@
-//! WireGuard egress. For now: the wg-quick configuration, read and checked
-//! at `up` so that its mistakes are reported with their line; the tunnel
-//! itself (boringtun in the VM's namespace) is not built yet, and `up`
-//! refuses such a VM rather than let it egress outside the tunnel.
+//! WireGuard egress: every flow the guest is allowed leaves through a
+//! userspace tunnel (boringtun) whose TUN device lives in the VM's
+//! namespace and whose UDP socket lives in the host's.
+//!
+//! How it fits the dataplane: the guest keeps its gateway; the egress
+//! proxy applies the policy as always and, in WireGuard mode, opens its
+//! upstream sockets *inside* the VM's namespace, whose only route out is
+//! the TUN (`AllowedIPs` become its routes). There is no other interface
+//! and no forwarding, so nothing the guest sends can leave any other way;
+//! when the tunnel is down, connections simply fail. Named holes leave
+//! from the host's namespace unless marked `via-tunnel`.
+//!
+//! The packet loop runs in a child process (`migrant __wg`) that drops to
+//! the unprivileged QEMU user before it reads a single packet; see
+//! [`tunnel`]. The supervisor creates the TUN and the UDP socket, hands
+//! them over, waits for the first handshake before the VM starts (fail
+//! closed), and publishes the child's reports in `wg.json` for `migrant wg`.
 
+pub mod child;
 pub mod conf;
+pub mod tunnel;
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::{Deserialize, Serialize};
+
+/// Name of the TUN device inside the VM's namespace.
+pub const TUN_NAME: &str = "wg0";
+/// wg-quick's default MTU.
+pub const DEFAULT_MTU: u16 = 1420;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WgError {
+    #[error("{file}: peer at line {line}: cannot resolve endpoint {host}:{port}")]
+    Resolve {
+        file: String,
+        line: usize,
+        host: String,
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{file}: peer at line {line}: endpoint {endpoint} is IPv6; only IPv4 endpoints are supported"
+    )]
+    Ipv6Endpoint {
+        file: String,
+        line: usize,
+        endpoint: String,
+    },
+    #[error("{0}: no IPv4 Address in [Interface]; the tunnel needs one")]
+    NoAddress(String),
+    #[error("cannot create the WireGuard TUN device")]
+    Tun(#[source] crate::net::tap::TapError),
+    #[error("cannot set up the WireGuard UDP socket")]
+    Socket(#[source] std::io::Error),
+    #[error("cannot start the WireGuard process")]
+    Spawn(#[source] std::io::Error),
+    #[error(
+        "no WireGuard handshake with {pending} within {secs} s (wrong key, or endpoint unreachable?); the VM was not started"
+    )]
+    NoHandshake { pending: String, secs: u64 },
+    #[error("the WireGuard process exited before the first handshake (see {log})")]
+    Died { log: String },
+    #[error(transparent)]
+    Netns(#[from] crate::net::netns::NetnsError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+impl WgError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            WgError::Resolve { .. } | WgError::Ipv6Endpoint { .. } | WgError::NoAddress(_) => {
+                crate::exit::CONFIG
+            }
+            WgError::Tun(_) | WgError::NoHandshake { .. } | WgError::Died { .. } => {
+                crate::exit::UNAVAILABLE
+            }
+            WgError::Socket(_) | WgError::Spawn(_) | WgError::Netns(_) => crate::exit::SOFTWARE,
+            WgError::Config(e) => e.exit_code(),
+        }
+    }
+}
+
+/// A peer with its endpoint resolved.
+#[derive(Debug, Clone)]
+pub struct ResolvedPeer {
+    pub public_key: conf::PublicKey,
+    /// As written in the file (a name or an address).
+    pub written: Option<String>,
+    pub endpoint: Option<SocketAddrV4>,
+}
+
+/// The tunnel as the supervisor sets it up.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub conf: conf::WgConfig,
+    pub peers: Vec<ResolvedPeer>,
+    pub address: Ipv4Net,
+    /// Every IPv4 `AllowedIPs` entry of every peer, once.
+    pub routes: Vec<Ipv4Net>,
+    /// The tunnel's DNS servers (IPv4), queried through it.
+    pub dns: Vec<Ipv4Addr>,
+}
+
+/// Resolve endpoint names once, on the host, and collect what the
+/// namespace needs. Runs in the host's namespace (its resolver).
+pub fn plan(file: &Path, conf: conf::WgConfig) -> Result<Plan, WgError> {
+    let name = file.display().to_string();
+    let address = *conf
+        .addresses
+        .first()
+        .ok_or_else(|| WgError::NoAddress(name.clone()))?;
+    let mut peers = Vec::new();
+    for p in &conf.peers {
+        let (written, endpoint) = match &p.endpoint {
+            None => (None, None),
+            Some(conf::Endpoint::Addr(SocketAddr::V4(a))) => (Some(a.to_string()), Some(*a)),
+            Some(conf::Endpoint::Addr(a @ SocketAddr::V6(_))) => {
+                return Err(WgError::Ipv6Endpoint {
+                    file: name,
+                    line: p.line,
+                    endpoint: a.to_string(),
+                });
+            }
+            Some(conf::Endpoint::Name { host, port }) => {
+                let found = (host.as_str(), *port)
+                    .to_socket_addrs()
+                    .map_err(|source| WgError::Resolve {
+                        file: name.clone(),
+                        line: p.line,
+                        host: host.clone(),
+                        port: *port,
+                        source,
+                    })?
+                    .find_map(|a| match a {
+                        SocketAddr::V4(v4) => Some(v4),
+                        SocketAddr::V6(_) => None,
+                    })
+                    .ok_or_else(|| WgError::Resolve {
+                        file: name.clone(),
+                        line: p.line,
+                        host: host.clone(),
+                        port: *port,
+                        source: std::io::Error::other("no IPv4 address"),
+                    })?;
+                (Some(format!("{host}:{port}")), Some(found))
+            }
+        };
+        peers.push(ResolvedPeer {
+            public_key: p.public_key.clone(),
+            written,
+            endpoint,
+        });
+    }
+    let mut routes: Vec<Ipv4Net> = Vec::new();
+    for p in &conf.peers {
+        for n in &p.allowed_ips {
+            if let IpNet::V4(v4) = n {
+                let v4 = v4.trunc();
+                if !routes.contains(&v4) {
+                    routes.push(v4);
+                }
+            }
+        }
+    }
+    let dns = conf
+        .dns
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    Ok(Plan {
+        conf,
+        peers,
+        address,
+        routes,
+        dns,
+    })
+}
+
+impl Plan {
+    /// What the packet loop gets (it holds the private key: stdin only).
+    pub fn spec(&self) -> tunnel::Spec {
+        tunnel::Spec {
+            private_key: self.conf.private_key.0,
+            peers: self
+                .conf
+                .peers
+                .iter()
+                .zip(&self.peers)
+                .map(|(p, r)| tunnel::PeerSpec {
+                    public_key: p.public_key.0,
+                    preshared_key: p.preshared_key.as_ref().map(|k| k.0),
+                    endpoint: r.endpoint,
+                    allowed_ips: p
+                        .allowed_ips
+                        .iter()
+                        .filter_map(|n| match n {
+                            IpNet::V4(v4) => Some(v4.trunc()),
+                            IpNet::V6(_) => None,
+                        })
+                        .collect(),
+                    keepalive: p.persistent_keepalive,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn mtu(&self) -> u16 {
+        self.conf.mtu.unwrap_or(DEFAULT_MTU)
+    }
+}
+
+/// In the current thread's namespace: create the TUN, give it the
+/// interface address and MTU, bring it up and route `AllowedIPs` into it.
+pub fn create_tun_in_ns(plan: &Plan) -> Result<File, WgError> {
+    let tun = crate::net::tap::create_tun(TUN_NAME).map_err(WgError::Tun)?;
+    crate::net::tap::configure_tun(TUN_NAME, plan.address, plan.mtu(), &plan.routes)
+        .map_err(WgError::Tun)?;
+    Ok(tun)
+}
+
+/// The UDP socket the tunnel speaks from, in the host's namespace: bound
+/// to `ListenPort` if set, with large buffers (bursts of a fast TCP flow).
+pub fn bind_udp(plan: &Plan) -> Result<std::net::UdpSocket, WgError> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, None).map_err(WgError::Socket)?;
+    let size = 4 << 20;
+    let _ = s.set_recv_buffer_size(size);
+    let _ = s.set_send_buffer_size(size);
+    // The FORCE variants ignore the system maximum (we are root here).
+    force_buffers(&s, size);
+    let port = plan.conf.listen_port.unwrap_or(0);
+    s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
+        .map_err(WgError::Socket)?;
+    Ok(s.into())
+}
+
+fn force_buffers(s: &socket2::Socket, size: usize) {
+    use std::os::fd::AsRawFd;
+    let v = size as libc::c_int;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&v`,
+        // a live c_int; the descriptor is an open socket we own.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// What `migrant wg` and `status` read: written by the supervisor from the
+/// packet loop's reports. No secrets: public keys, endpoints, counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Published {
+    /// Unix time in milliseconds when this was written.
+    pub written_ms: u64,
+    pub address: String,
+    /// The tunnel's DNS servers; empty when the guest's queries go to the
+    /// host's resolvers (outside the tunnel).
+    pub dns: Vec<String>,
+    pub peers: Vec<tunnel::PeerReport>,
+    /// Endpoints as written in the file (names stay names).
+    pub written_endpoints: Vec<Option<String>>,
+}
+
+impl Published {
+    pub fn path(run_dir: &Path) -> std::path::PathBuf {
+        run_dir.join("wg.json")
+    }
+
+    /// How old the report is now, to age the handshake times.
+    pub fn age(&self) -> Duration {
+        let now = crate::state::now_ms();
+        Duration::from_millis(now.saturating_sub(self.written_ms))
+    }
+}
+
+/// Read the VM's WireGuard file and resolve its endpoints (host namespace).
+pub fn plan_for(cfg: &crate::config::Config) -> Result<Option<Plan>, WgError> {
+    match &cfg.network.wireguard {
+        Some(file) => Ok(Some(plan(file, conf::load(file)?)?)),
+        None => Ok(None),
+    }
+}
+
+/// A tunnel that completed its first handshakes, and the dataplane's way
+/// into it.
+pub struct Running {
+    pub tunnel: child::Tunnel,
+    pub exit: crate::net::dataplane::TunnelExit,
+}
+
+/// Start the packet loop and wait (up to `timeout`) for every peer with an
+/// endpoint to complete a handshake; on failure the loop is gone and the
+/// TUN with it.
+pub async fn bring_up(
+    exe: &Path,
+    (plan, tun, udp): (&Plan, File, std::net::UdpSocket),
+    identity: &crate::qemu::process::Identity,
+    log: &Path,
+    timeout: Duration,
+    ns: &crate::net::netns::NetNs,
+) -> Result<Running, WgError> {
+    let mut tunnel = child::start(exe, plan, tun, udp, identity, log).await?;
+    tunnel.wait_handshake(timeout).await?;
+    let exit = crate::net::dataplane::TunnelExit {
+        sockets: std::sync::Arc::new(crate::net::netns::NsSockets::spawn(ns)?),
+        dns: plan.dns.clone(),
+    };
+    Ok(Running { tunnel, exit })
+}

@@ -1,0 +1,461 @@
+//! The WireGuard data loop: boringtun's noise state machines between the
+//! TUN device of the VM's namespace and one UDP socket in the host's.
+//!
+//! It runs in its own process (`migrant __wg`, see [`super::child`]) as the
+//! unprivileged QEMU user, holding nothing but those two descriptors and a
+//! report socket to the supervisor: the code that parses packets from the
+//! network and the guest's side never runs with root's capabilities.
+//!
+//! One thread, poll(2) on the three descriptors, non-blocking I/O: read a
+//! burst of packets from one side, encrypt or decrypt each into a buffer,
+//! write it to the other side. Packets go to the peer whose `AllowedIPs`
+//! hold the destination most specifically (cryptokey routing); decrypted
+//! packets are delivered only when their source is one the peer may use.
+//! Timers (handshake retries, rekeying, keepalives, cookie expiry) run
+//! every 250 ms as boringtun expects.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// What the loop needs, sent by the supervisor over the child's stdin
+/// (never on the command line or in the environment: it holds the key).
+#[derive(Serialize, Deserialize)]
+pub struct Spec {
+    pub private_key: [u8; 32],
+    pub peers: Vec<PeerSpec>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PeerSpec {
+    pub public_key: [u8; 32],
+    pub preshared_key: Option<[u8; 32]>,
+    /// Resolved on the host at `up`; `None` until the peer reaches us.
+    pub endpoint: Option<SocketAddrV4>,
+    pub allowed_ips: Vec<Ipv4Net>,
+    pub keepalive: Option<u16>,
+}
+
+/// One line the loop writes to the supervisor, about every second and
+/// whenever a peer completes its first handshake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerReport {
+    /// Base64, as wg(8) shows it.
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    /// Milliseconds since the last completed handshake, if any.
+    pub last_handshake_ms: Option<u64>,
+    /// Payload bytes sent into and received from the tunnel.
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+/// Room for the largest datagram plus WireGuard's overhead.
+const BUF: usize = 65536 + 64;
+/// Packets taken from one side before looking at the other.
+const BURST: usize = 64;
+const TIMER_TICK: Duration = Duration::from_millis(250);
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+struct Peer {
+    tunn: Tunn,
+    public: [u8; 32],
+    endpoint: Option<SocketAddrV4>,
+    allowed: Vec<Ipv4Net>,
+    handshaken: bool,
+}
+
+impl Peer {
+    fn allows(&self, ip: Ipv4Addr) -> bool {
+        self.allowed.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// The peer for a packet to `dst`: the most specific `AllowedIPs` entry.
+fn route(peers: &[Peer], dst: Ipv4Addr) -> Option<usize> {
+    peers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            p.allowed
+                .iter()
+                .filter(move |n| n.contains(&dst))
+                .map(move |n| (n.prefix_len(), i))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, i)| i)
+}
+
+fn b64(key: &[u8; 32]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+struct Loop {
+    secret: StaticSecret,
+    public: PublicKey,
+    peers: Vec<Peer>,
+    tun: std::fs::File,
+    udp: UdpSocket,
+    out: Vec<u8>,
+}
+
+impl Loop {
+    fn send(&self, data: &[u8], to: SocketAddrV4) {
+        // A full socket buffer drops the packet, as a busy link would;
+        // TCP inside the tunnel recovers.
+        if let Err(e) = self.udp.send_to(data, to)
+            && e.kind() != ErrorKind::WouldBlock
+        {
+            tracing::debug!("wireguard: send to {to}: {e}");
+        }
+    }
+
+    /// A packet the namespace routed into the TUN: encrypt it for its peer.
+    fn on_tun(&mut self, packet: &[u8]) {
+        let Some(IpAddr::V4(dst)) = Tunn::dst_address(packet) else {
+            return;
+        };
+        let Some(i) = route(&self.peers, dst) else {
+            return;
+        };
+        let peer = &mut self.peers[i];
+        match peer.tunn.encapsulate(packet, &mut self.out) {
+            TunnResult::WriteToNetwork(b) => {
+                let len = b.len();
+                if let Some(to) = peer.endpoint {
+                    self.send_out(len, to);
+                }
+            }
+            TunnResult::Err(e) => tracing::debug!("wireguard: encapsulate: {e:?}"),
+            _ => {}
+        }
+    }
+
+    fn send_out(&self, len: usize, to: SocketAddrV4) {
+        self.send(&self.out[..len], to);
+    }
+
+    /// Which peer a datagram is for, or `None` to drop it.
+    fn peer_of(&self, datagram: &[u8]) -> Option<(usize, u32)> {
+        match Tunn::parse_incoming_packet(datagram).ok()? {
+            Packet::HandshakeInit(h) => {
+                let half = parse_handshake_anon(&self.secret, &self.public, &h).ok()?;
+                let i = self
+                    .peers
+                    .iter()
+                    .position(|p| p.public == half.peer_static_public)?;
+                Some((i, 1))
+            }
+            Packet::HandshakeResponse(h) => Some((index(h.receiver_idx)?, 2)),
+            Packet::PacketCookieReply(c) => Some((index(c.receiver_idx)?, 3)),
+            Packet::PacketData(d) => Some((index(d.receiver_idx)?, 4)),
+        }
+        .filter(|(i, _)| *i < self.peers.len())
+    }
+
+    /// A datagram from the network: decrypt it, answer handshakes, deliver
+    /// data to the TUN.
+    fn on_udp(&mut self, datagram: &[u8], from: SocketAddrV4) {
+        let Some((i, kind)) = self.peer_of(datagram) else {
+            return;
+        };
+        let mut first = true;
+        let mut authentic = false;
+        let mut input: &[u8] = datagram;
+        loop {
+            let peer = &mut self.peers[i];
+            let src = first.then_some(IpAddr::V4(*from.ip()));
+            let result = peer.tunn.decapsulate(src, input, &mut self.out);
+            match result {
+                TunnResult::WriteToNetwork(b) => {
+                    // A cookie reply (64 bytes) is what an unauthenticated
+                    // handshake under load gets; a handshake response is
+                    // 92 bytes; anything else answers an authentic packet.
+                    if first {
+                        authentic = match kind {
+                            1 => b.len() == 92,
+                            _ => b.len() != 64,
+                        };
+                    }
+                    let len = b.len();
+                    self.send_out(len, from);
+                }
+                TunnResult::WriteToTunnelV4(b, src) => {
+                    authentic = true;
+                    if self.peers[i].allows(src) {
+                        let len = b.len();
+                        if let Err(e) = self.tun.write(&self.out[..len]) {
+                            tracing::debug!("wireguard: write to the TUN: {e}");
+                        }
+                    }
+                    break;
+                }
+                TunnResult::WriteToTunnelV6(..) => {
+                    authentic = true;
+                    break;
+                }
+                TunnResult::Done => {
+                    if first && kind != 1 {
+                        authentic = true;
+                    }
+                    break;
+                }
+                TunnResult::Err(e) => {
+                    tracing::debug!("wireguard: from {from}: {e:?}");
+                    break;
+                }
+            }
+            first = false;
+            input = &[];
+        }
+        // Roaming: a peer is reached where its last authentic packet came from.
+        if authentic {
+            self.peers[i].endpoint = Some(from);
+        }
+    }
+
+    fn timers(&mut self) {
+        for i in 0..self.peers.len() {
+            let peer = &mut self.peers[i];
+            match peer.tunn.update_timers(&mut self.out) {
+                TunnResult::WriteToNetwork(b) => {
+                    let len = b.len();
+                    if let Some(to) = self.peers[i].endpoint {
+                        self.send_out(len, to);
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                TunnResult::Err(e) => tracing::debug!("wireguard: timers: {e:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    fn initiate(&mut self) {
+        for i in 0..self.peers.len() {
+            let Some(to) = self.peers[i].endpoint else {
+                continue;
+            };
+            if let TunnResult::WriteToNetwork(b) = self.peers[i]
+                .tunn
+                .format_handshake_initiation(&mut self.out, false)
+            {
+                let len = b.len();
+                self.send_out(len, to);
+            }
+        }
+    }
+
+    fn report(&mut self) -> (Report, bool) {
+        let mut fresh = false;
+        let peers = self
+            .peers
+            .iter_mut()
+            .map(|p| {
+                let (since, tx, rx, _, _) = p.tunn.stats();
+                if since.is_some() && !p.handshaken {
+                    p.handshaken = true;
+                    fresh = true;
+                }
+                PeerReport {
+                    public_key: b64(&p.public),
+                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    last_handshake_ms: since.map(|d| d.as_millis() as u64),
+                    tx_bytes: tx as u64,
+                    rx_bytes: rx as u64,
+                }
+            })
+            .collect();
+        (Report { peers }, fresh)
+    }
+}
+
+/// A session index names its peer in its upper 24 bits (boringtun shifts
+/// the index given to [`Tunn::new`] left by 8); peers are numbered from 1.
+fn index(receiver_idx: u32) -> Option<usize> {
+    (receiver_idx >> 8).checked_sub(1).map(|i| i as usize)
+}
+
+/// Run until the supervisor closes the report socket.
+pub fn run(
+    spec: Spec,
+    tun: std::fs::File,
+    udp: UdpSocket,
+    mut report: UnixStream,
+) -> std::io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+    let secret = StaticSecret::from(spec.private_key);
+    let public = PublicKey::from(&secret);
+    let peers = spec
+        .peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Peer {
+            tunn: Tunn::new(
+                secret.clone(),
+                PublicKey::from(p.public_key),
+                p.preshared_key,
+                p.keepalive.filter(|k| *k > 0),
+                (i + 1) as u32,
+                None,
+            ),
+            public: p.public_key,
+            endpoint: p.endpoint,
+            allowed: p.allowed_ips.clone(),
+            handshaken: false,
+        })
+        .collect();
+    set_nonblocking(&tun)?;
+    udp.set_nonblocking(true)?;
+    report.set_nonblocking(true)?;
+    let mut lp = Loop {
+        secret,
+        public,
+        peers,
+        tun,
+        udp,
+        out: vec![0u8; BUF],
+    };
+    lp.initiate();
+    let mut buf = vec![0u8; BUF];
+    let mut next_timer = Instant::now() + TIMER_TICK;
+    let mut next_report = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= next_timer {
+            lp.timers();
+            next_timer = now + TIMER_TICK;
+        }
+        let (r, fresh) = lp.report();
+        if now >= next_report || fresh {
+            let mut line = serde_json::to_vec(&r).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            match report.write_all(&line) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            next_report = now + REPORT_EVERY;
+        }
+        let wait = next_timer
+            .min(next_report)
+            .saturating_duration_since(Instant::now());
+        let (tun_ready, udp_ready, ctl_ready) = {
+            let mut fds = [
+                PollFd::new(lp.tun.as_fd(), PollFlags::POLLIN),
+                PollFd::new(lp.udp.as_fd(), PollFlags::POLLIN),
+                PollFd::new(report.as_fd(), PollFlags::POLLIN),
+            ];
+            let ms = PollTimeout::from(wait.as_millis().min(1000) as u16);
+            match poll(&mut fds, ms) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]))
+        };
+        if ctl_ready {
+            // The supervisor never writes: readable means it went away.
+            let mut b = [0u8; 64];
+            match report.read(&mut b) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if tun_ready {
+            for _ in 0..BURST {
+                match lp.tun.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => lp.on_tun(&buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if udp_ready {
+            for _ in 0..BURST {
+                match lp.udp.recv_from(&mut buf) {
+                    Ok((n, SocketAddr::V4(from))) => lp.on_udp(&buf[..n], from),
+                    Ok((_, SocketAddr::V6(_))) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // ICMP errors (an unreachable endpoint) surface
+                        // here; the timers keep retrying.
+                        tracing::debug!("wireguard: receive: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn set_nonblocking(f: &std::fs::File) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = fcntl(f, FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(f, FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
+    let _ = f.as_raw_fd();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (StaticSecret, PublicKey) {
+        let s = StaticSecret::from([7u8; 32]);
+        let p = PublicKey::from(&s);
+        (s, p)
+    }
+
+    fn peer(nets: &[&str]) -> Peer {
+        let (s, _) = keys();
+        let other = PublicKey::from(&StaticSecret::from([9u8; 32]));
+        Peer {
+            tunn: Tunn::new(s, other, None, None, 1, None),
+            public: [0; 32],
+            endpoint: None,
+            allowed: nets.iter().filter_map(|n| n.parse().ok()).collect(),
+            handshaken: false,
+        }
+    }
+
+    #[test]
+    fn packets_go_to_the_most_specific_allowed_ips() {
+        let peers = vec![peer(&["0.0.0.0/0"]), peer(&["10.9.0.0/16", "10.9.8.0/24"])];
+        assert_eq!(route(&peers, Ipv4Addr::new(1, 1, 1, 1)), Some(0));
+        assert_eq!(route(&peers, Ipv4Addr::new(10, 9, 1, 1)), Some(1));
+        assert_eq!(route(&peers, Ipv4Addr::new(10, 9, 8, 1)), Some(1));
+        let only = vec![peer(&["10.9.0.0/16"])];
+        assert_eq!(route(&only, Ipv4Addr::new(1, 1, 1, 1)), None);
+    }
+
+    #[test]
+    fn session_indexes_name_peers_from_one() {
+        assert_eq!(index(1 << 8), Some(0));
+        assert_eq!(index((3 << 8) | 0xff), Some(2));
+        assert_eq!(index(0xff), None);
+    }
+}
