@@ -134,7 +134,15 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     // unless provisioning must happen first.
     let console_now =
         opts.autoconnect && cfg.autoconnect == Autoconnect::Console && (provisioned || !playbook);
-    start(cfg, vm, &lock, opts.timeout, console_now)?;
+    if let Err(e) = start(cfg, vm, &lock, opts.timeout, console_now) {
+        // A VM this command created and could not start (no tunnel
+        // handshake, QEMU refused, ...) holds nothing of the user's yet:
+        // remove it, so that nothing half-made stays behind.
+        if creating {
+            remove_new_vm(vm);
+        }
+        return Err(e);
+    }
     drop(lock);
     if console_now {
         if !provisioned {
@@ -183,7 +191,9 @@ fn remove_new_vm(vm: &VmPaths) {
     ] {
         let _ = std::fs::remove_file(f);
     }
-    let _ = std::fs::remove_file(vm.state.join("qemu.log"));
+    for log in ["qemu.log", "wireguard.log"] {
+        let _ = std::fs::remove_file(vm.state.join(log));
+    }
     hooks::forget_extra_args(vm);
     let _ = std::fs::remove_file(vm.lock());
     let _ = std::fs::remove_dir(&vm.state);

@@ -1,0 +1,405 @@
+//! WireGuard egress on a real guest under TCG, against an independent peer
+//! (wireguard-go and wg from Debian) in a "vpn" namespace, with keys made
+//! for this run. Nothing leaves this machine:
+//!
+//! ```text
+//!   [host ns: migrant] 45.31.0.1 ──veth── 45.31.0.2 [vpn ns] wireguard-go 10.77.0.1/24,
+//!        │                                    │        dnsmasq 10.77.0.1 (ok.test -> 45.20.0.11)
+//!        │                                    └ 45.41.0.1 ──veth── 45.41.0.2 ┐
+//!        └── 45.10.0.1 ──veth (the direct path, counted) ── 45.10.0.2 [internet ns]
+//!                                               45.20.0.12:80 answers with the source address it saw
+//! ```
+
+mod common;
+
+use common::net::TestNet;
+use common::*;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn sh(ns: &str, script: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", script])
+        .output()
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn wg_key(args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut c = Command::new("wg")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("wg: {e}"));
+    if let Some(mut i) = c.stdin.take() {
+        i.write_all(input.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let out = c.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Echo the client's address: proof of which way a connection came.
+const WHOAMI: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.client_address[0].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer((sys.argv[1], 80), H).serve_forever()
+"#;
+
+/// The "vpn" namespace with its wireguard-go peer, beside a [`TestNet`].
+struct Vpn {
+    ns: String,
+    iface: String,
+    peer_public: String,
+    our_private: String,
+    children: Vec<Child>,
+}
+
+impl Vpn {
+    fn new(net: &TestNet, tag: &str) -> Vpn {
+        let id = std::process::id() % 100000;
+        let ns = format!("mgt-v{tag}-{id}");
+        let iface = format!("mgw{tag}{id}");
+        let run = |args: &[&str]| {
+            let s = Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap_or_else(|e| panic!("ip: {e}"));
+            assert!(s.success(), "ip {args:?}");
+        };
+        run(&["netns", "add", &ns]);
+        let mut vpn = Vpn {
+            ns: ns.clone(),
+            iface: iface.clone(),
+            peer_public: String::new(),
+            our_private: String::new(),
+            children: Vec::new(),
+        };
+        run(&[
+            "link", "add", "mgt-hv", "netns", &net.host, "type", "veth", "peer", "name", "mgt-vh",
+            "netns", &ns,
+        ]);
+        run(&[
+            "link", "add", "mgt-vi", "netns", &ns, "type", "veth", "peer", "name", "mgt-iv",
+            "netns", &net.inet,
+        ]);
+        sh(
+            &net.host,
+            "ip addr add 45.31.0.1/24 dev mgt-hv && ip link set mgt-hv up",
+        );
+        sh(
+            &ns,
+            "ip link set lo up && ip addr add 45.31.0.2/24 dev mgt-vh && ip link set mgt-vh up \
+             && ip addr add 45.41.0.1/24 dev mgt-vi && ip link set mgt-vi up \
+             && ip route add default via 45.41.0.2 && sysctl -qw net.ipv4.ip_forward=1",
+        );
+        sh(
+            &net.inet,
+            "ip addr add 45.41.0.2/24 dev mgt-iv && ip link set mgt-iv up \
+             && ip route add 10.77.0.0/24 via 45.41.0.1 && ip addr add 45.20.0.12/32 dev lo",
+        );
+        // Count every IPv4 packet that reaches the internet from the host's
+        // direct link: the guest must never be among it.
+        sh(
+            &net.inet,
+            "nft add table inet mgt && nft add chain inet mgt pre '{ type filter hook prerouting priority -300; }' \
+             && nft add counter inet mgt direct && nft add rule inet mgt pre iifname mgt-ih meta nfproto ipv4 counter name direct",
+        );
+        let whoami = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.inet,
+                "python3",
+                "-c",
+                WHOAMI,
+                "45.20.0.12",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        vpn.children.push(whoami);
+
+        let peer_private = wg_key(&["genkey"], "");
+        vpn.peer_public = wg_key(&["pubkey"], &peer_private);
+        vpn.our_private = wg_key(&["genkey"], "");
+        let our_public = wg_key(&["pubkey"], &vpn.our_private);
+        let wg = Command::new("ip")
+            .args(["netns", "exec", &ns, "wireguard-go", "-f", &iface])
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("wireguard-go: {e}"));
+        vpn.children.push(wg);
+        let sock = format!("/var/run/wireguard/{iface}.sock");
+        assert!(
+            wait_for(Duration::from_secs(10), || std::path::Path::new(&sock)
+                .exists()),
+            "wireguard-go did not start"
+        );
+        let keyfile = std::env::temp_dir().join(format!("mgt-wgkey-{id}"));
+        std::fs::write(&keyfile, &peer_private).unwrap_or_else(|e| panic!("{e}"));
+        sh(
+            &ns,
+            &format!(
+                "wg set {iface} listen-port 51820 private-key {} peer {our_public} allowed-ips 10.77.0.2/32 \
+                 && ip addr add 10.77.0.1/24 dev {iface} && ip link set {iface} up",
+                keyfile.display()
+            ),
+        );
+        let _ = std::fs::remove_file(&keyfile);
+        let dns = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "dnsmasq",
+                "--no-daemon",
+                "--no-resolv",
+                "--no-hosts",
+                "--listen-address=10.77.0.1",
+                "--bind-interfaces",
+                "--address=/ok.test/45.20.0.11",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("dnsmasq: {e}"));
+        vpn.children.push(dns);
+        std::thread::sleep(Duration::from_millis(500));
+        vpn
+    }
+
+    fn conf(&self, peer_public: &str, endpoint: &str) -> String {
+        format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 10.77.0.2/32\nDNS = 10.77.0.1\n\n\
+             [Peer]\nPublicKey = {peer_public}\nEndpoint = {endpoint}\nAllowedIPs = 0.0.0.0/0\n\
+             PersistentKeepalive = 5\n",
+            self.our_private
+        )
+    }
+
+    /// Packets that reached the internet over the host's direct link.
+    fn direct_packets(net: &TestNet) -> u64 {
+        let out = sh(&net.inet, "nft -j list counter inet mgt direct");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v["nftables"]
+            .as_array()
+            .and_then(|a| a.iter().find_map(|o| o["counter"]["packets"].as_u64()))
+            .unwrap_or_else(|| panic!("no counter in {out}"))
+    }
+}
+
+impl Drop for Vpn {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.iface));
+    }
+}
+
+fn expect(results: &std::collections::HashMap<String, String>, check: &str, want: &str) {
+    let got = results
+        .get(check)
+        .map(String::as_str)
+        .unwrap_or("<missing>");
+    if want == "ERR" {
+        assert!(
+            got.starts_with("ERR"),
+            "{check}: expected a failure, got {got:?}"
+        );
+    } else {
+        assert_eq!(got, want, "{check}");
+    }
+}
+
+/// The tunnel process of the supervisor `sup`, if any.
+fn tunnel_pid(sup: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        (cmd.contains("__wg ") && cmd.contains(&format!("--parent {sup}"))).then_some(pid)
+    })
+}
+
+fn wg_json(env: &Env) -> serde_json::Value {
+    let out = env.ok(&["wg", "--json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("wg --json: {e}: {out}"))
+}
+
+#[test]
+fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
+    let Some(image) = test_image() else { return };
+    let net = TestNet::new("w");
+    let vpn = Vpn::new(&net, "a");
+    let env = Env::new_in("wg", &image, "", Some(&net.host));
+    std::fs::write(
+        env.project.join("wireguard.conf"),
+        vpn.conf(&vpn.peer_public, "45.31.0.2:51820"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let up = env.ok(&["up"]);
+    assert!(up.contains("WireGuard tunnel up"), "{up}");
+    assert!(up.contains("DNS through the tunnel: 10.77.0.1"), "{up}");
+    let sup = env
+        .pid_of("__supervisor")
+        .unwrap_or_else(|| panic!("no supervisor"));
+    let tunnel = tunnel_pid(sup).unwrap_or_else(|| panic!("no tunnel process"));
+    let status = std::fs::read_to_string(format!("/proc/{tunnel}/status")).unwrap_or_default();
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !uid_line.split_whitespace().skip(1).any(|u| u == "0"),
+        "the tunnel runs as root: {uid_line}"
+    );
+    let before = wg_json(&env);
+
+    let r = env.probe(&[
+        // The server saw the tunnel's address: the flow went through it.
+        "http:http://45.20.0.12/",
+        // DNS, wherever the guest sends it, is answered by the tunnel's
+        // server (the host's resolver would say 45.20.0.10).
+        "dns:ok.test",
+        "udpdns:45.20.0.53:ok.test",
+        "tcpdns:10.0.2.2:ok.test",
+        "tcpdns:45.20.0.53:ok.test",
+        // The policy still holds inside the tunnel.
+        "http:http://45.10.0.1:9090/",
+        "tcp:10.0.2.2:22",
+    ]);
+    expect(&r, "http:http://45.20.0.12/", "10.77.0.2");
+    expect(&r, "dns:ok.test", "45.20.0.11");
+    expect(&r, "udpdns:45.20.0.53:ok.test", "45.20.0.11");
+    expect(&r, "tcpdns:10.0.2.2:ok.test", "45.20.0.11");
+    expect(&r, "tcpdns:45.20.0.53:ok.test", "45.20.0.11");
+    expect(&r, "http:http://45.10.0.1:9090/", "ERR");
+    expect(&r, "tcp:10.0.2.2:22", "ERR");
+    assert_eq!(
+        Vpn::direct_packets(&net),
+        0,
+        "guest traffic reached the internet outside the tunnel"
+    );
+
+    // `migrant wg`: a recent handshake, and the bytes of the probe.
+    let after = wg_json(&env);
+    let peer = &after["peers"][0];
+    assert_eq!(peer["public_key"], vpn.peer_public.as_str());
+    assert_eq!(peer["endpoint"], "45.31.0.2:51820");
+    let age = peer["latest_handshake_secs"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no handshake: {after}"));
+    assert!(age < 180, "handshake {age} s ago");
+    for k in ["sent_bytes", "received_bytes"] {
+        let (b, a) = (
+            before["peers"][0][k].as_u64().unwrap_or(0),
+            peer[k].as_u64().unwrap_or(0),
+        );
+        assert!(a > b, "{k} did not grow: {b} -> {a}");
+    }
+    let text = env.ok(&["wg"]);
+    assert!(text.contains("latest handshake:"), "{text}");
+    assert!(
+        text.contains("dns:       10.77.0.1 through the tunnel"),
+        "{text}"
+    );
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("wireguard:   10.77.0.2/32 via 45.31.0.2:51820"),
+        "{status}"
+    );
+    assert!(status.contains("10.77.0.1 through the tunnel"), "{status}");
+
+    // The peer goes away: the guest's egress stops, and nothing leaks.
+    sh(&vpn.ns, &format!("ip link set {} down", vpn.iface));
+    sh(&vpn.ns, "ip link set mgt-vh down");
+    let r = env.probe(&["http:http://45.20.0.12/", "http:http://45.20.0.11/"]);
+    expect(&r, "http:http://45.20.0.12/", "ERR");
+    expect(&r, "http:http://45.20.0.11/", "ERR");
+    assert_eq!(
+        Vpn::direct_packets(&net),
+        0,
+        "egress leaked once the tunnel died"
+    );
+    // The direct path itself works: the counter is not blind.
+    sh(
+        &net.host,
+        "python3 -c \"import urllib.request; urllib.request.urlopen('http://45.20.0.12/', timeout=5).read()\"",
+    );
+    assert!(
+        Vpn::direct_packets(&net) > 0,
+        "the direct-path counter counts nothing"
+    );
+
+    env.ok(&["halt", "--force"]);
+    assert!(
+        wait_for(Duration::from_secs(10), || tunnel_pid(sup).is_none()),
+        "the tunnel process outlived the VM"
+    );
+    env.ok(&["destroy"]);
+    env.assert_clean();
+}
+
+#[test]
+fn a_wrong_key_or_a_dead_endpoint_fails_up_and_leaves_nothing() {
+    let Some(image) = test_image() else { return };
+    let net = TestNet::new("x");
+    let vpn = Vpn::new(&net, "b");
+    let env = Env::new_in(
+        "wgbad",
+        &image,
+        "[network]\nwireguard_timeout = 4\n",
+        Some(&net.host),
+    );
+    let stranger = wg_key(&["pubkey"], &wg_key(&["genkey"], ""));
+    for (key, endpoint) in [
+        (stranger.as_str(), "45.31.0.2:51820"),
+        (vpn.peer_public.as_str(), "45.31.0.2:51999"),
+    ] {
+        std::fs::write(env.project.join("wireguard.conf"), vpn.conf(key, endpoint))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let out = env.run(&["up"]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(69), "{t}");
+        assert!(
+            t.contains(&format!(
+                "no WireGuard handshake with {endpoint} within 4 s"
+            )),
+            "{t}"
+        );
+        assert!(!t.contains(&vpn.our_private), "the private key was printed");
+        assert!(env.pid_of("qemu-system").is_none(), "QEMU ran");
+        env.assert_clean();
+        let status = env.ok(&["status"]);
+        assert!(status.contains("not created"), "{status}");
+        assert!(
+            !env.state_dir().exists(),
+            "the VM's state was left behind: {}",
+            env.state_dir().display()
+        );
+    }
+    assert_eq!(Vpn::direct_packets(&net), 0);
+}
