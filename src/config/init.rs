@@ -72,7 +72,7 @@ egress = "direct"
 #   allow-host-port tcp/8080                      the host's port 8080
 #   allow-lan-host 192.168.1.50                   one machine on the LAN
 #   forward-port tcp/11434 100.64.0.6:11434       gateway:11434 to that address
-#   ... via-tunnel                                 same, through WireGuard
+#   ... via-tunnel                                 either: through WireGuard
 rules = []
 
 # Domains the guest may reach ("*." for every subdomain).
@@ -81,6 +81,8 @@ rules = []
 # Route all guest traffic through WireGuard (a wg-quick file). A
 # wireguard.conf beside this file is used without being named here.
 #wireguard = "wireguard.conf"
+# Seconds `up` waits for the tunnel's first handshake before giving up.
+#wireguard_timeout = 10
 
 # IPv6 egress (not possible together with WireGuard).
 #ipv6 = false
