@@ -890,6 +890,71 @@ fn toml_ipv6_with_wireguard_is_refused() {
     );
 }
 
+#[test]
+fn toml_wireguard_timeout_and_via_tunnel_lan_hosts() {
+    // Without a WireGuard file: both refused, with the line.
+    bad(
+        &format!("{IMG}[network]\nwireguard_timeout = 5\n"),
+        3,
+        "network.wireguard_timeout",
+        "without a WireGuard config",
+    );
+    bad(
+        &format!("{IMG}[network]\nrules = [\"allow-lan-host 192.168.1.5 via-tunnel\"]\n"),
+        3,
+        "network.rules[0]",
+        "via-tunnel needs a WireGuard config",
+    );
+    bad(
+        &format!("{IMG}[network]\nrules = [\"allow-lan-host 192.168.1.5 via-vpn\"]\n"),
+        3,
+        "network.rules[0]",
+        "the only one is via-tunnel",
+    );
+    let with_wg = |extra: &str| {
+        let content = format!("{IMG}[network]\n{extra}");
+        let dir = project(&content);
+        std::fs::write(dir.path().join("wireguard.conf"), "[Interface]\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        (dir, content)
+    };
+    let (dir, content) = with_wg("wireguard_timeout = 0\n");
+    bad_in(
+        dir.path(),
+        &content,
+        3,
+        "network.wireguard_timeout",
+        "out of range",
+    );
+    let (dir, _) = with_wg(
+        "wireguard_timeout = 30\nrules = [\"allow-lan-host 192.168.1.5 via-tunnel\", \"allow-lan-host 192.168.1.6\"]\n",
+    );
+    let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        c.network.wireguard_timeout,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(
+        c.network.rules,
+        [
+            NetRule::AllowLanHost {
+                addr: Ipv4Addr::new(192, 168, 1, 5),
+                via_tunnel: true
+            },
+            NetRule::AllowLanHost {
+                addr: Ipv4Addr::new(192, 168, 1, 6),
+                via_tunnel: false
+            },
+        ]
+    );
+    let (dir, _) = with_wg("");
+    let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        c.network.wireguard_timeout,
+        std::time::Duration::from_secs(10)
+    );
+}
+
 // ---------------------------------------------------------------- legacy, bad
 
 const L: &str = "VM_NAME=\"t\"\nIMAGE_URL=\"https://e.org/i.qcow2\"\n";

@@ -395,4 +395,30 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn the_tunnel_may_answer_but_never_open() {
+        let plan = Plan {
+            tap: "tap0".into(),
+            gateway: Ipv4Addr::new(10, 0, 2, 2),
+            proxy: Some((15001, 15002)),
+            gateway_tcp_holes: vec![],
+            tunnel: Some("wg0".into()),
+        };
+        let r = rules(&ruleset(&plan));
+        let accept = r
+            .iter()
+            .position(|e| e.contains("\"wg0\"") && e.contains("established"))
+            .unwrap_or_else(|| panic!("no accept for answers: {r:?}"));
+        let drop = r
+            .iter()
+            .position(|e| e.contains("\"wg0\"") && e.contains("drop"))
+            .unwrap_or_else(|| panic!("no drop: {r:?}"));
+        assert!(accept < drop);
+        let without = rules(&ruleset(&Plan {
+            tunnel: None,
+            ..plan
+        }));
+        assert!(!without.iter().any(|e| e.contains("wg0")));
+    }
 }

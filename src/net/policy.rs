@@ -403,4 +403,50 @@ mod tests {
             Err(Denial::LinkLocal)
         );
     }
+
+    #[test]
+    fn with_a_tunnel_only_marked_holes_use_it() {
+        let mut p = policy(
+            Egress::Direct,
+            vec![
+                NetRule::AllowLanHost {
+                    addr: Ipv4Addr::new(192, 168, 1, 50),
+                    via_tunnel: false,
+                },
+                NetRule::AllowLanHost {
+                    addr: Ipv4Addr::new(192, 168, 1, 51),
+                    via_tunnel: true,
+                },
+                NetRule::ForwardPort {
+                    proto: Proto::Tcp,
+                    guest_port: 8081,
+                    target: SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 6), 80),
+                    via_tunnel: true,
+                },
+                NetRule::AllowHostPort {
+                    proto: Proto::Tcp,
+                    port: 8080,
+                },
+            ],
+        );
+        p.tunnel = true;
+        let via = |ip: [u8; 4], port| {
+            p.decide(Proto::Tcp, SocketAddrV4::new(Ipv4Addr::from(ip), port))
+                .map(|a| a.via_tunnel)
+        };
+        assert_eq!(via([93, 184, 216, 34], 443), Ok(true));
+        assert_eq!(via([192, 168, 1, 50], 80), Ok(false));
+        assert_eq!(via([192, 168, 1, 51], 80), Ok(true));
+        assert_eq!(via([10, 0, 2, 2], 8081), Ok(true));
+        assert_eq!(via([10, 0, 2, 2], 8080), Ok(false));
+        // The policy still refuses inside the tunnel.
+        assert_eq!(via([192, 168, 1, 52], 80), Err(Denial::Private));
+        assert_eq!(via([45, 1, 2, 3], 80), Err(Denial::HostAddress));
+        p.tunnel = false;
+        let via = |ip: [u8; 4], port| {
+            p.decide(Proto::Tcp, SocketAddrV4::new(Ipv4Addr::from(ip), port))
+                .map(|a| a.via_tunnel)
+        };
+        assert_eq!(via([93, 184, 216, 34], 443), Ok(false));
+    }
 }

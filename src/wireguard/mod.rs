@@ -323,3 +323,54 @@ pub async fn bring_up(
     };
     Ok(Running { tunnel, exit })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    const PEER: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+
+    fn parse(text: &str) -> conf::WgConfig {
+        conf::parse(Path::new("wg.conf"), text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn names_resolve_once_and_routes_are_the_ipv4_allowed_ips() {
+        let c = parse(&format!(
+            "[Interface]\nPrivateKey = {KEY}\nAddress = 10.7.0.2/32\nDNS = 10.7.0.1, fd00::1\n\
+             [Peer]\nPublicKey = {PEER}\nEndpoint = localhost:51820\n\
+             AllowedIPs = 10.7.0.0/24, 10.7.0.9/24, ::/0, 0.0.0.0/0\n"
+        ));
+        let p = plan(Path::new("wg.conf"), c).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            p.peers[0].endpoint,
+            Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 51820))
+        );
+        assert_eq!(p.peers[0].written.as_deref(), Some("localhost:51820"));
+        let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
+        assert_eq!(routes, ["10.7.0.0/24", "0.0.0.0/0"]);
+        assert_eq!(p.dns, [Ipv4Addr::new(10, 7, 0, 1)]);
+        assert_eq!(p.mtu(), DEFAULT_MTU);
+        let spec = p.spec();
+        assert_eq!(
+            spec.peers[0].allowed_ips.len(),
+            3,
+            "IPv6 entries are left out"
+        );
+        assert_eq!(spec.peers[0].endpoint, p.peers[0].endpoint);
+    }
+
+    #[test]
+    fn unusable_files_name_the_problem() {
+        let v6 = parse(&format!(
+            "[Interface]\nPrivateKey = {KEY}\nAddress = 10.7.0.2/32\n\n[Peer]\nPublicKey = {PEER}\n\
+             Endpoint = [2001:db8::1]:51820\nAllowedIPs = 0.0.0.0/0\n"
+        ));
+        let e = plan(Path::new("wg.conf"), v6)
+            .err()
+            .unwrap_or_else(|| panic!("an IPv6 endpoint was accepted"));
+        assert_eq!(e.exit_code(), crate::exit::CONFIG);
+        assert!(e.to_string().contains("wg.conf: peer at line 5"), "{e}");
+    }
+}
