@@ -254,6 +254,8 @@ pub fn netlab(
     rt.block_on(async {
         // WireGuard mode: the same tunnel a VM would get.
         let mut running = None;
+        let wg_log =
+            std::env::temp_dir().join(format!("migrant-netlab-wg-{}.log", std::process::id()));
         if let (Some(plan), Some(tun)) = (&plan, tun) {
             let udp = crate::wireguard::bind_udp(plan)?;
             let exe = std::env::current_exe()?;
@@ -284,6 +286,9 @@ pub fn netlab(
             _ = int.recv() => {}
         }
         eprintln!("{:?}", stats.view());
+        if plan.is_some() {
+            let _ = std::fs::remove_file(&wg_log);
+        }
         Ok(())
     })
 }
