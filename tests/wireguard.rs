@@ -276,6 +276,13 @@ fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
         !uid_line.split_whitespace().skip(1).any(|u| u == "0"),
         "the tunnel runs as root: {uid_line}"
     );
+    // No capabilities, no new privileges, a seccomp filter.
+    for want in ["CapEff:\t0000000000000000", "NoNewPrivs:\t1", "Seccomp:\t2"] {
+        assert!(
+            status.contains(want),
+            "tunnel process lacks {want:?}: {status}"
+        );
+    }
     let before = wg_json(&env);
 
     let r = env.probe(&[

@@ -5,6 +5,8 @@
 //! one end of a report socket pair — and the tunnel's keys on stdin. The
 //! child drops to the unprivileged QEMU user (no capabilities, no new
 //! privileges) before it reads anything from the network or the guest,
+//! confines itself with a seccomp filter to the system calls the loop
+//! needs,
 //! dies with the supervisor, and exits when the report socket closes.
 //! Its exit removes the TUN, and with it every route out of the namespace.
 
@@ -52,6 +54,89 @@ fn drop_privileges(args: &Args) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What the packet loop may ask of the kernel once it runs: I/O on the
+/// descriptors it holds, waiting, memory, randomness for handshakes,
+/// exiting. Anything else (opening files, new sockets, exec, ptrace, ...)
+/// kills the process, and with it the TUN: fail closed.
+const SYSCALLS: &[&str] = &[
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "recvfrom",
+    "recvmsg",
+    "recvmmsg",
+    "sendto",
+    "sendmsg",
+    "sendmmsg",
+    "poll",
+    "ppoll",
+    "fcntl",
+    "close",
+    "clock_gettime",
+    "clock_nanosleep",
+    "nanosleep",
+    "futex",
+    "getrandom",
+    "mmap",
+    "munmap",
+    "mremap",
+    "madvise",
+    "brk",
+    "rt_sigreturn",
+    "rt_sigprocmask",
+    "rt_sigaction",
+    "sigaltstack",
+    "sched_yield",
+    "getpid",
+    "gettid",
+    "tgkill",
+    "exit",
+    "exit_group",
+];
+
+/// Install the seccomp filter for [`SYSCALLS`] (libseccomp, as the
+/// embedded virtiofsd uses).
+fn confine() -> std::io::Result<()> {
+    use libseccomp_sys::*;
+    // SAFETY: seccomp_init allocates a filter context or returns null; it
+    // is released below on every path.
+    let ctx = unsafe { seccomp_init(SCMP_ACT_KILL_PROCESS) };
+    if ctx.is_null() {
+        return Err(std::io::Error::other("seccomp_init failed"));
+    }
+    let mut result = Ok(());
+    for name in SYSCALLS {
+        let Ok(cname) = std::ffi::CString::new(*name) else {
+            continue;
+        };
+        // SAFETY: `cname` is a valid NUL-terminated string for the call.
+        let nr = unsafe { seccomp_syscall_resolve_name(cname.as_ptr()) };
+        if nr == __NR_SCMP_ERROR {
+            // Not a system call on this architecture.
+            continue;
+        }
+        // SAFETY: `ctx` is a live filter context; no argument filters
+        // follow (count 0), so no variadic arguments are read.
+        if unsafe { seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0) } < 0 {
+            result = Err(std::io::Error::other(format!(
+                "seccomp: cannot allow {name}"
+            )));
+            break;
+        }
+    }
+    if result.is_ok() {
+        // SAFETY: `ctx` is a live, complete filter context.
+        let rc = unsafe { seccomp_load(ctx) };
+        if rc < 0 {
+            result = Err(std::io::Error::from_raw_os_error(-rc));
+        }
+    }
+    // SAFETY: `ctx` came from seccomp_init and is not used after this.
+    unsafe { seccomp_release(ctx) };
+    result
+}
+
 /// Take ownership of an inherited descriptor, refusing the standard ones.
 fn inherited(fd: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: F_GETFD only asks whether `fd` is open; it changes nothing.
@@ -85,6 +170,7 @@ fn run(args: &Args) -> std::io::Result<()> {
     let spec: Spec = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
     text.iter_mut().for_each(|b| *b = 0);
     drop(std::io::stdin().lock().fill_buf());
+    confine()?;
     tracing::info!(
         peers = spec.peers.len(),
         uid = args.uid,

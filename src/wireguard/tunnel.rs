@@ -411,9 +411,11 @@ pub fn run(
             handshaken: false,
         })
         .collect();
+    // fcntl rather than std's set_nonblocking (an ioctl, which the
+    // process's seccomp filter does not allow).
     set_nonblocking(&tun)?;
-    udp.set_nonblocking(true)?;
-    report.set_nonblocking(true)?;
+    set_nonblocking(&udp)?;
+    set_nonblocking(&report)?;
     let mut lp = Loop {
         secret,
         public,
@@ -503,12 +505,11 @@ pub fn run(
     }
 }
 
-fn set_nonblocking(f: &std::fs::File) -> std::io::Result<()> {
+fn set_nonblocking(f: &impl AsFd) -> std::io::Result<()> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
     let flags = fcntl(f, FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
     let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
     fcntl(f, FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
-    let _ = f.as_raw_fd();
     Ok(())
 }
 
