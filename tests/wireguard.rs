@@ -242,6 +242,14 @@ fn tunnel_pid(sup: u32) -> Option<u32> {
     })
 }
 
+fn wg_json_opt(env: &Env) -> Option<serde_json::Value> {
+    let out = env.run(&["wg", "--json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
 fn wg_json(env: &Env) -> serde_json::Value {
     let out = env.ok(&["wg", "--json"]);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("wg --json: {e}: {out}"))
@@ -361,6 +369,33 @@ fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
         "{status}"
     );
     assert!(status.contains("10.77.0.1 through the tunnel"), "{status}");
+
+    // The tunnel process dies: the supervisor starts a new one (new TUN,
+    // new handshake) and the guest's egress comes back through it.
+    let _ = Command::new("kill")
+        .args(["-9", &tunnel.to_string()])
+        .status();
+    let mut again = None;
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            again = tunnel_pid(sup).filter(|p| *p != tunnel);
+            again.is_some()
+        }),
+        "no new tunnel process"
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            wg_json_opt(&env).is_some_and(|v| v["peers"][0]["latest_handshake_secs"].is_u64())
+        }),
+        "no handshake after the restart"
+    );
+    let r = env.probe(&["http:http://45.20.0.12/"]);
+    expect(&r, "http:http://45.20.0.12/", "10.77.0.2");
+    assert_eq!(
+        Vpn::direct_packets(&net),
+        0,
+        "egress leaked around the restart"
+    );
 
     // The peer goes away: the guest's egress stops, and nothing leaks.
     sh(&vpn.ns, &format!("ip link set {} down", vpn.iface));

@@ -352,6 +352,7 @@ async fn supervise(
     // WireGuard first: fail closed before the guest exists.
     let mut tunnel = None;
     let mut tunnel_exit = None;
+    let mut wg_plan = None;
     if let Some((plan, tun, udp)) = wg {
         let up = crate::wireguard::bring_up(
             &exe,
@@ -382,6 +383,7 @@ async fn supervise(
         ));
         tunnel_exit = Some(up.exit);
         tunnel = Some(up.tunnel);
+        wg_plan = Some(plan);
     }
 
     // One embedded virtiofsd per share, started before QEMU (from this
@@ -539,6 +541,11 @@ async fn supervise(
     let mut lease_reported = false;
     // Fail closed while running: the stores must stay what was verified.
     let mut share_check = tokio::time::interval(Duration::from_secs(2));
+    // A tunnel process that died is started again (a new TUN, a new
+    // handshake), after a delay that doubles while it keeps dying.
+    let mut tunnel_restart: Option<tokio::time::Instant> = None;
+    let mut tunnel_backoff = Duration::from_secs(1);
+    let mut tunnel_started = tokio::time::Instant::now();
 
     let stop_reason: String = loop {
         tokio::select! {
@@ -575,11 +582,43 @@ async fn supervise(
                 }
             } => {
                 // Fail closed: the TUN went with the process, so nothing
-                // leaves any more; the VM keeps running without egress.
+                // leaves until a new one runs; never any other way.
                 let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                tracing::error!("the WireGuard process exited ({status}); the guest has no egress");
                 tunnel = None;
                 let _ = std::fs::remove_file(crate::wireguard::Published::path(&vm.run));
+                if tunnel_started.elapsed() > Duration::from_secs(60) {
+                    tunnel_backoff = Duration::from_secs(1);
+                }
+                tracing::error!(
+                    "the WireGuard process exited ({status}); the guest has no egress; starting it again in {} s",
+                    tunnel_backoff.as_secs()
+                );
+                tunnel_restart = Some(tokio::time::Instant::now() + tunnel_backoff);
+                tunnel_backoff = (tunnel_backoff * 2).min(Duration::from_secs(60));
+            }
+            _ = async {
+                match tunnel_restart {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tunnel_restart = None;
+                if let Some(plan) = &wg_plan {
+                    let log = vm.state.join("wireguard.log");
+                    match crate::wireguard::restart(&exe, plan, &identity, &log, &ns).await {
+                        Ok(t) => {
+                            tracing::info!("WireGuard process started again");
+                            tokio::spawn(publish_wg(t.reports.clone(), vm.run.clone(), plan.clone()));
+                            tunnel = Some(t);
+                            tunnel_started = tokio::time::Instant::now();
+                        }
+                        Err(e) => {
+                            tracing::error!("cannot start the WireGuard process again: {e}");
+                            tunnel_restart = Some(tokio::time::Instant::now() + tunnel_backoff);
+                            tunnel_backoff = (tunnel_backoff * 2).min(Duration::from_secs(60));
+                        }
+                    }
+                }
             }
             _ = share_check.tick(), if !served.is_empty() => {
                 if let Err(why) = crate::share::verify_served(&served) {

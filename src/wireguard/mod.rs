@@ -58,6 +58,13 @@ pub enum WgError {
     Tun(#[source] crate::net::tap::TapError),
     #[error("cannot set up the WireGuard UDP socket")]
     Socket(#[source] std::io::Error),
+    #[error("cannot listen on UDP port {port} for WireGuard (ListenPort in {file})")]
+    ListenPort {
+        port: u16,
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start the WireGuard process")]
     Spawn(#[source] std::io::Error),
     #[error(
@@ -75,12 +82,13 @@ pub enum WgError {
 impl WgError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            WgError::Resolve { .. } | WgError::Ipv6Endpoint { .. } | WgError::NoAddress(_) => {
-                crate::exit::CONFIG
-            }
-            WgError::Tun(_) | WgError::NoHandshake { .. } | WgError::Died { .. } => {
-                crate::exit::UNAVAILABLE
-            }
+            WgError::Ipv6Endpoint { .. } | WgError::NoAddress(_) => crate::exit::CONFIG,
+            // A name that does not resolve now may resolve later.
+            WgError::Resolve { .. }
+            | WgError::Tun(_)
+            | WgError::NoHandshake { .. }
+            | WgError::Died { .. }
+            | WgError::ListenPort { .. } => crate::exit::UNAVAILABLE,
             WgError::Socket(_) | WgError::Spawn(_) | WgError::Netns(_) => crate::exit::SOFTWARE,
             WgError::Config(e) => e.exit_code(),
         }
@@ -106,6 +114,8 @@ pub struct Plan {
     pub routes: Vec<Ipv4Net>,
     /// The tunnel's DNS servers (IPv4), queried through it.
     pub dns: Vec<Ipv4Addr>,
+    /// The wg-quick file, for messages.
+    pub file: String,
 }
 
 /// Resolve endpoint names once, on the host, and collect what the
@@ -183,6 +193,7 @@ pub fn plan(file: &Path, conf: conf::WgConfig) -> Result<Plan, WgError> {
         address,
         routes,
         dns,
+        file: name,
     })
 }
 
@@ -240,7 +251,14 @@ pub fn bind_udp(plan: &Plan) -> Result<std::net::UdpSocket, WgError> {
     force_buffers(&s, size);
     let port = plan.conf.listen_port.unwrap_or(0);
     s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
-        .map_err(WgError::Socket)?;
+        .map_err(|source| match port {
+            0 => WgError::Socket(source),
+            _ => WgError::ListenPort {
+                port,
+                file: plan.file.clone(),
+                source,
+            },
+        })?;
     Ok(s.into())
 }
 
@@ -295,6 +313,21 @@ pub fn plan_for(cfg: &crate::config::Config) -> Result<Option<Plan>, WgError> {
         Some(file) => Ok(Some(plan(file, conf::load(file)?)?)),
         None => Ok(None),
     }
+}
+
+/// Start the packet loop again after it died: a new TUN with its routes
+/// (the old one went with the old process), a new UDP socket, the same
+/// keys. The dataplane's sockets into the namespace stay as they are.
+pub async fn restart(
+    exe: &Path,
+    plan: &Plan,
+    identity: &crate::qemu::process::Identity,
+    log: &Path,
+    ns: &crate::net::netns::NetNs,
+) -> Result<child::Tunnel, WgError> {
+    let tun = ns.run(|| create_tun_in_ns(plan))??;
+    let udp = bind_udp(plan)?;
+    child::start(exe, plan, tun, udp, identity, log).await
 }
 
 /// A tunnel that completed its first handshakes, and the dataplane's way
