@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
@@ -69,6 +70,9 @@ const BUF: usize = 65536 + 64;
 /// Packets taken from one side before looking at the other.
 const BURST: usize = 64;
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Handshakes per second before the loop answers with cookies (WireGuard's
+/// DoS defence) instead of doing the Diffie-Hellman work.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 struct Peer {
@@ -191,9 +195,24 @@ impl Batch {
     }
 }
 
+/// What kind of message a datagram is, for deciding whether it was
+/// authentic (only then may it move the peer's endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Initiation,
+    Response,
+    Cookie,
+    Data,
+}
+
 struct Loop {
     secret: StaticSecret,
     public: PublicKey,
+    /// Shared by every peer: checks MAC1 of handshakes before any
+    /// expensive work and answers with cookies when under load.
+    limiter: std::sync::Arc<RateLimiter>,
+    /// Once a second, the limiter's handshake count starts again.
+    limiter_reset: Instant,
     peers: Vec<Peer>,
     tun: std::fs::File,
     udp: UdpSocket,
@@ -240,20 +259,35 @@ impl Loop {
         self.send(&self.out[..len], to);
     }
 
-    /// Which peer a datagram is for, or `None` to drop it.
-    fn peer_of(&self, datagram: &[u8]) -> Option<(usize, u32)> {
-        match Tunn::parse_incoming_packet(datagram).ok()? {
+    /// Which peer a datagram is for, or `None` to drop it. Handshakes are
+    /// checked (MAC1, and under load the cookie) before the Diffie-Hellman
+    /// work that finds their peer; a cookie reply is sent when needed.
+    fn peer_of(&mut self, datagram: &[u8], from: SocketAddrV4) -> Option<(usize, Kind)> {
+        let packet =
+            match self
+                .limiter
+                .verify_packet(Some(IpAddr::V4(*from.ip())), datagram, &mut self.out)
+            {
+                Ok(p) => p,
+                Err(TunnResult::WriteToNetwork(cookie)) => {
+                    let len = cookie.len();
+                    self.send_out(len, from);
+                    return None;
+                }
+                Err(_) => return None,
+            };
+        match packet {
             Packet::HandshakeInit(h) => {
                 let half = parse_handshake_anon(&self.secret, &self.public, &h).ok()?;
                 let i = self
                     .peers
                     .iter()
                     .position(|p| p.public == half.peer_static_public)?;
-                Some((i, 1))
+                Some((i, Kind::Initiation))
             }
-            Packet::HandshakeResponse(h) => Some((index(h.receiver_idx)?, 2)),
-            Packet::PacketCookieReply(c) => Some((index(c.receiver_idx)?, 3)),
-            Packet::PacketData(d) => Some((index(d.receiver_idx)?, 4)),
+            Packet::HandshakeResponse(h) => Some((index(h.receiver_idx)?, Kind::Response)),
+            Packet::PacketCookieReply(c) => Some((index(c.receiver_idx)?, Kind::Cookie)),
+            Packet::PacketData(d) => Some((index(d.receiver_idx)?, Kind::Data)),
         }
         .filter(|(i, _)| *i < self.peers.len())
     }
@@ -261,7 +295,7 @@ impl Loop {
     /// A datagram from the network: decrypt it, answer handshakes, deliver
     /// data to the TUN.
     fn on_udp(&mut self, datagram: &[u8], from: SocketAddrV4) {
-        let Some((i, kind)) = self.peer_of(datagram) else {
+        let Some((i, kind)) = self.peer_of(datagram, from) else {
             return;
         };
         let mut first = true;
@@ -278,7 +312,7 @@ impl Loop {
                     // 92 bytes; anything else answers an authentic packet.
                     if first {
                         authentic = match kind {
-                            1 => b.len() == 92,
+                            Kind::Initiation => b.len() == 92,
                             _ => b.len() != 64,
                         };
                     }
@@ -300,7 +334,7 @@ impl Loop {
                     break;
                 }
                 TunnResult::Done => {
-                    if first && kind != 1 {
+                    if first && kind != Kind::Initiation {
                         authentic = true;
                     }
                     break;
@@ -320,6 +354,10 @@ impl Loop {
     }
 
     fn timers(&mut self) {
+        if self.limiter_reset.elapsed() >= Duration::from_secs(1) {
+            self.limiter.reset_count();
+            self.limiter_reset = Instant::now();
+        }
         for i in 0..self.peers.len() {
             let peer = &mut self.peers[i];
             match peer.tunn.update_timers(&mut self.out) {
@@ -392,6 +430,7 @@ pub fn run(
 
     let secret = StaticSecret::from(spec.private_key);
     let public = PublicKey::from(&secret);
+    let limiter = std::sync::Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
     let peers = spec
         .peers
         .iter()
@@ -403,7 +442,7 @@ pub fn run(
                 p.preshared_key,
                 p.keepalive.filter(|k| *k > 0),
                 (i + 1) as u32,
-                None,
+                Some(std::sync::Arc::clone(&limiter)),
             ),
             public: p.public_key,
             endpoint: p.endpoint,
@@ -419,6 +458,8 @@ pub fn run(
     let mut lp = Loop {
         secret,
         public,
+        limiter,
+        limiter_reset: Instant::now(),
         peers,
         tun,
         udp,
