@@ -319,8 +319,21 @@ fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
         "guest traffic reached the internet outside the tunnel"
     );
 
-    // `migrant wg`: a recent handshake, and the bytes of the probe.
-    let after = wg_json(&env);
+    // `migrant wg`: a recent handshake, and the bytes of the probe (the
+    // supervisor publishes the tunnel's counters once a second).
+    let grew = |now: &serde_json::Value| {
+        ["sent_bytes", "received_bytes"].iter().all(|k| {
+            now["peers"][0][k].as_u64().unwrap_or(0) > before["peers"][0][k].as_u64().unwrap_or(0)
+        })
+    };
+    let mut after = wg_json(&env);
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            after = wg_json(&env);
+            grew(&after)
+        }),
+        "the byte counts did not grow: {before} -> {after}"
+    );
     let peer = &after["peers"][0];
     assert_eq!(peer["public_key"], vpn.peer_public.as_str());
     assert_eq!(peer["endpoint"], "45.31.0.2:51820");
@@ -328,13 +341,6 @@ fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
         .as_u64()
         .unwrap_or_else(|| panic!("no handshake: {after}"));
     assert!(age < 180, "handshake {age} s ago");
-    for k in ["sent_bytes", "received_bytes"] {
-        let (b, a) = (
-            before["peers"][0][k].as_u64().unwrap_or(0),
-            peer[k].as_u64().unwrap_or(0),
-        );
-        assert!(a > b, "{k} did not grow: {b} -> {a}");
-    }
     // Anyone may read it: run `migrant wg` as nobody.
     {
         use std::os::unix::fs::PermissionsExt;
@@ -456,14 +462,13 @@ fn a_wrong_key_or_a_dead_endpoint_fails_up_and_leaves_nothing() {
         );
         assert!(!t.contains(&vpn.our_private), "the private key was printed");
         assert!(env.pid_of("qemu-system").is_none(), "QEMU ran");
+        // Nothing runs and nothing of the run is left (processes,
+        // namespace, TUN, sockets, wg.json); the VM stays built and
+        // stopped, as with any start that fails its checks.
         env.assert_clean();
         let status = env.ok(&["status"]);
-        assert!(status.contains("not created"), "{status}");
-        assert!(
-            !env.state_dir().exists(),
-            "the VM's state was left behind: {}",
-            env.state_dir().display()
-        );
+        assert!(status.contains("state:       stopped"), "{status}");
+        assert!(!status.contains("wireguard:"), "{status}");
     }
     assert_eq!(Vpn::direct_packets(&net), 0);
 }

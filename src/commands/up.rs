@@ -134,15 +134,10 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     // unless provisioning must happen first.
     let console_now =
         opts.autoconnect && cfg.autoconnect == Autoconnect::Console && (provisioned || !playbook);
-    if let Err(e) = start(cfg, vm, &lock, opts.timeout, console_now) {
-        // A VM this command created and could not start (no tunnel
-        // handshake, QEMU refused, ...) holds nothing of the user's yet:
-        // remove it, so that nothing half-made stays behind.
-        if creating {
-            remove_new_vm(vm);
-        }
-        return Err(e);
-    }
+    // A VM that cannot start (no tunnel handshake, a share that fails its
+    // checks) stays built and stopped, with nothing running; the next `up`
+    // tries again with the same disk.
+    start(cfg, vm, &lock, opts.timeout, console_now)?;
     drop(lock);
     if console_now {
         if !provisioned {

@@ -273,7 +273,7 @@ pub fn netlab(
                 .await?,
             );
         }
-        let (exit, _tunnel) = match running {
+        let (exit, tunnel) = match running {
             Some(r) => (Some(r.exit), Some(r.tunnel)),
             None => (None, None),
         };
@@ -286,6 +286,9 @@ pub fn netlab(
             _ = int.recv() => {}
         }
         eprintln!("{:?}", stats.view());
+        if let Some(t) = &tunnel {
+            eprintln!("{:?}", *t.reports.borrow());
+        }
         if plan.is_some() {
             let _ = std::fs::remove_file(&wg_log);
         }

@@ -81,6 +81,7 @@ const SYSCALLS: &[&str] = &[
     "mmap",
     "munmap",
     "mremap",
+    "mprotect",
     "madvise",
     "brk",
     "rt_sigreturn",
@@ -97,7 +98,7 @@ const SYSCALLS: &[&str] = &[
 
 /// Install the seccomp filter for [`SYSCALLS`] (libseccomp, as the
 /// embedded virtiofsd uses).
-fn confine() -> std::io::Result<()> {
+pub(crate) fn confine() -> std::io::Result<()> {
     use libseccomp_sys::*;
     // SAFETY: seccomp_init allocates a filter context or returns null; it
     // is released below on every path.
@@ -160,7 +161,26 @@ pub fn main(args: Args) -> u8 {
     }
 }
 
+/// Close every descriptor the process inherited by accident (the
+/// supervisor's progress pipe and the like), keeping stdio and `keep`.
+fn close_strays(keep: &[i32]) {
+    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in open.into_iter().filter(|fd| *fd > 2 && !keep.contains(fd)) {
+        // SAFETY: `fd` is not one this process uses (not stdio, not one of
+        // `keep`, which are all it owns); closing a stale number (the
+        // directory listing's own descriptor) fails harmlessly with EBADF.
+        unsafe { libc::close(fd) };
+    }
+}
+
 fn run(args: &Args) -> std::io::Result<()> {
+    close_strays(&[args.tun_fd, args.udp_fd, args.report_fd]);
     let tun = std::fs::File::from(inherited(args.tun_fd)?);
     let udp = std::net::UdpSocket::from(inherited(args.udp_fd)?);
     let report = std::os::unix::net::UnixStream::from(inherited(args.report_fd)?);
