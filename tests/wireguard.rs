@@ -112,12 +112,14 @@ impl Vpn {
             "ip addr add 45.41.0.2/24 dev mgt-iv && ip link set mgt-iv up \
              && ip route add 10.77.0.0/24 via 45.41.0.1 && ip addr add 45.20.0.12/32 dev lo",
         );
-        // Count every IPv4 packet that reaches the internet from the host's
-        // direct link: the guest must never be among it.
+        // Count the TCP and UDP packets (all the proxy ever relays) that
+        // reach the internet over the host's direct link: the guest's must
+        // never be among them. (The host's own kernel chatter there, such
+        // as multicast reports, is not a flow and not counted.)
         sh(
             &net.inet,
             "nft add table inet mgt && nft add chain inet mgt pre '{ type filter hook prerouting priority -300; }' \
-             && nft add counter inet mgt direct && nft add rule inet mgt pre iifname mgt-ih meta nfproto ipv4 counter name direct",
+             && nft add counter inet mgt direct && nft add rule inet mgt pre iifname mgt-ih meta l4proto '{ tcp, udp }' counter name direct",
         );
         let whoami = Command::new("ip")
             .args([
