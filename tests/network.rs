@@ -7,21 +7,6 @@ use common::net::TestNet;
 use common::*;
 use std::time::Duration;
 
-fn expect(results: &std::collections::HashMap<String, String>, check: &str, want: &str) {
-    let got = results
-        .get(check)
-        .map(String::as_str)
-        .unwrap_or("<missing>");
-    if want == "ERR" {
-        assert!(
-            got.starts_with("ERR"),
-            "{check}: expected a failure, got {got:?}"
-        );
-    } else {
-        assert_eq!(got, want, "{check}");
-    }
-}
-
 #[test]
 fn direct_egress_policy_holes_tunnel_and_cleanup() {
     let Some(image) = test_image() else { return };

@@ -219,21 +219,6 @@ impl Drop for Vpn {
     }
 }
 
-fn expect(results: &std::collections::HashMap<String, String>, check: &str, want: &str) {
-    let got = results
-        .get(check)
-        .map(String::as_str)
-        .unwrap_or("<missing>");
-    if want == "ERR" {
-        assert!(
-            got.starts_with("ERR"),
-            "{check}: expected a failure, got {got:?}"
-        );
-    } else {
-        assert_eq!(got, want, "{check}");
-    }
-}
-
 /// The tunnel process of the supervisor `sup`, if any.
 fn tunnel_pid(sup: u32) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {

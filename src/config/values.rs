@@ -250,6 +250,17 @@ fn check_rule_target(addr: Ipv4Addr) -> Result<(), String> {
     Ok(())
 }
 
+/// A rule's optional trailing modifier: nothing, or `via-tunnel`.
+fn via_tunnel(rest: &[&str]) -> Result<bool, String> {
+    match rest {
+        [] => Ok(false),
+        ["via-tunnel"] => Ok(true),
+        [other, ..] => Err(format!(
+            "unknown modifier {other:?}; the only one is via-tunnel"
+        )),
+    }
+}
+
 const RULE_FORMS: &str = "expected one of: allow-host-port <tcp|udp>/<port>; allow-lan-host <ipv4> [via-tunnel]; forward-port <tcp|udp>/<guest-port> <ipv4>:<port> [via-tunnel]";
 
 /// Parse one network rule (the original's `HOST_ACCESS` directive syntax).
@@ -274,14 +285,9 @@ pub(super) fn parse_rule(text: &str) -> Result<NetRule, String> {
             if let Err(e) = check_rule_target(addr) {
                 return bad(e);
             }
-            let via_tunnel = match rest {
-                [] => false,
-                ["via-tunnel"] => true,
-                [other, ..] => {
-                    return bad(format!(
-                        "unknown modifier {other:?}; the only one is via-tunnel"
-                    ));
-                }
+            let via_tunnel = match via_tunnel(rest) {
+                Ok(v) => v,
+                Err(e) => return bad(e),
             };
             NetRule::AllowLanHost { addr, via_tunnel }
         }
@@ -304,14 +310,9 @@ pub(super) fn parse_rule(text: &str) -> Result<NetRule, String> {
                 Ok(p) => p,
                 Err(e) => return bad(e),
             };
-            let via_tunnel = match rest {
-                [] => false,
-                ["via-tunnel"] => true,
-                [other, ..] => {
-                    return bad(format!(
-                        "unknown modifier {other:?}; the only one is via-tunnel"
-                    ));
-                }
+            let via_tunnel = match via_tunnel(rest) {
+                Ok(v) => v,
+                Err(e) => return bad(e),
             };
             NetRule::ForwardPort {
                 proto,

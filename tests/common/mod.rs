@@ -255,3 +255,19 @@ pub fn netns_in_use(ns: &str) -> bool {
                 .unwrap_or(false)
         })
 }
+
+/// Assert one guest probe result: `want`, or any failure for "ERR".
+pub fn expect(results: &std::collections::HashMap<String, String>, check: &str, want: &str) {
+    let got = results
+        .get(check)
+        .map(String::as_str)
+        .unwrap_or("<missing>");
+    if want == "ERR" {
+        assert!(
+            got.starts_with("ERR"),
+            "{check}: expected a failure, got {got:?}"
+        );
+    } else {
+        assert_eq!(got, want, "{check}");
+    }
+}
