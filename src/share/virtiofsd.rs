@@ -242,7 +242,6 @@ pub fn spawn(
         .open(log)?;
     let err = out.try_clone()?;
     let fd = listener.as_raw_fd();
-    let parent = nix::unistd::getpid();
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("__virtiofsd")
         .arg("--fd")
@@ -255,22 +254,7 @@ pub fn spawn(
         .stdout(out)
         .stderr(err)
         .kill_on_drop(true);
-    // SAFETY: runs in the forked child before exec and only makes
-    // async-signal-safe calls (fcntl, prctl, getppid); nothing allocates.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent.as_raw() {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
+    crate::supervisor::hand_over(&mut cmd, vec![fd]);
     let child = cmd.spawn()?;
     drop(listener);
     Ok((

@@ -175,6 +175,32 @@ struct Prepared {
     wg: Option<(crate::wireguard::Plan, std::fs::File, std::net::UdpSocket)>,
 }
 
+/// Prepare a self-exec helper (virtiofsd, the WireGuard loop): it inherits
+/// `fds` across exec, gets SIGKILL when the calling thread exits, and
+/// refuses to start if the supervisor is already gone.
+pub fn hand_over(cmd: &mut tokio::process::Command, fds: Vec<i32>) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: runs in the forked child before exec and only makes
+    // async-signal-safe calls (fcntl, prctl, getppid) over a vector that was
+    // allocated before the fork; nothing allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent.as_raw() {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, SupervisorError> {
     let _ = std::fs::remove_file(path);
     let l = std::os::unix::net::UnixListener::bind(path)

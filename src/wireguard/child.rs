@@ -10,7 +10,7 @@
 //! dies with the supervisor, and exits when the report socket closes.
 //! Its exit removes the TUN, and with it every route out of the namespace.
 
-use std::io::{BufRead, Read};
+use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
@@ -189,7 +189,6 @@ fn run(args: &Args) -> std::io::Result<()> {
     std::io::stdin().lock().read_to_end(&mut text)?;
     let spec: Spec = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
     text.iter_mut().for_each(|b| *b = 0);
-    drop(std::io::stdin().lock().fill_buf());
     confine()?;
     tracing::info!(
         peers = spec.peers.len(),
@@ -247,24 +246,7 @@ pub async fn start(
         .stdout(out)
         .stderr(err)
         .kill_on_drop(true);
-    // SAFETY: runs in the forked child before exec and only makes
-    // async-signal-safe calls (fcntl, prctl, getppid); nothing allocates.
-    unsafe {
-        cmd.pre_exec(move || {
-            for fd in fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent.as_raw() {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
+    crate::supervisor::hand_over(&mut cmd, fds.to_vec());
     let mut child = cmd.spawn().map_err(WgError::Spawn)?;
     // The child holds the only copies now: when it exits, the TUN (and
     // every route out of the namespace) goes with it.
@@ -354,7 +336,7 @@ impl Tunnel {
                     let _ = self.child.start_kill();
                     let _ = self.child.wait().await;
                     return Err(WgError::NoHandshake {
-                        pending: if pending.is_empty() { "the peer".into() } else { pending.join(", ") },
+                        pending: pending.join(", "),
                         secs: timeout.as_secs(),
                     });
                 }

@@ -389,17 +389,25 @@ impl Loop {
         }
     }
 
-    fn report(&mut self) -> (Report, bool) {
+    /// Whether a peer completed its first handshake since the last call
+    /// (cheap: looked at every turn of the loop, unlike [`Loop::report`]).
+    fn first_handshakes(&mut self) -> bool {
         let mut fresh = false;
+        for p in self.peers.iter_mut().filter(|p| !p.handshaken) {
+            if p.tunn.time_since_last_handshake().is_some() {
+                p.handshaken = true;
+                fresh = true;
+            }
+        }
+        fresh
+    }
+
+    fn report(&self) -> Report {
         let peers = self
             .peers
-            .iter_mut()
+            .iter()
             .map(|p| {
                 let (since, tx, rx, _, _) = p.tunn.stats();
-                if since.is_some() && !p.handshaken {
-                    p.handshaken = true;
-                    fresh = true;
-                }
                 PeerReport {
                     public_key: b64(&p.public),
                     endpoint: p.endpoint.map(|e| e.to_string()),
@@ -409,7 +417,7 @@ impl Loop {
                 }
             })
             .collect();
-        (Report { peers }, fresh)
+        Report { peers }
     }
 }
 
@@ -476,9 +484,8 @@ pub fn run(
             lp.timers();
             next_timer = now + TIMER_TICK;
         }
-        let (r, fresh) = lp.report();
-        if now >= next_report || fresh {
-            let mut line = serde_json::to_vec(&r).map_err(std::io::Error::other)?;
+        if lp.first_handshakes() || now >= next_report {
+            let mut line = serde_json::to_vec(&lp.report()).map_err(std::io::Error::other)?;
             line.push(b'\n');
             match report.write_all(&line) {
                 Ok(()) => {}
