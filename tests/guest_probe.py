@@ -1,6 +1,6 @@
 # Runs inside the guest (python3 from the test image): each argument is a
 # check, each output line is `check => result`; failures print `ERR <why>`.
-import socket, struct, sys, urllib.request
+import socket, struct, sys, time, urllib.request
 
 def dns_udp(server, name):
     q = struct.pack(">HHHHHH", 0x4d47, 0x0100, 1, 0, 0, 0)
@@ -44,6 +44,90 @@ def dns_tcp(server, name):
         return "ERR no answer"
     return socket.inet_ntoa(r[-4:])
 
+QTYPES = {"A": 1, "PTR": 12, "AAAA": 28, "AXFR": 252, "ANY": 255}
+
+def dns_raw(server, qtype, name):
+    """A query of any type over UDP: `rcode N` or `answers N`."""
+    q = struct.pack(">HHHHHH", 0x4d49, 0x0100, 1, 0, 0, 0)
+    for part in name.split("."):
+        q += bytes([len(part)]) + part.encode()
+    q += b"\0" + struct.pack(">HH", QTYPES[qtype], 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(4)
+    s.sendto(q, (server, 53))
+    r, _ = s.recvfrom(4096)
+    if r[3] & 0xF:
+        return "rcode %d" % (r[3] & 0xF)
+    return "answers %d" % struct.unpack(">H", r[6:8])[0]
+
+def read_response(f):
+    """One HTTP/1.1 response with a Content-Length from a file object."""
+    status = f.readline()
+    if not status:
+        raise EOFError()
+    length = 0
+    while True:
+        line = f.readline()
+        if not line:
+            raise EOFError()
+        if line in (b"\r\n", b"\n"):
+            break
+        k, _, v = line.decode().partition(":")
+        if k.strip().lower() == "content-length":
+            length = int(v)
+    return f.read(length)
+
+def keepalive(ip, first, second):
+    """Two requests on one connection: how many were answered."""
+    s = socket.create_connection((ip, 80), timeout=5)
+    f = s.makefile("rb")
+    n = 0
+    for host in (first, second):
+        try:
+            s.sendall(("GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host).encode())
+            read_response(f)
+            n += 1
+        except (OSError, EOFError):
+            break
+    return "responses %d" % n
+
+def many_headers(ip, host, count):
+    """A request whose Host comes after `count` other headers."""
+    s = socket.create_connection((ip, 80), timeout=5)
+    pad = "".join("X-Pad-%d: %d\r\n" % (i, i) for i in range(int(count)))
+    s.sendall(("GET / HTTP/1.1\r\n%sHost: %s\r\nConnection: close\r\n\r\n" % (pad, host)).encode())
+    return read_response(s.makefile("rb")).decode()
+
+def client_hello(sni, ech):
+    name = sni.encode()
+    exts = struct.pack(">HHHBH", 0, len(name) + 5, len(name) + 3, 0, len(name)) + name
+    if ech:
+        # encrypted_client_hello (outer): its contents do not matter here.
+        exts += struct.pack(">HH", 0xFE0D, 8) + bytes(8)
+    body = b"\x03\x03" + bytes(32) + b"\x00" + struct.pack(">HH", 2, 0x1301) + b"\x01\x00"
+    body += struct.pack(">H", len(exts)) + exts
+    return b"\x01" + struct.pack(">I", len(body))[1:] + body
+
+def tls(ip, port, sni, mode):
+    """Send a ClientHello (in one record, split over two, or with ECH);
+    the server answers `hello` to anything that reaches it."""
+    hs = client_hello(sni, mode == "ech")
+    parts = [hs[:9], hs[9:]] if mode == "split" else [hs]
+    s = socket.create_connection((ip, int(port)), timeout=5)
+    for p in parts:
+        s.sendall(b"\x16\x03\x01" + struct.pack(">H", len(p)) + p)
+        time.sleep(0.2)
+    got = s.recv(100)
+    if not got:
+        raise EOFError()
+    return got.decode().strip()
+
+def udp(ip, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.sendto(b"ping", (ip, int(port)))
+    return s.recvfrom(100)[0].decode()
+
 def check(c):
     kind, _, arg = c.partition(":")
     if kind == "dns":
@@ -64,6 +148,17 @@ def check(c):
         ip, port = arg.rsplit(":", 1)
         socket.create_connection((ip, int(port)), timeout=5).close()
         return "open"
+    if kind == "dnsq":
+        server, qtype, name = arg.split(":")
+        return dns_raw(server, qtype, name)
+    if kind == "keepalive":
+        return keepalive(*arg.split(":"))
+    if kind == "manyheaders":
+        return many_headers(*arg.split(":"))
+    if kind == "tls":
+        return tls(*arg.split(":"))
+    if kind == "udp":
+        return udp(*arg.split(":"))
     return "ERR unknown check"
 
 for c in sys.argv[1:]:

@@ -39,6 +39,14 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     if let Some(rec) = crate::share::load_recorded(vm)? {
         crate::share::check_drift(cfg, &rec)?;
     }
+    // Holes never open the host, whatever its addresses are today.
+    let host = crate::net::policy::HostAddrs::read_host().map_err(|e| {
+        Error::other(
+            exit::SOFTWARE,
+            format!("cannot read the host's addresses: {e}"),
+        )
+    })?;
+    cfg.check_holes_against(&host)?;
     // The WireGuard file's mistakes are reported before anything starts
     // (the supervisor reads it again and resolves endpoint names).
     if let Some(wg) = &cfg.network.wireguard {

@@ -277,6 +277,47 @@ pub struct Ssh {
 }
 
 impl Config {
+    /// Refuse holes aimed at the host itself: an `allow-lan-host` naming
+    /// one of `host`'s own addresses (or loopback) would open every
+    /// service of the host to the guest. Checked by `up` against the
+    /// addresses the host has then; the proxy refuses them at run time too.
+    pub fn check_holes_against(
+        &self,
+        host: &std::collections::HashSet<std::net::IpAddr>,
+    ) -> Result<(), ConfigError> {
+        for rule in &self.network.rules {
+            let NetRule::AllowLanHost { addr, .. } = rule else {
+                continue;
+            };
+            if !addr.is_loopback() && !host.contains(&std::net::IpAddr::V4(*addr)) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+            let needle = addr.to_string();
+            let line = text
+                .lines()
+                .position(|l| {
+                    l.contains("allow-lan-host")
+                        && l.split(|c: char| !c.is_ascii_digit() && c != '.')
+                            .any(|w| w == needle)
+                })
+                .map_or(0, |i| i + 1);
+            let field = match self.format {
+                Format::Legacy => "HOST_ACCESS",
+                Format::Toml => "network.rules",
+            };
+            return Err(ConfigError::invalid(
+                &self.file,
+                line,
+                field,
+                format!(
+                    "invalid rule \"{rule}\": {addr} is an address of this host, and holes never open the host; to reach one service of the host, use \"allow-host-port tcp/PORT\""
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Guest address: `.15` of the subnet.
     pub fn guest_ip(&self) -> Ipv4Addr {
         host_in(self.network.subnet, 15)

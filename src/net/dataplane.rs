@@ -8,7 +8,7 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 
 use super::netns::NetNs;
-use super::{dns, domains, nft, policy, proxy, resolver, tap};
+use super::{dns, domains, nft, policy, proxy, resolver, route, tap};
 use crate::config::{Config, Egress, NetRule, Proto};
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,10 @@ impl Setup {
 
 /// Sockets created inside the namespace, used from the host's.
 pub struct Sockets {
+    /// The guest's link (its interface index in the namespace).
+    pub guest_link: u32,
+    /// A netlink route socket of the namespace (the tunnel's route rule).
+    pub routes: super::route::RouteSocket,
     pub dns: std::net::UdpSocket,
     pub dns_tcp: std::net::TcpListener,
     pub listeners: Option<(std::net::TcpListener, std::net::UdpSocket)>,
@@ -126,7 +130,14 @@ pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError
     } else {
         None
     };
+    let guest_link = nix::net::if_::if_nametoindex(iface).map_err(|e| DataplaneError::Io {
+        what: "guest link index",
+        source: e.into(),
+    })?;
+    let routes = super::route::RouteSocket::new().map_err(io("route socket"))?;
     Ok(Sockets {
+        guest_link,
+        routes,
         dns,
         dns_tcp,
         listeners,
@@ -145,6 +156,30 @@ pub fn spawn(
     let stats = Arc::new(proxy::Stats::default());
     let allow = (!cfg.network.allow_domains.is_empty())
         .then(|| domains::Allowlist::new(&cfg.network.allow_domains));
+    let host = policy::HostAddrs::default();
+    host.refresh();
+    let rule = if cfg.network.egress == Egress::Open {
+        route::Rule::AnyUnicast
+    } else {
+        route::Rule::DefaultRoute
+    };
+    let host_routes = route::RouteSocket::new().map_err(io("route socket"))?;
+    let gate = Arc::new(route::Gate {
+        policy: policy::Policy {
+            egress: cfg.network.egress,
+            gateway,
+            subnet: cfg.network.subnet,
+            prefix: cfg.network.prefix,
+            rules: cfg.network.rules.clone(),
+            host,
+            domains: allow.clone(),
+            tunnel: tunnel.is_some(),
+        },
+        host: route::RouteGuard::new(host_routes, rule),
+        tunnel: tunnel.as_ref().map(|_| {
+            route::RouteGuard::new(sockets.routes, route::Rule::NotVia(sockets.guest_link))
+        }),
+    });
     let resolver = Arc::new(resolver::Resolver {
         stub: dns::Stub {
             names: vec![
@@ -169,6 +204,8 @@ pub fn spawn(
         },
         allow: allow.clone(),
         stats: Arc::clone(&stats),
+        gate: Some(Arc::clone(&gate)),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(resolver::MAX_IN_FLIGHT)),
     });
     tokio::spawn({
         let r = Arc::clone(&resolver);
@@ -181,21 +218,10 @@ pub fn spawn(
     let dns_tcp =
         tokio::net::TcpListener::from_std(sockets.dns_tcp).map_err(io("DNS TCP listener"))?;
     tokio::spawn(Arc::clone(&resolver).serve_tcp(dns_tcp));
+    tokio::spawn(proxy::watch_host(Arc::clone(&gate)));
     if let Some((tcp, udp)) = sockets.listeners {
-        let host = policy::HostAddrs::default();
-        host.replace(policy::HostAddrs::read_host());
-        tokio::spawn(proxy::watch_host_addrs(host.clone()));
         let proxy = Arc::new(proxy::Proxy {
-            policy: policy::Policy {
-                egress: cfg.network.egress,
-                gateway,
-                subnet: cfg.network.subnet,
-                prefix: cfg.network.prefix,
-                rules: cfg.network.rules.clone(),
-                host,
-                domains: allow,
-                tunnel: tunnel.is_some(),
-            },
+            gate,
             stats: Arc::clone(&stats),
             ns,
             resolver,

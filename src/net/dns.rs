@@ -174,6 +174,174 @@ fn encode(mut resp: Message, has_edns: bool) -> Option<Vec<u8>> {
     resp.to_vec().ok()
 }
 
+/// Why a query is not sent upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotForwarded {
+    /// Zone transfers and ANY: enumeration, and amplification.
+    QueryType,
+    /// Not class IN (CHAOS `version.bind` and friends).
+    Class,
+    /// A single-label name or a local-use suffix (`.local`, `.internal`,
+    /// `.lan`, …): only the host's own network could answer it.
+    LocalName,
+    /// A reverse name of a private, reserved or partial address range:
+    /// the names of LAN hosts.
+    PrivateReverse,
+}
+
+/// Suffixes reserved or commonly used for names that only a local
+/// network resolves (RFC 6761, RFC 6762, RFC 8375, ICANN's `.internal`,
+/// and the habits of home and office routers).
+const LOCAL_SUFFIXES: [&str; 11] = [
+    "local",
+    "localhost",
+    "localdomain",
+    "internal",
+    "intranet",
+    "lan",
+    "home",
+    "home.arpa",
+    "corp",
+    "private",
+    "invalid",
+];
+
+/// Whether a question may go to the upstream resolvers: pure, so the
+/// same rule holds for UDP and TCP, and it can be fuzzed.
+pub fn forwardable(question: &hickory_proto::op::Query) -> Result<(), NotForwarded> {
+    if question.query_class() != DNSClass::IN {
+        return Err(NotForwarded::Class);
+    }
+    if matches!(
+        question.query_type(),
+        RecordType::AXFR | RecordType::IXFR | RecordType::ANY
+    ) || u16::from(question.query_type()) == 253
+    // MAILB
+    {
+        return Err(NotForwarded::QueryType);
+    }
+    let name = question.name().to_ascii().to_ascii_lowercase();
+    let name = name.trim_end_matches('.');
+    let labels: Vec<&str> = name.split('.').filter(|l| !l.is_empty()).collect();
+    if labels.len() < 2 {
+        return Err(NotForwarded::LocalName);
+    }
+    if LOCAL_SUFFIXES
+        .iter()
+        .any(|s| name == *s || name.ends_with(&format!(".{s}")))
+    {
+        return Err(NotForwarded::LocalName);
+    }
+    if let Some(rest) = name.strip_suffix(".in-addr.arpa") {
+        // Only the full reverse name of a public address.
+        let octets: Vec<u8> = rest
+            .split('.')
+            .rev()
+            .filter_map(|o| o.parse::<u8>().ok())
+            .collect();
+        let public = <[u8; 4]>::try_from(octets)
+            .ok()
+            .map(Ipv4Addr::from)
+            .is_some_and(|ip| {
+                rest.split('.').count() == 4
+                    && super::policy::classify(ip).is_none()
+                    && !super::policy::CLOUD_HOSTS.contains(&ip)
+            });
+        if !public {
+            return Err(NotForwarded::PrivateReverse);
+        }
+    } else if name == "in-addr.arpa" || name.ends_with("ip6.arpa") {
+        // IPv6 egress is off: no reverse names of any IPv6 network.
+        return Err(NotForwarded::PrivateReverse);
+    }
+    Ok(())
+}
+
+/// The query sent upstream for a guest's `question`: built anew (never
+/// the guest's bytes: no smuggled sections, options or flags), with a
+/// fresh random id, recursion desired, and EDNS.
+pub fn upstream_query(
+    id: u16,
+    question: &hickory_proto::op::Query,
+    checking_disabled: bool,
+) -> Option<Vec<u8>> {
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.metadata.checking_disabled = checking_disabled;
+    msg.add_query(question.clone());
+    msg.set_edns(response_edns());
+    msg.to_vec().ok()
+}
+
+/// The guest's response, built from the upstream's: the guest's id and
+/// question, the upstream's code, answers whose addresses `allowed`
+/// admits (A records; AAAA dropped while IPv6 egress is off; HTTPS/SVCB
+/// dropped, as their address hints bypass this check), the authority
+/// section's SOA for negative caching, nothing additional. `None` when the
+/// upstream's answer does not match the question (then SERVFAIL).
+pub fn guest_response(
+    guest: &Message,
+    upstream: &[u8],
+    allowed: impl Fn(Ipv4Addr) -> bool,
+) -> Option<Message> {
+    let up = Message::from_vec(upstream).ok()?;
+    let question = guest.queries.first()?;
+    let asked = up.queries.first()?;
+    if up.metadata.message_type != MessageType::Response
+        || !asked.name().eq_ignore_root(question.name())
+        || asked.query_type() != question.query_type()
+    {
+        return None;
+    }
+    let mut resp = Message::response(guest.metadata.id, OpCode::Query);
+    resp.metadata.recursion_desired = guest.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.metadata.checking_disabled = guest.metadata.checking_disabled;
+    resp.metadata.response_code = up.metadata.response_code;
+    resp.add_query(question.clone());
+    for rec in up.answers {
+        let keep = match &rec.data {
+            RData::A(a) => allowed(a.0),
+            RData::AAAA(_) | RData::HTTPS(_) | RData::SVCB(_) => false,
+            _ => true,
+        };
+        if keep {
+            resp.add_answer(rec);
+        }
+    }
+    for rec in up.authorities {
+        if rec.record_type() == RecordType::SOA {
+            resp.add_authority(rec);
+        }
+    }
+    if guest.edns.is_some() {
+        resp.set_edns(response_edns());
+    }
+    Some(resp)
+}
+
+/// SERVFAIL for `guest`'s question.
+pub fn servfail(guest: &Message) -> Message {
+    let mut resp = Message::response(guest.metadata.id, OpCode::Query);
+    resp.metadata.recursion_desired = guest.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.metadata.response_code = ResponseCode::ServFail;
+    if let Some(q) = guest.queries.first() {
+        resp.add_query(q.clone());
+    }
+    if guest.edns.is_some() {
+        resp.set_edns(response_edns());
+    }
+    resp
+}
+
+/// Encode a response for the guest: over UDP without EDNS at most 512
+/// bytes (else truncated, so it retries over TCP).
+pub fn encode_for(resp: Message, udp: bool) -> Option<Vec<u8>> {
+    let has_edns = resp.edns.is_some();
+    encode(resp, has_edns || !udp)
+}
+
 /// Answers queries on `socket` (UDP, bound by the caller to port 53 on the
 /// gateway address inside the VM's network namespace) until a receive error
 /// that is not transient.
@@ -404,6 +572,146 @@ mod tests {
             }
             let _ = resolve(&stub(), &bytes);
         }
+    }
+
+    #[test]
+    fn only_public_questions_are_forwarded() {
+        let q = |name: &str, t: RecordType| Query::query(Name::from_str(name).unwrap(), t);
+        for (name, t, want) in [
+            ("example.com.", RecordType::A, Ok(())),
+            ("example.com.", RecordType::MX, Ok(())),
+            ("34.216.184.93.in-addr.arpa.", RecordType::PTR, Ok(())),
+            (
+                "example.com.",
+                RecordType::ANY,
+                Err(NotForwarded::QueryType),
+            ),
+            (
+                "example.com.",
+                RecordType::AXFR,
+                Err(NotForwarded::QueryType),
+            ),
+            (
+                "example.com.",
+                RecordType::IXFR,
+                Err(NotForwarded::QueryType),
+            ),
+            ("intranet.", RecordType::A, Err(NotForwarded::LocalName)),
+            (
+                "printer.local.",
+                RecordType::A,
+                Err(NotForwarded::LocalName),
+            ),
+            (
+                "db.corp.internal.",
+                RecordType::A,
+                Err(NotForwarded::LocalName),
+            ),
+            ("nas.lan.", RecordType::A, Err(NotForwarded::LocalName)),
+            (
+                "router.home.arpa.",
+                RecordType::A,
+                Err(NotForwarded::LocalName),
+            ),
+            (
+                "50.77.168.192.in-addr.arpa.",
+                RecordType::PTR,
+                Err(NotForwarded::PrivateReverse),
+            ),
+            (
+                "1.0.0.10.in-addr.arpa.",
+                RecordType::PTR,
+                Err(NotForwarded::PrivateReverse),
+            ),
+            (
+                "254.169.254.169.in-addr.arpa.",
+                RecordType::PTR,
+                Err(NotForwarded::PrivateReverse),
+            ),
+            (
+                "16.129.63.168.in-addr.arpa.",
+                RecordType::PTR,
+                Err(NotForwarded::PrivateReverse),
+            ),
+            // Partial reverse names enumerate whole ranges.
+            (
+                "168.192.in-addr.arpa.",
+                RecordType::SOA,
+                Err(NotForwarded::PrivateReverse),
+            ),
+            (
+                "in-addr.arpa.",
+                RecordType::NS,
+                Err(NotForwarded::PrivateReverse),
+            ),
+            (
+                "1.0.0.0.d.f.ip6.arpa.",
+                RecordType::PTR,
+                Err(NotForwarded::PrivateReverse),
+            ),
+        ] {
+            assert_eq!(forwardable(&q(name, t)), want, "{name} {t}");
+        }
+        let mut chaos = q("version.bind.", RecordType::TXT);
+        chaos.set_query_class(DNSClass::CH);
+        assert_eq!(forwardable(&chaos), Err(NotForwarded::Class));
+    }
+
+    #[test]
+    fn upstream_queries_are_rebuilt() {
+        let mut guest = Message::from_vec(&query("example.com.", RecordType::A, false)).unwrap();
+        // Smuggled records and flags stay with the guest.
+        guest.add_additional(Record::from_rdata(
+            Name::from_str("x.example.").unwrap(),
+            1,
+            RData::A(A(VM)),
+        ));
+        guest.metadata.authoritative = true;
+        let up = upstream_query(0xbeef, &guest.queries[0], false).unwrap();
+        let up = Message::from_vec(&up).unwrap();
+        assert_eq!(up.metadata.id, 0xbeef);
+        assert_eq!(up.queries, guest.queries);
+        assert!(up.additionals.is_empty());
+        assert!(!up.metadata.authoritative);
+        assert!(up.metadata.recursion_desired);
+    }
+
+    #[test]
+    fn answers_lose_refused_addresses() {
+        let guest = Message::from_vec(&query("split.example.", RecordType::A, false)).unwrap();
+        let mut up = Message::response(0x4242, OpCode::Query);
+        up.add_query(guest.queries[0].clone());
+        let name = Name::from_str("split.example.").unwrap();
+        for ip in [[93, 184, 216, 34], [192, 168, 1, 5], [10, 0, 0, 1]] {
+            up.add_answer(Record::from_rdata(
+                name.clone(),
+                60,
+                RData::A(A(Ipv4Addr::from(ip))),
+            ));
+        }
+        up.add_answer(Record::from_rdata(
+            name.clone(),
+            60,
+            RData::AAAA(hickory_proto::rr::rdata::AAAA("fd00::1".parse().unwrap())),
+        ));
+        up.add_additional(Record::from_rdata(
+            name.clone(),
+            60,
+            RData::A(A(Ipv4Addr::new(10, 9, 9, 9))),
+        ));
+        let public = |ip: Ipv4Addr| super::super::policy::classify(ip).is_none();
+        let resp = guest_response(&guest, &up.to_vec().unwrap(), public).unwrap();
+        assert_eq!(resp.metadata.id, 0x1234, "the guest's id");
+        let addrs: Vec<_> = resp.answers.iter().map(|r| r.data.clone()).collect();
+        assert_eq!(addrs, vec![RData::A(A(Ipv4Addr::new(93, 184, 216, 34)))]);
+        assert!(resp.additionals.is_empty());
+        // An answer to another question is not passed on.
+        let other = Message::from_vec(&query("other.example.", RecordType::A, false)).unwrap();
+        assert!(guest_response(&other, &up.to_vec().unwrap(), public).is_none());
+        assert!(guest_response(&guest, b"\x42\x42", public).is_none());
+        let fail = servfail(&guest);
+        assert_eq!(fail.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(fail.metadata.id, 0x1234);
     }
 
     #[tokio::test]

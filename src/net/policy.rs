@@ -42,6 +42,20 @@ pub enum Denial {
     Ipv6,
     /// More concurrent TCP connections than the proxy relays for one VM.
     TooManyConnections,
+    /// The host reaches it, but not through its default route: an internal
+    /// network, a VPN's routes, no route at all.
+    NotInternet,
+    /// A well-known cloud host endpoint (Azure's WireServer, metadata).
+    CloudHost,
+    /// UDP to port 443 (QUIC) with `allow_domains`: its names cannot be
+    /// checked, and clients fall back to TCP.
+    Quic,
+    /// A DNS question the gateway does not forward: zone transfers, ANY,
+    /// local names, reverse names of private ranges.
+    DnsQuery,
+    /// With `allow_domains`: first bytes that start a TLS or HTTP request
+    /// but cannot be read whole (split, too large, too slow, malformed).
+    Uninspectable,
 }
 
 impl Denial {
@@ -60,6 +74,11 @@ impl Denial {
             Denial::NotAllowedDomain => "not-allowed-domain",
             Denial::Ipv6 => "ipv6",
             Denial::TooManyConnections => "too-many-connections",
+            Denial::NotInternet => "not-internet",
+            Denial::CloudHost => "cloud-host",
+            Denial::Quic => "quic",
+            Denial::Uninspectable => "uninspectable",
+            Denial::DnsQuery => "dns-query",
         }
     }
 }
@@ -73,6 +92,16 @@ pub struct Allowed {
     /// Must leave through the WireGuard tunnel.
     pub via_tunnel: bool,
 }
+
+/// Hosts that clouds serve to every VM on public-looking addresses, which
+/// admit traffic from the host itself: Azure's WireServer (and DNS), and
+/// Alibaba Cloud's metadata service (inside CGNAT space, which
+/// `egress = "open"` admits). 169.254.0.0/16 (AWS, GCP, Azure, Oracle
+/// metadata) is link-local and refused as such.
+pub const CLOUD_HOSTS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(168, 63, 129, 16),
+    Ipv4Addr::new(100, 100, 100, 200),
+];
 
 /// The fixed address classes, in order of precedence.
 pub fn classify(ip: Ipv4Addr) -> Option<Denial> {
@@ -120,6 +149,17 @@ impl HostAddrs {
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.0.read().map(|s| s.contains(&ip)).unwrap_or(true)
     }
+    /// Re-read the host's addresses; on an error keep the last good set
+    /// (never fail open). Returns whether it changed.
+    pub fn refresh(&self) -> bool {
+        match HostAddrs::read_host() {
+            Ok(now) => self.replace(now),
+            Err(e) => {
+                tracing::warn!("cannot read the host's addresses (keeping the last): {e}");
+                false
+            }
+        }
+    }
     /// Replace the set; returns whether it changed.
     pub fn replace(&self, new: HashSet<IpAddr>) -> bool {
         match self.0.write() {
@@ -131,21 +171,19 @@ impl HostAddrs {
         }
     }
     /// Read every address of every interface of the current namespace.
-    pub fn read_host() -> HashSet<IpAddr> {
-        nix::ifaddrs::getifaddrs()
-            .map(|addrs| {
-                addrs
-                    .filter_map(|a| a.address)
-                    .filter_map(|a| {
-                        if let Some(v4) = a.as_sockaddr_in() {
-                            Some(IpAddr::V4(v4.ip()))
-                        } else {
-                            a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-                        }
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+    pub fn read_host() -> Result<HashSet<IpAddr>, nix::Error> {
+        nix::ifaddrs::getifaddrs().map(|addrs| {
+            addrs
+                .filter_map(|a| a.address)
+                .filter_map(|a| {
+                    if let Some(v4) = a.as_sockaddr_in() {
+                        Some(IpAddr::V4(v4.ip()))
+                    } else {
+                        a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+                    }
+                })
+                .collect()
+        })
     }
 }
 
@@ -165,6 +203,53 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// A named `allow-lan-host` hole for `ip` (with its via-tunnel mark);
+    /// never one of the host's own addresses, which `up` refuses too.
+    fn lan_hole(&self, ip: Ipv4Addr) -> Result<Option<bool>, Denial> {
+        let hole = self.rules.iter().find_map(|r| match r {
+            NetRule::AllowLanHost { addr, via_tunnel } if *addr == ip => Some(*via_tunnel),
+            _ => None,
+        });
+        if hole.is_some() && (self.host.contains(IpAddr::V4(ip)) || ip.is_loopback()) {
+            return Err(Denial::HostAddress);
+        }
+        Ok(hole)
+    }
+
+    /// The address rules for a flow that is not a hole: cloud host
+    /// endpoints, the fixed classes, the host's own addresses.
+    fn classify_public(&self, ip: Ipv4Addr) -> Result<(), Denial> {
+        if CLOUD_HOSTS.contains(&ip) {
+            return Err(Denial::CloudHost);
+        }
+        match classify(ip) {
+            // The original's NETWORK_ISOLATION=false: the LAN is open, the
+            // host itself still is not.
+            Some(Denial::Private | Denial::Cgnat) if self.egress == Egress::Open => {}
+            Some(d) => return Err(d),
+            None => {}
+        }
+        if self.host.contains(IpAddr::V4(ip)) {
+            return Err(Denial::HostAddress);
+        }
+        Ok(())
+    }
+
+    /// Whether a DNS answer may tell the guest about `ip`: an address the
+    /// guest could be allowed to reach (before the route rule, which
+    /// [`super::route::Gate`] adds), or a named LAN hole. Answers that
+    /// name the host, the LAN or reserved space are dropped, so that a
+    /// split-horizon name tells the guest nothing internal.
+    pub fn answer_address(&self, ip: Ipv4Addr) -> Result<bool, Denial> {
+        if self.in_subnet(ip) {
+            return Err(Denial::GuestNetwork);
+        }
+        if self.lan_hole(ip)?.is_some() {
+            return Ok(true);
+        }
+        self.classify_public(ip).map(|()| false)
+    }
+
     fn in_subnet(&self, ip: Ipv4Addr) -> bool {
         let p = u32::from(self.prefix.min(32));
         let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
@@ -205,11 +290,7 @@ impl Policy {
         if self.in_subnet(ip) {
             return Err(Denial::GuestNetwork);
         }
-        let lan_hole = self.rules.iter().find_map(|r| match r {
-            NetRule::AllowLanHost { addr, via_tunnel } if *addr == ip => Some(*via_tunnel),
-            _ => None,
-        });
-        if let Some(via_tunnel) = lan_hole {
+        if let Some(via_tunnel) = self.lan_hole(ip)? {
             return Ok(Allowed {
                 to: SocketAddr::V4(dst),
                 hole: true,
@@ -219,20 +300,14 @@ impl Policy {
         if self.egress == Egress::None {
             return Err(Denial::EgressNone);
         }
-        match classify(ip) {
-            // The original's NETWORK_ISOLATION=false: the LAN is open, the
-            // host itself still is not.
-            Some(Denial::Private | Denial::Cgnat) if self.egress == Egress::Open => {}
-            Some(d) => return Err(d),
-            None => {}
-        }
-        if self.host.contains(IpAddr::V4(ip)) {
-            return Err(Denial::HostAddress);
-        }
-        if let Some(list) = &self.domains
-            && !list.admits_addr(ip)
-        {
-            return Err(Denial::NotAllowedDomain);
+        self.classify_public(ip)?;
+        if let Some(list) = &self.domains {
+            if proto == Proto::Udp && port == 443 {
+                return Err(Denial::Quic);
+            }
+            if !list.admits_addr(ip) {
+                return Err(Denial::NotAllowedDomain);
+            }
         }
         // With WireGuard, everything that is not a named hole leaves
         // through the tunnel.
@@ -448,5 +523,70 @@ mod tests {
                 .map(|a| a.via_tunnel)
         };
         assert_eq!(via([93, 184, 216, 34], 443), Ok(false));
+    }
+    #[test]
+    fn cloud_hosts_quic_and_holes_to_the_host() {
+        let mut p = policy(
+            Egress::Open,
+            vec![
+                NetRule::AllowLanHost {
+                    addr: Ipv4Addr::new(45, 1, 2, 3),
+                    via_tunnel: false,
+                },
+                NetRule::AllowLanHost {
+                    addr: Ipv4Addr::new(127, 0, 0, 1),
+                    via_tunnel: false,
+                },
+            ],
+        );
+        for ip in CLOUD_HOSTS {
+            assert_eq!(
+                p.decide(Proto::Tcp, SocketAddrV4::new(ip, 80)),
+                Err(Denial::CloudHost)
+            );
+        }
+        // A hole never opens the host, even when the host's address
+        // appears after `up` checked the rules.
+        assert_eq!(
+            p.decide(Proto::Tcp, to([45, 1, 2, 3], 22)),
+            Err(Denial::HostAddress)
+        );
+        assert_eq!(
+            p.decide(Proto::Tcp, to([127, 0, 0, 1], 22)),
+            Err(Denial::HostAddress)
+        );
+        // QUIC only with allow_domains; other UDP needs an admitted address.
+        assert!(p.decide(Proto::Udp, to([93, 184, 216, 34], 443)).is_ok());
+        let list = super::super::domains::Allowlist::new(&["ok.example".into()]);
+        list.learn("ok.example", Ipv4Addr::new(93, 184, 216, 34), 60);
+        p.domains = Some(list);
+        assert_eq!(
+            p.decide(Proto::Udp, to([93, 184, 216, 34], 443)),
+            Err(Denial::Quic)
+        );
+        assert!(p.decide(Proto::Udp, to([93, 184, 216, 34], 4433)).is_ok());
+        assert!(p.decide(Proto::Tcp, to([93, 184, 216, 34], 443)).is_ok());
+        assert_eq!(
+            p.decide(Proto::Udp, to([93, 184, 216, 35], 4433)),
+            Err(Denial::NotAllowedDomain)
+        );
+    }
+
+    #[test]
+    fn answers_carry_only_reachable_addresses() {
+        let p = policy(
+            Egress::Direct,
+            vec![NetRule::AllowLanHost {
+                addr: Ipv4Addr::new(192, 168, 1, 50),
+                via_tunnel: false,
+            }],
+        );
+        let a = |ip: [u8; 4]| p.answer_address(Ipv4Addr::from(ip));
+        assert_eq!(a([93, 184, 216, 34]), Ok(false));
+        assert_eq!(a([192, 168, 1, 50]), Ok(true));
+        assert_eq!(a([192, 168, 1, 51]), Err(Denial::Private));
+        assert_eq!(a([45, 1, 2, 3]), Err(Denial::HostAddress));
+        assert_eq!(a([10, 0, 2, 15]), Err(Denial::GuestNetwork));
+        assert_eq!(a([168, 63, 129, 16]), Err(Denial::CloudHost));
     }
 }

@@ -4,7 +4,7 @@
 //! makes its own connection from the host's namespace.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,13 +13,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::domains::{Allowlist, Peek, requested_name};
 use super::netns::NetNs;
-use super::policy::{Allowed, Denial, Policy};
+use super::policy::{Allowed, Denial};
 use super::resolver::Resolver;
+use super::route::Gate;
 use crate::config::Proto;
 
 /// Listener ports inside the VM's namespace (nothing else listens there).
@@ -35,8 +34,6 @@ pub const MAX_TCP_FLOWS: usize = 4096;
 /// has been idle for `UDP_IDLE`).
 pub const MAX_UDP_FLOWS: usize = 4096;
 const UDP_IDLE: Duration = Duration::from_secs(60);
-/// How long a client on a shared address may take to name its server.
-const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for a client to speak first before assuming a
 /// server-first protocol.
 const CLIENT_FIRST_WAIT: Duration = Duration::from_millis(800);
@@ -50,6 +47,7 @@ pub struct Stats {
     tcp: AtomicU64,
     udp: AtomicU64,
     denied: Mutex<BTreeMap<Denial, u64>>,
+    log: Mutex<Option<LogWindow>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -60,23 +58,92 @@ pub struct StatsView {
     pub denied: BTreeMap<String, u64>,
 }
 
+/// Refusals logged per interval at most; the rest are counted and summed
+/// up in the next line, so a flood of refused packets cannot grow the
+/// supervisor's log.
+const LOG_BURST: u32 = 20;
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct LogWindow {
+    start: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
 impl Stats {
-    pub fn deny(&self, proto: Proto, src: SocketAddr, dst: SocketAddrV4, why: Denial) {
+    fn count(&self, why: Denial) {
         if let Ok(mut d) = self.denied.lock() {
             *d.entry(why).or_default() += 1;
         }
-        tracing::info!(
-            "denied {} {src} -> {dst}: {}",
-            if proto == Proto::Tcp { "tcp" } else { "udp" },
-            why.as_str()
-        );
     }
-    pub fn deny_name(&self, name: &str) {
-        if let Ok(mut d) = self.denied.lock() {
-            *d.entry(Denial::NotAllowedDomain).or_default() += 1;
+
+    /// Whether a refusal may be logged now; says how many were not.
+    fn may_log(&self) -> bool {
+        let Ok(mut w) = self.log.lock() else {
+            return false;
+        };
+        let w = w.get_or_insert(LogWindow {
+            start: std::time::Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        });
+        if w.start.elapsed() >= LOG_INTERVAL {
+            if w.suppressed > 0 {
+                tracing::info!(
+                    "{} more refusals in the last {} s were counted, not logged",
+                    w.suppressed,
+                    LOG_INTERVAL.as_secs()
+                );
+            }
+            *w = LogWindow {
+                start: std::time::Instant::now(),
+                logged: 0,
+                suppressed: 0,
+            };
         }
-        tracing::info!("denied DNS query for {name}: not in allow_domains");
+        if w.logged < LOG_BURST {
+            w.logged += 1;
+            true
+        } else {
+            w.suppressed += 1;
+            false
+        }
     }
+
+    pub fn deny(&self, proto: Proto, src: SocketAddr, dst: SocketAddrV4, why: Denial) {
+        self.count(why);
+        if self.may_log() {
+            tracing::info!(
+                "denied {} {src} -> {dst}: {}",
+                if proto == Proto::Tcp { "tcp" } else { "udp" },
+                why.as_str()
+            );
+        }
+    }
+
+    /// A refusal after inspection, with what was seen.
+    pub fn deny_inspected(&self, src: SocketAddr, dst: SocketAddrV4, why: Denial, detail: &str) {
+        self.count(why);
+        if self.may_log() {
+            tracing::info!("denied tcp {src} -> {dst}: {} ({detail})", why.as_str());
+        }
+    }
+
+    pub fn deny_name(&self, name: &str) {
+        self.count(Denial::NotAllowedDomain);
+        if self.may_log() {
+            tracing::info!("denied DNS query for {name:?}: not in allow_domains");
+        }
+    }
+
+    pub fn deny_query(&self, name: &str, why: super::dns::NotForwarded) {
+        self.count(Denial::DnsQuery);
+        if self.may_log() {
+            tracing::info!("refused DNS query for {name:?}: {why:?}");
+        }
+    }
+
     pub fn view(&self) -> StatsView {
         StatsView {
             tcp_connections: self.tcp.load(Ordering::Relaxed),
@@ -95,7 +162,8 @@ impl Stats {
 }
 
 pub struct Proxy {
-    pub policy: Policy,
+    /// The policy with the route rule.
+    pub gate: Arc<Gate>,
     pub stats: Arc<Stats>,
     pub ns: Arc<NetNs>,
     pub resolver: Arc<Resolver>,
@@ -172,32 +240,50 @@ impl Proxy {
         }
     }
 
-    async fn tcp_flow(&self, mut guest: TcpStream, src: SocketAddr) {
+    async fn tcp_flow(&self, guest: TcpStream, src: SocketAddr) {
         // With TPROXY the accepted socket's local address is where the
         // guest meant to go.
         let Some(dst) = guest.local_addr().ok().and_then(v4) else {
             return reset(guest);
         };
+        let policy = &self.gate.policy;
         // DNS over TCP to any server is answered by the gateway's
         // resolver, like DNS over UDP: one resolver sees every lookup.
-        if dst.port() == 53 && *dst.ip() != self.policy.gateway {
+        if dst.port() == 53 && *dst.ip() != policy.gateway {
             return self.resolver.tcp_client(guest).await;
         }
-        let allowed = match self.policy.decide(Proto::Tcp, dst) {
+        let allowed = match self.gate.decide(Proto::Tcp, dst) {
             Ok(a) => a,
             Err(why) => {
                 self.stats.deny(Proto::Tcp, src, dst, why);
                 return reset(guest);
             }
         };
+        // With allow_domains, a client that speaks first must name an
+        // allowed host before anything is sent on its behalf; a silent
+        // one (server-first protocols) is inspected once it speaks.
+        let inspect = policy.domains.as_ref().filter(|_| !allowed.hole);
         let mut first = Vec::new();
-        if let (Some(list), false) = (&self.policy.domains, allowed.hole) {
-            match check_shared(list, *dst.ip(), &mut guest, &mut first).await {
-                Ok(()) => {}
-                Err(why) => {
-                    self.stats.deny(Proto::Tcp, src, dst, why);
-                    return reset(guest);
+        if let Some(list) = inspect {
+            let spoke = tokio::time::timeout(
+                CLIENT_FIRST_WAIT,
+                super::inspect::read_some(&guest, &mut first),
+            )
+            .await;
+            let checked = match spoke {
+                Ok(Ok(n)) if n > 0 => {
+                    super::inspect::check_first(list, *dst.ip(), &guest, &mut first).await
                 }
+                Ok(_) => return reset(guest),
+                Err(_) if list.is_shared(*dst.ip()) => Err((
+                    Denial::NotAllowedDomain,
+                    "a silent client on a shared address",
+                )),
+                Err(_) => Ok(()),
+            };
+            if let Err((why, detail)) = checked {
+                self.stats.deny_inspected(src, dst, why, detail);
+                return reset(guest);
             }
         }
         let exit = match self.exit(allowed) {
@@ -215,11 +301,24 @@ impl Proxy {
                 return reset(guest);
             }
         };
+        // A connection to ourselves is the host, whatever the tables said.
+        if !allowed.hole
+            && upstream
+                .local_addr()
+                .is_ok_and(|l| l.ip() == allowed.to.ip())
+        {
+            self.stats.deny(Proto::Tcp, src, dst, Denial::HostAddress);
+            return reset(guest);
+        }
         self.stats.tcp.fetch_add(1, Ordering::Relaxed);
         let _ = upstream.set_nodelay(true);
         let _ = guest.set_nodelay(true);
-        let mut upstream = upstream;
-        if !first.is_empty() && upstream.write_all(&first).await.is_err() {
+        if let Some(list) = inspect {
+            if let Some((why, detail)) =
+                super::inspect::relay(list, *dst.ip(), &guest, &upstream, first).await
+            {
+                self.stats.deny_inspected(src, dst, why, detail);
+            }
             return;
         }
         // Both directions, each shut down for writing when its source
@@ -275,7 +374,7 @@ impl Proxy {
         let allowed = if is_dns {
             None
         } else {
-            match self.policy.decide(Proto::Udp, dst) {
+            match self.gate.decide(Proto::Udp, dst) {
                 Ok(a) => Some(a),
                 Err(why) => {
                     self.stats.deny(Proto::Udp, src, dst, why);
@@ -379,49 +478,6 @@ impl Proxy {
     }
 }
 
-/// With `allow_domains`, a client that names its server (TLS SNI, HTTP
-/// Host) must name an allowed one, whatever address it dialled. A client
-/// that says nothing first (SSH, SMTP: the server speaks first) is let
-/// through to an admitted address, unless other names share that address.
-async fn check_shared(
-    list: &Allowlist,
-    ip: std::net::Ipv4Addr,
-    guest: &mut TcpStream,
-    first: &mut Vec<u8>,
-) -> Result<(), Denial> {
-    let deadline = tokio::time::Instant::now() + PEEK_TIMEOUT;
-    let mut chunk = [0u8; 4096];
-    loop {
-        match requested_name(first) {
-            Peek::Name(name) if list.admits_request(ip, &name) => return Ok(()),
-            Peek::Name(_) => return Err(Denial::NotAllowedDomain),
-            Peek::NoName if !first.is_empty() => {
-                return if list.is_shared(ip) {
-                    Err(Denial::NotAllowedDomain)
-                } else {
-                    Ok(())
-                };
-            }
-            _ => {}
-        }
-        if first.len() > 16 * 1024 {
-            return Err(Denial::NotAllowedDomain);
-        }
-        // Server-first protocols: nothing arrives.
-        let wait = if first.is_empty() {
-            tokio::time::Instant::now() + CLIENT_FIRST_WAIT
-        } else {
-            deadline
-        };
-        match tokio::time::timeout_at(wait.min(deadline), guest.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => first.extend_from_slice(&chunk[..n]),
-            Ok(_) => return Err(Denial::NotAllowedDomain),
-            Err(_) if first.is_empty() && !list.is_shared(ip) => return Ok(()),
-            Err(_) => return Err(Denial::NotAllowedDomain),
-        }
-    }
-}
-
 /// Receive one datagram with its original destination.
 fn recv_orig(
     sock: &std::net::UdpSocket,
@@ -466,12 +522,17 @@ fn reply_socket(dst: SocketAddrV4, guest: SocketAddr) -> std::io::Result<std::ne
     Ok(s.into())
 }
 
-/// Keep the policy's view of the host's addresses current.
-pub async fn watch_host_addrs(policy_host: super::policy::HostAddrs) {
+/// Keep the policy's view of the host current: its addresses, its default
+/// routes, and the addresses `allow_domains` admitted (expired entries
+/// dropped).
+pub async fn watch_host(gate: Arc<Gate>) {
     loop {
-        let now: std::collections::HashSet<IpAddr> = super::policy::HostAddrs::read_host();
-        if policy_host.replace(now) {
+        if gate.policy.host.refresh() {
             tracing::info!("host addresses changed; policy updated");
+        }
+        gate.host.refresh();
+        if let Some(list) = &gate.policy.domains {
+            list.expire();
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

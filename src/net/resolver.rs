@@ -40,7 +40,17 @@ pub struct Resolver {
     pub exit: super::netns::Exit,
     pub allow: Option<Allowlist>,
     pub stats: Arc<Stats>,
+    /// Decides which addresses an answer may carry (none: every address
+    /// is dropped from answers; the guest reaches nothing anyway).
+    pub gate: Option<Arc<super::route::Gate>>,
+    /// Queries being answered at once; beyond it new ones are dropped
+    /// (the client retries), so a flood cannot grow tasks and buffers.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Queries forwarded at once for one VM (each waits at most
+/// `UPSTREAM_TIMEOUT` per upstream and holds one 64 KiB buffer).
+pub const MAX_IN_FLIGHT: usize = 256;
 
 /// `nameserver` lines of a resolv.conf, port 53.
 pub fn upstreams_from(resolv_conf: &str) -> Vec<SocketAddr> {
@@ -65,14 +75,13 @@ pub fn host_upstreams() -> Vec<SocketAddr> {
         .unwrap_or_default()
 }
 
-fn question_names(query: &[u8]) -> Vec<String> {
-    Message::from_vec(query)
-        .map(|m| m.queries.iter().map(|q| q.name().to_ascii()).collect())
-        .unwrap_or_default()
-}
-
 impl Resolver {
     /// The response for `query`, if any; forwarded over `transport`.
+    ///
+    /// Only a question that [`dns::forwardable`] admits goes upstream,
+    /// re-encoded with a fresh id; the answer comes back rebuilt by
+    /// [`dns::guest_response`], without the addresses the policy refuses
+    /// (DNS-rebinding protection) and with the guest's own id.
     pub async fn handle(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
         let refused = match dns::resolve(&self.stub, query) {
             Outcome::Answer(bytes) => return Some(bytes),
@@ -82,22 +91,38 @@ impl Resolver {
         if self.upstreams.is_empty() {
             return Some(refused);
         }
-        let names = question_names(query);
-        if let Some(allow) = &self.allow
-            && (names.is_empty() || !names.iter().all(|n| allow.name_allowed(n)))
-        {
-            self.stats
-                .deny_name(names.first().map(String::as_str).unwrap_or("?"));
+        // `resolve` checked: a query with exactly one question.
+        let guest = Message::from_vec(query).ok()?;
+        let question = guest.queries.first()?.clone();
+        let name = question.name().to_ascii();
+        if let Err(why) = dns::forwardable(&question) {
+            self.stats.deny_query(&name, why);
             return Some(refused);
         }
-        let response = match transport {
-            Transport::Udp => self.forward(query).await?,
-            Transport::Tcp => self.forward_tcp(query).await?,
-        };
-        if let Some(allow) = &self.allow {
-            learn(allow, &names, &response);
+        if let Some(allow) = &self.allow
+            && !allow.name_allowed(&name)
+        {
+            self.stats.deny_name(&name);
+            return Some(refused);
         }
-        Some(response)
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            tracing::debug!("dns: too many queries in flight; dropping one for {name}");
+            return None;
+        };
+        let id = random_id();
+        let upstream = dns::upstream_query(id, &question, guest.metadata.checking_disabled)?;
+        let response = match transport {
+            Transport::Udp => self.forward(&upstream).await,
+            Transport::Tcp => self.forward_tcp(&upstream).await,
+        };
+        let allowed = |ip| self.gate.as_ref().is_some_and(|g| g.answer_allowed(ip));
+        let resp = response
+            .and_then(|r| dns::guest_response(&guest, &r, allowed))
+            .unwrap_or_else(|| dns::servfail(&guest));
+        if let Some(allow) = &self.allow {
+            learn(allow, &name, &resp);
+        }
+        dns::encode_for(resp, transport == Transport::Udp)
     }
 
     async fn forward(&self, query: &[u8]) -> Option<Vec<u8>> {
@@ -208,6 +233,9 @@ impl Resolver {
                 Err(e) => return Err(e),
             };
             let query = buf[..len].to_vec();
+            if self.in_flight.available_permits() == 0 {
+                continue; // A flood: drop rather than queue.
+            }
             let this = Arc::clone(&self);
             let socket = Arc::clone(&socket);
             tokio::spawn(async move {
@@ -239,16 +267,26 @@ async fn read_message<R: tokio::io::AsyncRead + Unpin>(
     Ok(Some(msg))
 }
 
-/// Admit the A records of an answer to allowed `names`.
-fn learn(allow: &Allowlist, names: &[String], response: &[u8]) {
-    let Ok(msg) = Message::from_vec(response) else {
-        return;
-    };
+/// A DNS id nobody off the path can guess.
+fn random_id() -> u16 {
+    let mut b = [0u8; 2];
+    if getrandom::getrandom(&mut b).is_err() {
+        // Never expected; the port the kernel picked is random too.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        return t as u16;
+    }
+    u16::from_ne_bytes(b)
+}
+
+/// Admit the A records of an answer (already filtered) to the allowed
+/// name that was asked.
+fn learn(allow: &Allowlist, name: &str, msg: &Message) {
     for rec in &msg.answers {
         if let RData::A(a) = &rec.data {
-            for n in names {
-                allow.learn(n, a.0, rec.ttl);
-            }
+            allow.learn(name, a.0, rec.ttl);
             // The owner name too (a CNAME target), so that shared
             // addresses are recognised as such.
             allow.learn(&rec.name.to_ascii(), a.0, rec.ttl);
@@ -295,6 +333,8 @@ mod tests {
             exit: crate::net::netns::Exit::Host,
             allow: None,
             stats: Arc::new(Stats::default()),
+            gate: None,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

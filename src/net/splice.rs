@@ -29,7 +29,7 @@ pub async fn relay(a: &TcpStream, b: &TcpStream) -> std::io::Result<Moved> {
     Ok((ab?, ba?))
 }
 
-async fn pump_or_abort(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
+pub async fn pump_or_abort(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
     let r = pump(from, to).await;
     if r.is_err() {
         for s in [from, to] {

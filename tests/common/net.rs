@@ -7,6 +7,13 @@
 //!       │ 192.168.77.1                                     45.20.0.53 dnsmasq
 //!       └──veth── 192.168.77.50, .51 [lan ns]  http "lan"
 //!   host ns also: 127.0.0.1:8080 http "host-loopback", 45.10.0.1:9090 http "host-public"
+//!   internet ns also: 168.63.129.16 http "wireserver" (a cloud host endpoint),
+//!     45.20.0.10:443 tcp "hello" to anything and udp echo
+//!   an internal network the host routes over the LAN link, not its
+//!     default route: 11.1.0.0/16 via 192.168.77.50; 11.1.0.10 http "internal"
+//!   DNS: ok.test, other.test, shared.test, api.allowed.test (public),
+//!     internal.test (11.1.0.10), split.test (192.168.77.50), and the PTR
+//!     of 192.168.77.50 (printer.lan.test)
 //! ```
 //! migrant runs inside the host namespace (`ip netns exec`), whose
 //! resolv.conf (`/etc/netns/<host>/resolv.conf`) names the internet DNS.
@@ -48,6 +55,7 @@ const HTTP: &str = r#"
 import http.server, sys
 body = sys.argv[3].encode()
 class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
     def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -55,6 +63,24 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"#;
+
+/// A TCP server that answers `hello` to whatever a client sends, and a
+/// UDP echo, on the same address and port.
+const RESPONDER: &str = r#"
+import socket, socketserver, sys, threading
+addr = (sys.argv[1], int(sys.argv[2]))
+class T(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.settimeout(5)
+        if self.request.recv(65536):
+            self.request.sendall(b"hello\n")
+class U(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request[1].sendto(self.request[0], self.client_address)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+threading.Thread(target=socketserver.UDPServer(addr, U).serve_forever, daemon=True).start()
+socketserver.ThreadingTCPServer(addr, T).serve_forever()
 "#;
 
 impl TestNet {
@@ -90,7 +116,12 @@ impl TestNet {
         in_ns(h, &["ip", "route", "add", "default", "via", "45.10.0.2"]);
         in_ns(i, &["ip", "addr", "add", "45.10.0.2/24", "dev", "mgt-ih"]);
         in_ns(i, &["ip", "link", "set", "mgt-ih", "up"]);
-        for a in ["45.20.0.10/32", "45.20.0.11/32", "45.20.0.53/32"] {
+        for a in [
+            "45.20.0.10/32",
+            "45.20.0.11/32",
+            "45.20.0.53/32",
+            "168.63.129.16/32",
+        ] {
             in_ns(i, &["ip", "addr", "add", a, "dev", "lo"]);
         }
         in_ns(
@@ -102,6 +133,13 @@ impl TestNet {
             &["ip", "addr", "add", "192.168.77.51/24", "dev", "mgt-lh"],
         );
         in_ns(l, &["ip", "link", "set", "mgt-lh", "up"]);
+        // An internal network behind a LAN router: routed by the host, but
+        // not through its default route.
+        in_ns(l, &["ip", "addr", "add", "11.1.0.10/32", "dev", "lo"]);
+        in_ns(
+            h,
+            &["ip", "route", "add", "11.1.0.0/16", "via", "192.168.77.50"],
+        );
         std::fs::create_dir_all(&net.etc).unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(net.etc.join("resolv.conf"), "nameserver 45.20.0.53\n")
             .unwrap_or_else(|e| panic!("{e}"));
@@ -110,6 +148,12 @@ impl TestNet {
         net.http(&net.inet.clone(), "45.20.0.11", 80, "other");
         net.http(&net.lan.clone(), "192.168.77.50", 80, "lan");
         net.http(&net.lan.clone(), "192.168.77.51", 80, "lan-other");
+        net.http(&net.lan.clone(), "11.1.0.10", 80, "internal");
+        net.http(&net.inet.clone(), "168.63.129.16", 80, "wireserver");
+        net.spawn(
+            &net.inet.clone(),
+            &["python3", "-c", RESPONDER, "45.20.0.10", "443"],
+        );
         net.http(&net.host.clone(), "127.0.0.1", 8080, "host-loopback");
         net.http(&net.host.clone(), "127.0.0.1", 9091, "host-loopback-closed");
         net.http(&net.host.clone(), "45.10.0.1", 9090, "host-public");
@@ -129,6 +173,9 @@ impl TestNet {
                 "--address=/other.test/45.20.0.11",
                 "--address=/shared.test/45.20.0.10",
                 "--address=/api.allowed.test/45.20.0.10",
+                "--address=/internal.test/11.1.0.10",
+                "--address=/split.test/192.168.77.50",
+                "--ptr-record=50.77.168.192.in-addr.arpa,printer.lan.test",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -140,22 +187,18 @@ impl TestNet {
     }
 
     fn http(&mut self, ns: &str, addr: &str, port: u16, body: &str) {
+        self.spawn(ns, &["python3", "-c", HTTP, addr, &port.to_string(), body]);
+    }
+
+    /// A server process inside `ns`, owned (and killed) by this network.
+    fn spawn(&mut self, ns: &str, cmd: &[&str]) {
         let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                "python3",
-                "-c",
-                HTTP,
-                addr,
-                &port.to_string(),
-                body,
-            ])
+            .args(["netns", "exec", ns])
+            .args(cmd)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("http server: {e}"));
+            .unwrap_or_else(|e| panic!("server {cmd:?}: {e}"));
         self.servers.push(child);
     }
 

@@ -1,0 +1,286 @@
+//! `allow_domains` on the wire: the relay of a connection whose client
+//! side must name an allowed host.
+//!
+//! The server's side is spliced as for every flow. The client's side is
+//! read by this module: its first flight ([`first_flight`]) must be a
+//! complete ClientHello naming an allowed host (then the rest is opaque
+//! TLS), an HTTP/1 request naming one, or a binary protocol to an address
+//! that only allowed names resolved to. Plain HTTP stays in user space for
+//! the life of the connection: every request on a kept-alive connection is
+//! framed (Content-Length or chunked) and its Host checked before it is
+//! sent, so a second request cannot name another site on a shared server.
+//! That keeps keep-alive (package managers reuse connections) where
+//! closing after the first response would cost a handshake per request.
+//! On a refusal the upstream is shut for writing, the answers already
+//! asked for are delivered, and the connection ends.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::domains::{Allowlist, Body, Chunked, FirstFlight, first_flight};
+use super::policy::Denial;
+
+/// A request (or ClientHello) that has started must be complete by then.
+pub const COMPLETE_WITHIN: Duration = Duration::from_secs(5);
+/// After a refusal, how long the server may take to finish its answers.
+const DRAIN: Duration = Duration::from_secs(10);
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The verdict on a first flight, with the bytes read so far.
+pub async fn check_first(
+    list: &Allowlist,
+    ip: Ipv4Addr,
+    guest: &TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<(), (Denial, &'static str)> {
+    let deadline = Instant::now() + COMPLETE_WITHIN;
+    loop {
+        match verdict(list, ip, &first_flight(buf)) {
+            Some(v) => return v,
+            None => {
+                let waited = tokio::time::timeout_at(deadline, read_some(guest, buf)).await;
+                match waited {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(_) => return Err((Denial::NotAllowedDomain, "closed before naming a host")),
+                    Err(_) => return Err((Denial::Uninspectable, "incomplete first request")),
+                }
+            }
+        }
+    }
+}
+
+/// `None`: more bytes are needed.
+fn verdict(
+    list: &Allowlist,
+    ip: Ipv4Addr,
+    flight: &FirstFlight,
+) -> Option<Result<(), (Denial, &'static str)>> {
+    let named = |name: &str| {
+        if list.admits_request(ip, name) {
+            Ok(())
+        } else {
+            Err((Denial::NotAllowedDomain, "names a host not allowed"))
+        }
+    };
+    Some(match flight {
+        FirstFlight::NeedMore => return None,
+        FirstFlight::Tls { ech: true, .. } => {
+            Err((Denial::Uninspectable, "encrypted ClientHello (ECH)"))
+        }
+        FirstFlight::Tls { sni: None, .. } => Err((Denial::Uninspectable, "TLS without SNI")),
+        FirstFlight::Tls { sni: Some(n), .. } => named(n),
+        FirstFlight::Http(head) => named(&head.host),
+        FirstFlight::Bad(why) => Err((Denial::Uninspectable, *why)),
+        FirstFlight::Opaque if list.is_shared(ip) => Err((
+            Denial::NotAllowedDomain,
+            "unnamed protocol to a shared address",
+        )),
+        FirstFlight::Opaque => Ok(()),
+    })
+}
+
+/// Relay `guest` ⇄ `upstream`, the guest's side inspected from `first`
+/// (bytes already read from it, possibly none: a server-first protocol).
+/// Returns the refusal, if the guest's side was cut off.
+pub async fn relay(
+    list: &Allowlist,
+    ip: Ipv4Addr,
+    guest: &TcpStream,
+    upstream: &TcpStream,
+    first: Vec<u8>,
+) -> Option<(Denial, &'static str)> {
+    let down = super::splice::pump_or_abort(upstream, guest);
+    tokio::pin!(down);
+    let up = client_side(list, ip, guest, upstream, first);
+    tokio::pin!(up);
+    let mut down_done = false;
+    loop {
+        tokio::select! {
+            refused = &mut up => {
+                // Whether it ended or was cut off, the server hears no more.
+                let _ = socket2::SockRef::from(upstream).shutdown(std::net::Shutdown::Write);
+                if !down_done {
+                    // Deliver the answers already asked for, within a bound.
+                    if refused.is_some() {
+                        let _ = tokio::time::timeout(DRAIN, &mut down).await;
+                    } else {
+                        let _ = (&mut down).await;
+                    }
+                }
+                return refused;
+            }
+            _ = &mut down, if !down_done => down_done = true,
+        }
+    }
+}
+
+/// The guest → upstream direction. `Some` when it was refused.
+async fn client_side(
+    list: &Allowlist,
+    ip: Ipv4Addr,
+    guest: &TcpStream,
+    upstream: &TcpStream,
+    mut buf: Vec<u8>,
+) -> Option<(Denial, &'static str)> {
+    // The first flight may not have started yet (server-first protocols):
+    // wait for it as long as the connection lives, then give it the usual
+    // time to complete.
+    while buf.is_empty() {
+        match read_some(guest, &mut buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return None,
+        }
+    }
+    if let Err(refused) = check_first(list, ip, guest, &mut buf).await {
+        return Some(refused);
+    }
+    if !matches!(first_flight(&buf), FirstFlight::Http(_)) {
+        // TLS after a checked ClientHello, or an opaque protocol.
+        if write_all(upstream, &buf).await.is_err() {
+            return None;
+        }
+        let _ = super::splice::pump_or_abort(guest, upstream).await;
+        return None;
+    }
+    http_requests(list, ip, guest, upstream, buf).await
+}
+
+/// Plain HTTP: frame every request, check its Host, send it on.
+async fn http_requests(
+    list: &Allowlist,
+    ip: Ipv4Addr,
+    guest: &TcpStream,
+    upstream: &TcpStream,
+    mut buf: Vec<u8>,
+) -> Option<(Denial, &'static str)> {
+    loop {
+        // The next head; an idle kept-alive connection may wait forever
+        // (it holds one of the VM's connection slots), a started head
+        // must complete in time.
+        if buf.is_empty() {
+            match read_some(guest, &mut buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return None,
+            }
+        }
+        let deadline = Instant::now() + COMPLETE_WITHIN;
+        let head = loop {
+            match first_flight(&buf) {
+                FirstFlight::Http(head) => break head,
+                FirstFlight::NeedMore => {}
+                FirstFlight::Bad(why) => return Some((Denial::Uninspectable, why)),
+                _ => return Some((Denial::Uninspectable, "not an HTTP request")),
+            }
+            match tokio::time::timeout_at(deadline, read_some(guest, &mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return None,
+                Err(_) => return Some((Denial::Uninspectable, "incomplete request head")),
+            }
+        };
+        if !list.admits_request(ip, &head.host) {
+            tracing::info!(
+                "allow_domains: a later request on one connection names {}",
+                head.host
+            );
+            return Some((
+                Denial::NotAllowedDomain,
+                "a later request names a host not allowed",
+            ));
+        }
+        let rest = buf.split_off(head.len.min(buf.len()));
+        if write_all(upstream, &buf).await.is_err() {
+            return None;
+        }
+        buf = rest;
+        let sent = match head.body {
+            Body::None => Ok(()),
+            Body::Length(n) => copy_length(guest, upstream, &mut buf, n).await,
+            Body::Chunked => copy_chunked(guest, upstream, &mut buf).await,
+        };
+        match sent {
+            Ok(()) => {}
+            Err(Some(why)) => return Some((Denial::Uninspectable, why)),
+            Err(None) => return None,
+        }
+    }
+}
+
+/// Send `n` body bytes: those in `buf` first, then from the guest.
+/// `Err(None)`: the connection ended; `Err(Some)`: refused.
+async fn copy_length(
+    guest: &TcpStream,
+    upstream: &TcpStream,
+    buf: &mut Vec<u8>,
+    mut n: u64,
+) -> Result<(), Option<&'static str>> {
+    loop {
+        let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+        if take > 0 {
+            write_all(upstream, &buf[..take]).await.map_err(|_| None)?;
+            buf.drain(..take);
+            n -= take as u64;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        match read_some(guest, buf).await {
+            Ok(m) if m > 0 => {}
+            _ => return Err(None),
+        }
+    }
+}
+
+async fn copy_chunked(
+    guest: &TcpStream,
+    upstream: &TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<(), Option<&'static str>> {
+    let mut chunked = Chunked::default();
+    loop {
+        let (used, done) = chunked.feed(buf).map_err(Some)?;
+        if used > 0 {
+            write_all(upstream, &buf[..used]).await.map_err(|_| None)?;
+            buf.drain(..used);
+        }
+        if done {
+            return Ok(());
+        }
+        match read_some(guest, buf).await {
+            Ok(m) if m > 0 => {}
+            _ => return Err(None),
+        }
+    }
+}
+
+/// Append what the socket has (waiting for at least one byte); 0 at end
+/// of stream.
+pub async fn read_some(s: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut chunk = [0u8; READ_CHUNK];
+    loop {
+        s.readable().await?;
+        match s.try_read(&mut chunk) {
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        s.writable().await?;
+        match s.try_write(data) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The network wall under attack: each probe here is a way a root guest
+//! tried to reach what it must not (an internal network the host routes
+//! elsewhere, a cloud host endpoint, the LAN through DNS, a host that
+//! `allow_domains` does not list) and got through before the fix that
+//! closes it. Real guests under TCG, inside test namespaces
+//! (tests/common/net.rs): nothing leaves this machine.
+
+mod common;
+
+use common::net::TestNet;
+use common::*;
+
+#[test]
+fn egress_reaches_only_the_internet_and_dns_tells_nothing_internal() {
+    let Some(image) = test_image() else { return };
+    let net = TestNet::new("w");
+    let env = Env::new_in("wall", &image, "", Some(&net.host));
+    env.ok(&["up"]);
+    let r = env.probe(&[
+        // Controls: the internet works, by name and by address.
+        "http:http://ok.test/",
+        "http:http://45.20.0.11/",
+        // An internal network the host routes over its LAN link (not its
+        // default route), outside every private range: by address and
+        // by name.
+        "http:http://11.1.0.10/",
+        "dns:internal.test",
+        "dnsq:10.0.2.2:A:internal.test",
+        // A cloud host endpoint (Azure's WireServer) on a public address.
+        "http:http://168.63.129.16/",
+        // Split-horizon: a public name with a LAN address behind it.
+        "dnsq:10.0.2.2:A:split.test",
+        "dnsq:45.20.0.53:A:split.test",
+        // The reverse name of a LAN host, and zone enumeration.
+        "dnsq:10.0.2.2:PTR:50.77.168.192.in-addr.arpa",
+        "dnsq:10.0.2.2:ANY:ok.test",
+        "dnsq:10.0.2.2:AXFR:test",
+        // A single-label name.
+        "dnsq:10.0.2.2:A:intranet",
+        // IPv6 is off: no AAAA answers, so clients do not wait on it.
+        "dnsq:10.0.2.2:AAAA:ok.test",
+    ]);
+    expect(&r, "http:http://ok.test/", "internet-ok");
+    expect(&r, "http:http://45.20.0.11/", "other");
+    expect(&r, "http:http://11.1.0.10/", "ERR");
+    expect(&r, "dns:internal.test", "ERR");
+    expect(&r, "dnsq:10.0.2.2:A:internal.test", "answers 0");
+    expect(&r, "http:http://168.63.129.16/", "ERR");
+    expect(&r, "dnsq:10.0.2.2:A:split.test", "answers 0");
+    // Any server: the guest's DNS goes to the gateway's resolver.
+    expect(&r, "dnsq:45.20.0.53:A:split.test", "answers 0");
+    expect(
+        &r,
+        "dnsq:10.0.2.2:PTR:50.77.168.192.in-addr.arpa",
+        "rcode 5",
+    );
+    expect(&r, "dnsq:10.0.2.2:ANY:ok.test", "rcode 5");
+    expect(&r, "dnsq:10.0.2.2:AXFR:test", "rcode 5");
+    expect(&r, "dnsq:10.0.2.2:A:intranet", "rcode 5");
+    expect(&r, "dnsq:10.0.2.2:AAAA:ok.test", "answers 0");
+
+    let status = env.ok(&["status"]);
+    for reason in ["not-internet", "cloud-host"] {
+        assert!(status.contains(reason), "status lacks {reason}: {status}");
+    }
+    env.ok(&["destroy"]);
+    env.assert_clean();
+}
+
+#[test]
+fn allow_domains_fails_closed() {
+    let Some(image) = test_image() else { return };
+    let net = TestNet::new("a");
+    let env = Env::new_in(
+        "walld",
+        &image,
+        "[network]\nallow_domains = [\"ok.test\"]\n",
+        Some(&net.host),
+    );
+    env.ok(&["up"]);
+    let r = env.probe(&[
+        // Admit 45.20.0.10 the only way there is: resolve an allowed name.
+        "dns:ok.test",
+        "keepalive:45.20.0.10:ok.test:ok.test",
+        // A second request on a kept-alive connection names another host.
+        "keepalive:45.20.0.10:ok.test:other.test",
+        // A Host header behind more headers than a parser takes.
+        "manyheaders:45.20.0.10:ok.test:20",
+        "manyheaders:45.20.0.10:other.test:100",
+        // TLS: the allowed name passes in one record or split over two;
+        // another name split over two records, or an allowed outer name
+        // with an encrypted inner hello (ECH), does not.
+        "tls:45.20.0.10:443:ok.test:one",
+        "tls:45.20.0.10:443:ok.test:split",
+        "tls:45.20.0.10:443:other.test:one",
+        "tls:45.20.0.10:443:other.test:split",
+        "tls:45.20.0.10:443:ok.test:ech",
+        // QUIC to an admitted address.
+        "udp:45.20.0.10:443",
+    ]);
+    expect(&r, "dns:ok.test", "45.20.0.10");
+    expect(&r, "keepalive:45.20.0.10:ok.test:ok.test", "responses 2");
+    expect(&r, "keepalive:45.20.0.10:ok.test:other.test", "responses 1");
+    expect(&r, "manyheaders:45.20.0.10:ok.test:20", "internet-ok");
+    expect(&r, "manyheaders:45.20.0.10:other.test:100", "ERR");
+    expect(&r, "tls:45.20.0.10:443:ok.test:one", "hello");
+    expect(&r, "tls:45.20.0.10:443:ok.test:split", "hello");
+    expect(&r, "tls:45.20.0.10:443:other.test:one", "ERR");
+    expect(&r, "tls:45.20.0.10:443:other.test:split", "ERR");
+    expect(&r, "tls:45.20.0.10:443:ok.test:ech", "ERR");
+    expect(&r, "udp:45.20.0.10:443", "ERR");
+    let status = env.ok(&["status"]);
+    assert!(status.contains("quic"), "status lacks quic: {status}");
+    env.ok(&["destroy"]);
+    env.assert_clean();
+}
+
+#[test]
+fn a_lan_hole_aimed_at_the_host_is_refused() {
+    let Some(image) = test_image() else { return };
+    let net = TestNet::new("l");
+    // 192.168.77.1 is the host's own address on its LAN link.
+    let env = Env::new_in(
+        "wallh",
+        &image,
+        "[network]\nrules = [\"allow-lan-host 192.168.77.1\"]\n",
+        Some(&net.host),
+    );
+    let out = env.run(&["up"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("192.168.77.1") && err.contains("host"),
+        "{}",
+        text(&out)
+    );
+    assert!(env.pid_of("qemu-system").is_none(), "a VM was started");
+    env.assert_clean();
+}
