@@ -151,6 +151,10 @@ def check(c):
     if kind == "dnsq":
         server, qtype, name = arg.split(":")
         return dns_raw(server, qtype, name)
+    if kind == "tcpfrom":
+        src, ip, port = arg.split(":")
+        socket.create_connection((ip, int(port)), timeout=5, source_address=(src, 0)).close()
+        return "open"
     if kind == "keepalive":
         return keepalive(*arg.split(":"))
     if kind == "manyheaders":

@@ -16,6 +16,13 @@ fn egress_reaches_only_the_internet_and_dns_tells_nothing_internal() {
     let net = TestNet::new("w");
     let env = Env::new_in("wall", &image, "", Some(&net.host));
     env.ok(&["up"]);
+    // Guest root gives itself a second address, to send from a source
+    // that is not its lease.
+    env.ok(&[
+        "ssh",
+        "--",
+        "sudo ip addr add 10.0.2.77/32 dev $(ip -o -4 route show default | awk '{print $5}')",
+    ]);
     let r = env.probe(&[
         // Controls: the internet works, by name and by address.
         "http:http://ok.test/",
@@ -39,28 +46,34 @@ fn egress_reaches_only_the_internet_and_dns_tells_nothing_internal() {
         "dnsq:10.0.2.2:A:intranet",
         // IPv6 is off: no AAAA answers, so clients do not wait on it.
         "dnsq:10.0.2.2:AAAA:ok.test",
+        // A spoofed source address.
+        "tcpfrom:10.0.2.15:45.20.0.10:80",
+        "tcpfrom:10.0.2.77:45.20.0.10:80",
     ]);
-    expect(&r, "http:http://ok.test/", "internet-ok");
-    expect(&r, "http:http://45.20.0.11/", "other");
-    expect(&r, "http:http://11.1.0.10/", "ERR");
-    expect(&r, "dns:internal.test", "ERR");
-    expect(&r, "dnsq:10.0.2.2:A:internal.test", "answers 0");
-    expect(&r, "http:http://168.63.129.16/", "ERR");
-    expect(&r, "dnsq:10.0.2.2:A:split.test", "answers 0");
-    // Any server: the guest's DNS goes to the gateway's resolver.
-    expect(&r, "dnsq:45.20.0.53:A:split.test", "answers 0");
-    expect(
+    expect_all(
         &r,
-        "dnsq:10.0.2.2:PTR:50.77.168.192.in-addr.arpa",
-        "rcode 5",
+        &[
+            ("http:http://ok.test/", "internet-ok"),
+            ("http:http://45.20.0.11/", "other"),
+            ("http:http://11.1.0.10/", "ERR"),
+            ("dns:internal.test", "ERR"),
+            ("dnsq:10.0.2.2:A:internal.test", "answers 0"),
+            ("http:http://168.63.129.16/", "ERR"),
+            ("dnsq:10.0.2.2:A:split.test", "answers 0"),
+            // Any server: the guest's DNS goes to the gateway's resolver.
+            ("dnsq:45.20.0.53:A:split.test", "answers 0"),
+            ("dnsq:10.0.2.2:PTR:50.77.168.192.in-addr.arpa", "rcode 5"),
+            ("dnsq:10.0.2.2:ANY:ok.test", "rcode 5"),
+            ("dnsq:10.0.2.2:AXFR:test", "rcode 5"),
+            ("dnsq:10.0.2.2:A:intranet", "rcode 5"),
+            ("dnsq:10.0.2.2:AAAA:ok.test", "answers 0"),
+            ("tcpfrom:10.0.2.15:45.20.0.10:80", "open"),
+            ("tcpfrom:10.0.2.77:45.20.0.10:80", "ERR"),
+        ],
     );
-    expect(&r, "dnsq:10.0.2.2:ANY:ok.test", "rcode 5");
-    expect(&r, "dnsq:10.0.2.2:AXFR:test", "rcode 5");
-    expect(&r, "dnsq:10.0.2.2:A:intranet", "rcode 5");
-    expect(&r, "dnsq:10.0.2.2:AAAA:ok.test", "answers 0");
 
     let status = env.ok(&["status"]);
-    for reason in ["not-internet", "cloud-host"] {
+    for reason in ["not-internet", "cloud-host", "dns-query", "spoofed-source"] {
         assert!(status.contains(reason), "status lacks {reason}: {status}");
     }
     env.ok(&["destroy"]);
@@ -98,17 +111,22 @@ fn allow_domains_fails_closed() {
         // QUIC to an admitted address.
         "udp:45.20.0.10:443",
     ]);
-    expect(&r, "dns:ok.test", "45.20.0.10");
-    expect(&r, "keepalive:45.20.0.10:ok.test:ok.test", "responses 2");
-    expect(&r, "keepalive:45.20.0.10:ok.test:other.test", "responses 1");
-    expect(&r, "manyheaders:45.20.0.10:ok.test:20", "internet-ok");
-    expect(&r, "manyheaders:45.20.0.10:other.test:100", "ERR");
-    expect(&r, "tls:45.20.0.10:443:ok.test:one", "hello");
-    expect(&r, "tls:45.20.0.10:443:ok.test:split", "hello");
-    expect(&r, "tls:45.20.0.10:443:other.test:one", "ERR");
-    expect(&r, "tls:45.20.0.10:443:other.test:split", "ERR");
-    expect(&r, "tls:45.20.0.10:443:ok.test:ech", "ERR");
-    expect(&r, "udp:45.20.0.10:443", "ERR");
+    expect_all(
+        &r,
+        &[
+            ("dns:ok.test", "45.20.0.10"),
+            ("keepalive:45.20.0.10:ok.test:ok.test", "responses 2"),
+            ("keepalive:45.20.0.10:ok.test:other.test", "responses 1"),
+            ("manyheaders:45.20.0.10:ok.test:20", "internet-ok"),
+            ("manyheaders:45.20.0.10:other.test:100", "ERR"),
+            ("tls:45.20.0.10:443:ok.test:one", "hello"),
+            ("tls:45.20.0.10:443:ok.test:split", "hello"),
+            ("tls:45.20.0.10:443:other.test:one", "ERR"),
+            ("tls:45.20.0.10:443:other.test:split", "ERR"),
+            ("tls:45.20.0.10:443:ok.test:ech", "ERR"),
+            ("udp:45.20.0.10:443", "ERR"),
+        ],
+    );
     let status = env.ok(&["status"]);
     assert!(status.contains("quic"), "status lacks quic: {status}");
     env.ok(&["destroy"]);

@@ -43,6 +43,8 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> DataplaneError {
 #[derive(Debug, Clone)]
 pub struct Setup {
     pub gateway: std::net::Ipv4Addr,
+    /// The guest's leased address.
+    pub guest: std::net::Ipv4Addr,
     pub prefix: u8,
     /// The proxy runs unless nothing at all may leave.
     pub proxied: bool,
@@ -64,6 +66,7 @@ impl Setup {
     pub fn for_config(cfg: &Config) -> Setup {
         Setup {
             gateway: cfg.gateway_ip(),
+            guest: cfg.guest_ip(),
             prefix: cfg.network.prefix,
             proxied: cfg.network.egress != Egress::None || !cfg.network.rules.is_empty(),
             gateway_tcp_holes: cfg
@@ -109,6 +112,7 @@ pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError
     let plan = nft::Plan {
         tap: iface.to_string(),
         gateway: setup.gateway,
+        guest: setup.guest,
         proxy: setup.proxied.then_some((proxy::TCP_PORT, proxy::UDP_PORT)),
         gateway_tcp_holes: setup.gateway_tcp_holes.clone(),
         tunnel: setup.tunnel_iface.clone(),

@@ -322,10 +322,17 @@ pub fn guest_response(
 
 /// SERVFAIL for `guest`'s question.
 pub fn servfail(guest: &Message) -> Message {
+    reply(guest, ResponseCode::ServFail)
+}
+
+/// A response to `guest`'s question with `code` and no records: SERVFAIL
+/// when the upstreams fail, NOERROR for AAAA while IPv6 egress is off (so
+/// clients do not wait on IPv6 first).
+pub fn reply(guest: &Message, code: ResponseCode) -> Message {
     let mut resp = Message::response(guest.metadata.id, OpCode::Query);
     resp.metadata.recursion_desired = guest.metadata.recursion_desired;
     resp.metadata.recursion_available = true;
-    resp.metadata.response_code = ResponseCode::ServFail;
+    resp.metadata.response_code = code;
     if let Some(q) = guest.queries.first() {
         resp.add_query(q.clone());
     }

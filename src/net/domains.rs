@@ -14,6 +14,13 @@ use std::time::{Duration, Instant};
 /// Admitted addresses outlive their DNS TTL by this much: clients cache
 /// answers a little longer than they should.
 const GRACE: Duration = Duration::from_secs(300);
+/// Addresses remembered at once, and names per address: a guest that
+/// resolves endless names below an allowed wildcard cannot grow the map
+/// without bound. Beyond them new answers are not admitted (fail closed).
+pub const MAX_ADDRS: usize = 8192;
+pub const MAX_NAMES_PER_ADDR: usize = 64;
+/// TTLs above a day are taken as a day.
+const MAX_TTL: u32 = 86_400;
 
 #[derive(Debug, Default)]
 struct Learned {
@@ -52,13 +59,43 @@ impl Allowlist {
 
     /// Record that DNS answered `name` with `ip` (for `ttl` seconds).
     pub fn learn(&self, name: &str, ip: Ipv4Addr, ttl: u32) {
-        let until = Instant::now() + Duration::from_secs(u64::from(ttl)) + GRACE;
-        if let Ok(mut map) = self.learned.lock() {
-            let entry = map.entry(ip).or_default();
-            let slot = entry.names.entry(normalize(name)).or_insert(until);
-            if *slot < until {
-                *slot = until;
+        let now = Instant::now();
+        let until = now + Duration::from_secs(u64::from(ttl.min(MAX_TTL))) + GRACE;
+        let Ok(mut map) = self.learned.lock() else {
+            return;
+        };
+        if !map.contains_key(&ip) && map.len() >= MAX_ADDRS {
+            map.retain(|_, l| {
+                l.names.retain(|_, t| *t > now);
+                !l.names.is_empty()
+            });
+            if map.len() >= MAX_ADDRS {
+                tracing::warn!(
+                    "allow_domains: {MAX_ADDRS} addresses remembered; {ip} not admitted"
+                );
+                return;
             }
+        }
+        let entry = map.entry(ip).or_default();
+        let name = normalize(name);
+        if !entry.names.contains_key(&name) && entry.names.len() >= MAX_NAMES_PER_ADDR {
+            entry.names.retain(|_, t| *t > now);
+            if entry.names.len() >= MAX_NAMES_PER_ADDR {
+                // Forget the name that expires first: the address stays
+                // admitted (or shared) by the others.
+                if let Some(first) = entry
+                    .names
+                    .iter()
+                    .min_by_key(|(_, t)| **t)
+                    .map(|(n, _)| n.clone())
+                {
+                    entry.names.remove(&first);
+                }
+            }
+        }
+        let slot = entry.names.entry(name).or_insert(until);
+        if *slot < until {
+            *slot = until;
         }
     }
 
@@ -493,6 +530,28 @@ mod tests {
         let other = Ipv4Addr::new(93, 184, 216, 35);
         a.learn("other.example.net", other, 60);
         assert!(!a.admits_addr(other));
+    }
+
+    #[test]
+    fn the_learned_map_is_bounded() {
+        let a = Allowlist::new(&["*.example.com".into()]);
+        for i in 0..(MAX_ADDRS + 10) as u32 {
+            a.learn("x.example.com", Ipv4Addr::from(0x2d00_0000 + i), 60);
+        }
+        assert!(a.admits_addr(Ipv4Addr::from(0x2d00_0000)));
+        assert!(!a.admits_addr(Ipv4Addr::from(0x2d00_0000 + MAX_ADDRS as u32)));
+        let a = Allowlist::new(&["*.example.com".into()]);
+        let ip = Ipv4Addr::new(93, 184, 216, 34);
+        for i in 0..(MAX_NAMES_PER_ADDR * 3) {
+            a.learn(&format!("n{i}.example.com"), ip, 60);
+        }
+        let names = a
+            .learned
+            .lock()
+            .map(|m| m.get(&ip).map_or(0, |l| l.names.len()))
+            .unwrap_or(0);
+        assert_eq!(names, MAX_NAMES_PER_ADDR);
+        assert!(a.admits_addr(ip));
     }
 
     #[test]

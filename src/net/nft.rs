@@ -23,6 +23,9 @@ pub const TPROXY_MARK: u32 = 1;
 pub const TPROXY_TABLE: u32 = 100;
 
 pub const TABLE: &str = "migrant";
+/// Named counter of guest packets dropped for a source address other
+/// than the guest's own.
+pub const SPOOFED: &str = "spoofed_source";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -37,6 +40,8 @@ pub enum NftError {
 pub struct Plan {
     pub tap: String,
     pub gateway: Ipv4Addr,
+    /// The guest's leased address: the only source it may send from.
+    pub guest: Ipv4Addr,
     /// TCP and UDP TPROXY listener ports inside the namespace; `None` when
     /// nothing may leave (egress none, no holes): then all but DHCP and DNS
     /// is dropped.
@@ -88,6 +93,7 @@ pub fn ruleset(plan: &Plan) -> Value {
     let mut cmds = vec![
         json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
         json!({"add": {"counter": {"family": "inet", "table": TABLE, "name": GATEWAY_REFUSED}}}),
+        json!({"add": {"counter": {"family": "inet", "table": TABLE, "name": SPOOFED}}}),
         json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "prerouting",
             "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}}}),
         json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "input",
@@ -100,6 +106,35 @@ pub fn ruleset(plan: &Plan) -> Value {
             vec![
                 iif(tap),
                 match_eq(json!({"meta": {"key": "nfproto"}}), json!("ipv6")),
+                json!({"drop": null}),
+            ],
+        ),
+        // Anti-spoofing: the guest sends from its leased address only
+        // (before its lease, DHCP from 0.0.0.0).
+        rule(
+            "prerouting",
+            vec![
+                iif(tap),
+                match_eq(
+                    json!({"payload": {"protocol": "ip", "field": "saddr"}}),
+                    json!("0.0.0.0"),
+                ),
+                match_eq(
+                    json!({"payload": {"protocol": "udp", "field": "dport"}}),
+                    json!(67),
+                ),
+                json!({"accept": null}),
+            ],
+        ),
+        rule(
+            "prerouting",
+            vec![
+                iif(tap),
+                match_eq(json!({"meta": {"key": "nfproto"}}), json!("ipv4")),
+                json!({"match": {"op": "!=",
+                    "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                    "right": plan.guest.to_string()}}),
+                json!({"counter": SPOOFED}),
                 json!({"drop": null}),
             ],
         ),
@@ -294,11 +329,22 @@ mod tests {
         let v = ruleset(&Plan {
             tap: "tap0".into(),
             gateway: Ipv4Addr::new(10, 0, 2, 2),
+            guest: Ipv4Addr::new(10, 0, 2, 15),
             proxy: Some((15001, 15002)),
             gateway_tcp_holes: vec![8080],
             tunnel: None,
         });
         let r = rules(&v);
+        // Only the guest's own source address passes (and DHCP before it).
+        let spoof = r
+            .iter()
+            .position(|e| e.contains("spoofed_source") && e.contains("\"10.0.2.15\""))
+            .unwrap_or_else(|| panic!("no anti-spoofing rule: {r:?}"));
+        let proxy = r
+            .iter()
+            .position(|e| e.contains("tproxy"))
+            .unwrap_or_else(|| panic!("no tproxy: {r:?}"));
+        assert!(spoof < proxy);
         assert!(r.iter().any(
             |e| e.contains("\"tproxy\":{\"family\":\"ip\",\"port\":15001}")
                 && e.contains("\"tcp\"")
@@ -330,6 +376,7 @@ mod tests {
         let v = ruleset(&Plan {
             tap: "tap0".into(),
             gateway: Ipv4Addr::new(10, 0, 2, 2),
+            guest: Ipv4Addr::new(10, 0, 2, 15),
             proxy: None,
             gateway_tcp_holes: vec![],
             tunnel: None,
@@ -359,6 +406,7 @@ mod tests {
             let plan = Plan {
                 tap: "tap0".into(),
                 gateway: Ipv4Addr::new(10, 0, 2, 2),
+                guest: Ipv4Addr::new(10, 0, 2, 15),
                 proxy,
                 gateway_tcp_holes: vec![8080, 8081],
                 tunnel: None,
@@ -401,6 +449,7 @@ mod tests {
         let plan = Plan {
             tap: "tap0".into(),
             gateway: Ipv4Addr::new(10, 0, 2, 2),
+            guest: Ipv4Addr::new(10, 0, 2, 15),
             proxy: Some((15001, 15002)),
             gateway_tcp_holes: vec![],
             tunnel: Some("wg0".into()),

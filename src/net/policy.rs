@@ -50,6 +50,9 @@ pub enum Denial {
     /// UDP to port 443 (QUIC) with `allow_domains`: its names cannot be
     /// checked, and clients fall back to TCP.
     Quic,
+    /// A guest packet from another source address than its lease
+    /// (counted by nftables).
+    SpoofedSource,
     /// A DNS question the gateway does not forward: zone transfers, ANY,
     /// local names, reverse names of private ranges.
     DnsQuery,
@@ -79,6 +82,7 @@ impl Denial {
             Denial::Quic => "quic",
             Denial::Uninspectable => "uninspectable",
             Denial::DnsQuery => "dns-query",
+            Denial::SpoofedSource => "spoofed-source",
         }
     }
 }

@@ -419,19 +419,27 @@ impl Proxy {
         }
         self.stats.udp.fetch_add(1, Ordering::Relaxed);
         let _ = up.send(&first).await;
-        let mut from_up = vec![0u8; 65536];
-        let mut from_guest = vec![0u8; 65536];
+        // Buffers only while a datagram is being moved: an idle flow
+        // holds two sockets and no memory of ours.
         loop {
             tokio::select! {
-                r = up.recv(&mut from_up) => match r {
-                    Ok(n) => { let _ = reply.send(&from_up[..n]).await; }
-                    Err(_) => break,
+                r = up.readable() => {
+                    if r.is_err() { break; }
+                    match recv_now(|b| up.try_recv(b)) {
+                        Ok(Some(d)) => { let _ = reply.try_send(&d); }
+                        Ok(None) => {}
+                        Err(_) => break,
+                    }
                 },
                 // Later datagrams of this flow may land on the connected
                 // reply socket instead of the TPROXY socket.
-                r = reply.recv(&mut from_guest) => match r {
-                    Ok(n) => { let _ = up.send(&from_guest[..n]).await; }
-                    Err(_) => break,
+                r = reply.readable() => {
+                    if r.is_err() { break; }
+                    match recv_now(|b| reply.try_recv(b)) {
+                        Ok(Some(d)) => { let _ = up.try_send(&d); }
+                        Ok(None) => {}
+                        Err(_) => break,
+                    }
                 },
                 _ = tokio::time::sleep(UDP_IDLE) => break,
             }
@@ -475,6 +483,21 @@ impl Proxy {
                 None
             }
         }
+    }
+}
+
+/// One datagram, if one is waiting (`None`: a spurious wake-up).
+fn recv_now(
+    recv: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; 65536];
+    match recv(&mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(Some(buf))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

@@ -105,6 +105,11 @@ impl Resolver {
             self.stats.deny_name(&name);
             return Some(refused);
         }
+        // No IPv6 egress: no AAAA answers, at once, from here.
+        if question.query_type() == hickory_proto::rr::RecordType::AAAA {
+            let empty = dns::reply(&guest, hickory_proto::op::ResponseCode::NoError);
+            return dns::encode_for(empty, transport == Transport::Udp);
+        }
         let Ok(_permit) = self.in_flight.try_acquire() else {
             tracing::debug!("dns: too many queries in flight; dropping one for {name}");
             return None;

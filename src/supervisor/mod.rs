@@ -835,26 +835,26 @@ async fn serve_control(
 }
 
 /// The proxy's counters plus the refusals nftables counted itself
-/// (connections to closed gateway ports never reach the proxy).
+/// (connections to closed gateway ports never reach the proxy, spoofed
+/// packets are dropped before it).
 async fn network_view(shared: &Shared) -> proxy::StatsView {
+    use crate::net::{nft, policy::Denial};
     let mut view = shared.stats.view();
-    let ns = Arc::clone(&shared.ns);
-    let refused = tokio::task::spawn_blocking(move || {
-        ns.run(|| crate::net::nft::read_counter(crate::net::nft::GATEWAY_REFUSED))
-    })
-    .await
-    .map_err(|e| e.to_string())
-    .and_then(|r| r.map_err(|e| e.to_string()))
-    .and_then(|r| r.map_err(|e| e.to_string()));
-    match refused {
-        Ok(0) => {}
-        Ok(n) => {
-            *view
-                .denied
-                .entry(crate::net::policy::Denial::GatewayPort.as_str().to_string())
-                .or_default() += n;
+    for (counter, why) in [
+        (nft::GATEWAY_REFUSED, Denial::GatewayPort),
+        (nft::SPOOFED, Denial::SpoofedSource),
+    ] {
+        let ns = Arc::clone(&shared.ns);
+        let read = tokio::task::spawn_blocking(move || ns.run(|| nft::read_counter(counter)))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match read {
+            Ok(0) => {}
+            Ok(n) => *view.denied.entry(why.as_str().to_string()).or_default() += n,
+            Err(e) => tracing::warn!("reading the {counter} counter: {e}"),
         }
-        Err(e) => tracing::warn!("reading the gateway counter: {e}"),
     }
     view
 }

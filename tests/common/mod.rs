@@ -271,3 +271,29 @@ pub fn expect(results: &std::collections::HashMap<String, String>, check: &str, 
         assert_eq!(got, want, "{check}");
     }
 }
+
+/// Assert every `(check, want)` of a probe (as [`expect`]), reporting all
+/// the mismatches at once: each check is a separate attack.
+pub fn expect_all(results: &std::collections::HashMap<String, String>, wants: &[(&str, &str)]) {
+    let mut wrong = Vec::new();
+    for (check, want) in wants {
+        let got = results
+            .get(*check)
+            .map(String::as_str)
+            .unwrap_or("<missing>");
+        let ok = if *want == "ERR" {
+            got.starts_with("ERR")
+        } else {
+            got == *want
+        };
+        if !ok {
+            wrong.push(format!("{check}: want {want:?}, got {got:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} checks failed:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
