@@ -73,6 +73,20 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show what the VM talked to: flows (destination, name, bytes),
+    /// refusals with their reason, and DNS questions, from its egress
+    /// journal (no root needed).
+    Egress {
+        /// One JSON object per line, as recorded.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new entries as they are recorded.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only refusals.
+        #[arg(long)]
+        denied: bool,
+    },
     /// List every VM on this host.
     List {
         /// Machine-readable output.

@@ -226,5 +226,20 @@ fn wireguard_config_mistakes_are_78_with_the_line_and_create_nothing() {
     assert!(!e.contains(secret), "the key was printed: {e}");
     assert!(!s.home().join("vms").join("codes").exists());
 
+    // A valid file without `DNS =`: the guest's DNS would leave outside
+    // the tunnel, so it is refused unless `[network] dns = "host"`.
+    let key = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    std::fs::write(
+        &conf,
+        format!(
+            "[Interface]\nPrivateKey = {key}\nAddress = 10.64.0.2/32\n\n[Peer]\nPublicKey = {key}\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0\n"
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let o = s.run(&["up"]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("no IPv4 `DNS =` line"), "{e}");
+    assert!(e.contains("dns = \"host\""), "{e}");
     assert!(!s.home().join("vms").join("codes").exists());
 }

@@ -76,6 +76,42 @@ fn egress_reaches_only_the_internet_and_dns_tells_nothing_internal() {
     for reason in ["not-internet", "cloud-host", "dns-query", "spoofed-source"] {
         assert!(status.contains(reason), "status lacks {reason}: {status}");
     }
+
+    // The egress journal says what the guest talked to, to anyone who
+    // may read the VM's state: flows with names and bytes, refusals with
+    // their reason, DNS questions.
+    let out = env.run_as_nobody(&["egress", "--json"]);
+    assert!(
+        out.status.success(),
+        "migrant egress as nobody: {}",
+        text(&out)
+    );
+    let entries: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let has = |f: &dyn Fn(&serde_json::Value) -> bool| entries.iter().any(f);
+    assert!(
+        has(&|e| e["proto"] == "tcp"
+            && e["dst"] == "45.20.0.10:80"
+            && e["name"] == "ok.test"
+            && e["decision"] == "allowed"
+            && e["down"].as_u64().unwrap_or(0) > 0),
+        "no allowed flow to ok.test: {entries:?}"
+    );
+    assert!(
+        has(&|e| e["dst"] == "11.1.0.10:80" && e["reason"] == "not-internet"),
+        "no not-internet refusal: {entries:?}"
+    );
+    assert!(
+        has(&|e| e["proto"] == "dns"
+            && e["name"] == "50.77.168.192.in-addr.arpa"
+            && e["reason"] == "dns-query"),
+        "no refused PTR: {entries:?}"
+    );
+    let denied = env.ok(&["egress", "--denied"]);
+    assert!(denied.contains("DENIED (cloud-host)"), "{denied}");
+    assert!(!denied.contains("allowed"), "{denied}");
     env.ok(&["destroy"]);
     env.assert_clean();
 }

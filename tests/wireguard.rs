@@ -330,19 +330,7 @@ fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
     assert!(age < 180, "handshake {age} s ago");
     // Anyone may read it: run `migrant wg` as nobody.
     {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(env.root.path(), std::fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(bin())
-            .arg("wg")
-            .current_dir(&env.project)
-            .env("MIGRANT_HOME", env.root.path().join("state"))
-            .env("MIGRANT_RUNTIME", env.root.path().join("run"))
-            .env("HOME", "/nonexistent")
-            .output()
-            .unwrap_or_else(|e| panic!("setpriv: {e}"));
+        let out = env.run_as_nobody(&["wg"]);
         assert!(out.status.success(), "migrant wg as nobody: {}", text(&out));
         assert!(
             String::from_utf8_lossy(&out.stdout).contains(&vpn.peer_public),

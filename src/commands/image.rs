@@ -306,7 +306,8 @@ fn vm_role(name: &str) -> Option<&'static str> {
         "snapshot-nvram.fd" => "snapshot nvram",
         "record.json" => "record",
         "lock" => "lock",
-        "serial.log" | "qemu.log" | "supervisor.log" => "log",
+        "serial.log" | "qemu.log" | "supervisor.log" | "wireguard.log" => "log",
+        "egress.jsonl" | "egress.jsonl.1" => "egress journal",
         _ => return None,
     })
 }

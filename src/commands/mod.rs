@@ -3,6 +3,7 @@
 
 mod disk;
 mod docs;
+mod egress;
 mod host;
 mod image;
 mod lifecycle;
@@ -48,6 +49,11 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Status { json } => query::status(&Project::load(&dir)?, json),
         Cmd::Ip => query::ip(&Project::load(&dir)?),
         Cmd::Wg { json } => wg::wg(&Project::load(&dir)?, json),
+        Cmd::Egress {
+            json,
+            follow,
+            denied,
+        } => egress::egress(&Project::load(&dir)?, json, follow, denied),
         Cmd::Info { json } => query::info(&Project::load(&dir)?, json),
         Cmd::Ssh { command } => lifecycle::ssh(&Project::load(&dir)?, &command),
         Cmd::Console => lifecycle::console(&Project::load(&dir)?),

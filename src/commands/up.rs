@@ -55,8 +55,18 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
             eprintln!("warning: {w}");
         }
         if !conf.dns.iter().any(|d| d.is_ipv4()) {
+            if !cfg.network.dns_host {
+                return Err(Error::other(
+                    exit::CONFIG,
+                    format!(
+                        "{} has no IPv4 `DNS =` line: the guest's DNS would leave outside the tunnel. Add `DNS = <the tunnel's resolver>` to it, or set `dns = \"host\"` under [network] in {} to use the host's resolvers",
+                        wg.display(),
+                        cfg.file.display()
+                    ),
+                ));
+            }
             eprintln!(
-                "warning: {} has no IPv4 DNS server: the guest's DNS queries go to the host's resolvers, outside the tunnel",
+                "warning: {} has no IPv4 DNS server: the guest's DNS queries go to the host's resolvers, outside the tunnel ([network] dns = \"host\")",
                 wg.display()
             );
         }

@@ -83,6 +83,9 @@ rules = []
 #wireguard = "wireguard.conf"
 # Seconds `up` waits for the tunnel's first handshake before giving up.
 #wireguard_timeout = 10
+# A wg-quick file without `DNS =` is refused (the guest's DNS would leave
+# outside the tunnel) unless the host's resolvers are chosen explicitly.
+#dns = "host"
 
 # IPv6 egress (not possible together with WireGuard).
 #ipv6 = false

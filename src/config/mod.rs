@@ -185,6 +185,10 @@ pub struct Network {
     /// WireGuard config (absolute): the `wireguard` setting, else
     /// `wireguard.conf` beside the Migrantfile if it exists.
     pub wireguard: Option<PathBuf>,
+    /// With WireGuard and no `DNS =` in its file: the guest's DNS may go to
+    /// the host's resolvers, outside the tunnel (`[network] dns = "host"`);
+    /// otherwise such a file is refused.
+    pub dns_host: bool,
     /// How long `up` waits for the tunnel's first handshake (default 10 s).
     pub wireguard_timeout: std::time::Duration,
     /// Give the guest IPv6 egress (the original's `NETWORK_IPV6=nat`);

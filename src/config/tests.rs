@@ -930,6 +930,15 @@ fn toml_wireguard_timeout_and_via_tunnel_lan_hosts() {
         "wireguard_timeout = 30\nrules = [\"allow-lan-host 192.168.1.5 via-tunnel\", \"allow-lan-host 192.168.1.6\"]\n",
     );
     let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !c.network.dns_host,
+        "the host's resolvers need an explicit opt-in"
+    );
+    let (host_dns, _) = with_wg("dns = \"host\"\n");
+    let h = load_in(host_dns.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(h.network.dns_host);
+    let (typo, _) = with_wg("dns = \"hots\"\n");
+    assert!(load_in(typo.path()).is_err());
     assert_eq!(
         c.network.wireguard_timeout,
         std::time::Duration::from_secs(30)

@@ -92,6 +92,14 @@ struct RawNetwork {
     wireguard: Option<Spanned<String>>,
     wireguard_timeout: Option<Spanned<i64>>,
     ipv6: Option<Spanned<bool>>,
+    dns: Option<RawDns>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawDns {
+    Tunnel,
+    Host,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +234,7 @@ pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
             .map(|(i, s)| at(s, format!("network.allow_domains[{i}]")))
             .collect();
         d.wireguard = net.wireguard.map(|s| at(s, "network.wireguard".into()));
+        d.dns_host = matches!(net.dns, Some(RawDns::Host));
         d.wireguard_timeout = net.wireguard_timeout.map(|s| {
             At::new(
                 *s.get_ref(),

@@ -154,10 +154,14 @@ pub fn spawn(
     ns: Arc<NetNs>,
     sockets: Sockets,
     tunnel: Option<TunnelExit>,
+    journal: Option<std::path::PathBuf>,
 ) -> Result<Arc<proxy::Stats>, DataplaneError> {
     let gateway = cfg.gateway_ip();
     let dns_sock = tokio::net::UdpSocket::from_std(sockets.dns).map_err(io("DNS socket"))?;
-    let stats = Arc::new(proxy::Stats::default());
+    let stats = Arc::new(proxy::Stats::with_journal(match journal {
+        Some(path) => super::journal::Journal::open(path),
+        None => super::journal::Journal::disabled(),
+    }));
     let allow = (!cfg.network.allow_domains.is_empty())
         .then(|| domains::Allowlist::new(&cfg.network.allow_domains));
     let host = policy::HostAddrs::default();
@@ -307,7 +311,7 @@ pub fn netlab(
             Some(r) => (Some(r.exit), Some(r.tunnel)),
             None => (None, None),
         };
-        let stats = spawn(&cfg, ns, sockets, exit)?;
+        let stats = spawn(&cfg, ns, sockets, exit, None)?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         println!("ready");

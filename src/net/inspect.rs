@@ -15,6 +15,7 @@
 //! asked for are delivered, and the connection ends.
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -84,20 +85,27 @@ fn verdict(
 
 /// Relay `guest` ⇄ `upstream`, the guest's side inspected from `first`
 /// (bytes already read from it, possibly none: a server-first protocol).
-/// Returns the refusal, if the guest's side was cut off.
+/// Returns the refusal, if the guest's side was cut off, and the bytes
+/// moved each way (from the guest, to it).
 pub async fn relay(
     list: &Allowlist,
     ip: Ipv4Addr,
     guest: &TcpStream,
     upstream: &TcpStream,
     first: Vec<u8>,
-) -> Option<(Denial, &'static str)> {
-    let down = super::splice::pump_or_abort(upstream, guest);
+) -> (Option<(Denial, &'static str)>, u64, u64) {
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    let down = async {
+        if let Ok(n) = super::splice::pump_or_abort(upstream, guest).await {
+            received.store(n, Ordering::Relaxed);
+        }
+    };
     tokio::pin!(down);
-    let up = client_side(list, ip, guest, upstream, first);
+    let up = client_side(list, ip, guest, upstream, first, &sent);
     tokio::pin!(up);
     let mut down_done = false;
-    loop {
+    let refused = loop {
         tokio::select! {
             refused = &mut up => {
                 // Whether it ended or was cut off, the server hears no more.
@@ -110,11 +118,16 @@ pub async fn relay(
                         let _ = (&mut down).await;
                     }
                 }
-                return refused;
+                break refused;
             }
             _ = &mut down, if !down_done => down_done = true,
         }
-    }
+    };
+    (
+        refused,
+        sent.load(Ordering::Relaxed),
+        received.load(Ordering::Relaxed),
+    )
 }
 
 /// The guest → upstream direction. `Some` when it was refused.
@@ -124,6 +137,7 @@ async fn client_side(
     guest: &TcpStream,
     upstream: &TcpStream,
     mut buf: Vec<u8>,
+    sent: &AtomicU64,
 ) -> Option<(Denial, &'static str)> {
     // The first flight may not have started yet (server-first protocols):
     // wait for it as long as the connection lives, then give it the usual
@@ -139,13 +153,15 @@ async fn client_side(
     }
     if !matches!(first_flight(&buf), FirstFlight::Http(_)) {
         // TLS after a checked ClientHello, or an opaque protocol.
-        if write_all(upstream, &buf).await.is_err() {
+        if write_all(upstream, &buf, sent).await.is_err() {
             return None;
         }
-        let _ = super::splice::pump_or_abort(guest, upstream).await;
+        if let Ok(n) = super::splice::pump_or_abort(guest, upstream).await {
+            sent.fetch_add(n, Ordering::Relaxed);
+        }
         return None;
     }
-    http_requests(list, ip, guest, upstream, buf).await
+    http_requests(list, ip, guest, upstream, buf, sent).await
 }
 
 /// Plain HTTP: frame every request, check its Host, send it on.
@@ -155,6 +171,7 @@ async fn http_requests(
     guest: &TcpStream,
     upstream: &TcpStream,
     mut buf: Vec<u8>,
+    sent: &AtomicU64,
 ) -> Option<(Denial, &'static str)> {
     loop {
         // The next head; an idle kept-alive connection may wait forever
@@ -191,16 +208,16 @@ async fn http_requests(
             ));
         }
         let rest = buf.split_off(head.len.min(buf.len()));
-        if write_all(upstream, &buf).await.is_err() {
+        if write_all(upstream, &buf, sent).await.is_err() {
             return None;
         }
         buf = rest;
-        let sent = match head.body {
+        let body = match head.body {
             Body::None => Ok(()),
-            Body::Length(n) => copy_length(guest, upstream, &mut buf, n).await,
-            Body::Chunked => copy_chunked(guest, upstream, &mut buf).await,
+            Body::Length(n) => copy_length(guest, upstream, &mut buf, n, sent).await,
+            Body::Chunked => copy_chunked(guest, upstream, &mut buf, sent).await,
         };
-        match sent {
+        match body {
             Ok(()) => {}
             Err(Some(why)) => return Some((Denial::Uninspectable, why)),
             Err(None) => return None,
@@ -215,11 +232,14 @@ async fn copy_length(
     upstream: &TcpStream,
     buf: &mut Vec<u8>,
     mut n: u64,
+    sent: &AtomicU64,
 ) -> Result<(), Option<&'static str>> {
     loop {
         let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
         if take > 0 {
-            write_all(upstream, &buf[..take]).await.map_err(|_| None)?;
+            write_all(upstream, &buf[..take], sent)
+                .await
+                .map_err(|_| None)?;
             buf.drain(..take);
             n -= take as u64;
         }
@@ -237,12 +257,15 @@ async fn copy_chunked(
     guest: &TcpStream,
     upstream: &TcpStream,
     buf: &mut Vec<u8>,
+    sent: &AtomicU64,
 ) -> Result<(), Option<&'static str>> {
     let mut chunked = Chunked::default();
     loop {
         let (used, done) = chunked.feed(buf).map_err(Some)?;
         if used > 0 {
-            write_all(upstream, &buf[..used]).await.map_err(|_| None)?;
+            write_all(upstream, &buf[..used], sent)
+                .await
+                .map_err(|_| None)?;
             buf.drain(..used);
         }
         if done {
@@ -272,12 +295,16 @@ pub async fn read_some(s: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usiz
     }
 }
 
-async fn write_all(s: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+/// Write all of `data`, counting it in `sent`.
+async fn write_all(s: &TcpStream, mut data: &[u8], sent: &AtomicU64) -> std::io::Result<()> {
     while !data.is_empty() {
         s.writable().await?;
         match s.try_write(data) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
+            Ok(n) => {
+                data = &data[n..];
+                sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }

@@ -7,6 +7,7 @@ pub mod dns;
 pub mod domains;
 pub mod forward;
 pub mod inspect;
+pub mod journal;
 pub mod netns;
 pub mod nft;
 pub mod policy;

@@ -15,6 +15,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use super::journal::{Decision, Entry, Journal};
 use super::netns::NetNs;
 use super::policy::{Allowed, Denial};
 use super::resolver::Resolver;
@@ -48,7 +49,14 @@ pub struct Stats {
     udp: AtomicU64,
     denied: Mutex<BTreeMap<Denial, u64>>,
     log: Mutex<Option<LogWindow>>,
+    journal: Journal,
+    /// The name each address was last given in a DNS answer, for the
+    /// journal (at most [`MAX_NAMES`]).
+    names: Mutex<HashMap<std::net::Ipv4Addr, String>>,
 }
+
+/// Addresses remembered with their names; the map starts over when full.
+const MAX_NAMES: usize = 4096;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StatsView {
@@ -72,6 +80,63 @@ struct LogWindow {
 }
 
 impl Stats {
+    /// Counters that also keep the egress journal.
+    pub fn with_journal(journal: Journal) -> Stats {
+        Stats {
+            journal,
+            ..Stats::default()
+        }
+    }
+
+    /// A DNS answer named `ip`.
+    pub fn named(&self, ip: std::net::Ipv4Addr, name: &str) {
+        if let Ok(mut m) = self.names.lock() {
+            if m.len() >= MAX_NAMES && !m.contains_key(&ip) {
+                m.clear();
+            }
+            m.insert(ip, super::domains::normalize(name));
+        }
+    }
+
+    fn name_of(&self, ip: std::net::Ipv4Addr) -> Option<String> {
+        self.names.lock().ok().and_then(|m| m.get(&ip).cloned())
+    }
+
+    /// A relayed flow ended.
+    pub fn flow_ended(
+        &self,
+        proto: Proto,
+        dst: SocketAddrV4,
+        allowed: Allowed,
+        up: u64,
+        down: u64,
+    ) {
+        let mut e = Entry::new(proto_name(proto), dst.to_string(), Decision::Allowed);
+        e.name = self.name_of(*dst.ip());
+        e.up = up;
+        e.down = down;
+        e.reason = match (allowed.hole, allowed.via_tunnel) {
+            (true, _) => Some("hole".into()),
+            (false, true) => Some("tunnel".into()),
+            (false, false) => None,
+        };
+        self.journal.record(e);
+    }
+
+    /// A DNS question was answered (forwarded upstream).
+    pub fn dns_answered(&self, name: &str, qtype: &str) {
+        let mut e = Entry::new("dns", qtype.to_string(), Decision::Allowed);
+        e.name = Some(super::domains::normalize(name));
+        self.journal.record(e);
+    }
+
+    fn journal_denied(&self, proto: &str, dst: String, name: Option<String>, why: Denial) {
+        let mut e = Entry::new(proto, dst, Decision::Denied);
+        e.name = name;
+        e.reason = Some(why.as_str().to_string());
+        self.journal.record(e);
+    }
+
     fn count(&self, why: Denial) {
         if let Ok(mut d) = self.denied.lock() {
             *d.entry(why).or_default() += 1;
@@ -113,6 +178,12 @@ impl Stats {
 
     pub fn deny(&self, proto: Proto, src: SocketAddr, dst: SocketAddrV4, why: Denial) {
         self.count(why);
+        self.journal_denied(
+            proto_name(proto),
+            dst.to_string(),
+            self.name_of(*dst.ip()),
+            why,
+        );
         if self.may_log() {
             tracing::info!(
                 "denied {} {src} -> {dst}: {}",
@@ -125,20 +196,33 @@ impl Stats {
     /// A refusal after inspection, with what was seen.
     pub fn deny_inspected(&self, src: SocketAddr, dst: SocketAddrV4, why: Denial, detail: &str) {
         self.count(why);
+        self.journal_denied("tcp", dst.to_string(), self.name_of(*dst.ip()), why);
         if self.may_log() {
             tracing::info!("denied tcp {src} -> {dst}: {} ({detail})", why.as_str());
         }
     }
 
-    pub fn deny_name(&self, name: &str) {
+    pub fn deny_name(&self, name: &str, qtype: &str) {
         self.count(Denial::NotAllowedDomain);
+        self.journal_denied(
+            "dns",
+            qtype.to_string(),
+            Some(super::domains::normalize(name)),
+            Denial::NotAllowedDomain,
+        );
         if self.may_log() {
             tracing::info!("denied DNS query for {name:?}: not in allow_domains");
         }
     }
 
-    pub fn deny_query(&self, name: &str, why: super::dns::NotForwarded) {
+    pub fn deny_query(&self, name: &str, qtype: &str, why: super::dns::NotForwarded) {
         self.count(Denial::DnsQuery);
+        self.journal_denied(
+            "dns",
+            qtype.to_string(),
+            Some(super::domains::normalize(name)),
+            Denial::DnsQuery,
+        );
         if self.may_log() {
             tracing::info!("refused DNS query for {name:?}: {why:?}");
         }
@@ -313,19 +397,25 @@ impl Proxy {
         self.stats.tcp.fetch_add(1, Ordering::Relaxed);
         let _ = upstream.set_nodelay(true);
         let _ = guest.set_nodelay(true);
-        if let Some(list) = inspect {
-            if let Some((why, detail)) =
-                super::inspect::relay(list, *dst.ip(), &guest, &upstream, first).await
-            {
+        let (up, down) = if let Some(list) = inspect {
+            let (refused, up, down) =
+                super::inspect::relay(list, *dst.ip(), &guest, &upstream, first).await;
+            if let Some((why, detail)) = refused {
                 self.stats.deny_inspected(src, dst, why, detail);
             }
-            return;
-        }
-        // Both directions, each shut down for writing when its source
-        // ends; the bytes move by splice(2) and never enter user space.
-        if let Err(e) = super::splice::relay(&guest, &upstream).await {
-            tracing::debug!("relay {src} -> {}: {e}", allowed.to);
-        }
+            (up, down)
+        } else {
+            // Both directions, each shut down for writing when its source
+            // ends; the bytes move by splice(2) and never enter user space.
+            match super::splice::relay(&guest, &upstream).await {
+                Ok(moved) => moved,
+                Err(e) => {
+                    tracing::debug!("relay {src} -> {}: {e}", allowed.to);
+                    (0, 0)
+                }
+            }
+        };
+        self.stats.flow_ended(Proto::Tcp, dst, allowed, up, down);
     }
 
     pub async fn serve_udp(self: Arc<Self>, socket: std::net::UdpSocket) -> std::io::Result<()> {
@@ -421,12 +511,16 @@ impl Proxy {
         let _ = up.send(&first).await;
         // Buffers only while a datagram is being moved: an idle flow
         // holds two sockets and no memory of ours.
+        let (mut sent, mut received) = (first.len() as u64, 0u64);
         loop {
             tokio::select! {
                 r = up.readable() => {
                     if r.is_err() { break; }
                     match recv_now(|b| up.try_recv(b)) {
-                        Ok(Some(d)) => { let _ = reply.try_send(&d); }
+                        Ok(Some(d)) => {
+                            received += d.len() as u64;
+                            let _ = reply.try_send(&d);
+                        }
                         Ok(None) => {}
                         Err(_) => break,
                     }
@@ -436,7 +530,10 @@ impl Proxy {
                 r = reply.readable() => {
                     if r.is_err() { break; }
                     match recv_now(|b| reply.try_recv(b)) {
-                        Ok(Some(d)) => { let _ = up.try_send(&d); }
+                        Ok(Some(d)) => {
+                            sent += d.len() as u64;
+                            let _ = up.try_send(&d);
+                        }
                         Ok(None) => {}
                         Err(_) => break,
                     }
@@ -447,6 +544,8 @@ impl Proxy {
         if let Ok(mut f) = flows.lock() {
             f.remove(&(src, dst));
         }
+        self.stats
+            .flow_ended(Proto::Udp, dst, allowed, sent, received);
     }
 
     async fn dns_flow(&self, reply: UdpSocket, first: Vec<u8>) {
@@ -483,6 +582,13 @@ impl Proxy {
                 None
             }
         }
+    }
+}
+
+fn proto_name(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
     }
 }
 

@@ -95,14 +95,15 @@ impl Resolver {
         let guest = Message::from_vec(query).ok()?;
         let question = guest.queries.first()?.clone();
         let name = question.name().to_ascii();
+        let qtype = question.query_type().to_string();
         if let Err(why) = dns::forwardable(&question) {
-            self.stats.deny_query(&name, why);
+            self.stats.deny_query(&name, &qtype, why);
             return Some(refused);
         }
         if let Some(allow) = &self.allow
             && !allow.name_allowed(&name)
         {
-            self.stats.deny_name(&name);
+            self.stats.deny_name(&name, &qtype);
             return Some(refused);
         }
         // No IPv6 egress: no AAAA answers, at once, from here.
@@ -126,6 +127,12 @@ impl Resolver {
             .unwrap_or_else(|| dns::servfail(&guest));
         if let Some(allow) = &self.allow {
             learn(allow, &name, &resp);
+        }
+        self.stats.dns_answered(&name, &qtype);
+        for rec in &resp.answers {
+            if let RData::A(a) = &rec.data {
+                self.stats.named(a.0, &name);
+            }
         }
         dns::encode_for(resp, transport == Transport::Udp)
     }

@@ -526,7 +526,13 @@ async fn supervise(
             tracing::error!("DHCP server stopped: {e}");
         }
     });
-    let stats = dataplane::spawn(&cfg, Arc::clone(&ns), sockets, tunnel_exit)?;
+    let stats = dataplane::spawn(
+        &cfg,
+        Arc::clone(&ns),
+        sockets,
+        tunnel_exit,
+        Some(vm.state.join(crate::net::journal::FILE)),
+    )?;
 
     let ssh_target = SocketAddr::V4(SocketAddrV4::new(guest_ip, 22));
     let ssh_listener = bind_private(&vm.ssh_sock())?;

@@ -141,6 +141,24 @@ impl Env {
             .collect()
     }
 
+    /// Run as `nobody` (uid 65534, no groups): what an ordinary local
+    /// user may read. Makes the test's folders traversable first.
+    pub fn run_as_nobody(&self, args: &[&str]) -> Output {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.root.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin())
+            .args(args)
+            .current_dir(&self.project)
+            .env("MIGRANT_HOME", self.root.path().join("state"))
+            .env("MIGRANT_RUNTIME", self.root.path().join("run"))
+            .env("HOME", "/nonexistent")
+            .output()
+            .unwrap_or_else(|e| panic!("setpriv: {e}"))
+    }
+
     /// Run and require success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
