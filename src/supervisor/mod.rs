@@ -635,14 +635,15 @@ async fn supervise(
                 }
             } => {
                 tunnel_restart = None;
-                if let Some(plan) = &wg_plan {
+                if let Some(plan) = wg_plan.clone() {
                     let log = vm.state.join("wireguard.log");
-                    match crate::wireguard::restart(&exe, plan, &identity, &log, &ns).await {
-                        Ok(t) => {
+                    match crate::wireguard::restart(&exe, &plan, &identity, &log, &ns).await {
+                        Ok((t, plan)) => {
                             tracing::info!("WireGuard process started again");
                             tokio::spawn(publish_wg(t.reports.clone(), vm.run.clone(), plan.clone()));
                             tunnel = Some(t);
                             tunnel_started = tokio::time::Instant::now();
+                            wg_plan = Some(plan);
                         }
                         Err(e) => {
                             tracing::error!("cannot start the WireGuard process again: {e}");

@@ -128,40 +128,7 @@ pub fn plan(file: &Path, conf: conf::WgConfig) -> Result<Plan, WgError> {
         .ok_or_else(|| WgError::NoAddress(name.clone()))?;
     let mut peers = Vec::new();
     for p in &conf.peers {
-        let (written, endpoint) = match &p.endpoint {
-            None => (None, None),
-            Some(conf::Endpoint::Addr(SocketAddr::V4(a))) => (Some(a.to_string()), Some(*a)),
-            Some(conf::Endpoint::Addr(a @ SocketAddr::V6(_))) => {
-                return Err(WgError::Ipv6Endpoint {
-                    file: name,
-                    line: p.line,
-                    endpoint: a.to_string(),
-                });
-            }
-            Some(conf::Endpoint::Name { host, port }) => {
-                let found = (host.as_str(), *port)
-                    .to_socket_addrs()
-                    .map_err(|source| WgError::Resolve {
-                        file: name.clone(),
-                        line: p.line,
-                        host: host.clone(),
-                        port: *port,
-                        source,
-                    })?
-                    .find_map(|a| match a {
-                        SocketAddr::V4(v4) => Some(v4),
-                        SocketAddr::V6(_) => None,
-                    })
-                    .ok_or_else(|| WgError::Resolve {
-                        file: name.clone(),
-                        line: p.line,
-                        host: host.clone(),
-                        port: *port,
-                        source: std::io::Error::other("no IPv4 address"),
-                    })?;
-                (Some(format!("{host}:{port}")), Some(found))
-            }
-        };
+        let (written, endpoint) = resolve_endpoint(&name, p)?;
         peers.push(ResolvedPeer {
             public_key: p.public_key.clone(),
             written,
@@ -197,7 +164,68 @@ pub fn plan(file: &Path, conf: conf::WgConfig) -> Result<Plan, WgError> {
     })
 }
 
+/// A peer's endpoint as written, and its IPv4 address (a name resolved
+/// with the host's resolver).
+fn resolve_endpoint(
+    file: &str,
+    p: &conf::Peer,
+) -> Result<(Option<String>, Option<SocketAddrV4>), WgError> {
+    Ok(match &p.endpoint {
+        None => (None, None),
+        Some(conf::Endpoint::Addr(SocketAddr::V4(a))) => (Some(a.to_string()), Some(*a)),
+        Some(conf::Endpoint::Addr(a @ SocketAddr::V6(_))) => {
+            return Err(WgError::Ipv6Endpoint {
+                file: file.to_string(),
+                line: p.line,
+                endpoint: a.to_string(),
+            });
+        }
+        Some(conf::Endpoint::Name { host, port }) => {
+            let resolve_err = |source| WgError::Resolve {
+                file: file.to_string(),
+                line: p.line,
+                host: host.clone(),
+                port: *port,
+                source,
+            };
+            let found = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(resolve_err)?
+                .find_map(|a| match a {
+                    SocketAddr::V4(v4) => Some(v4),
+                    SocketAddr::V6(_) => None,
+                })
+                .ok_or_else(|| resolve_err(std::io::Error::other("no IPv4 address")))?;
+            (Some(format!("{host}:{port}")), Some(found))
+        }
+    })
+}
+
 impl Plan {
+    /// The plan with endpoint names resolved again, for a restarted
+    /// tunnel (the peer may have moved since `up`); a name that does not
+    /// resolve now keeps its last address.
+    pub fn re_resolved(&self) -> Plan {
+        let mut next = self.clone();
+        for (p, r) in self.conf.peers.iter().zip(next.peers.iter_mut()) {
+            if !matches!(p.endpoint, Some(conf::Endpoint::Name { .. })) {
+                continue;
+            }
+            match resolve_endpoint(&self.file, p) {
+                Ok((_, Some(a))) if r.endpoint != Some(a) => {
+                    tracing::info!(
+                        "WireGuard endpoint {} now resolves to {a}",
+                        r.written.as_deref().unwrap_or("?")
+                    );
+                    r.endpoint = Some(a);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("{e}; keeping the last address"),
+            }
+        }
+        next
+    }
+
     /// What the packet loop gets (it holds the private key: stdin only).
     pub fn spec(&self) -> tunnel::Spec {
         tunnel::Spec {
@@ -324,10 +352,15 @@ pub async fn restart(
     identity: &crate::qemu::process::Identity,
     log: &Path,
     ns: &crate::net::netns::NetNs,
-) -> Result<child::Tunnel, WgError> {
-    let tun = ns.run(|| create_tun_in_ns(plan))??;
-    let udp = bind_udp(plan)?;
-    child::start(exe, plan, tun, udp, identity, log).await
+) -> Result<(child::Tunnel, Plan), WgError> {
+    let old = plan.clone();
+    let plan = tokio::task::spawn_blocking(move || old.re_resolved())
+        .await
+        .unwrap_or_else(|_| plan.clone());
+    let tun = ns.run(|| create_tun_in_ns(&plan))??;
+    let udp = bind_udp(&plan)?;
+    let tunnel = child::start(exe, &plan, tun, udp, identity, log).await?;
+    Ok((tunnel, plan))
 }
 
 /// A tunnel that completed its first handshakes, and the dataplane's way
@@ -392,6 +425,20 @@ mod tests {
             "IPv6 entries are left out"
         );
         assert_eq!(spec.peers[0].endpoint, p.peers[0].endpoint);
+
+        // A restart resolves names again: an endpoint that moved is
+        // followed (here: back from where a stale plan pointed).
+        let mut stale = p.clone();
+        stale.peers[0].endpoint = Some(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 9), 51820));
+        let fresh = stale.re_resolved();
+        assert_eq!(fresh.peers[0].endpoint, p.peers[0].endpoint);
+        assert_eq!(fresh.spec().peers[0].endpoint, p.peers[0].endpoint);
+        // MTU = from the file is what the TUN gets.
+        let with_mtu = parse(&format!(
+            "[Interface]\nPrivateKey = {KEY}\nAddress = 10.7.0.2/32\nMTU = 1280\n\n[Peer]\nPublicKey = {PEER}\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0\n"
+        ));
+        let m = plan(Path::new("wg.conf"), with_mtu).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.mtu(), 1280);
     }
 
     #[test]
