@@ -13,6 +13,7 @@ pub mod image;
 pub mod net;
 pub mod provision;
 pub mod qemu;
+pub mod rotate;
 pub mod seed;
 pub mod share;
 pub mod state;

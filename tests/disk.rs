@@ -203,6 +203,49 @@ fn uefi_resize_snapshot_reset() {
     );
     assert!(root_size(&env) >= after, "the reset lost the resize");
 
+    // A compromised QEMU rewrites its disk's header to name a root-only
+    // host file as backing file: root's snapshot must not fold that file
+    // into an image the guest boots from, nor resize it.
+    env.ok(&["halt"]);
+    let disk = env.state_dir().join("disk.qcow2");
+    let snap = env.state_dir().join("snapshot.qcow2");
+    let before = std::fs::read(&snap).unwrap_or_else(|e| panic!("{e}"));
+    let tamper = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=migrant-qemu",
+            "--regid=migrant-qemu",
+            "--clear-groups",
+        ])
+        .args([
+            "qemu-img",
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/shadow",
+        ])
+        .arg(&disk)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(tamper.status.success(), "as QEMU's user: {}", text(&tamper));
+    for args in [&["snapshot"][..], &["resize", "6G"][..], &["up"][..]] {
+        let out = env.run(args);
+        assert_eq!(out.status.code(), Some(65), "{args:?}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("/etc/shadow"),
+            "{}",
+            text(&out)
+        );
+    }
+    assert!(
+        std::fs::read(&snap).unwrap_or_else(|e| panic!("{e}")) == before,
+        "the snapshot changed"
+    );
+    assert!(!env.state_dir().join(".snapshot.qcow2.tmp").exists());
+
     env.ok(&["destroy"]);
     assert!(!env.state_dir().exists(), "destroy left the VM's files");
     env.assert_clean();

@@ -191,3 +191,149 @@ fn a_lan_hole_aimed_at_the_host_is_refused() {
     assert!(env.pid_of("qemu-system").is_none(), "a VM was started");
     env.assert_clean();
 }
+
+/// The guest's flood, run as root in the guest: an ordinary 20 MiB
+/// download starts first, then 5 MiB printed on the serial console,
+/// 5000 held TCP connections (the cap is 4096), 20 000 DNS questions,
+/// 6000 UDP flows (cap 4096) and 100 000 refused datagrams.
+const FLOOD: &str = r#"
+import resource, socket, struct, threading, time, urllib.request
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+result = {}
+def download():
+    try:
+        result["download"] = len(urllib.request.urlopen("http://45.20.0.11/big", timeout=300).read())
+    except Exception as e:
+        result["download"] = "ERR %s" % type(e).__name__
+t = threading.Thread(target=download)
+t.start()
+def console():
+    with open("/dev/ttyS0", "wb", buffering=0) as tty:
+        line = b"x" * 1023 + b"\n"
+        for _ in range(5 * 1024):
+            tty.write(line)
+    result["console"] = "done"
+c = threading.Thread(target=console)
+c.start()
+time.sleep(2)
+held = []
+for i in range(5000):
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect(("45.20.0.10", 9000))
+    except BlockingIOError:
+        pass
+    except OSError:
+        continue
+    held.append(s)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.setblocking(False)
+def send(data, to):
+    try:
+        u.sendto(data, to)
+    except OSError:
+        pass
+for i in range(20000):
+    q = struct.pack(">HHHHHH", i & 0xFFFF, 0x0100, 1, 0, 0, 0)
+    for part in ("n%d" % i, "ok", "test"):
+        q += bytes([len(part)]) + part.encode()
+    send(q + b"\0" + struct.pack(">HH", 1, 1), ("10.0.2.2", 53))
+for i in range(6000):
+    send(b"x", ("45.20.0.10", 10000 + i))
+for i in range(100000):
+    send(b"x", ("10.9.%d.%d" % (i // 250 % 250, i % 250 + 1), 9))
+print("flooded", flush=True)
+t.join(300)
+c.join(600)
+time.sleep(3)
+print("download", result.get("download"), flush=True)
+print("console", result.get("console"), flush=True)
+"#;
+
+#[test]
+fn a_flood_from_the_guest_stays_within_its_bounds() {
+    let Some(image) = test_image() else { return };
+    let net = TestNet::new("f");
+    let env = Env::new_in("flood", &image, "", Some(&net.host));
+    env.ok(&["up"]);
+    let sup = env
+        .pid_of("__supervisor")
+        .unwrap_or_else(|| panic!("no supervisor"));
+    let mut flood = env
+        .cmd(&["ssh", "--", "sudo", "python3", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    {
+        use std::io::Write;
+        let mut stdin = flood.stdin.take().unwrap_or_else(|| panic!("no stdin"));
+        stdin
+            .write_all(FLOOD.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Watch the supervisor while the guest floods it.
+    let (mut max_fds, mut max_rss_kib) = (0usize, 0u64);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while flood.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+        let fds = std::fs::read_dir(format!("/proc/{sup}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let rss = std::fs::read_to_string(format!("/proc/{sup}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        max_fds = max_fds.max(fds);
+        max_rss_kib = max_rss_kib.max(rss);
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let out = flood.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!(
+        "flood: {stdout}; supervisor at most {max_fds} descriptors, {max_rss_kib} KiB resident"
+    );
+    assert!(stdout.contains("flooded"), "{}", text(&out));
+    // The ordinary download completed through the flood.
+    assert!(stdout.contains("download 20971520"), "{}", text(&out));
+    // The bounds README states: 4096 × 6 + 4096 × 2 descriptors (plus the
+    // supervisor's own), and memory far below what the guest asked for.
+    assert!(max_fds <= 4096 * 8 + 256, "{max_fds} descriptors");
+    assert!(max_rss_kib <= 256 * 1024, "{max_rss_kib} KiB resident");
+    let status = env.ok(&["status"]);
+    assert!(status.contains("too-many-connections"), "{status}");
+    let size = |name: &str| {
+        std::fs::metadata(env.state_dir().join(name))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    // The console's 5 MiB went through a log capped at 2 × 2 MiB.
+    assert!(stdout.contains("console done"), "{}", text(&out));
+    assert!(size("serial.log") <= 2 << 20, "{}", size("serial.log"));
+    assert!(size("serial.log.1") > 0, "the serial log never rotated");
+    assert!(size("serial.log.1") <= 2 << 20, "{}", size("serial.log.1"));
+    // Log lines and the journal stayed small.
+    assert!(
+        size("supervisor.log") < 1 << 20,
+        "{}",
+        size("supervisor.log")
+    );
+    assert!(
+        size("egress.jsonl") + size("egress.jsonl.1") <= 8 << 20,
+        "journal {} + {}",
+        size("egress.jsonl"),
+        size("egress.jsonl.1")
+    );
+    // And the VM still works afterwards.
+    let r = env.probe(&["http:http://ok.test/"]);
+    expect_all(&r, &[("http:http://ok.test/", "internet-ok")]);
+    env.ok(&["destroy"]);
+    env.assert_clean();
+}

@@ -75,7 +75,7 @@ pub fn pending_changes(p: &Project, rec: &Record, now: When) -> Vec<String> {
             human(mem)
         ));
     }
-    if let Ok(info) = crate::image::info(&p.vm.disk(), true) {
+    if let Ok(info) = crate::image::info_as(&p.vm.disk(), Some("qcow2"), true) {
         if cfg.disk > info.virtual_size {
             notes.push(format!(
                 "disk = {} in the Migrantfile, the disk is {}: `migrant resize` grows it",
@@ -106,8 +106,9 @@ pub fn resize(p: &Project, size: Option<&str>) -> Result<u8> {
         ),
         None => (p.cfg.disk, false),
     };
-    let current =
-        |vm: &VmPaths| -> Result<u64> { Ok(crate::image::info(&vm.disk(), true)?.virtual_size) };
+    let current = |vm: &VmPaths| -> Result<u64> {
+        Ok(crate::image::info_as(&vm.disk(), Some("qcow2"), true)?.virtual_size)
+    };
     let refuse_shrink = |now: u64| {
         Error::other(
             if from_cli { exit::USAGE } else { exit::CONFIG },
@@ -178,6 +179,7 @@ pub fn resize(p: &Project, size: Option<&str>) -> Result<u8> {
                 println!("==> {name}: the disk is already {}", human(now));
                 return Ok(0);
             }
+            check_disk(&p.vm)?;
             crate::image::resize(&p.vm.disk(), target)?;
             println!(
                 "==> {name}: disk grown from {} to {} (stopped: cloud-init grows the root file system at the next boot)",
@@ -284,10 +286,20 @@ fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
     r.map_err(io_at(to))
 }
 
+/// Refuse (65) a VM disk whose backing chain is not the one migrant made:
+/// an overlay on the VM's base image or on its snapshot.
+fn check_disk(vm: &VmPaths) -> Result<()> {
+    let base = crate::state::Record::load(&vm.record())?
+        .map(|r| r.base_image)
+        .ok_or_else(|| Error::other(exit::DATAERR, format!("{}: no record", vm.name)))?;
+    crate::image::check_disk_chain(&vm.disk(), &[&base, &vm.snapshot()], false)?;
+    Ok(())
+}
+
 /// Replace the VM's disk with an empty overlay on its snapshot.
 fn disk_from_snapshot(vm: &VmPaths) -> Result<()> {
     let snap = vm.snapshot();
-    let size = crate::image::info(&snap, false)?.virtual_size;
+    let size = crate::image::info_as(&snap, Some("qcow2"), false)?.virtual_size;
     let tmp = vm.state.join(".disk.qcow2.tmp");
     let _ = std::fs::remove_file(&tmp);
     let r = crate::image::create_overlay(&snap, &tmp, size)
@@ -315,6 +327,9 @@ pub fn snapshot(p: &Project) -> Result<u8> {
     if vm.snapshot().exists() {
         println!("==> {name}: replacing the existing snapshot");
     }
+    // The disk is QEMU's to write: its header must still name only what
+    // migrant made before root's qemu-img reads its chain.
+    check_disk(vm)?;
     println!("==> {name}: saving the disk into a snapshot");
     let tmp = vm.state.join(".snapshot.qcow2.tmp");
     let _ = std::fs::remove_file(&tmp);

@@ -61,7 +61,7 @@ fn users(paths: &Paths) -> BTreeMap<PathBuf, Vec<String>> {
             bases.push(r.base_image.clone());
         }
         let disk = vm.dir.join("disk.qcow2");
-        if let Ok(info) = crate::image::info(&disk, true)
+        if let Ok(info) = crate::image::info_as(&disk, Some("qcow2"), true)
             && let Some(b) = info.backing_filename
         {
             bases.push(PathBuf::from(b));

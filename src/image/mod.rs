@@ -25,7 +25,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 pub use checksum::{Algo, Checksum, Digest};
-pub use qemu_img::{ImgInfo, convert_flat, create_overlay, info, resize};
+pub use qemu_img::{
+    FORMATS, ImgInfo, check_disk_chain, convert_flat, create_overlay, info, info_as, resize,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -92,6 +94,10 @@ pub enum ImageError {
     QemuImg { action: String, message: String },
     #[error("disk = {disk} bytes is smaller than the image's virtual size ({virtual_size} bytes)")]
     DiskTooSmall { disk: u64, virtual_size: u64 },
+    /// A VM disk whose header no longer says what migrant made (QEMU,
+    /// which writes it, may be compromised).
+    #[error("{}: {message}; refusing to use it (destroy the VM, or restore the disk from a backup)", path.display())]
+    Tampered { path: PathBuf, message: String },
 }
 
 fn http_message(url: &str, status: u16, expected: Option<&Digest>) -> String {
@@ -133,7 +139,8 @@ impl ImageError {
             }
             ImageError::Mismatch { .. }
             | ImageError::NotInList { .. }
-            | ImageError::BadImage { .. } => exit::DATAERR,
+            | ImageError::BadImage { .. }
+            | ImageError::Tampered { .. } => exit::DATAERR,
             ImageError::Cache { source, .. } | ImageError::Copy { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
@@ -386,13 +393,13 @@ pub fn check_image(path: &Path, source_name: &str) -> Result<String, ImageError>
             message: "it refers to an external data file; give a standalone image".into(),
         });
     }
-    if !matches!(
-        info.format.as_str(),
-        "qcow2" | "raw" | "vmdk" | "vdi" | "vhdx" | "vpc" | "qed"
-    ) {
+    if !FORMATS.contains(&info.format.as_str()) {
         return Err(ImageError::BadImage {
             source_name: source_name.to_string(),
-            message: format!("unsupported format {}", info.format),
+            message: format!(
+                "unsupported format {} (qcow2 and raw only: other formats can name host files; convert it with qemu-img convert -O qcow2)",
+                info.format
+            ),
         });
     }
     Ok(info.format)

@@ -12,8 +12,6 @@
 //! file: at most 2 × [`MAX_BYTES`] on disk per VM.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,36 +173,12 @@ async fn writer(
     }
 }
 
-/// The journal file, reopened after rotation.
-struct File {
-    path: PathBuf,
-    out: Option<std::fs::File>,
-    size: u64,
-}
+/// The journal file: rotated at [`MAX_BYTES`].
+struct File(crate::rotate::Rotating);
 
 impl File {
     fn new(path: PathBuf) -> File {
-        File {
-            path,
-            out: None,
-            size: 0,
-        }
-    }
-
-    fn open(&mut self) -> std::io::Result<&mut std::fs::File> {
-        if self.out.is_none() {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o644)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&self.path)?;
-            self.size = f.metadata().map(|m| m.len()).unwrap_or(0);
-            self.out = Some(f);
-        }
-        self.out
-            .as_mut()
-            .ok_or_else(|| std::io::Error::other("journal not open"))
+        File(crate::rotate::Rotating::new(path, MAX_BYTES, 0o644))
     }
 
     fn write(&mut self, e: &Entry) {
@@ -212,31 +186,15 @@ impl File {
             return;
         };
         line.push(b'\n');
-        if self.size + line.len() as u64 > MAX_BYTES {
-            self.out = None;
-            if let Err(err) = std::fs::rename(&self.path, rotated(&self.path)) {
-                tracing::warn!(
-                    "egress journal: cannot rotate {}: {err}",
-                    self.path.display()
-                );
-            }
-        }
-        let written = self.open().and_then(|f| f.write_all(&line));
-        match written {
-            Ok(()) => self.size += line.len() as u64,
-            Err(err) => {
-                tracing::warn!("egress journal: {}: {err}", self.path.display());
-                self.out = None;
-            }
+        if let Err(err) = self.0.write(&line) {
+            tracing::warn!("egress journal: {err}");
         }
     }
 }
 
 /// The previous journal file.
 pub fn rotated(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".1");
-    PathBuf::from(s)
+    crate::rotate::previous(path)
 }
 
 /// Every entry of the journal at `path` (previous file first); lines that

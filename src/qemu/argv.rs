@@ -65,8 +65,9 @@ pub struct VmSpec {
     pub qmp_fd: i32,
     /// Listening unix socket for the serial console.
     pub console_fd: i32,
-    /// Everything the serial port prints is appended here.
-    pub serial_log: PathBuf,
+    /// Everything the serial port prints is written into this pipe (its
+    /// write end); the supervisor keeps a capped log of it.
+    pub serial_fd: i32,
     /// Shared folders. When there are any, guest RAM is a shared memfd
     /// backend (vhost-user needs to map it).
     pub shares: Vec<FsDevice>,
@@ -152,11 +153,14 @@ pub fn build_argv(spec: &VmSpec) -> Vec<String> {
         &format!("socket,id=qmp,fd={}", spec.qmp_fd),
         "-mon",
         "chardev=qmp,mode=control",
+        // The console's log goes to a descriptor (fd set 1), not a file
+        // QEMU could grow without bound.
+        "-add-fd",
+        &format!("fd={},set=1,opaque=serial-log", spec.serial_fd),
         "-chardev",
         &format!(
-            "socket,id=console,fd={},server=on,wait=off,logfile={},logappend=on",
-            spec.console_fd,
-            path(&spec.serial_log)
+            "socket,id=console,fd={},server=on,wait=off,logfile=/dev/fdset/1,logappend=on",
+            spec.console_fd
         ),
         "-serial",
         "chardev:console",
@@ -220,7 +224,7 @@ mod tests {
             tap_fd: 10,
             qmp_fd: 11,
             console_fd: 12,
-            serial_log: "/var/lib/migrant/vms/box/serial.log".into(),
+            serial_fd: 13,
             shares: vec![],
             extra: vec![],
         }

@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod progress;
+mod serial;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -56,6 +57,8 @@ pub enum SupervisorError {
     Share(#[from] crate::share::ShareError),
     #[error(transparent)]
     Wireguard(#[from] crate::wireguard::WgError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
     #[error("QEMU exited during start-up ({status}); last lines of its log:\n{log}")]
     QemuExited { status: String, log: String },
 }
@@ -72,6 +75,7 @@ impl SupervisorError {
             SupervisorError::Firmware(e) => e.exit_code(),
             SupervisorError::Share(e) => e.exit_code(),
             SupervisorError::Wireguard(e) => e.exit_code(),
+            SupervisorError::Image(e) => e.exit_code(),
             SupervisorError::Tap(tap::TapError::Open(_)) => exit::UNAVAILABLE,
             SupervisorError::Dataplane(e) => e.exit_code(),
             _ => exit::SOFTWARE,
@@ -166,6 +170,8 @@ struct Prepared {
     qmp_ours: std::os::unix::net::UnixStream,
     qmp_theirs: std::os::unix::net::UnixStream,
     console: std::os::unix::net::UnixListener,
+    /// The serial log's pipe: read end (ours), write end (QEMU's).
+    serial: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
     identity: process::Identity,
     spec: qemu::VmSpec,
     /// Shares to serve, their stores mounted.
@@ -231,6 +237,10 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     let cfg = config::load(&args.project)?;
     let rec =
         Record::load(&vm.record())?.ok_or_else(|| SupervisorError::NoRecord(vm.name.clone()))?;
+    // QEMU, unprivileged and possibly compromised, wrote this disk last
+    // time: before it opens it again, its header must still name only the
+    // backing file migrant made (not another VM's disk, not a host file).
+    crate::image::check_disk_chain(&vm.disk(), &[&rec.base_image, &vm.snapshot()], false)?;
     // Traverse-only for others: the SSH socket inside belongs to the
     // invoking user (hooks, Ansible and `ssh-config` users reach it).
     state::ensure_dir(&vm.run, 0o711)?;
@@ -268,11 +278,9 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
 
     let identity = process::qemu_identity()?;
     // QEMU opens its disks itself, as the unprivileged user.
-    let serial = vm.serial_log();
-    if !serial.exists() {
-        std::fs::write(&serial, b"").map_err(io(format!("create {}", serial.display())))?;
-    }
-    let mut owned = vec![vm.disk(), vm.seed(), serial];
+    let mut owned = vec![vm.disk(), vm.seed()];
+    let serial = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| io("serial log pipe")(e.into()))?;
     let firmware = crate::firmware::resolve(cfg.firmware, cfg.secure_boot, &vm.nvram())?;
     if let qemu::FirmwareFiles::Uefi { vars, .. } = &firmware {
         owned.push(vars.clone());
@@ -294,7 +302,7 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         tap_fd: tap.as_raw_fd(),
         qmp_fd: qmp_theirs.as_raw_fd(),
         console_fd: console.as_raw_fd(),
-        serial_log: vm.serial_log(),
+        serial_fd: serial.1.as_raw_fd(),
         shares: Vec::new(),
         // What a pre-up hook gave on creation (see provision::hooks), then
         // MIGRANT_QEMU_EXTRA_ARGS (benchmarks, debugging).
@@ -315,6 +323,7 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         qmp_ours,
         qmp_theirs,
         console,
+        serial,
         identity,
         spec,
         served,
@@ -368,6 +377,7 @@ async fn supervise(
         qmp_ours,
         qmp_theirs,
         console,
+        serial,
         identity,
         mut spec,
         served,
@@ -435,7 +445,7 @@ async fn supervise(
     }
 
     let qemu_log = vm.state.join("qemu.log");
-    let mut keep_fds = vec![spec.tap_fd, spec.qmp_fd, spec.console_fd];
+    let mut keep_fds = vec![spec.tap_fd, spec.qmp_fd, spec.console_fd, spec.serial_fd];
     keep_fds.extend(spec.shares.iter().map(|s| s.fd));
     let mut child = process::spawn(process::Launch {
         argv: qemu::build_argv(&spec),
@@ -445,7 +455,9 @@ async fn supervise(
         log: &qemu_log,
     })?;
     // QEMU holds its own copies now.
-    drop((tap, qmp_theirs, console, fs_ends));
+    let (serial_r, serial_w) = serial;
+    drop((tap, qmp_theirs, console, fs_ends, serial_w));
+    serial::spawn(serial_r, vm.serial_log()).map_err(io("serial log thread"))?;
     let qemu_pid = child.id();
     tracing::info!(pid = ?qemu_pid, accel = spec.accel.as_str(), user = %identity.name, "QEMU started");
 

@@ -8,7 +8,8 @@
 //!       └──veth── 192.168.77.50, .51 [lan ns]  http "lan"
 //!   host ns also: 127.0.0.1:8080 http "host-loopback", 45.10.0.1:9090 http "host-public"
 //!   internet ns also: 168.63.129.16 http "wireserver" (a cloud host endpoint),
-//!     45.20.0.10:443 tcp "hello" to anything and udp echo
+//!     45.20.0.10:443 tcp "hello" to anything and udp echo,
+//!     45.20.0.10:9000 holds every connection open; GET /big: 20 MiB
 //!   an internal network the host routes over the LAN link, not its
 //!     default route: 11.1.0.0/16 via 192.168.77.50; 11.1.0.10 http "internal"
 //!   DNS: ok.test, other.test, shared.test, api.allowed.test (public),
@@ -57,6 +58,14 @@ body = sys.argv[3].encode()
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        if self.path == "/big":
+            self.send_response(200)
+            self.send_header("Content-Length", str(20 << 20))
+            self.end_headers()
+            chunk = b"x" * (1 << 20)
+            for _ in range(20):
+                self.wfile.write(chunk)
+            return
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -81,6 +90,20 @@ class U(socketserver.BaseRequestHandler):
 socketserver.ThreadingTCPServer.allow_reuse_address = True
 threading.Thread(target=socketserver.UDPServer(addr, U).serve_forever, daemon=True).start()
 socketserver.ThreadingTCPServer(addr, T).serve_forever()
+"#;
+
+/// Accepts connections and holds them open, silently, as many as come.
+const SINK: &str = r#"
+import asyncio, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+held = []
+async def hold(r, w):
+    held.append(w)
+    await r.read()
+async def main():
+    s = await asyncio.start_server(hold, sys.argv[1], int(sys.argv[2]), backlog=4096)
+    await s.serve_forever()
+asyncio.run(main())
 "#;
 
 impl TestNet {
