@@ -148,14 +148,15 @@ pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError
     })
 }
 
-/// Start DNS and the proxy on the current runtime; returns the counters.
+/// Start DNS and the proxy on the current runtime; returns the counters
+/// and the policy.
 pub fn spawn(
     cfg: &Config,
     ns: Arc<NetNs>,
     sockets: Sockets,
     tunnel: Option<TunnelExit>,
     journal: Option<std::path::PathBuf>,
-) -> Result<Arc<proxy::Stats>, DataplaneError> {
+) -> Result<(Arc<proxy::Stats>, Arc<route::Gate>), DataplaneError> {
     let gateway = cfg.gateway_ip();
     let dns_sock = tokio::net::UdpSocket::from_std(sockets.dns).map_err(io("DNS socket"))?;
     let stats = Arc::new(proxy::Stats::with_journal(match journal {
@@ -229,7 +230,7 @@ pub fn spawn(
     tokio::spawn(proxy::watch_host(Arc::clone(&gate)));
     if let Some((tcp, udp)) = sockets.listeners {
         let proxy = Arc::new(proxy::Proxy {
-            gate,
+            gate: Arc::clone(&gate),
             stats: Arc::clone(&stats),
             ns,
             resolver,
@@ -243,7 +244,7 @@ pub fn spawn(
             }
         });
     }
-    Ok(stats)
+    Ok((stats, gate))
 }
 
 /// Raise the soft limit on open files to the hard one: every relayed TCP
@@ -311,7 +312,7 @@ pub fn netlab(
             Some(r) => (Some(r.exit), Some(r.tunnel)),
             None => (None, None),
         };
-        let stats = spawn(&cfg, ns, sockets, exit, None)?;
+        let (stats, gate) = spawn(&cfg, ns, sockets, exit, None)?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         println!("ready");
@@ -320,6 +321,8 @@ pub fn netlab(
             _ = int.recv() => {}
         }
         eprintln!("{:?}", stats.view());
+        let (n, nanos) = gate.host.lookup_cost();
+        eprintln!("route check: {n} lookups, {nanos} ns each");
         if let Some(t) = &tunnel {
             eprintln!("{:?}", *t.reports.borrow());
         }

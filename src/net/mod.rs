@@ -6,6 +6,8 @@ pub mod dhcp;
 pub mod dns;
 pub mod domains;
 pub mod forward;
+#[cfg(test)]
+mod fuzz;
 pub mod inspect;
 pub mod journal;
 pub mod netns;

@@ -253,6 +253,9 @@ pub struct RouteGuard {
     rule: Rule,
     defaults: RwLock<HashSet<Hop>>,
     last_refresh: Mutex<Option<Instant>>,
+    /// Lookups made and the time they took (for the benchmark).
+    lookups: std::sync::atomic::AtomicU64,
+    lookup_nanos: std::sync::atomic::AtomicU64,
 }
 
 /// How often a miss may re-read the default routes.
@@ -265,6 +268,8 @@ impl RouteGuard {
             rule,
             defaults: RwLock::default(),
             last_refresh: Mutex::new(None),
+            lookups: Default::default(),
+            lookup_nanos: Default::default(),
         };
         guard.refresh();
         guard
@@ -298,10 +303,15 @@ impl RouteGuard {
 
     /// Whether a flow to `dst` leaves the way the rule admits.
     pub fn check(&self, dst: Ipv4Addr) -> Result<(), Denial> {
+        use std::sync::atomic::Ordering;
+        let started = Instant::now();
         let route = match self.socket.lock() {
             Ok(mut s) => s.get(dst),
             Err(_) => Route::Unreachable,
         };
+        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        self.lookup_nanos.fetch_add(took, Ordering::Relaxed);
         let verdict = self.judge_now(route);
         if verdict == Err(Denial::NotInternet) && matches!(route, Route::Unicast { .. }) {
             // The default route may have changed since the last read.
@@ -316,6 +326,14 @@ impl RouteGuard {
             }
         }
         verdict
+    }
+
+    /// Lookups so far and their mean time in nanoseconds.
+    pub fn lookup_cost(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        let n = self.lookups.load(Ordering::Relaxed);
+        let total = self.lookup_nanos.load(Ordering::Relaxed);
+        (n, total.checked_div(n).unwrap_or(0))
     }
 
     fn judge_now(&self, route: Route) -> Result<(), Denial> {

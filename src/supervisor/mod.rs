@@ -538,7 +538,7 @@ async fn supervise(
             tracing::error!("DHCP server stopped: {e}");
         }
     });
-    let stats = dataplane::spawn(
+    let (stats, _gate) = dataplane::spawn(
         &cfg,
         Arc::clone(&ns),
         sockets,
