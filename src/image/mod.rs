@@ -599,6 +599,69 @@ mod tests {
     }
 
     #[test]
+    fn images_that_name_host_files_are_refused() {
+        if crate::qemu::process::which("qemu-img").is_none() {
+            eprintln!("SKIPPED: no qemu-img");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let img = |name: &str, args: &[&str]| {
+            let p = dir.path().join(name);
+            let ok = std::process::Command::new("qemu-img")
+                .arg("create")
+                .arg("-q")
+                .args(args)
+                .arg(&p)
+                .arg("1M")
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "qemu-img create {name}");
+            p
+        };
+        let base = img("base.qcow2", &["-f", "qcow2"]);
+        assert_eq!(check_image(&base, "base").ok().as_deref(), Some("qcow2"));
+        let vmdk = img("x.vmdk", &["-f", "vmdk"]);
+        let backed = img(
+            "backed.qcow2",
+            &["-f", "qcow2", "-b", "/etc/hostname", "-F", "raw"],
+        );
+        for p in [&vmdk, &backed] {
+            let e = check_image(p, "x")
+                .err()
+                .unwrap_or_else(|| panic!("{p:?} accepted"));
+            assert_eq!(e.exit_code(), crate::exit::DATAERR, "{e}");
+        }
+        // A VM disk: an overlay on its base passes; its header rewritten
+        // to name a host file does not, and neither does a non-qcow2 file.
+        let disk = dir.path().join("disk.qcow2");
+        create_overlay(&base, &disk, 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+        check_disk_chain(&disk, &[&base], false).unwrap_or_else(|e| panic!("{e}"));
+        let other = dir.path().join("snapshot.qcow2");
+        assert!(check_disk_chain(&disk, &[&other], false).is_err());
+        let rebased = std::process::Command::new("qemu-img")
+            .args([
+                "rebase",
+                "-u",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                "/etc/shadow",
+            ])
+            .arg(&disk)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(rebased);
+        let e = check_disk_chain(&disk, &[&base], false)
+            .err()
+            .unwrap_or_else(|| panic!("a tampered chain passed"));
+        assert!(e.to_string().contains("/etc/shadow"), "{e}");
+        assert_eq!(e.exit_code(), crate::exit::DATAERR);
+        assert!(check_disk_chain(&vmdk, &[&base], false).is_err());
+    }
+
+    #[test]
     fn local_copies_are_content_addressed_and_checked() {
         // Copies are checked with qemu-img; skip where it is not installed.
         if crate::qemu::process::which("qemu-img").is_none() {
