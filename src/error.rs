@@ -38,6 +38,12 @@ pub enum Error {
     },
 }
 
+impl From<crate::provision::as_user::AsUserError> for Error {
+    fn from(e: crate::provision::as_user::AsUserError) -> Self {
+        Error::Key(e.into())
+    }
+}
+
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {

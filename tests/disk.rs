@@ -231,7 +231,7 @@ fn uefi_resize_snapshot_reset() {
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(tamper.status.success(), "as QEMU's user: {}", text(&tamper));
-    for args in [&["snapshot"][..], &["resize", "6G"][..], &["up"][..]] {
+    for args in [&["snapshot"][..], &["resize", "8G"][..], &["up"][..]] {
         let out = env.run(args);
         assert_eq!(out.status.code(), Some(65), "{args:?}: {}", text(&out));
         assert!(

@@ -243,3 +243,90 @@ fn wireguard_config_mistakes_are_78_with_the_line_and_create_nothing() {
     assert!(e.contains("dns = \"host\""), "{e}");
     assert!(!s.home().join("vms").join("codes").exists());
 }
+
+/// A key path in a folder the user controls, whose `.pub` is a symlink to a
+/// root-only file: `up` run through sudo must read it with the user's
+/// rights, so the file never reaches the guest's seed or any output.
+#[test]
+fn a_planted_key_symlink_reads_nothing_of_root() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "ROOT-ONLY-SECRET\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let keys = tmp.path().join("keys");
+    std::fs::create_dir(&keys).unwrap_or_else(|e| panic!("{e}"));
+    nix::unistd::chown(&keys, Some(65534.into()), Some(65534.into()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink(&secret, keys.join("migrant.pub")).unwrap_or_else(|e| panic!("{e}"));
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(tmp.path().join("base.qcow2"))
+        .arg("64M")
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(created, "qemu-img create");
+    let s = Sandbox::new(
+        &format!(
+            "{}[ssh]\nkey = \"{}\"\n",
+            good_file(tmp.path()),
+            keys.join("migrant").display()
+        ),
+        Some(CLOUD_INIT),
+    );
+    let o = s
+        .cmd(&["up", "--timeout", "5"])
+        .env("SUDO_USER", "nobody")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!o.status.success(), "up went on: {}", stderr(&o));
+    assert!(stderr(&o).contains("migrant.pub"), "{}", stderr(&o));
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    assert!(!out.contains("ROOT-ONLY-SECRET"), "{out}");
+    // Nothing under the state folder carries it either.
+    let mut stack = vec![s.home()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(
+                    !text.contains("ROOT-ONLY-SECRET"),
+                    "{} holds it",
+                    p.display()
+                );
+            }
+        }
+    }
+    let _ = s.run(&["destroy"]);
+    // The root-only file is unchanged, and still root's.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&secret).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(meta.uid(), 0);
+    assert_eq!(
+        std::fs::read_to_string(&secret).unwrap_or_default(),
+        "ROOT-ONLY-SECRET\n"
+    );
+
+    // `pubkey` through sudo for a user whose home does not exist: the key
+    // is made as that user, so root creates nothing there.
+    let o = s
+        .cmd(&["pubkey"])
+        .env("SUDO_USER", "nobody")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(
+        !Path::new("/nonexistent").exists(),
+        "root created nobody's home"
+    );
+}

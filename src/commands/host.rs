@@ -29,7 +29,8 @@ pub fn init(dir: &Path, force: bool) -> Result<u8> {
     let who = keys::Invoker::current()?;
     for (path, text) in &files {
         crate::state::write_atomic(path, text.as_bytes(), 0o644)?;
-        who.own(path)?;
+        who.own(path)
+            .map_err(Error::io(format!("chown {}", path.display())))?;
         println!("wrote {}", path.display());
     }
     Ok(0)

@@ -229,7 +229,9 @@ fn user_data(cfg: &Config) -> Result<String> {
         return Ok(text);
     }
     let key = ssh_key(cfg)?;
-    let public = keys::public_key(&key)?.ok_or(KeyError::Missing {
+    // Read as the invoking user: the key's folder is theirs.
+    let who = keys::Invoker::current()?;
+    let public = keys::public_key_as(&who, &key)?.ok_or(KeyError::Missing {
         path: key.clone(),
         file: path.clone(),
     })?;

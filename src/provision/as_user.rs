@@ -13,12 +13,63 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nix::unistd::{Gid, Uid};
+use nix::unistd::{Gid, Uid, User};
 
-use super::keys::Invoker;
+/// The user who invoked migrant: `SUDO_USER` when run through sudo.
+#[derive(Debug, Clone)]
+pub struct Invoker {
+    pub name: String,
+    pub uid: Uid,
+    pub gid: Gid,
+    pub home: PathBuf,
+}
+
+impl Invoker {
+    pub fn current() -> Result<Invoker, AsUserError> {
+        let by_sudo = std::env::var("SUDO_USER")
+            .ok()
+            .filter(|u| !u.is_empty() && u != "root")
+            .and_then(|u| User::from_name(&u).ok().flatten());
+        let user = match by_sudo {
+            Some(u) => u,
+            None => User::from_uid(Uid::current())
+                .ok()
+                .flatten()
+                .ok_or_else(|| AsUserError::NoUser(Uid::current().to_string()))?,
+        };
+        // Without sudo, respect $HOME like ssh does.
+        let home = if std::env::var_os("SUDO_USER").is_none() {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or(user.dir.clone())
+        } else {
+            user.dir.clone()
+        };
+        Ok(Invoker {
+            name: user.name,
+            uid: user.uid,
+            gid: user.gid,
+            home,
+        })
+    }
+
+    /// Give `path` to the invoking user (a no-op when that is us).
+    pub fn own(&self, path: &Path) -> std::io::Result<()> {
+        if self.uid == Uid::effective() {
+            return Ok(());
+        }
+        nix::unistd::chown(path, Some(self.uid), Some(self.gid)).map_err(std::io::Error::from)
+    }
+
+    pub fn managed_key(&self) -> PathBuf {
+        self.home.join(".ssh").join("migrant")
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AsUserError {
+    #[error("cannot find the user {0} in the user database")]
+    NoUser(String),
     #[error("cannot look up the groups of {user}")]
     Groups {
         user: String,

@@ -251,7 +251,7 @@ fn run_one(
     let Some(path) = find(&cfg.dir, hook) else {
         return Ok(());
     };
-    let who = Invoker::current()?;
+    let who = Invoker::current().map_err(KeyError::from)?;
     let as_user = |source| HookError::AsUser {
         hook: hook.name(),
         source,
@@ -364,7 +364,7 @@ pub fn take_extra_args(cfg: &Config, vm: &VmPaths) -> Result<Vec<String>, HookEr
         Err(e) => return Err(io(e)),
     };
     let meta = file.metadata().map_err(io)?;
-    let who = Invoker::current()?;
+    let who = Invoker::current().map_err(KeyError::from)?;
     let bad = |reason: String| HookError::ExtraArgs {
         path: path.clone(),
         reason,

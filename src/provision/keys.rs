@@ -3,12 +3,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use nix::unistd::{Gid, Uid, User};
+pub use super::as_user::Invoker;
+use super::as_user::{self, AsUserError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot find the home directory of {0}")]
-    NoHome(String),
+    #[error(transparent)]
+    AsUser(#[from] AsUserError),
     #[error("ssh-keygen failed: {0}")]
     Keygen(String),
     #[error("{path}")]
@@ -33,60 +34,6 @@ impl KeyError {
     }
 }
 
-/// The user who invoked migrant: `SUDO_USER` when run through sudo.
-#[derive(Debug, Clone)]
-pub struct Invoker {
-    pub name: String,
-    pub uid: Uid,
-    pub gid: Gid,
-    pub home: PathBuf,
-}
-
-impl Invoker {
-    pub fn current() -> Result<Invoker, KeyError> {
-        let by_sudo = std::env::var("SUDO_USER")
-            .ok()
-            .filter(|u| !u.is_empty() && u != "root")
-            .and_then(|u| User::from_name(&u).ok().flatten());
-        let user = match by_sudo {
-            Some(u) => u,
-            None => User::from_uid(Uid::current())
-                .ok()
-                .flatten()
-                .ok_or_else(|| KeyError::NoHome(Uid::current().to_string()))?,
-        };
-        // Without sudo, respect $HOME like ssh does.
-        let home = if std::env::var_os("SUDO_USER").is_none() {
-            std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or(user.dir.clone())
-        } else {
-            user.dir.clone()
-        };
-        Ok(Invoker {
-            name: user.name,
-            uid: user.uid,
-            gid: user.gid,
-            home,
-        })
-    }
-
-    /// Give `path` to the invoking user (a no-op when that is us).
-    pub fn own(&self, path: &Path) -> Result<(), KeyError> {
-        if self.uid == Uid::effective() {
-            return Ok(());
-        }
-        nix::unistd::chown(path, Some(self.uid), Some(self.gid)).map_err(|e| KeyError::Io {
-            path: path.to_path_buf(),
-            source: e.into(),
-        })
-    }
-
-    pub fn managed_key(&self) -> PathBuf {
-        self.home.join(".ssh").join("migrant")
-    }
-}
-
 /// Public key text of `private` (`<private>.pub`), if it exists.
 pub fn public_key(private: &Path) -> Result<Option<String>, KeyError> {
     let public = pub_path(private);
@@ -106,41 +53,70 @@ fn pub_path(private: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Public key text of `private` (`<private>.pub`), read with the invoking
+/// user's rights: the file is in a folder the user controls, and a
+/// symlink planted there could make root read any file into the guest's
+/// seed. `None` when it does not exist.
+pub fn public_key_as(who: &Invoker, private: &Path) -> Result<Option<String>, KeyError> {
+    if !as_user::must_switch(who) {
+        return public_key(private);
+    }
+    let public = pub_path(private);
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "test -e \"$1\" || exit 3; exec head -c 16384 -- \"$1\"",
+        "sh",
+    ])
+    .arg(&public);
+    let out = run_as(who, cmd)?;
+    match out.status.code() {
+        Some(0) => Ok(Some(
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )),
+        Some(3) => Ok(None),
+        _ => Err(KeyError::Io {
+            path: public,
+            source: std::io::Error::other(format!(
+                "cannot be read as {}: {}",
+                who.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }),
+    }
+}
+
+/// Run `cmd` as `who`, collecting its output.
+fn run_as(who: &Invoker, mut cmd: Command) -> Result<std::process::Output, KeyError> {
+    as_user::apply(&mut cmd, who)?;
+    cmd.stdin(Stdio::null())
+        .output()
+        .map_err(|e| KeyError::Keygen(e.to_string()))
+}
+
 /// Create the managed ed25519 key if missing; return its public half.
+/// Everything happens as the invoking user (folder, key, reading it back):
+/// root never creates, follows or chowns a path in the user's home.
 pub fn ensure_managed_key(who: &Invoker) -> Result<String, KeyError> {
     let key = who.managed_key();
-    if key.exists()
-        && let Some(p) = public_key(&key)?
-    {
+    if let Some(p) = public_key_as(who, &key)? {
         return Ok(p);
     }
     let dir = key.parent().unwrap_or(Path::new("/"));
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(|source| KeyError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(|source| KeyError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        who.own(dir)?;
-    }
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C"])
-        .arg(format!("migrant@{}", who.name))
-        .arg("-f")
-        .arg(&key)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| KeyError::Keygen(e.to_string()))?;
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "umask 077 && mkdir -p -- \"$1\" && exec ssh-keygen -q -t ed25519 -N '' -C \"$2\" -f \"$3\"",
+        "sh",
+    ])
+    .arg(dir)
+    .arg(format!("migrant@{}", who.name))
+    .arg(&key);
+    let out = run_as(who, cmd)?;
     if !out.status.success() {
         return Err(KeyError::Keygen(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
-    who.own(&key)?;
-    who.own(&pub_path(&key))?;
-    public_key(&key)?.ok_or_else(|| KeyError::Keygen("no public key written".into()))
+    public_key_as(who, &key)?.ok_or_else(|| KeyError::Keygen("no public key written".into()))
 }
