@@ -14,6 +14,80 @@ use std::path::{Component, Path, PathBuf};
 
 /// Smallest guest RAM accepted.
 const MIN_MEMORY: u64 = 128 * MIB;
+/// Names in the project folder that run or are read on the host (by
+/// migrant, hooks or Ansible): a share may not be one of them or inside
+/// one, or the guest could write code the host runs.
+const HOST_SIDE: [&str; 8] = [
+    "Migrantfile",
+    "cloud-init.yml",
+    "playbook.yml",
+    "ansible.cfg",
+    "hooks",
+    "roles",
+    "library",
+    "wireguard.conf",
+];
+
+/// A share's host folder: a relative path inside the project folder, with
+/// no `..`, no symlink in any component that exists, and not one of the
+/// project's host-side files or folders. Root creates and mounts the
+/// share's store there, so it may never point anywhere else.
+fn share_host(dir: &Path, text: &str) -> Result<PathBuf, String> {
+    use std::path::Component;
+    if text.is_empty() || text.contains('\0') {
+        return Err("the path is empty or contains a NUL character".into());
+    }
+    let outside = || {
+        format!(
+            "{text:?}: a share is a folder inside the project folder, written relative to it (migrant mounts its store there as root)"
+        )
+    };
+    if text.starts_with('~') {
+        return Err(outside());
+    }
+    // An absolute path names the project folder itself (the original's
+    // "${VM_DIR}/data"), or it is refused.
+    let rel = match Path::new(text).strip_prefix(dir) {
+        Ok(r) => r,
+        Err(_) if Path::new(text).is_absolute() => return Err(outside()),
+        Err(_) => Path::new(text),
+    };
+    let mut clean = PathBuf::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => clean.push(n),
+            Component::CurDir => {}
+            _ => {
+                return Err(format!(
+                    "{text:?}: \"..\" is refused; a share is a folder inside the project folder"
+                ));
+            }
+        }
+    }
+    let Some(first) = clean.components().next() else {
+        return Err(format!(
+            "{text:?} is the project folder or contains it: the guest could rewrite the Migrantfile and the files beside it; share a subfolder instead"
+        ));
+    };
+    let first = first.as_os_str().to_string_lossy();
+    if HOST_SIDE.contains(&first.as_ref()) || first.ends_with("_plugins") {
+        return Err(format!(
+            "{text:?} is or is inside {first}, which runs or is read on the host; share another folder"
+        ));
+    }
+    let mut at = dir.to_path_buf();
+    for c in clean.components() {
+        at.push(c);
+        if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(format!(
+                "{} is a symlink: a share's path may not contain one (root mounts the store there)",
+                at.display()
+            ));
+        }
+    }
+    Ok(dir.join(clean))
+}
+
 /// Smallest disk and share size accepted.
 const MIN_DISK: u64 = GIB;
 const DEFAULT_MEMORY: u64 = 2 * GIB;
@@ -503,8 +577,23 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
     let project_real = real_path(&ctx.dir);
     let mut shares: Vec<Share> = Vec::new();
     let mut tags: HashMap<String, usize> = HashMap::new();
+    let mut hosts: Vec<(PathBuf, usize)> = Vec::new();
     for s in &d.shares {
-        let host = ctx.resolve(&s.host)?;
+        let host = share_host(&ctx.dir, &s.host.value).map_err(|e| ctx.err_at(&s.host, e))?;
+        if let Some((other, line)) = hosts
+            .iter()
+            .find(|(h, _)| h.starts_with(&host) || host.starts_with(h))
+        {
+            return Err(ctx.err_at(
+                &s.host,
+                format!(
+                    "{} overlaps the share on line {line} ({}): one share's store would sit inside the other",
+                    host.display(),
+                    other.display()
+                ),
+            ));
+        }
+        hosts.push((host.clone(), s.host.line));
         let host_real = real_path(&host);
         if project_real.starts_with(&host_real) {
             return Err(ctx.err_at(

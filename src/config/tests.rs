@@ -177,7 +177,7 @@ fn toml_full_fixture() {
                 isolation: true,
             },
             Share {
-                host: PathBuf::from("/srv/shared/data"),
+                host: dir.join("data"),
                 tag: "data".into(),
                 guest: None,
                 size: 0,
@@ -436,7 +436,7 @@ fn legacy_quoting_and_expansions() {
         "VM_NAME=a\"b\"'c'\\-d   # glued words\n",
         "IMAGE_URL=\"$HOME/img/\\$x \\\"q\\\" \\\\ \\n.qcow2\"\n",
         "SSH_KEY_PATH='$HOME/literal'\n",
-        "SHARED_FOLDERS=(~/work:work \"${VM_DIR}/data:data\" 'a b:ab')\n",
+        "SHARED_FOLDERS=(work:work \"${VM_DIR}/data:data\" 'a b:ab')\n",
         "HOST_ACCESS=(\n",
         "  # a comment line inside the array\n",
         "  \"allow-host-port tcp/80\" # after an element\n",
@@ -461,7 +461,7 @@ fn legacy_quoting_and_expansions() {
     assert_eq!(
         shares,
         vec![
-            (PathBuf::from(HOME).join("work"), "work".to_string()),
+            (d.path().join("work"), "work".to_string()),
             (d.path().join("data"), "data".to_string()),
             (d.path().join("a b"), "ab".to_string()),
         ]
@@ -773,8 +773,42 @@ fn toml_shares() {
         &format!("{IMG}[[share]]\nhost = \"..\"\n"),
         3,
         "share[0].host",
-        "contains it",
+        "\"..\" is refused",
     );
+    // Root mounts a share's store at its path: never outside the project.
+    for (host, why) in [
+        ("/etc", "relative to it"),
+        ("~/code", "relative to it"),
+        ("a/../../x", "\"..\" is refused"),
+        ("hooks", "runs or is read on the host"),
+        ("roles/x", "runs or is read on the host"),
+        ("filter_plugins", "runs or is read on the host"),
+        ("playbook.yml", "runs or is read on the host"),
+    ] {
+        bad(
+            &format!("{IMG}[[share]]\nhost = \"{host}\"\ntag = \"t\"\n"),
+            3,
+            "share[0].host",
+            why,
+        );
+    }
+    bad(
+        &format!("{IMG}[[share]]\nhost = \"a\"\n[[share]]\nhost = \"a/b\"\n"),
+        5,
+        "share[1].host",
+        "overlaps the share on line 3",
+    );
+}
+
+#[test]
+fn a_share_path_through_a_symlink_is_refused() {
+    let dir = project(&format!("{IMG}[[share]]\nhost = \"link/ws\"\n"));
+    std::os::unix::fs::symlink("/etc", dir.path().join("link")).unwrap_or_else(|e| panic!("{e}"));
+    let e = load_in(dir.path())
+        .err()
+        .unwrap_or_else(|| panic!("accepted"));
+    assert!(e.to_string().contains("is a symlink"), "{e}");
+    assert_eq!(e.exit_code(), crate::exit::CONFIG);
 }
 
 #[test]
@@ -1124,6 +1158,20 @@ fn legacy_unterminated() {
 
 #[test]
 fn legacy_variables() {
+    // The original allowed shares anywhere; root mounts a store there, so
+    // only the project folder's own subfolders are taken.
+    bad(
+        &format!("{L}SHARED_FOLDERS=(~/work:work)\n"),
+        3,
+        "SHARED_FOLDERS[0]",
+        "relative to it",
+    );
+    bad(
+        &format!("{L}SHARED_FOLDERS=(/srv/data:data)\n"),
+        3,
+        "SHARED_FOLDERS[0]",
+        "relative to it",
+    );
     bad(
         &format!("{L}RAM_GB=4\n"),
         3,
