@@ -66,9 +66,6 @@ const SYSCALLS: &[&str] = &[
     "recvfrom",
     "recvmsg",
     "recvmmsg",
-    "sendto",
-    "sendmsg",
-    "sendmmsg",
     "poll",
     "ppoll",
     "fcntl",
@@ -96,9 +93,22 @@ const SYSCALLS: &[&str] = &[
     "exit_group",
 ];
 
-/// Install the seccomp filter for [`SYSCALLS`] (libseccomp, as the
-/// embedded virtiofsd uses).
-pub(crate) fn confine() -> std::io::Result<()> {
+/// Sending system calls the loop needs when its UDP socket is not
+/// connected (several peers: any of them, and roaming).
+const SEND_ANYWHERE: &[&str] = &["sendto", "sendmsg", "sendmmsg"];
+
+/// `setsockopt(fd, SOL_UDP, UDP_SEGMENT, …)`: GSO on a connected socket.
+const SOL_UDP: u64 = 17;
+const UDP_SEGMENT: u64 = 103;
+
+/// Install the seccomp filter (libseccomp, as the embedded virtiofsd
+/// uses): [`SYSCALLS`], and for sending either [`SEND_ANYWHERE`] or, when
+/// the UDP socket is connected to the one peer, only `sendto` without a
+/// destination address (and `setsockopt` for UDP_SEGMENT alone): an
+/// exploited packet loop then cannot send a datagram anywhere but to the
+/// peer (a filter cannot read a `sendmsg` destination, so that call is not
+/// allowed at all).
+pub(crate) fn confine(connected: bool) -> std::io::Result<()> {
     use libseccomp_sys::*;
     // SAFETY: seccomp_init allocates a filter context or returns null; it
     // is released below on every path.
@@ -106,20 +116,39 @@ pub(crate) fn confine() -> std::io::Result<()> {
     if ctx.is_null() {
         return Err(std::io::Error::other("seccomp_init failed"));
     }
-    let mut result = Ok(());
-    for name in SYSCALLS {
-        let Ok(cname) = std::ffi::CString::new(*name) else {
-            continue;
-        };
+    let resolve = |name: &str| -> Option<i32> {
+        let cname = std::ffi::CString::new(name).ok()?;
         // SAFETY: `cname` is a valid NUL-terminated string for the call.
         let nr = unsafe { seccomp_syscall_resolve_name(cname.as_ptr()) };
-        if nr == __NR_SCMP_ERROR {
-            // Not a system call on this architecture.
+        // Not a system call on this architecture: nothing to allow.
+        (nr != __NR_SCMP_ERROR).then_some(nr)
+    };
+    let cmp = |arg: u32, datum: u64| scmp_arg_cmp {
+        arg,
+        op: scmp_compare::SCMP_CMP_EQ,
+        datum_a: datum,
+        datum_b: 0,
+    };
+    let mut rules: Vec<(&str, Vec<scmp_arg_cmp>)> =
+        SYSCALLS.iter().map(|n| (*n, Vec::new())).collect();
+    if connected {
+        // sendto(fd, buf, len, flags, NULL, 0) only.
+        rules.push(("sendto", vec![cmp(4, 0)]));
+        rules.push(("setsockopt", vec![cmp(1, SOL_UDP), cmp(2, UDP_SEGMENT)]));
+    } else {
+        rules.extend(SEND_ANYWHERE.iter().map(|n| (*n, Vec::new())));
+    }
+    let mut result = Ok(());
+    for (name, args) in &rules {
+        let Some(nr) = resolve(name) else {
             continue;
-        }
-        // SAFETY: `ctx` is a live filter context; no argument filters
-        // follow (count 0), so no variadic arguments are read.
-        if unsafe { seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0) } < 0 {
+        };
+        // SAFETY: `ctx` is a live filter context and `args` holds exactly
+        // `args.len()` comparisons for the call to read.
+        let rc = unsafe {
+            seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, nr, args.len() as u32, args.as_ptr())
+        };
+        if rc < 0 {
             result = Err(std::io::Error::other(format!(
                 "seccomp: cannot allow {name}"
             )));
@@ -189,13 +218,17 @@ fn run(args: &Args) -> std::io::Result<()> {
     std::io::stdin().lock().read_to_end(&mut text)?;
     let spec: Spec = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
     text.iter_mut().for_each(|b| *b = 0);
-    confine()?;
+    // Connected by the supervisor when there is one peer: then it may
+    // send only there.
+    let connected = udp.peer_addr().is_ok();
+    confine(connected)?;
     tracing::info!(
         peers = spec.peers.len(),
         uid = args.uid,
+        connected,
         "wireguard packet loop started"
     );
-    super::tunnel::run(spec, tun, udp, report)
+    super::tunnel::run(spec, tun, udp, report, connected)
 }
 
 /// The running tunnel, from the supervisor's side.
@@ -341,6 +374,101 @@ impl Tunnel {
                     });
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+    use std::os::unix::process::ExitStatusExt;
+
+    /// The half of [`a_connected_loop_may_send_only_to_its_peer`] that
+    /// runs in a child process: confined as a one-peer loop, it sends to
+    /// its peer, then tries what `MIGRANT_SECCOMP_CHILD` names.
+    #[test]
+    #[ignore = "run by a_connected_loop_may_send_only_to_its_peer in a child process"]
+    fn seccomp_child() {
+        let Ok(mode) = std::env::var("MIGRANT_SECCOMP_CHILD") else {
+            return;
+        };
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let other = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let peer_addr = peer.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let other_addr = other.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        udp.connect(peer_addr).unwrap_or_else(|e| panic!("{e}"));
+        super::confine(true).unwrap_or_else(|e| panic!("{e}"));
+        let gso = nix::sys::socket::sockopt::UdpGsoSegment;
+        let sent = udp.send(b"to the peer").is_ok()
+            && nix::sys::socket::setsockopt(&udp, gso, &1000).is_ok();
+        println!("sent to peer: {sent}");
+        match mode.as_str() {
+            "elsewhere" => {
+                let _ = udp.send_to(b"x", other_addr);
+            }
+            "sendmsg" => {
+                use nix::sys::socket::{MsgFlags, SockaddrIn, sendmsg};
+                use std::os::fd::AsRawFd;
+                let to = match other_addr {
+                    std::net::SocketAddr::V4(a) => SockaddrIn::from(a),
+                    std::net::SocketAddr::V6(_) => panic!("v6"),
+                };
+                let iov = [std::io::IoSlice::new(b"x")];
+                let _ = sendmsg(udp.as_raw_fd(), &iov, &[], MsgFlags::empty(), Some(&to));
+            }
+            "socket" => {
+                let _ = UdpSocket::bind("127.0.0.1:0");
+            }
+            "setsockopt" => {
+                let _ =
+                    nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::Broadcast, &true);
+            }
+            _ => {}
+        }
+        println!("survived");
+        // SAFETY: _exit ends the process at once (the test harness would
+        // make calls the filter does not allow).
+        unsafe { libc::_exit(0) };
+    }
+
+    /// With one peer the tunnel's socket is connected, and the filter lets
+    /// it send only there: sending elsewhere (`sendto` with an address,
+    /// `sendmsg`), opening a socket or setting another socket option kills
+    /// the process. What an exploited packet loop could do is therefore
+    /// talk to the peer, never to the host or its LAN.
+    #[test]
+    fn a_connected_loop_may_send_only_to_its_peer() {
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+        let run = |mode: &str| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "wireguard::child::tests::seccomp_child",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("MIGRANT_SECCOMP_CHILD", mode)
+                .output()
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let ok = run("peer");
+        let text = String::from_utf8_lossy(&ok.stdout).into_owned();
+        assert!(text.contains("sent to peer: true"), "{text}");
+        assert!(text.contains("survived"), "{text}");
+        assert_eq!(ok.status.code(), Some(0));
+        for mode in ["elsewhere", "sendmsg", "socket", "setsockopt"] {
+            let out = run(mode);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(text.contains("sent to peer: true"), "{mode}: {text}");
+            assert!(!text.contains("survived"), "{mode} was allowed: {text}");
+            assert_eq!(
+                out.status.signal(),
+                Some(libc::SIGSYS),
+                "{mode}: {:?}",
+                out.status
+            );
         }
     }
 }

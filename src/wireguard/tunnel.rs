@@ -122,6 +122,28 @@ struct Batch {
     /// Cleared when the kernel refuses UDP_SEGMENT: then one datagram per
     /// call.
     gso: bool,
+    /// The socket is connected to the one peer: datagrams go without a
+    /// destination (`send`), and GSO is a socket option (`sendmsg` is not
+    /// allowed by the seccomp filter then).
+    connected: bool,
+    /// The UDP_SEGMENT option set on the connected socket now (0: none).
+    gso_set: u16,
+}
+
+/// Send one datagram to `to`, or to the connected peer.
+fn send_one(udp: &UdpSocket, data: &[u8], to: SocketAddrV4, connected: bool) {
+    let sent = if connected {
+        udp.send(data)
+    } else {
+        udp.send_to(data, to)
+    };
+    // A full socket buffer drops the packet, as a busy link would; TCP
+    // inside the tunnel recovers.
+    if let Err(e) = sent
+        && e.kind() != ErrorKind::WouldBlock
+    {
+        tracing::debug!("wireguard: send to {to}: {e}");
+    }
 }
 
 /// Segments per GSO send (the kernel allows 64 at least) and its byte cap.
@@ -129,14 +151,48 @@ const GSO_SEGMENTS: usize = 64;
 const GSO_BYTES: usize = 65000;
 
 impl Batch {
-    fn new() -> Batch {
+    fn new(connected: bool) -> Batch {
         Batch {
             buf: Vec::with_capacity(GSO_BYTES),
             seg: 0,
             count: 0,
             to: None,
             gso: true,
+            connected,
+            gso_set: 0,
         }
+    }
+
+    /// Set UDP_SEGMENT on the connected socket (only when it changes).
+    fn segment_size(&mut self, udp: &UdpSocket, seg: u16) -> nix::Result<()> {
+        if self.gso_set == seg {
+            return Ok(());
+        }
+        nix::sys::socket::setsockopt(
+            udp,
+            nix::sys::socket::sockopt::UdpGsoSegment,
+            &i32::from(seg),
+        )?;
+        self.gso_set = seg;
+        Ok(())
+    }
+
+    /// A burst with GSO: `sendmsg` with the segment size, or on a connected
+    /// socket the socket option and `send`.
+    fn send_segmented(&mut self, udp: &UdpSocket, to: SocketAddrV4) -> nix::Result<()> {
+        let seg = self.seg as u16;
+        if self.connected {
+            self.segment_size(udp, seg)?;
+            return match udp.send(&self.buf) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))),
+            };
+        }
+        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
+        let iov = [std::io::IoSlice::new(&self.buf)];
+        let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+        let addr = SockaddrIn::from(to);
+        sendmsg(udp.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&addr)).map(|_| ())
     }
 
     /// Whether `len` bytes to `to` can join the batch. A shorter datagram
@@ -165,29 +221,29 @@ impl Batch {
             return;
         };
         if self.count > 1 {
-            use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
-            let seg = self.seg as u16;
-            let iov = [std::io::IoSlice::new(&self.buf)];
-            let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
-            let addr = SockaddrIn::from(to);
-            match sendmsg(udp.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&addr)) {
-                Ok(_) | Err(nix::errno::Errno::EAGAIN) => {}
+            match self.send_segmented(udp, to) {
+                Ok(()) | Err(nix::errno::Errno::EAGAIN) => {}
                 Err(e @ (nix::errno::Errno::EIO | nix::errno::Errno::EINVAL)) => {
                     tracing::info!(
                         "wireguard: no UDP segmentation offload ({e}); sending one datagram per call"
                     );
                     self.gso = false;
+                    if self.connected {
+                        let _ = self.segment_size(udp, 0);
+                    }
                     for chunk in self.buf.chunks(self.seg) {
-                        let _ = udp.send_to(chunk, to);
+                        send_one(udp, chunk, to, self.connected);
                     }
                 }
                 Err(e) => tracing::debug!("wireguard: send to {to}: {e}"),
             }
-        } else if self.count == 1
-            && let Err(e) = udp.send_to(&self.buf, to)
-            && e.kind() != ErrorKind::WouldBlock
-        {
-            tracing::debug!("wireguard: send to {to}: {e}");
+        } else if self.count == 1 {
+            // A datagram longer than the segment size set on the socket
+            // would be cut: clear the option first.
+            if self.connected && self.gso_set != 0 && self.buf.len() > usize::from(self.gso_set) {
+                let _ = self.segment_size(udp, 0);
+            }
+            send_one(udp, &self.buf, to, self.connected);
         }
         self.buf.clear();
         self.count = 0;
@@ -221,16 +277,6 @@ struct Loop {
 }
 
 impl Loop {
-    fn send(&self, data: &[u8], to: SocketAddrV4) {
-        // A full socket buffer drops the packet, as a busy link would;
-        // TCP inside the tunnel recovers.
-        if let Err(e) = self.udp.send_to(data, to)
-            && e.kind() != ErrorKind::WouldBlock
-        {
-            tracing::debug!("wireguard: send to {to}: {e}");
-        }
-    }
-
     /// A packet the namespace routed into the TUN: encrypt it for its peer.
     fn on_tun(&mut self, packet: &[u8]) {
         let Some(IpAddr::V4(dst)) = Tunn::dst_address(packet) else {
@@ -255,8 +301,17 @@ impl Loop {
         }
     }
 
-    fn send_out(&self, len: usize, to: SocketAddrV4) {
-        self.send(&self.out[..len], to);
+    fn send_out(&mut self, len: usize, to: SocketAddrV4) {
+        let data = &self.out[..len];
+        // A datagram longer than the connected socket's segment size
+        // would be cut.
+        if self.batch.connected
+            && self.batch.gso_set != 0
+            && data.len() > usize::from(self.batch.gso_set)
+        {
+            let _ = self.batch.segment_size(&self.udp, 0);
+        }
+        send_one(&self.udp, data, to, self.batch.connected);
     }
 
     /// Which peer a datagram is for, or `None` to drop it. Handshakes are
@@ -433,6 +488,7 @@ pub fn run(
     tun: std::fs::File,
     udp: UdpSocket,
     mut report: UnixStream,
+    connected: bool,
 ) -> std::io::Result<()> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
@@ -472,7 +528,7 @@ pub fn run(
         tun,
         udp,
         out: vec![0u8; BUF],
-        batch: Batch::new(),
+        batch: Batch::new(connected),
     };
     lp.initiate();
     let mut buf = vec![0u8; BUF];
@@ -626,7 +682,8 @@ mod tests {
             std::os::unix::net::UnixDatagram::pair().unwrap_or_else(|e| panic!("{e}"));
         let (rep_ours, rep_theirs) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
         let tun_file = std::fs::File::from(std::os::fd::OwnedFd::from(theirs));
-        let thread = std::thread::spawn(move || run(spec, tun_file, udp, rep_theirs));
+        let connected = udp.peer_addr().is_ok();
+        let thread = std::thread::spawn(move || run(spec, tun_file, udp, rep_theirs, connected));
         ours.set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap_or_else(|e| panic!("{e}"));
         let hold = rep_ours.try_clone().unwrap_or_else(|e| panic!("{e}"));
@@ -654,6 +711,10 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let net = |s: &str| s.parse::<Ipv4Net>().unwrap_or_else(|e| panic!("{e}"));
+        // A has one peer: its socket is connected to it, as the supervisor
+        // does (sends without an address, GSO as a socket option); B's is
+        // not (sendto and sendmsg with addresses).
+        a_udp.connect(b_addr).unwrap_or_else(|e| panic!("{e}"));
         let a = start(
             Spec {
                 private_key: a_key,
@@ -700,6 +761,23 @@ mod tests {
         a.tun.send(&good).unwrap_or_else(|e| panic!("{e}"));
         let n = b.tun.recv(&mut got).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(&got[..n], &good[..], "the spoofed packet was delivered");
+
+        // A burst from the connected side (segmented when batched), then a
+        // datagram longer than the burst's segments: all arrive whole.
+        let burst: Vec<Vec<u8>> = (0..10u8)
+            .map(|i| ipv4(guest, far, &[i; 1000]))
+            .chain(std::iter::once(ipv4(guest, far, &[0xee; 1400])))
+            .collect();
+        for p in &burst {
+            a.tun.send(p).unwrap_or_else(|e| panic!("{e}"));
+        }
+        for p in &burst {
+            let n = b
+                .tun
+                .recv(&mut got)
+                .unwrap_or_else(|e| panic!("burst: {e}"));
+            assert_eq!(&got[..n], &p[..], "a burst packet changed");
+        }
 
         // And back: B routes to A by its AllowedIPs.
         let back = ipv4(far, guest, b"reply");
