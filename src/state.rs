@@ -235,6 +235,56 @@ pub struct Record {
     /// Memory in bytes of the current (or last) boot.
     #[serde(default)]
     pub memory: Option<u64>,
+    /// The VM's own uid and gid (QEMU and its tunnel run as it), from
+    /// [`allocate_vm_id`]; released with the record at `destroy`.
+    #[serde(default)]
+    pub vm_id: Option<u32>,
+}
+
+/// A uid/gid for the VM at `vm` that no other VM's record holds, from
+/// `base .. base + count`. Serialised by a lock on the VMs folder, so two
+/// `up`s at once cannot take the same one.
+pub fn allocate_vm_id(vm: &VmPaths, base: u32, count: u32) -> Result<u32, StateError> {
+    let vms = vm.state.parent().unwrap_or(Path::new("/"));
+    let lock_path = vms.join(".ids.lock");
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    // SAFETY: flock(2) on a descriptor we own; no memory is shared.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } < 0 {
+        return Err(io_err(&lock_path)(std::io::Error::last_os_error()));
+    }
+    let mut taken = std::collections::HashSet::new();
+    for e in std::fs::read_dir(vms).map_err(io_err(vms))?.flatten() {
+        if e.file_name().to_string_lossy() == vm.name {
+            continue;
+        }
+        if let Ok(Some(r)) = Record::load(&e.path().join("record.json"))
+            && let Some(id) = r.vm_id
+        {
+            taken.insert(id);
+        }
+    }
+    let id = (base..base.saturating_add(count))
+        .find(|id| !taken.contains(id))
+        .ok_or_else(|| {
+            io_err(vms)(std::io::Error::other(format!(
+                "all {count} VM identities are in use"
+            )))
+        })?;
+    // Recorded before the lock goes, so the next allocation sees it.
+    if let Some(mut rec) = Record::load(&vm.record())? {
+        rec.vm_id = Some(id);
+        rec.save(&vm.record())?;
+    }
+    drop(lock);
+    Ok(id)
 }
 
 impl Record {

@@ -210,26 +210,19 @@ fn uefi_resize_snapshot_reset() {
     let disk = env.state_dir().join("disk.qcow2");
     let snap = env.state_dir().join("snapshot.qcow2");
     let before = std::fs::read(&snap).unwrap_or_else(|e| panic!("{e}"));
-    let tamper = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=migrant-qemu",
-            "--regid=migrant-qemu",
-            "--clear-groups",
-        ])
-        .args([
-            "qemu-img",
-            "rebase",
-            "-u",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            "/etc/shadow",
-        ])
-        .arg(&disk)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let disk_arg = disk.to_string_lossy().into_owned();
+    let tamper = env.as_vm(&[
+        "qemu-img",
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        "/etc/shadow",
+        &disk_arg,
+    ]);
     assert!(tamper.status.success(), "as QEMU's user: {}", text(&tamper));
     for args in [&["snapshot"][..], &["resize", "8G"][..], &["up"][..]] {
         let out = env.run(args);

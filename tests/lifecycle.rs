@@ -38,7 +38,7 @@ fn up_ssh_halt_up_kill_destroy() {
 
     let info = env.ok(&["info"]);
     assert!(
-        info.contains("qemu user:      migrant-qemu"),
+        info.contains(&format!("qemu user:      vm-{}", env.vm_id())),
         "info: {info}"
     );
     assert!(info.contains("accelerator:    tcg"), "info: {info}");
@@ -144,4 +144,59 @@ fn up_ssh_halt_up_kill_destroy() {
     let status: serde_json::Value =
         serde_json::from_str(&env.ok(&["status", "--json"])).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(status["state"], "not created");
+}
+
+/// Two VMs at once: each QEMU runs as its own uid, so a compromised QEMU
+/// of one cannot read the other's disk or seed, signal it or read its
+/// memory (what ptrace needs); it can still use its own files.
+#[test]
+fn each_vm_has_its_own_identity() {
+    let Some(image) = test_image() else { return };
+    let a = Env::new("ida", &image, "");
+    let b = Env::new("idb", &image, "");
+    a.ok(&["up"]);
+    b.ok(&["up"]);
+    let (ida, idb) = (a.vm_id(), b.vm_id());
+    assert_ne!(ida, idb);
+    for (env, id) in [(&a, ida), (&b, idb)] {
+        let qemu = env
+            .pid_of("qemu-system")
+            .unwrap_or_else(|| panic!("no QEMU"));
+        let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+        assert!(
+            uid_line
+                .split_whitespace()
+                .skip(1)
+                .all(|u| u == id.to_string()),
+            "QEMU runs as {uid_line}, not {id}"
+        );
+    }
+    let own_disk = a
+        .state_dir()
+        .join("disk.qcow2")
+        .to_string_lossy()
+        .into_owned();
+    let out = a.as_vm(&["head", "-c", "4", &own_disk]);
+    assert!(
+        out.status.success() && out.stdout == b"QFI\xfb",
+        "{}",
+        text(&out)
+    );
+    let b_qemu = b.pid_of("qemu-system").unwrap_or_else(|| panic!("no QEMU"));
+    for target in [
+        b.state_dir().join("disk.qcow2"),
+        b.state_dir().join("seed.img"),
+        std::path::PathBuf::from(format!("/proc/{b_qemu}/environ")),
+    ] {
+        let t = target.to_string_lossy().into_owned();
+        let out = a.as_vm(&["head", "-c", "1", &t]);
+        assert!(!out.status.success(), "A's QEMU user read {t}");
+    }
+    let out = a.as_vm(&["kill", "-0", &b_qemu.to_string()]);
+    assert!(!out.status.success(), "A's QEMU user may signal B's QEMU");
+    a.ok(&["destroy"]);
+    b.ok(&["destroy"]);
+    a.assert_clean();
+    b.assert_clean();
 }

@@ -339,10 +339,11 @@ pub fn snapshot(p: &Project) -> Result<u8> {
             std::fs::File::open(&tmp)
                 .and_then(|f| f.sync_all())
                 .and_then(|()| {
-                    // QEMU, unprivileged, reads it as the disk's backing file.
+                    // Root's alone; the supervisor lets this VM's identity
+                    // (and no other) read it when a disk overlays it.
                     std::fs::set_permissions(
                         &tmp,
-                        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
                     )
                 })
                 .map_err(io_at(&tmp))

@@ -281,6 +281,7 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
         qemu_pid: None,
         accel: None,
         qemu_user: None,
+        vm_id: None,
         started_at: None,
         last_stop: None,
         provisioned: false,

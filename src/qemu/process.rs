@@ -35,24 +35,79 @@ impl ProcessError {
     }
 }
 
-/// An unprivileged identity.
+/// An unprivileged identity, its supplementary groups resolved (before
+/// any fork: a forked child may not read /etc/group).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub name: String,
     pub uid: Uid,
     pub gid: Gid,
+    pub groups: Vec<Gid>,
+}
+
+/// The first uid (and gid) of the range VM identities come from: numbers
+/// no distribution gives to users or subordinate id ranges (those start at
+/// 100000 and grow by 65536 per user).
+pub const VM_ID_BASE: u32 = 0x6d00_0000;
+/// How many VM identities there can be at once.
+pub const VM_ID_COUNT: u32 = 65_536;
+/// The group whose members may read the image cache (base images).
+pub const IMAGE_GROUP: &str = "migrant-vm";
+
+/// A group's id, creating the system group when missing.
+pub fn system_group(name: &str) -> Result<Gid, ProcessError> {
+    let find = || {
+        nix::unistd::Group::from_name(name)
+            .map_err(|e| ProcessError::User(e.to_string()))
+            .map(|g| g.map(|g| g.gid))
+    };
+    if let Some(g) = find()? {
+        return Ok(g);
+    }
+    let status = std::process::Command::new("groupadd")
+        .args(["--system", name])
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| ProcessError::User(format!("groupadd: {e}")))?;
+    if !status.success() && find()?.is_none() {
+        return Err(ProcessError::User(format!(
+            "groupadd {name} exited with {status}"
+        )));
+    }
+    find()?.ok_or_else(|| ProcessError::User(format!("group {name} missing after groupadd")))
+}
+
+/// The identity of one VM: its own uid and gid (numbers from the VM range,
+/// without a passwd entry), and the groups that let it use /dev/kvm and
+/// read base images. QEMU and the tunnel of that VM run as it, so a
+/// compromised QEMU cannot read, signal or ptrace another VM's files and
+/// processes.
+pub fn vm_identity(id: u32) -> Result<Identity, ProcessError> {
+    let mut groups = vec![system_group(IMAGE_GROUP)?];
+    if let Ok(Some(kvm)) = nix::unistd::Group::from_name("kvm") {
+        groups.push(kvm.gid);
+    }
+    Ok(Identity {
+        name: format!("vm-{id}"),
+        uid: Uid::from_raw(id),
+        gid: Gid::from_raw(id),
+        groups,
+    })
 }
 
 fn lookup(name: &str) -> Result<Option<Identity>, ProcessError> {
-    User::from_name(name)
-        .map_err(|e| ProcessError::User(e.to_string()))
-        .map(|u| {
-            u.map(|u| Identity {
-                name: u.name,
-                uid: u.uid,
-                gid: u.gid,
-            })
-        })
+    let Some(u) = User::from_name(name).map_err(|e| ProcessError::User(e.to_string()))? else {
+        return Ok(None);
+    };
+    let cname = CString::new(u.name.clone()).map_err(|e| ProcessError::User(e.to_string()))?;
+    let groups = nix::unistd::getgrouplist(&cname, u.gid)
+        .map_err(|e| ProcessError::User(format!("groups of {}: {e}", u.name)))?;
+    Ok(Some(Identity {
+        name: u.name,
+        uid: u.uid,
+        gid: u.gid,
+        groups,
+    }))
 }
 
 /// The identity QEMU runs as; the system user is created if missing.
@@ -119,8 +174,7 @@ pub fn spawn(launch: Launch<'_>) -> Result<tokio::process::Child, ProcessError> 
     let keep = launch.keep_fds.clone();
     let parent = nix::unistd::getpid();
     // Prepared before fork: the child must not allocate.
-    let user = CString::new(launch.identity.name.clone())
-        .map_err(|e| ProcessError::User(e.to_string()))?;
+    let groups: Vec<libc::gid_t> = launch.identity.groups.iter().map(|g| g.as_raw()).collect();
 
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(&launch.argv)
@@ -132,7 +186,8 @@ pub fn spawn(launch: Launch<'_>) -> Result<tokio::process::Child, ProcessError> 
         .kill_on_drop(true);
     // SAFETY: the closure runs in the forked child before exec; it only
     // makes async-signal-safe system calls (fcntl, setns, setgroups,
-    // setgid, setuid, prctl, getppid) and allocates nothing.
+    // setgid, setuid, prctl, getppid) on data prepared before the fork,
+    // and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             for &fd in &keep {
@@ -145,12 +200,9 @@ pub fn spawn(launch: Launch<'_>) -> Result<tokio::process::Child, ProcessError> 
             if libc::setns(netns, libc::CLONE_NEWNET) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::initgroups(user.as_ptr(), gid.as_raw()) < 0 {
-                // Supplementary groups (kvm) are a convenience; without
-                // them, at least drop root's.
-                if libc::setgroups(0, std::ptr::null()) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            // The groups were resolved before the fork.
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0 {
+                return Err(std::io::Error::last_os_error());
             }
             if libc::setgid(gid.as_raw()) < 0 || libc::setuid(uid.as_raw()) < 0 {
                 return Err(std::io::Error::last_os_error());

@@ -228,14 +228,25 @@ fn give_to_invoker(path: &Path) -> Result<(), SupervisorError> {
     )))
 }
 
+/// Root's file `path`, readable by `group` (0640).
+fn share_read(path: &Path, group: nix::unistd::Gid) -> Result<(), SupervisorError> {
+    nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), Some(group))
+        .map_err(|e| io(format!("chown {}", path.display()))(e.into()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640))
+        .map_err(io(format!("chmod {}", path.display())))
+}
+
+/// Give `path` (root's, in the VM's state folder) to `id`, 0600.
 fn chown(path: &Path, id: &process::Identity) -> Result<(), SupervisorError> {
     nix::unistd::chown(path, Some(id.uid), Some(id.gid))
-        .map_err(|e| io(format!("chown {}", path.display()))(e.into()))
+        .map_err(|e| io(format!("chown {}", path.display()))(e.into()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("chmod {}", path.display())))
 }
 
 fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     let cfg = config::load(&args.project)?;
-    let rec =
+    let mut rec =
         Record::load(&vm.record())?.ok_or_else(|| SupervisorError::NoRecord(vm.name.clone()))?;
     // QEMU, unprivileged and possibly compromised, wrote this disk last
     // time: before it opens it again, its header must still name only the
@@ -276,8 +287,21 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         std::os::unix::net::UnixStream::pair().map_err(io("QMP socket pair"))?;
     let console = bind_private(&vm.console_sock())?;
 
-    let identity = process::qemu_identity()?;
-    // QEMU opens its disks itself, as the unprivileged user.
+    // The VM's own identity: QEMU and its tunnel run as it.
+    let vm_id = match rec.vm_id {
+        Some(id) => id,
+        None => state::allocate_vm_id(vm, process::VM_ID_BASE, process::VM_ID_COUNT)?,
+    };
+    rec.vm_id = Some(vm_id);
+    let identity = process::vm_identity(vm_id)?;
+    // Base images are readable by VM identities only; the snapshot a
+    // reset disk overlays, by this VM only.
+    let images = process::system_group(process::IMAGE_GROUP)?;
+    share_read(&rec.base_image, images)?;
+    if vm.snapshot().exists() {
+        share_read(&vm.snapshot(), identity.gid)?;
+    }
+    // QEMU opens its disks itself, as the unprivileged user: 0600, its own.
     let mut owned = vec![vm.disk(), vm.seed()];
     let serial = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| io("serial log pipe")(e.into()))?;

@@ -170,6 +170,31 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The VM's own uid (and gid), from its record.
+    pub fn vm_id(&self) -> u32 {
+        let text = std::fs::read_to_string(self.state_dir().join("record.json"))
+            .unwrap_or_else(|e| panic!("record: {e}"));
+        let rec: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        rec["vm_id"]
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or_else(|| panic!("no vm_id in {text}"))
+    }
+
+    /// Run `cmd` as the VM's own uid and gid, without groups: what its
+    /// QEMU, if compromised, could do.
+    pub fn as_vm(&self, cmd: &[&str]) -> Output {
+        let id = self.vm_id();
+        Command::new("setpriv")
+            .arg(format!("--reuid={id}"))
+            .arg(format!("--regid={id}"))
+            .arg("--clear-groups")
+            .args(cmd)
+            .output()
+            .unwrap_or_else(|e| panic!("setpriv: {e}"))
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.root.path().join("state").join("vms").join(&self.name)
     }
