@@ -247,20 +247,42 @@ pub fn spawn(
     Ok((stats, gate))
 }
 
-/// Raise the soft limit on open files to the hard one: every relayed TCP
-/// connection holds six descriptors (two sockets, two pipes), and the
-/// usual soft limit of 1024 would cap a VM at about 170 connections.
+/// Open files the dataplane wants: 4096 relayed TCP connections of six
+/// descriptors, 4096 UDP flows of two, and room for everything else.
+const WANTED_FILES: u64 = 4096 * 6 + 4096 * 2 + 1024;
+
+/// Raise the open-file limit so the connection caps fit: to
+/// [`WANTED_FILES`] (root may raise the hard limit), else to the hard
+/// limit. The proxy sizes its caps to what it got ([`flow_caps`]).
 pub fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok((soft, hard)) if soft < WANTED_FILES => {
+            let target = hard.max(WANTED_FILES);
+            if setrlimit(Resource::RLIMIT_NOFILE, target, target).is_err()
+                && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            {
                 tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
             }
         }
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot read the open-file limit: {e}"),
     }
+}
+
+/// The proxy's caps on relayed TCP connections and UDP flows: 4096 each,
+/// or what the open-file limit leaves room for (half of it for each kind,
+/// after 512 for everything else), so a flood meets the cap, never
+/// `EMFILE` (which would also starve DNS and DHCP).
+pub fn flow_caps() -> (usize, usize) {
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    let budget = usize::try_from(limit.saturating_sub(512) / 2).unwrap_or(usize::MAX);
+    (
+        (budget / 6).clamp(16, proxy::MAX_TCP_FLOWS),
+        (budget / 2).clamp(16, proxy::MAX_UDP_FLOWS),
+    )
 }
 
 /// `migrant __netlab`: the dataplane of the project at `project` on the

@@ -27,9 +27,10 @@ pub const TCP_PORT: u16 = 15001;
 pub const UDP_PORT: u16 = 15002;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// TCP connections relayed at once for one VM: each holds two sockets and
-/// two pipes, so this bounds the supervisor's descriptors and the kernel
-/// memory a guest can pin. Beyond it new connections are reset and counted.
+/// TCP connections relayed at once for one VM at most: each holds two
+/// sockets and two pipes, so this bounds the supervisor's descriptors and
+/// the kernel memory a guest can pin. Beyond it new connections are reset
+/// and counted. Lower when the open-file limit is (`dataplane::flow_caps`).
 pub const MAX_TCP_FLOWS: usize = 4096;
 /// UDP flows tracked at once for one VM (each holds two sockets until it
 /// has been idle for `UDP_IDLE`).
@@ -298,7 +299,9 @@ fn reset(stream: TcpStream) {
 
 impl Proxy {
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_FLOWS));
+        let (tcp_cap, _) = super::dataplane::flow_caps();
+        tracing::info!("at most {tcp_cap} relayed TCP connections");
+        let slots = Arc::new(tokio::sync::Semaphore::new(tcp_cap));
         loop {
             let (stream, src) = match listener.accept().await {
                 Ok(c) => c,
@@ -424,7 +427,8 @@ impl Proxy {
         let fd = unsafe { AsyncFd::register(socket) }
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let flows: Flows = Arc::default();
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_UDP_FLOWS));
+        let (_, udp_cap) = super::dataplane::flow_caps();
+        let slots = Arc::new(tokio::sync::Semaphore::new(udp_cap));
         let mut buf = vec![0u8; 65536];
         loop {
             let mut guard = fd.readable().await?;

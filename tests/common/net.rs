@@ -95,7 +95,11 @@ socketserver.ThreadingTCPServer(addr, T).serve_forever()
 /// Accepts connections and holds them open, silently, as many as come.
 const SINK: &str = r#"
 import asyncio, resource, sys
-resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+except (ValueError, OSError):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 held = []
 async def hold(r, w):
     held.append(w)
