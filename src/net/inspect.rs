@@ -30,6 +30,28 @@ pub const COMPLETE_WITHIN: Duration = Duration::from_secs(5);
 const DRAIN: Duration = Duration::from_secs(10);
 const READ_CHUNK: usize = 16 * 1024;
 
+/// One inspected connection: what the guest may name, and both ends.
+struct Conn<'a> {
+    list: &'a Allowlist,
+    ip: Ipv4Addr,
+    guest: &'a TcpStream,
+    upstream: &'a TcpStream,
+    /// Bytes sent upstream for the guest.
+    sent: &'a AtomicU64,
+}
+
+impl Conn<'_> {
+    /// Send `data` upstream, counting it.
+    async fn send(&self, data: &[u8]) -> std::io::Result<()> {
+        write_all(self.upstream, data, self.sent).await
+    }
+
+    /// Read more of the guest's bytes into `buf`.
+    async fn read(&self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+        read_some(self.guest, buf).await
+    }
+}
+
 /// The verdict on a first flight, with the bytes read so far.
 pub async fn check_first(
     list: &Allowlist,
@@ -102,7 +124,14 @@ pub async fn relay(
         }
     };
     tokio::pin!(down);
-    let up = client_side(list, ip, guest, upstream, first, &sent);
+    let conn = Conn {
+        list,
+        ip,
+        guest,
+        upstream,
+        sent: &sent,
+    };
+    let up = client_side(&conn, first);
     tokio::pin!(up);
     let mut down_done = false;
     let refused = loop {
@@ -131,54 +160,40 @@ pub async fn relay(
 }
 
 /// The guest → upstream direction. `Some` when it was refused.
-async fn client_side(
-    list: &Allowlist,
-    ip: Ipv4Addr,
-    guest: &TcpStream,
-    upstream: &TcpStream,
-    mut buf: Vec<u8>,
-    sent: &AtomicU64,
-) -> Option<(Denial, &'static str)> {
+async fn client_side(c: &Conn<'_>, mut buf: Vec<u8>) -> Option<(Denial, &'static str)> {
     // The first flight may not have started yet (server-first protocols):
     // wait for it as long as the connection lives, then give it the usual
     // time to complete.
     while buf.is_empty() {
-        match read_some(guest, &mut buf).await {
+        match c.read(&mut buf).await {
             Ok(n) if n > 0 => {}
             _ => return None,
         }
     }
-    if let Err(refused) = check_first(list, ip, guest, &mut buf).await {
+    if let Err(refused) = check_first(c.list, c.ip, c.guest, &mut buf).await {
         return Some(refused);
     }
     if !matches!(first_flight(&buf), FirstFlight::Http(_)) {
         // TLS after a checked ClientHello, or an opaque protocol.
-        if write_all(upstream, &buf, sent).await.is_err() {
+        if c.send(&buf).await.is_err() {
             return None;
         }
-        if let Ok(n) = super::splice::pump_or_abort(guest, upstream).await {
-            sent.fetch_add(n, Ordering::Relaxed);
+        if let Ok(n) = super::splice::pump_or_abort(c.guest, c.upstream).await {
+            c.sent.fetch_add(n, Ordering::Relaxed);
         }
         return None;
     }
-    http_requests(list, ip, guest, upstream, buf, sent).await
+    http_requests(c, buf).await
 }
 
 /// Plain HTTP: frame every request, check its Host, send it on.
-async fn http_requests(
-    list: &Allowlist,
-    ip: Ipv4Addr,
-    guest: &TcpStream,
-    upstream: &TcpStream,
-    mut buf: Vec<u8>,
-    sent: &AtomicU64,
-) -> Option<(Denial, &'static str)> {
+async fn http_requests(c: &Conn<'_>, mut buf: Vec<u8>) -> Option<(Denial, &'static str)> {
     loop {
         // The next head; an idle kept-alive connection may wait forever
         // (it holds one of the VM's connection slots), a started head
         // must complete in time.
         if buf.is_empty() {
-            match read_some(guest, &mut buf).await {
+            match c.read(&mut buf).await {
                 Ok(n) if n > 0 => {}
                 _ => return None,
             }
@@ -191,13 +206,13 @@ async fn http_requests(
                 FirstFlight::Bad(why) => return Some((Denial::Uninspectable, why)),
                 _ => return Some((Denial::Uninspectable, "not an HTTP request")),
             }
-            match tokio::time::timeout_at(deadline, read_some(guest, &mut buf)).await {
+            match tokio::time::timeout_at(deadline, c.read(&mut buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return None,
                 Err(_) => return Some((Denial::Uninspectable, "incomplete request head")),
             }
         };
-        if !list.admits_request(ip, &head.host) {
+        if !c.list.admits_request(c.ip, &head.host) {
             tracing::info!(
                 "allow_domains: a later request on one connection names {}",
                 head.host
@@ -208,14 +223,14 @@ async fn http_requests(
             ));
         }
         let rest = buf.split_off(head.len.min(buf.len()));
-        if write_all(upstream, &buf, sent).await.is_err() {
+        if c.send(&buf).await.is_err() {
             return None;
         }
         buf = rest;
         let body = match head.body {
             Body::None => Ok(()),
-            Body::Length(n) => copy_length(guest, upstream, &mut buf, n, sent).await,
-            Body::Chunked => copy_chunked(guest, upstream, &mut buf, sent).await,
+            Body::Length(n) => copy_length(c, &mut buf, n).await,
+            Body::Chunked => copy_chunked(c, &mut buf).await,
         };
         match body {
             Ok(()) => {}
@@ -228,50 +243,39 @@ async fn http_requests(
 /// Send `n` body bytes: those in `buf` first, then from the guest.
 /// `Err(None)`: the connection ended; `Err(Some)`: refused.
 async fn copy_length(
-    guest: &TcpStream,
-    upstream: &TcpStream,
+    c: &Conn<'_>,
     buf: &mut Vec<u8>,
     mut n: u64,
-    sent: &AtomicU64,
 ) -> Result<(), Option<&'static str>> {
     loop {
         let take = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
         if take > 0 {
-            write_all(upstream, &buf[..take], sent)
-                .await
-                .map_err(|_| None)?;
+            c.send(&buf[..take]).await.map_err(|_| None)?;
             buf.drain(..take);
             n -= take as u64;
         }
         if n == 0 {
             return Ok(());
         }
-        match read_some(guest, buf).await {
+        match c.read(buf).await {
             Ok(m) if m > 0 => {}
             _ => return Err(None),
         }
     }
 }
 
-async fn copy_chunked(
-    guest: &TcpStream,
-    upstream: &TcpStream,
-    buf: &mut Vec<u8>,
-    sent: &AtomicU64,
-) -> Result<(), Option<&'static str>> {
+async fn copy_chunked(c: &Conn<'_>, buf: &mut Vec<u8>) -> Result<(), Option<&'static str>> {
     let mut chunked = Chunked::default();
     loop {
         let (used, done) = chunked.feed(buf).map_err(Some)?;
         if used > 0 {
-            write_all(upstream, &buf[..used], sent)
-                .await
-                .map_err(|_| None)?;
+            c.send(&buf[..used]).await.map_err(|_| None)?;
             buf.drain(..used);
         }
         if done {
             return Ok(());
         }
-        match read_some(guest, buf).await {
+        match c.read(buf).await {
             Ok(m) if m > 0 => {}
             _ => return Err(None),
         }

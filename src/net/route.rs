@@ -85,29 +85,32 @@ pub fn default_hops(routes: &[RouteMessage]) -> HashSet<Hop> {
         if r.header.destination_prefix_length > 1 || r.header.kind != RouteType::Unicast {
             continue;
         }
-        let mut oif = None;
-        let mut gateway = None;
         for a in &r.attributes {
-            match a {
-                RouteAttribute::Oif(i) => oif = Some(*i),
-                RouteAttribute::Gateway(g) => gateway = address(g),
-                RouteAttribute::MultiPath(next) => {
-                    for n in next {
-                        let gw = n.attributes.iter().find_map(|a| match a {
-                            RouteAttribute::Gateway(g) => address(g),
-                            _ => None,
-                        });
-                        hops.insert((n.interface_index, gw));
-                    }
+            if let RouteAttribute::MultiPath(next) = a {
+                for n in next {
+                    hops.insert((n.interface_index, next_hop(&n.attributes).1));
                 }
-                _ => {}
             }
         }
-        if let Some(oif) = oif {
+        if let (Some(oif), gateway) = next_hop(&r.attributes) {
             hops.insert((oif, gateway));
         }
     }
     hops
+}
+
+/// The output interface and gateway named by route attributes.
+fn next_hop(attrs: &[RouteAttribute]) -> (Option<u32>, Option<IpAddr>) {
+    let mut oif = None;
+    let mut gateway = None;
+    for a in attrs {
+        match a {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(g) => gateway = address(g),
+            _ => {}
+        }
+    }
+    (oif, gateway)
 }
 
 fn address(a: &RouteAddress) -> Option<IpAddr> {
@@ -121,21 +124,10 @@ fn address(a: &RouteAddress) -> Option<IpAddr> {
 /// The route the kernel gave for one destination.
 fn route_of(msg: &RouteMessage) -> Route {
     match msg.header.kind {
-        RouteType::Unicast => {
-            let mut oif = None;
-            let mut gateway = None;
-            for a in &msg.attributes {
-                match a {
-                    RouteAttribute::Oif(i) => oif = Some(*i),
-                    RouteAttribute::Gateway(g) => gateway = address(g),
-                    _ => {}
-                }
-            }
-            match oif {
-                Some(oif) => Route::Unicast { oif, gateway },
-                None => Route::Unreachable,
-            }
-        }
+        RouteType::Unicast => match next_hop(&msg.attributes) {
+            (Some(oif), gateway) => Route::Unicast { oif, gateway },
+            (None, _) => Route::Unreachable,
+        },
         RouteType::Local => Route::Local,
         RouteType::Broadcast | RouteType::Multicast | RouteType::Anycast => Route::Broadcast,
         _ => Route::Unreachable,
