@@ -241,12 +241,26 @@ pub struct Record {
     pub vm_id: Option<u32>,
 }
 
-/// A uid/gid for the VM at `vm` that no other VM's record holds, from
-/// `base .. base + count`. Serialised by a lock on the VMs folder, so two
-/// `up`s at once cannot take the same one.
-pub fn allocate_vm_id(vm: &VmPaths, base: u32, count: u32) -> Result<u32, StateError> {
-    let vms = vm.state.parent().unwrap_or(Path::new("/"));
-    let lock_path = vms.join(".ids.lock");
+/// Where VM identities are registered, host-wide (whatever
+/// `MIGRANT_HOME` a VM lives under): one file per id in use, holding the
+/// VM's state folder.
+pub const IDS_DIR: &str = "/var/lib/migrant-ids";
+
+/// The uid/gid of the VM at `vm`: the one it has if the host-wide
+/// registry still gives it that id, else the lowest id of
+/// `base .. base + count` that no live VM holds. An entry whose VM is gone
+/// (no record, or a record with another id) is free: a VM destroyed
+/// without releasing its id, or a registry from before, cannot block one.
+/// Serialised by a lock on the registry, so two `up`s cannot take one id.
+pub fn allocate_vm_id(
+    vm: &VmPaths,
+    current: Option<u32>,
+    base: u32,
+    count: u32,
+) -> Result<u32, StateError> {
+    let dir = Path::new(IDS_DIR);
+    ensure_dir(dir, 0o700)?;
+    let lock_path = dir.join(".lock");
     let lock = OpenOptions::new()
         .read(true)
         .write(true)
@@ -260,24 +274,24 @@ pub fn allocate_vm_id(vm: &VmPaths, base: u32, count: u32) -> Result<u32, StateE
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } < 0 {
         return Err(io_err(&lock_path)(std::io::Error::last_os_error()));
     }
-    let mut taken = std::collections::HashSet::new();
-    for e in std::fs::read_dir(vms).map_err(io_err(vms))?.flatten() {
-        if e.file_name().to_string_lossy() == vm.name {
-            continue;
-        }
-        if let Ok(Some(r)) = Record::load(&e.path().join("record.json"))
-            && let Some(id) = r.vm_id
-        {
-            taken.insert(id);
-        }
-    }
-    let id = (base..base.saturating_add(count))
-        .find(|id| !taken.contains(id))
-        .ok_or_else(|| {
-            io_err(vms)(std::io::Error::other(format!(
-                "all {count} VM identities are in use"
-            )))
-        })?;
+    let me = vm.state.to_string_lossy().into_owned();
+    // Who holds `id`: a VM whose record still says so.
+    let holder = |id: u32| -> Option<String> {
+        let owner = std::fs::read_to_string(dir.join(id.to_string())).ok()?;
+        let rec = Record::load(&Path::new(&owner).join("record.json")).ok()??;
+        (rec.vm_id == Some(id) || owner == me).then_some(owner)
+    };
+    let id = match current {
+        Some(id) if holder(id).is_none_or(|o| o == me) => id,
+        _ => (base..base.saturating_add(count))
+            .find(|id| holder(*id).is_none())
+            .ok_or_else(|| {
+                io_err(dir)(std::io::Error::other(format!(
+                    "all {count} VM identities are in use"
+                )))
+            })?,
+    };
+    write_atomic(&dir.join(id.to_string()), me.as_bytes(), 0o600)?;
     // Recorded before the lock goes, so the next allocation sees it.
     if let Some(mut rec) = Record::load(&vm.record())? {
         rec.vm_id = Some(id);
@@ -285,6 +299,15 @@ pub fn allocate_vm_id(vm: &VmPaths, base: u32, count: u32) -> Result<u32, StateE
     }
     drop(lock);
     Ok(id)
+}
+
+/// Give the VM's identity back (at `destroy`); an entry another VM holds
+/// is left alone.
+pub fn release_vm_id(vm: &VmPaths, id: u32) {
+    let entry = Path::new(IDS_DIR).join(id.to_string());
+    if std::fs::read_to_string(&entry).is_ok_and(|owner| Path::new(&owner) == vm.state) {
+        let _ = std::fs::remove_file(entry);
+    }
 }
 
 impl Record {

@@ -108,12 +108,17 @@ pub fn destroy_as(p: &Project, trigger: Trigger) -> Result<u8> {
         _ => {}
     }
     let _lock = VmLock::try_acquire(vm)?;
-    if let Some(r) = crate::state::Record::load(&vm.record())?
+    let rec = crate::state::Record::load(&vm.record())?;
+    if let Some(r) = &rec
         && r.state != VmState::Stopped
     {
         live(vm)?;
     }
     remove_tree(&vm.state)?;
+    // Its identity is free again once its files are gone.
+    if let Some(id) = rec.and_then(|r| r.vm_id) {
+        crate::state::release_vm_id(vm, id);
+    }
     let _ = std::fs::remove_dir_all(&vm.run);
     println!("==> {name}: destroyed");
     // Stores are the user's data: never deleted.

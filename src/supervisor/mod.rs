@@ -288,10 +288,7 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     let console = bind_private(&vm.console_sock())?;
 
     // The VM's own identity: QEMU and its tunnel run as it.
-    let vm_id = match rec.vm_id {
-        Some(id) => id,
-        None => state::allocate_vm_id(vm, process::VM_ID_BASE, process::VM_ID_COUNT)?,
-    };
+    let vm_id = state::allocate_vm_id(vm, rec.vm_id, process::VM_ID_BASE, process::VM_ID_COUNT)?;
     rec.vm_id = Some(vm_id);
     let identity = process::vm_identity(vm_id)?;
     // Base images are readable by VM identities only; the snapshot a
