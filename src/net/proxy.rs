@@ -27,6 +27,11 @@ pub const TCP_PORT: u16 = 15001;
 pub const UDP_PORT: u16 = 15002;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Keepalive on both sides of a relayed connection.
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(3);
 /// TCP connections relayed at once for one VM at most: each holds two
 /// sockets and two pipes, so this bounds the supervisor's descriptors and
 /// the kernel memory a guest can pin. Beyond it new connections are reset
@@ -398,8 +403,12 @@ impl Proxy {
             return reset(guest);
         }
         self.stats.tcp.fetch_add(1, Ordering::Relaxed);
-        let _ = upstream.set_nodelay(true);
-        let _ = guest.set_nodelay(true);
+        for s in [&upstream, &guest] {
+            let _ = s.set_nodelay(true);
+            // A peer that vanished (a guest process gone while its half of
+            // the connection waits) frees its slot within minutes.
+            let _ = SockRef::from(s).set_tcp_keepalive(&KEEPALIVE);
+        }
         let (up, down) = if let Some(list) = inspect {
             let (refused, up, down) =
                 super::inspect::relay(list, *dst.ip(), &guest, &upstream, first).await;

@@ -104,6 +104,7 @@ held = []
 async def hold(r, w):
     held.append(w)
     await r.read()
+    w.close()
 async def main():
     s = await asyncio.start_server(hold, sys.argv[1], int(sys.argv[2]), backlog=4096)
     await s.serve_forever()
@@ -180,6 +181,10 @@ impl TestNet {
         net.spawn(
             &net.inet.clone(),
             &["python3", "-c", RESPONDER, "45.20.0.10", "443"],
+        );
+        net.spawn(
+            &net.inet.clone(),
+            &["python3", "-c", SINK, "45.20.0.10", "9000"],
         );
         net.http(&net.host.clone(), "127.0.0.1", 8080, "host-loopback");
         net.http(&net.host.clone(), "127.0.0.1", 9091, "host-loopback-closed");
