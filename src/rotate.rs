@@ -76,6 +76,21 @@ impl Rotating {
     }
 }
 
+impl Rotating {
+    /// Append `text`, whole lines: at once when it fits under the cap,
+    /// else line by line, rotating between lines.
+    pub fn write_lines(&mut self, text: &[u8]) -> std::io::Result<()> {
+        self.open()?;
+        if self.size + text.len() as u64 <= self.cap {
+            return self.write(text);
+        }
+        for line in text.split_inclusive(|b| *b == b'\n') {
+            self.write(line)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

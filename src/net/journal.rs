@@ -158,6 +158,7 @@ async fn writer(
                 for (_, e) in pending.drain() {
                     file.write(&e);
                 }
+                file.flush();
                 let lost = dropped.swap(0, Ordering::Relaxed);
                 if lost > 0 {
                     let mut e = Entry::new("-", "-".into(), Decision::Denied);
@@ -171,22 +172,45 @@ async fn writer(
     for (_, e) in pending.drain() {
         file.write(&e);
     }
+    file.flush();
 }
 
-/// The journal file: rotated at [`MAX_BYTES`].
-struct File(crate::rotate::Rotating);
+/// The journal file: rotated at [`MAX_BYTES`]. Lines are gathered and
+/// written once per flush (every [`FLUSH`], or at 64 KiB), not one
+/// system call per flow.
+struct File {
+    out: crate::rotate::Rotating,
+    pending: Vec<u8>,
+}
 
 impl File {
     fn new(path: PathBuf) -> File {
-        File(crate::rotate::Rotating::new(path, MAX_BYTES, 0o644))
+        File {
+            out: crate::rotate::Rotating::new(path, MAX_BYTES, 0o644),
+            pending: Vec::new(),
+        }
     }
 
     fn write(&mut self, e: &Entry) {
-        let Ok(mut line) = serde_json::to_vec(e) else {
+        let Ok(line) = serde_json::to_vec(e) else {
             return;
         };
-        line.push(b'\n');
-        if let Err(err) = self.0.write(&line) {
+        // Whole lines only: rotation never splits one.
+        if self.pending.len() + line.len() + 1 > 64 * 1024 {
+            self.flush();
+        }
+        self.pending.extend_from_slice(&line);
+        self.pending.push(b'\n');
+    }
+
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        // One write per whole line when a rotation is due, so each file
+        // holds whole lines; else all at once.
+        let text = std::mem::take(&mut self.pending);
+        if let Err(err) = self.out.write_lines(&text) {
             tracing::warn!("egress journal: {err}");
         }
     }

@@ -267,6 +267,9 @@ pub fn tcp_listener() -> std::io::Result<std::net::TcpListener> {
     s.set_reuse_address(true)?;
     s.set_ip_transparent_v4(true)?;
     s.bind(&SocketAddr::from(([0, 0, 0, 0], TCP_PORT)).into())?;
+    // Accepted connections inherit these: no system calls per connection.
+    s.set_tcp_nodelay(true)?;
+    s.set_tcp_keepalive(&KEEPALIVE)?;
     s.listen(1024)?;
     s.set_nonblocking(true)?;
     Ok(s.into())
@@ -403,12 +406,10 @@ impl Proxy {
             return reset(guest);
         }
         self.stats.tcp.fetch_add(1, Ordering::Relaxed);
-        for s in [&upstream, &guest] {
-            let _ = s.set_nodelay(true);
-            // A peer that vanished (a guest process gone while its half of
-            // the connection waits) frees its slot within minutes.
-            let _ = SockRef::from(s).set_tcp_keepalive(&KEEPALIVE);
-        }
+        // The guest's side has TCP_NODELAY and keepalive from the
+        // listener: a guest process gone while its half of the connection
+        // waits frees the slot within minutes.
+        let _ = upstream.set_nodelay(true);
         let (up, down) = if let Some(list) = inspect {
             let (refused, up, down) =
                 super::inspect::relay(list, *dst.ip(), &guest, &upstream, first).await;

@@ -67,7 +67,34 @@ pub async fn pump_or_abort(from: &TcpStream, to: &TcpStream) -> std::io::Result<
     r
 }
 
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd, Option<BigPipe>)> {
+/// A pipe for one direction of a relay, with its share of the large-pipe
+/// budget.
+type Pipe = (OwnedFd, OwnedFd, Option<BigPipe>);
+
+/// Empty pipes kept for the next connections (a new connection then
+/// costs no pipe2, fcntl or close): at most this many.
+const POOLED: usize = 64;
+
+static POOL: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
+
+/// A pipe from the pool, or a new one.
+fn take_pipe() -> std::io::Result<Pipe> {
+    if let Some(p) = POOL.lock().ok().and_then(|mut v| v.pop()) {
+        return Ok(p);
+    }
+    pipe()
+}
+
+/// Give back a pipe that is known to be empty.
+fn return_pipe(p: Pipe) {
+    if let Ok(mut v) = POOL.lock()
+        && v.len() < POOLED
+    {
+        v.push(p);
+    }
+}
+
+fn pipe() -> std::io::Result<Pipe> {
     let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
     // A larger pipe means fewer wake-ups per megabyte; failing to grow it
     // only costs speed. Shrinking cannot fail while the pipe is empty.
@@ -79,7 +106,7 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd, Option<BigPipe>)> {
 
 /// One direction: `from` → pipe → `to`, then shut `to` down for writing.
 async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
-    let (pipe_r, pipe_w, _big) = pipe()?;
+    let (pipe_r, pipe_w, big) = take_pipe()?;
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
     loop {
@@ -99,6 +126,8 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
         if n == 0 {
             // End of stream: pass the half-close on.
             let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            // Everything that went in came out: the pipe is empty.
+            return_pipe((pipe_r, pipe_w, big));
             return Ok(total);
         }
         // Drain exactly what went in.
