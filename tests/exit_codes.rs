@@ -330,3 +330,48 @@ fn a_planted_key_symlink_reads_nothing_of_root() {
         "root created nobody's home"
     );
 }
+
+/// Two project folders whose Migrantfiles share a `name`: commands from the
+/// second never stop, destroy, change or attach to the first's VM.
+#[test]
+fn another_folder_with_the_same_name_touches_nothing() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let s = Sandbox::new(&good_file(tmp.path()), Some(CLOUD_INIT));
+    // The first project's VM, as `up` records it.
+    let dir = s.home().join("vms").join("codes");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let record = serde_json::json!({
+        "name": "codes",
+        "project_dir": "/somewhere/else",
+        "base_image": tmp.path().join("base.qcow2"),
+        "mac": "52:54:00:12:34:56",
+        "guest_ip": "10.0.2.15",
+        "created_at": 0,
+        "state": "stopped",
+    });
+    std::fs::write(dir.join("record.json"), record.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.join("disk.qcow2"), b"the other project's disk")
+        .unwrap_or_else(|e| panic!("{e}"));
+    for args in [
+        &["destroy"][..],
+        &["halt"][..],
+        &["snapshot"][..],
+        &["reset"][..],
+        &["ssh", "--", "true"][..],
+        &["run", "--rm", "--", "true"][..],
+        &["mount"][..],
+    ] {
+        let o = s.run(args);
+        assert_eq!(o.status.code(), Some(78), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("/somewhere/else"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+        assert_eq!(
+            std::fs::read(dir.join("disk.qcow2")).unwrap_or_default(),
+            b"the other project's disk",
+            "{args:?} touched the other VM"
+        );
+    }
+}

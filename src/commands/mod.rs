@@ -44,8 +44,8 @@ pub fn run(cli: Cli) -> Result<u8> {
                 trigger,
             },
         ),
-        Cmd::Halt { force, timeout } => lifecycle::halt(&Project::load(&dir)?, force, timeout),
-        Cmd::Destroy => lifecycle::destroy(&Project::load(&dir)?),
+        Cmd::Halt { force, timeout } => lifecycle::halt(&Project::load_own(&dir)?, force, timeout),
+        Cmd::Destroy => lifecycle::destroy(&Project::load_own(&dir)?),
         Cmd::Status { json } => query::status(&Project::load(&dir)?, json),
         Cmd::Ip => query::ip(&Project::load(&dir)?),
         Cmd::Wg { json } => wg::wg(&Project::load(&dir)?, json),
@@ -55,22 +55,24 @@ pub fn run(cli: Cli) -> Result<u8> {
             denied,
         } => egress::egress(&Project::load(&dir)?, json, follow, denied),
         Cmd::Info { json } => query::info(&Project::load(&dir)?, json),
-        Cmd::Ssh { command } => lifecycle::ssh(&Project::load(&dir)?, &command),
-        Cmd::Console => lifecycle::console(&Project::load(&dir)?),
-        Cmd::Resize { size } => disk::resize(&Project::load(&dir)?, size.as_deref()),
-        Cmd::Snapshot => disk::snapshot(&Project::load(&dir)?),
-        Cmd::Reset { timeout } => disk::reset(&Project::load(&dir)?, timeout),
+        Cmd::Ssh { command } => lifecycle::ssh(&Project::load_own(&dir)?, &command),
+        Cmd::Console => lifecycle::console(&Project::load_own(&dir)?),
+        Cmd::Resize { size } => disk::resize(&Project::load_own(&dir)?, size.as_deref()),
+        Cmd::Snapshot => disk::snapshot(&Project::load_own(&dir)?),
+        Cmd::Reset { timeout } => disk::reset(&Project::load_own(&dir)?, timeout),
         Cmd::Storage { json } => image::storage(json),
         Cmd::Image { command } => image::run(command),
-        Cmd::Provision { args } => provision::provision(&Project::load(&dir)?, &args),
-        Cmd::SshConfig { host } => sshconfig::ssh_config(&Project::load(&dir)?, host.as_deref()),
+        Cmd::Provision { args } => provision::provision(&Project::load_own(&dir)?, &args),
+        Cmd::SshConfig { host } => {
+            sshconfig::ssh_config(&Project::load_own(&dir)?, host.as_deref())
+        }
         Cmd::Run {
             rm,
             snapshot,
             timeout,
             command,
         } => run::run(
-            &Project::load(&dir)?,
+            &Project::load_own(&dir)?,
             &run::RunOptions {
                 rm,
                 snapshot,
@@ -80,9 +82,9 @@ pub fn run(cli: Cli) -> Result<u8> {
         ),
         Cmd::Completions { shell } => docs::completions(shell),
         Cmd::Man { out_dir } => docs::man(out_dir.as_deref()),
-        Cmd::Tunnel { ports } => lifecycle::tunnel(&Project::load(&dir)?, &ports),
-        Cmd::Mount => share::mount(&Project::load(&dir)?),
-        Cmd::Unmount => share::unmount(&Project::load(&dir)?),
+        Cmd::Tunnel { ports } => lifecycle::tunnel(&Project::load_own(&dir)?, &ports),
+        Cmd::Mount => share::mount(&Project::load_own(&dir)?),
+        Cmd::Unmount => share::unmount(&Project::load_own(&dir)?),
         Cmd::Supervisor { .. }
         | Cmd::Proxy { .. }
         | Cmd::Netlab { .. }
@@ -123,6 +125,30 @@ impl Project {
         let paths = Paths::from_env();
         let vm = paths.vm(&cfg.name);
         Ok(Project { cfg, paths, vm })
+    }
+
+    /// [`Project::load`] for a command that acts on the VM (stops,
+    /// destroys, attaches to or changes it): refused (78) when the VM of
+    /// that name was built for another project folder, so a second folder
+    /// whose Migrantfile has the same `name` never touches the first's VM.
+    pub fn load_own(dir: &std::path::Path) -> Result<Project> {
+        let p = Project::load(dir)?;
+        if let Ok(Some(rec)) = crate::state::Record::load(&p.vm.record())
+            && rec.project_dir != p.cfg.dir
+        {
+            return Err(Error::other(
+                crate::exit::CONFIG,
+                format!(
+                    "the VM {:?} belongs to the project {} (this is {}): run the command there (migrant -C {}), or give this project another `name` in {}",
+                    p.cfg.name,
+                    rec.project_dir.display(),
+                    p.cfg.dir.display(),
+                    rec.project_dir.display(),
+                    p.cfg.file.display()
+                ),
+            ));
+        }
+        Ok(p)
     }
 }
 
