@@ -208,29 +208,18 @@ impl Stats {
         }
     }
 
-    pub fn deny_name(&self, name: &str, qtype: &str) {
-        self.count(Denial::NotAllowedDomain);
+    /// A DNS question the gateway did not forward: `why` counts it,
+    /// `detail` says why in the log.
+    pub fn deny_dns(&self, name: &str, qtype: &str, why: Denial, detail: &str) {
+        self.count(why);
         self.journal_denied(
             "dns",
             qtype.to_string(),
             Some(super::domains::normalize(name)),
-            Denial::NotAllowedDomain,
+            why,
         );
         if self.may_log() {
-            tracing::info!("denied DNS query for {name:?}: not in allow_domains");
-        }
-    }
-
-    pub fn deny_query(&self, name: &str, qtype: &str, why: super::dns::NotForwarded) {
-        self.count(Denial::DnsQuery);
-        self.journal_denied(
-            "dns",
-            qtype.to_string(),
-            Some(super::domains::normalize(name)),
-            Denial::DnsQuery,
-        );
-        if self.may_log() {
-            tracing::info!("refused DNS query for {name:?}: {why:?}");
+            tracing::info!("refused DNS query for {name:?}: {detail}");
         }
     }
 

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::dns::{self, Outcome, Stub};
 use super::domains::Allowlist;
+use super::policy::Denial;
 use super::proxy::Stats;
 
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
@@ -97,13 +98,19 @@ impl Resolver {
         let name = question.name().to_ascii();
         let qtype = question.query_type().to_string();
         if let Err(why) = dns::forwardable(&question) {
-            self.stats.deny_query(&name, &qtype, why);
+            self.stats
+                .deny_dns(&name, &qtype, Denial::DnsQuery, &format!("{why:?}"));
             return Some(refused);
         }
         if let Some(allow) = &self.allow
             && !allow.name_allowed(&name)
         {
-            self.stats.deny_name(&name, &qtype);
+            self.stats.deny_dns(
+                &name,
+                &qtype,
+                Denial::NotAllowedDomain,
+                "not in allow_domains",
+            );
             return Some(refused);
         }
         // No IPv6 egress: no AAAA answers, at once, from here.
