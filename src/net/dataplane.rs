@@ -99,8 +99,9 @@ impl Setup {
 pub struct Sockets {
     /// The guest's link (its interface index in the namespace).
     pub guest_link: u32,
-    /// A netlink route socket of the namespace (the tunnel's route rule).
-    pub routes: super::route::RouteSocket,
+    /// WireGuard mode: a netlink route socket of the namespace, for the
+    /// tunnel's route rule.
+    pub routes: Option<super::route::RouteSocket>,
     pub dns: std::net::UdpSocket,
     pub dns_tcp: std::net::TcpListener,
     pub listeners: Option<(std::net::TcpListener, std::net::UdpSocket)>,
@@ -138,7 +139,12 @@ pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError
         what: "guest link index",
         source: e.into(),
     })?;
-    let routes = super::route::RouteSocket::new().map_err(io("route socket"))?;
+    let routes = setup
+        .tunnel_iface
+        .as_ref()
+        .map(|_| super::route::RouteSocket::new())
+        .transpose()
+        .map_err(io("route socket"))?;
     Ok(Sockets {
         guest_link,
         routes,
@@ -185,9 +191,11 @@ pub fn spawn(
             tunnel: tunnel.is_some(),
         },
         host: route::RouteGuard::new(host_routes, rule),
-        tunnel: tunnel.as_ref().map(|_| {
-            route::RouteGuard::new(sockets.routes, route::Rule::NotVia(sockets.guest_link))
-        }),
+        // Without its socket, tunnel flows are refused (fail closed).
+        tunnel: tunnel
+            .as_ref()
+            .and(sockets.routes)
+            .map(|routes| route::RouteGuard::new(routes, route::Rule::NotVia(sockets.guest_link))),
     });
     let resolver = Arc::new(resolver::Resolver {
         stub: dns::Stub {

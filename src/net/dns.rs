@@ -70,6 +70,9 @@ pub enum Outcome {
     NotLocal {
         /// The REFUSED response for this query.
         refused: Vec<u8>,
+        /// The query as parsed here (one question), so a forwarder need
+        /// not parse the guest's bytes again.
+        query: Box<Message>,
     },
     /// Send nothing: the packet is a response, or too short for a header.
     Drop,
@@ -83,7 +86,7 @@ pub enum Outcome {
 /// and question are copied; QR and RA are set.
 pub fn answer(stub: &Stub, query: &[u8]) -> Option<Vec<u8>> {
     match resolve(stub, query) {
-        Outcome::Answer(bytes) | Outcome::NotLocal { refused: bytes } => Some(bytes),
+        Outcome::Answer(bytes) | Outcome::NotLocal { refused: bytes, .. } => Some(bytes),
         Outcome::Drop => None,
     }
 }
@@ -131,8 +134,10 @@ pub fn resolve(stub: &Stub, query: &[u8]) -> Outcome {
         .flatten();
     let Some(addrs) = known else {
         resp.metadata.response_code = ResponseCode::Refused;
-        return encode(resp, has_edns)
-            .map_or(Outcome::Drop, |refused| Outcome::NotLocal { refused });
+        return encode(resp, has_edns).map_or(Outcome::Drop, |refused| Outcome::NotLocal {
+            refused,
+            query: Box::new(msg),
+        });
     };
     resp.metadata.authoritative = true;
     if matches!(question.query_type(), RecordType::A | RecordType::ANY) {
@@ -468,7 +473,7 @@ mod tests {
     fn unknown_names_are_refused() {
         for name in ["example.com.", "box.example.com.", "gateway.other.", "."] {
             let q = query(name, RecordType::A, false);
-            let Outcome::NotLocal { refused } = resolve(&stub(), &q) else {
+            let Outcome::NotLocal { refused, .. } = resolve(&stub(), &q) else {
                 panic!("{name} should not be local");
             };
             let resp = Message::from_vec(&refused).unwrap();

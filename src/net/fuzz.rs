@@ -147,7 +147,7 @@ fn fuzz_dns_queries() {
     check!().for_each(|data: &[u8]| {
         let q = input(&seeds, data);
         match super::dns::resolve(&stub, &q) {
-            super::dns::Outcome::Answer(r) | super::dns::Outcome::NotLocal { refused: r } => {
+            super::dns::Outcome::Answer(r) | super::dns::Outcome::NotLocal { refused: r, .. } => {
                 // An answer is a response to exactly this query.
                 let resp = Message::from_vec(&r).unwrap_or_else(|e| panic!("{e}"));
                 assert_eq!(Some(&r[..2]), q.get(..2));

@@ -52,17 +52,49 @@ impl Conn<'_> {
     }
 }
 
-/// The verdict on a first flight, with the bytes read so far.
-pub async fn check_first(
+/// How long to wait for a client to speak first before taking it for a
+/// server-first protocol.
+const CLIENT_FIRST_WAIT: Duration = Duration::from_millis(800);
+
+/// Before anything is sent on its behalf: the client's first flight (if it
+/// speaks within [`CLIENT_FIRST_WAIT`]) must pass [`verdict`]; a silent
+/// client (server-first protocols) is let through to an address no other
+/// name shares, and inspected once it speaks. Returns the bytes read and,
+/// when they were checked, whether they start an HTTP request; `None` when
+/// the client went away before saying anything.
+pub async fn before_connect(
+    list: &Allowlist,
+    ip: Ipv4Addr,
+    guest: &TcpStream,
+) -> Result<Option<(Vec<u8>, Option<bool>)>, (Denial, &'static str)> {
+    let mut first = Vec::new();
+    match tokio::time::timeout(CLIENT_FIRST_WAIT, read_some(guest, &mut first)).await {
+        Ok(Ok(n)) if n > 0 => {
+            let http = check_first(list, ip, guest, &mut first).await?;
+            Ok(Some((first, Some(http))))
+        }
+        Ok(_) => Ok(None),
+        Err(_) if list.is_shared(ip) => Err((
+            Denial::NotAllowedDomain,
+            "a silent client on a shared address",
+        )),
+        Err(_) => Ok(Some((first, None))),
+    }
+}
+
+/// The verdict on a first flight, reading more of it as needed; `Ok`
+/// says whether it is an HTTP request.
+async fn check_first(
     list: &Allowlist,
     ip: Ipv4Addr,
     guest: &TcpStream,
     buf: &mut Vec<u8>,
-) -> Result<(), (Denial, &'static str)> {
+) -> Result<bool, (Denial, &'static str)> {
     let deadline = Instant::now() + COMPLETE_WITHIN;
     loop {
-        match verdict(list, ip, &first_flight(buf)) {
-            Some(v) => return v,
+        let flight = first_flight(buf);
+        match verdict(list, ip, &flight) {
+            Some(v) => return v.map(|()| matches!(flight, FirstFlight::Http(_))),
             None => {
                 let waited = tokio::time::timeout_at(deadline, read_some(guest, buf)).await;
                 match waited {
@@ -106,7 +138,8 @@ fn verdict(
 }
 
 /// Relay `guest` ⇄ `upstream`, the guest's side inspected from `first`
-/// (bytes already read from it, possibly none: a server-first protocol).
+/// (what [`before_connect`] read: possibly nothing, a server-first
+/// protocol; `http` is its finding when it checked them).
 /// Returns the refusal, if the guest's side was cut off, and the bytes
 /// moved each way (from the guest, to it).
 pub async fn relay(
@@ -114,7 +147,7 @@ pub async fn relay(
     ip: Ipv4Addr,
     guest: &TcpStream,
     upstream: &TcpStream,
-    first: Vec<u8>,
+    (first, http): (Vec<u8>, Option<bool>),
 ) -> (Option<(Denial, &'static str)>, u64, u64) {
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
@@ -131,7 +164,7 @@ pub async fn relay(
         upstream,
         sent: &sent,
     };
-    let up = client_side(&conn, first);
+    let up = client_side(&conn, first, http);
     tokio::pin!(up);
     let mut down_done = false;
     let refused = loop {
@@ -160,20 +193,29 @@ pub async fn relay(
 }
 
 /// The guest → upstream direction. `Some` when it was refused.
-async fn client_side(c: &Conn<'_>, mut buf: Vec<u8>) -> Option<(Denial, &'static str)> {
-    // The first flight may not have started yet (server-first protocols):
-    // wait for it as long as the connection lives, then give it the usual
-    // time to complete.
-    while buf.is_empty() {
-        match c.read(&mut buf).await {
-            Ok(n) if n > 0 => {}
-            _ => return None,
+async fn client_side(
+    c: &Conn<'_>,
+    mut buf: Vec<u8>,
+    http: Option<bool>,
+) -> Option<(Denial, &'static str)> {
+    let http = match http {
+        Some(h) => h,
+        None => {
+            // A server-first protocol: the client's first flight may come
+            // as late as it likes, then gets the usual time to complete.
+            while buf.is_empty() {
+                match c.read(&mut buf).await {
+                    Ok(n) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+            match check_first(c.list, c.ip, c.guest, &mut buf).await {
+                Ok(h) => h,
+                Err(refused) => return Some(refused),
+            }
         }
-    }
-    if let Err(refused) = check_first(c.list, c.ip, c.guest, &mut buf).await {
-        return Some(refused);
-    }
-    if !matches!(first_flight(&buf), FirstFlight::Http(_)) {
+    };
+    if !http {
         // TLS after a checked ClientHello, or an opaque protocol.
         if c.send(&buf).await.is_err() {
             return None;

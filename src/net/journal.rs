@@ -216,16 +216,11 @@ impl File {
     }
 }
 
-/// The previous journal file.
-pub fn rotated(path: &Path) -> PathBuf {
-    crate::rotate::previous(path)
-}
-
 /// Every entry of the journal at `path` (previous file first); lines that
 /// are not entries are skipped.
 pub fn read(path: &Path) -> Vec<Entry> {
     let mut out = Vec::new();
-    for p in [rotated(path), path.to_path_buf()] {
+    for p in [crate::rotate::previous(path), path.to_path_buf()] {
         if let Ok(text) = std::fs::read_to_string(&p) {
             out.extend(parse(&text));
         }
@@ -280,7 +275,7 @@ mod tests {
         tokio::time::sleep(FLUSH * 2).await;
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         assert!(size(&path) <= MAX_BYTES);
-        assert!(size(&rotated(&path)) <= MAX_BYTES);
-        assert!(size(&rotated(&path)) > 0, "never rotated");
+        assert!(size(&crate::rotate::previous(&path)) <= MAX_BYTES);
+        assert!(size(&crate::rotate::previous(&path)) > 0, "never rotated");
     }
 }

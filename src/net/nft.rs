@@ -257,11 +257,12 @@ pub fn ruleset(plan: &Plan) -> Value {
 /// (refused by the ruleset itself, so the proxy never sees them).
 pub const GATEWAY_REFUSED: &str = "gateway_refused";
 
-/// Packets counted so far by the named counter `name` of our table; call
-/// from a thread inside the namespace.
-pub fn read_counter(name: &str) -> Result<u64, NftError> {
+/// Packets counted so far by each of the named counters `names` of our
+/// table, read with one `nft` run; call from a thread inside the
+/// namespace.
+pub fn read_counters<const N: usize>(names: [&str; N]) -> Result<[u64; N], NftError> {
     let out = Command::new("nft")
-        .args(["-j", "list", "counter", "inet", TABLE, name])
+        .args(["-j", "list", "counters", "table", "inet", TABLE])
         .stdin(Stdio::null())
         .output()
         .map_err(NftError::Spawn)?;
@@ -270,11 +271,15 @@ pub fn read_counter(name: &str) -> Result<u64, NftError> {
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
-    counter_packets(&out.stdout, name)
-        .ok_or_else(|| NftError::Rejected(format!("no counter {name} in nft's answer")))
+    let mut packets = [0u64; N];
+    for (p, name) in packets.iter_mut().zip(names) {
+        *p = counter_packets(&out.stdout, name)
+            .ok_or_else(|| NftError::Rejected(format!("no counter {name} in nft's answer")))?;
+    }
+    Ok(packets)
 }
 
-/// The `packets` of counter `name` in `nft -j list counter` output.
+/// The `packets` of counter `name` in `nft -j list counters` output.
 fn counter_packets(json: &[u8], name: &str) -> Option<u64> {
     let v: Value = serde_json::from_slice(json).ok()?;
     v["nftables"]
@@ -414,7 +419,7 @@ mod tests {
             let listed = ns
                 .run(|| {
                     apply(&ruleset(&plan))?;
-                    assert_eq!(read_counter(GATEWAY_REFUSED)?, 0);
+                    assert_eq!(read_counters([GATEWAY_REFUSED, SPOOFED])?, [0, 0]);
                     let out = Command::new("nft")
                         .args(["list", "ruleset"])
                         .output()

@@ -27,7 +27,9 @@ pub const TCP_PORT: u16 = 15001;
 pub const UDP_PORT: u16 = 15002;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Keepalive on both sides of a relayed connection.
+/// Keepalive on the guest's side of relayed connections (set on the
+/// listener): a guest process gone while its half of a connection waits
+/// frees the slot within minutes.
 const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_time(Duration::from_secs(60))
     .with_interval(Duration::from_secs(10))
@@ -41,9 +43,6 @@ pub const MAX_TCP_FLOWS: usize = 4096;
 /// has been idle for `UDP_IDLE`).
 pub const MAX_UDP_FLOWS: usize = 4096;
 const UDP_IDLE: Duration = Duration::from_secs(60);
-/// How long to wait for a client to speak first before assuming a
-/// server-first protocol.
-const CLIENT_FIRST_WAIT: Duration = Duration::from_millis(800);
 
 /// Live UDP flows: (guest source, original destination) → upstream socket.
 type Flows = Arc<Mutex<HashMap<(SocketAddr, SocketAddrV4), Arc<UdpSocket>>>>;
@@ -136,11 +135,14 @@ impl Stats {
         self.journal.record(e);
     }
 
-    fn journal_denied(&self, proto: &str, dst: String, name: Option<String>, why: Denial) {
+    /// Count and journal a refusal; says whether it may also be logged.
+    fn refused(&self, proto: &str, dst: String, name: Option<String>, why: Denial) -> bool {
+        self.count(why);
         let mut e = Entry::new(proto, dst, Decision::Denied);
         e.name = name;
         e.reason = Some(why.as_str().to_string());
         self.journal.record(e);
+        self.may_log()
     }
 
     fn count(&self, why: Denial) {
@@ -183,17 +185,11 @@ impl Stats {
     }
 
     pub fn deny(&self, proto: Proto, src: SocketAddr, dst: SocketAddrV4, why: Denial) {
-        self.count(why);
-        self.journal_denied(
-            proto_name(proto),
-            dst.to_string(),
-            self.name_of(*dst.ip()),
-            why,
-        );
-        if self.may_log() {
+        let name = self.name_of(*dst.ip());
+        if self.refused(proto_name(proto), dst.to_string(), name, why) {
             tracing::info!(
                 "denied {} {src} -> {dst}: {}",
-                if proto == Proto::Tcp { "tcp" } else { "udp" },
+                proto_name(proto),
                 why.as_str()
             );
         }
@@ -201,9 +197,8 @@ impl Stats {
 
     /// A refusal after inspection, with what was seen.
     pub fn deny_inspected(&self, src: SocketAddr, dst: SocketAddrV4, why: Denial, detail: &str) {
-        self.count(why);
-        self.journal_denied("tcp", dst.to_string(), self.name_of(*dst.ip()), why);
-        if self.may_log() {
+        let name = self.name_of(*dst.ip());
+        if self.refused("tcp", dst.to_string(), name, why) {
             tracing::info!("denied tcp {src} -> {dst}: {} ({detail})", why.as_str());
         }
     }
@@ -211,14 +206,8 @@ impl Stats {
     /// A DNS question the gateway did not forward: `why` counts it,
     /// `detail` says why in the log.
     pub fn deny_dns(&self, name: &str, qtype: &str, why: Denial, detail: &str) {
-        self.count(why);
-        self.journal_denied(
-            "dns",
-            qtype.to_string(),
-            Some(super::domains::normalize(name)),
-            why,
-        );
-        if self.may_log() {
+        let normal = Some(super::domains::normalize(name));
+        if self.refused("dns", qtype.to_string(), normal, why) {
             tracing::info!("refused DNS query for {name:?}: {detail}");
         }
     }
@@ -343,33 +332,20 @@ impl Proxy {
                 return reset(guest);
             }
         };
-        // With allow_domains, a client that speaks first must name an
-        // allowed host before anything is sent on its behalf; a silent
-        // one (server-first protocols) is inspected once it speaks.
+        // With allow_domains, the client's first bytes are checked before
+        // anything is sent on its behalf.
         let inspect = policy.domains.as_ref().filter(|_| !allowed.hole);
-        let mut first = Vec::new();
-        if let Some(list) = inspect {
-            let spoke = tokio::time::timeout(
-                CLIENT_FIRST_WAIT,
-                super::inspect::read_some(&guest, &mut first),
-            )
-            .await;
-            let checked = match spoke {
-                Ok(Ok(n)) if n > 0 => {
-                    super::inspect::check_first(list, *dst.ip(), &guest, &mut first).await
+        let first = match inspect {
+            Some(list) => match super::inspect::before_connect(list, *dst.ip(), &guest).await {
+                Ok(Some(first)) => first,
+                Ok(None) => return reset(guest),
+                Err((why, detail)) => {
+                    self.stats.deny_inspected(src, dst, why, detail);
+                    return reset(guest);
                 }
-                Ok(_) => return reset(guest),
-                Err(_) if list.is_shared(*dst.ip()) => Err((
-                    Denial::NotAllowedDomain,
-                    "a silent client on a shared address",
-                )),
-                Err(_) => Ok(()),
-            };
-            if let Err((why, detail)) = checked {
-                self.stats.deny_inspected(src, dst, why, detail);
-                return reset(guest);
-            }
-        }
+            },
+            None => (Vec::new(), None),
+        };
         let exit = match self.exit(allowed) {
             Some(e) => e,
             None => return reset(guest),
@@ -395,9 +371,7 @@ impl Proxy {
             return reset(guest);
         }
         self.stats.tcp.fetch_add(1, Ordering::Relaxed);
-        // The guest's side has TCP_NODELAY and keepalive from the
-        // listener: a guest process gone while its half of the connection
-        // waits frees the slot within minutes.
+        // The guest's side has TCP_NODELAY and keepalive from the listener.
         let _ = upstream.set_nodelay(true);
         let (up, down) = if let Some(list) = inspect {
             let (refused, up, down) =
@@ -516,32 +490,15 @@ impl Proxy {
         // holds two sockets and no memory of ours.
         let (mut sent, mut received) = (first.len() as u64, 0u64);
         loop {
-            tokio::select! {
-                r = up.readable() => {
-                    if r.is_err() { break; }
-                    match recv_now(|b| up.try_recv(b)) {
-                        Ok(Some(d)) => {
-                            received += d.len() as u64;
-                            let _ = reply.try_send(&d);
-                        }
-                        Ok(None) => {}
-                        Err(_) => break,
-                    }
-                },
+            let moved = tokio::select! {
+                r = up.readable() => r.and_then(|()| forward(&up, &reply, &mut received)),
                 // Later datagrams of this flow may land on the connected
                 // reply socket instead of the TPROXY socket.
-                r = reply.readable() => {
-                    if r.is_err() { break; }
-                    match recv_now(|b| reply.try_recv(b)) {
-                        Ok(Some(d)) => {
-                            sent += d.len() as u64;
-                            let _ = up.try_send(&d);
-                        }
-                        Ok(None) => {}
-                        Err(_) => break,
-                    }
-                },
+                r = reply.readable() => r.and_then(|()| forward(&reply, &up, &mut sent)),
                 _ = tokio::time::sleep(UDP_IDLE) => break,
+            };
+            if moved.is_err() {
+                break;
             }
         }
         if let Ok(mut f) = flows.lock() {
@@ -595,17 +552,18 @@ fn proto_name(p: Proto) -> &'static str {
     }
 }
 
-/// One datagram, if one is waiting (`None`: a spurious wake-up).
-fn recv_now(
-    recv: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
-) -> std::io::Result<Option<Vec<u8>>> {
+/// Move one waiting datagram from `from` to `to` (none after a spurious
+/// wake-up), counting its bytes; a full `to` drops it, as a busy link
+/// would. The buffer exists only while a datagram is moved.
+fn forward(from: &UdpSocket, to: &UdpSocket, count: &mut u64) -> std::io::Result<()> {
     let mut buf = vec![0u8; 65536];
-    match recv(&mut buf) {
+    match from.try_recv(&mut buf) {
         Ok(n) => {
-            buf.truncate(n);
-            Ok(Some(buf))
+            *count += n as u64;
+            let _ = to.try_send(&buf[..n]);
+            Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
         Err(e) => Err(e),
     }
 }

@@ -84,16 +84,15 @@ impl Resolver {
     /// [`dns::guest_response`], without the addresses the policy refuses
     /// (DNS-rebinding protection) and with the guest's own id.
     pub async fn handle(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
-        let refused = match dns::resolve(&self.stub, query) {
+        let (refused, guest) = match dns::resolve(&self.stub, query) {
             Outcome::Answer(bytes) => return Some(bytes),
             Outcome::Drop => return None,
-            Outcome::NotLocal { refused } => refused,
+            Outcome::NotLocal { refused, query } => (refused, query),
         };
         if self.upstreams.is_empty() {
             return Some(refused);
         }
-        // `resolve` checked: a query with exactly one question.
-        let guest = Message::from_vec(query).ok()?;
+        // `resolve` parsed it: a query with exactly one question.
         let question = guest.queries.first()?.clone();
         let name = question.name().to_ascii();
         let qtype = question.query_type().to_string();

@@ -228,19 +228,16 @@ fn give_to_invoker(path: &Path) -> Result<(), SupervisorError> {
     )))
 }
 
-/// Root's file `path`, readable by `group` (0640).
-fn share_read(path: &Path, group: nix::unistd::Gid) -> Result<(), SupervisorError> {
-    nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), Some(group))
-        .map_err(|e| io(format!("chown {}", path.display()))(e.into()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640))
-        .map_err(io(format!("chmod {}", path.display())))
-}
-
-/// Give `path` (root's, in the VM's state folder) to `id`, 0600.
-fn chown(path: &Path, id: &process::Identity) -> Result<(), SupervisorError> {
-    nix::unistd::chown(path, Some(id.uid), Some(id.gid))
-        .map_err(|e| io(format!("chown {}", path.display()))(e.into()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+/// Give `path` (root's, in the VM's state folder or the image cache) to
+/// `uid`:`gid` with `mode`.
+fn set_owner(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), SupervisorError> {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(|e| io(format!("chown {}", path.display()))(e.into()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io(format!("chmod {}", path.display())))
 }
 
@@ -294,9 +291,9 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     // Base images are readable by VM identities only; the snapshot a
     // reset disk overlays, by this VM only.
     let images = process::system_group(process::IMAGE_GROUP)?;
-    share_read(&rec.base_image, images)?;
+    set_owner(&rec.base_image, 0, images.as_raw(), 0o640)?;
     if vm.snapshot().exists() {
-        share_read(&vm.snapshot(), identity.gid)?;
+        set_owner(&vm.snapshot(), 0, identity.gid.as_raw(), 0o640)?;
     }
     // QEMU opens its disks itself, as the unprivileged user: 0600, its own.
     let mut owned = vec![vm.disk(), vm.seed()];
@@ -307,7 +304,7 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         owned.push(vars.clone());
     }
     for f in &owned {
-        chown(f, &identity)?;
+        set_owner(f, identity.uid.as_raw(), identity.gid.as_raw(), 0o600)?;
     }
 
     let accel = qemu::accel::resolve(cfg.accel)?;
@@ -880,21 +877,26 @@ async fn serve_control(
 async fn network_view(shared: &Shared) -> proxy::StatsView {
     use crate::net::{nft, policy::Denial};
     let mut view = shared.stats.view();
-    for (counter, why) in [
-        (nft::GATEWAY_REFUSED, Denial::GatewayPort),
-        (nft::SPOOFED, Denial::SpoofedSource),
-    ] {
-        let ns = Arc::clone(&shared.ns);
-        let read = tokio::task::spawn_blocking(move || ns.run(|| nft::read_counter(counter)))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        match read {
-            Ok(0) => {}
-            Ok(n) => *view.denied.entry(why.as_str().to_string()).or_default() += n,
-            Err(e) => tracing::warn!("reading the {counter} counter: {e}"),
+    let ns = Arc::clone(&shared.ns);
+    let read = tokio::task::spawn_blocking(move || {
+        ns.run(|| nft::read_counters([nft::GATEWAY_REFUSED, nft::SPOOFED]))
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r.map_err(|e| e.to_string()))
+    .and_then(|r| r.map_err(|e| e.to_string()));
+    match read {
+        Ok(counts) => {
+            for (n, why) in counts
+                .into_iter()
+                .zip([Denial::GatewayPort, Denial::SpoofedSource])
+            {
+                if n > 0 {
+                    *view.denied.entry(why.as_str().to_string()).or_default() += n;
+                }
+            }
         }
+        Err(e) => tracing::warn!("reading nftables' counters: {e}"),
     }
     view
 }
