@@ -228,6 +228,13 @@ pub enum Cmd {
         #[arg(long)]
         project: PathBuf,
     },
+    /// (internal) The dataplane of one VM (its plan on stdin).
+    #[command(name = "__dataplane", hide = true)]
+    Dataplane {
+        /// The VM's state folder: names the VM in `ps`; never opened.
+        #[arg(long)]
+        vm: PathBuf,
+    },
     /// (internal) The WireGuard packet loop of one VM.
     #[command(name = "__wg", hide = true)]
     WgLoop {

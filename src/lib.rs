@@ -10,6 +10,7 @@ pub mod error;
 pub mod exit;
 pub mod firmware;
 pub mod image;
+pub mod jail;
 pub mod net;
 pub mod provision;
 pub mod qemu;

@@ -78,6 +78,10 @@ fn main() -> ExitCode {
                 },
             ));
         }
+        Cmd::Dataplane { vm: _ } => {
+            init_logging(cli.verbose, "info");
+            return ExitCode::from(migrant::net::dataplane::child::main());
+        }
         Cmd::Netlab { netns, project } => {
             init_logging(cli.verbose, "warn");
             return match migrant::net::dataplane::netlab(&netns, &project) {

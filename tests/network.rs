@@ -116,6 +116,8 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
     let _ = tunnel.kill();
     let _ = tunnel.wait();
 
+    dataplane_is_confined_and_fails_closed(&env);
+
     // Halt: nothing of the VM's network remains.
     env.ok(&["halt"]);
     env.assert_clean();
@@ -208,4 +210,97 @@ fn egress_none_and_allow_domains() {
     assert!(status.contains("not-allowed-domain"), "{status}");
     allow.ok(&["destroy"]);
     allow.assert_clean();
+}
+
+/// The fields of `/proc/PID/status` a confinement check reads.
+fn proc_status(pid: u32) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"))
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// The process that parses the guest's packets runs as the VM's own uid
+/// with no capabilities, no new privileges, a seccomp filter and an empty
+/// root; killed, nothing leaves the VM until the supervisor restarts it.
+fn dataplane_is_confined_and_fails_closed(env: &Env) {
+    let plane = env
+        .pid_of("__dataplane")
+        .unwrap_or_else(|| panic!("no dataplane process: {:?}", env.processes()));
+    let st = proc_status(plane);
+    let id = env.vm_id().to_string();
+    for key in ["Uid", "Gid"] {
+        let ids: Vec<&str> = st[key].split_whitespace().collect();
+        assert_eq!(ids, vec![id.as_str(); 4], "{key}: {st:?}");
+    }
+    assert_eq!(st["Groups"], "", "supplementary groups: {st:?}");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        if caps == "CapBnd" {
+            continue;
+        }
+        assert_eq!(st[caps], "0000000000000000", "{caps}: {st:?}");
+    }
+    assert_eq!(st["NoNewPrivs"], "1", "{st:?}");
+    assert_eq!(st["Seccomp"], "2", "{st:?}");
+    // Its root is an empty, deleted directory; its descriptors are
+    // sockets and pipes only (no file, no folder).
+    let root = std::fs::read_link(format!("/proc/{plane}/root"))
+        .unwrap_or_else(|e| panic!("root of the dataplane: {e}"));
+    assert!(
+        root.to_string_lossy().ends_with("(deleted)"),
+        "the dataplane's root is {}",
+        root.display()
+    );
+    for fd in std::fs::read_dir(format!("/proc/{plane}/fd"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+    {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        let t = target.to_string_lossy();
+        let fdnum: u32 = fd.file_name().to_string_lossy().parse().unwrap_or(0);
+        assert!(
+            fdnum <= 2
+                || t.starts_with("socket:")
+                || t.starts_with("pipe:")
+                || t.starts_with("anon_inode:"),
+            "the dataplane holds {t} as descriptor {fdnum}"
+        );
+    }
+
+    // kill -9 while the guest keeps connecting: its attempts fail while
+    // no dataplane runs, then succeed again; the new one is confined too.
+    env.ok(&[
+        "ssh",
+        "--",
+        "nohup python3 -c 'import time,urllib.request\nfor _ in range(120):\n  try:\n    urllib.request.urlopen(\"http://45.20.0.10/\",timeout=0.5).read(); print(\"ok\",flush=True)\n  except Exception: print(\"fail\",flush=True)\n  time.sleep(0.1)' >/tmp/egress.log 2>&1 </dev/null &",
+    ]);
+    std::thread::sleep(Duration::from_secs(3));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(plane as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let restarted = wait_for(Duration::from_secs(20), || {
+        env.pid_of("__dataplane").is_some_and(|p| p != plane)
+    });
+    assert!(restarted, "the dataplane was not started again");
+    let again = env.pid_of("__dataplane").unwrap_or(plane);
+    assert_eq!(proc_status(again)["Seccomp"], "2");
+    // Let the guest's loop go on with the new dataplane, then read it.
+    std::thread::sleep(Duration::from_secs(5));
+    let log = env.ok(&["ssh", "--", "cat /tmp/egress.log"]);
+    let seq: Vec<&str> = log.lines().collect();
+    let first_fail = seq.iter().position(|l| *l == "fail");
+    let first_ok = seq.iter().position(|l| *l == "ok");
+    let last_ok = seq.iter().rposition(|l| *l == "ok");
+    assert!(
+        matches!((first_ok, first_fail, last_ok), (Some(a), Some(f), Some(z)) if a < f && f < z),
+        "egress should work, stop while the dataplane is dead, then work again: {seq:?}"
+    );
+    let log = std::fs::read_to_string(env.state_dir().join("supervisor.log")).unwrap_or_default();
+    assert!(log.contains("the dataplane exited"), "{log}");
+    let status = env.ok(&["status"]);
+    assert!(!status.contains("dataplane:"), "{status}");
 }

@@ -88,6 +88,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Supervisor { .. }
         | Cmd::Proxy { .. }
         | Cmd::Netlab { .. }
+        | Cmd::Dataplane { .. }
         | Cmd::Virtiofsd { .. }
         | Cmd::WgLoop { .. } => Err(Error::other(
             crate::exit::SOFTWARE,

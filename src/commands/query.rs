@@ -116,6 +116,9 @@ fn print_view(v: &StatusView) {
         println!("dns:         {d}");
     }
     if let Some(n) = &v.network {
+        if let Some(why) = &n.dataplane {
+            println!("dataplane:   {why}");
+        }
         println!(
             "egress:      {} TCP connections, {} UDP flows",
             n.tcp_connections, n.udp_flows

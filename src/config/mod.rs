@@ -155,7 +155,7 @@ pub struct Share {
 }
 
 /// Where guest traffic may go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Egress {
     /// Internet access; private and link-local addresses refused except
     /// those opened by rules.
@@ -201,7 +201,7 @@ pub struct Network {
 }
 
 /// Transport protocol of a rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Proto {
     /// TCP.
     Tcp,
@@ -211,7 +211,7 @@ pub enum Proto {
 
 /// A hole in the network isolation (the original's `HOST_ACCESS`
 /// directives, same syntax; [`std::fmt::Display`] writes it back).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum NetRule {
     /// `allow-host-port tcp/8080`
     AllowHostPort {

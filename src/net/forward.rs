@@ -8,28 +8,22 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpStream, UnixListener};
 
-use super::netns::NetNs;
+use super::netns::NsSockets;
 
 /// Open a TCP connection to `target` from inside the VM's namespace.
 pub async fn connect_in(
-    ns: &Arc<NetNs>,
+    ns: &NsSockets,
     target: SocketAddr,
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
-    let ns = Arc::clone(ns);
-    let std_stream = tokio::task::spawn_blocking(move || {
-        ns.run(|| std::net::TcpStream::connect_timeout(&target, timeout))
-            .map_err(std::io::Error::other)?
-    })
-    .await
-    .map_err(std::io::Error::other)??;
-    std_stream.set_nonblocking(true)?;
-    TcpStream::from_std(std_stream)
+    tokio::time::timeout(timeout, ns.connect(target))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
 /// Whether an SSH server answers at `target`: connect and read its
 /// identification string.
-pub async fn ssh_banner(ns: &Arc<NetNs>, target: SocketAddr) -> bool {
+pub async fn ssh_banner(ns: &NsSockets, target: SocketAddr) -> bool {
     let Ok(mut s) = connect_in(ns, target, Duration::from_secs(2)).await else {
         return false;
     };
@@ -42,7 +36,7 @@ pub async fn ssh_banner(ns: &Arc<NetNs>, target: SocketAddr) -> bool {
 
 /// Serve `listener` forever: each connection is relayed to `target`
 /// inside the namespace, both directions, half-close respected.
-pub async fn serve_unix(listener: UnixListener, ns: Arc<NetNs>, target: SocketAddr) {
+pub async fn serve_unix(listener: UnixListener, ns: Arc<NsSockets>, target: SocketAddr) {
     loop {
         let (mut client, _) = match listener.accept().await {
             Ok(c) => c,

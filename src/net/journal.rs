@@ -109,9 +109,17 @@ impl Journal {
 
     /// Start the writer task for `path` on the current runtime.
     pub fn open(path: PathBuf) -> Journal {
+        let mut out = file(path);
+        Journal::with_sink(Box::new(move |lines: &[u8]| out.write_lines(lines)))
+    }
+
+    /// Start the writer task on the current runtime, handing batches of
+    /// whole lines to `sink` (the dataplane child: to the supervisor,
+    /// which appends them to [`file`]).
+    pub fn with_sink(sink: Sink) -> Journal {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
-        tokio::spawn(writer(path, rx, Arc::clone(&dropped)));
+        tokio::spawn(writer(sink, rx, Arc::clone(&dropped)));
         Journal {
             tx: Some(tx),
             dropped,
@@ -130,12 +138,17 @@ impl Journal {
 
 type Key = (String, String, Option<String>, Option<String>);
 
-async fn writer(
-    path: PathBuf,
-    mut rx: tokio::sync::mpsc::Receiver<Entry>,
-    dropped: Arc<AtomicU64>,
-) {
-    let mut file = File::new(path);
+/// Where the journal's lines go.
+pub type Sink = Box<dyn FnMut(&[u8]) -> std::io::Result<()> + Send>;
+
+/// The journal file of a VM, for the supervisor to append the lines its
+/// dataplane sends: rotated at [`MAX_BYTES`].
+pub fn file(path: PathBuf) -> crate::rotate::Rotating {
+    crate::rotate::Rotating::new(path, MAX_BYTES, 0o644)
+}
+
+async fn writer(sink: Sink, mut rx: tokio::sync::mpsc::Receiver<Entry>, dropped: Arc<AtomicU64>) {
+    let mut file = File::new(sink);
     let mut pending: HashMap<Key, Entry> = HashMap::new();
     let mut tick = tokio::time::interval(FLUSH);
     loop {
@@ -175,18 +188,17 @@ async fn writer(
     file.flush();
 }
 
-/// The journal file: rotated at [`MAX_BYTES`]. Lines are gathered and
-/// written once per flush (every [`FLUSH`], or at 64 KiB), not one
-/// system call per flow.
+/// Lines waiting for the sink, gathered and handed over once per flush
+/// (every [`FLUSH`], or at 64 KiB), not one system call per flow.
 struct File {
-    out: crate::rotate::Rotating,
+    out: Sink,
     pending: Vec<u8>,
 }
 
 impl File {
-    fn new(path: PathBuf) -> File {
+    fn new(out: Sink) -> File {
         File {
-            out: crate::rotate::Rotating::new(path, MAX_BYTES, 0o644),
+            out,
             pending: Vec::new(),
         }
     }
@@ -210,7 +222,7 @@ impl File {
         // One write per whole line when a rotation is due, so each file
         // holds whole lines; else all at once.
         let text = std::mem::take(&mut self.pending);
-        if let Err(err) = self.out.write_lines(&text) {
+        if let Err(err) = (self.out)(&text) {
             tracing::warn!("egress journal: {err}");
         }
     }

@@ -9,7 +9,8 @@
 //! This is the one place that needs CAP_SYS_ADMIN for networking.
 
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::net::SocketAddrV4;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::sched::{CloneFlags, setns, unshare};
 
@@ -67,54 +68,273 @@ impl NetNs {
     }
 }
 
-type SocketRequest = (
-    socket2::Type,
+/// A socket the dataplane needs inside the VM's namespace, which it cannot
+/// enter itself (unprivileged): it asks the supervisor over a link (see
+/// [`serve`]), or, running as root in-process, a thread that entered it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// An unbound TCP socket (tunnel exits, forwards to the guest).
+    Stream,
+    /// A UDP socket bound to an ephemeral port (tunnel exits).
+    Datagram,
+    /// A transparent UDP socket bound to `bind` (the destination a guest's
+    /// datagram named) and connected to `peer` (the guest): replies speak
+    /// as the place the guest wrote to.
+    Reply {
+        bind: SocketAddrV4,
+        peer: SocketAddrV4,
+    },
+}
+
+impl Request {
+    const LEN: usize = 13;
+
+    fn encode(&self) -> [u8; Request::LEN] {
+        let mut b = [0u8; Request::LEN];
+        match self {
+            Request::Stream => b[0] = 1,
+            Request::Datagram => b[0] = 2,
+            Request::Reply { bind, peer } => {
+                b[0] = 3;
+                b[1..5].copy_from_slice(&bind.ip().octets());
+                b[5..7].copy_from_slice(&bind.port().to_be_bytes());
+                b[7..11].copy_from_slice(&peer.ip().octets());
+                b[11..13].copy_from_slice(&peer.port().to_be_bytes());
+            }
+        }
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Request> {
+        let b: &[u8; Request::LEN] = b.try_into().ok()?;
+        let addr = |ip: &[u8], port: &[u8]| {
+            let ip: [u8; 4] = ip.try_into().ok()?;
+            let port: [u8; 2] = port.try_into().ok()?;
+            Some(SocketAddrV4::new(ip.into(), u16::from_be_bytes(port)))
+        };
+        match b[0] {
+            1 => Some(Request::Stream),
+            2 => Some(Request::Datagram),
+            3 => Some(Request::Reply {
+                bind: addr(&b[1..5], &b[5..7])?,
+                peer: addr(&b[7..11], &b[11..13])?,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Make the socket in the calling thread's namespace (a reply socket
+    /// needs CAP_NET_ADMIN for the transparent bind).
+    fn make(&self) -> std::io::Result<socket2::Socket> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = match self {
+            Request::Stream => Socket::new(Domain::IPV4, Type::STREAM.cloexec(), None)?,
+            Request::Datagram => {
+                let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None)?;
+                s.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
+                s
+            }
+            Request::Reply { bind, peer } => {
+                let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+                s.set_reuse_address(true)?;
+                s.set_ip_transparent_v4(true)?;
+                s.bind(&std::net::SocketAddr::V4(*bind).into())?;
+                s.connect(&std::net::SocketAddr::V4(*peer).into())?;
+                s
+            }
+        };
+        s.set_nonblocking(true)?;
+        Ok(s)
+    }
+}
+
+/// The supervisor's side of the socket link: a thread inside `ns` that
+/// answers each [`Request`] read from `link` (a SOCK_SEQPACKET socket
+/// whose other end the unprivileged dataplane holds) with the socket, or
+/// an error number. The dataplane may be compromised: a request must be
+/// exactly one well-formed message, and a reply socket may speak only to
+/// `guest` (a spoofed source towards anything else is refused). Ends when
+/// the dataplane closes its end.
+pub fn serve(
+    ns: &NetNs,
+    link: OwnedFd,
+    guest: std::net::Ipv4Addr,
+) -> Result<std::thread::JoinHandle<()>, NetnsError> {
+    let fd = ns.fd.try_clone().map_err(NetnsError::Enter)?;
+    std::thread::Builder::new()
+        .name("ns-factory".into())
+        .spawn(move || {
+            if let Err(e) = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET) {
+                tracing::error!("socket factory: cannot enter the VM's namespace: {e}");
+                return;
+            }
+            drop(fd);
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match nix::sys::socket::recv(
+                    link.as_raw_fd(),
+                    &mut buf,
+                    nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+                ) {
+                    Ok(0) | Err(nix::errno::Errno::ECONNRESET) => return,
+                    Ok(n) => n,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => {
+                        tracing::warn!("socket factory: {e}");
+                        return;
+                    }
+                };
+                let made = match Request::decode(&buf[..n]) {
+                    Some(Request::Reply { peer, .. }) if *peer.ip() != guest => {
+                        Err(std::io::Error::from_raw_os_error(libc::EPERM))
+                    }
+                    Some(req) => req.make(),
+                    None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+                };
+                if let Err(e) = answer(link.as_fd(), made) {
+                    tracing::warn!("socket factory: {e}");
+                    return;
+                }
+            }
+        })
+        .map_err(NetnsError::Enter)
+}
+
+fn answer(link: BorrowedFd<'_>, made: std::io::Result<socket2::Socket>) -> std::io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let (code, sock) = match made {
+        Ok(s) => (0i32, Some(s)),
+        Err(e) => (e.raw_os_error().unwrap_or(libc::EIO), None),
+    };
+    let bytes = code.to_le_bytes();
+    let iov = [std::io::IoSlice::new(&bytes)];
+    let fds: Vec<i32> = sock.iter().map(|s| s.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(link.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    Ok(())
+}
+
+/// The dataplane's side of the link: send `req`, wait for the socket.
+fn ask(link: BorrowedFd<'_>, req: Request) -> std::io::Result<socket2::Socket> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, send};
+    send(link.as_raw_fd(), &req.encode(), MsgFlags::MSG_NOSIGNAL)?;
+    let mut code = [0u8; 4];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut code)];
+    let msg = recvmsg::<()>(
+        link.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut got = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: the kernel just installed `fd` in this process
+                // for this message; nothing else owns it.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                if got.is_none() {
+                    got = Some(owned);
+                }
+            }
+        }
+    }
+    if msg.bytes == 0 {
+        return Err(std::io::Error::other(
+            "the supervisor closed the socket link",
+        ));
+    }
+    match (i32::from_le_bytes(code), got) {
+        (0, Some(fd)) => Ok(socket2::Socket::from(fd)),
+        (0, None) => Err(std::io::Error::other(
+            "the socket link answered without a socket",
+        )),
+        (errno, _) => Err(std::io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// A SOCK_SEQPACKET socket pair for [`serve`] and [`NsSockets::remote`].
+pub fn link_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
+type Pending = (
+    Request,
     tokio::sync::oneshot::Sender<std::io::Result<socket2::Socket>>,
 );
 
-/// Makes sockets inside a namespace for code running outside it: a thread
-/// that entered the namespace once creates each socket (a socket belongs
-/// to the namespace it was created in, whichever thread uses it later).
-/// In WireGuard mode the proxy and the resolver reach the tunnel this way.
+/// Makes sockets inside the VM's namespace for code running outside it,
+/// on one thread: either a thread that entered the namespace once (a
+/// socket belongs to the namespace it was created in, whichever thread
+/// uses it later), or, in the unprivileged dataplane, a thread that asks
+/// the supervisor over the socket link.
 #[derive(Debug)]
 pub struct NsSockets {
-    tx: std::sync::Mutex<std::sync::mpsc::Sender<SocketRequest>>,
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<Pending>>,
 }
 
 impl NsSockets {
-    /// Start the thread; it ends when this is dropped.
+    /// Enter `ns` on a thread; it ends when this is dropped.
     pub fn spawn(ns: &NetNs) -> Result<NsSockets, NetnsError> {
         let fd = ns.fd.try_clone().map_err(NetnsError::Enter)?;
-        let (tx, rx) = std::sync::mpsc::channel::<SocketRequest>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("ns-sockets".into())
-            .spawn(move || {
-                let entered = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET);
-                let ok = entered.is_ok();
-                let _ = ready_tx.send(entered.map_err(|e| NetnsError::Enter(e.into())));
-                if !ok {
-                    return;
-                }
-                drop(fd);
-                while let Ok((ty, reply)) = rx.recv() {
-                    let _ = reply.send(socket2::Socket::new(socket2::Domain::IPV4, ty, None));
-                }
-            })
-            .map_err(NetnsError::Enter)?;
+        let tx = NsSockets::thread(move || {
+            let entered = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET);
+            let ok = entered.is_ok();
+            let _ = ready_tx.send(entered.map_err(|e| NetnsError::Enter(e.into())));
+            drop(fd);
+            ok.then_some(|req: Request| req.make())
+        })?;
         ready_rx.recv().map_err(|_| NetnsError::Panicked)??;
         Ok(NsSockets {
             tx: std::sync::Mutex::new(tx),
         })
     }
 
-    async fn socket(&self, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    /// Ask the supervisor over `link` (one end of [`link_pair`]).
+    pub fn remote(link: OwnedFd) -> Result<NsSockets, NetnsError> {
+        let tx = NsSockets::thread(move || Some(move |req: Request| ask(link.as_fd(), req)))?;
+        Ok(NsSockets {
+            tx: std::sync::Mutex::new(tx),
+        })
+    }
+
+    /// A thread that runs `start`, then serves each request with the
+    /// function it returned (none: it ends at once).
+    fn thread<F>(
+        start: impl FnOnce() -> Option<F> + Send + 'static,
+    ) -> Result<std::sync::mpsc::Sender<Pending>, NetnsError>
+    where
+        F: FnMut(Request) -> std::io::Result<socket2::Socket>,
+    {
+        let (tx, rx) = std::sync::mpsc::channel::<Pending>();
+        std::thread::Builder::new()
+            .name("ns-sockets".into())
+            .spawn(move || {
+                let Some(mut make) = start() else { return };
+                while let Ok((req, reply)) = rx.recv() {
+                    let _ = reply.send(make(req));
+                }
+            })
+            .map_err(NetnsError::Enter)?;
+        Ok(tx)
+    }
+
+    async fn socket(&self, req: Request) -> std::io::Result<socket2::Socket> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let gone = || std::io::Error::other("the namespace socket thread is gone");
         self.tx
             .lock()
             .map_err(|_| gone())?
-            .send((ty, reply))
+            .send((req, reply))
             .map_err(|_| gone())?;
         let s = answer.await.map_err(|_| gone())??;
         s.set_nonblocking(true)?;
@@ -127,7 +347,7 @@ impl NsSockets {
         &self,
         to: std::net::SocketAddr,
     ) -> std::io::Result<tokio::net::TcpStream> {
-        let s = self.socket(socket2::Type::STREAM).await?;
+        let s = self.socket(Request::Stream).await?;
         let std: std::net::TcpStream = s.into();
         tokio::net::TcpSocket::from_std_stream(std)
             .connect(to)
@@ -136,8 +356,18 @@ impl NsSockets {
 
     /// A UDP socket bound to an ephemeral port inside the namespace.
     pub async fn udp(&self) -> std::io::Result<tokio::net::UdpSocket> {
-        let s = self.socket(socket2::Type::DGRAM).await?;
-        s.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
+        let s = self.socket(Request::Datagram).await?;
+        tokio::net::UdpSocket::from_std(s.into())
+    }
+
+    /// The socket that answers the guest at `peer` as `bind` (see
+    /// [`Request::Reply`]).
+    pub async fn reply(
+        &self,
+        bind: SocketAddrV4,
+        peer: SocketAddrV4,
+    ) -> std::io::Result<tokio::net::UdpSocket> {
+        let s = self.socket(Request::Reply { bind, peer }).await?;
         tokio::net::UdpSocket::from_std(s.into())
     }
 }

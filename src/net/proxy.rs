@@ -16,7 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::journal::{Decision, Entry, Journal};
-use super::netns::NetNs;
+use super::netns::NsSockets;
 use super::policy::{Allowed, Denial};
 use super::resolver::Resolver;
 use super::route::Gate;
@@ -69,6 +69,9 @@ pub struct StatsView {
     pub udp_flows: u64,
     /// Refused attempts by reason.
     pub denied: BTreeMap<String, u64>,
+    /// Set while the dataplane process is not running: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<String>,
 }
 
 /// Refusals logged per interval at most; the rest are counted and summed
@@ -225,6 +228,7 @@ impl Stats {
                         .collect()
                 })
                 .unwrap_or_default(),
+            dataplane: None,
         }
     }
 }
@@ -233,10 +237,11 @@ pub struct Proxy {
     /// The policy with the route rule.
     pub gate: Arc<Gate>,
     pub stats: Arc<Stats>,
-    pub ns: Arc<NetNs>,
+    /// Sockets inside the VM's namespace (the reply sockets of UDP flows).
+    pub inside: Arc<NsSockets>,
     pub resolver: Arc<Resolver>,
     /// WireGuard mode: where flows marked `via_tunnel` connect from.
-    pub tunnel: Option<Arc<super::netns::NsSockets>>,
+    pub tunnel: Option<Arc<NsSockets>>,
 }
 
 /// The TCP TPROXY listener; call on a thread inside the namespace.
@@ -450,13 +455,8 @@ impl Proxy {
             }
         };
         // The reply socket speaks as `dst` to the guest.
-        let ns = Arc::clone(&self.ns);
-        let reply = tokio::task::spawn_blocking(move || ns.run(|| reply_socket(dst, src)))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r.map_err(std::io::Error::other))
-            .and_then(|r| r);
-        let reply = match reply.and_then(|s| UdpSocket::from_std(s)) {
+        let Some(guest) = v4(src) else { return };
+        let reply = match self.inside.reply(dst, guest).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("udp reply socket for {dst}: {e}");
@@ -598,18 +598,6 @@ fn recv_orig(
     let dst =
         dst.ok_or_else(|| std::io::Error::other("datagram without its original destination"))?;
     Ok((len, src, dst))
-}
-
-/// A socket bound to `dst` (not a local address: IP_TRANSPARENT) and
-/// connected to the guest, for replies that appear to come from `dst`.
-fn reply_socket(dst: SocketAddrV4, guest: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
-    s.set_reuse_address(true)?;
-    s.set_ip_transparent_v4(true)?;
-    s.bind(&SocketAddr::V4(dst).into())?;
-    s.connect(&guest.into())?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
 }
 
 /// Keep the policy's view of the host current: its addresses, its default

@@ -254,7 +254,7 @@ pub fn spawn(
         .stdout(out)
         .stderr(err)
         .kill_on_drop(true);
-    crate::supervisor::hand_over(&mut cmd, vec![fd]);
+    crate::jail::hand_over(&mut cmd, vec![fd]);
     let child = cmd.spawn()?;
     drop(listener);
     Ok((

@@ -4,9 +4,10 @@
 
 pub mod control;
 pub mod progress;
+mod restart;
 mod serial;
+use restart::Restart;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{self, Config};
 use crate::net::netns::NetNs;
-use crate::net::{dataplane, dhcp, forward, proxy, tap};
+use crate::net::{dataplane, proxy, tap};
 use crate::qemu::{self, Accelerator, process, qmp::Qmp};
 use crate::state::{self, Paths, Record, VmPaths, VmState};
 use control::{Info, Request, Response};
@@ -165,7 +166,6 @@ struct Prepared {
     rec: Record,
     ns: Arc<NetNs>,
     tap: std::fs::File,
-    dhcp_sock: std::net::UdpSocket,
     sockets: dataplane::Sockets,
     qmp_ours: std::os::unix::net::UnixStream,
     qmp_theirs: std::os::unix::net::UnixStream,
@@ -179,32 +179,6 @@ struct Prepared {
     /// WireGuard mode: the plan, the TUN (in the namespace) and the UDP
     /// socket (in the host's).
     wg: Option<(crate::wireguard::Plan, std::fs::File, std::net::UdpSocket)>,
-}
-
-/// Prepare a self-exec helper (virtiofsd, the WireGuard loop): it inherits
-/// `fds` across exec, gets SIGKILL when the calling thread exits, and
-/// refuses to start if the supervisor is already gone.
-pub fn hand_over(cmd: &mut tokio::process::Command, fds: Vec<i32>) {
-    let parent = nix::unistd::getpid();
-    // SAFETY: runs in the forked child before exec and only makes
-    // async-signal-safe calls (fcntl, prctl, getppid) over a vector that was
-    // allocated before the fork; nothing allocates.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent.as_raw() {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
 }
 
 fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, SupervisorError> {
@@ -262,15 +236,14 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
     let wg_plan = crate::wireguard::plan_for(&cfg)?;
     let ns = Arc::new(NetNs::create()?);
     let setup = dataplane::Setup::for_config(&cfg);
-    let (tap, dhcp_sock, sockets, tun) = ns.run(|| -> Result<_, SupervisorError> {
+    let (tap, sockets, tun) = ns.run(|| -> Result<_, SupervisorError> {
         let tap = tap::create_tap(tap::TAP_NAME)?;
         let tun = wg_plan
             .as_ref()
             .map(crate::wireguard::create_tun_in_ns)
             .transpose()?;
         let sockets = dataplane::setup_in_ns(tap::TAP_NAME, &setup)?;
-        let dhcp_sock = dhcp::bind_socket(tap::TAP_NAME).map_err(io("DHCP socket"))?;
-        Ok((tap, dhcp_sock, sockets, tun))
+        Ok((tap, sockets, tun))
     })??;
     let wg = match (wg_plan, tun) {
         (Some(plan), Some(tun)) => {
@@ -336,7 +309,6 @@ fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
         rec,
         ns,
         tap,
-        dhcp_sock,
         sockets,
         qmp_ours,
         qmp_theirs,
@@ -375,8 +347,7 @@ struct Shared {
     rec: Record,
     accel: Accelerator,
     qemu_pid: Option<u32>,
-    lease: watch::Receiver<bool>,
-    stats: Arc<proxy::Stats>,
+    hub: Arc<dataplane::parent::Hub>,
     ns: Arc<NetNs>,
 }
 
@@ -390,7 +361,6 @@ async fn supervise(
         mut rec,
         ns,
         tap,
-        dhcp_sock,
         sockets,
         qmp_ours,
         qmp_theirs,
@@ -405,7 +375,6 @@ async fn supervise(
 
     // WireGuard first: fail closed before the guest exists.
     let mut tunnel = None;
-    let mut tunnel_exit = None;
     let mut wg_plan = None;
     if let Some((plan, tun, udp)) = wg {
         let up = crate::wireguard::bring_up(
@@ -414,7 +383,6 @@ async fn supervise(
             &identity,
             &vm.state.join("wireguard.log"),
             cfg.network.wireguard_timeout,
-            &ns,
         )
         .await?;
         let peers = plan
@@ -430,13 +398,8 @@ async fn supervise(
             peers,
             dns: plan.dns.iter().map(|d| d.to_string()).collect(),
         });
-        tokio::spawn(publish_wg(
-            up.tunnel.reports.clone(),
-            vm.run.clone(),
-            plan.clone(),
-        ));
-        tunnel_exit = Some(up.exit);
-        tunnel = Some(up.tunnel);
+        tokio::spawn(publish_wg(up.reports.clone(), vm.run.clone(), plan.clone()));
+        tunnel = Some(up);
         wg_plan = Some(plan);
     }
 
@@ -525,66 +488,41 @@ async fn supervise(
         }
     });
 
-    // Dataplane.
+    // The dataplane: unprivileged, in its own process, restarted when it
+    // dies (the sockets stay here, so nothing leaves meanwhile).
     let guest_ip = cfg.guest_ip();
-    let gateway = cfg.gateway_ip();
-    let (lease_tx, lease_rx) = watch::channel(false);
-    let lease = dhcp::Lease {
-        mac: parse_mac(&rec.mac),
-        ip: guest_ip,
-        server: gateway,
-        netmask: prefix_mask(cfg.network.prefix),
-        router: gateway,
-        dns: vec![gateway],
-        lease_secs: 86400,
-        hostname: Some(cfg.name.clone()),
-        domain: None,
-        mtu: None,
-    };
-    let dhcp_sock = tokio::net::UdpSocket::from_std(dhcp_sock).map_err(io("DHCP socket"))?;
-    tokio::spawn(async move {
-        let r = dhcp::serve(dhcp_sock, lease, move |ev| {
-            if let dhcp::DhcpEvent::Acked { ip } = ev {
-                tracing::info!("DHCP: lease {ip} acknowledged");
-                let _ = lease_tx.send(true);
-            } else {
-                tracing::debug!("DHCP: {ev:?}");
-            }
-        })
-        .await;
-        if let Err(e) = r {
-            tracing::error!("DHCP server stopped: {e}");
-        }
-    });
-    let (stats, _gate) = dataplane::spawn(
-        &cfg,
-        Arc::clone(&ns),
-        sockets,
-        tunnel_exit,
-        Some(vm.state.join(crate::net::journal::FILE)),
-    )?;
-
-    let ssh_target = SocketAddr::V4(SocketAddrV4::new(guest_ip, 22));
     let ssh_listener = bind_private(&vm.ssh_sock())?;
     give_to_invoker(&vm.ssh_sock())?;
-    ssh_listener
-        .set_nonblocking(true)
-        .map_err(io("ssh socket"))?;
-    let ssh_listener =
-        tokio::net::UnixListener::from_std(ssh_listener).map_err(io("ssh socket"))?;
-    tokio::spawn(forward::serve_unix(
-        ssh_listener,
-        Arc::clone(&ns),
-        ssh_target,
-    ));
+    let kept = dataplane::parent::Kept {
+        sockets,
+        ssh: Some(ssh_listener),
+    };
+    let hub = dataplane::parent::Hub::new(Some(vm.state.join(crate::net::journal::FILE)));
+    let mut plane_plan = dataplane::Plan::for_config(
+        &cfg,
+        parse_mac(&rec.mac),
+        wg_plan
+            .as_ref()
+            .map(|p: &crate::wireguard::Plan| p.dns.as_slice()),
+        &identity,
+        &vm.run,
+    );
+    plane_plan.journal = true;
+    plane_plan.probe_ssh = true;
+    let mut plane = Some(
+        dataplane::parent::start(&exe, &vm.state, plane_plan.clone(), &kept, &ns, &hub).await?,
+    );
+    tracing::info!(pid = ?plane.as_ref().and_then(|p| p.child.id()), user = %identity.name, "dataplane started");
+    let mut plane_restart = Restart::new();
+    let mut lease_rx = hub.lease.subscribe();
+    let mut sshd_rx = hub.sshd.subscribe();
 
     let shared = Arc::new(Shared {
         qmp,
         rec: rec.clone(),
         accel: spec.accel,
         qemu_pid,
-        lease: lease_rx.clone(),
-        stats: Arc::clone(&stats),
+        hub: Arc::clone(&hub),
         ns: Arc::clone(&ns),
     });
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(8);
@@ -598,16 +536,12 @@ async fn supervise(
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io("signal handler"))?;
     let mut ready = false;
-    let mut lease_rx = lease_rx;
-    let mut banner_poll = tokio::time::interval(Duration::from_millis(500));
     let mut lease_reported = false;
     // Fail closed while running: the stores must stay what was verified.
     let mut share_check = tokio::time::interval(Duration::from_secs(2));
     // A tunnel process that died is started again (a new TUN, a new
     // handshake), after a delay that doubles while it keeps dying.
-    let mut tunnel_restart: Option<tokio::time::Instant> = None;
-    let mut tunnel_backoff = Duration::from_secs(1);
-    let mut tunnel_started = tokio::time::Instant::now();
+    let mut tunnel_restart = Restart::new();
 
     let stop_reason: String = loop {
         tokio::select! {
@@ -648,23 +582,13 @@ async fn supervise(
                 let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                 tunnel = None;
                 let _ = std::fs::remove_file(crate::wireguard::Published::path(&vm.run));
-                if tunnel_started.elapsed() > Duration::from_secs(60) {
-                    tunnel_backoff = Duration::from_secs(1);
-                }
+                let delay = tunnel_restart.failed();
                 tracing::error!(
                     "the WireGuard process exited ({status}); the guest has no egress; starting it again in {} s",
-                    tunnel_backoff.as_secs()
+                    delay.as_secs()
                 );
-                tunnel_restart = Some(tokio::time::Instant::now() + tunnel_backoff);
-                tunnel_backoff = (tunnel_backoff * 2).min(Duration::from_secs(60));
             }
-            _ = async {
-                match tunnel_restart {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                tunnel_restart = None;
+            _ = tunnel_restart.due() => {
                 if let Some(plan) = wg_plan.clone() {
                     let log = vm.state.join("wireguard.log");
                     match crate::wireguard::restart(&exe, &plan, &identity, &log, &ns).await {
@@ -672,13 +596,12 @@ async fn supervise(
                             tracing::info!("WireGuard process started again");
                             tokio::spawn(publish_wg(t.reports.clone(), vm.run.clone(), plan.clone()));
                             tunnel = Some(t);
-                            tunnel_started = tokio::time::Instant::now();
+                            tunnel_restart.started();
                             wg_plan = Some(plan);
                         }
                         Err(e) => {
-                            tracing::error!("cannot start the WireGuard process again: {e}");
-                            tunnel_restart = Some(tokio::time::Instant::now() + tunnel_backoff);
-                            tunnel_backoff = (tunnel_backoff * 2).min(Duration::from_secs(60));
+                            let delay = tunnel_restart.failed();
+                            tracing::error!("cannot start the WireGuard process again: {e}; trying in {} s", delay.as_secs());
                         }
                     }
                 }
@@ -707,13 +630,46 @@ async fn supervise(
                 lease_reported = true;
                 reporter.send(&Progress::Lease { ip: guest_ip.to_string() });
             }
-            _ = banner_poll.tick(), if !ready && *lease_rx.borrow() => {
-                if forward::ssh_banner(&ns, ssh_target).await {
+            Ok(()) = sshd_rx.changed(), if !ready => {
+                if *sshd_rx.borrow_and_update() {
                     ready = true;
                     Record::update(&vm.record(), |r| r.state = VmState::Running)?;
                     reporter.send(&Progress::Sshd);
                     reporter.close();
                     tracing::info!("guest SSH server answers; VM is running");
+                }
+            }
+            status = async {
+                match plane.as_mut() {
+                    Some(p) => p.child.wait().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // Fail closed: the listeners stay here, unanswered, until
+                // a new dataplane runs.
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                plane = None;
+                hub.exited();
+                let delay = plane_restart.failed();
+                tracing::error!(
+                    "the dataplane exited ({status}); the guest has no network; starting it again in {} s",
+                    delay.as_secs()
+                );
+            }
+            _ = plane_restart.due() => {
+                let mut p = plane_plan.clone();
+                p.probe_ssh = !ready;
+                p.lease_seen = *hub.lease.borrow();
+                match dataplane::parent::start(&exe, &vm.state, p, &kept, &ns, &hub).await {
+                    Ok(running) => {
+                        tracing::info!(pid = ?running.child.id(), "dataplane started again");
+                        plane = Some(running);
+                        plane_restart.started();
+                    }
+                    Err(e) => {
+                        let delay = plane_restart.failed();
+                        tracing::error!("cannot start the dataplane again: {e}; trying in {} s", delay.as_secs());
+                    }
                 }
             }
         }
@@ -876,7 +832,10 @@ async fn serve_control(
 /// packets are dropped before it).
 async fn network_view(shared: &Shared) -> proxy::StatsView {
     use crate::net::{nft, policy::Denial};
-    let mut view = shared.stats.view();
+    let mut view = shared.hub.stats().await;
+    if !shared.hub.running() {
+        view.dataplane = Some("stopped; nothing leaves the VM until it is started again".into());
+    }
     let ns = Arc::clone(&shared.ns);
     let read = tokio::task::spawn_blocking(move || {
         ns.run(|| nft::read_counters([nft::GATEWAY_REFUSED, nft::SPOOFED]))
@@ -913,7 +872,7 @@ async fn handle(
                 let network = network_view(shared).await;
                 Response::Status {
                     state: format!("{:?}", s.status).to_lowercase(),
-                    lease_seen: *shared.lease.borrow(),
+                    lease_seen: *shared.hub.lease.borrow(),
                     network,
                 }
             }
@@ -1039,7 +998,7 @@ async fn info(shared: &Shared) -> Result<Info, qemu::qmp::QmpError> {
             .map(|t| state::now().saturating_sub(t))
             .unwrap_or(0),
         guest_ip: shared.rec.guest_ip.clone(),
-        lease_seen: *shared.lease.borrow(),
+        lease_seen: *shared.hub.lease.borrow(),
     })
 }
 
@@ -1051,25 +1010,9 @@ fn parse_mac(s: &str) -> [u8; 6] {
     mac
 }
 
-fn prefix_mask(prefix: u8) -> Ipv4Addr {
-    let bits = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix.min(32)))
-    };
-    Ipv4Addr::from(bits)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn masks() {
-        assert_eq!(prefix_mask(24), Ipv4Addr::new(255, 255, 255, 0));
-        assert_eq!(prefix_mask(16), Ipv4Addr::new(255, 255, 0, 0));
-        assert_eq!(prefix_mask(0), Ipv4Addr::new(0, 0, 0, 0));
-    }
 
     #[test]
     fn macs() {

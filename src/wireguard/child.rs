@@ -11,7 +11,6 @@
 //! Its exit removes the TUN, and with it every route out of the namespace.
 
 use std::io::Read;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -28,30 +27,6 @@ pub struct Args {
     pub uid: u32,
     pub gid: u32,
     pub parent: i32,
-}
-
-fn drop_privileges(args: &Args) -> std::io::Result<()> {
-    use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
-    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    setgroups(&[]).map_err(std::io::Error::from)?;
-    setgid(Gid::from_raw(args.gid)).map_err(std::io::Error::from)?;
-    setuid(Uid::from_raw(args.uid)).map_err(std::io::Error::from)?;
-    if nix::unistd::geteuid().is_root() || args.uid == 0 {
-        return Err(std::io::Error::other("refusing to run the tunnel as root"));
-    }
-    // A change of credentials clears the parent-death signal: set it again,
-    // then make sure the parent did not already go.
-    // SAFETY: prctl with PR_SET_PDEATHSIG takes integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if nix::unistd::getppid().as_raw() != args.parent {
-        return Err(std::io::Error::other("the supervisor is gone"));
-    }
-    Ok(())
 }
 
 /// What the packet loop may ask of the kernel once it runs: I/O on the
@@ -101,83 +76,23 @@ const SEND_ANYWHERE: &[&str] = &["sendto", "sendmsg", "sendmmsg"];
 const SOL_UDP: u64 = 17;
 const UDP_SEGMENT: u64 = 103;
 
-/// Install the seccomp filter (libseccomp, as the embedded virtiofsd
-/// uses): [`SYSCALLS`], and for sending either [`SEND_ANYWHERE`] or, when
-/// the UDP socket is connected to the one peer, only `sendto` without a
-/// destination address (and `setsockopt` for UDP_SEGMENT alone): an
-/// exploited packet loop then cannot send a datagram anywhere but to the
-/// peer (a filter cannot read a `sendmsg` destination, so that call is not
-/// allowed at all).
+/// Install the seccomp filter: [`SYSCALLS`], and for sending either
+/// [`SEND_ANYWHERE`] or, when the UDP socket is connected to the one peer,
+/// only `sendto` without a destination address (and `setsockopt` for
+/// UDP_SEGMENT alone): an exploited packet loop then cannot send a
+/// datagram anywhere but to the peer (a filter cannot read a `sendmsg`
+/// destination, so that call is not allowed at all).
 pub(crate) fn confine(connected: bool) -> std::io::Result<()> {
-    use libseccomp_sys::*;
-    // SAFETY: seccomp_init allocates a filter context or returns null; it
-    // is released below on every path.
-    let ctx = unsafe { seccomp_init(SCMP_ACT_KILL_PROCESS) };
-    if ctx.is_null() {
-        return Err(std::io::Error::other("seccomp_init failed"));
-    }
-    let resolve = |name: &str| -> Option<i32> {
-        let cname = std::ffi::CString::new(name).ok()?;
-        // SAFETY: `cname` is a valid NUL-terminated string for the call.
-        let nr = unsafe { seccomp_syscall_resolve_name(cname.as_ptr()) };
-        // Not a system call on this architecture: nothing to allow.
-        (nr != __NR_SCMP_ERROR).then_some(nr)
-    };
-    let cmp = |arg: u32, datum: u64| scmp_arg_cmp {
-        arg,
-        op: scmp_compare::SCMP_CMP_EQ,
-        datum_a: datum,
-        datum_b: 0,
-    };
-    let mut rules: Vec<(&str, Vec<scmp_arg_cmp>)> =
-        SYSCALLS.iter().map(|n| (*n, Vec::new())).collect();
-    if connected {
+    let filter = crate::jail::Filter::new().allow(SYSCALLS);
+    let filter = if connected {
         // sendto(fd, buf, len, flags, NULL, 0) only.
-        rules.push(("sendto", vec![cmp(4, 0)]));
-        rules.push(("setsockopt", vec![cmp(1, SOL_UDP), cmp(2, UDP_SEGMENT)]));
+        filter
+            .allow_if("sendto", &[(4, 0)])
+            .allow_if("setsockopt", &[(1, SOL_UDP), (2, UDP_SEGMENT)])
     } else {
-        rules.extend(SEND_ANYWHERE.iter().map(|n| (*n, Vec::new())));
-    }
-    let mut result = Ok(());
-    for (name, args) in &rules {
-        let Some(nr) = resolve(name) else {
-            continue;
-        };
-        // SAFETY: `ctx` is a live filter context and `args` holds exactly
-        // `args.len()` comparisons for the call to read.
-        let rc = unsafe {
-            seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, nr, args.len() as u32, args.as_ptr())
-        };
-        if rc < 0 {
-            result = Err(std::io::Error::other(format!(
-                "seccomp: cannot allow {name}"
-            )));
-            break;
-        }
-    }
-    if result.is_ok() {
-        // SAFETY: `ctx` is a live, complete filter context.
-        let rc = unsafe { seccomp_load(ctx) };
-        if rc < 0 {
-            result = Err(std::io::Error::from_raw_os_error(-rc));
-        }
-    }
-    // SAFETY: `ctx` came from seccomp_init and is not used after this.
-    unsafe { seccomp_release(ctx) };
-    result
-}
-
-/// Take ownership of an inherited descriptor, refusing the standard ones.
-fn inherited(fd: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: F_GETFD only asks whether `fd` is open; it changes nothing.
-    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(std::io::Error::other(format!(
-            "descriptor {fd} is not open"
-        )));
-    }
-    // SAFETY: `fd` was checked open above and was passed to this process
-    // for it alone; nothing else in the process owns or closes it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        filter.allow(SEND_ANYWHERE)
+    };
+    filter.load()
 }
 
 pub fn main(args: Args) -> u8 {
@@ -190,30 +105,12 @@ pub fn main(args: Args) -> u8 {
     }
 }
 
-/// Close every descriptor the process inherited by accident (the
-/// supervisor's progress pipe and the like), keeping stdio and `keep`.
-fn close_strays(keep: &[i32]) {
-    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    for fd in open.into_iter().filter(|fd| *fd > 2 && !keep.contains(fd)) {
-        // SAFETY: `fd` is not one this process uses (not stdio, not one of
-        // `keep`, which are all it owns); closing a stale number (the
-        // directory listing's own descriptor) fails harmlessly with EBADF.
-        unsafe { libc::close(fd) };
-    }
-}
-
 fn run(args: &Args) -> std::io::Result<()> {
-    close_strays(&[args.tun_fd, args.udp_fd, args.report_fd]);
-    let tun = std::fs::File::from(inherited(args.tun_fd)?);
-    let udp = std::net::UdpSocket::from(inherited(args.udp_fd)?);
-    let report = std::os::unix::net::UnixStream::from(inherited(args.report_fd)?);
-    drop_privileges(args)?;
+    crate::jail::close_strays(&[args.tun_fd, args.udp_fd, args.report_fd]);
+    let tun = std::fs::File::from(crate::jail::inherited(args.tun_fd)?);
+    let udp = std::net::UdpSocket::from(crate::jail::inherited(args.udp_fd)?);
+    let report = std::os::unix::net::UnixStream::from(crate::jail::inherited(args.report_fd)?);
+    crate::jail::drop_identity(args.uid, args.gid, args.parent)?;
     let mut text = Vec::new();
     std::io::stdin().lock().read_to_end(&mut text)?;
     let spec: Spec = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
@@ -279,7 +176,7 @@ pub async fn start(
         .stdout(out)
         .stderr(err)
         .kill_on_drop(true);
-    crate::supervisor::hand_over(&mut cmd, fds.to_vec());
+    crate::jail::hand_over(&mut cmd, fds.to_vec());
     let mut child = cmd.spawn().map_err(WgError::Spawn)?;
     // The child holds the only copies now: when it exits, the TUN (and
     // every route out of the namespace) goes with it.

@@ -379,31 +379,19 @@ pub async fn restart(
     Ok((tunnel, plan))
 }
 
-/// A tunnel that completed its first handshakes, and the dataplane's way
-/// into it.
-pub struct Running {
-    pub tunnel: child::Tunnel,
-    pub exit: crate::net::dataplane::TunnelExit,
-}
-
 /// Start the packet loop and wait (up to `timeout`) for every peer with an
 /// endpoint to complete a handshake; on failure the loop is gone and the
-/// TUN with it.
+/// namespace has no route out.
 pub async fn bring_up(
     exe: &Path,
     (plan, tun, udp): (&Plan, File, std::net::UdpSocket),
     identity: &crate::qemu::process::Identity,
     log: &Path,
     timeout: Duration,
-    ns: &crate::net::netns::NetNs,
-) -> Result<Running, WgError> {
+) -> Result<child::Tunnel, WgError> {
     let mut tunnel = child::start(exe, plan, tun, udp, identity, log).await?;
     tunnel.wait_handshake(timeout).await?;
-    let exit = crate::net::dataplane::TunnelExit {
-        sockets: std::sync::Arc::new(crate::net::netns::NsSockets::spawn(ns)?),
-        dns: plan.dns.clone(),
-    };
-    Ok(Running { tunnel, exit })
+    Ok(tunnel)
 }
 
 #[cfg(test)]

@@ -1,14 +1,23 @@
-//! The VM namespace's dataplane, independent of QEMU: addresses, policy
-//! routing and the nftables ruleset on the guest-facing interface, then
-//! the DNS and egress-proxy tasks. The supervisor uses it with a TAP
-//! device; `migrant __netlab` (benchmarks) with a veth whose other end is
-//! a namespace standing in for the guest.
+//! The VM namespace's dataplane, independent of QEMU. The supervisor (as
+//! root) configures the namespace — addresses, policy routing, the
+//! nftables ruleset on the guest-facing interface — and makes every socket
+//! the dataplane needs ([`setup_in_ns`]); the dataplane itself (DHCP, DNS,
+//! the egress proxy, the SSH forward) runs unprivileged in a child process
+//! ([`child`]) that the supervisor starts and restarts ([`parent`]). The
+//! supervisor uses it with a TAP device; `migrant __netlab` (benchmarks)
+//! with a veth whose other end is a namespace standing in for the guest.
 
-use std::net::SocketAddrV4;
+pub mod child;
+pub mod link;
+pub mod parent;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::netns::NetNs;
-use super::{dns, domains, nft, policy, proxy, resolver, route, tap};
+use super::{dhcp, nft, proxy, tap};
 use crate::config::{Config, Egress, NetRule, Proto};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,13 +64,6 @@ pub struct Setup {
     pub tunnel_iface: Option<String>,
 }
 
-/// WireGuard mode, for [`spawn`].
-pub struct TunnelExit {
-    pub sockets: Arc<super::netns::NsSockets>,
-    /// The tunnel's DNS servers; empty: the host's resolvers answer.
-    pub dns: Vec<std::net::Ipv4Addr>,
-}
-
 impl Setup {
     pub fn for_config(cfg: &Config) -> Setup {
         Setup {
@@ -95,13 +97,16 @@ impl Setup {
     }
 }
 
-/// Sockets created inside the namespace, used from the host's.
+/// Sockets created inside the namespace for the dataplane. The supervisor
+/// keeps them for as long as the VM runs: a restarted dataplane gets the
+/// same ones, and while none runs the guest's packets wait unanswered.
 pub struct Sockets {
     /// The guest's link (its interface index in the namespace).
     pub guest_link: u32,
     /// WireGuard mode: a netlink route socket of the namespace, for the
     /// tunnel's route rule.
-    pub routes: Option<super::route::RouteSocket>,
+    pub routes: Option<socket2::Socket>,
+    pub dhcp: std::net::UdpSocket,
     pub dns: std::net::UdpSocket,
     pub dns_tcp: std::net::TcpListener,
     pub listeners: Option<(std::net::TcpListener, std::net::UdpSocket)>,
@@ -142,117 +147,134 @@ pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError
     let routes = setup
         .tunnel_iface
         .as_ref()
-        .map(|_| super::route::RouteSocket::new())
+        .map(|_| {
+            socket2::Socket::new(
+                socket2::Domain::from(libc::AF_NETLINK),
+                socket2::Type::RAW.cloexec(),
+                Some(socket2::Protocol::from(libc::NETLINK_ROUTE)),
+            )
+        })
         .transpose()
         .map_err(io("route socket"))?;
+    let dhcp = dhcp::bind_socket(iface).map_err(io("DHCP socket"))?;
     Ok(Sockets {
         guest_link,
         routes,
+        dhcp,
         dns,
         dns_tcp,
         listeners,
     })
 }
 
-/// Start DNS and the proxy on the current runtime; returns the counters
-/// and the policy.
-pub fn spawn(
-    cfg: &Config,
-    ns: Arc<NetNs>,
-    sockets: Sockets,
-    tunnel: Option<TunnelExit>,
-    journal: Option<std::path::PathBuf>,
-) -> Result<(Arc<proxy::Stats>, Arc<route::Gate>), DataplaneError> {
-    let gateway = cfg.gateway_ip();
-    let dns_sock = tokio::net::UdpSocket::from_std(sockets.dns).map_err(io("DNS socket"))?;
-    let stats = Arc::new(proxy::Stats::with_journal(match journal {
-        Some(path) => super::journal::Journal::open(path),
-        None => super::journal::Journal::disabled(),
-    }));
-    let allow = (!cfg.network.allow_domains.is_empty())
-        .then(|| domains::Allowlist::new(&cfg.network.allow_domains));
-    let host = policy::HostAddrs::default();
-    host.refresh();
-    let rule = if cfg.network.egress == Egress::Open {
-        route::Rule::AnyUnicast
-    } else {
-        route::Rule::DefaultRoute
-    };
-    let host_routes = route::RouteSocket::new().map_err(io("route socket"))?;
-    let gate = Arc::new(route::Gate {
-        policy: policy::Policy {
-            egress: cfg.network.egress,
-            gateway,
+/// Everything the dataplane child needs, from the supervisor (on its
+/// stdin, as JSON): the network settings, the descriptors it inherited,
+/// and who to become.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub name: String,
+    pub guest: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub subnet: Ipv4Addr,
+    pub prefix: u8,
+    pub mac: [u8; 6],
+    pub egress: Egress,
+    pub rules: Vec<NetRule>,
+    pub allow_domains: Vec<String>,
+    /// DNS servers the resolver forwards to; empty: local names only.
+    pub upstreams: Vec<SocketAddr>,
+    /// WireGuard mode: flows marked for the tunnel, and (with
+    /// `dns_via_tunnel`) DNS, leave from the namespace.
+    pub tunnel: bool,
+    pub dns_via_tunnel: bool,
+    pub guest_link: u32,
+    /// Send the egress journal to the supervisor.
+    pub journal: bool,
+    /// Report when the guest's SSH server first answers (after the lease,
+    /// or at once when `lease_seen`).
+    pub probe_ssh: bool,
+    pub lease_seen: bool,
+    /// The identity to become, and the supervisor's pid (it must still be
+    /// the parent once that is done).
+    pub uid: u32,
+    pub gid: u32,
+    pub parent: i32,
+    /// A folder only root writes, for [`crate::jail::empty_root`].
+    pub empty_parent: std::path::PathBuf,
+    pub fds: Fds,
+}
+
+/// Descriptor numbers the child inherits.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Fds {
+    pub dhcp: i32,
+    pub dns: i32,
+    pub dns_tcp: i32,
+    pub tcp: Option<i32>,
+    pub udp: Option<i32>,
+    pub tunnel_routes: Option<i32>,
+    pub ssh: Option<i32>,
+    /// The socket link ([`crate::net::netns::NsSockets::remote`]).
+    pub factory: i32,
+    /// The event socket ([`link`]).
+    pub events: i32,
+}
+
+impl Fds {
+    pub fn all(&self) -> Vec<i32> {
+        let mut v = vec![self.dhcp, self.dns, self.dns_tcp, self.factory, self.events];
+        v.extend(
+            [self.tcp, self.udp, self.tunnel_routes, self.ssh]
+                .into_iter()
+                .flatten(),
+        );
+        v
+    }
+}
+
+impl Plan {
+    /// The plan for `cfg`; `tunnel_dns` is `Some` in WireGuard mode (the
+    /// tunnel's DNS servers; empty: the host's resolvers answer).
+    pub fn for_config(
+        cfg: &Config,
+        mac: [u8; 6],
+        tunnel_dns: Option<&[Ipv4Addr]>,
+        identity: &crate::qemu::process::Identity,
+        empty_parent: &std::path::Path,
+    ) -> Plan {
+        let dns_via_tunnel = tunnel_dns.is_some_and(|d| !d.is_empty());
+        Plan {
+            name: cfg.name.clone(),
+            guest: cfg.guest_ip(),
+            gateway: cfg.gateway_ip(),
             subnet: cfg.network.subnet,
             prefix: cfg.network.prefix,
+            mac,
+            egress: cfg.network.egress,
             rules: cfg.network.rules.clone(),
-            host,
-            domains: allow.clone(),
-            tunnel: tunnel.is_some(),
-        },
-        host: route::RouteGuard::new(host_routes, rule),
-        // Without its socket, tunnel flows are refused (fail closed).
-        tunnel: tunnel
-            .as_ref()
-            .and(sockets.routes)
-            .map(|routes| route::RouteGuard::new(routes, route::Rule::NotVia(sockets.guest_link))),
-    });
-    let resolver = Arc::new(resolver::Resolver {
-        stub: dns::Stub {
-            names: vec![
-                (cfg.name.clone(), cfg.guest_ip()),
-                ("gateway".to_string(), gateway),
-            ],
-        },
-        // With egress none the guest resolves local names only; with a
-        // tunnel that names DNS servers, they answer through it.
-        upstreams: match &tunnel {
-            _ if cfg.network.egress == Egress::None => Vec::new(),
-            Some(t) if !t.dns.is_empty() => t
-                .dns
-                .iter()
-                .map(|ip| std::net::SocketAddr::from((*ip, 53)))
-                .collect(),
-            _ => resolver::host_upstreams(),
-        },
-        exit: match &tunnel {
-            Some(t) if !t.dns.is_empty() => super::netns::Exit::Tunnel(Arc::clone(&t.sockets)),
-            _ => super::netns::Exit::Host,
-        },
-        allow: allow.clone(),
-        stats: Arc::clone(&stats),
-        gate: Some(Arc::clone(&gate)),
-        in_flight: Arc::new(tokio::sync::Semaphore::new(resolver::MAX_IN_FLIGHT)),
-    });
-    tokio::spawn({
-        let r = Arc::clone(&resolver);
-        async move {
-            if let Err(e) = r.serve_udp(dns_sock).await {
-                tracing::error!("DNS stopped: {e}");
-            }
+            allow_domains: cfg.network.allow_domains.clone(),
+            // With egress none the guest resolves local names only; with a
+            // tunnel that names DNS servers, they answer through it.
+            upstreams: match tunnel_dns {
+                _ if cfg.network.egress == Egress::None => Vec::new(),
+                Some(d) if !d.is_empty() => {
+                    d.iter().map(|ip| SocketAddr::from((*ip, 53))).collect()
+                }
+                _ => super::resolver::host_upstreams(),
+            },
+            tunnel: tunnel_dns.is_some(),
+            dns_via_tunnel,
+            guest_link: 0,
+            journal: false,
+            probe_ssh: false,
+            lease_seen: false,
+            uid: identity.uid.as_raw(),
+            gid: identity.gid.as_raw(),
+            parent: nix::unistd::getpid().as_raw(),
+            empty_parent: empty_parent.to_path_buf(),
+            fds: Fds::default(),
         }
-    });
-    let dns_tcp =
-        tokio::net::TcpListener::from_std(sockets.dns_tcp).map_err(io("DNS TCP listener"))?;
-    tokio::spawn(Arc::clone(&resolver).serve_tcp(dns_tcp));
-    tokio::spawn(proxy::watch_host(Arc::clone(&gate)));
-    if let Some((tcp, udp)) = sockets.listeners {
-        let proxy = Arc::new(proxy::Proxy {
-            gate: Arc::clone(&gate),
-            stats: Arc::clone(&stats),
-            ns,
-            resolver,
-            tunnel: tunnel.map(|t| t.sockets),
-        });
-        let tcp = tokio::net::TcpListener::from_std(tcp).map_err(io("TCP proxy listener"))?;
-        tokio::spawn(Arc::clone(&proxy).serve_tcp(tcp));
-        tokio::spawn(async move {
-            if let Err(e) = proxy.serve_udp(udp).await {
-                tracing::error!("UDP proxy stopped: {e}");
-            }
-        });
     }
-    Ok((stats, gate))
 }
 
 /// Open files the dataplane wants: 4096 relayed TCP connections of six
@@ -294,7 +316,8 @@ pub fn flow_caps() -> (usize, usize) {
 }
 
 /// `migrant __netlab`: the dataplane of the project at `project` on the
-/// interface `tap0` of the namespace at `netns`, until SIGTERM or SIGINT.
+/// interface `tap0` of the namespace at `netns`, until SIGTERM or SIGINT;
+/// the same confined child a VM gets.
 pub fn netlab(
     netns: &std::path::Path,
     project: &std::path::Path,
@@ -303,10 +326,10 @@ pub fn netlab(
     let cfg = crate::config::load(project)?;
     let ns = Arc::new(NetNs::open(netns)?);
     let setup = Setup::for_config(&cfg);
-    let plan = crate::wireguard::plan_for(&cfg)?;
+    let wg = crate::wireguard::plan_for(&cfg)?;
     let (sockets, tun) = ns
         .run(|| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-            let tun = plan
+            let tun = wg
                 .as_ref()
                 .map(crate::wireguard::create_tun_in_ns)
                 .transpose()?;
@@ -317,46 +340,52 @@ pub fn netlab(
         .enable_all()
         .build()?;
     rt.block_on(async {
+        let exe = std::env::current_exe()?;
+        let identity = crate::qemu::process::qemu_identity()?;
         // WireGuard mode: the same tunnel a VM would get.
-        let mut running = None;
+        let mut tunnel = None;
         let wg_log =
             std::env::temp_dir().join(format!("migrant-netlab-wg-{}.log", std::process::id()));
-        if let (Some(plan), Some(tun)) = (&plan, tun) {
+        if let (Some(plan), Some(tun)) = (&wg, tun) {
             let udp = crate::wireguard::bind_udp(plan)?;
-            let exe = std::env::current_exe()?;
-            let log =
-                std::env::temp_dir().join(format!("migrant-netlab-wg-{}.log", std::process::id()));
-            running = Some(
+            tunnel = Some(
                 crate::wireguard::bring_up(
                     &exe,
                     (plan, tun, udp),
-                    &crate::qemu::process::qemu_identity()?,
-                    &log,
+                    &identity,
+                    &wg_log,
                     cfg.network.wireguard_timeout,
-                    &ns,
                 )
                 .await?,
             );
         }
-        let (exit, tunnel) = match running {
-            Some(r) => (Some(r.exit), Some(r.tunnel)),
-            None => (None, None),
-        };
-        let (stats, gate) = spawn(&cfg, ns, sockets, exit, None)?;
+        let plan = Plan::for_config(
+            &cfg,
+            [0x52, 0x54, 0x00, 0x6e, 0x6c, 0x01],
+            wg.as_ref().map(|p| p.dns.as_slice()),
+            &identity,
+            &std::env::temp_dir(),
+        );
+        let hub = parent::Hub::new(None);
+        let kept = parent::Kept { sockets, ssh: None };
+        let mut plane = parent::start(&exe, project, plan, &kept, &ns, &hub).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         println!("ready");
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            status = plane.child.wait() => {
+                return Err(format!("the dataplane exited: {status:?}").into());
+            }
         }
-        eprintln!("{:?}", stats.view());
-        let (n, nanos) = gate.host.lookup_cost();
-        eprintln!("route check: {n} lookups, {nanos} ns each");
+        eprintln!("{:?}", hub.stats().await);
+        hub.ask(link::ROUTE_COST_REQUEST).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         if let Some(t) = &tunnel {
             eprintln!("{:?}", *t.reports.borrow());
         }
-        if plan.is_some() {
+        if wg.is_some() {
             let _ = std::fs::remove_file(&wg_log);
         }
         Ok(())

@@ -1,0 +1,208 @@
+//! The one way migrant confines a helper it starts (the WireGuard packet
+//! loop, the dataplane, virtiofsd's hand-over): descriptors it inherits
+//! (everything else closed), death with the parent, an unprivileged
+//! identity without capabilities or new privileges, an empty file system,
+//! and a seccomp allow-list whose default is to kill the process.
+//!
+//! The parent side is [`hand_over`]; the child side runs, in this order,
+//! [`close_strays`], [`inherited`] for each descriptor, [`empty_root`]
+//! (while still root), [`drop_identity`], then [`Filter::load`] before it
+//! reads a byte from the guest.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::Path;
+
+/// Prepare a self-exec helper: it inherits `fds` across exec, gets SIGKILL
+/// when the calling thread exits, and refuses to start if the parent is
+/// already gone.
+pub fn hand_over(cmd: &mut tokio::process::Command, fds: Vec<i32>) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: runs in the forked child before exec and only makes
+    // async-signal-safe calls (fcntl, prctl, getppid) over a vector that was
+    // allocated before the fork; nothing allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent.as_raw() {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Take ownership of an inherited descriptor, refusing the standard ones.
+pub fn inherited(fd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only asks whether `fd` is open; it changes nothing.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::other(format!(
+            "descriptor {fd} is not open"
+        )));
+    }
+    // SAFETY: `fd` was checked open above and was passed to this process
+    // for it alone; nothing else in the process owns or closes it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: F_SETFD on a descriptor this process owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(owned)
+}
+
+/// Close every descriptor the process inherited by accident (the
+/// supervisor's progress pipe and the like), keeping stdio and `keep`.
+/// Reads `/proc`: call before [`empty_root`].
+pub fn close_strays(keep: &[i32]) {
+    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in open.into_iter().filter(|fd| *fd > 2 && !keep.contains(fd)) {
+        // SAFETY: `fd` is not one this process uses (not stdio, not one of
+        // `keep`, which are all it owns); closing a stale number (the
+        // directory listing's own descriptor) fails harmlessly with EBADF.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Make the root directory an empty, deleted directory: a fresh one is
+/// made in `parent` (a folder only root writes), entered, removed and
+/// made the root. Nothing can be created in a deleted directory, so the
+/// process has no file system at all. Needs root (CAP_SYS_CHROOT): call
+/// before [`drop_identity`].
+pub fn empty_root(parent: &Path) -> std::io::Result<()> {
+    let dir = parent.join(format!(".empty-{}", std::process::id()));
+    let _ = std::fs::remove_dir(&dir);
+    std::fs::DirBuilder::new().mode(0o500).create(&dir)?;
+    let entered = std::env::set_current_dir(&dir);
+    std::fs::remove_dir(&dir)?;
+    entered?;
+    nix::unistd::chroot(".").map_err(std::io::Error::from)?;
+    std::env::set_current_dir("/")
+}
+
+/// Become `uid`:`gid` with no supplementary groups: every capability goes
+/// with uid 0, no_new_privs is set, the process is not dumpable (no other
+/// process of that uid may ptrace it or read its memory), and it dies with
+/// its parent (checked: `parent` must still be it).
+pub fn drop_identity(uid: u32, gid: u32, parent: i32) -> std::io::Result<()> {
+    use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+    if uid == 0 || gid == 0 {
+        return Err(std::io::Error::other("refusing to run a helper as root"));
+    }
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    setgroups(&[]).map_err(std::io::Error::from)?;
+    setgid(Gid::from_raw(gid)).map_err(std::io::Error::from)?;
+    setuid(Uid::from_raw(uid)).map_err(std::io::Error::from)?;
+    if nix::unistd::geteuid().is_root() || nix::unistd::getegid().as_raw() == 0 {
+        return Err(std::io::Error::other(
+            "still root after the identity change",
+        ));
+    }
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // A change of credentials clears the parent-death signal: set it again,
+    // then make sure the parent did not already go.
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if nix::unistd::getppid().as_raw() != parent {
+        return Err(std::io::Error::other("the parent process is gone"));
+    }
+    Ok(())
+}
+
+/// A seccomp allow-list (libseccomp, as the embedded virtiofsd uses):
+/// anything not allowed kills the whole process.
+#[derive(Debug, Default)]
+pub struct Filter {
+    rules: Vec<(String, Vec<(u32, u64)>)>,
+}
+
+impl Filter {
+    pub fn new() -> Filter {
+        Filter::default()
+    }
+
+    /// Allow each of `names` with any arguments.
+    pub fn allow(mut self, names: &[&str]) -> Filter {
+        self.rules
+            .extend(names.iter().map(|n| (n.to_string(), Vec::new())));
+        self
+    }
+
+    /// Allow `name` only when each `(argument index, value)` holds.
+    pub fn allow_if(mut self, name: &str, args: &[(u32, u64)]) -> Filter {
+        self.rules.push((name.to_string(), args.to_vec()));
+        self
+    }
+
+    /// Install the filter on the calling thread and every thread it starts
+    /// later (call before the process starts any).
+    pub fn load(&self) -> std::io::Result<()> {
+        use libseccomp_sys::*;
+        // SAFETY: seccomp_init allocates a filter context or returns null;
+        // it is released below on every path.
+        let ctx = unsafe { seccomp_init(SCMP_ACT_KILL_PROCESS) };
+        if ctx.is_null() {
+            return Err(std::io::Error::other("seccomp_init failed"));
+        }
+        let mut result = Ok(());
+        for (name, args) in &self.rules {
+            let Ok(cname) = std::ffi::CString::new(name.as_str()) else {
+                continue;
+            };
+            // SAFETY: `cname` is a valid NUL-terminated string.
+            let nr = unsafe { seccomp_syscall_resolve_name(cname.as_ptr()) };
+            if nr == __NR_SCMP_ERROR {
+                // Not a system call on this architecture: nothing to allow.
+                continue;
+            }
+            let cmps: Vec<scmp_arg_cmp> = args
+                .iter()
+                .map(|&(arg, datum)| scmp_arg_cmp {
+                    arg,
+                    op: scmp_compare::SCMP_CMP_EQ,
+                    datum_a: datum,
+                    datum_b: 0,
+                })
+                .collect();
+            // SAFETY: `ctx` is a live filter context and `cmps` holds
+            // exactly `cmps.len()` comparisons for the call to read.
+            let rc = unsafe {
+                seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, nr, cmps.len() as u32, cmps.as_ptr())
+            };
+            if rc < 0 {
+                result = Err(std::io::Error::other(format!(
+                    "seccomp: cannot allow {name}"
+                )));
+                break;
+            }
+        }
+        if result.is_ok() {
+            // SAFETY: `ctx` is a live, complete filter context.
+            let rc = unsafe { seccomp_load(ctx) };
+            if rc < 0 {
+                result = Err(std::io::Error::from_raw_os_error(-rc));
+            }
+        }
+        // SAFETY: `ctx` came from seccomp_init and is not used after this.
+        unsafe { seccomp_release(ctx) };
+        result
+    }
+}

@@ -1,0 +1,372 @@
+//! `migrant __dataplane`: everything that reads the guest's network bytes
+//! (DHCP, DNS over UDP and TCP, the egress proxy with its TLS and HTTP
+//! inspection, the SSH forward), in its own confined process.
+//!
+//! The supervisor made every socket it needs while it could (the TPROXY
+//! listeners, DNS and DHCP sockets inside the VM's namespace, the SSH
+//! socket) and passes them across exec with the [`Plan`] on stdin. Before
+//! it reads a byte from the guest the child closes every other
+//! descriptor, makes an empty, deleted directory its root, becomes the
+//! VM's own uid (no capabilities, no new privileges, not dumpable, death
+//! with the supervisor) and loads a seccomp allow-list that kills it on
+//! anything else. Sockets it needs later inside the namespace (UDP reply
+//! sockets, tunnel exits, connections to the guest) it asks of the
+//! supervisor over a socket link ([`crate::net::netns::serve`]); upstream
+//! sockets it makes itself, in the host's namespace where it lives.
+//!
+//! If it dies, nothing leaves the VM: the listeners stay with the
+//! supervisor, so the guest's connections wait unanswered until the
+//! supervisor starts it again.
+
+use std::io::Read;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::link::{Event, MAX_MESSAGE, ROUTE_COST_REQUEST, STATS_REQUEST};
+use super::{Fds, Plan};
+use crate::net::netns::{Exit, NsSockets};
+use crate::net::{dhcp, dns, domains, forward, journal, policy, proxy, resolver, route};
+
+/// Entry point of `migrant __dataplane`. Returns the exit code.
+pub fn main() -> u8 {
+    match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("dataplane: {e}");
+            crate::exit::SOFTWARE
+        }
+    }
+}
+
+fn run() -> std::io::Result<()> {
+    let mut text = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(1 << 20)
+        .read_to_end(&mut text)?;
+    let plan: Plan = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
+    crate::jail::close_strays(&plan.fds.all());
+    let fds = Owned::take(&plan.fds)?;
+    crate::jail::empty_root(&plan.empty_parent)?;
+    crate::jail::drop_identity(plan.uid, plan.gid, plan.parent)?;
+    filter().load()?;
+    tracing::info!(uid = plan.uid, "dataplane started");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(plan, fds))
+}
+
+/// What the dataplane may ask of the kernel: I/O on sockets and pipes
+/// (splice), making sockets in the host's namespace (IPv4, IPv6, and
+/// netlink for routes and the host's addresses), waiting, memory, threads
+/// for blocking work, randomness (DNS ids), time. No open, no exec, no
+/// ptrace, no mount, no namespace calls: anything else kills it.
+const SYSCALLS: &[&str] = &[
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "close",
+    "fcntl",
+    "ioctl",
+    "pipe2",
+    "splice",
+    "connect",
+    "accept4",
+    "bind",
+    "listen",
+    "getsockname",
+    "getpeername",
+    "setsockopt",
+    "getsockopt",
+    "sendto",
+    "recvfrom",
+    "sendmsg",
+    "recvmsg",
+    "sendmmsg",
+    "recvmmsg",
+    "shutdown",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_pwait2",
+    "eventfd2",
+    "poll",
+    "ppoll",
+    "clock_gettime",
+    "clock_nanosleep",
+    "nanosleep",
+    "futex",
+    "getrandom",
+    "mmap",
+    "munmap",
+    "mremap",
+    "mprotect",
+    "madvise",
+    "brk",
+    "clone",
+    "clone3",
+    "set_robust_list",
+    "rseq",
+    "sched_getaffinity",
+    "sched_yield",
+    "rt_sigreturn",
+    "rt_sigprocmask",
+    "rt_sigaction",
+    "sigaltstack",
+    "getpid",
+    "gettid",
+    // A panic's message names the working directory (the empty root).
+    "getcwd",
+    "getuid",
+    "geteuid",
+    "tgkill",
+    "exit",
+    "exit_group",
+];
+
+fn filter() -> crate::jail::Filter {
+    let domain = |d: i32| [(0u32, d as u64)];
+    crate::jail::Filter::new()
+        .allow(SYSCALLS)
+        .allow_if("socket", &domain(libc::AF_INET))
+        .allow_if("socket", &domain(libc::AF_INET6))
+        .allow_if("socket", &domain(libc::AF_NETLINK))
+        // The runtime's own signal pipe.
+        .allow_if("socketpair", &domain(libc::AF_UNIX))
+        // Reading its own limits (the proxy sizes its caps to them);
+        // never setting any.
+        .allow_if("prlimit64", &[(0, 0), (2, 0)])
+        // Thread names only.
+        .allow_if("prctl", &[(0, libc::PR_SET_NAME as u64)])
+}
+
+/// The inherited descriptors, owned.
+struct Owned {
+    dhcp: OwnedFd,
+    dns: OwnedFd,
+    dns_tcp: OwnedFd,
+    proxy: Option<(OwnedFd, OwnedFd)>,
+    tunnel_routes: Option<OwnedFd>,
+    ssh: Option<OwnedFd>,
+    factory: OwnedFd,
+    events: OwnedFd,
+}
+
+impl Owned {
+    fn take(f: &Fds) -> std::io::Result<Owned> {
+        // Each one non-blocking, for the runtime.
+        let inherited = |fd: i32| -> std::io::Result<OwnedFd> {
+            let owned = crate::jail::inherited(fd)?;
+            socket2::SockRef::from(&owned).set_nonblocking(true)?;
+            Ok(owned)
+        };
+        let opt = |fd: Option<i32>| fd.map(inherited).transpose();
+        Ok(Owned {
+            dhcp: inherited(f.dhcp)?,
+            dns: inherited(f.dns)?,
+            dns_tcp: inherited(f.dns_tcp)?,
+            proxy: match (f.tcp, f.udp) {
+                (Some(t), Some(u)) => Some((inherited(t)?, inherited(u)?)),
+                _ => None,
+            },
+            tunnel_routes: opt(f.tunnel_routes)?,
+            ssh: opt(f.ssh)?,
+            // The socket link is used blocking, from its own thread.
+            factory: {
+                let fd = crate::jail::inherited(f.factory)?;
+                socket2::SockRef::from(&fd).set_nonblocking(false)?;
+                fd
+            },
+            events: inherited(f.events)?,
+        })
+    }
+}
+
+/// Serve until the supervisor goes.
+async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
+    let events = Arc::new(tokio::net::UnixDatagram::from_std(
+        std::os::unix::net::UnixDatagram::from(fds.events),
+    )?);
+    let report = {
+        let events = Arc::clone(&events);
+        move |e: Event| {
+            if let Err(err) = events.try_send(&e.encode()) {
+                tracing::debug!("event to the supervisor lost: {err}");
+            }
+        }
+    };
+    let inside = Arc::new(NsSockets::remote(fds.factory).map_err(std::io::Error::other)?);
+
+    // DHCP.
+    let (lease_tx, mut lease_rx) = tokio::sync::watch::channel(plan.lease_seen);
+    let lease = dhcp::Lease {
+        mac: plan.mac,
+        ip: plan.guest,
+        server: plan.gateway,
+        netmask: ipnet::Ipv4Net::new(plan.gateway, plan.prefix)
+            .map_err(std::io::Error::other)?
+            .netmask(),
+        router: plan.gateway,
+        dns: vec![plan.gateway],
+        lease_secs: 86400,
+        hostname: Some(plan.name.clone()),
+        domain: None,
+        mtu: None,
+    };
+    let dhcp_sock = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fds.dhcp))?;
+    tokio::spawn({
+        let report = report.clone();
+        async move {
+            let r = dhcp::serve(dhcp_sock, lease, move |ev| {
+                if let dhcp::DhcpEvent::Acked { ip } = ev {
+                    tracing::info!("DHCP: lease {ip} acknowledged");
+                    let _ = lease_tx.send(true);
+                    report(Event::Lease);
+                } else {
+                    tracing::debug!("DHCP: {ev:?}");
+                }
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::error!("DHCP server stopped: {e}");
+            }
+        }
+    });
+
+    let stats = Arc::new(proxy::Stats::with_journal(if plan.journal {
+        let report = report.clone();
+        journal::Journal::with_sink(Box::new(move |lines: &[u8]| {
+            report(Event::Journal(lines.to_vec()));
+            Ok(())
+        }))
+    } else {
+        journal::Journal::disabled()
+    }));
+    let allow =
+        (!plan.allow_domains.is_empty()).then(|| domains::Allowlist::new(&plan.allow_domains));
+    let host = policy::HostAddrs::default();
+    host.refresh();
+    let rule = if plan.egress == crate::config::Egress::Open {
+        route::Rule::AnyUnicast
+    } else {
+        route::Rule::DefaultRoute
+    };
+    let tunnel = plan.tunnel.then(|| Arc::clone(&inside));
+    let gate = Arc::new(route::Gate {
+        policy: policy::Policy {
+            egress: plan.egress,
+            gateway: plan.gateway,
+            subnet: plan.subnet,
+            prefix: plan.prefix,
+            rules: plan.rules.clone(),
+            host,
+            domains: allow.clone(),
+            tunnel: plan.tunnel,
+        },
+        host: route::RouteGuard::new(route::RouteSocket::new()?, rule),
+        // Without its socket, tunnel flows are refused (fail closed).
+        tunnel: match (&tunnel, fds.tunnel_routes) {
+            (Some(_), Some(fd)) => Some(route::RouteGuard::new(
+                route::RouteSocket::from_socket(socket2::Socket::from(fd))?,
+                route::Rule::NotVia(plan.guest_link),
+            )),
+            _ => None,
+        },
+    });
+    let resolver = Arc::new(resolver::Resolver {
+        stub: dns::Stub {
+            names: vec![
+                (plan.name.clone(), plan.guest),
+                ("gateway".to_string(), plan.gateway),
+            ],
+        },
+        upstreams: plan.upstreams.clone(),
+        exit: match &tunnel {
+            Some(t) if plan.dns_via_tunnel => Exit::Tunnel(Arc::clone(t)),
+            _ => Exit::Host,
+        },
+        allow,
+        stats: Arc::clone(&stats),
+        gate: Some(Arc::clone(&gate)),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(resolver::MAX_IN_FLIGHT)),
+    });
+    let dns_sock = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fds.dns))?;
+    tokio::spawn({
+        let r = Arc::clone(&resolver);
+        async move {
+            if let Err(e) = r.serve_udp(dns_sock).await {
+                tracing::error!("DNS stopped: {e}");
+            }
+        }
+    });
+    let dns_tcp = tokio::net::TcpListener::from_std(std::net::TcpListener::from(fds.dns_tcp))?;
+    tokio::spawn(Arc::clone(&resolver).serve_tcp(dns_tcp));
+    tokio::spawn(proxy::watch_host(Arc::clone(&gate)));
+    if let Some((tcp, udp)) = fds.proxy {
+        let proxy = Arc::new(proxy::Proxy {
+            gate: Arc::clone(&gate),
+            stats: Arc::clone(&stats),
+            inside: Arc::clone(&inside),
+            resolver,
+            tunnel,
+        });
+        let tcp = tokio::net::TcpListener::from_std(std::net::TcpListener::from(tcp))?;
+        tokio::spawn(Arc::clone(&proxy).serve_tcp(tcp));
+        let udp = std::net::UdpSocket::from(udp);
+        tokio::spawn(async move {
+            if let Err(e) = proxy.serve_udp(udp).await {
+                tracing::error!("UDP proxy stopped: {e}");
+            }
+        });
+    }
+
+    // SSH: the forward from the host's socket, and the readiness probe.
+    let ssh_target = SocketAddr::V4(SocketAddrV4::new(plan.guest, 22));
+    if let Some(fd) = fds.ssh {
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        tokio::spawn(forward::serve_unix(
+            listener,
+            Arc::clone(&inside),
+            ssh_target,
+        ));
+    }
+    if plan.probe_ssh {
+        let inside = Arc::clone(&inside);
+        let report = report.clone();
+        tokio::spawn(async move {
+            while !*lease_rx.borrow_and_update() {
+                if lease_rx.changed().await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                if forward::ssh_banner(&inside, ssh_target).await {
+                    report(Event::Sshd);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    // The supervisor's requests, until it goes.
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let n = events.recv(&mut buf).await?;
+        match &buf[..n] {
+            STATS_REQUEST => report(Event::Stats(stats.view())),
+            ROUTE_COST_REQUEST => {
+                let (n, nanos) = gate.host.lookup_cost();
+                eprintln!("route check: {n} lookups, {nanos} ns each");
+            }
+            _ => {}
+        }
+    }
+}
