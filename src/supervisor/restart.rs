@@ -12,22 +12,28 @@ const LONGEST: Duration = Duration::from_secs(60);
 pub struct Restart {
     at: Option<Instant>,
     backoff: Duration,
-    started: Instant,
+    /// Since when the child runs; `None` while it does not.
+    running_since: Option<Instant>,
 }
 
 impl Restart {
+    /// For a child that was just started.
     pub fn new() -> Restart {
         Restart {
             at: None,
             backoff: FIRST,
-            started: Instant::now(),
+            running_since: Some(Instant::now()),
         }
     }
 
     /// The child died or could not start: schedule the next start; returns
     /// how long until then.
     pub fn failed(&mut self) -> Duration {
-        if self.at.is_none() && self.started.elapsed() > LONGEST {
+        if self
+            .running_since
+            .take()
+            .is_some_and(|t| t.elapsed() > LONGEST)
+        {
             self.backoff = FIRST;
         }
         let delay = self.backoff;
@@ -38,7 +44,7 @@ impl Restart {
 
     /// The child runs again.
     pub fn started(&mut self) {
-        self.started = Instant::now();
+        self.running_since = Some(Instant::now());
         self.at = None;
     }
 
