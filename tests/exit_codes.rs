@@ -360,6 +360,11 @@ fn another_folder_with_the_same_name_touches_nothing() {
         &["ssh", "--", "true"][..],
         &["run", "--rm", "--", "true"][..],
         &["mount"][..],
+        // Nor does it report the other VM's address, traffic or tunnel.
+        &["ip"][..],
+        &["info"][..],
+        &["egress"][..],
+        &["wg"][..],
     ] {
         let o = s.run(args);
         assert_eq!(o.status.code(), Some(78), "{args:?}: {}", stderr(&o));

@@ -263,6 +263,9 @@ fn a_flood_from_the_guest_stays_within_its_bounds() {
     let sup = env
         .pid_of("__supervisor")
         .unwrap_or_else(|| panic!("no supervisor"));
+    let plane = env
+        .pid_of("__dataplane")
+        .unwrap_or_else(|| panic!("no dataplane"));
     let mut flood = env
         .cmd(&["ssh", "--", "sudo", "python3", "-"])
         .stdin(std::process::Stdio::piped())
@@ -277,22 +280,28 @@ fn a_flood_from_the_guest_stays_within_its_bounds() {
             .write_all(FLOOD.as_bytes())
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    // Watch the supervisor while the guest floods it.
+    // Watch the supervisor and the dataplane while the guest floods them.
     let (mut max_fds, mut max_rss_kib) = (0usize, 0u64);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
     while flood.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
-        let fds = std::fs::read_dir(format!("/proc/{sup}/fd"))
-            .map(|d| d.count())
-            .unwrap_or(0);
-        let rss = std::fs::read_to_string(format!("/proc/{sup}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-            .unwrap_or(0);
+        let fds_of = |pid: u32| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        };
+        let rss_of = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
+                .unwrap_or(0)
+        };
+        let fds = fds_of(sup) + fds_of(plane);
+        let rss = rss_of(sup) + rss_of(plane);
         max_fds = max_fds.max(fds);
         max_rss_kib = max_rss_kib.max(rss);
         std::thread::sleep(std::time::Duration::from_millis(250));
@@ -300,13 +309,20 @@ fn a_flood_from_the_guest_stays_within_its_bounds() {
     let out = flood.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!(
-        "flood: {stdout}; supervisor at most {max_fds} descriptors, {max_rss_kib} KiB resident"
+        "flood: {stdout}; supervisor and dataplane at most {max_fds} descriptors, {max_rss_kib} KiB resident"
+    );
+    // The flood neither killed the dataplane nor made it restart.
+    assert_eq!(
+        env.pid_of("__dataplane"),
+        Some(plane),
+        "the dataplane did not survive the flood"
     );
     assert!(stdout.contains("flooded"), "{}", text(&out));
     // The ordinary download completed through the flood.
     assert!(stdout.contains("download 20971520"), "{}", text(&out));
     // The bounds README states: 4096 × 6 + 4096 × 2 descriptors (plus the
-    // supervisor's own), and memory far below what the guest asked for.
+    // dataplane's and supervisor's own), and memory far below what the
+    // guest asked for.
     assert!(max_fds <= 4096 * 8 + 256, "{max_fds} descriptors");
     assert!(max_rss_kib <= 256 * 1024, "{max_rss_kib} KiB resident");
     let status = env.ok(&["status"]);

@@ -47,14 +47,14 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Halt { force, timeout } => lifecycle::halt(&Project::load_own(&dir)?, force, timeout),
         Cmd::Destroy => lifecycle::destroy(&Project::load_own(&dir)?),
         Cmd::Status { json } => query::status(&Project::load(&dir)?, json),
-        Cmd::Ip => query::ip(&Project::load(&dir)?),
-        Cmd::Wg { json } => wg::wg(&Project::load(&dir)?, json),
+        Cmd::Ip => query::ip(&Project::load_own(&dir)?),
+        Cmd::Wg { json } => wg::wg(&Project::load_own(&dir)?, json),
         Cmd::Egress {
             json,
             follow,
             denied,
-        } => egress::egress(&Project::load(&dir)?, json, follow, denied),
-        Cmd::Info { json } => query::info(&Project::load(&dir)?, json),
+        } => egress::egress(&Project::load_own(&dir)?, json, follow, denied),
+        Cmd::Info { json } => query::info(&Project::load_own(&dir)?, json),
         Cmd::Ssh { command } => lifecycle::ssh(&Project::load_own(&dir)?, &command),
         Cmd::Console => lifecycle::console(&Project::load_own(&dir)?),
         Cmd::Resize { size } => disk::resize(&Project::load_own(&dir)?, size.as_deref()),
@@ -129,7 +129,9 @@ impl Project {
     }
 
     /// [`Project::load`] for a command that acts on the VM (stops,
-    /// destroys, attaches to or changes it): refused (78) when the VM of
+    /// destroys, attaches to or changes it) or reports what only this
+    /// project's VM may report (its address, its tunnel, its traffic, its
+    /// devices): refused (78) when the VM of
     /// that name was built for another project folder, so a second folder
     /// whose Migrantfile has the same `name` never touches the first's VM.
     pub fn load_own(dir: &std::path::Path) -> Result<Project> {
