@@ -1,0 +1,177 @@
+//! Before anything runs: the VM's files checked and handed to its
+//! identity, its stores mounted, its namespace with the TAP, the tunnel's
+//! TUN and every socket the dataplane will get, QEMU's descriptors.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{Args, SupervisorError, io};
+use crate::config::{self, Config};
+use crate::net::netns::NetNs;
+use crate::net::{dataplane, tap};
+use crate::qemu::{self, process};
+use crate::state::{self, Record, VmPaths};
+
+pub(super) struct Prepared {
+    pub(super) cfg: Config,
+    pub(super) rec: Record,
+    pub(super) ns: Arc<NetNs>,
+    pub(super) tap: std::fs::File,
+    pub(super) sockets: dataplane::Sockets,
+    pub(super) qmp_ours: std::os::unix::net::UnixStream,
+    pub(super) qmp_theirs: std::os::unix::net::UnixStream,
+    pub(super) console: std::os::unix::net::UnixListener,
+    /// The serial log's pipe: read end (ours), write end (QEMU's).
+    pub(super) serial: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+    pub(super) identity: process::Identity,
+    pub(super) spec: qemu::VmSpec,
+    /// Shares to serve, their stores mounted.
+    pub(super) served: Vec<crate::share::Served>,
+    /// WireGuard mode: the plan, the TUN (in the namespace) and the UDP
+    /// socket (in the host's).
+    pub(super) wg: Option<(crate::wireguard::Plan, std::fs::File, std::net::UdpSocket)>,
+}
+
+pub(super) fn bind_private(
+    path: &Path,
+) -> Result<std::os::unix::net::UnixListener, SupervisorError> {
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .map_err(io(format!("cannot listen on {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("chmod {}", path.display())))?;
+    Ok(l)
+}
+
+/// The SSH socket belongs to the user who ran `migrant up` (still 0600).
+pub(super) fn give_to_invoker(path: &Path) -> Result<(), SupervisorError> {
+    let Ok(who) = crate::provision::keys::Invoker::current() else {
+        return Ok(());
+    };
+    crate::provision::as_user::chown_to(path, &who).map_err(io(format!(
+        "chown {} to {}",
+        path.display(),
+        who.name
+    )))
+}
+
+/// Give `path` (root's, in the VM's state folder or the image cache) to
+/// `uid`:`gid` with `mode`.
+fn set_owner(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), SupervisorError> {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(|e| io(format!("chown {}", path.display()))(e.into()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("chmod {}", path.display())))
+}
+
+pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
+    let cfg = config::load(&args.project)?;
+    let mut rec =
+        Record::load(&vm.record())?.ok_or_else(|| SupervisorError::NoRecord(vm.name.clone()))?;
+    // QEMU, unprivileged and possibly compromised, wrote this disk last
+    // time: before it opens it again, its header must still name only the
+    // backing file migrant made (not another VM's disk, not a host file).
+    crate::image::check_disk_chain(&vm.disk(), &[&rec.base_image, &vm.snapshot()], false)?;
+    // Traverse-only for others: the SSH socket inside belongs to the
+    // invoking user (hooks, Ansible and `ssh-config` users reach it).
+    state::ensure_dir(&vm.run, 0o711)?;
+    // Fail closed before anything runs: drift, forbidden paths, and each
+    // store mounted and verified (unmounted again by `cleanup`).
+    let served = crate::share::mount_for_vm(&cfg, vm)?;
+    // QEMU runs unprivileged and opens its files here by name.
+    state::ensure_dir(&vm.state, 0o711)?;
+
+    // Endpoint names are resolved here, once, in the host's namespace.
+    let wg_plan = crate::wireguard::plan_for(&cfg)?;
+    let ns = Arc::new(NetNs::create()?);
+    let setup = dataplane::Setup::for_config(&cfg);
+    let (tap, sockets, tun) = ns.run(|| -> Result<_, SupervisorError> {
+        let tap = tap::create_tap(tap::TAP_NAME)?;
+        let tun = wg_plan
+            .as_ref()
+            .map(crate::wireguard::create_tun_in_ns)
+            .transpose()?;
+        let sockets = dataplane::setup_in_ns(tap::TAP_NAME, &setup)?;
+        Ok((tap, sockets, tun))
+    })??;
+    let wg = match (wg_plan, tun) {
+        (Some(plan), Some(tun)) => {
+            let udp = crate::wireguard::bind_udp(&plan)?;
+            Some((plan, tun, udp))
+        }
+        _ => None,
+    };
+
+    let (qmp_ours, qmp_theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(io("QMP socket pair"))?;
+    let console = bind_private(&vm.console_sock())?;
+
+    // The VM's own identity: QEMU and its tunnel run as it.
+    let vm_id = state::allocate_vm_id(vm, rec.vm_id, process::VM_ID_BASE, process::VM_ID_COUNT)?;
+    rec.vm_id = Some(vm_id);
+    let identity = process::vm_identity(vm_id)?;
+    // Base images are readable by VM identities only; the snapshot a
+    // reset disk overlays, by this VM only.
+    let images = process::system_group(process::IMAGE_GROUP)?;
+    set_owner(&rec.base_image, 0, images.as_raw(), 0o640)?;
+    if vm.snapshot().exists() {
+        set_owner(&vm.snapshot(), 0, identity.gid.as_raw(), 0o640)?;
+    }
+    // QEMU opens its disks itself, as the unprivileged user: 0600, its own.
+    let mut owned = vec![vm.disk(), vm.seed()];
+    let serial = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| io("serial log pipe")(e.into()))?;
+    let firmware = crate::firmware::resolve(cfg.firmware, cfg.secure_boot, &vm.nvram())?;
+    if let qemu::FirmwareFiles::Uefi { vars, .. } = &firmware {
+        owned.push(vars.clone());
+    }
+    for f in &owned {
+        set_owner(f, identity.uid.as_raw(), identity.gid.as_raw(), 0o600)?;
+    }
+
+    let accel = qemu::accel::resolve(cfg.accel)?;
+    let spec = qemu::VmSpec {
+        name: cfg.name.clone(),
+        cpus: cfg.cpus,
+        memory_mib: cfg.memory / (1024 * 1024),
+        accel,
+        firmware,
+        disk: vm.disk(),
+        seed: vm.seed(),
+        mac: rec.mac.clone(),
+        tap_fd: tap.as_raw_fd(),
+        qmp_fd: qmp_theirs.as_raw_fd(),
+        console_fd: console.as_raw_fd(),
+        serial_fd: serial.1.as_raw_fd(),
+        shares: Vec::new(),
+        // What a pre-up hook gave on creation (see provision::hooks), then
+        // MIGRANT_QEMU_EXTRA_ARGS (benchmarks, debugging).
+        extra: {
+            let mut extra = crate::provision::hooks::stored_extra_args(vm)
+                .map_err(io("the VM's extra QEMU arguments"))?;
+            extra.extend(crate::share::extra_qemu_args());
+            extra
+        },
+    };
+    Ok(Prepared {
+        cfg,
+        rec,
+        ns,
+        tap,
+        sockets,
+        qmp_ours,
+        qmp_theirs,
+        console,
+        serial,
+        identity,
+        spec,
+        served,
+        wg,
+    })
+}
