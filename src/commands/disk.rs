@@ -34,65 +34,6 @@ pub fn post_down_hook(p: &Project, trigger: &str) {
     let _ = hooks::fire(&p.cfg, Hook::PostDown, trigger_of(trigger), None, false);
 }
 
-/// Whose point of view [`pending_changes`] takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum When {
-    /// The VM runs.
-    Running,
-    /// The VM is down.
-    Stopped,
-    /// `up` is booting it now.
-    Booting,
-}
-
-/// Settings that differ between the Migrantfile and the VM as it was
-/// built or last booted, each as one sentence.
-pub fn pending_changes(p: &Project, rec: &Record, now: When) -> Vec<String> {
-    let cfg = &p.cfg;
-    let running = now == When::Running;
-    let when = match now {
-        When::Running => "applies at the next boot (`migrant halt && migrant up`)",
-        When::Stopped => "applies at the next `migrant up`",
-        When::Booting => "applies at this boot",
-    };
-    let mut notes = Vec::new();
-    if let Some(cpus) = rec.cpus
-        && cpus != cfg.cpus
-    {
-        notes.push(format!(
-            "cpus = {} in the Migrantfile, the VM {} with {cpus}: {when}",
-            cfg.cpus,
-            if running { "runs" } else { "last ran" }
-        ));
-    }
-    if let Some(mem) = rec.memory
-        && mem != cfg.memory
-    {
-        notes.push(format!(
-            "memory = {} in the Migrantfile, the VM {} with {}: {when}",
-            human(cfg.memory),
-            if running { "runs" } else { "last ran" },
-            human(mem)
-        ));
-    }
-    if let Ok(info) = crate::image::info_as(&p.vm.disk(), Some("qcow2"), true) {
-        if cfg.disk > info.virtual_size {
-            notes.push(format!(
-                "disk = {} in the Migrantfile, the disk is {}: `migrant resize` grows it",
-                human(cfg.disk),
-                human(info.virtual_size)
-            ));
-        } else if cfg.disk < info.virtual_size {
-            notes.push(format!(
-                "disk = {} in the Migrantfile is smaller than the VM's {} disk; disks never shrink (`migrant destroy` and `up` to rebuild)",
-                human(cfg.disk),
-                human(info.virtual_size)
-            ));
-        }
-    }
-    notes
-}
-
 /// `migrant resize [SIZE]`: grow the disk to SIZE (default: the
 /// Migrantfile's `disk`). Live while the VM runs (QMP `block_resize`,
 /// then the guest's partition and file system over SSH); with `qemu-img`
@@ -214,7 +155,7 @@ df -h --output=size / | tail -n 1"#;
 fn grow_in_guest(p: &Project) {
     let name = &p.cfg.name;
     let run = || -> Result<std::process::Output> {
-        let mut cmd = super::up::ssh_command(&p.cfg, &p.vm)?;
+        let mut cmd = super::ssh_command(&p.cfg, &p.vm)?;
         let remote = format!(
             "sudo -n sh -c {}",
             crate::provision::ssh::sh_quote(GROW_SCRIPT)

@@ -167,7 +167,7 @@ fn require_running(p: &Project) -> Result<()> {
 
 pub fn ssh(p: &Project, command: &[String]) -> Result<u8> {
     require_running(p)?;
-    let mut cmd = super::up::ssh_command(&p.cfg, &p.vm)?;
+    let mut cmd = super::ssh_command(&p.cfg, &p.vm)?;
     if !command.is_empty() {
         cmd.arg("--").args(command);
     }
@@ -200,7 +200,7 @@ pub fn tunnel(p: &Project, ports: &[u16]) -> Result<u8> {
         return Err(Error::other(exit::USAGE, "port 0 cannot be forwarded"));
     }
     require_running(p)?;
-    let mut cmd = super::up::ssh_command(&p.cfg, &p.vm)?;
+    let mut cmd = super::ssh_command(&p.cfg, &p.vm)?;
     cmd.args(["-N", "-o", "ExitOnForwardFailure=yes"]);
     for port in &ports {
         cmd.arg("-L")

@@ -3,6 +3,7 @@
 
 mod disk;
 mod docs;
+mod drift;
 mod egress;
 mod host;
 mod image;
@@ -239,6 +240,18 @@ pub fn ssh_key(cfg: &Config) -> Result<PathBuf> {
         Some(k) => Ok(k.clone()),
         None => Ok(crate::provision::keys::Invoker::current()?.managed_key()),
     }
+}
+
+/// `ssh` to the VM through its supervisor's socket, as the Migrantfile's
+/// user with its key.
+pub fn ssh_command(cfg: &Config, vm: &crate::state::VmPaths) -> Result<std::process::Command> {
+    Ok(crate::provision::ssh::base_command(
+        &self_exe()?,
+        &vm.ssh_sock(),
+        &ssh_key(cfg)?,
+        &cfg.ssh.user,
+        &cfg.name,
+    ))
 }
 
 pub fn self_exe() -> Result<PathBuf> {

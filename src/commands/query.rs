@@ -169,11 +169,11 @@ pub fn status(p: &Project, json: bool) -> Result<u8> {
     v.snapshot = super::disk::snapshot_summary(&p.vm);
     if let Live::Active(r) | Live::Stopped(r) = &l {
         let now = if matches!(l, Live::Active(_)) {
-            super::disk::When::Running
+            super::drift::When::Running
         } else {
-            super::disk::When::Stopped
+            super::drift::When::Stopped
         };
-        v.pending = super::disk::pending_changes(p, r, now);
+        v.pending = super::drift::pending_changes(p, r, now);
     }
     if matches!(l, Live::Active(_))
         && let Ok(Response::Status { network, .. }) = control::request(

@@ -189,7 +189,7 @@ fn up_and_run(p: &Project, o: &RunOptions, remote: &str, stdout: OwnedFd) -> Res
     }
 
     let tty = std::io::stdin().is_terminal() && nix::unistd::isatty(&stdout).unwrap_or(false);
-    let mut ssh = super::up::ssh_command(&p.cfg, &p.vm)?;
+    let mut ssh = super::ssh_command(&p.cfg, &p.vm)?;
     ssh.args(["-o", "BatchMode=yes"])
         .arg(if tty { "-t" } else { "-T" })
         .arg("--")

@@ -13,9 +13,9 @@ use super::{Live, Project, Result, live, ssh_key};
 use crate::config::{Accel, Autoconnect, Config};
 use crate::error::Error;
 use crate::exit;
+use crate::provision::ansible;
 use crate::provision::hooks::{self, Hook, Trigger};
 use crate::provision::keys::{self, KeyError};
-use crate::provision::{ansible, ssh};
 use crate::state::{self, Record, VmLock, VmPaths, VmState};
 use crate::supervisor::control::{self, Request};
 use crate::supervisor::progress::Progress;
@@ -84,7 +84,7 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
         }
         Live::Active(r) if r.state == VmState::Running => {
             println!("==> {}: already running ({})", cfg.name, r.guest_ip);
-            for note in super::disk::pending_changes(p, &r, super::disk::When::Running) {
+            for note in super::drift::pending_changes(p, &r, super::drift::When::Running) {
                 println!("==> {}: {note}", cfg.name);
             }
             return connect(p, opts);
@@ -108,7 +108,7 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
 
     let creating = match Record::load(&vm.record())? {
         Some(rec) if vm.disk().exists() => {
-            for note in super::disk::pending_changes(p, &rec, super::disk::When::Booting) {
+            for note in super::drift::pending_changes(p, &rec, super::drift::When::Booting) {
                 println!("==> {}: {note}", cfg.name);
             }
             false
@@ -461,27 +461,17 @@ fn spawn_line_reader(fd: OwnedFd) -> mpsc::Receiver<String> {
     rx
 }
 
-pub fn tail(path: &Path, n: usize) -> String {
+fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-pub fn ssh_command(cfg: &Config, vm: &VmPaths) -> Result<Command> {
-    Ok(ssh::base_command(
-        &super::self_exe()?,
-        &vm.ssh_sock(),
-        &ssh_key(cfg)?,
-        &cfg.ssh.user,
-        &cfg.name,
-    ))
 }
 
 /// Poll an SSH login until it works: sshd answering is not enough, the
 /// guest may not have installed the key yet.
 fn wait_login(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<()> {
     loop {
-        let mut cmd = ssh_command(cfg, vm)?;
+        let mut cmd = super::ssh_command(cfg, vm)?;
         cmd.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=15", "true"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -507,7 +497,7 @@ fn wait_login(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<()> {
 
 fn wait_cloud_init(cfg: &Config, vm: &VmPaths) -> Result<()> {
     println!("==> {}: waiting for cloud-init to finish", cfg.name);
-    let mut cmd = ssh_command(cfg, vm)?;
+    let mut cmd = super::ssh_command(cfg, vm)?;
     cmd.args(["-o", "BatchMode=yes", "cloud-init", "status", "--wait"])
         .stdin(Stdio::null());
     let out = cmd.output().map_err(Error::io("cannot run ssh"))?;
