@@ -380,3 +380,81 @@ fn another_folder_with_the_same_name_touches_nothing() {
         );
     }
 }
+
+/// Make `path` traversable by everyone (a tempdir is 0700).
+fn open_to_all(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Under sudo, the files migrant makes in the project folder (`init`'s,
+/// a share's store) are made by the invoking user's own programs: in a
+/// folder that user may not write, nothing appears (77), and in their own
+/// folder what appears is theirs. (Before, root wrote them by path and
+/// then chowned the path, which a planted symlink redirects.)
+#[test]
+fn files_in_the_project_folder_are_made_as_the_invoking_user() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    open_to_all(tmp.path());
+    let s = Sandbox::new(
+        &format!(
+            "{}[[share]]\nhost = \"ws\"\nsize = \"1G\"\n",
+            good_file(tmp.path())
+        ),
+        Some(CLOUD_INIT),
+    );
+    open_to_all(s.root.path());
+    let project = s.root.path().join("project");
+    open_to_all(&project);
+    let before: Vec<_> = std::fs::read_dir(&project)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+
+    // root's folder, nobody invoking: refused, nothing written.
+    let o = s
+        .cmd(&["mount"])
+        .env("SUDO_USER", "nobody")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(o.status.code(), Some(77), "mount: {}", stderr(&o));
+    let fresh = tmp.path().join("fresh");
+    std::fs::create_dir(&fresh).unwrap_or_else(|e| panic!("{e}"));
+    open_to_all(&fresh);
+    let o = s
+        .cmd(&["-C", &fresh.to_string_lossy(), "init"])
+        .env("SUDO_USER", "nobody")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(o.status.code(), Some(77), "init: {}", stderr(&o));
+    let after: Vec<_> = std::fs::read_dir(&project)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        before, after,
+        "root wrote in a folder the user may not write"
+    );
+    let made: Vec<_> = std::fs::read_dir(&fresh)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(made.is_empty(), "init wrote {made:?}");
+
+    // The user's own folder: what init writes is theirs.
+    nix::unistd::chown(&fresh, Some(65534.into()), Some(65534.into()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let o = s
+        .cmd(&["-C", &fresh.to_string_lossy(), "init"])
+        .env("SUDO_USER", "nobody")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "init: {}", stderr(&o));
+    for f in ["Migrantfile", "cloud-init.yml"] {
+        let m = std::fs::metadata(fresh.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{f}");
+    }
+}

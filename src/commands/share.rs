@@ -35,9 +35,9 @@ pub fn mount(p: &Project) -> Result<u8> {
     for s in p.cfg.shares.iter().filter(|s| s.isolation) {
         let img = share::image_path(&s.host);
         if !s.host.exists() {
-            std::fs::create_dir_all(&s.host)
-                .map_err(Error::io(format!("create {}", s.host.display())))?;
-            owner.own(&s.host);
+            owner.mkdir(&s.host).map_err(|why| {
+                Error::other(exit::NOPERM, format!("create {}: {why}", s.host.display()))
+            })?;
         }
         if !img.exists() {
             println!(

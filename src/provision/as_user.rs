@@ -53,14 +53,6 @@ impl Invoker {
         })
     }
 
-    /// Give `path` to the invoking user (a no-op when that is us).
-    pub fn own(&self, path: &Path) -> std::io::Result<()> {
-        if self.uid == Uid::effective() {
-            return Ok(());
-        }
-        nix::unistd::chown(path, Some(self.uid), Some(self.gid)).map_err(std::io::Error::from)
-    }
-
     pub fn managed_key(&self) -> PathBuf {
         self.home.join(".ssh").join("migrant")
     }
@@ -88,6 +80,8 @@ pub enum AsUserError {
         "{path} belongs to uid {owner} (or is writable by others) but would run as root; run migrant through sudo as that user, or make the file root's"
     )]
     NotRootOwned { path: PathBuf, owner: u32 },
+    #[error("cannot write {path} as the invoking user: {why}")]
+    Write { path: PathBuf, why: String },
 }
 
 /// Whether starting a program for `who` needs a change of identity.
@@ -164,6 +158,46 @@ pub fn check_runnable(path: &Path, who: &Invoker) -> Result<(), AsUserError> {
         });
     }
     Ok(())
+}
+
+/// Write `data` to `path` as `who` (`cat > PATH`, then `chmod`, run as
+/// that user: a symlink planted at `path` is followed, if at all, with the
+/// user's rights only); as us, atomically in-process.
+pub fn write_file(who: &Invoker, path: &Path, data: &[u8], mode: u32) -> Result<(), AsUserError> {
+    let failed = |why: String| AsUserError::Write {
+        path: path.to_path_buf(),
+        why,
+    };
+    if !must_switch(who) {
+        return crate::state::write_atomic(path, data, mode).map_err(|e| failed(e.to_string()));
+    }
+    // The pipe is root's: the user's program reads it as its stdin, never
+    // by name.
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "cat > \"$1\" && chmod \"$2\" \"$1\"", "sh"])
+        .arg(path)
+        .arg(format!("{mode:o}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    apply(&mut cmd, who)?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| failed(format!("cannot run sh: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(data).map_err(|e| failed(e.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| failed(e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
 }
 
 /// Give `path` to `who` (a no-op when that is us).

@@ -29,6 +29,7 @@ impl KeyError {
         match self {
             KeyError::Missing { .. } => crate::exit::CONFIG,
             KeyError::Keygen(_) => crate::exit::UNAVAILABLE,
+            KeyError::AsUser(AsUserError::Write { .. }) => crate::exit::NOPERM,
             _ => crate::exit::SOFTWARE,
         }
     }

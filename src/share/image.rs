@@ -3,18 +3,22 @@
 //! It is built under a temporary name and renamed into place, so a store
 //! that exists is complete, and a failed allocation leaves nothing.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use nix::unistd::{Gid, Uid};
 
 /// Who owns the stores, their mount points and their root folders: the
-/// user who ran migrant (`SUDO_USER` under sudo).
-#[derive(Debug, Clone, Copy)]
+/// user who ran migrant (`SUDO_USER` under sudo). Every file operation in
+/// the project folder (a folder that user, and through a share the guest,
+/// may write) runs as that user, by programs started with the user's
+/// identity: root never creates, formats, links or chowns a path there, so
+/// a symlink planted on the way leads only where the user could go anyway.
+#[derive(Debug, Clone)]
 pub struct Owner {
     pub uid: Uid,
     pub gid: Gid,
+    who: Option<crate::provision::keys::Invoker>,
 }
 
 impl Owner {
@@ -23,23 +27,53 @@ impl Owner {
             Ok(i) => Owner {
                 uid: i.uid,
                 gid: i.gid,
+                who: Some(i),
             },
             Err(_) => Owner {
                 uid: Uid::effective(),
                 gid: Gid::effective(),
+                who: None,
             },
         }
     }
 
-    /// Give `path` to the owner (best effort: the path stays usable by
-    /// root either way).
-    pub fn own(&self, path: &Path) {
-        if self.uid == Uid::effective() {
-            return;
+    /// `program` to be run as the owner.
+    fn command(&self, program: &Path) -> Result<Command, String> {
+        let mut cmd = Command::new(program);
+        cmd.stdin(Stdio::null());
+        if let Some(who) = &self.who {
+            crate::provision::as_user::apply(&mut cmd, who).map_err(|e| e.to_string())?;
         }
-        if let Err(e) = nix::unistd::chown(path, Some(self.uid), Some(self.gid)) {
-            tracing::warn!("chown {}: {e}", path.display());
+        Ok(cmd)
+    }
+
+    /// Run `program` with `args` as the owner; its error output on failure.
+    fn run<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        program: &str,
+        args: impl IntoIterator<Item = S>,
+    ) -> Result<(), String> {
+        let out = self
+            .command(Path::new(program))?
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run {program}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{program} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
         }
+    }
+
+    /// Create `dir` (and its missing parents) as the owner.
+    pub fn mkdir(&self, dir: &Path) -> Result<(), String> {
+        self.run(
+            "mkdir",
+            [std::ffi::OsStr::new("-p"), "--".as_ref(), dir.as_os_str()],
+        )
     }
 }
 
@@ -51,8 +85,8 @@ fn partial(image: &Path) -> PathBuf {
     image.with_file_name(format!(".{name}.partial"))
 }
 
-/// Create the store `image` of `size` bytes. On failure nothing is left
-/// and the error says why, with an exit code.
+/// Create the store `image` of `size` bytes, as its owner. On failure
+/// nothing is left and the error says why, with an exit code.
 pub fn create(image: &Path, size: u64, owner: &Owner) -> Result<(), (String, u8)> {
     let mkfs = crate::qemu::process::which("mkfs.ext4")
         .or_else(|| {
@@ -67,36 +101,65 @@ pub fn create(image: &Path, size: u64, owner: &Owner) -> Result<(), (String, u8)
                 crate::exit::UNAVAILABLE,
             )
         })?;
+    // The owner must be able to write there: root does not do it for them.
+    let parent = image.parent().unwrap_or(Path::new("."));
+    if owner
+        .run("test", [std::ffi::OsStr::new("-w"), parent.as_os_str()])
+        .is_err()
+    {
+        return Err((
+            format!(
+                "uid {} may not write in {}, where the store would go",
+                owner.uid,
+                parent.display()
+            ),
+            crate::exit::NOPERM,
+        ));
+    }
     let tmp = partial(image);
-    let _ = std::fs::remove_file(&tmp);
-    let result = build(&mkfs, &tmp, size, owner).and_then(|()| {
-        // Never replace a store that appeared meanwhile.
-        std::fs::hard_link(&tmp, image).map_err(|e| format!("{}: {e}", image.display()))
-    });
-    let _ = std::fs::remove_file(&tmp);
+    let remove = || {
+        owner.run(
+            "rm",
+            [std::ffi::OsStr::new("-f"), "--".as_ref(), tmp.as_os_str()],
+        )
+    };
+    let result = remove()
+        .and_then(|()| build(&mkfs, &tmp, size, owner))
+        .and_then(|()| {
+            // Never replace a store that appeared meanwhile (`ln` without -f).
+            owner.run(
+                "ln",
+                [
+                    std::ffi::OsStr::new("--"),
+                    tmp.as_os_str(),
+                    image.as_os_str(),
+                ],
+            )
+        });
+    let _ = remove();
     result.map_err(|why| (why, crate::exit::SOFTWARE))
 }
 
 fn build(mkfs: &Path, tmp: &Path, size: u64, owner: &Owner) -> Result<(), String> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    // Sparse: the cap is never paid up front.
-    f.set_len(size)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    drop(f);
-    let out = Command::new(mkfs)
+    // mke2fs creates the file (sparse: the cap is never paid up front).
+    let out = owner
+        .command(mkfs)?
         .args(["-F", "-q", "-t", "ext4", "-E"])
         .arg(format!(
             "root_owner={}:{},lazy_itable_init=1,lazy_journal_init=1",
             owner.uid, owner.gid
         ))
-        .args(["-O", "^resize_inode", "-L", "migrant-share", "-m", "0"])
+        .args([
+            "-O",
+            "^resize_inode",
+            "-L",
+            "migrant-share",
+            "-m",
+            "0",
+            "--",
+        ])
         .arg(tmp)
-        .stdin(Stdio::null())
+        .arg(format!("{}k", size / 1024))
         .output()
         .map_err(|e| format!("cannot run {}: {e}", mkfs.display()))?;
     if !out.status.success() {
@@ -105,19 +168,22 @@ fn build(mkfs: &Path, tmp: &Path, size: u64, owner: &Owner) -> Result<(), String
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
+    owner.run(
+        "chmod",
+        [std::ffi::OsStr::new("0600"), "--".as_ref(), tmp.as_os_str()],
+    )?;
     // The guest need not see an empty lost+found (best effort; e2fsck
     // recreates it when it needs one).
-    let _ = Command::new("debugfs")
-        .args(["-w", "-R", "rmdir lost+found"])
-        .arg(tmp)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    owner.own(tmp);
-    std::fs::File::open(tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| format!("{}: {e}", tmp.display()))
+    let _ = owner.run(
+        "debugfs",
+        [
+            std::ffi::OsStr::new("-w"),
+            "-R".as_ref(),
+            "rmdir lost+found".as_ref(),
+            tmp.as_os_str(),
+        ],
+    );
+    owner.run("sync", [std::ffi::OsStr::new("--"), tmp.as_os_str()])
 }
 
 /// A note when an existing store's size differs from the configured one

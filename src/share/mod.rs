@@ -350,11 +350,9 @@ fn ensure_folder(dir: &Path, owner: &image::Owner) -> Result<(), ShareError> {
             dir: dir.to_path_buf(),
             why: "is not a folder (a symlink or a file)".into(),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-            owner.own(dir);
-            Ok(())
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => owner
+            .mkdir(dir)
+            .map_err(|why| io(format!("create {}", dir.display()))(std::io::Error::other(why))),
         Err(e) => Err(io(dir.display().to_string())(e)),
     }
 }
