@@ -218,6 +218,10 @@ pub enum Cmd {
         shared_dir: PathBuf,
         #[arg(long)]
         tag: String,
+        /// Every file the guest makes belongs to this uid:gid on the host
+        /// (shares without isolation).
+        #[arg(long)]
+        owner: Option<String>,
     },
     /// (internal) Benchmarks: run the dataplane of the project's VM on the
     /// interface `tap0` of an existing namespace, until SIGTERM/SIGINT.

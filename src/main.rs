@@ -68,6 +68,7 @@ fn main() -> ExitCode {
             fd,
             shared_dir,
             tag,
+            owner,
         } => {
             init_logging(cli.verbose, "info");
             return ExitCode::from(migrant::share::virtiofsd::main(
@@ -75,6 +76,7 @@ fn main() -> ExitCode {
                     fd,
                     shared_dir,
                     tag,
+                    owner,
                 },
             ));
         }

@@ -352,3 +352,47 @@ fn shares_refuse_to_start_and_delete_nothing() {
     assert_no_mounts_or_loops(&env);
     assert!(img.exists());
 }
+
+/// Without isolation the guest writes into the host folder itself; guest
+/// root must not gain anything on the host through it: every file it makes
+/// belongs to the folder's owner (a setuid file runs as that user, never
+/// as root), and it cannot make device nodes.
+#[test]
+fn a_share_without_isolation_gives_guest_root_nothing_on_the_host() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Some(image) = test_image() else { return };
+    let env = Env::new(
+        "plain",
+        &image,
+        "[[share]]\nhost = \"plain\"\nguest = \"/mnt/plain\"\nisolation = false\n",
+    );
+    let dir = env.project.join("plain");
+    std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+    nix::unistd::chown(&dir, Some(65534.into()), Some(65534.into()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    env.ok(&["up"]);
+    let out = guest(
+        &env,
+        "sudo sh -c 'echo x > /mnt/plain/rootsh; chown 0:0 /mnt/plain/rootsh; chmod 4755 /mnt/plain/rootsh; \
+         mknod /mnt/plain/disk b 8 0 2>/dev/null && echo MKNOD-OK || echo MKNOD-REFUSED; \
+         echo hello > /mnt/plain/note; cat /mnt/plain/note'",
+    );
+    assert!(out.contains("hello"), "the share does not work: {out}");
+    assert!(out.contains("MKNOD-REFUSED"), "guest root made a device node: {out}");
+    for f in ["rootsh", "note"] {
+        let m = std::fs::symlink_metadata(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (65534, 65534),
+            "{f} belongs to {}:{} on the host",
+            m.uid(),
+            m.gid()
+        );
+    }
+    let disk = std::fs::symlink_metadata(dir.join("disk"));
+    assert!(
+        !disk.as_ref().is_ok_and(|m| m.file_type().is_block_device()),
+        "a block device appeared in the share: {disk:?}"
+    );
+    env.ok(&["destroy"]);
+}

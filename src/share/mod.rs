@@ -603,6 +603,9 @@ pub struct Served {
     /// folder without isolation).
     pub dir: PathBuf,
     pub image: Option<PathBuf>,
+    /// Without isolation: the folder's owner (uid, gid), to whom every
+    /// file the guest makes there belongs.
+    pub owner: Option<(u32, u32)>,
 }
 
 /// Supervisor, before QEMU starts: re-check the rules and the record, then
@@ -621,18 +624,23 @@ pub fn mount_for_vm(cfg: &Config, vm: &VmPaths) -> Result<Vec<Served>, ShareErro
             unmount_served(&served);
             return Err(e);
         }
-        if !s.isolation && !s.host.is_dir() {
-            unmount_served(&served);
-            return Err(ShareError::Foreign {
-                tag: s.tag.clone(),
-                dir: s.host.clone(),
-                why: "is not a folder".into(),
-            });
-        }
+        let owner = match std::fs::symlink_metadata(&s.host) {
+            _ if s.isolation => None,
+            Ok(m) if m.is_dir() => Some((m.uid(), m.gid())),
+            _ => {
+                unmount_served(&served);
+                return Err(ShareError::Foreign {
+                    tag: s.tag.clone(),
+                    dir: s.host.clone(),
+                    why: "is not a folder".into(),
+                });
+            }
+        };
         served.push(Served {
             tag: s.tag.clone(),
             dir: s.host.clone(),
             image,
+            owner,
         });
     }
     Ok(served)

@@ -31,6 +31,9 @@ pub struct Args {
     pub shared_dir: PathBuf,
     /// The virtiofs tag (logged; QEMU announces the tag itself).
     pub tag: String,
+    /// `UID:GID`: a share without isolation, whose files all belong to
+    /// this owner on the host, whatever guest user makes them.
+    pub owner: Option<String>,
 }
 
 /// Descriptors reserved for the daemon itself (memory slots and threads),
@@ -80,8 +83,24 @@ fn fail(tag: &str, what: impl std::fmt::Display) -> u8 {
 /// Entry point of `migrant __virtiofsd`; returns the exit code. Never
 /// returns in the sandbox's outer process (it waits for the inner one and
 /// exits with its status).
+/// What a share without isolation may not do, on top of [`CAPS`]: make
+/// device nodes (a block device node the user owns is the host's disk) or
+/// set file capabilities.
+const SQUASHED_DROPS: [&str; 2] = ["MKNOD", "SETFCAP"];
+
+/// `UID:GID` as the two ids.
+fn parse_owner(text: &str) -> Option<(u32, u32)> {
+    let (u, g) = text.split_once(':')?;
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
 pub fn main(args: Args) -> u8 {
     let tag = args.tag.clone();
+    let owner = match args.owner.as_deref().map(parse_owner) {
+        None => None,
+        Some(Some(o)) => Some(o),
+        Some(None) => return fail(&tag, "--owner must be UID:GID"),
+    };
     if let Err(e) = set_signal_handlers() {
         return fail(&tag, format!("signal handlers: {e}"));
     }
@@ -141,6 +160,11 @@ pub fn main(args: Args) -> u8 {
         allow_direct_io: false,
         killpriv_v2: false,
         guest_fd_limit,
+        // Without isolation every guest id is the folder owner's on the
+        // host: a setuid file guest root leaves there runs as that user,
+        // never as root.
+        uid_map: owner.map(|(uid, _)| vec![squash(uid)]),
+        gid_map: owner.map(|(_, gid)| vec![squash(gid)]),
         ..Default::default()
     };
 
@@ -149,7 +173,7 @@ pub fn main(args: Args) -> u8 {
     {
         return fail(&tag, format!("seccomp: {e}"));
     }
-    if let Err(e) = drop_capabilities() {
+    if let Err(e) = drop_capabilities(owner.is_some()) {
         return fail(&tag, format!("dropping capabilities: {e}"));
     }
 
@@ -160,12 +184,26 @@ pub fn main(args: Args) -> u8 {
     serve(fs, listener, &tag)
 }
 
-fn drop_capabilities() -> Result<(), String> {
+/// Every guest id to `host`.
+fn squash(host: u32) -> virtiofsd::soft_idmap::cmdline::IdMap {
+    virtiofsd::soft_idmap::cmdline::IdMap::SquashGuest {
+        from_guest: 0,
+        to_host: host,
+        count: u32::MAX,
+    }
+}
+
+fn drop_capabilities(squashed: bool) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
     }
-    let caps: HashSet<&str> = CAPS.into_iter().collect();
+    let mut caps: HashSet<&str> = CAPS.into_iter().collect();
+    if squashed {
+        for c in SQUASHED_DROPS {
+            caps.remove(c);
+        }
+    }
     capng::clear(capng::Set::BOTH);
     capng::updatev(
         capng::Action::ADD,
@@ -223,6 +261,7 @@ pub fn spawn(
     dir: &Path,
     socket_path: &Path,
     log: &Path,
+    owner: Option<(u32, u32)>,
 ) -> std::io::Result<(Daemon, std::os::unix::net::UnixStream)> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::PermissionsExt;
@@ -250,6 +289,7 @@ pub fn spawn(
         .arg(dir)
         .arg("--tag")
         .arg(tag)
+        .args(owner.map(|(u, g)| format!("--owner={u}:{g}")))
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)

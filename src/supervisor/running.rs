@@ -83,6 +83,7 @@ pub(super) async fn supervise(
             &s.dir,
             &vm.run.join(format!("virtiofsd-{}.sock", s.tag)),
             &vm.state.join(format!("virtiofsd-{}.log", s.tag)),
+            s.owner,
         )
         .map_err(io(format!("cannot start virtiofsd for share {:?}", s.tag)))?;
         tracing::info!(pid = ?daemon.child.id(), tag = %s.tag, dir = %s.dir.display(), "virtiofsd started");
