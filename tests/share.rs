@@ -378,7 +378,10 @@ fn a_share_without_isolation_gives_guest_root_nothing_on_the_host() {
          echo hello > /mnt/plain/note; cat /mnt/plain/note'",
     );
     assert!(out.contains("hello"), "the share does not work: {out}");
-    assert!(out.contains("MKNOD-REFUSED"), "guest root made a device node: {out}");
+    assert!(
+        out.contains("MKNOD-REFUSED"),
+        "guest root made a device node: {out}"
+    );
     for f in ["rootsh", "note"] {
         let m = std::fs::symlink_metadata(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!(
