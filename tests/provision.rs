@@ -161,6 +161,19 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
         NOBODY.to_string(),
         "ansible-playbook must run as the invoking user"
     );
+    // `migrant ssh` runs as the user: a key only root may read does not
+    // work (root would read it).
+    let keymeta = std::fs::metadata(&key).unwrap_or_else(|e| panic!("{e}"));
+    chown(&key, 0);
+    let out = sudo(&env, &["ssh", "--", "true"]);
+    assert!(
+        !out.status.success(),
+        "ssh read a root-only key under sudo: {}",
+        text(&out)
+    );
+    chown(&key, keymeta.uid());
+    let out = sudo(&env, &["ssh", "--", "true"]);
+    assert!(out.status.success(), "ssh: {}", text(&out));
     // post-up ran `migrant ssh` as nobody, through the user's socket.
     let post_up_ssh = std::fs::read_to_string(log.join("post-up-ssh")).unwrap_or_default();
     assert!(

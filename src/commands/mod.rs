@@ -243,15 +243,18 @@ pub fn ssh_key(cfg: &Config) -> Result<PathBuf> {
 }
 
 /// `ssh` to the VM through its supervisor's socket, as the Migrantfile's
-/// user with its key.
+/// user with its key. It runs as the invoking user (their key, their
+/// socket): root never reads a path in their home for them.
 pub fn ssh_command(cfg: &Config, vm: &crate::state::VmPaths) -> Result<std::process::Command> {
-    Ok(crate::provision::ssh::base_command(
+    let mut cmd = crate::provision::ssh::base_command(
         &self_exe()?,
         &vm.ssh_sock(),
         &ssh_key(cfg)?,
         &cfg.ssh.user,
         &cfg.name,
-    ))
+    );
+    crate::provision::as_user::apply(&mut cmd, &crate::provision::keys::Invoker::current()?)?;
+    Ok(cmd)
 }
 
 pub fn self_exe() -> Result<PathBuf> {
