@@ -137,6 +137,20 @@ impl VmPaths {
     }
 }
 
+/// Open a log in a VM's state folder for appending: 0600 (an older one
+/// is made 0600 too: logs hold what the guest did and said), never
+/// through a symlink.
+pub fn open_log(path: &Path) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
 /// Create `dir` (and parents) with `mode` on the last component.
 pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), StateError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;

@@ -195,6 +195,38 @@ fn each_vm_has_its_own_identity() {
     }
     let out = a.as_vm(&["kill", "-0", &b_qemu.to_string()]);
     assert!(!out.status.success(), "A's QEMU user may signal B's QEMU");
+    // The logs hold what the guest did and said: neither another VM nor
+    // an ordinary local user reads them (who may reach the folder).
+    std::fs::set_permissions(
+        b.root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for log in ["supervisor.log", "qemu.log", "serial.log"] {
+        let path = b.state_dir().join(log);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path)
+                .unwrap_or_else(|e| panic!("{log}: {e}"))
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{log} is {mode:o}");
+        let t = path.to_string_lossy().into_owned();
+        let out = a.as_vm(&["head", "-c", "1", &t]);
+        assert!(!out.status.success(), "A's QEMU user read {log}");
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "head",
+                "-c",
+                "1",
+                &t,
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("setpriv: {e}"));
+        assert!(!out.status.success(), "an ordinary user read {log}");
+    }
     a.ok(&["destroy"]);
     b.ok(&["destroy"]);
     a.assert_clean();

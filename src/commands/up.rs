@@ -300,10 +300,7 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
     state::ensure_dir(runtime_root, 0o755)?;
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::io("pipe")(e.into()))?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(vm.supervisor_log())
+    let log = state::open_log(&vm.supervisor_log())
         .map_err(Error::io(format!("{}", vm.supervisor_log().display())))?;
     let log2 = log.try_clone().map_err(Error::io("supervisor log"))?;
     let lock_fd = lock.as_file().as_raw_fd();

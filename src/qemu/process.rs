@@ -162,11 +162,7 @@ pub struct Launch<'a> {
 /// thread that forked exits.
 pub fn spawn(launch: Launch<'_>) -> Result<tokio::process::Child, ProcessError> {
     let program = which(QEMU_BINARY).ok_or(ProcessError::NotFound)?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(launch.log)
-        .map_err(ProcessError::Spawn)?;
+    let log = crate::state::open_log(launch.log).map_err(ProcessError::Spawn)?;
     let log2 = log.try_clone().map_err(ProcessError::Spawn)?;
     let netns = launch.netns.as_raw_fd();
     let uid = launch.identity.uid;

@@ -275,10 +275,7 @@ pub fn spawn(
     let _ = std::fs::remove_file(socket_path);
     let qemu_end = result?;
 
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
+    let out = crate::state::open_log(log)?;
     let err = out.try_clone()?;
     let fd = listener.as_raw_fd();
     let mut cmd = tokio::process::Command::new(exe);

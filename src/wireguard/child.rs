@@ -150,11 +150,7 @@ pub async fn start(
 ) -> Result<Tunnel, WgError> {
     use std::os::fd::AsRawFd;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(WgError::Spawn)?;
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(WgError::Spawn)?;
+    let out = crate::state::open_log(log).map_err(WgError::Spawn)?;
     let err = out.try_clone().map_err(WgError::Spawn)?;
     let fds = [tun.as_raw_fd(), udp.as_raw_fd(), theirs.as_raw_fd()];
     let parent = nix::unistd::getpid();
