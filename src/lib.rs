@@ -11,6 +11,7 @@ pub mod exit;
 pub mod firmware;
 pub mod image;
 pub mod jail;
+pub mod lockfile;
 pub mod net;
 pub mod provision;
 pub mod qemu;

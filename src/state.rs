@@ -9,7 +9,6 @@
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -275,19 +274,8 @@ pub fn allocate_vm_id(
     let dir = Path::new(IDS_DIR);
     ensure_dir(dir, 0o700)?;
     let lock_path = dir.join(".lock");
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&lock_path)
-        .map_err(io_err(&lock_path))?;
-    // SAFETY: flock(2) on a descriptor we own; no memory is shared.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } < 0 {
-        return Err(io_err(&lock_path)(std::io::Error::last_os_error()));
-    }
+    let lock = crate::lockfile::open(&lock_path).map_err(io_err(&lock_path))?;
+    crate::lockfile::lock(&lock, true).map_err(io_err(&lock_path))?;
     let me = vm.state.to_string_lossy().into_owned();
     // Who holds `id`: a VM whose record still says so.
     let holder = |id: u32| -> Option<String> {
@@ -375,27 +363,14 @@ impl VmLock {
             ensure_dir(&vm.state, 0o711)?;
         }
         let path = vm.lock();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        // SAFETY: flock(2) on a descriptor we own; no memory is shared.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(VmLock { file });
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        let file = crate::lockfile::open(&path).map_err(io_err(&path))?;
+        if crate::lockfile::lock(&file, false).map_err(io_err(&path))? {
+            Ok(VmLock { file })
+        } else {
             Err(StateError::Locked {
                 name: vm.name.clone(),
                 lock: path,
             })
-        } else {
-            Err(io_err(&path)(err))
         }
     }
 

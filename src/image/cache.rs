@@ -12,8 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -195,43 +194,19 @@ pub struct FileLock {
     path: PathBuf,
 }
 
-fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
-    loop {
-        // SAFETY: flock(2) on a descriptor owned by `file`; no memory is shared.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
 impl FileLock {
     /// Take the lock, waiting as long as it takes; `on_wait` runs once if
     /// another process holds it.
     pub fn acquire(path: &Path, mut on_wait: impl FnMut()) -> io::Result<FileLock> {
         let mut waited = false;
         loop {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path)?;
-            match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-                    if !waited {
-                        waited = true;
-                        on_wait();
-                    }
-                    flock(&file, libc::LOCK_EX)?;
+            let file = crate::lockfile::open(path)?;
+            if !crate::lockfile::lock(&file, false)? {
+                if !waited {
+                    waited = true;
+                    on_wait();
                 }
-                Err(e) => return Err(e),
+                crate::lockfile::lock(&file, true)?;
             }
             let ours = file.metadata()?;
             match std::fs::metadata(path) {
@@ -252,7 +227,7 @@ impl FileLock {
         let Ok(file) = OpenOptions::new().read(true).open(path) else {
             return false;
         };
-        matches!(flock(&file, libc::LOCK_EX | libc::LOCK_NB), Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK))
+        matches!(crate::lockfile::lock(&file, false), Ok(false))
     }
 
     /// Remove the lock file, then unlock.
