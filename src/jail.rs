@@ -1,10 +1,13 @@
-//! The one way migrant confines a helper it starts (the WireGuard packet
-//! loop, the dataplane, virtiofsd's hand-over): descriptors it inherits
-//! (everything else closed), death with the parent, an unprivileged
-//! identity without capabilities or new privileges, an empty file system,
-//! and a seccomp allow-list whose default is to kill the process.
+//! The one way migrant confines what it starts: descriptors a child
+//! inherits (everything else closed), its network namespace, an identity
+//! (groups resolved before the fork), no new privileges, death with the
+//! parent ([`Confine`]: QEMU, hooks and Ansible as the user, and through
+//! [`hand_over`] the self-exec helpers: the WireGuard loop, the dataplane,
+//! virtiofsd); and, inside a self-exec helper, an empty file system, an
+//! unprivileged identity without capabilities, and a seccomp allow-list
+//! whose default is to kill the process.
 //!
-//! The parent side is [`hand_over`]; the child side runs, in this order,
+//! A helper's side runs, in this order,
 //! [`close_strays`], [`inherited`] for each descriptor, [`empty_root`]
 //! (while still root), [`drop_identity`], then [`Filter::load`] before it
 //! reads a byte from the guest.
@@ -13,30 +16,104 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::Path;
 
+/// How a child is started, resolved before the fork (the forked child
+/// may not allocate or read files: supplementary groups come resolved).
+#[derive(Debug, Clone, Default)]
+pub struct Confine {
+    /// Descriptors the child inherits across exec (all others are
+    /// close-on-exec).
+    pub keep_fds: Vec<i32>,
+    /// Network namespace (a descriptor) to enter.
+    pub netns: Option<i32>,
+    /// `(uid, gid, supplementary groups)` to become.
+    pub identity: Option<(u32, u32, Vec<libc::gid_t>)>,
+    /// Set no_new_privs.
+    pub no_new_privs: bool,
+    /// SIGKILL when the forking thread exits; the start fails if the
+    /// parent is already gone.
+    pub die_with_parent: bool,
+}
+
+impl Confine {
+    /// Apply to a tokio command.
+    pub fn apply(self, cmd: &mut tokio::process::Command) {
+        let parent = nix::unistd::getpid().as_raw();
+        // SAFETY: `in_child` runs in the forked child before exec and only
+        // makes async-signal-safe system calls on data prepared here.
+        unsafe {
+            cmd.pre_exec(move || self.in_child(parent));
+        }
+    }
+
+    /// Apply to a std command.
+    pub fn apply_std(self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt as _;
+        let parent = nix::unistd::getpid().as_raw();
+        // SAFETY: as in [`Confine::apply`].
+        unsafe {
+            cmd.pre_exec(move || self.in_child(parent));
+        }
+    }
+
+    /// In the forked child: fcntl, setns, prctl, setgroups, setgid,
+    /// setuid, getppid over data allocated before the fork; nothing
+    /// allocates. The groups and gid go before the uid, since a non-root
+    /// process may no longer change them; a failure aborts the spawn, so
+    /// the program never runs with more than it was given.
+    fn in_child(&self, parent: i32) -> std::io::Result<()> {
+        let err = std::io::Error::last_os_error;
+        // SAFETY (each call below): system calls on integers and on
+        // buffers owned by `self`, valid for the call.
+        unsafe {
+            for &fd in &self.keep_fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(err());
+                }
+            }
+            if let Some(ns) = self.netns
+                && libc::setns(ns, libc::CLONE_NEWNET) < 0
+            {
+                return Err(err());
+            }
+            if self.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+                return Err(err());
+            }
+            if let Some((uid, gid, groups)) = &self.identity {
+                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    || libc::setgid(*gid) < 0
+                    || libc::setuid(*uid) < 0
+                {
+                    return Err(err());
+                }
+                // Regaining root must now be impossible.
+                if *uid != 0 && libc::setuid(0) == 0 {
+                    return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+                }
+            }
+            // After the credential change, which clears it.
+            if self.die_with_parent {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                    return Err(err());
+                }
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Prepare a self-exec helper: it inherits `fds` across exec, gets SIGKILL
 /// when the calling thread exits, and refuses to start if the parent is
 /// already gone.
 pub fn hand_over(cmd: &mut tokio::process::Command, fds: Vec<i32>) {
-    let parent = nix::unistd::getpid();
-    // SAFETY: runs in the forked child before exec and only makes
-    // async-signal-safe calls (fcntl, prctl, getppid) over a vector that was
-    // allocated before the fork; nothing allocates.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent.as_raw() {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
+    Confine {
+        keep_fds: fds,
+        die_with_parent: true,
+        ..Confine::default()
     }
+    .apply(cmd);
 }
 
 /// Take ownership of an inherited descriptor, refusing the standard ones.

@@ -9,7 +9,6 @@
 
 use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -116,26 +115,11 @@ pub fn apply(cmd: &mut Command, who: &Invoker) -> Result<(), AsUserError> {
     } else {
         cmd.env_remove("XDG_RUNTIME_DIR");
     }
-    // SAFETY: runs in the forked child before exec. setgroups, setgid and
-    // setuid are async-signal-safe system calls; `groups` was allocated
-    // before the fork and is only read. Groups and gid are dropped before
-    // the uid, since a non-root process may no longer change them. A
-    // failure aborts the spawn, so the program never runs as root.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Paranoia: regaining root must now be impossible.
-            if libc::setuid(0) == 0 {
-                return Err(std::io::Error::from_raw_os_error(libc::EPERM));
-            }
-            Ok(())
-        });
+    crate::jail::Confine {
+        identity: Some((uid, gid, groups)),
+        ..crate::jail::Confine::default()
     }
+    .apply_std(cmd);
     Ok(())
 }
 

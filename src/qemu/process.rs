@@ -164,14 +164,6 @@ pub fn spawn(launch: Launch<'_>) -> Result<tokio::process::Child, ProcessError> 
     let program = which(QEMU_BINARY).ok_or(ProcessError::NotFound)?;
     let log = crate::state::open_log(launch.log).map_err(ProcessError::Spawn)?;
     let log2 = log.try_clone().map_err(ProcessError::Spawn)?;
-    let netns = launch.netns.as_raw_fd();
-    let uid = launch.identity.uid;
-    let gid = launch.identity.gid;
-    let keep = launch.keep_fds.clone();
-    let parent = nix::unistd::getpid();
-    // Prepared before fork: the child must not allocate.
-    let groups: Vec<libc::gid_t> = launch.identity.groups.iter().map(|g| g.as_raw()).collect();
-
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(&launch.argv)
         .stdin(Stdio::null())
@@ -180,39 +172,17 @@ pub fn spawn(launch: Launch<'_>) -> Result<tokio::process::Child, ProcessError> 
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .kill_on_drop(true);
-    // SAFETY: the closure runs in the forked child before exec; it only
-    // makes async-signal-safe system calls (fcntl, setns, setgroups,
-    // setgid, setuid, prctl, getppid) on data prepared before the fork,
-    // and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &keep {
-                // SAFETY: clearing FD_CLOEXEC on a descriptor the parent
-                // opened for this child.
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if libc::setns(netns, libc::CLONE_NEWNET) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The groups were resolved before the fork.
-            if libc::setgroups(groups.len(), groups.as_ptr()) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::setgid(gid.as_raw()) < 0 || libc::setuid(uid.as_raw()) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // After the credential change, which clears it.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent.as_raw() {
-                // The supervisor died between fork and prctl.
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
+    crate::jail::Confine {
+        keep_fds: launch.keep_fds.clone(),
+        netns: Some(launch.netns.as_raw_fd()),
+        identity: Some((
+            launch.identity.uid.as_raw(),
+            launch.identity.gid.as_raw(),
+            launch.identity.groups.iter().map(|g| g.as_raw()).collect(),
+        )),
+        no_new_privs: true,
+        die_with_parent: true,
     }
+    .apply(&mut cmd);
     cmd.spawn().map_err(ProcessError::Spawn)
 }
