@@ -165,6 +165,21 @@ fn allow_domains_fails_closed() {
     );
     let status = env.ok(&["status"]);
     assert!(status.contains("quic"), "status lacks quic: {status}");
+    // The journal names the host each refused request named, not the
+    // allowed name the address was looked up by.
+    let out = env.ok(&["egress", "--json", "--denied"]);
+    let entries: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    for dst in ["45.20.0.10:80", "45.20.0.10:443"] {
+        assert!(
+            entries.iter().any(|e| e["dst"] == dst
+                && e["name"] == "other.test"
+                && e["reason"] == "not-allowed-domain"),
+            "no refusal naming other.test to {dst}: {entries:?}"
+        );
+    }
     env.ok(&["destroy"]);
     env.assert_clean();
 }

@@ -66,7 +66,7 @@ pub async fn before_connect(
     list: &Allowlist,
     ip: Ipv4Addr,
     guest: &TcpStream,
-) -> Result<Option<(Vec<u8>, Option<bool>)>, (Denial, &'static str)> {
+) -> Result<Option<(Vec<u8>, Option<bool>)>, Refusal> {
     let mut first = Vec::new();
     match tokio::time::timeout(CLIENT_FIRST_WAIT, read_some(guest, &mut first)).await {
         Ok(Ok(n)) if n > 0 => {
@@ -74,11 +74,35 @@ pub async fn before_connect(
             Ok(Some((first, Some(http))))
         }
         Ok(_) => Ok(None),
-        Err(_) if list.is_shared(ip) => Err((
+        Err(_) if list.is_shared(ip) => Err(Refusal::new(
             Denial::NotAllowedDomain,
             "a silent client on a shared address",
         )),
         Err(_) => Ok(Some((first, None))),
+    }
+}
+
+/// Why the proxy cut a connection off: the reason counted, a detail for
+/// the log, and the host the refused request named (for the journal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub why: Denial,
+    pub detail: &'static str,
+    pub name: Option<String>,
+}
+
+impl Refusal {
+    fn new(why: Denial, detail: &'static str) -> Refusal {
+        Refusal {
+            why,
+            detail,
+            name: None,
+        }
+    }
+
+    fn naming(mut self, name: &str) -> Refusal {
+        self.name = Some(super::domains::normalize(name));
+        self
     }
 }
 
@@ -89,7 +113,7 @@ async fn check_first(
     ip: Ipv4Addr,
     guest: &TcpStream,
     buf: &mut Vec<u8>,
-) -> Result<bool, (Denial, &'static str)> {
+) -> Result<bool, Refusal> {
     let deadline = Instant::now() + COMPLETE_WITHIN;
     loop {
         let flight = first_flight(buf);
@@ -99,8 +123,18 @@ async fn check_first(
                 let waited = tokio::time::timeout_at(deadline, read_some(guest, buf)).await;
                 match waited {
                     Ok(Ok(n)) if n > 0 => {}
-                    Ok(_) => return Err((Denial::NotAllowedDomain, "closed before naming a host")),
-                    Err(_) => return Err((Denial::Uninspectable, "incomplete first request")),
+                    Ok(_) => {
+                        return Err(Refusal::new(
+                            Denial::NotAllowedDomain,
+                            "closed before naming a host",
+                        ));
+                    }
+                    Err(_) => {
+                        return Err(Refusal::new(
+                            Denial::Uninspectable,
+                            "incomplete first request",
+                        ));
+                    }
                 }
             }
         }
@@ -108,28 +142,27 @@ async fn check_first(
 }
 
 /// `None`: more bytes are needed.
-fn verdict(
-    list: &Allowlist,
-    ip: Ipv4Addr,
-    flight: &FirstFlight,
-) -> Option<Result<(), (Denial, &'static str)>> {
+fn verdict(list: &Allowlist, ip: Ipv4Addr, flight: &FirstFlight) -> Option<Result<(), Refusal>> {
     let named = |name: &str| {
         if list.admits_request(ip, name) {
             Ok(())
         } else {
-            Err((Denial::NotAllowedDomain, "names a host not allowed"))
+            Err(Refusal::new(Denial::NotAllowedDomain, "names a host not allowed").naming(name))
         }
     };
     Some(match flight {
         FirstFlight::NeedMore => return None,
-        FirstFlight::Tls { ech: true, .. } => {
-            Err((Denial::Uninspectable, "encrypted ClientHello (ECH)"))
+        FirstFlight::Tls { ech: true, .. } => Err(Refusal::new(
+            Denial::Uninspectable,
+            "encrypted ClientHello (ECH)",
+        )),
+        FirstFlight::Tls { sni: None, .. } => {
+            Err(Refusal::new(Denial::Uninspectable, "TLS without SNI"))
         }
-        FirstFlight::Tls { sni: None, .. } => Err((Denial::Uninspectable, "TLS without SNI")),
         FirstFlight::Tls { sni: Some(n), .. } => named(n),
         FirstFlight::Http(head) => named(&head.host),
-        FirstFlight::Bad(why) => Err((Denial::Uninspectable, *why)),
-        FirstFlight::Opaque if list.is_shared(ip) => Err((
+        FirstFlight::Bad(why) => Err(Refusal::new(Denial::Uninspectable, why)),
+        FirstFlight::Opaque if list.is_shared(ip) => Err(Refusal::new(
             Denial::NotAllowedDomain,
             "unnamed protocol to a shared address",
         )),
@@ -148,7 +181,7 @@ pub async fn relay(
     guest: &TcpStream,
     upstream: &TcpStream,
     (first, http): (Vec<u8>, Option<bool>),
-) -> (Option<(Denial, &'static str)>, u64, u64) {
+) -> (Option<Refusal>, u64, u64) {
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
     let down = async {
@@ -193,11 +226,7 @@ pub async fn relay(
 }
 
 /// The guest → upstream direction. `Some` when it was refused.
-async fn client_side(
-    c: &Conn<'_>,
-    mut buf: Vec<u8>,
-    http: Option<bool>,
-) -> Option<(Denial, &'static str)> {
+async fn client_side(c: &Conn<'_>, mut buf: Vec<u8>, http: Option<bool>) -> Option<Refusal> {
     let http = match http {
         Some(h) => h,
         None => {
@@ -229,7 +258,7 @@ async fn client_side(
 }
 
 /// Plain HTTP: frame every request, check its Host, send it on.
-async fn http_requests(c: &Conn<'_>, mut buf: Vec<u8>) -> Option<(Denial, &'static str)> {
+async fn http_requests(c: &Conn<'_>, mut buf: Vec<u8>) -> Option<Refusal> {
     loop {
         // The next head; an idle kept-alive connection may wait forever
         // (it holds one of the VM's connection slots), a started head
@@ -245,13 +274,18 @@ async fn http_requests(c: &Conn<'_>, mut buf: Vec<u8>) -> Option<(Denial, &'stat
             match first_flight(&buf) {
                 FirstFlight::Http(head) => break head,
                 FirstFlight::NeedMore => {}
-                FirstFlight::Bad(why) => return Some((Denial::Uninspectable, why)),
-                _ => return Some((Denial::Uninspectable, "not an HTTP request")),
+                FirstFlight::Bad(why) => return Some(Refusal::new(Denial::Uninspectable, why)),
+                _ => return Some(Refusal::new(Denial::Uninspectable, "not an HTTP request")),
             }
             match tokio::time::timeout_at(deadline, c.read(&mut buf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return None,
-                Err(_) => return Some((Denial::Uninspectable, "incomplete request head")),
+                Err(_) => {
+                    return Some(Refusal::new(
+                        Denial::Uninspectable,
+                        "incomplete request head",
+                    ));
+                }
             }
         };
         if !c.list.admits_request(c.ip, &head.host) {
@@ -259,10 +293,13 @@ async fn http_requests(c: &Conn<'_>, mut buf: Vec<u8>) -> Option<(Denial, &'stat
                 "allow_domains: a later request on one connection names {}",
                 head.host
             );
-            return Some((
-                Denial::NotAllowedDomain,
-                "a later request names a host not allowed",
-            ));
+            return Some(
+                Refusal::new(
+                    Denial::NotAllowedDomain,
+                    "a later request names a host not allowed",
+                )
+                .naming(&head.host),
+            );
         }
         let rest = buf.split_off(head.len.min(buf.len()));
         if c.send(&buf).await.is_err() {
@@ -276,7 +313,7 @@ async fn http_requests(c: &Conn<'_>, mut buf: Vec<u8>) -> Option<(Denial, &'stat
         };
         match body {
             Ok(()) => {}
-            Err(Some(why)) => return Some((Denial::Uninspectable, why)),
+            Err(Some(why)) => return Some(Refusal::new(Denial::Uninspectable, why)),
             Err(None) => return None,
         }
     }

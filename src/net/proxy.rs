@@ -199,10 +199,16 @@ impl Stats {
     }
 
     /// A refusal after inspection, with what was seen.
-    pub fn deny_inspected(&self, src: SocketAddr, dst: SocketAddrV4, why: Denial, detail: &str) {
-        let name = self.name_of(*dst.ip());
-        if self.refused("tcp", dst.to_string(), name, why) {
-            tracing::info!("denied tcp {src} -> {dst}: {} ({detail})", why.as_str());
+    /// A connection allow_domains cut off; the journal names the host the
+    /// refused request named, when it named one.
+    pub fn deny_inspected(&self, src: SocketAddr, dst: SocketAddrV4, r: super::inspect::Refusal) {
+        let name = r.name.or_else(|| self.name_of(*dst.ip()));
+        if self.refused("tcp", dst.to_string(), name, r.why) {
+            tracing::info!(
+                "denied tcp {src} -> {dst}: {} ({})",
+                r.why.as_str(),
+                r.detail
+            );
         }
     }
 
@@ -344,8 +350,8 @@ impl Proxy {
             Some(list) => match super::inspect::before_connect(list, *dst.ip(), &guest).await {
                 Ok(Some(first)) => first,
                 Ok(None) => return reset(guest),
-                Err((why, detail)) => {
-                    self.stats.deny_inspected(src, dst, why, detail);
+                Err(refusal) => {
+                    self.stats.deny_inspected(src, dst, refusal);
                     return reset(guest);
                 }
             },
@@ -381,8 +387,8 @@ impl Proxy {
         let (up, down) = if let Some(list) = inspect {
             let (refused, up, down) =
                 super::inspect::relay(list, *dst.ip(), &guest, &upstream, first).await;
-            if let Some((why, detail)) = refused {
-                self.stats.deny_inspected(src, dst, why, detail);
+            if let Some(refusal) = refused {
+                self.stats.deny_inspected(src, dst, refusal);
             }
             (up, down)
         } else {
