@@ -59,27 +59,44 @@ const CLIENT_FIRST_WAIT: Duration = Duration::from_millis(800);
 /// Before anything is sent on its behalf: the client's first flight (if it
 /// speaks within [`CLIENT_FIRST_WAIT`]) must pass [`verdict`]; a silent
 /// client (server-first protocols) is let through to an address no other
-/// name shares, and inspected once it speaks. Returns the bytes read and,
-/// when they were checked, whether they start an HTTP request; `None` when
-/// the client went away before saying anything.
+/// name shares, and inspected once it speaks. `None` when the client went
+/// away before saying anything.
 pub async fn before_connect(
     list: &Allowlist,
     ip: Ipv4Addr,
     guest: &TcpStream,
-) -> Result<Option<(Vec<u8>, Option<bool>)>, Refusal> {
-    let mut first = Vec::new();
-    match tokio::time::timeout(CLIENT_FIRST_WAIT, read_some(guest, &mut first)).await {
+) -> Result<Option<First>, Refusal> {
+    let mut bytes = Vec::new();
+    match tokio::time::timeout(CLIENT_FIRST_WAIT, read_some(guest, &mut bytes)).await {
         Ok(Ok(n)) if n > 0 => {
-            let http = check_first(list, ip, guest, &mut first).await?;
-            Ok(Some((first, Some(http))))
+            let (http, name) = check_first(list, ip, guest, &mut bytes).await?;
+            Ok(Some(First {
+                bytes,
+                http: Some(http),
+                name,
+            }))
         }
         Ok(_) => Ok(None),
         Err(_) if list.is_shared(ip) => Err(Refusal::new(
             Denial::NotAllowedDomain,
             "a silent client on a shared address",
         )),
-        Err(_) => Ok(Some((first, None))),
+        Err(_) => Ok(Some(First {
+            bytes,
+            http: None,
+            name: None,
+        })),
     }
+}
+
+/// What [`before_connect`] read of the client's first flight.
+#[derive(Debug, Default)]
+pub struct First {
+    pub bytes: Vec<u8>,
+    /// When they were checked: whether they start an HTTP request.
+    pub http: Option<bool>,
+    /// The host they named (TLS SNI, HTTP Host), normalized.
+    pub name: Option<String>,
 }
 
 /// Why the proxy cut a connection off: the reason counted, a detail for
@@ -107,18 +124,25 @@ impl Refusal {
 }
 
 /// The verdict on a first flight, reading more of it as needed; `Ok`
-/// says whether it is an HTTP request.
+/// says whether it is an HTTP request, and the host it named.
 async fn check_first(
     list: &Allowlist,
     ip: Ipv4Addr,
     guest: &TcpStream,
     buf: &mut Vec<u8>,
-) -> Result<bool, Refusal> {
+) -> Result<(bool, Option<String>), Refusal> {
     let deadline = Instant::now() + COMPLETE_WITHIN;
     loop {
         let flight = first_flight(buf);
         match verdict(list, ip, &flight) {
-            Some(v) => return v.map(|()| matches!(flight, FirstFlight::Http(_))),
+            Some(v) => {
+                let name = match &flight {
+                    FirstFlight::Tls { sni: Some(n), .. } => Some(super::domains::normalize(n)),
+                    FirstFlight::Http(head) => Some(super::domains::normalize(&head.host)),
+                    _ => None,
+                };
+                return v.map(|()| (matches!(flight, FirstFlight::Http(_)), name));
+            }
             None => {
                 let waited = tokio::time::timeout_at(deadline, read_some(guest, buf)).await;
                 match waited {
@@ -172,7 +196,7 @@ fn verdict(list: &Allowlist, ip: Ipv4Addr, flight: &FirstFlight) -> Option<Resul
 
 /// Relay `guest` ⇄ `upstream`, the guest's side inspected from `first`
 /// (what [`before_connect`] read: possibly nothing, a server-first
-/// protocol; `http` is its finding when it checked them).
+/// protocol).
 /// Returns the refusal, if the guest's side was cut off, and the bytes
 /// moved each way (from the guest, to it).
 pub async fn relay(
@@ -180,7 +204,7 @@ pub async fn relay(
     ip: Ipv4Addr,
     guest: &TcpStream,
     upstream: &TcpStream,
-    (first, http): (Vec<u8>, Option<bool>),
+    first: First,
 ) -> (Option<Refusal>, u64, u64) {
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
@@ -197,7 +221,7 @@ pub async fn relay(
         upstream,
         sent: &sent,
     };
-    let up = client_side(&conn, first, http);
+    let up = client_side(&conn, first.bytes, first.http);
     tokio::pin!(up);
     let mut down_done = false;
     let refused = loop {
@@ -239,7 +263,7 @@ async fn client_side(c: &Conn<'_>, mut buf: Vec<u8>, http: Option<bool>) -> Opti
                 }
             }
             match check_first(c.list, c.ip, c.guest, &mut buf).await {
-                Ok(h) => h,
+                Ok((h, _)) => h,
                 Err(refused) => return Some(refused),
             }
         }

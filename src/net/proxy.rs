@@ -110,17 +110,20 @@ impl Stats {
         self.names.lock().ok().and_then(|m| m.get(&ip).cloned())
     }
 
-    /// A relayed flow ended.
+    /// A relayed flow ended; `name`: the host its first request named,
+    /// when allow_domains read it (else the name the address was looked
+    /// up by).
     pub fn flow_ended(
         &self,
         proto: Proto,
         dst: SocketAddrV4,
         allowed: Allowed,
+        name: Option<String>,
         up: u64,
         down: u64,
     ) {
         let mut e = Entry::new(proto_name(proto), dst.to_string(), Decision::Allowed);
-        e.name = self.name_of(*dst.ip());
+        e.name = name.or_else(|| self.name_of(*dst.ip()));
         e.up = up;
         e.down = down;
         e.reason = match (allowed.hole, allowed.via_tunnel) {
@@ -355,8 +358,9 @@ impl Proxy {
                     return reset(guest);
                 }
             },
-            None => (Vec::new(), None),
+            None => super::inspect::First::default(),
         };
+        let named = first.name.clone();
         let exit = match self.exit(allowed) {
             Some(e) => e,
             None => return reset(guest),
@@ -402,7 +406,8 @@ impl Proxy {
                 }
             }
         };
-        self.stats.flow_ended(Proto::Tcp, dst, allowed, up, down);
+        self.stats
+            .flow_ended(Proto::Tcp, dst, allowed, named, up, down);
     }
 
     pub async fn serve_udp(self: Arc<Self>, socket: std::net::UdpSocket) -> std::io::Result<()> {
@@ -511,7 +516,7 @@ impl Proxy {
             f.remove(&(src, dst));
         }
         self.stats
-            .flow_ended(Proto::Udp, dst, allowed, sent, received);
+            .flow_ended(Proto::Udp, dst, allowed, None, sent, received);
     }
 
     async fn dns_flow(&self, reply: UdpSocket, first: Vec<u8>) {
