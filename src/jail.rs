@@ -204,6 +204,44 @@ pub fn drop_identity(uid: u32, gid: u32, parent: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What every confined helper's runtime may ask of the kernel: I/O on
+/// descriptors it holds, waiting, memory, time, randomness, signals,
+/// exiting. Each helper's [`Filter`] adds what its own work needs.
+pub const BASE_SYSCALLS: &[&str] = &[
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "recvfrom",
+    "recvmsg",
+    "recvmmsg",
+    "poll",
+    "ppoll",
+    "fcntl",
+    "close",
+    "clock_gettime",
+    "clock_nanosleep",
+    "nanosleep",
+    "futex",
+    "getrandom",
+    "mmap",
+    "munmap",
+    "mremap",
+    "mprotect",
+    "madvise",
+    "brk",
+    "rt_sigreturn",
+    "rt_sigprocmask",
+    "rt_sigaction",
+    "sigaltstack",
+    "sched_yield",
+    "getpid",
+    "gettid",
+    "tgkill",
+    "exit",
+    "exit_group",
+];
+
 /// A seccomp allow-list (libseccomp, as the embedded virtiofsd uses):
 /// anything not allowed kills the whole process.
 #[derive(Debug, Default)]

@@ -241,12 +241,7 @@ pub(super) async fn supervise(
             Some(ev) = event_rx.recv() => {
                 on_event(&ev, vm);
             }
-            status = async {
-                match tunnel.as_mut() {
-                    Some(t) => t.child.wait().await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            status = exit_of(tunnel.as_mut().map(|t| &mut t.child)) => {
                 // Fail closed: the TUN went with the process, so nothing
                 // leaves until a new one runs; never any other way.
                 let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
@@ -309,12 +304,7 @@ pub(super) async fn supervise(
                     tracing::info!("guest SSH server answers; VM is running");
                 }
             }
-            status = async {
-                match plane.as_mut() {
-                    Some(p) => p.child.wait().await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            status = exit_of(plane.as_mut().map(|p| &mut p.child)) => {
                 // Fail closed: the listeners stay here, unanswered, until
                 // a new dataplane runs.
                 let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
@@ -459,5 +449,16 @@ pub(super) async fn halt(
     match child.wait().await {
         Ok(s) => format!("killed, {s}"),
         Err(e) => format!("kill: {e}"),
+    }
+}
+
+/// The exit of `child`, if there is one; never, if not (a `select!` branch
+/// for a helper that may not be running).
+async fn exit_of(
+    child: Option<&mut tokio::process::Child>,
+) -> std::io::Result<std::process::ExitStatus> {
+    match child {
+        Some(c) => c.wait().await,
+        None => std::future::pending().await,
     }
 }

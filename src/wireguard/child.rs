@@ -33,40 +33,7 @@ pub struct Args {
 /// descriptors it holds, waiting, memory, randomness for handshakes,
 /// exiting. Anything else (opening files, new sockets, exec, ptrace, ...)
 /// kills the process, and with it the TUN: fail closed.
-const SYSCALLS: &[&str] = &[
-    "read",
-    "write",
-    "readv",
-    "writev",
-    "recvfrom",
-    "recvmsg",
-    "recvmmsg",
-    "poll",
-    "ppoll",
-    "fcntl",
-    "close",
-    "clock_gettime",
-    "clock_nanosleep",
-    "nanosleep",
-    "futex",
-    "getrandom",
-    "mmap",
-    "munmap",
-    "mremap",
-    "mprotect",
-    "madvise",
-    "brk",
-    "rt_sigreturn",
-    "rt_sigprocmask",
-    "rt_sigaction",
-    "sigaltstack",
-    "sched_yield",
-    "getpid",
-    "gettid",
-    "tgkill",
-    "exit",
-    "exit_group",
-];
+const SYSCALLS: &[&str] = crate::jail::BASE_SYSCALLS;
 
 /// Sending system calls the loop needs when its UDP socket is not
 /// connected (several peers: any of them, and roaming).
