@@ -3,6 +3,7 @@
 //! See `DESIGN.md` in the steering repository and README.md for the
 //! architecture. The binary in `src/main.rs` is a thin shell over this crate.
 
+pub mod acl;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod qemu;
 pub mod rotate;
 pub mod seed;
 pub mod share;
+pub mod size;
 pub mod state;
 pub mod supervisor;
 pub mod wireguard;

@@ -20,6 +20,14 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path}: permission denied: a VM's state is root's (its record, egress journal and WireGuard report are readable by the user who made the VM too); run migrant with sudo"
+    )]
+    Denied {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("VM {name} is busy: another migrant command or its supervisor holds {lock}")]
     Locked { name: String, lock: PathBuf },
     #[error("corrupt record {path}")]
@@ -33,11 +41,7 @@ pub enum StateError {
 impl StateError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            StateError::Io { source, .. }
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                crate::exit::NOPERM
-            }
+            StateError::Denied { .. } => crate::exit::NOPERM,
             StateError::Io { .. } => crate::exit::SOFTWARE,
             StateError::Locked { .. } => crate::exit::TEMPFAIL,
             StateError::Corrupt { .. } => crate::exit::DATAERR,
@@ -46,9 +50,13 @@ impl StateError {
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io {
-        path: path.to_path_buf(),
-        source,
+    move |source| {
+        let path = path.to_path_buf();
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            StateError::Denied { path, source }
+        } else {
+            StateError::Io { path, source }
+        }
     }
 }
 
@@ -159,6 +167,23 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), StateError> {
 /// Atomically replace `path` with `data`: write a temporary file beside it,
 /// fsync it, rename it over `path`, fsync the directory.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateError> {
+    write_replacing(path, data, mode, |_| ())
+}
+
+/// [`write_atomic`] for a file only root and the VM's owner (`reader`, if
+/// any) may read: 0600 plus an ACL entry for the owner ([`crate::acl`]).
+pub fn write_private(path: &Path, data: &[u8], reader: Option<u32>) -> Result<(), StateError> {
+    write_replacing(path, data, 0o600, |f| {
+        crate::acl::let_read_or_warn(f, reader, path)
+    })
+}
+
+fn write_replacing(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    prepare: impl FnOnce(&File),
+) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path
         .file_name()
@@ -171,7 +196,9 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateErro
             .create(true)
             .truncate(true)
             .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
+        prepare(&f);
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -252,6 +279,10 @@ pub struct Record {
     /// [`allocate_vm_id`]; released with the record at `destroy`.
     #[serde(default)]
     pub vm_id: Option<u32>,
+    /// The user who made the VM (not root): besides root, the only one who
+    /// may read its record, egress journal and WireGuard report.
+    #[serde(default)]
+    pub owner: Option<u32>,
 }
 
 /// Where VM identities are registered, host-wide (whatever
@@ -333,7 +364,7 @@ impl Record {
             source,
         })?;
         data.push(b'\n');
-        write_atomic(path, &data, 0o644)
+        write_private(path, &data, self.owner)
     }
     /// Load, change and save the record at `path`.
     pub fn update(path: &Path, f: impl FnOnce(&mut Record)) -> Result<Option<Record>, StateError> {
@@ -384,11 +415,7 @@ impl VmLock {
             // Not root (a hook running `migrant ssh` as the invoking
             // user): the recorded supervisor, if it still runs, stands in
             // for the lock it holds.
-            Err(StateError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                recorded_supervisor_runs(vm)
-            }
+            Err(StateError::Denied { .. }) => recorded_supervisor_runs(vm),
             _ => false,
         }
     }

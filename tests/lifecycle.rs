@@ -227,6 +227,32 @@ fn each_vm_has_its_own_identity() {
             .unwrap_or_else(|e| panic!("setpriv: {e}"));
         assert!(!out.status.success(), "an ordinary user read {log}");
     }
+    // Nothing under the state and runtime folders is readable or listable
+    // by an ordinary local user (root made these VMs, so no owner either).
+    let mut paths = Vec::new();
+    let mut todo = vec![b.root.path().join("state"), b.root.path().join("run")];
+    while let Some(p) = todo.pop() {
+        if let Ok(rd) = std::fs::read_dir(&p) {
+            todo.extend(rd.flatten().map(|e| e.path()));
+        }
+        paths.push(p.to_string_lossy().into_owned());
+    }
+    assert!(paths.len() > 10, "walked too little: {paths:?}");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65533", "--regid=65533", "--clear-groups", "sh", "-c"])
+        .arg(
+            "for f; do if [ -d \"$f\" ]; then ls \"$f\" >/dev/null 2>&1 && echo \"listed $f\"; \
+             elif [ -f \"$f\" ]; then head -c1 \"$f\" >/dev/null 2>&1 && echo \"read $f\"; fi; done; true",
+        )
+        .arg("sh")
+        .args(&paths)
+        .output()
+        .unwrap_or_else(|e| panic!("setpriv: {e}"));
+    assert!(
+        out.status.success() && out.stdout.is_empty(),
+        "an ordinary user got at: {}",
+        text(&out)
+    );
     a.ok(&["destroy"]);
     b.ok(&["destroy"]);
     a.assert_clean();

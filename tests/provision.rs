@@ -17,6 +17,8 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 
 const NOBODY: u32 = 65534;
+/// A local user who is not the VM's owner (no passwd entry needed).
+const OTHER: u32 = 65533;
 
 fn write_exec(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -184,6 +186,30 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
     let meta = std::fs::metadata(&sock).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(meta.uid(), NOBODY, "ssh.sock owner");
     assert_eq!(meta.mode() & 0o777, 0o600, "ssh.sock mode");
+    // The VM is nobody's: nobody reads its status and egress journal
+    // without root; another local user reads nothing of it.
+    let out = env.run_as(NOBODY, &["status"]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("running"),
+        "status as the VM's owner: {}",
+        text(&out)
+    );
+    let out = env.run_as(NOBODY, &["egress", "--json"]);
+    assert!(out.status.success(), "egress as the owner: {}", text(&out));
+    for args in [&["status"][..], &["egress", "--json"], &["info"]] {
+        let out = env.run_as(OTHER, args);
+        assert_eq!(
+            out.status.code(),
+            Some(77),
+            "{args:?} as another user: {}",
+            text(&out)
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "{args:?} as another user: {}",
+            text(&out)
+        );
+    }
     // .qemu-extra-args: consumed, on QEMU's command line.
     assert!(!env.project.join(".qemu-extra-args").exists());
     let qemu_cmdline = |env: &Env| {

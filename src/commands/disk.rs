@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::{Live, Project, Result, live};
 use crate::error::Error;
 use crate::exit;
-use crate::image::progress::human;
 use crate::provision::hooks::{self, Hook, Trigger};
+use crate::size::human;
 use crate::state::{Record, VmLock, VmPaths, VmState};
 use crate::supervisor::control::{self, Request, Response};
 

@@ -2,7 +2,7 @@
 //! `up`): a helper of the commands, not a command.
 
 use super::Project;
-use crate::image::progress::human;
+use crate::size::human;
 use crate::state::Record;
 
 /// Whose point of view [`pending_changes`] takes.

@@ -8,7 +8,7 @@ use super::{Project, Result};
 use crate::error::Error;
 use crate::exit;
 use crate::net::journal::{self, Decision, Entry};
-use crate::share::human;
+use crate::size::human;
 
 pub fn egress(p: &Project, json: bool, follow: bool, denied: bool) -> Result<u8> {
     let path = p.vm.state.join(journal::FILE);
@@ -43,7 +43,7 @@ pub fn egress(p: &Project, json: bool, follow: bool, denied: bool) -> Result<u8>
         }
         Ok(())
     };
-    print(&journal::read(&path), &mut out)?;
+    print(&journal::read(&path)?, &mut out)?;
     if !follow {
         return Ok(0);
     }

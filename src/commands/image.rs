@@ -10,7 +10,7 @@ use crate::cli::ImageCmd;
 use crate::error::Error;
 use crate::exit;
 use crate::image::cache::{self, FileLock, Kind};
-use crate::image::progress::human;
+use crate::size::human;
 use crate::state::{Paths, Record, VmLock};
 
 pub fn run(cmd: ImageCmd) -> Result<u8> {
@@ -159,8 +159,8 @@ fn pull(paths: &Paths, name: &str, checksum: Option<&str>) -> Result<u8> {
         name.to_string()
     };
     let source = crate::image::resolve(&image, checksum.as_ref())?;
-    crate::state::ensure_dir(&paths.home, 0o755)?;
-    crate::state::ensure_dir(&paths.images(), 0o755)?;
+    crate::state::ensure_dir(&paths.home, 0o711)?;
+    crate::state::ensure_dir(&paths.images(), 0o711)?;
     let path = crate::image::obtain(&source, &paths.images(), "image")?;
     println!("==> image: {}", path.display());
     Ok(0)

@@ -137,7 +137,7 @@ impl Project {
     /// whose Migrantfile has the same `name` never touches the first's VM.
     pub fn load_own(dir: &std::path::Path) -> Result<Project> {
         let p = Project::load(dir)?;
-        if let Ok(Some(rec)) = crate::state::Record::load(&p.vm.record())
+        if let Some(rec) = crate::state::Record::load(&p.vm.record())?
             && rec.project_dir != p.cfg.dir
         {
             return Err(Error::other(

@@ -136,7 +136,7 @@ fn print_view(v: &StatusView) {
 }
 
 fn print_share(s: &crate::share::ShareView) {
-    use crate::share::human;
+    use crate::size::human;
     let guest = s.guest.as_deref().unwrap_or("(not mounted by migrant)");
     let state = if !s.isolation {
         "plain folder, no cap".to_string()

@@ -42,7 +42,7 @@ pub fn mount(p: &Project) -> Result<u8> {
         if !img.exists() {
             println!(
                 "==> {name}: creating the {} store {}",
-                share::human(s.size),
+                crate::size::as_written(s.size),
                 img.display()
             );
             image::create(&img, s.size, &owner).map_err(|(why, code)| {

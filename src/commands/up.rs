@@ -103,13 +103,17 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
         _ => {}
     }
     let lock = VmLock::try_acquire(vm)?;
-    state::ensure_dir(&paths.home, 0o755)?;
+    state::ensure_dir(&paths.home, 0o711)?;
     state::ensure_dir(&paths.vms(), 0o711)?;
 
     let creating = match Record::load(&vm.record())? {
         Some(rec) if vm.disk().exists() => {
             for note in super::drift::pending_changes(p, &rec, super::drift::When::Booting) {
                 println!("==> {}: {note}", cfg.name);
+            }
+            if rec.owner.is_none() && invoking_owner().is_some() {
+                // A VM recorded before owners were: its next user owns it.
+                Record::update(&vm.record(), |r| r.owner = invoking_owner())?;
             }
             false
         }
@@ -253,7 +257,7 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
         eprintln!("warning: {w}");
     }
     let source = crate::image::resolve(&cfg.image, cfg.image_checksum.as_ref())?;
-    state::ensure_dir(&paths.images(), 0o755)?;
+    state::ensure_dir(&paths.images(), 0o711)?;
     let base = crate::image::obtain(&source, &paths.images(), &cfg.name)?;
     state::ensure_dir(&vm.state, 0o711)?;
     crate::image::create_overlay(&base, &vm.disk(), cfg.disk)?;
@@ -287,9 +291,18 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
         provisioned: false,
         cpus: None,
         memory: None,
+        owner: invoking_owner(),
     }
     .save(&vm.record())?;
     Ok(())
+}
+
+/// The VM's owner: the user who invoked migrant (through sudo), not root.
+fn invoking_owner() -> Option<u32> {
+    crate::provision::keys::Invoker::current()
+        .ok()
+        .map(|i| i.uid.as_raw())
+        .filter(|&u| u != 0)
 }
 
 /// Start the supervisor and follow its progress until the guest is ready
@@ -297,7 +310,7 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
 fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: bool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let runtime_root = vm.run.parent().unwrap_or(Path::new("/run"));
-    state::ensure_dir(runtime_root, 0o755)?;
+    state::ensure_dir(runtime_root, 0o711)?;
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::io("pipe")(e.into()))?;
     let log = state::open_log(&vm.supervisor_log())

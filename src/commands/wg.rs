@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{Live, Project, Result, live};
 use crate::error::Error;
 use crate::exit;
-use crate::share::human;
+use crate::size::human;
 use crate::wireguard::Published;
 
 #[derive(Debug, Serialize)]

@@ -172,10 +172,9 @@ pub enum Egress {
 pub struct Network {
     /// Egress policy (default direct).
     pub egress: Egress,
-    /// Guest subnet; the gateway is `.2`, the guest `.15`.
-    pub subnet: Ipv4Addr,
-    /// Prefix length of `subnet`, 8..=24.
-    pub prefix: u8,
+    /// Guest subnet (prefix 8..=24, private); the gateway is `.2`, the
+    /// guest `.15`.
+    pub subnet: ipnet::Ipv4Net,
     /// Holes in the isolation, in file order; no two claim the same guest
     /// port.
     pub rules: Vec<NetRule>,
@@ -332,9 +331,8 @@ impl Config {
     }
 }
 
-fn host_in(net: Ipv4Addr, host: u8) -> Ipv4Addr {
-    let [a, b, c, _] = net.octets();
-    Ipv4Addr::new(a, b, c, host)
+fn host_in(net: ipnet::Ipv4Net, host: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) | u32::from(host))
 }
 
 /// Names of the Migrantfile, in the order they are looked for.

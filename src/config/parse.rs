@@ -442,7 +442,7 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
     let halt_timeout = u64::try_from(halt_timeout).unwrap_or(60);
 
     // --- network ---
-    let (subnet, prefix) = match &d.subnet {
+    let subnet = match &d.subnet {
         Some(at) => values::parse_subnet(&at.value).map_err(|e| ctx.err_at(at, e))?,
         None => values::parse_subnet(DEFAULT_SUBNET).map_err(|e| ctx.err(0, "subnet", e))?,
     };
@@ -497,19 +497,22 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
     let mut claimed: HashMap<(super::Proto, u16), &At<String>> = HashMap::new();
     for at in &d.rules {
         let rule = values::parse_rule(&at.value).map_err(|e| ctx.err_at(at, e))?;
-        let inside = |addr| values::in_subnet(addr, subnet, prefix);
+        let inside = |addr| subnet.contains(&addr);
         match &rule {
             NetRule::AllowLanHost { addr, .. } if inside(*addr) => {
                 return Err(ctx.err_at(
                     at,
-                    format!("invalid rule {:?}: {addr} is inside the guest's own subnet {subnet}/{prefix}", at.value),
+                    format!(
+                        "invalid rule {:?}: {addr} is inside the guest's own subnet {subnet}",
+                        at.value
+                    ),
                 ));
             }
             NetRule::ForwardPort { target, .. } if inside(*target.ip()) => {
                 return Err(ctx.err_at(
                     at,
                     format!(
-                        "invalid rule {:?}: {} is inside the guest's own subnet {subnet}/{prefix}",
+                        "invalid rule {:?}: {} is inside the guest's own subnet {subnet}",
                         at.value,
                         target.ip()
                     ),
@@ -713,7 +716,6 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         network: Network {
             egress: d.egress,
             subnet,
-            prefix,
             rules,
             allow_domains,
             wireguard,

@@ -140,7 +140,7 @@ pub fn load_meta(image: &Path) -> Option<Meta> {
 pub fn save_meta(image: &Path, meta: &Meta) -> Result<(), crate::state::StateError> {
     let mut data = serde_json::to_vec_pretty(meta).unwrap_or_default();
     data.push(b'\n');
-    crate::state::write_atomic(&meta_path(image), &data, 0o644)
+    crate::state::write_atomic(&meta_path(image), &data, 0o600)
 }
 
 /// Every image in `dir` (files that are neither metadata nor hidden), by name.

@@ -11,7 +11,8 @@ use std::time::Duration;
 use super::ImageError;
 use super::cache::{self, FileLock, Meta};
 use super::checksum::{Digest, Hasher};
-use super::progress::{Progress, human};
+use super::progress::Progress;
+use crate::size::human;
 
 /// Connection attempts in a row that may fail without any byte arriving.
 const MAX_FAILURES: u32 = 5;
@@ -293,10 +294,11 @@ pub fn download(
     let result = fetch_into(agent, url, expected, &partial, label);
     let outcome = result.and_then(|size| {
         let format = super::check_image(&partial, url)?;
-        // QEMU, unprivileged, reads base images (whatever the umask).
+        // Root's alone (whatever the umask) until a VM starts on it: the
+        // supervisor then gives it to the VM users' group, read-only.
         std::fs::set_permissions(
             &partial,
-            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .map_err(cache_err(&partial))?;
         std::fs::rename(&partial, &dest).map_err(cache_err(&dest))?;
@@ -343,7 +345,7 @@ fn fetch_into(
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o644)
+        .mode(0o600)
         .open(partial)
         .map_err(io_err)?;
     let mut hasher = expected.algo.hasher();

@@ -479,7 +479,7 @@ pub fn cache_local_checked(
             return Ok(dest);
         }
         let format = check_image(&tmp, &src.display().to_string())?;
-        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .map_err(copy_err)?;
         std::fs::rename(&tmp, &dest).map_err(copy_err)?;
         let meta = cache::Meta {

@@ -107,9 +107,9 @@ impl Journal {
         Journal::default()
     }
 
-    /// Start the writer task for `path` on the current runtime.
+    /// Start the writer task for `path` (root's alone) on the current runtime.
     pub fn open(path: PathBuf) -> Journal {
-        let mut out = file(path);
+        let mut out = file(path, None);
         Journal::with_sink(Box::new(move |lines: &[u8]| out.write_lines(lines)))
     }
 
@@ -142,9 +142,10 @@ type Key = (String, String, Option<String>, Option<String>);
 pub type Sink = Box<dyn FnMut(&[u8]) -> std::io::Result<()> + Send>;
 
 /// The journal file of a VM, for the supervisor to append the lines its
-/// dataplane sends: rotated at [`MAX_BYTES`].
-pub fn file(path: PathBuf) -> crate::rotate::Rotating {
-    crate::rotate::Rotating::new(path, MAX_BYTES, 0o644)
+/// dataplane sends: rotated at [`MAX_BYTES`], readable by root and
+/// `owner` (the VM's owner) only.
+pub fn file(path: PathBuf, owner: Option<u32>) -> crate::rotate::Rotating {
+    crate::rotate::Rotating::new(path, MAX_BYTES, 0o600).readable_by(owner)
 }
 
 async fn writer(sink: Sink, mut rx: tokio::sync::mpsc::Receiver<Entry>, dropped: Arc<AtomicU64>) {
@@ -230,14 +231,16 @@ impl File {
 
 /// Every entry of the journal at `path` (previous file first); lines that
 /// are not entries are skipped.
-pub fn read(path: &Path) -> Vec<Entry> {
+pub fn read(path: &Path) -> Result<Vec<Entry>, crate::state::StateError> {
     let mut out = Vec::new();
     for p in [crate::rotate::previous(path), path.to_path_buf()] {
-        if let Ok(text) = std::fs::read_to_string(&p) {
-            out.extend(parse(&text));
+        match std::fs::read_to_string(&p) {
+            Ok(text) => out.extend(parse(&text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(crate::state::io_err(&p)(e)),
         }
     }
-    out
+    Ok(out)
 }
 
 /// The entries in `text` (one JSON object per line).
@@ -267,7 +270,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         tokio::time::sleep(FLUSH * 2).await;
-        let got = read(&path);
+        let got = read(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(got.first(), Some(&ok));
         let denied: Vec<_> = got
             .iter()

@@ -110,13 +110,8 @@ pub const CLOUD_HOSTS: [Ipv4Addr; 2] = [
 /// The fixed address classes, in order of precedence.
 pub fn classify(ip: Ipv4Addr) -> Option<Denial> {
     let o = ip.octets();
-    let in_net = |net: [u8; 4], prefix: u32| {
-        let mask = if prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - prefix)
-        };
-        (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
+    let in_net = |net: [u8; 4], prefix: u8| {
+        ipnet::Ipv4Net::new(Ipv4Addr::from(net), prefix).is_ok_and(|n| n.contains(&ip))
     };
     if o[0] == 0 || o[0] == 127 {
         Some(Denial::Loopback)
@@ -196,8 +191,7 @@ impl HostAddrs {
 pub struct Policy {
     pub egress: Egress,
     pub gateway: Ipv4Addr,
-    pub subnet: Ipv4Addr,
-    pub prefix: u8,
+    pub subnet: ipnet::Ipv4Net,
     pub rules: Vec<NetRule>,
     pub host: HostAddrs,
     /// With `allow_domains`: addresses its DNS answers admitted.
@@ -255,9 +249,7 @@ impl Policy {
     }
 
     fn in_subnet(&self, ip: Ipv4Addr) -> bool {
-        let p = u32::from(self.prefix.min(32));
-        let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
-        (u32::from(ip) & mask) == (u32::from(self.subnet) & mask)
+        self.subnet.contains(&ip)
     }
 
     /// The decision for a guest flow to `dst`.
@@ -340,8 +332,7 @@ mod tests {
         Policy {
             egress,
             gateway: Ipv4Addr::new(10, 0, 2, 2),
-            subnet: Ipv4Addr::new(10, 0, 2, 0),
-            prefix: 24,
+            subnet: ipnet::Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 2, 0), 24),
             rules,
             host,
             domains: None,

@@ -150,7 +150,7 @@ pub fn kvm_usable() -> Result<(), String> {
     if let Some(dir) = cache.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let _ = crate::state::write_atomic(&cache, text.as_bytes(), 0o644);
+    let _ = crate::state::write_atomic(&cache, text.as_bytes(), 0o600);
     r
 }
 

@@ -194,8 +194,8 @@ pub fn size_note(image: &Path, size: u64) -> Option<String> {
         format!(
             "{} is {} but the Migrantfile asks for {}; to resize, copy the data out, remove the image and run `migrant mount` or `migrant up`",
             image.display(),
-            super::human(actual),
-            super::human(size)
+            crate::size::as_written(actual),
+            crate::size::as_written(size)
         )
     })
 }

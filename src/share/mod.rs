@@ -244,7 +244,11 @@ pub fn save_recorded(vm: &VmPaths, cfg: &Config) -> Result<(), ShareError> {
         source: std::io::Error::other(e),
     })?;
     data.push(b'\n');
-    crate::state::write_atomic(&record_file(vm), &data, 0o644)?;
+    let owner = crate::state::Record::load(&vm.record())
+        .ok()
+        .flatten()
+        .and_then(|r| r.owner);
+    crate::state::write_private(&record_file(vm), &data, owner)?;
     Ok(())
 }
 
@@ -309,7 +313,7 @@ pub fn prepare_for_up(cfg: &Config, vm: &VmPaths, building: bool) -> Result<(), 
                 println!(
                     "==> {}: creating the {} store {}",
                     cfg.name,
-                    crate::share::human(s.size),
+                    crate::size::as_written(s.size),
                     img.display()
                 );
                 image::create(&img, s.size, &owner).map_err(|(why, code)| ShareError::Create {
@@ -778,28 +782,6 @@ pub fn extra_qemu_args() -> Vec<String> {
         tracing::warn!("MIGRANT_QEMU_EXTRA_ARGS is not valid shell words; ignored");
         Vec::new()
     })
-}
-
-/// `10G`, `1.5G`, `300M`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("T", 1 << 40),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-    ];
-    for (u, n) in UNITS {
-        if bytes >= n {
-            let whole = bytes / n;
-            let tenth = (bytes % n) * 10 / n;
-            return if tenth == 0 {
-                format!("{whole}{u}")
-            } else {
-                format!("{whole}.{tenth}{u}")
-            };
-        }
-    }
-    format!("{bytes}B")
 }
 
 #[cfg(test)]

@@ -208,14 +208,6 @@ fn the_boundary_never_occurs_in_the_text() {
 }
 
 #[test]
-fn sizes_read_well() {
-    assert_eq!(human(10 << 30), "10G");
-    assert_eq!(human(3 << 29), "1.5G");
-    assert_eq!(human(300 << 20), "300M");
-    assert_eq!(human(12), "12B");
-}
-
-#[test]
 fn a_failed_allocation_leaves_nothing() {
     let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let img = d.path().join("missing-parent").join("ws.img");

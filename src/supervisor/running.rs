@@ -67,7 +67,12 @@ pub(super) async fn supervise(
             peers,
             dns: plan.dns.iter().map(|d| d.to_string()).collect(),
         });
-        tokio::spawn(publish_wg(up.reports.clone(), vm.run.clone(), plan.clone()));
+        tokio::spawn(publish_wg(
+            up.reports.clone(),
+            vm.run.clone(),
+            plan.clone(),
+            rec.owner,
+        ));
         tunnel = Some(up);
         wg_plan = Some(plan);
     }
@@ -167,7 +172,8 @@ pub(super) async fn supervise(
         sockets,
         ssh: Some(ssh_listener),
     };
-    let hub = dataplane::parent::Hub::new(Some(vm.state.join(crate::net::journal::FILE)));
+    let hub =
+        dataplane::parent::Hub::new(Some(vm.state.join(crate::net::journal::FILE)), rec.owner);
     let mut plane_plan = dataplane::Plan::for_config(
         &cfg,
         parse_mac(&rec.mac),
@@ -259,7 +265,7 @@ pub(super) async fn supervise(
                     match crate::wireguard::restart(&exe, &plan, &identity, &log, &ns).await {
                         Ok((t, plan)) => {
                             tracing::info!("WireGuard process started again");
-                            tokio::spawn(publish_wg(t.reports.clone(), vm.run.clone(), plan.clone()));
+                            tokio::spawn(publish_wg(t.reports.clone(), vm.run.clone(), plan.clone(), rec.owner));
                             tunnel = Some(t);
                             tunnel_restart.started();
                             wg_plan = Some(plan);
@@ -341,11 +347,12 @@ pub(super) async fn supervise(
 }
 
 /// Publish the packet loop's reports for `migrant wg` and `status` (no
-/// secrets in them), world-readable like the VM's record.
+/// secrets in them), readable like the VM's record: by root and its owner.
 async fn publish_wg(
     mut reports: watch::Receiver<Option<crate::wireguard::tunnel::Report>>,
     run: std::path::PathBuf,
     plan: crate::wireguard::Plan,
+    owner: Option<u32>,
 ) {
     let path = crate::wireguard::Published::path(&run);
     loop {
@@ -359,7 +366,7 @@ async fn publish_wg(
                 written_endpoints: plan.peers.iter().map(|p| p.written.clone()).collect(),
             };
             if let Ok(json) = serde_json::to_vec_pretty(&p)
-                && let Err(e) = state::write_atomic(&path, &json, 0o644)
+                && let Err(e) = state::write_private(&path, &json, owner)
             {
                 tracing::warn!("cannot write {}: {e}", path.display());
             }

@@ -144,11 +144,18 @@ impl Env {
     /// Run as `nobody` (uid 65534, no groups): what an ordinary local
     /// user may read. Makes the test's folders traversable first.
     pub fn run_as_nobody(&self, args: &[&str]) -> Output {
+        self.run_as(65534, args)
+    }
+
+    /// Run as `uid` (its gid the same, no groups), without root.
+    pub fn run_as(&self, uid: u32, args: &[&str]) -> Output {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(self.root.path(), std::fs::Permissions::from_mode(0o755))
             .unwrap_or_else(|e| panic!("{e}"));
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
             .arg(bin())
             .args(args)
             .current_dir(&self.project)

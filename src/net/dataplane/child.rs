@@ -176,9 +176,7 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
         mac: plan.mac,
         ip: plan.guest,
         server: plan.gateway,
-        netmask: ipnet::Ipv4Net::new(plan.gateway, plan.prefix)
-            .map_err(std::io::Error::other)?
-            .netmask(),
+        netmask: plan.subnet.netmask(),
         router: plan.gateway,
         dns: vec![plan.gateway],
         lease_secs: 86400,
@@ -230,7 +228,6 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
             egress: plan.egress,
             gateway: plan.gateway,
             subnet: plan.subnet,
-            prefix: plan.prefix,
             rules: plan.rules.clone(),
             host,
             domains: allow.clone(),

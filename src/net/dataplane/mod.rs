@@ -69,7 +69,7 @@ impl Setup {
         Setup {
             gateway: cfg.gateway_ip(),
             guest: cfg.guest_ip(),
-            prefix: cfg.network.prefix,
+            prefix: cfg.network.subnet.prefix_len(),
             proxied: cfg.network.egress != Egress::None || !cfg.network.rules.is_empty(),
             gateway_tcp_holes: cfg
                 .network
@@ -175,8 +175,7 @@ pub struct Plan {
     pub name: String,
     pub guest: Ipv4Addr,
     pub gateway: Ipv4Addr,
-    pub subnet: Ipv4Addr,
-    pub prefix: u8,
+    pub subnet: ipnet::Ipv4Net,
     pub mac: [u8; 6],
     pub egress: Egress,
     pub rules: Vec<NetRule>,
@@ -248,7 +247,6 @@ impl Plan {
             guest: cfg.guest_ip(),
             gateway: cfg.gateway_ip(),
             subnet: cfg.network.subnet,
-            prefix: cfg.network.prefix,
             mac,
             egress: cfg.network.egress,
             rules: cfg.network.rules.clone(),
@@ -366,7 +364,7 @@ pub fn netlab(
             &identity,
             &std::env::temp_dir(),
         );
-        let hub = parent::Hub::new(None);
+        let hub = parent::Hub::new(None, None);
         let kept = parent::Kept { sockets, ssh: None };
         let mut plane = parent::start(&exe, project, plan, &kept, &ns, &hub).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
