@@ -203,6 +203,37 @@ fn uefi_resize_snapshot_reset() {
     );
     assert!(root_size(&env) >= after, "the reset lost the resize");
 
+    // A reset of a stopped VM fires the down hooks too, told `reset`, as
+    // the original tool does (its hook test checks exactly this).
+    let hooks = env.project.join("hooks");
+    std::fs::create_dir_all(&hooks).unwrap_or_else(|e| panic!("{e}"));
+    let log = env.root.path().join("hooks.log");
+    for h in ["pre-down", "post-down", "pre-up", "post-up"] {
+        let p = hooks.join(h);
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\necho \"$MIGRANT_HOOK $MIGRANT_TRIGGER\" >> {}\n",
+                log.display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    env.ok(&["halt"]);
+    let _ = std::fs::remove_file(&log);
+    let out = env.run(&["reset"]);
+    assert!(
+        out.status.success(),
+        "reset of a stopped VM: {}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        "pre-down reset\npost-down reset\npre-up reset\npost-up reset\n"
+    );
+
     // A compromised QEMU rewrites its disk's header to name a root-only
     // host file as backing file: root's snapshot must not fold that file
     // into an image the guest boots from, nor resize it.

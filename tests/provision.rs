@@ -194,6 +194,13 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
         "status as the VM's owner: {}",
         text(&out)
     );
+    // status lists the project's hooks, as the original's does.
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("hooks:       pre-up post-up pre-down post-down"),
+        "{}",
+        text(&out)
+    );
     let out = env.run_as(NOBODY, &["egress", "--json"]);
     assert!(out.status.success(), "egress as the owner: {}", text(&out));
     for args in [&["status"][..], &["egress", "--json"], &["info"]] {
@@ -335,7 +342,8 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
         text(&out)
     );
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("pre-up hook"),
+        // The original tool's words, which scripts look for.
+        String::from_utf8_lossy(&out.stderr).contains("pre-up hook failed"),
         "{}",
         text(&out)
     );

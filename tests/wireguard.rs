@@ -3,7 +3,7 @@
 //! for this run. Nothing leaves this machine:
 //!
 //! ```text
-//!   [host ns: migrant] 45.31.0.1 ──veth── 45.31.0.2 [vpn ns] wireguard-go 10.77.0.1/24,
+//!   [host ns: migrant] 45.31.0.1, 2001:db8:31::1 ──veth── 45.31.0.2, 2001:db8:31::2 [vpn ns] wireguard-go 10.77.0.1/24,
 //!        │                                    │        dnsmasq 10.77.0.1 (ok.test -> 45.20.0.11)
 //!        │                                    └ 45.41.0.1 ──veth── 45.41.0.2 ┐
 //!        └── 45.10.0.1 ──veth (the direct path, counted) ── 45.10.0.2 [internet ns]
@@ -97,13 +97,18 @@ impl Vpn {
             "link", "add", "mgt-vi", "netns", &ns, "type", "veth", "peer", "name", "mgt-iv",
             "netns", &net.inet,
         ]);
+        // The peer is reached over IPv4 (45.31.0.2) and IPv6
+        // (2001:db8:31::2), as a provider's server is.
         sh(
             &net.host,
-            "ip addr add 45.31.0.1/24 dev mgt-hv && ip link set mgt-hv up",
+            "sysctl -qw net.ipv6.conf.mgt-hv.disable_ipv6=0 \
+             && ip addr add 45.31.0.1/24 dev mgt-hv && ip -6 addr add 2001:db8:31::1/64 dev mgt-hv nodad \
+             && ip link set mgt-hv up",
         );
         sh(
             &ns,
-            "ip link set lo up && ip addr add 45.31.0.2/24 dev mgt-vh && ip link set mgt-vh up \
+            "sysctl -qw net.ipv6.conf.mgt-vh.disable_ipv6=0 && ip -6 addr add 2001:db8:31::2/64 dev mgt-vh nodad \
+             && ip link set lo up && ip addr add 45.31.0.2/24 dev mgt-vh && ip link set mgt-vh up \
              && ip addr add 45.41.0.1/24 dev mgt-vi && ip link set mgt-vi up \
              && ip route add default via 45.41.0.2 && sysctl -qw net.ipv4.ip_forward=1",
         );
@@ -119,7 +124,11 @@ impl Vpn {
         sh(
             &net.inet,
             "nft add table inet mgt && nft add chain inet mgt pre '{ type filter hook prerouting priority -300; }' \
-             && nft add counter inet mgt direct && nft add rule inet mgt pre iifname mgt-ih meta l4proto '{ tcp, udp }' counter name direct",
+             && nft add counter inet mgt direct && nft add rule inet mgt pre iifname mgt-ih meta l4proto '{ tcp, udp }' counter name direct \
+             && nft add set inet mgt seen4 '{ typeof ip saddr . ip daddr . meta l4proto . th dport; size 256; flags dynamic; }' \
+             && nft add set inet mgt seen6 '{ typeof ip6 saddr . ip6 daddr . meta l4proto . th dport; size 256; flags dynamic; }' \
+             && nft add rule inet mgt pre iifname mgt-ih meta nfproto ipv4 meta l4proto '{ tcp, udp }' add @seen4 '{ ip saddr . ip daddr . meta l4proto . th dport }' \
+             && nft add rule inet mgt pre iifname mgt-ih meta nfproto ipv6 meta l4proto '{ tcp, udp }' add @seen6 '{ ip6 saddr . ip6 daddr . meta l4proto . th dport }'",
         );
         let whoami = Command::new("ip")
             .args([
@@ -188,12 +197,23 @@ impl Vpn {
         vpn
     }
 
+    /// A provider-style dual-stack file: an IPv4 and an IPv6 address,
+    /// `0.0.0.0/0, ::/0`, an IPv4 resolver.
     fn conf(&self, peer_public: &str, endpoint: &str) -> String {
         format!(
-            "[Interface]\nPrivateKey = {}\nAddress = 10.77.0.2/32\nDNS = 10.77.0.1\n\n\
-             [Peer]\nPublicKey = {peer_public}\nEndpoint = {endpoint}\nAllowedIPs = 0.0.0.0/0\n\
+            "[Interface]\nPrivateKey = {}\nAddress = 10.77.0.2/32, fc00:bbbb:bbbb:bb01::1:102/128\nDNS = 10.77.0.1\n\n\
+             [Peer]\nPublicKey = {peer_public}\nEndpoint = {endpoint}\nAllowedIPs = 0.0.0.0/0, ::/0\n\
              PersistentKeepalive = 5\n",
             self.our_private
+        )
+    }
+
+    /// What reached the internet over the host's direct link (source,
+    /// destination, protocol, port), for a failure message.
+    fn direct_flows(net: &TestNet) -> String {
+        sh(
+            &net.inet,
+            "nft list set inet mgt seen4; nft list set inet mgt seen6",
         )
     }
 
@@ -250,11 +270,17 @@ fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
     let env = Env::new_in("wg", &image, "", Some(&net.host));
     std::fs::write(
         env.project.join("wireguard.conf"),
-        vpn.conf(&vpn.peer_public, "45.31.0.2:51820"),
+        vpn.conf(&vpn.peer_public, "[2001:db8:31::2]:51820"),
     )
     .unwrap_or_else(|e| panic!("{e}"));
 
-    let up = env.ok(&["up"]);
+    // The dual-stack file with an IPv6 endpoint works; its IPv6 parts are
+    // said to be unused, once.
+    let out = env.run(&["up"]);
+    assert!(out.status.success(), "up: {}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(said.matches("IPv6 parts are unused").count(), 1, "{said}");
+    let up = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(up.contains("WireGuard tunnel up"), "{up}");
     assert!(up.contains("DNS through the tunnel: 10.77.0.1"), "{up}");
     let sup = env
@@ -303,7 +329,8 @@ fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
     assert_eq!(
         Vpn::direct_packets(&net),
         0,
-        "guest traffic reached the internet outside the tunnel"
+        "guest traffic reached the internet outside the tunnel: {}",
+        Vpn::direct_flows(&net)
     );
 
     // `migrant wg`: a recent handshake, and the bytes of the probe (the
@@ -323,7 +350,7 @@ fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
     );
     let peer = &after["peers"][0];
     assert_eq!(peer["public_key"], vpn.peer_public.as_str());
-    assert_eq!(peer["endpoint"], "45.31.0.2:51820");
+    assert_eq!(peer["endpoint"], "[2001:db8:31::2]:51820");
     let age = peer["latest_handshake_secs"]
         .as_u64()
         .unwrap_or_else(|| panic!("no handshake: {after}"));
@@ -347,7 +374,7 @@ fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
     );
     let status = env.ok(&["status"]);
     assert!(
-        status.contains("wireguard:   10.77.0.2/32 via 45.31.0.2:51820"),
+        status.contains("wireguard:   10.77.0.2/32 via [2001:db8:31::2]:51820"),
         "{status}"
     );
     assert!(status.contains("10.77.0.1 through the tunnel"), "{status}");
@@ -376,7 +403,8 @@ fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
     assert_eq!(
         Vpn::direct_packets(&net),
         0,
-        "egress leaked around the restart"
+        "egress leaked around the restart: {}",
+        Vpn::direct_flows(&net)
     );
 
     // The peer goes away: the guest's egress stops, and nothing leaks.
@@ -388,7 +416,8 @@ fn all_egress_goes_through_the_tunnel_and_stops_with_it() {
     assert_eq!(
         Vpn::direct_packets(&net),
         0,
-        "egress leaked once the tunnel died"
+        "egress leaked once the tunnel died: {}",
+        Vpn::direct_flows(&net)
     );
     // The direct path itself works: the counter is not blind.
     sh(
@@ -446,5 +475,5 @@ fn a_wrong_key_or_a_dead_endpoint_fails_up_and_leaves_nothing() {
         assert!(status.contains("state:       stopped"), "{status}");
         assert!(!status.contains("wireguard:"), "{status}");
     }
-    assert_eq!(Vpn::direct_packets(&net), 0);
+    assert_eq!(Vpn::direct_packets(&net), 0, "{}", Vpn::direct_flows(&net));
 }

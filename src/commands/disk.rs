@@ -188,6 +188,14 @@ fn take_down(p: &Project, trigger: &str, force: bool) -> Result<()> {
             exit::UNAVAILABLE,
             format!("{name} is not created; `migrant up` creates it"),
         )),
+        // A reset tears the VM down whether or not it runs, and says so to
+        // the down hooks (as the original tool does); their failure only
+        // warns.
+        Live::Stopped(_) if trigger == "reset" => {
+            hooks::fire(&p.cfg, Hook::PreDown, Trigger::Reset, None, true)?;
+            post_down_hook(p, trigger);
+            Ok(())
+        }
         Live::Stopped(_) => Ok(()),
         Live::Active(r) if r.state == VmState::Running || r.state == VmState::Paused => {
             pre_down_hook(p, trigger)?;

@@ -40,6 +40,9 @@ struct StatusView {
     /// Where the guest's DNS queries go, in WireGuard mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     dns: Option<String>,
+    /// The project's lifecycle hooks (status of one project only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hooks: Option<crate::provision::hooks::Present>,
 }
 
 fn view(name: &str, live: &Live, project: &str) -> StatusView {
@@ -72,6 +75,7 @@ fn view(name: &str, live: &Live, project: &str) -> StatusView {
         shares: Vec::new(),
         wireguard: None,
         dns: None,
+        hooks: None,
     }
 }
 
@@ -114,6 +118,20 @@ fn print_view(v: &StatusView) {
     }
     if let Some(d) = &v.dns {
         println!("dns:         {d}");
+    }
+    if let Some(h) = &v.hooks {
+        let active = if h.active.is_empty() {
+            "none".to_string()
+        } else {
+            h.active.join(" ")
+        };
+        println!("hooks:       {active}");
+        if !h.not_executable.is_empty() {
+            println!(
+                "             not executable (skipped): {}",
+                h.not_executable.join(" ")
+            );
+        }
     }
     if let Some(n) = &v.network {
         if let Some(why) = &n.dataplane {
@@ -163,6 +181,7 @@ pub fn status(p: &Project, json: bool) -> Result<u8> {
     let l = live(&p.vm)?;
     let mut v = view(&p.cfg.name, &l, &p.cfg.dir.display().to_string());
     v.shares = crate::share::views(&p.cfg);
+    v.hooks = Some(crate::provision::hooks::present(&p.cfg.dir));
     if p.vm.disk().exists() {
         v.disk = Some(p.vm.disk().display().to_string());
     }

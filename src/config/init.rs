@@ -87,7 +87,7 @@ rules = []
 # outside the tunnel) unless the host's resolvers are chosen explicitly.
 #dns = "host"
 
-# IPv6 egress (not possible together with WireGuard).
+# IPv6 egress: not available in this version (IPv6 is dropped; true is refused).
 #ipv6 = false
 
 [ssh]

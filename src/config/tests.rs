@@ -367,7 +367,8 @@ fn legacy_rules_fixture() {
         ]
     );
     assert_eq!(c.network.egress, Egress::Open);
-    assert!(c.network.ipv6);
+    // NETWORK_IPV6=nat: said, not silently dropped; the guest gets IPv4.
+    assert!(!c.network.ipv6);
     assert_eq!(
         c.network.rules,
         vec![
@@ -400,9 +401,18 @@ fn legacy_rules_fixture() {
     assert!(!c.wait_cloud_init);
     assert_eq!(c.autoconnect, Autoconnect::None);
     assert_eq!(c.firmware, Firmware::Bios);
-    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
     assert!(c.warnings[0].contains("NETWORKS is recorded but not used"));
-    assert!(c.warnings[1].contains("HOST_ACCESS had no effect"));
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("NETWORK_IPV6=nat: IPv6 egress is not available"))
+    );
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("HOST_ACCESS had no effect"))
+    );
 }
 
 #[test]
@@ -908,19 +918,22 @@ fn toml_network() {
     );
 }
 
+/// IPv6 egress is not built: asking for it is an error, not ignored.
 #[test]
-fn toml_ipv6_with_wireguard_is_refused() {
+fn toml_ipv6_is_refused() {
     let content = format!("{IMG}[network]\nipv6 = true\n");
     let dir = project(&content);
-    std::fs::write(dir.path().join("wireguard.conf"), "[Interface]\n")
-        .unwrap_or_else(|e| panic!("{e}"));
     bad_in(
         dir.path(),
         &content,
         3,
         "network.ipv6",
-        "cannot be combined with WireGuard",
+        "IPv6 egress is not available in this version",
     );
+    let off = format!("{IMG}[network]\nipv6 = false\n");
+    let dir = project(&off);
+    let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!c.network.ipv6 && c.warnings.is_empty());
 }
 
 #[test]

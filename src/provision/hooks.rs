@@ -107,7 +107,9 @@ pub fn on_failure(hook: Hook, trigger: Trigger, forced: bool) -> OnFailure {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
-    #[error("the {hook} hook {path} failed ({status}); {what} aborted")]
+    // "<hook> hook failed": the words the original tool printed, which
+    // scripts look for.
+    #[error("{hook} hook failed ({status}): {path}; {what} aborted")]
     Failed {
         hook: &'static str,
         path: PathBuf,
@@ -184,6 +186,31 @@ pub fn env(
 
 /// Whether `hook` is there to run: `Some(path)` for an executable file;
 /// a present but non-executable one is reported and skipped.
+/// Every hook, in lifecycle order.
+pub const ALL: [Hook; 4] = [Hook::PreUp, Hook::PostUp, Hook::PreDown, Hook::PostDown];
+
+/// The project's hooks, for `status`: those that will run, and those that
+/// exist but are not executable (skipped).
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
+pub struct Present {
+    pub active: Vec<&'static str>,
+    pub not_executable: Vec<&'static str>,
+}
+
+pub fn present(dir: &Path) -> Present {
+    let mut out = Present::default();
+    for h in ALL {
+        match std::fs::metadata(path(dir, h)) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {
+                out.active.push(h.name())
+            }
+            Ok(m) if m.is_file() => out.not_executable.push(h.name()),
+            _ => {}
+        }
+    }
+    out
+}
+
 fn find(dir: &Path, hook: Hook) -> Option<PathBuf> {
     let p = path(dir, hook);
     let meta = std::fs::metadata(&p).ok()?;
@@ -216,7 +243,7 @@ pub fn fire(
         (Ok(()), _) => Ok(()),
         (Err(HookError::Failed { path, status, .. }), OnFailure::Warn) => {
             eprintln!(
-                "warning: the {} hook {} failed ({status})",
+                "warning: {} hook failed ({status}): {}",
                 hook.name(),
                 path.display()
             );
@@ -512,7 +539,8 @@ mod tests {
         let dir = t.path();
         std::fs::create_dir(dir.join("hooks")).unwrap_or_else(|e| panic!("{e}"));
         let log = dir.join("log");
-        for h in [Hook::PreUp, Hook::PostUp, Hook::PreDown, Hook::PostDown] {
+        assert_eq!(present(dir), Present::default());
+        for h in ALL {
             let p = path(dir, h);
             std::fs::write(
                 &p,
@@ -525,6 +553,21 @@ mod tests {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
                 .unwrap_or_else(|e| panic!("{e}"));
         }
+        // `status` lists them; one made unexecutable is named as skipped.
+        let all = || present(dir);
+        assert_eq!(all().active, ["pre-up", "post-up", "pre-down", "post-down"]);
+        std::fs::set_permissions(
+            path(dir, Hook::PostDown),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(all().not_executable, ["post-down"]);
+        assert_eq!(all().active.len(), 3);
+        std::fs::set_permissions(
+            path(dir, Hook::PostDown),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let cfg = project(dir);
         let ip = Some(Ipv4Addr::new(10, 0, 2, 15));
         fire(&cfg, Hook::PreUp, Trigger::Up, None, false).unwrap_or_else(|e| panic!("{e}"));
@@ -534,6 +577,10 @@ mod tests {
             .expect_err("pre-down failure must abort a halt");
         assert_eq!(e.exit_code(), crate::exit::TEMPFAIL);
         assert!(e.to_string().contains("the halt aborted"), "{e}");
+        assert!(
+            e.to_string().starts_with("pre-down hook failed (exit 1)"),
+            "{e}"
+        );
         fire(&cfg, Hook::PreDown, Trigger::Halt, ip, true).unwrap_or_else(|e| panic!("{e}"));
         fire(&cfg, Hook::PreDown, Trigger::Destroy, ip, false).unwrap_or_else(|e| panic!("{e}"));
         fire(&cfg, Hook::PostDown, Trigger::Destroy, None, false).unwrap_or_else(|e| panic!("{e}"));

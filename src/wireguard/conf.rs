@@ -76,8 +76,11 @@ pub struct Peer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgConfig {
     pub private_key: Key,
-    /// IPv4 interface addresses (IPv6 ones are refused for now).
+    /// IPv4 interface addresses.
     pub addresses: Vec<Ipv4Net>,
+    /// IPv6 interface addresses (dual-stack provider files): kept, unused
+    /// while the guest has no IPv6.
+    pub addresses6: Vec<ipnet::Ipv6Net>,
     pub dns: Vec<IpAddr>,
     /// Non-address `DNS =` entries: search domains, as wg-quick reads them.
     pub dns_search: Vec<String>,
@@ -133,6 +136,9 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
     let mut mtu = None;
     let mut listen_port = None;
     let mut warnings = Vec::new();
+    let mut addresses6 = Vec::new();
+    // The file's IPv6 parts, said once: the guest has no IPv6.
+    let mut unused6: Vec<String> = Vec::new();
     let mut peers: Vec<PeerDraft> = Vec::new();
     // Keys set once per section: (section start line, key) already seen.
     let mut seen: Vec<String> = Vec::new();
@@ -217,14 +223,9 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
                         .ok_or_else(|| err(line, key, format!("{item:?} is not an address")))?;
                     match net {
                         IpNet::V4(v4) => addresses.push(v4),
-                        IpNet::V6(_) => {
-                            return Err(err(
-                                line,
-                                key,
-                                format!(
-                                    "{item}: IPv6 through the tunnel is not supported yet; remove the IPv6 address"
-                                ),
-                            ));
+                        IpNet::V6(v6) => {
+                            addresses6.push(v6);
+                            unused6.push(format!("Address {v6} (line {line})"));
                         }
                     }
                 }
@@ -233,12 +234,7 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
                 for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                     match IpAddr::from_str(item) {
                         Ok(IpAddr::V4(a)) => dns.push(IpAddr::V4(a)),
-                        Ok(IpAddr::V6(a)) => {
-                            warnings.push(format!(
-                                "{}:{line}: DNS {a}: IPv6 servers are not used (no IPv6 in the tunnel yet)",
-                                file.display()
-                            ));
-                        }
+                        Ok(IpAddr::V6(a)) => unused6.push(format!("DNS {a} (line {line})")),
                         Err(_) if valid_domain(item) => dns_search.push(item.to_string()),
                         Err(_) => {
                             return Err(err(
@@ -328,6 +324,9 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
                             })?;
                             // IPv6 ranges are kept: they route nothing
                             // while the guest has no IPv6.
+                            if net.addr().is_ipv6() {
+                                unused6.push(format!("AllowedIPs {} (line {line})", net.trunc()));
+                            }
                             peer.allowed_ips.push(net.trunc());
                         }
                     }
@@ -368,11 +367,13 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
         )
     })?;
     if addresses.is_empty() {
-        return Err(err(
-            interface_line,
-            "Address",
-            "missing in [Interface] (the tunnel's IPv4 address, like 10.64.0.2/32)".into(),
-        ));
+        let why = match addresses6.first() {
+            Some(v6) => format!(
+                "only IPv6 ({v6}); the guest's IPv4 goes through the tunnel, so it needs the tunnel's IPv4 address too, like 10.64.0.2/32"
+            ),
+            None => "missing in [Interface] (the tunnel's IPv4 address, like 10.64.0.2/32)".into(),
+        };
+        return Err(err(interface_line, "Address", why));
     }
     if peers.is_empty() {
         return Err(err(
@@ -409,6 +410,13 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
             line: p.line,
         });
     }
+    if !unused6.is_empty() {
+        warnings.push(format!(
+            "{}: its IPv6 parts are unused (the guest has no IPv6; IPv4 goes through the tunnel): {}",
+            file.display(),
+            unused6.join(", ")
+        ));
+    }
     if dns.is_empty() {
         warnings.push(format!(
             "{}: no DNS in [Interface]: the guest's DNS queries go to the host's resolvers, outside the tunnel",
@@ -418,6 +426,7 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
     Ok(WgConfig {
         private_key,
         addresses,
+        addresses6,
         dns,
         dns_search,
         mtu,

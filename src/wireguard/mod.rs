@@ -21,7 +21,7 @@ pub mod conf;
 pub mod tunnel;
 
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
@@ -43,14 +43,6 @@ pub enum WgError {
         port: u16,
         #[source]
         source: std::io::Error,
-    },
-    #[error(
-        "{file}: peer at line {line}: endpoint {endpoint} is IPv6; only IPv4 endpoints are supported"
-    )]
-    Ipv6Endpoint {
-        file: String,
-        line: usize,
-        endpoint: String,
     },
     #[error("{0}: no IPv4 Address in [Interface]; the tunnel needs one")]
     NoAddress(String),
@@ -82,7 +74,7 @@ pub enum WgError {
 impl WgError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            WgError::Ipv6Endpoint { .. } | WgError::NoAddress(_) => crate::exit::CONFIG,
+            WgError::NoAddress(_) => crate::exit::CONFIG,
             // A name that does not resolve now may resolve later.
             WgError::Resolve { .. }
             | WgError::Tun(_)
@@ -101,7 +93,7 @@ pub struct ResolvedPeer {
     pub public_key: conf::PublicKey,
     /// As written in the file (a name or an address).
     pub written: Option<String>,
-    pub endpoint: Option<SocketAddrV4>,
+    pub endpoint: Option<SocketAddr>,
 }
 
 /// The tunnel as the supervisor sets it up.
@@ -169,17 +161,10 @@ pub fn plan(file: &Path, conf: conf::WgConfig) -> Result<Plan, WgError> {
 fn resolve_endpoint(
     file: &str,
     p: &conf::Peer,
-) -> Result<(Option<String>, Option<SocketAddrV4>), WgError> {
+) -> Result<(Option<String>, Option<SocketAddr>), WgError> {
     Ok(match &p.endpoint {
         None => (None, None),
-        Some(conf::Endpoint::Addr(SocketAddr::V4(a))) => (Some(a.to_string()), Some(*a)),
-        Some(conf::Endpoint::Addr(a @ SocketAddr::V6(_))) => {
-            return Err(WgError::Ipv6Endpoint {
-                file: file.to_string(),
-                line: p.line,
-                endpoint: a.to_string(),
-            });
-        }
+        Some(conf::Endpoint::Addr(a)) => (Some(a.to_string()), Some(*a)),
         Some(conf::Endpoint::Name { host, port }) => {
             let resolve_err = |source| WgError::Resolve {
                 file: file.to_string(),
@@ -188,14 +173,17 @@ fn resolve_endpoint(
                 port: *port,
                 source,
             };
-            let found = (host.as_str(), *port)
+            // IPv4 first (what the host most surely routes), else IPv6.
+            let all: Vec<SocketAddr> = (host.as_str(), *port)
                 .to_socket_addrs()
                 .map_err(resolve_err)?
-                .find_map(|a| match a {
-                    SocketAddr::V4(v4) => Some(v4),
-                    SocketAddr::V6(_) => None,
-                })
-                .ok_or_else(|| resolve_err(std::io::Error::other("no IPv4 address")))?;
+                .collect();
+            let found = all
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or_else(|| all.first())
+                .copied()
+                .ok_or_else(|| resolve_err(std::io::Error::other("no address")))?;
             (Some(format!("{host}:{port}")), Some(found))
         }
     })
@@ -254,7 +242,7 @@ impl Plan {
     }
 
     /// The endpoint when the tunnel has exactly one peer and it has one.
-    pub fn single_endpoint(&self) -> Option<SocketAddrV4> {
+    pub fn single_endpoint(&self) -> Option<SocketAddr> {
         match self.peers.as_slice() {
             [only] => only.endpoint,
             _ => None,
@@ -279,22 +267,40 @@ pub fn create_tun_in_ns(plan: &Plan) -> Result<File, WgError> {
 /// to `ListenPort` if set, with large buffers (bursts of a fast TCP flow).
 pub fn bind_udp(plan: &Plan) -> Result<std::net::UdpSocket, WgError> {
     use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, None).map_err(WgError::Socket)?;
+    // IPv4 unless a peer is reached over IPv6: then one dual-stack socket
+    // for every peer (Linux sends to IPv4 addresses from it as given).
+    let v6 = plan
+        .peers
+        .iter()
+        .any(|p| p.endpoint.is_some_and(|e| e.is_ipv6()));
+    let s = Socket::new(
+        if v6 { Domain::IPV6 } else { Domain::IPV4 },
+        Type::DGRAM,
+        None,
+    )
+    .map_err(WgError::Socket)?;
+    if v6 {
+        s.set_only_v6(false).map_err(WgError::Socket)?;
+    }
     let size = 4 << 20;
     let _ = s.set_recv_buffer_size(size);
     let _ = s.set_send_buffer_size(size);
     // The FORCE variants ignore the system maximum (we are root here).
     force_buffers(&s, size);
     let port = plan.conf.listen_port.unwrap_or(0);
-    s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
-        .map_err(|source| match port {
-            0 => WgError::Socket(source),
-            _ => WgError::ListenPort {
-                port,
-                file: plan.file.clone(),
-                source,
-            },
-        })?;
+    let any = if v6 {
+        SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port)
+    } else {
+        SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)
+    };
+    s.bind(&any.into()).map_err(|source| match port {
+        0 => WgError::Socket(source),
+        _ => WgError::ListenPort {
+            port,
+            file: plan.file.clone(),
+            source,
+        },
+    })?;
     // One peer: connect to it. The packet loop then sends without
     // addresses and its seccomp filter allows nothing else, so even an
     // exploited loop reaches no host but the peer (and the socket takes
@@ -415,7 +421,7 @@ mod tests {
         let p = plan(Path::new("wg.conf"), c).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             p.peers[0].endpoint,
-            Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 51820))
+            Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 51820))
         );
         assert_eq!(p.peers[0].written.as_deref(), Some("localhost:51820"));
         let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
@@ -433,7 +439,7 @@ mod tests {
         // A restart resolves names again: an endpoint that moved is
         // followed (here: back from where a stale plan pointed).
         let mut stale = p.clone();
-        stale.peers[0].endpoint = Some(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 9), 51820));
+        stale.peers[0].endpoint = Some(SocketAddr::new(Ipv4Addr::new(192, 0, 2, 9).into(), 51820));
         let fresh = stale.re_resolved();
         assert_eq!(fresh.peers[0].endpoint, p.peers[0].endpoint);
         assert_eq!(fresh.spec().peers[0].endpoint, p.peers[0].endpoint);
@@ -445,16 +451,41 @@ mod tests {
         assert_eq!(m.mtu(), 1280);
     }
 
+    /// A provider's dual-stack file: IPv4 and IPv6 addresses, `::/0`, an
+    /// IPv6 endpoint. The tunnel uses its IPv4 parts; the socket is the
+    /// endpoint's family, connected to it.
     #[test]
-    fn unusable_files_name_the_problem() {
-        let v6 = parse(&format!(
-            "[Interface]\nPrivateKey = {KEY}\nAddress = 10.7.0.2/32\n\n[Peer]\nPublicKey = {PEER}\n\
-             Endpoint = [2001:db8::1]:51820\nAllowedIPs = 0.0.0.0/0\n"
+    fn a_dual_stack_file_with_an_ipv6_endpoint() {
+        let c = parse(&format!(
+            "[Interface]\nPrivateKey = {KEY}\nAddress = 10.7.0.2/32, fc00:bbbb:bbbb:bb01::1:102/128\nDNS = 10.7.0.1\n\n\
+             [Peer]\nPublicKey = {PEER}\nEndpoint = [::1]:51820\nAllowedIPs = 0.0.0.0/0, ::/0\n"
         ));
-        let e = plan(Path::new("wg.conf"), v6)
-            .err()
-            .unwrap_or_else(|| panic!("an IPv6 endpoint was accepted"));
-        assert_eq!(e.exit_code(), crate::exit::CONFIG);
-        assert!(e.to_string().contains("wg.conf: peer at line 5"), "{e}");
+        assert_eq!(c.addresses6.len(), 1);
+        let said: Vec<&String> = c.warnings.iter().filter(|w| w.contains("IPv6")).collect();
+        assert_eq!(said.len(), 1, "said once: {:?}", c.warnings);
+        assert!(
+            said[0].contains("fc00:bbbb:bbbb:bb01::1:102/128") && said[0].contains("::/0"),
+            "{said:?}"
+        );
+        let p = plan(Path::new("wg.conf"), c).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.address.to_string(), "10.7.0.2/32");
+        let udp = bind_udp(&p).unwrap_or_else(|e| panic!("{e}"));
+        let peer = udp.peer_addr().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(peer.to_string(), "[::1]:51820");
+
+        // Two peers, one over IPv4: a dual-stack socket, unconnected.
+        let two = parse(&format!(
+            "[Interface]\nPrivateKey = {KEY}\nAddress = 10.7.0.2/32\nDNS = 10.7.0.1\n\n\
+             [Peer]\nPublicKey = {PEER}\nEndpoint = [::1]:51820\nAllowedIPs = 10.8.0.0/16\n\n\
+             [Peer]\nPublicKey = {KEY}\nEndpoint = 127.0.0.1:51821\nAllowedIPs = 0.0.0.0/0\n"
+        ));
+        let p = plan(Path::new("wg.conf"), two).unwrap_or_else(|e| panic!("{e}"));
+        let udp = bind_udp(&p).unwrap_or_else(|e| panic!("{e}"));
+        assert!(udp.peer_addr().is_err(), "several peers: not connected");
+        assert!(udp.local_addr().is_ok_and(|a| a.is_ipv6()));
+        let v4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let to = v4.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        udp.send_to(b"x", to)
+            .unwrap_or_else(|e| panic!("an IPv4 peer from the dual-stack socket: {e}"));
     }
 }

@@ -15,7 +15,7 @@
 //! every 250 ms as boringtun expects.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -41,7 +41,7 @@ pub struct PeerSpec {
     pub public_key: [u8; 32],
     pub preshared_key: Option<[u8; 32]>,
     /// Resolved on the host at `up`; `None` until the peer reaches us.
-    pub endpoint: Option<SocketAddrV4>,
+    pub endpoint: Option<SocketAddr>,
     pub allowed_ips: Vec<Ipv4Net>,
     pub keepalive: Option<u16>,
 }
@@ -78,7 +78,7 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 struct Peer {
     tunn: Tunn,
     public: [u8; 32],
-    endpoint: Option<SocketAddrV4>,
+    endpoint: Option<SocketAddr>,
     allowed: Vec<Ipv4Net>,
     handshaken: bool,
 }
@@ -118,7 +118,7 @@ struct Batch {
     buf: Vec<u8>,
     seg: usize,
     count: usize,
-    to: Option<SocketAddrV4>,
+    to: Option<SocketAddr>,
     /// Cleared when the kernel refuses UDP_SEGMENT: then one datagram per
     /// call.
     gso: bool,
@@ -131,7 +131,7 @@ struct Batch {
 }
 
 /// Send one datagram to `to`, or to the connected peer.
-fn send_one(udp: &UdpSocket, data: &[u8], to: SocketAddrV4, connected: bool) {
+fn send_one(udp: &UdpSocket, data: &[u8], to: SocketAddr, connected: bool) {
     let sent = if connected {
         udp.send(data)
     } else {
@@ -179,7 +179,7 @@ impl Batch {
 
     /// A burst with GSO: `sendmsg` with the segment size, or on a connected
     /// socket the socket option and `send`.
-    fn send_segmented(&mut self, udp: &UdpSocket, to: SocketAddrV4) -> nix::Result<()> {
+    fn send_segmented(&mut self, udp: &UdpSocket, to: SocketAddr) -> nix::Result<()> {
         let seg = self.seg as u16;
         if self.connected {
             self.segment_size(udp, seg)?;
@@ -188,16 +188,16 @@ impl Batch {
                 Err(e) => Err(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))),
             };
         }
-        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
+        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
         let iov = [std::io::IoSlice::new(&self.buf)];
         let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
-        let addr = SockaddrIn::from(to);
+        let addr = SockaddrStorage::from(to);
         sendmsg(udp.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&addr)).map(|_| ())
     }
 
     /// Whether `len` bytes to `to` can join the batch. A shorter datagram
     /// may join as the last one.
-    fn fits(&self, len: usize, to: SocketAddrV4) -> bool {
+    fn fits(&self, len: usize, to: SocketAddr) -> bool {
         self.count == 0
             || (self.gso
                 && self.to == Some(to)
@@ -207,7 +207,7 @@ impl Batch {
                 && self.buf.len() + len <= GSO_BYTES)
     }
 
-    fn push(&mut self, data: &[u8], to: SocketAddrV4) {
+    fn push(&mut self, data: &[u8], to: SocketAddr) {
         if self.count == 0 {
             self.seg = data.len();
             self.to = Some(to);
@@ -301,7 +301,7 @@ impl Loop {
         }
     }
 
-    fn send_out(&mut self, len: usize, to: SocketAddrV4) {
+    fn send_out(&mut self, len: usize, to: SocketAddr) {
         let data = &self.out[..len];
         // A datagram longer than the connected socket's segment size
         // would be cut.
@@ -317,20 +317,19 @@ impl Loop {
     /// Which peer a datagram is for, or `None` to drop it. Handshakes are
     /// checked (MAC1, and under load the cookie) before the Diffie-Hellman
     /// work that finds their peer; a cookie reply is sent when needed.
-    fn peer_of(&mut self, datagram: &[u8], from: SocketAddrV4) -> Option<(usize, Kind)> {
-        let packet =
-            match self
-                .limiter
-                .verify_packet(Some(IpAddr::V4(*from.ip())), datagram, &mut self.out)
-            {
-                Ok(p) => p,
-                Err(TunnResult::WriteToNetwork(cookie)) => {
-                    let len = cookie.len();
-                    self.send_out(len, from);
-                    return None;
-                }
-                Err(_) => return None,
-            };
+    fn peer_of(&mut self, datagram: &[u8], from: SocketAddr) -> Option<(usize, Kind)> {
+        let packet = match self
+            .limiter
+            .verify_packet(Some(from.ip()), datagram, &mut self.out)
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                let len = cookie.len();
+                self.send_out(len, from);
+                return None;
+            }
+            Err(_) => return None,
+        };
         match packet {
             Packet::HandshakeInit(h) => {
                 let half = parse_handshake_anon(&self.secret, &self.public, &h).ok()?;
@@ -349,7 +348,7 @@ impl Loop {
 
     /// A datagram from the network: decrypt it, answer handshakes, deliver
     /// data to the TUN.
-    fn on_udp(&mut self, datagram: &[u8], from: SocketAddrV4) {
+    fn on_udp(&mut self, datagram: &[u8], from: SocketAddr) {
         let Some((i, kind)) = self.peer_of(datagram, from) else {
             return;
         };
@@ -358,7 +357,7 @@ impl Loop {
         let mut input: &[u8] = datagram;
         loop {
             let peer = &mut self.peers[i];
-            let src = first.then_some(IpAddr::V4(*from.ip()));
+            let src = first.then_some(from.ip());
             let result = peer.tunn.decapsulate(src, input, &mut self.out);
             match result {
                 TunnResult::WriteToNetwork(b) => {
@@ -593,8 +592,12 @@ pub fn run(
         if udp_ready {
             for _ in 0..BURST {
                 match lp.udp.recv_from(&mut buf) {
-                    Ok((n, SocketAddr::V4(from))) => lp.on_udp(&buf[..n], from),
-                    Ok((_, SocketAddr::V6(_))) => {}
+                    // A dual-stack socket (an IPv6 peer among them) shows
+                    // IPv4 peers as mapped addresses: compare them plain.
+                    Ok((n, from)) => lp.on_udp(
+                        &buf[..n],
+                        SocketAddr::new(from.ip().to_canonical(), from.port()),
+                    ),
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -701,15 +704,36 @@ mod tests {
     /// show the handshake and the bytes.
     #[test]
     fn two_loops_carry_packets_over_loopback() {
+        two_loops("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1");
+    }
+
+    /// The same over IPv6 (an endpoint like `[2001:db8::1]:51820`).
+    #[test]
+    fn two_loops_carry_packets_over_ipv6() {
+        two_loops("[::1]:0", "[::1]:0", "::1");
+    }
+
+    /// B on a dual-stack socket (some peer of it is IPv6), A over IPv4: B
+    /// sees A's address as IPv4, not as a mapped IPv6 one, and answers it.
+    #[test]
+    fn a_dual_stack_socket_serves_an_ipv4_peer() {
+        two_loops("127.0.0.1:0", "[::]:0", "127.0.0.1");
+    }
+
+    /// A (one peer, connected) bound at `a_bind`, B at `b_bind`, reached at
+    /// `b_host` and B's port.
+    fn two_loops(a_bind: &str, b_bind: &str, b_host: &str) {
         use std::io::BufRead;
         let (a_key, b_key) = ([1u8; 32], [2u8; 32]);
         let public = |k: [u8; 32]| PublicKey::from(&StaticSecret::from(k)).to_bytes();
-        let a_udp = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-        let b_udp = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-        let b_addr = match b_udp.local_addr() {
-            Ok(SocketAddr::V4(a)) => a,
-            other => panic!("{other:?}"),
-        };
+        let a_udp = UdpSocket::bind(a_bind).unwrap_or_else(|e| panic!("{e}"));
+        let b_udp = UdpSocket::bind(b_bind).unwrap_or_else(|e| panic!("{e}"));
+        let b_port = b_udp
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b_ip: IpAddr = b_host.parse().unwrap_or_else(|e| panic!("{e}"));
+        let b_addr = SocketAddr::new(b_ip, b_port);
         let net = |s: &str| s.parse::<Ipv4Net>().unwrap_or_else(|e| panic!("{e}"));
         // A has one peer: its socket is connected to it, as the supervisor
         // does (sends without an address, GSO as a socket option); B's is
