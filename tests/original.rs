@@ -73,3 +73,67 @@ fn original_project_folder_boots_and_provisions() {
         format!("{} stopped (trigger: destroy)\n", env.name)
     );
 }
+
+/// The original's key-path rules, without a VM: `pubkey` makes and shows
+/// the Migrantfile's key (`SSH_KEY_PATH`); `MIGRANT_KEY_PATH` wins for one
+/// invocation; a leading `~` in `MIGRANT_KEY_PATH` and `MIGRANT_DIR` is the
+/// invoking user's home; without a Migrantfile the managed key is used.
+#[test]
+fn key_paths_follow_the_original() {
+    let work = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let w = work.path();
+    let home = w.join("home");
+    let proj = home.join("proj");
+    std::fs::create_dir_all(&proj).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        proj.join("Migrantfile"),
+        format!(
+            "VM_NAME=\"key-path-test\"\nSSH_KEY_PATH=\"{}\"\n",
+            w.join("vm-key").display()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pubkey = |dir: &Path, env: &[(&str, String)]| {
+        let out = std::process::Command::new(bin())
+            .arg("pubkey")
+            .current_dir(dir)
+            .env("HOME", &home)
+            .env_remove("SUDO_USER")
+            .env_remove("MIGRANT_KEY_PATH")
+            .env_remove("MIGRANT_DIR")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.status.success(), "pubkey {env:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let public = |p: &Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .trim()
+            .to_string()
+    };
+
+    let out = pubkey(&proj, &[]);
+    assert!(
+        w.join("vm-key").is_file(),
+        "SSH_KEY_PATH's key was not made"
+    );
+    assert_eq!(out, public(&w.join("vm-key.pub")));
+
+    let out = pubkey(&proj, &[("MIGRANT_KEY_PATH", "~/env-key".into())]);
+    assert!(
+        home.join("env-key").is_file(),
+        "MIGRANT_KEY_PATH's key was not made"
+    );
+    assert_eq!(out, public(&home.join("env-key.pub")));
+    assert_ne!(out, public(&w.join("vm-key.pub")));
+
+    // MIGRANT_DIR=~/proj, run from elsewhere: the project's key again.
+    let out = pubkey(w, &[("MIGRANT_DIR", "~/proj".into())]);
+    assert_eq!(out, public(&w.join("vm-key.pub")));
+
+    // No Migrantfile: the managed key.
+    let out = pubkey(w, &[]);
+    assert_eq!(out, public(&home.join(".ssh/migrant.pub")));
+}

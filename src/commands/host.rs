@@ -35,9 +35,10 @@ pub fn init(dir: &Path, force: bool) -> Result<u8> {
     Ok(0)
 }
 
-pub fn pubkey() -> Result<u8> {
+/// Print the public half of `key`, creating the pair when it is missing.
+pub fn pubkey(key: &std::path::Path) -> Result<u8> {
     let who = keys::Invoker::current()?;
-    let public = keys::ensure_managed_key(&who)?;
+    let public = keys::ensure_key(&who, key)?;
     println!("{public}");
     Ok(0)
 }

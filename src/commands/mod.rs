@@ -30,7 +30,7 @@ pub fn run(cli: Cli) -> Result<u8> {
     let dir = project_dir(cli.dir.clone())?;
     match cli.command {
         Cmd::Init { force } => host::init(&dir, force),
-        Cmd::Pubkey => host::pubkey(),
+        Cmd::Pubkey => host::pubkey(&key_for(&dir)?),
         Cmd::Doctor => host::doctor(),
         Cmd::List { json } => query::list(json),
         Cmd::Up {
@@ -100,7 +100,7 @@ pub fn run(cli: Cli) -> Result<u8> {
 
 fn project_dir(given: Option<PathBuf>) -> Result<PathBuf> {
     let dir = match given {
-        Some(d) => d,
+        Some(d) => expand_home(d),
         None => std::env::current_dir().map_err(Error::io("current directory"))?,
     };
     std::fs::canonicalize(&dir).map_err(|e| {
@@ -234,10 +234,55 @@ pub fn wait_unlocked(vm: &VmPaths, timeout: std::time::Duration) -> bool {
     !VmLock::is_held(vm)
 }
 
-/// The private key used for the guest: the Migrantfile's, or the managed one.
+/// A leading `~` (alone or as `~/`) of a path given on the command line
+/// or in the environment: the invoking user's home (through sudo, theirs),
+/// as a shell would have expanded it. Other paths are returned as given.
+fn expand_home(path: PathBuf) -> PathBuf {
+    let Some(text) = path.to_str() else {
+        return path;
+    };
+    if text != "~" && !text.starts_with("~/") {
+        return path;
+    }
+    match crate::config::invoking_user_home() {
+        Some(home) => home.join(text.trim_start_matches('~').trim_start_matches('/')),
+        None => path,
+    }
+}
+
+/// `MIGRANT_KEY_PATH`, when set and not empty: the private key for this
+/// invocation, over the Migrantfile's (as in the original tool).
+fn key_from_env() -> Option<PathBuf> {
+    let given = std::env::var_os("MIGRANT_KEY_PATH").filter(|v| !v.is_empty())?;
+    let path = expand_home(PathBuf::from(given));
+    Some(std::path::absolute(&path).unwrap_or(path))
+}
+
+/// The private key used for the guest: `MIGRANT_KEY_PATH`, else the
+/// Migrantfile's, else the managed one (`~/.ssh/migrant`).
 pub fn ssh_key(cfg: &Config) -> Result<PathBuf> {
+    if let Some(k) = key_from_env() {
+        return Ok(k);
+    }
     match &cfg.ssh.key {
         Some(k) => Ok(k.clone()),
+        None => Ok(crate::provision::keys::Invoker::current()?.managed_key()),
+    }
+}
+
+/// The key `pubkey` shows: [`ssh_key`] of the project in `dir` when it has
+/// a Migrantfile, else `MIGRANT_KEY_PATH` or the managed key.
+fn key_for(dir: &std::path::Path) -> Result<PathBuf> {
+    if let Some(k) = key_from_env() {
+        return Ok(k);
+    }
+    let named = if dir.join(config::FILE_NAME).exists() {
+        config::ssh_key(dir)?
+    } else {
+        None
+    };
+    match named {
+        Some(k) => Ok(k),
         None => Ok(crate::provision::keys::Invoker::current()?.managed_key()),
     }
 }

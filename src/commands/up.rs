@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::exit;
 use crate::provision::ansible;
 use crate::provision::hooks::{self, Hook, Trigger};
-use crate::provision::keys::{self, KeyError};
+use crate::provision::keys;
 use crate::state::{self, Record, VmLock, VmPaths, VmState};
 use crate::supervisor::control::{self, Request};
 use crate::supervisor::progress::Progress;
@@ -235,10 +235,15 @@ fn user_data(cfg: &Config) -> Result<String> {
     let key = ssh_key(cfg)?;
     // Read as the invoking user: the key's folder is theirs.
     let who = keys::Invoker::current()?;
-    let public = keys::public_key_as(&who, &key)?.ok_or(KeyError::Missing {
-        path: key.clone(),
-        file: path.clone(),
-    })?;
+    // A key named but missing is made, as the original tool does.
+    let public = match keys::public_key_as(&who, &key)? {
+        Some(p) => p,
+        None => {
+            let p = keys::ensure_key(&who, &key)?;
+            println!("==> {}: created the SSH key {}", cfg.name, key.display());
+            p
+        }
+    };
     Ok(crate::seed::substitute_pubkey(&text, Some(&public))?)
 }
 

@@ -437,3 +437,9 @@ fn home_from(
 pub fn load(dir: &Path) -> Result<Config, ConfigError> {
     parse::load(dir, invoking_user_home())
 }
+
+/// Only the private key the Migrantfile in `dir` names, if any (`pubkey`:
+/// the rest of the file need not be complete).
+pub fn ssh_key(dir: &Path) -> Result<Option<PathBuf>, ConfigError> {
+    parse::ssh_key(dir, invoking_user_home())
+}

@@ -316,25 +316,43 @@ fn real_path(path: &Path) -> PathBuf {
 /// Read the Migrantfile of `dir` and validate it.
 pub(super) fn load(dir: &Path, home: Option<PathBuf>) -> Result<Config, ConfigError> {
     let ctx = Ctx::new(dir, home);
-    let text = match std::fs::read_to_string(&ctx.file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ConfigError::NotFound { dir: ctx.dir });
-        }
-        Err(source) => {
-            return Err(ConfigError::Read {
-                path: ctx.file,
-                source,
-            });
-        }
-    };
+    let text = read(&ctx)?;
     parse_text(&text, &ctx)
+}
+
+/// Only the private key the Migrantfile in `dir` names (`[ssh] key`,
+/// `SSH_KEY_PATH`), `None` when it names none: what `pubkey` needs, from a
+/// file that may not be complete enough to start a VM (the original's
+/// `pubkey` needs nothing but `VM_NAME`).
+pub(super) fn ssh_key(dir: &Path, home: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+    let ctx = Ctx::new(dir, home);
+    let text = read(&ctx)?;
+    let d = draft(&text, &ctx)?;
+    d.ssh_key.as_ref().map(|at| ctx.resolve(at)).transpose()
+}
+
+fn read(ctx: &Ctx) -> Result<String, ConfigError> {
+    match std::fs::read_to_string(&ctx.file) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ConfigError::NotFound {
+            dir: ctx.dir.clone(),
+        }),
+        Err(source) => Err(ConfigError::Read {
+            path: ctx.file.clone(),
+            source,
+        }),
+    }
 }
 
 /// Detect the format of `text` (the content of `ctx.file`) and read it.
 pub(super) fn parse_text(text: &str, ctx: &Ctx) -> Result<Config, ConfigError> {
+    finish(draft(text, ctx)?, ctx)
+}
+
+/// What the file says, in either format, before the common checks.
+fn draft(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let draft = match Format::detect(text) {
+    Ok(match Format::detect(text) {
         Ok(Format::Toml) => super::toml_file::read(text, ctx)?,
         Ok(Format::Legacy) => super::legacy::read(text, ctx)?,
         Err((shell, toml)) => {
@@ -347,8 +365,7 @@ pub(super) fn parse_text(text: &str, ctx: &Ctx) -> Result<Config, ConfigError> {
                 ),
             ));
         }
-    };
-    finish(draft, ctx)
+    })
 }
 
 /// Checks common to both formats; fill in defaults.

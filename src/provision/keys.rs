@@ -18,16 +18,11 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "the managed SSH key {path} does not exist, and {file} uses __MIGRANT_PUBKEY__; run `migrant pubkey` to create it"
-    )]
-    Missing { path: PathBuf, file: PathBuf },
 }
 
 impl KeyError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            KeyError::Missing { .. } => crate::exit::CONFIG,
             KeyError::Keygen(_) => crate::exit::UNAVAILABLE,
             KeyError::AsUser(AsUserError::Write { .. }) => crate::exit::NOPERM,
             _ => crate::exit::SOFTWARE,
@@ -95,12 +90,12 @@ fn run_as(who: &Invoker, mut cmd: Command) -> Result<std::process::Output, KeyEr
         .map_err(|e| KeyError::Keygen(e.to_string()))
 }
 
-/// Create the managed ed25519 key if missing; return its public half.
+/// Create the ed25519 key pair at `key` if it is missing; return its public
+/// half.
 /// Everything happens as the invoking user (folder, key, reading it back):
 /// root never creates, follows or chowns a path in the user's home.
-pub fn ensure_managed_key(who: &Invoker) -> Result<String, KeyError> {
-    let key = who.managed_key();
-    if let Some(p) = public_key_as(who, &key)? {
+pub fn ensure_key(who: &Invoker, key: &Path) -> Result<String, KeyError> {
+    if let Some(p) = public_key_as(who, key)? {
         return Ok(p);
     }
     let dir = key.parent().unwrap_or(Path::new("/"));
@@ -112,12 +107,12 @@ pub fn ensure_managed_key(who: &Invoker) -> Result<String, KeyError> {
     ])
     .arg(dir)
     .arg(format!("migrant@{}", who.name))
-    .arg(&key);
+    .arg(key);
     let out = run_as(who, cmd)?;
     if !out.status.success() {
         return Err(KeyError::Keygen(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
-    public_key_as(who, &key)?.ok_or_else(|| KeyError::Keygen("no public key written".into()))
+    public_key_as(who, key)?.ok_or_else(|| KeyError::Keygen("no public key written".into()))
 }
