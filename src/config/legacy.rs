@@ -753,6 +753,9 @@ fn apply(assignments: Vec<Assignment>, ctx: &Ctx) -> Result<Draft, ConfigError> 
 
     d.name = vars.scalar("VM_NAME", ctx)?;
     d.image = vars.scalar("IMAGE_URL", ctx)?;
+    if let Some(at) = &d.image {
+        unexpanded_tilde(at, &at.value, ctx)?;
+    }
     d.image_checksum = vars
         .scalar("IMAGE_CHECKSUM", ctx)?
         .filter(|at| !at.value.is_empty());
@@ -850,6 +853,23 @@ fn apply(assignments: Vec<Assignment>, ctx: &Ctx) -> Result<Draft, ConfigError> 
     Ok(d)
 }
 
+/// A path that still starts with `~/` after the shell rules: its `~` was
+/// quoted or escaped, which bash leaves alone, so the original tool would
+/// have used a folder literally named `~`. Said rather than guessed at.
+/// (`SSH_KEY_PATH` is not checked: the original expands its `~` itself.)
+fn unexpanded_tilde(at: &At<String>, path: &str, ctx: &Ctx) -> Result<(), ConfigError> {
+    if path == "~" || path.starts_with("~/") {
+        return Err(ctx.err_at(
+            at,
+            format!(
+                "{path:?}: this ~ is quoted, and bash (like the original tool) does not expand a quoted ~; write it unquoted at the start of the value ({}=~/...), or give the full path",
+                at.field
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `"host:tag[:size_gb]"`. As in the original, an entry without `:` uses
 /// the same text for host and tag, and an empty size means "default".
 fn shared_folder(
@@ -872,6 +892,7 @@ fn shared_folder(
     if host.is_empty() {
         return Err(bad("the host path is empty"));
     }
+    unexpanded_tilde(entry, host, ctx)?;
     if tag.is_empty() {
         return Err(bad("the tag is empty"));
     }

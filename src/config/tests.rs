@@ -1470,3 +1470,32 @@ fn secure_boot_needs_uefi() {
         "needs UEFI",
     );
 }
+
+/// `~` is expanded where bash expands it (unquoted, at the start of a
+/// word); a quoted `~` in a path is said, not guessed at. `SSH_KEY_PATH`
+/// is the exception the original itself makes (it expands `~` there).
+#[test]
+fn legacy_tilde_only_where_bash_expands_it() {
+    bad(
+        "VM_NAME=\"t\"\nIMAGE_URL=\"~/img/x.qcow2\"\n",
+        2,
+        "IMAGE_URL",
+        "this ~ is quoted",
+    );
+    bad(
+        "VM_NAME=\"t\"\nIMAGE_URL=\\~/img/x.qcow2\n",
+        2,
+        "IMAGE_URL",
+        "this ~ is quoted",
+    );
+    bad(
+        &format!("{L}SHARED_FOLDERS=(\"~/work:work\")\n"),
+        3,
+        "SHARED_FOLDERS[0]",
+        "this ~ is quoted",
+    );
+    let dir = project("VM_NAME=\"t\"\nIMAGE_URL=~/img/x.qcow2\nSSH_KEY_PATH=\"~/.ssh/k\"\n");
+    let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.image, format!("{HOME}/img/x.qcow2"));
+    assert_eq!(c.ssh.key, Some(PathBuf::from(HOME).join(".ssh/k")));
+}
