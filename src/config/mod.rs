@@ -21,6 +21,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 mod error;
+mod guest_user;
 mod init;
 mod legacy;
 mod parse;

@@ -5,8 +5,8 @@
 
 use super::values::{self, GIB, ImageRef, MIB};
 use super::{
-    Accel, Autoconnect, Config, ConfigError, DEFAULT_SSH_USER, DEFAULT_SUBNET, Egress, FILE_NAME,
-    Firmware, Format, NetRule, Network, Share, Ssh,
+    Accel, Autoconnect, Config, ConfigError, DEFAULT_SUBNET, Egress, FILE_NAME, Firmware, Format,
+    NetRule, Network, Share, Ssh,
 };
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -704,7 +704,17 @@ fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
             values::check_user(&at.value).map_err(|e| ctx.err_at(at, e))?;
             at.value.clone()
         }
-        None => DEFAULT_SSH_USER.to_string(),
+        // As the original: the user cloud-init.yml creates (checked like
+        // one written in the Migrantfile; a name that is not a valid user
+        // name is an error naming cloud-init.yml).
+        None => {
+            let file = ctx.dir.join("cloud-init.yml");
+            let text = std::fs::read_to_string(&file).ok();
+            let user = super::guest_user::infer(text.as_deref(), &image);
+            values::check_user(&user)
+                .map_err(|e| ctx.err(0, "ssh.user", format!("{}: users: {e}", file.display())))?;
+            user
+        }
     };
     let key = d.ssh_key.as_ref().map(|at| ctx.resolve(at)).transpose()?;
 

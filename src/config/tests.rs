@@ -137,10 +137,11 @@ fn toml_minimal_uses_defaults() {
     assert!(c.network.rules.is_empty() && c.network.allow_domains.is_empty());
     assert_eq!(c.network.wireguard, None);
     assert!(!c.network.ipv6);
+    // No cloud-init.yml naming a user: the Debian image's own.
     assert_eq!(
         c.ssh,
         Ssh {
-            user: "migrant".into(),
+            user: "debian".into(),
             key: None
         }
     );
@@ -1498,4 +1499,32 @@ fn legacy_tilde_only_where_bash_expands_it() {
     let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.image, format!("{HOME}/img/x.qcow2"));
     assert_eq!(c.ssh.key, Some(PathBuf::from(HOME).join(".ssh/k")));
+}
+
+/// Without `[ssh] user` (always, for a legacy file) the guest user is the
+/// first one cloud-init.yml creates by name, as in the original.
+#[test]
+fn the_guest_user_comes_from_cloud_init() {
+    let dir = project(&format!("{L}"));
+    std::fs::write(
+        dir.path().join("cloud-init.yml"),
+        "#cloud-config\nusers:\n  - default\n  - name: coder\n    shell: /bin/bash\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.ssh.user, "coder");
+    let toml = format!("{IMG}[ssh]\nuser = \"named\"\n");
+    std::fs::write(dir.path().join("Migrantfile"), toml).unwrap_or_else(|e| panic!("{e}"));
+    let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.ssh.user, "named");
+    std::fs::write(
+        dir.path().join("cloud-init.yml"),
+        "users:\n  - name: \"bad name;\"\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("Migrantfile"), L).unwrap_or_else(|e| panic!("{e}"));
+    let e = load_in(dir.path())
+        .err()
+        .unwrap_or_else(|| panic!("a bad user name passed"));
+    assert!(e.to_string().contains("cloud-init.yml: users:"), "{e}");
 }
