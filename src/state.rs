@@ -283,6 +283,10 @@ pub struct Record {
     /// may read its record, egress journal and WireGuard report.
     #[serde(default)]
     pub owner: Option<u32>,
+    /// cloud-init has finished its first run in this VM: later boots do
+    /// not wait for it.
+    #[serde(default)]
+    pub cloud_init_done: bool,
 }
 
 /// Where VM identities are registered, host-wide (whatever

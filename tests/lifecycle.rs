@@ -13,9 +13,14 @@ fn up_ssh_halt_up_kill_destroy() {
     let Some(image) = test_image() else { return };
     let env = Env::new("life", &image, "");
 
-    // First boot.
+    // First boot: waits for cloud-init's first run.
     let out = env.run(&["up"]);
     assert!(out.status.success(), "up: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("waiting for cloud-init"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(env.run(&["ssh", "--", "true"]).status.code(), Some(0));
     assert_eq!(
         env.run(&["ssh", "--", "exit", "7"]).status.code(),
@@ -97,6 +102,13 @@ fn up_ssh_halt_up_kill_destroy() {
     assert!(String::from_utf8_lossy(&second.stderr).contains("busy"));
     let first = first.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
     assert!(first.status.success(), "up after halt: {}", text(&first));
+    // cloud-init ran at the first boot: a later one neither waits nor
+    // warns (as the original, whose playbooks disable cloud-init).
+    assert!(
+        !text(&first).contains("cloud-init"),
+        "the second boot waited for cloud-init: {}",
+        text(&first)
+    );
     assert_eq!(
         env.ok(&["ssh", "--", "cat", "/home/migrant/marker"]).trim(),
         "kept"

@@ -297,6 +297,7 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
         cpus: None,
         memory: None,
         owner: invoking_owner(),
+        cloud_init_done: false,
     }
     .save(&vm.record())?;
     Ok(())
@@ -440,8 +441,12 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
     }
 
     wait_login(cfg, vm, deadline)?;
-    if cfg.wait_cloud_init {
-        wait_cloud_init(cfg, vm)?;
+    // Only until cloud-init has run once for this VM, as the original
+    // waits only when it creates the VM: later boots neither wait nor warn
+    // (its playbooks often disable cloud-init after the first boot).
+    let done = Record::load(&vm.record())?.is_some_and(|r| r.cloud_init_done);
+    if cfg.wait_cloud_init && !done && wait_cloud_init(cfg, vm)? {
+        Record::update(&vm.record(), |r| r.cloud_init_done = true)?;
     }
     Ok(())
 }
@@ -510,7 +515,9 @@ fn wait_login(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<()> {
     }
 }
 
-fn wait_cloud_init(cfg: &Config, vm: &VmPaths) -> Result<()> {
+/// Wait for cloud-init's first run; `true` once it has finished (well or
+/// not: either way it will not run again for this instance).
+fn wait_cloud_init(cfg: &Config, vm: &VmPaths) -> Result<bool> {
     println!("==> {}: waiting for cloud-init to finish", cfg.name);
     let mut cmd = super::ssh_command(cfg, vm)?;
     cmd.args(["-o", "BatchMode=yes", "cloud-init", "status", "--wait"])
@@ -525,11 +532,14 @@ fn wait_cloud_init(cfg: &Config, vm: &VmPaths) -> Result<()> {
         .trim();
     if out.status.success() && status == "status: done" {
         println!("==> {}: cloud-init {status}", cfg.name);
-    } else {
-        eprintln!(
-            "warning: {}: cloud-init finished with `{status}`; see `migrant ssh -- cloud-init status --long`",
-            cfg.name
-        );
+        return Ok(true);
     }
-    Ok(())
+    if status == "status: disabled" {
+        return Ok(true);
+    }
+    eprintln!(
+        "warning: {}: cloud-init finished with `{status}`; see `migrant ssh -- cloud-init status --long`",
+        cfg.name
+    );
+    Ok(status != "status: unknown")
 }

@@ -1505,7 +1505,7 @@ fn legacy_tilde_only_where_bash_expands_it() {
 /// first one cloud-init.yml creates by name, as in the original.
 #[test]
 fn the_guest_user_comes_from_cloud_init() {
-    let dir = project(&format!("{L}"));
+    let dir = project(L);
     std::fs::write(
         dir.path().join("cloud-init.yml"),
         "#cloud-config\nusers:\n  - default\n  - name: coder\n    shell: /bin/bash\n",
