@@ -291,7 +291,46 @@ fn downloads_verify_resume_and_leave_nothing_behind() {
     );
     home.assert_no_partial();
 
-    // 7. No checksum anywhere: a configuration error (78).
+    // 7. A checksum file of its own beside the image, as Arch Linux
+    // publishes (`<image>.SHA256`, a GNU line), or a bare digest
+    // (`<image>.sha512`): no image_checksum needed.
+    let arch = noise(1 << 20, 7);
+    let darch = digest(Algo::Sha256, &arch);
+    server.add_bytes("/arch/cloudimg.img", arch.clone(), Behavior::Normal);
+    server.add_bytes(
+        "/arch/cloudimg.img.SHA256",
+        format!("{}  cloudimg.img\n", darch.hex).into_bytes(),
+        Behavior::Normal,
+    );
+    let out = home.run(&["image", "pull", &server.url("/arch/cloudimg.img")], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        home.images()
+            .join(format!("cloudimg-{}.img", darch.short()))
+            .is_file()
+    );
+    let bare = noise(1 << 20, 8);
+    let dbare = digest(Algo::Sha512, &bare);
+    server.add_bytes("/bare/b.img", bare, Behavior::Normal);
+    server.add_bytes(
+        "/bare/b.img.sha512",
+        format!("{}\n", dbare.hex).into_bytes(),
+        Behavior::Normal,
+    );
+    let out = home.run(&["image", "pull", &server.url("/bare/b.img")], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // A per-image file whose digest does not match: refused, nothing kept.
+    server.add_bytes("/wrong/w.img", noise(1 << 20, 9), Behavior::Normal);
+    server.add_bytes(
+        "/wrong/w.img.sha256",
+        format!("{}  w.img\n", "cd".repeat(32)).into_bytes(),
+        Behavior::Normal,
+    );
+    let out = home.run(&["image", "pull", &server.url("/wrong/w.img")], None);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    home.assert_no_partial();
+
+    // 8. No checksum anywhere: a configuration error (78).
     server.add_bytes("/nosum/x.img", body, Behavior::Normal);
     let out = home.run(&["image", "pull", &server.url("/nosum/x.img")], None);
     assert_eq!(out.status.code(), Some(78), "{}", text(&out));

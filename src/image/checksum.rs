@@ -166,6 +166,24 @@ pub fn lookup(list: &str, file_name: &str) -> Option<Digest> {
     None
 }
 
+/// The digest in a checksum file published for one image
+/// (`<image>.SHA256`, `<image>.sha512`, as Arch Linux and others do): a
+/// line naming `file_name` as in a list, or a bare digest alone on its
+/// first line. `algo` is the one the file's name says.
+pub fn lookup_single(text: &str, file_name: &str, algo: Algo) -> Option<Digest> {
+    if let Some(d) = lookup(text, file_name) {
+        return (d.algo == algo).then_some(d);
+    }
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+    let mut words = first.split_whitespace();
+    let hex = words.next()?;
+    // A name other than this file's is not this file's digest.
+    if words.next().is_some() {
+        return None;
+    }
+    Digest::from_hex(algo, hex).ok()
+}
+
 /// An incremental hash of one of the supported algorithms.
 #[derive(Clone)]
 pub enum Hasher {
@@ -198,6 +216,25 @@ impl Hasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checksum_file_of_one_image() {
+        let hex = "ab".repeat(32);
+        let d = |t: &str, algo| lookup_single(t, "img.qcow2", algo).map(|d| d.hex);
+        assert_eq!(
+            d(&format!("{hex}  img.qcow2\n"), Algo::Sha256),
+            Some(hex.clone())
+        );
+        assert_eq!(d(&format!("{hex}\n"), Algo::Sha256), Some(hex.clone()));
+        assert_eq!(
+            d(&format!("\n  {hex}  \n"), Algo::Sha256),
+            Some(hex.clone())
+        );
+        // Another file's line, or a digest of the other algorithm: none.
+        assert_eq!(d(&format!("{hex}  other.qcow2\n"), Algo::Sha256), None);
+        assert_eq!(d(&format!("{hex}\n"), Algo::Sha512), None);
+        assert_eq!(d("not a digest\n", Algo::Sha256), None);
+    }
 
     const EMPTY_256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 

@@ -7,7 +7,8 @@
 //!   beside it;
 //! * an `http(s)://` URL is verified against `image_checksum` (a digest,
 //!   or the URL of a checksum list), else against a `SHA512SUMS` or
-//!   `SHA256SUMS` file in the same folder;
+//!   `SHA256SUMS` file in the same folder, or a checksum file of its own
+//!   (`<image>.sha512`, `<image>.SHA256`, …);
 //! * a local path or `file://` URL is copied into the cache each time
 //!   (the source may have been rebuilt), named by its content.
 //!
@@ -82,7 +83,7 @@ pub enum ImageError {
     NotInList { list: String, file: String },
     #[error(
         "no checksum for {url}: set image_checksum = \"sha256:…\" (or \"sha512:…\", or the URL of a checksum list); \
-         no SHA512SUMS or SHA256SUMS beside it lists {file}"
+         no SHA512SUMS or SHA256SUMS beside it lists {file}, and no {file}.sha512 or {file}.sha256 (either case) is published"
     )]
     NoChecksum { url: String, file: String },
     #[error("{source_name} is not a usable disk image: {message}")]
@@ -365,6 +366,23 @@ fn expected_digest(agent: &ureq::Agent, url: &str, verify: &Verify) -> Result<Di
                     }
                 }
             }
+            // One checksum file per image, named after it.
+            for (suffix, algo) in PER_FILE {
+                let single = download::sibling_url(url, &format!("{file}.{suffix}"));
+                match download::fetch_text(agent, &single) {
+                    Ok(text) => {
+                        return checksum::lookup_single(&text, &file, algo)
+                            .ok_or(ImageError::NotInList { list: single, file });
+                    }
+                    Err(download::FetchError::Status(_)) => continue,
+                    Err(e) => {
+                        return Err(ImageError::List {
+                            url: single,
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
             Err(ImageError::NoChecksum {
                 url: url.to_string(),
                 file,
@@ -372,6 +390,15 @@ fn expected_digest(agent: &ureq::Agent, url: &str, verify: &Verify) -> Result<Di
         }
     }
 }
+
+/// Checksum files published one per image, beside it, in the order they
+/// are tried (after `SHA512SUMS` and `SHA256SUMS`).
+const PER_FILE: [(&str, checksum::Algo); 4] = [
+    ("SHA512", checksum::Algo::Sha512),
+    ("sha512", checksum::Algo::Sha512),
+    ("SHA256", checksum::Algo::Sha256),
+    ("sha256", checksum::Algo::Sha256),
+];
 
 /// Check that `path` is a disk image QEMU can use as a base: a format
 /// qemu-img recognises, and no backing or external data file (which
