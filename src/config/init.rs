@@ -18,7 +18,7 @@ pub const INIT_MIGRANTFILE: &str = r#"# Migrantfile: one throwaway VM, defined i
 # ubuntu-24.04, ubuntu-26.04 (ubuntu-lts), ubuntu-26.10 (ubuntu): the
 # distribution's official cloud image, checked against its published
 # checksum list. `migrant image list` shows what is cached.
-image = "debian-12"
+image = "debian-13"
 
 # How to verify an https:// image: "sha256:<hex>", "sha512:<hex>" or the
 # URL of a checksum list. Without it, a SHA512SUMS or SHA256SUMS file

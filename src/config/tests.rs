@@ -218,7 +218,8 @@ fn toml_full_fixture() {
 #[test]
 fn init_migrantfile_parses() {
     let (dir, c) = good(INIT_MIGRANTFILE);
-    assert_eq!(c.image, "debian-12");
+    // Debian's stable release.
+    assert_eq!(c.image, "debian-13");
     assert_eq!(c.ssh.user, DEFAULT_SSH_USER);
     assert_eq!((c.cpus, c.memory, c.disk), (2, 2 * GIB, 20 * GIB));
     assert!(c.name.starts_with("proj-"), "{}", c.name);
