@@ -35,6 +35,12 @@ pub enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Print the TOML equivalent of an original-style (bash) Migrantfile, comments kept.
+    Convert {
+        /// Keep the original as Migrantfile.orig and put the TOML in its place.
+        #[arg(long)]
+        write: bool,
+    },
     /// Create (first time) or boot the VM and wait until it is ready.
     Up {
         /// Seconds to wait for the guest to answer SSH.

@@ -35,6 +35,38 @@ pub fn init(dir: &Path, force: bool) -> Result<u8> {
     Ok(0)
 }
 
+/// `convert`: print the TOML for the project's bash-style Migrantfile, or
+/// (`write`) keep the original as `Migrantfile.orig` and write the TOML in
+/// its place, as the invoking user. Nothing is written when the file
+/// cannot be converted, or when `Migrantfile.orig` exists already.
+pub fn convert(dir: &Path, write: bool) -> Result<u8> {
+    let toml = crate::config::convert(dir)?;
+    if !write {
+        print!("{toml}");
+        return Ok(0);
+    }
+    let file = dir.join(crate::config::FILE_NAME);
+    let orig = dir.join(format!("{}.orig", crate::config::FILE_NAME));
+    if std::fs::symlink_metadata(&orig).is_ok() {
+        return Err(Error::other(
+            exit::USAGE,
+            format!(
+                "{} exists; move it away first (nothing was written)",
+                orig.display()
+            ),
+        ));
+    }
+    let original = std::fs::read(&file).map_err(Error::io(file.display().to_string()))?;
+    let who = keys::Invoker::current()?;
+    // As the user: root never writes a path in their folder. The copy is
+    // made before the file is replaced, so the original is never lost.
+    crate::provision::as_user::write_file(&who, &orig, &original, 0o644)?;
+    crate::provision::as_user::write_file(&who, &file, toml.as_bytes(), 0o644)?;
+    println!("kept {}", orig.display());
+    println!("wrote {} (TOML)", file.display());
+    Ok(0)
+}
+
 /// Print the public half of `key`, creating the pair when it is missing.
 pub fn pubkey(key: &std::path::Path) -> Result<u8> {
     let who = keys::Invoker::current()?;

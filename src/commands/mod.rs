@@ -30,6 +30,7 @@ pub fn run(cli: Cli) -> Result<u8> {
     let dir = project_dir(cli.dir.clone())?;
     match cli.command {
         Cmd::Init { force } => host::init(&dir, force),
+        Cmd::Convert { write } => host::convert(&dir, write),
         Cmd::Pubkey => host::pubkey(&key_for(&dir)?),
         Cmd::Doctor => host::doctor(),
         Cmd::List { json } => query::list(json),

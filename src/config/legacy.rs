@@ -47,9 +47,10 @@
 //! | `CLOUD_INIT_WAIT`         | `wait_cloud_init` (`true`/`false`)                 |
 //! | `OS_VARIANT`              | ignored                                            |
 //!
-//! Paths follow the native rules: relative to the Migrantfile's folder,
-//! and a leading `~/` means the invoking user's home even when quoted
-//! (the original left a quoted `~` alone). The original insisted on
+//! Paths follow the native rules: relative to the Migrantfile's folder;
+//! `~` is expanded where bash expands it (a quoted `~/` in `IMAGE_URL` or
+//! `SHARED_FOLDERS` is an error; `SSH_KEY_PATH` expands it, as the
+//! original itself does). The original insisted on
 //! `VM_NAME`, `RAM_MB`, `VCPUS`, `DISK_GB`, `IMAGE_URL` and `OS_VARIANT`;
 //! here only `IMAGE_URL` is required and the rest take the native
 //! defaults.
@@ -124,6 +125,26 @@ const DATA_NOTE: &str =
 pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
     let assignments = Lexer::new(text, ctx).assignments()?;
     apply(assignments, ctx)
+}
+
+/// Where each assignment of the file stands (first and last line), in file
+/// order, for `convert` to carry the comments around it.
+pub(super) fn spans(text: &str, ctx: &Ctx) -> Result<Vec<super::convert::Span>, ConfigError> {
+    let assignments = Lexer::new(text, ctx).assignments()?;
+    Ok(assignments
+        .into_iter()
+        .map(|a| {
+            let last = match &a.value {
+                Value::Scalar(w) => w.line,
+                Value::Array(ws) => ws.iter().map(|w| w.line).max().unwrap_or(a.line),
+            };
+            super::convert::Span {
+                name: a.name,
+                first: a.line,
+                last: last.max(a.line),
+            }
+        })
+        .collect())
 }
 
 struct Lexer<'a> {
@@ -544,11 +565,28 @@ impl<'a> Lexer<'a> {
         ))
     }
 
+    /// At a `$(` or a backtick: the command it would run, named with what
+    /// to write in its place.
     fn command_substitution(&self, name: &str) -> ConfigError {
+        let rest: String = self.chars[self.pos..]
+            .iter()
+            .take_while(|c| **c != '\n')
+            .collect();
+        let rest = rest.trim_end();
+        let command = rest.trim_start_matches(['$', '(', '`']).trim_start();
+        let instead = if command.starts_with("realpath") || command.starts_with("readlink") {
+            "write the path itself (relative paths are relative to the Migrantfile's folder; \"$VM_DIR/...\" works too)"
+        } else if command.starts_with("ip ") {
+            "write the address itself (for example allow-lan-host 192.168.1.1)"
+        } else {
+            "write the value it prints in its place"
+        };
         self.err(
             self.line,
             name,
-            format!("command substitution (`...` or $(...)) is not supported; {DATA_NOTE}"),
+            format!(
+                "command substitution {rest} is not supported: the Migrantfile is read as data, never run; {instead}"
+            ),
         )
     }
 

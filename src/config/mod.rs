@@ -20,6 +20,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+mod convert;
 mod error;
 mod guest_user;
 mod init;
@@ -437,6 +438,12 @@ fn home_from(
 /// (see [`Format::detect`]).
 pub fn load(dir: &Path) -> Result<Config, ConfigError> {
     parse::load(dir, invoking_user_home())
+}
+
+/// The TOML equivalent of the original-style Migrantfile in `dir`, with
+/// its comments (`migrant convert`).
+pub fn convert(dir: &Path) -> Result<String, ConfigError> {
+    convert::convert(dir, invoking_user_home())
 }
 
 /// Only the private key the Migrantfile in `dir` names, if any (`pubkey`:

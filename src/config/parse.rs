@@ -331,7 +331,7 @@ pub(super) fn ssh_key(dir: &Path, home: Option<PathBuf>) -> Result<Option<PathBu
     d.ssh_key.as_ref().map(|at| ctx.resolve(at)).transpose()
 }
 
-fn read(ctx: &Ctx) -> Result<String, ConfigError> {
+pub(super) fn read(ctx: &Ctx) -> Result<String, ConfigError> {
     match std::fs::read_to_string(&ctx.file) {
         Ok(t) => Ok(t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ConfigError::NotFound {

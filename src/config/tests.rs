@@ -662,10 +662,10 @@ fn toml_enums_and_ranges() {
         "unknown variant",
     );
     bad(
-        &format!("{IMG}[network]\negress = \"open\"\n"),
+        &format!("{IMG}[network]\negress = \"wide\"\n"),
         3,
         "network.egress",
-        "unknown variant `open`",
+        "unknown variant `wide`",
     );
     bad(
         &format!("{IMG}cpus = 0\n"),

@@ -23,7 +23,7 @@
 //! isolation = true
 //!
 //! [network]
-//! egress = "direct"         # or "none"
+//! egress = "direct"         # or "none", or "open" (the original's NETWORK_ISOLATION=false)
 //! subnet = "10.0.2.0/24"
 //! rules = ["allow-host-port tcp/8080"]
 //! allow_domains = ["*.debian.org"]
@@ -137,6 +137,7 @@ enum RawAutoconnect {
 enum RawEgress {
     Direct,
     None,
+    Open,
 }
 
 /// 1-based line of byte offset `pos` in `text`.
@@ -219,6 +220,7 @@ pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
         d.egress = match net.egress {
             None | Some(RawEgress::Direct) => Egress::Direct,
             Some(RawEgress::None) => Egress::None,
+            Some(RawEgress::Open) => Egress::Open,
         };
         d.subnet = net.subnet.map(|s| at(s, "network.subnet".into()));
         d.rules = net
