@@ -218,6 +218,19 @@ pub fn substitute_pubkey(user_data: &str, pubkey: Option<&str>) -> Result<String
     Ok(user_data.replace(PUBKEY_PLACEHOLDER, key))
 }
 
+/// The `vendor-data` file: migrant's defaults for the guest, which the
+/// user's `cloud-init.yml` (user-data) overrides key by key. Host keys:
+/// ed25519 only. Generating the RSA host key is the slowest step of a
+/// first boot under TCG (3–18 s measured); migrant's `ssh` accepts any
+/// host key type, and a user who wants RSA keys says so in user-data
+/// (`ssh_genkeytypes`).
+pub fn vendor_data() -> &'static str {
+    "#cloud-config
+     # migrant's defaults; cloud-init.yml (user-data) overrides them.
+     ssh_genkeytypes: [ed25519]
+"
+}
+
 /// The `network-config` file (cloud-init network config version 2): DHCPv4
 /// on the NIC whose MAC address is `mac`, renamed `eth0` so that the name is
 /// the same whatever the guest's naming scheme (Debian's ENI renderer writes

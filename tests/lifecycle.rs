@@ -22,6 +22,13 @@ fn up_ssh_halt_up_kill_destroy() {
         text(&out)
     );
     assert_eq!(env.run(&["ssh", "--", "true"]).status.code(), Some(0));
+    // migrant's vendor-data: ed25519 host keys only (the RSA key costs
+    // seconds of a TCG boot); the user's cloud-init.yml could say otherwise.
+    assert_eq!(
+        env.ok(&["ssh", "--", "ls", "/etc/ssh/ | grep 'host_.*_key$'"])
+            .trim(),
+        "ssh_host_ed25519_key"
+    );
     assert_eq!(
         env.run(&["ssh", "--", "exit", "7"]).status.code(),
         Some(7),

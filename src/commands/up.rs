@@ -276,6 +276,7 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
             ("meta-data", meta.as_bytes()),
             ("user-data", user_data.as_bytes()),
             ("network-config", net.as_bytes()),
+            ("vendor-data", crate::seed::vendor_data().as_bytes()),
         ],
     )?;
     Record {
