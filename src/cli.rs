@@ -214,6 +214,10 @@ pub enum Cmd {
         lock_fd: Option<i32>,
         #[arg(long)]
         progress_fd: Option<i32>,
+        /// Stop QEMU when the guest has not answered SSH this many seconds
+        /// after start (the `up` that waited for it may be gone).
+        #[arg(long)]
+        boot_timeout: Option<u64>,
     },
     /// (internal) The embedded virtiofsd serving one share.
     #[command(name = "__virtiofsd", hide = true)]

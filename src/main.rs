@@ -35,6 +35,7 @@ fn main() -> ExitCode {
             project,
             lock_fd,
             progress_fd,
+            boot_timeout,
         } => {
             init_logging(cli.verbose, "info");
             return ExitCode::from(migrant::supervisor::main(migrant::supervisor::Args {
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
                 project,
                 lock_fd,
                 progress_fd,
+                boot_timeout,
             }));
         }
         Cmd::WgLoop {

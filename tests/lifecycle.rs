@@ -277,3 +277,57 @@ fn each_vm_has_its_own_identity() {
     a.assert_clean();
     b.assert_clean();
 }
+
+/// An `up` killed while the guest boots (Ctrl-C, a CI job's timeout) does
+/// not leave the VM booting forever: the supervisor stops it at its own
+/// deadline (`--timeout` plus a grace), keeps the disk, and `status` says
+/// why. The guest here never answers SSH (its sshd is masked at boot).
+#[test]
+fn a_killed_up_leaves_no_vm_booting() {
+    let Some(image) = test_image() else { return };
+    let env = Env::new("orphan", &image, "");
+    std::fs::write(
+        env.project.join("cloud-init.yml"),
+        "#cloud-config\nbootcmd:\n  - systemctl mask --now ssh.service ssh.socket\nusers:\n  - name: migrant\n    ssh_authorized_keys:\n      - __MIGRANT_PUBKEY__\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut up = env
+        .cmd(&["up", "--timeout", "20"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        wait_for(Duration::from_secs(120), || env
+            .pid_of("qemu-system")
+            .is_some()),
+        "QEMU did not start"
+    );
+    let _ = up.kill();
+    let _ = up.wait();
+    // 20 s + the 10 s grace from the supervisor's start, and then some.
+    assert!(
+        wait_for(Duration::from_secs(90), || env
+            .pid_of("qemu-system")
+            .is_none()),
+        "the VM kept booting after its up was killed"
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || env
+            .pid_of("__supervisor")
+            .is_none()),
+        "the supervisor stayed"
+    );
+    let status = env.ok(&["status"]);
+    assert!(status.contains("state:       stopped"), "{status}");
+    assert!(
+        status.contains("did not answer SSH within 30 s"),
+        "status does not say why: {status}"
+    );
+    assert!(
+        env.state_dir().join("disk.qcow2").is_file(),
+        "the disk was not kept"
+    );
+    env.ok(&["destroy"]);
+    env.assert_clean();
+}

@@ -353,6 +353,14 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
             Ok(())
         });
     }
+    // The supervisor enforces the boot deadline itself (a little after
+    // ours, so that a waiting `up` reports its own timeout): an `up` that
+    // is killed leaves no VM booting forever. With the console attached
+    // at once, a person watches the boot: no deadline.
+    if !qemu_only {
+        cmd.arg("--boot-timeout")
+            .arg((timeout + BOOT_GRACE_SECS).to_string());
+    }
     let mut child = cmd
         .spawn()
         .map_err(Error::io("cannot start the supervisor"))?;
@@ -451,6 +459,9 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
     }
     Ok(())
 }
+
+/// How much longer than `up`'s own deadline the supervisor lets a boot run.
+const BOOT_GRACE_SECS: u64 = 10;
 
 fn abort_start(vm: &VmPaths) {
     let _ = control::request(

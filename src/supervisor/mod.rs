@@ -93,6 +93,8 @@ pub struct Args {
     pub lock_fd: Option<i32>,
     /// Inherited write end of the progress pipe.
     pub progress_fd: Option<i32>,
+    /// Seconds after which a guest that has not answered SSH is stopped.
+    pub boot_timeout: Option<u64>,
 }
 
 /// Adopt a descriptor number given on our command line by our parent.
@@ -164,7 +166,13 @@ fn run(args: &Args, vm: &VmPaths, reporter: &mut Reporter) -> Result<(), Supervi
         .map_err(io("tokio runtime"))?;
     // block_on runs the root future on this (the main) thread, so QEMU is
     // forked by the thread that lives as long as the VM.
-    rt.block_on(running::supervise(p, vm, reporter))
+    let deadline = args.boot_timeout.map(|s| {
+        (
+            s,
+            tokio::time::Instant::now() + std::time::Duration::from_secs(s),
+        )
+    });
+    rt.block_on(running::supervise(p, vm, reporter, deadline))
 }
 
 fn parse_mac(s: &str) -> [u8; 6] {

@@ -20,10 +20,13 @@ use crate::net::dataplane;
 use crate::qemu::{self, process, qmp::Qmp};
 use crate::state::{self, Record, VmPaths, VmState};
 
+/// `boot_deadline`: (seconds, when) the guest must have answered SSH by;
+/// past it QEMU is stopped, whether or not an `up` still waits.
 pub(super) async fn supervise(
     p: Prepared,
     vm: &VmPaths,
     reporter: &mut Reporter,
+    boot_deadline: Option<(u64, tokio::time::Instant)>,
 ) -> Result<(), SupervisorError> {
     let Prepared {
         cfg,
@@ -296,6 +299,16 @@ pub(super) async fn supervise(
                         tracing::error!("virtiofsd of share {:?} exited ({status}); the guest lost that share", d.tag);
                     }
                 }
+            }
+            // Nobody may be waiting any more (an `up` killed by Ctrl-C or a
+            // CI job's timeout): a boot that never finishes must not run
+            // on, using a core, forever.
+            _ = tokio::time::sleep_until(boot_deadline.map(|(_, at)| at).unwrap_or_else(tokio::time::Instant::now)), if !ready && boot_deadline.is_some() => {
+                let secs = boot_deadline.map(|(s, _)| s).unwrap_or(0);
+                tracing::error!("the guest did not answer SSH within {secs} s; stopping it (disk kept)");
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                break format!("the guest did not answer SSH within {secs} s of starting; stopped (disk kept)");
             }
             Ok(()) = lease_rx.changed(), if !lease_reported => {
                 lease_reported = true;
