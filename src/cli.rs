@@ -62,10 +62,18 @@ pub enum Cmd {
         /// Migrantfile's halt_timeout).
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
+        /// The VM of that name, from anywhere (its project may be gone).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
     },
     /// Stop the VM and delete its disk, seed and records (never files in
     /// the project folder).
-    Destroy,
+    Destroy {
+        /// The VM of that name, from anywhere: also one whose project
+        /// folder is gone or whose Migrantfile no longer loads.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
     /// Show the VM's state.
     Status {
         /// Machine-readable output.

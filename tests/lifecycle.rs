@@ -328,6 +328,30 @@ fn a_killed_up_leaves_no_vm_booting() {
         env.state_dir().join("disk.qcow2").is_file(),
         "the disk was not kept"
     );
-    env.ok(&["destroy"]);
+
+    // Its Migrantfile breaks: `list` marks the VM, and `destroy --name`
+    // removes it from anywhere (no hand-made Migrantfile needed).
+    std::fs::write(
+        env.project.join("Migrantfile"),
+        "this is not a Migrantfile\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let list = env.ok(&["list"]);
+    assert!(
+        list.contains("Migrantfile does not load") && list.contains("destroy --name"),
+        "{list}"
+    );
+    let out = env
+        .cmd(&["destroy", "--name", &env.name])
+        .current_dir("/")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "destroy --name: {}", text(&out));
+    assert!(
+        !env.state_dir().exists(),
+        "destroy --name left the VM's folder"
+    );
+    let out = env.run(&["destroy", "--name", "../escape"]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     env.assert_clean();
 }

@@ -5,6 +5,7 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use super::{Live, Project, Result, live, wait_unlocked};
+use crate::config::Config;
 use crate::error::Error;
 use crate::exit;
 use crate::provision::hooks::{self, Hook, Trigger};
@@ -12,8 +13,14 @@ use crate::state::{VmLock, VmPaths, VmState};
 use crate::supervisor::control::{self, Request};
 
 pub fn halt(p: &Project, force: bool, timeout: Option<u64>) -> Result<u8> {
-    let name = &p.cfg.name;
-    match live(&p.vm)? {
+    halt_vm(&p.vm, Some(&p.cfg), force, timeout)
+}
+
+/// `halt` of the VM at `vm`; without its configuration (`--name` for a VM
+/// whose project is gone) no hooks run and the default timeout applies.
+fn halt_vm(vm: &VmPaths, cfg: Option<&Config>, force: bool, timeout: Option<u64>) -> Result<u8> {
+    let name = &vm.name;
+    match live(vm)? {
         Live::NotCreated => {
             println!("==> {name}: not created");
             Ok(0)
@@ -23,17 +30,21 @@ pub fn halt(p: &Project, force: bool, timeout: Option<u64>) -> Result<u8> {
             Ok(0)
         }
         Live::Busy | Live::Active(_) => {
-            let secs = timeout.unwrap_or(p.cfg.halt_timeout);
+            let secs = timeout.unwrap_or(cfg.map_or(DEFAULT_HALT_TIMEOUT, |c| c.halt_timeout));
             // A failing pre-down blocks a graceful halt, not a forced one.
-            let ip = Some(p.cfg.guest_ip());
-            hooks::fire(&p.cfg, Hook::PreDown, Trigger::Halt, ip, force)?;
+            if let Some(cfg) = cfg {
+                let ip = Some(cfg.guest_ip());
+                hooks::fire(cfg, Hook::PreDown, Trigger::Halt, ip, force)?;
+            }
             println!(
                 "==> {name}: {}",
                 if force { "stopping" } else { "shutting down" }
             );
-            stop(&p.vm, force, secs)?;
+            stop(vm, force, secs)?;
             println!("==> {name}: stopped");
-            hooks::fire(&p.cfg, Hook::PostDown, Trigger::Halt, None, force)?;
+            if let Some(cfg) = cfg {
+                hooks::fire(cfg, Hook::PostDown, Trigger::Halt, None, force)?;
+            }
             Ok(0)
         }
     }
@@ -72,13 +83,18 @@ pub fn destroy(p: &Project) -> Result<u8> {
 /// `destroy`, with the command hooks are told caused it. Hooks run for a
 /// VM that exists, running or not; a failing pre-down cannot block it.
 pub fn destroy_as(p: &Project, trigger: Trigger) -> Result<u8> {
-    let name = &p.cfg.name;
-    let vm = &p.vm;
+    destroy_vm(&p.vm, Some(&p.cfg), trigger)
+}
+
+/// `destroy` of the VM at `vm`; without its configuration (`--name` for a
+/// VM whose project is gone) no hooks run.
+fn destroy_vm(vm: &VmPaths, cfg: Option<&Config>, trigger: Trigger) -> Result<u8> {
+    let name = &vm.name;
     let state = live(vm)?;
     let exists = matches!(state, Live::Active(_) | Live::Stopped(_));
-    if exists {
-        let ip = matches!(state, Live::Active(_)).then(|| p.cfg.guest_ip());
-        hooks::fire(&p.cfg, Hook::PreDown, trigger, ip, true)?;
+    if exists && let Some(cfg) = cfg {
+        let ip = matches!(state, Live::Active(_)).then(|| cfg.guest_ip());
+        hooks::fire(cfg, Hook::PreDown, trigger, ip, true)?;
     }
     match state {
         Live::NotCreated if !vm.state.exists() => {
@@ -122,7 +138,8 @@ pub fn destroy_as(p: &Project, trigger: Trigger) -> Result<u8> {
     let _ = std::fs::remove_dir_all(&vm.run);
     println!("==> {name}: destroyed");
     // Stores are the user's data: never deleted.
-    for s in p.cfg.shares.iter().filter(|s| s.isolation) {
+    let shares = cfg.map(|c| c.shares.as_slice()).unwrap_or_default();
+    for s in shares.iter().filter(|s| s.isolation) {
         let img = crate::share::image_path(&s.host);
         if img.exists() {
             println!(
@@ -131,10 +148,53 @@ pub fn destroy_as(p: &Project, trigger: Trigger) -> Result<u8> {
             );
         }
     }
-    if exists {
-        hooks::fire(&p.cfg, Hook::PostDown, trigger, None, true)?;
+    if exists && let Some(cfg) = cfg {
+        hooks::fire(cfg, Hook::PostDown, trigger, None, true)?;
     }
     Ok(0)
+}
+
+/// The default `halt_timeout`, for a VM whose Migrantfile cannot be read.
+const DEFAULT_HALT_TIMEOUT: u64 = 60;
+
+/// A VM named on the command line (`halt --name`, `destroy --name`), from
+/// anywhere: with its project's configuration when that still loads and
+/// names it, else without (no hooks; said).
+fn by_name(name: &str) -> Result<(VmPaths, Option<Config>)> {
+    crate::config::check_name(name).map_err(|e| Error::other(exit::USAGE, e))?;
+    let vm = crate::state::Paths::from_env().vm(name);
+    let Some(rec) = crate::state::Record::load(&vm.record())? else {
+        return Err(Error::other(
+            exit::UNAVAILABLE,
+            format!("no VM named {name}"),
+        ));
+    };
+    match crate::config::load(&rec.project_dir) {
+        Ok(cfg) if cfg.name == name && cfg.dir == rec.project_dir => Ok((vm, Some(cfg))),
+        Ok(_) => {
+            println!(
+                "==> {name}: {} now names another VM; no hooks run",
+                rec.project_dir.display()
+            );
+            Ok((vm, None))
+        }
+        Err(e) => {
+            println!("==> {name}: its project does not load ({e}); no hooks run");
+            Ok((vm, None))
+        }
+    }
+}
+
+/// `halt --name NAME`.
+pub fn halt_named(name: &str, force: bool, timeout: Option<u64>) -> Result<u8> {
+    let (vm, cfg) = by_name(name)?;
+    halt_vm(&vm, cfg.as_ref(), force, timeout)
+}
+
+/// `destroy --name NAME`.
+pub fn destroy_named(name: &str) -> Result<u8> {
+    let (vm, cfg) = by_name(name)?;
+    destroy_vm(&vm, cfg.as_ref(), Trigger::Destroy)
 }
 
 fn remove_tree(dir: &std::path::Path) -> Result<()> {

@@ -46,8 +46,16 @@ pub fn run(cli: Cli) -> Result<u8> {
                 trigger,
             },
         ),
-        Cmd::Halt { force, timeout } => lifecycle::halt(&Project::load_own(&dir)?, force, timeout),
-        Cmd::Destroy => lifecycle::destroy(&Project::load_own(&dir)?),
+        Cmd::Halt {
+            force,
+            timeout,
+            name: Some(n),
+        } => lifecycle::halt_named(&n, force, timeout),
+        Cmd::Halt { force, timeout, .. } => {
+            lifecycle::halt(&Project::load_own(&dir)?, force, timeout)
+        }
+        Cmd::Destroy { name: Some(n) } => lifecycle::destroy_named(&n),
+        Cmd::Destroy { name: None } => lifecycle::destroy(&Project::load_own(&dir)?),
         Cmd::Status { json } => query::status(&Project::load(&dir)?, json),
         Cmd::Ip => query::ip(&Project::load_own(&dir)?),
         Cmd::Wg { json } => wg::wg(&Project::load_own(&dir)?, json),

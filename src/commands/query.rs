@@ -43,6 +43,11 @@ struct StatusView {
     /// The project's lifecycle hooks (status of one project only).
     #[serde(skip_serializing_if = "Option::is_none")]
     hooks: Option<crate::provision::hooks::Present>,
+    /// `list`: why the VM's project no longer stands for it (folder gone,
+    /// Migrantfile not loading or naming another VM); `destroy --name`
+    /// still removes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    orphan: Option<String>,
 }
 
 fn view(name: &str, live: &Live, project: &str) -> StatusView {
@@ -76,6 +81,22 @@ fn view(name: &str, live: &Live, project: &str) -> StatusView {
         wireguard: None,
         dns: None,
         hooks: None,
+        orphan: None,
+    }
+}
+
+/// Why the project recorded for VM `name` no longer stands for it, if so.
+fn orphaned(name: &str, live: &Live) -> Option<String> {
+    let (Live::Active(r) | Live::Stopped(r)) = live else {
+        return None;
+    };
+    if !r.project_dir.join(crate::config::FILE_NAME).exists() {
+        return Some("project gone".into());
+    }
+    match crate::config::load(&r.project_dir) {
+        Ok(c) if c.name == name => None,
+        Ok(_) => Some("Migrantfile names another VM".into()),
+        Err(_) => Some("Migrantfile does not load".into()),
     }
 }
 
@@ -234,7 +255,9 @@ pub fn list(json: bool) -> Result<u8> {
             if l == Live::NotCreated {
                 continue;
             }
-            views.push(view(&name, &l, ""));
+            let mut v = view(&name, &l, "");
+            v.orphan = orphaned(&name, &l);
+            views.push(v);
         }
     }
     if json {
@@ -247,8 +270,13 @@ pub fn list(json: bool) -> Result<u8> {
     } else {
         println!("{:<24} {:<12} {:<15} PROJECT", "NAME", "STATE", "IP");
         for v in views {
+            let orphan = v
+                .orphan
+                .as_ref()
+                .map(|why| format!("  ({why}: `migrant destroy --name {}` removes it)", v.name))
+                .unwrap_or_default();
             println!(
-                "{:<24} {:<12} {:<15} {}",
+                "{:<24} {:<12} {:<15} {}{orphan}",
                 v.name,
                 v.state,
                 v.ip.as_deref().unwrap_or("-"),

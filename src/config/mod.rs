@@ -446,6 +446,12 @@ pub fn convert(dir: &Path) -> Result<String, ConfigError> {
     convert::convert(dir, invoking_user_home())
 }
 
+/// Whether `name` is a valid VM name (`[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`):
+/// the message says why not.
+pub fn check_name(name: &str) -> Result<(), String> {
+    values::check_name(name)
+}
+
 /// Only the private key the Migrantfile in `dir` names, if any (`pubkey`:
 /// the rest of the file need not be complete).
 pub fn ssh_key(dir: &Path) -> Result<Option<PathBuf>, ConfigError> {
