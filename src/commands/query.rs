@@ -175,7 +175,8 @@ fn print_view(v: &StatusView) {
 }
 
 fn print_share(s: &crate::share::ShareView) {
-    use crate::size::human;
+    // Sizes as the Migrantfile writes them (`size = "10G"`).
+    use crate::size::as_written as human;
     let guest = s.guest.as_deref().unwrap_or("(not mounted by migrant)");
     let state = if !s.isolation {
         "plain folder, no cap".to_string()
