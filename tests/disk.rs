@@ -205,22 +205,7 @@ fn uefi_resize_snapshot_reset() {
 
     // A reset of a stopped VM fires the down hooks too, told `reset`, as
     // the original tool does (its hook test checks exactly this).
-    let hooks = env.project.join("hooks");
-    std::fs::create_dir_all(&hooks).unwrap_or_else(|e| panic!("{e}"));
-    let log = env.root.path().join("hooks.log");
-    for h in ["pre-down", "post-down", "pre-up", "post-up"] {
-        let p = hooks.join(h);
-        std::fs::write(
-            &p,
-            format!(
-                "#!/bin/sh\necho \"$MIGRANT_HOOK $MIGRANT_TRIGGER\" >> {}\n",
-                log.display()
-            ),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    let log = env.log_hooks();
     env.ok(&["halt"]);
     let _ = std::fs::remove_file(&log);
     let out = env.run(&["reset"]);

@@ -265,7 +265,7 @@ fn a_planted_key_symlink_reads_nothing_of_root() {
         .unwrap_or_else(|e| panic!("{e}"));
     let secret = tmp.path().join("secret");
     std::fs::write(&secret, "ROOT-ONLY-SECRET\n").unwrap_or_else(|e| panic!("{e}"));
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .unwrap_or_else(|e| panic!("{e}"));
     let keys = tmp.path().join("keys");
     std::fs::create_dir(&keys).unwrap_or_else(|e| panic!("{e}"));
@@ -463,4 +463,32 @@ fn files_in_the_project_folder_are_made_as_the_invoking_user() {
         let m = std::fs::metadata(fresh.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert_eq!((m.uid(), m.gid()), (65534, 65534), "{f}");
     }
+
+    // A symlink planted at the store's temporary name, pointing at a file
+    // only root may write: the store is made as the user, so the root
+    // file keeps its owner and content.
+    nix::unistd::chown(&project, Some(65534.into()), Some(65534.into()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let secret = tmp.path().join("root-only");
+    std::fs::write(&secret, "root's\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let planted = project.join(".ws.img.partial");
+    std::os::unix::fs::symlink(&secret, &planted).unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::lchown(&planted, Some(65534), Some(65534)).unwrap_or_else(|e| panic!("{e}"));
+    let o = s
+        .cmd(&["mount"])
+        .env("SUDO_USER", "nobody")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let m = std::fs::metadata(&secret).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((m.uid(), m.len()), (0, 7), "mount: {}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&secret).unwrap_or_default(),
+        "root's\n"
+    );
+    let store = std::fs::metadata(project.join("ws.img"))
+        .unwrap_or_else(|e| panic!("no store made ({e}): {}", stderr(&o)));
+    assert_eq!(store.uid(), 65534, "the store is not the user's");
+    let _ = s.cmd(&["unmount"]).env("SUDO_USER", "nobody").output();
 }

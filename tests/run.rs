@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -15,22 +14,7 @@ use std::time::Duration;
 fn run_rm_passes_io_and_exit_code_and_cleans_up() {
     let Some(image) = test_image() else { return };
     let env = Env::new("run", &image, "");
-    let log = env.root.path().join("hooks.log");
-    let hooks = env.project.join("hooks");
-    std::fs::create_dir(&hooks).unwrap_or_else(|e| panic!("{e}"));
-    for h in ["pre-up", "post-up", "pre-down", "post-down"] {
-        let p = hooks.join(h);
-        std::fs::write(
-            &p,
-            format!(
-                "#!/bin/sh\necho \"$MIGRANT_HOOK $MIGRANT_TRIGGER\" >> {}\n",
-                log.display()
-            ),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    let log = env.log_hooks();
 
     let mut child = env
         .cmd(&[

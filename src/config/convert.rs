@@ -47,9 +47,8 @@ pub(super) fn convert(dir: &Path, home: Option<PathBuf>) -> Result<String, Confi
         ));
     }
     // Everything `up` would refuse is refused here, with its line.
-    let before = super::parse::parse_text(text, &ctx)?;
-    let spans = super::legacy::spans(text, &ctx)?;
-    let draft = super::legacy::read(text, &ctx)?;
+    let (draft, spans) = super::legacy::read_with_spans(text, &ctx)?;
+    let before = super::parse::finish(draft.clone(), &ctx)?;
     let toml = render(text, &spans, &draft, &before, &ctx);
     let after = super::parse::parse_text(&toml, &ctx).map_err(|e| {
         ctx.err(

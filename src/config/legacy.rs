@@ -127,24 +127,28 @@ pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
     apply(assignments, ctx)
 }
 
-/// Where each assignment of the file stands (first and last line), in file
-/// order, for `convert` to carry the comments around it.
-pub(super) fn spans(text: &str, ctx: &Ctx) -> Result<Vec<super::convert::Span>, ConfigError> {
+/// [`read`], and where each assignment stands (first and last line, in
+/// file order) for `convert` to carry the comments around it.
+pub(super) fn read_with_spans(
+    text: &str,
+    ctx: &Ctx,
+) -> Result<(Draft, Vec<super::convert::Span>), ConfigError> {
     let assignments = Lexer::new(text, ctx).assignments()?;
-    Ok(assignments
-        .into_iter()
+    let spans = assignments
+        .iter()
         .map(|a| {
             let last = match &a.value {
                 Value::Scalar(w) => w.line,
                 Value::Array(ws) => ws.iter().map(|w| w.line).max().unwrap_or(a.line),
             };
             super::convert::Span {
-                name: a.name,
+                name: a.name.clone(),
                 first: a.line,
                 last: last.max(a.line),
             }
         })
-        .collect())
+        .collect();
+    Ok((apply(assignments, ctx)?, spans))
 }
 
 struct Lexer<'a> {

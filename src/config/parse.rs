@@ -369,7 +369,7 @@ fn draft(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
 }
 
 /// Checks common to both formats; fill in defaults.
-fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
+pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
     // --- identity and resources ---
     let name = match &d.name {
         Some(at) => {

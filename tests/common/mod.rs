@@ -166,6 +166,29 @@ impl Env {
             .unwrap_or_else(|e| panic!("setpriv: {e}"))
     }
 
+    /// Give the project the four lifecycle hooks, each appending
+    /// `$MIGRANT_HOOK $MIGRANT_TRIGGER` to the returned log file.
+    pub fn log_hooks(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let hooks = self.project.join("hooks");
+        std::fs::create_dir_all(&hooks).unwrap_or_else(|e| panic!("{e}"));
+        let log = self.root.path().join("hooks.log");
+        for h in ["pre-up", "post-up", "pre-down", "post-down"] {
+            let p = hooks.join(h);
+            std::fs::write(
+                &p,
+                format!(
+                    "#!/bin/sh\necho \"$MIGRANT_HOOK $MIGRANT_TRIGGER\" >> {}\n",
+                    log.display()
+                ),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        log
+    }
+
     /// Run and require success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
