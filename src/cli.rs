@@ -52,6 +52,13 @@ pub enum Cmd {
         /// (internal) The command hooks are told caused them (`run` uses it).
         #[arg(long, hide = true, value_enum, default_value = "up")]
         trigger: crate::provision::hooks::Trigger,
+        /// Boot the disk even when a memory snapshot would be resumed (one
+        /// taken on another QEMU or with other CPUs or memory cannot be).
+        #[arg(long)]
+        cold: bool,
+        /// (internal) Start this clone of the project's VM (`run --clone`).
+        #[arg(long, hide = true, value_name = "NAME")]
+        instance: Option<String>,
     },
     /// Shut the VM down (ACPI power-down, forced after a timeout).
     Halt {
@@ -141,13 +148,27 @@ pub enum Cmd {
         size: Option<String>,
     },
     /// Shut the VM down cleanly and save its disk as a snapshot; the VM
-    /// stays down.
-    Snapshot,
-    /// Rebuild the VM from its snapshot and boot it (no provisioning).
+    /// stays down. With --memory: save the running VM's memory with its
+    /// disk, so that `reset`, `run --snapshot` and `up` resume it in about
+    /// a second instead of booting.
+    Snapshot {
+        /// Save memory and device state too (the VM must be running; it
+        /// runs on afterwards unless --stop).
+        #[arg(long)]
+        memory: bool,
+        /// With --memory: stop the VM once saved (`up` resumes it).
+        #[arg(long, requires = "memory")]
+        stop: bool,
+    },
+    /// Rebuild the VM from its snapshot and start it (no provisioning):
+    /// resumed when the snapshot holds memory, booted otherwise.
     Reset {
         /// Seconds to wait for the guest to answer SSH.
         #[arg(long, default_value_t = 600, value_name = "SECS")]
         timeout: u64,
+        /// Boot the snapshot's disk even when its memory could be resumed.
+        #[arg(long)]
+        cold: bool,
     },
     /// Show the image cache and every VM's files with their sizes.
     Storage {
@@ -182,9 +203,19 @@ pub enum Cmd {
         #[arg(long)]
         rm: bool,
         /// Stop the VM if it runs and start it from its snapshot
-        /// (`migrant snapshot`), so CMD sees the same state every time.
+        /// (`migrant snapshot`), so CMD sees the same state every time. A
+        /// memory snapshot (`snapshot --memory`) is resumed, not booted.
         #[arg(long)]
         snapshot: bool,
+        /// With --snapshot --rm: run in a throwaway clone of the VM, made
+        /// from its snapshot under a name of its own and destroyed
+        /// afterwards; the VM itself is not touched, and any number of
+        /// clones can run at once.
+        #[arg(long, requires_all = ["snapshot", "rm"])]
+        clone: bool,
+        /// Boot the snapshot's disk even when its memory could be resumed.
+        #[arg(long)]
+        cold: bool,
         /// Seconds to wait for the guest to answer SSH.
         #[arg(long, default_value_t = 600, value_name = "SECS")]
         timeout: u64,

@@ -124,6 +124,16 @@ impl VmPaths {
     pub fn snapshot_nvram(&self) -> PathBuf {
         self.state.join("snapshot-nvram.fd")
     }
+    /// A memory snapshot's saved memory and device state (QEMU's
+    /// migration stream), beside the disk it belongs to.
+    pub fn snapshot_state(&self) -> PathBuf {
+        self.state.join("snapshot.vmstate")
+    }
+    /// What a memory snapshot was taken with (see `crate::memsnap`); its
+    /// presence makes the snapshot a memory snapshot.
+    pub fn snapshot_meta(&self) -> PathBuf {
+        self.state.join("snapshot.json")
+    }
     pub fn serial_log(&self) -> PathBuf {
         self.state.join("serial.log")
     }
@@ -237,6 +247,24 @@ impl std::fmt::Display for VmState {
     }
 }
 
+/// Copy `from` to `to` through a temporary file beside it, fsync and a
+/// rename: `to` is the old file or the whole new one.
+pub fn copy_atomic(from: &Path, to: &Path) -> std::io::Result<()> {
+    let tmp = to.with_file_name(format!(
+        ".{}.tmp",
+        to.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let r = std::fs::copy(from, &tmp)
+        .and_then(|_| File::open(&tmp)?.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, to));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
 /// The persistent record of one VM (`record.json`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Record {
@@ -287,6 +315,14 @@ pub struct Record {
     /// not wait for it.
     #[serde(default)]
     pub cloud_init_done: bool,
+    /// The disk is a fresh overlay on a memory snapshot: the next start
+    /// restores the saved memory instead of booting (cleared once QEMU
+    /// runs on that disk).
+    #[serde(default)]
+    pub restore_memory: bool,
+    /// A clone (`run --clone`): the VM whose snapshot its disk overlays.
+    #[serde(default)]
+    pub template: Option<String>,
 }
 
 /// Where VM identities are registered, host-wide (whatever

@@ -220,19 +220,7 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// Copy `from` to `to` through a temporary file and a rename.
 fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
-    let tmp = to.with_file_name(format!(
-        ".{}.tmp",
-        to.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    let r = std::fs::copy(from, &tmp)
-        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, to));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r.map_err(io_at(to))
+    crate::state::copy_atomic(from, to).map_err(io_at(to))
 }
 
 /// Refuse (65) a VM disk whose backing chain is not the one migrant made:
@@ -257,7 +245,11 @@ fn disk_from_snapshot(vm: &VmPaths) -> Result<()> {
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    r
+    r?;
+    // Fresh on a memory snapshot: the next start resumes it.
+    let memory = crate::memsnap::load(vm).is_some();
+    Record::update(&vm.record(), |r| r.restore_memory = memory)?;
+    Ok(())
 }
 
 /// `migrant snapshot`: shut the VM down cleanly, flatten its disk into
@@ -280,6 +272,8 @@ pub fn snapshot(p: &Project) -> Result<u8> {
     // migrant made before root's qemu-img reads its chain.
     check_disk(vm)?;
     println!("==> {name}: saving the disk into a snapshot");
+    // A memory snapshot being replaced stops being one first.
+    crate::memsnap::forget(vm);
     let tmp = vm.state.join(".snapshot.qcow2.tmp");
     let _ = std::fs::remove_file(&tmp);
     let flat = crate::image::convert_flat(&vm.disk(), &tmp)
@@ -317,9 +311,115 @@ pub fn snapshot(p: &Project) -> Result<u8> {
     Ok(0)
 }
 
-/// `migrant reset`: rebuild the VM from its snapshot and boot it;
+/// `migrant snapshot --memory [--stop]`: save the running VM's memory,
+/// device state and disk of one moment as its snapshot (the supervisor
+/// does it while the guest is paused); the VM runs on, or stops with a
+/// fresh disk on the snapshot, so that `up` resumes it.
+pub fn snapshot_memory(p: &Project, stop: bool) -> Result<u8> {
+    let name = &p.cfg.name;
+    let vm = &p.vm;
+    if let Some(share) = p.cfg.shares.first() {
+        return Err(Error::other(
+            exit::CONFIG,
+            format!(
+                "{name}: a memory snapshot cannot hold shared folders (share {:?} in {}): QEMU 7.2 cannot save a virtiofs device's state. `migrant snapshot` saves the disk alone",
+                share.tag,
+                p.cfg.file.display()
+            ),
+        ));
+    }
+    match live(vm)? {
+        Live::Active(r) if r.state == VmState::Running => {}
+        Live::Active(_) | Live::Busy => {
+            return Err(Error::other(
+                exit::TEMPFAIL,
+                format!("{name} is starting, stopping or paused; try again once it runs"),
+            ));
+        }
+        _ => {
+            return Err(Error::other(
+                exit::UNAVAILABLE,
+                format!(
+                    "{name} is not running: a memory snapshot saves a running VM (`migrant up` first; `migrant snapshot` saves a stopped VM's disk)"
+                ),
+            ));
+        }
+    }
+    if stop {
+        pre_down_hook(p, "snapshot")?;
+    }
+    // The saved disk is the one of the paused moment; the guest's page
+    // cache is in the saved memory. Written out first, so that the disk
+    // alone (`--cold`) holds what the guest wrote until now.
+    sync_guest(p);
+    println!("==> {name}: pausing the guest to save its memory and disk");
+    let resp = control::request(
+        &vm.control_sock(),
+        &Request::SaveMemory { stop },
+        Duration::from_secs(900),
+    )?;
+    let Response::MemorySaved {
+        state_bytes,
+        disk_bytes,
+        paused_ms,
+        stopped,
+    } = resp
+    else {
+        return Err(Error::other(
+            exit::SOFTWARE,
+            "unexpected answer from the supervisor",
+        ));
+    };
+    println!(
+        "==> {name}: memory snapshot saved: memory {}, disk {}; the guest was paused {:.1} s",
+        human(state_bytes),
+        human(disk_bytes),
+        paused_ms as f64 / 1000.0
+    );
+    if stopped {
+        super::wait_unlocked(vm, Duration::from_secs(30));
+        let _lock = VmLock::try_acquire(vm)?;
+        // The disk now equals the snapshot: a fresh overlay, resumed by
+        // the next `up`.
+        disk_from_snapshot(vm)?;
+        Record::update(&vm.record(), |r| {
+            r.last_stop = Some("stopped after a memory snapshot".into())
+        })?;
+        post_down_hook(p, "snapshot");
+        println!(
+            "==> {name}: stopped; `migrant up` resumes it, `migrant reset` and `migrant run --snapshot` return to it"
+        );
+    } else {
+        println!(
+            "==> {name}: the VM runs on; `migrant reset` and `migrant run --snapshot` return to this moment"
+        );
+    }
+    Ok(0)
+}
+
+/// `sync` in the guest; a failure only warns.
+fn sync_guest(p: &Project) {
+    let synced = super::ssh_command(&p.cfg, &p.vm).and_then(|mut cmd| {
+        cmd.args(["-o", "BatchMode=yes", "--", "sync"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .map_err(Error::io("cannot run ssh"))
+    });
+    if !synced.as_ref().is_ok_and(|s| s.success()) {
+        eprintln!(
+            "warning: {}: cannot flush the guest's file systems before the snapshot; its disk alone (`--cold`) may miss the last seconds' writes",
+            p.cfg.name
+        );
+    }
+}
+
+/// `migrant reset`: rebuild the VM from its snapshot and start it;
 /// provisioning does not run again.
-pub fn reset(p: &Project, timeout: u64) -> Result<u8> {
+pub fn reset(p: &Project, timeout: u64, cold: bool) -> Result<u8> {
+    if p.vm.snapshot().exists() {
+        super::up::check_resumable(p, cold)?;
+    }
     restore_snapshot(p, "reset")?;
     super::up::up(
         p,
@@ -327,6 +427,7 @@ pub fn reset(p: &Project, timeout: u64) -> Result<u8> {
             timeout,
             autoconnect: false,
             trigger: Trigger::Reset,
+            cold,
         },
     )
 }
@@ -375,13 +476,18 @@ pub fn snapshot_age(vm: &VmPaths) -> Option<String> {
     Some(crate::image::age(t))
 }
 
-/// `saved 5 minutes ago (412.0 MiB)` or `none`.
+/// `disk, saved 5 minutes ago (412.0 MiB)`, `memory, saved … (disk …,
+/// memory …)` or `None`.
 pub fn snapshot_summary(vm: &VmPaths) -> Option<String> {
     let age = snapshot_age(vm)?;
-    Some(format!(
-        "saved {age} ({})",
-        human(crate::image::cache::disk_usage(&vm.snapshot()))
-    ))
+    let disk = human(crate::image::cache::disk_usage(&vm.snapshot()));
+    Some(match crate::memsnap::load(vm) {
+        Some(_) => format!(
+            "memory, saved {age} (disk {disk}, memory {})",
+            human(crate::image::cache::disk_usage(&vm.snapshot_state()))
+        ),
+        None => format!("disk, saved {age} ({disk})"),
+    })
 }
 
 #[cfg(test)]

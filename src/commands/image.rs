@@ -304,6 +304,8 @@ fn vm_role(name: &str) -> Option<&'static str> {
         "nvram.fd" => "nvram",
         "snapshot.qcow2" => "snapshot",
         "snapshot-nvram.fd" => "snapshot nvram",
+        "snapshot.vmstate" => "snapshot memory",
+        "snapshot.json" => "snapshot record",
         "record.json" => "record",
         "lock" => "lock",
         "serial.log" | "qemu.log" | "supervisor.log" | "wireguard.log" => "log",

@@ -1,6 +1,7 @@
 //! The user-facing commands. Each returns the process exit code or an
 //! [`Error`] whose exit code `main` uses.
 
+mod clone;
 mod disk;
 mod docs;
 mod drift;
@@ -38,12 +39,18 @@ pub fn run(cli: Cli) -> Result<u8> {
             timeout,
             no_autoconnect,
             trigger,
+            cold,
+            instance,
         } => up::up(
-            &Project::load(&dir)?,
+            &match instance {
+                Some(n) => Project::load_clone(&dir, &n)?,
+                None => Project::load(&dir)?,
+            },
             &up::UpOptions {
                 timeout,
                 autoconnect: !no_autoconnect,
                 trigger,
+                cold,
             },
         ),
         Cmd::Halt {
@@ -68,8 +75,11 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Ssh { command } => lifecycle::ssh(&Project::load_own(&dir)?, &command),
         Cmd::Console => lifecycle::console(&Project::load_own(&dir)?),
         Cmd::Resize { size } => disk::resize(&Project::load_own(&dir)?, size.as_deref()),
-        Cmd::Snapshot => disk::snapshot(&Project::load_own(&dir)?),
-        Cmd::Reset { timeout } => disk::reset(&Project::load_own(&dir)?, timeout),
+        Cmd::Snapshot { memory: false, .. } => disk::snapshot(&Project::load_own(&dir)?),
+        Cmd::Snapshot { memory: true, stop } => {
+            disk::snapshot_memory(&Project::load_own(&dir)?, stop)
+        }
+        Cmd::Reset { timeout, cold } => disk::reset(&Project::load_own(&dir)?, timeout, cold),
         Cmd::Storage { json } => image::storage(json),
         Cmd::Image { command } => image::run(command),
         Cmd::Provision { args } => provision::provision(&Project::load_own(&dir)?, &args),
@@ -79,6 +89,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Run {
             rm,
             snapshot,
+            clone,
+            cold,
             timeout,
             command,
         } => run::run(
@@ -86,6 +98,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             &run::RunOptions {
                 rm,
                 snapshot,
+                clone,
+                cold,
                 timeout,
                 command,
             },
@@ -121,6 +135,14 @@ fn project_dir(given: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 /// A loaded project: its configuration and its VM's files.
+/// `N` random bytes from the kernel.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    let mut f = std::fs::File::open("/dev/urandom").map_err(Error::io("/dev/urandom"))?;
+    std::io::Read::read_exact(&mut f, &mut b).map_err(Error::io("/dev/urandom"))?;
+    Ok(b)
+}
+
 pub struct Project {
     pub cfg: Config,
     pub paths: Paths,
@@ -136,6 +158,26 @@ impl Project {
         let paths = Paths::from_env();
         let vm = paths.vm(&cfg.name);
         Ok(Project { cfg, paths, vm })
+    }
+
+    /// The project's clone `name` (`up --instance`, run by `run
+    /// --clone`): refused unless it is a clone this project's VM made.
+    pub fn load_clone(dir: &std::path::Path, name: &str) -> Result<Project> {
+        let mut p = Project::load(dir)?;
+        let vm = p.paths.vm(name);
+        match crate::state::Record::load(&vm.record())? {
+            Some(rec)
+                if rec.template.as_deref() == Some(&p.cfg.name) && rec.project_dir == p.cfg.dir =>
+            {
+                p.cfg.name = name.to_string();
+                p.vm = vm;
+                Ok(p)
+            }
+            _ => Err(Error::other(
+                crate::exit::USAGE,
+                format!("{name} is not a clone of {}", p.cfg.name),
+            )),
+        }
     }
 
     /// [`Project::load`] for a command that acts on the VM (stops,

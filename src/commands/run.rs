@@ -32,6 +32,10 @@ use crate::provision::hooks::Trigger;
 pub struct RunOptions {
     pub rm: bool,
     pub snapshot: bool,
+    /// Run in a throwaway clone made from the snapshot.
+    pub clone: bool,
+    /// Boot the snapshot's disk even when its memory could be resumed.
+    pub cold: bool,
     pub timeout: u64,
     pub command: Vec<String>,
 }
@@ -145,8 +149,14 @@ pub fn run(p: &Project, o: &RunOptions) -> Result<u8> {
             ),
         ));
     }
+    if o.snapshot {
+        super::up::check_resumable(p, o.cold)?;
+    }
     install_signal_handlers()?;
     let stdout = divert_stdout()?;
+    if o.clone {
+        return run_clone(p, o, &remote, stdout);
+    }
     let restored = if o.snapshot {
         super::disk::restore_snapshot(p, "run")
     } else {
@@ -159,6 +169,12 @@ pub fn run(p: &Project, o: &RunOptions) -> Result<u8> {
     // With --snapshot, --rm throws the run's changes away but keeps the VM
     // and its snapshot for the next run; without it, the VM is destroyed.
     let cleanup = if o.snapshot { discard(p) } else { remove(p) };
+    after_cleanup(cleanup, result)
+}
+
+/// CMD's result after `--rm`'s cleanup: a cleanup failure is the error
+/// when CMD succeeded, and is said besides CMD's own result otherwise.
+fn after_cleanup(cleanup: Result<()>, result: Result<u8>) -> Result<u8> {
     match (cleanup, result) {
         (Ok(()), result) => result,
         (Err(e), Ok(0)) => Err(e),
@@ -169,14 +185,31 @@ pub fn run(p: &Project, o: &RunOptions) -> Result<u8> {
     }
 }
 
+/// `--clone`: CMD in a throwaway clone of the VM's snapshot, destroyed
+/// afterwards whatever happened; the VM itself is not touched.
+fn run_clone(p: &Project, o: &RunOptions, remote: &str, stdout: OwnedFd) -> Result<u8> {
+    let clone = super::clone::make(p)?;
+    eprintln!(
+        "==> {}: a clone of {}'s snapshot ({})",
+        clone.cfg.name,
+        p.cfg.name,
+        super::disk::snapshot_summary(&p.vm).unwrap_or_default()
+    );
+    let result = up_and_run(&clone, o, remote, stdout);
+    after_cleanup(remove(&clone), result)
+}
+
 fn up_and_run(p: &Project, o: &RunOptions, remote: &str, stdout: OwnedFd) -> Result<u8> {
     let mut up = Command::new(super::self_exe()?);
     up.arg("-C")
         .arg(&p.cfg.dir)
         .args(["up", "--no-autoconnect", "--trigger", "run", "--timeout"])
         .arg(o.timeout.to_string())
-        .stdin(Stdio::null())
-        .process_group(0);
+        .args(o.cold.then_some("--cold"));
+    if o.clone {
+        up.arg("--instance").arg(&p.cfg.name);
+    }
+    up.stdin(Stdio::null()).process_group(0);
     let child = up.spawn().map_err(Error::io("cannot start `migrant up`"))?;
     let pgid = child.id() as i32;
     let status = wait_forwarding(child, -pgid)?;

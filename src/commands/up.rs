@@ -30,6 +30,8 @@ pub struct UpOptions {
     pub autoconnect: bool,
     /// What hooks are told caused them.
     pub trigger: Trigger,
+    /// Boot the disk even when a memory snapshot could be restored.
+    pub cold: bool,
 }
 
 pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
@@ -103,6 +105,7 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
         _ => {}
     }
     let lock = VmLock::try_acquire(vm)?;
+    warm_or_cold(cfg, vm, opts.cold)?;
     state::ensure_dir(&paths.home, 0o711)?;
     state::ensure_dir(&paths.vms(), 0o711)?;
 
@@ -182,6 +185,117 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     connect(p, opts)
 }
 
+/// A disk fresh on a memory snapshot resumes that snapshot, if the
+/// machine the Migrantfile asks for now is the one it was taken on;
+/// otherwise the start is refused (78) with the reason, unless `cold`
+/// says to boot the disk.
+fn warm_or_cold(cfg: &Config, vm: &VmPaths, cold: bool) -> Result<()> {
+    let Some(rec) = Record::load(&vm.record())? else {
+        return Ok(());
+    };
+    if !rec.restore_memory {
+        return Ok(());
+    }
+    let owner = crate::supervisor::prepare::snapshot_owner(vm, &rec);
+    let why = match crate::memsnap::load(&owner) {
+        None => Some("its memory state is gone".to_string()),
+        Some(_) => unresumable(cfg, &owner)?,
+    };
+    match (why, cold) {
+        (None, false) => Ok(()),
+        (why, true) => {
+            println!(
+                "==> {}: booting the disk (--cold){}",
+                cfg.name,
+                why.map(|w| format!("; the memory snapshot could not be resumed: {w}"))
+                    .unwrap_or_default()
+            );
+            Record::update(&vm.record(), |r| r.restore_memory = false)?;
+            Ok(())
+        }
+        (Some(why), false) => Err(refusal(cfg, &why)),
+    }
+}
+
+/// Why the memory snapshot of `owner` cannot be resumed by the machine
+/// `cfg` asks for (`None`: it can, or it is no memory snapshot).
+fn unresumable(cfg: &Config, owner: &VmPaths) -> Result<Option<String>> {
+    let Some(meta) = crate::memsnap::load(owner) else {
+        return Ok(None);
+    };
+    let version = crate::memsnap::qemu_version().map_err(Error::io("cannot run QEMU"))?;
+    // The accelerator is checked when QEMU starts (resolving it probes).
+    let now = crate::memsnap::Machine::for_config(cfg, &meta.accel, version);
+    Ok(meta.mismatch(&now))
+}
+
+fn refusal(cfg: &Config, why: &str) -> Error {
+    Error::other(
+        exit::CONFIG,
+        format!(
+            "{}: the memory snapshot cannot be resumed: {why}. `--cold` boots its disk instead; `migrant snapshot --memory` takes a new one",
+            cfg.name
+        ),
+    )
+}
+
+/// For `reset` and `run --snapshot`, before they touch anything: refused
+/// (78) when the VM's memory snapshot cannot be resumed, unless `cold`.
+pub fn check_resumable(p: &Project, cold: bool) -> Result<()> {
+    if cold {
+        return Ok(());
+    }
+    match unresumable(&p.cfg, &p.vm)? {
+        Some(why) => Err(refusal(&p.cfg, &why)),
+        None => Ok(()),
+    }
+}
+
+/// Set the guest's clock to the host's (a restored guest's clock stands
+/// where it was saved). The time is sent once the guest's side waits for
+/// it, so the SSH handshake does not make it late. A failure only warns.
+fn set_guest_clock(cfg: &Config, vm: &VmPaths) {
+    use std::io::Write;
+    let run = || -> std::result::Result<(), String> {
+        let mut cmd = super::ssh_command(cfg, vm).map_err(|e| e.to_string())?;
+        cmd.args([
+            "-o",
+            "BatchMode=yes",
+            "--",
+            "sudo -n sh -c 'echo go; read t; date -u -s \"@$t\" >/dev/null && echo set'",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+        let (Some(mut input), Some(output)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("no pipes to ssh".into());
+        };
+        let mut lines = BufReader::new(output).lines();
+        let first = lines.next().transpose().map_err(|e| e.to_string())?;
+        if first.as_deref() == Some("go") {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let _ = writeln!(input, "{}.{:09}", now.as_secs(), now.subsec_nanos());
+        }
+        drop(input);
+        let second = lines.next().transpose().map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if second.as_deref() == Some("set") {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    };
+    if let Err(e) = run() {
+        eprintln!(
+            "warning: {}: cannot set the restored guest's clock ({e}); it may be behind the host's",
+            cfg.name
+        );
+    }
+}
+
 /// The Migrantfile's `autoconnect`, unless told not to.
 fn connect(p: &Project, opts: &UpOptions) -> Result<u8> {
     if !opts.autoconnect {
@@ -248,9 +362,7 @@ fn user_data(cfg: &Config) -> Result<String> {
 }
 
 fn random_mac() -> Result<String> {
-    let mut b = [0u8; 3];
-    let mut f = std::fs::File::open("/dev/urandom").map_err(Error::io("/dev/urandom"))?;
-    std::io::Read::read_exact(&mut f, &mut b).map_err(Error::io("/dev/urandom"))?;
+    let b: [u8; 3] = super::random_bytes()?;
     Ok(format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))
 }
 
@@ -299,6 +411,8 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
         memory: None,
         owner: invoking_owner(),
         cloud_init_done: false,
+        restore_memory: false,
+        template: None,
     }
     .save(&vm.record())?;
     Ok(())
@@ -369,6 +483,7 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
 
     let lines = spawn_line_reader(read_end);
     let mut sshd = false;
+    let mut restored = false;
     while !sshd {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = match lines.recv_timeout(left) {
@@ -426,6 +541,14 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
                     );
                 }
             }
+            Ok(Progress::Restored { ms }) => {
+                println!(
+                    "==> {}: resumed from its memory snapshot (state loaded in {:.1} s)",
+                    cfg.name,
+                    ms as f64 / 1000.0
+                );
+                restored = true;
+            }
             Ok(Progress::Lease { ip }) => {
                 println!("==> {}: guest took its DHCP lease {ip}", cfg.name)
             }
@@ -450,6 +573,12 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
     }
 
     wait_login(cfg, vm, deadline)?;
+    if restored {
+        // The guest runs on from the moment it was saved: its cloud-init
+        // is long done, its clock is behind.
+        set_guest_clock(cfg, vm);
+        return Ok(());
+    }
     // Only until cloud-init has run once for this VM, as the original
     // waits only when it creates the VM: later boots neither wait nor warn
     // (its playbooks often disable cloud-init after the first boot).

@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 
 pub use checksum::{Algo, Checksum, Digest};
 pub use qemu_img::{
-    FORMATS, ImgInfo, check_disk_chain, convert_flat, create_overlay, info, info_as, resize,
+    FORMATS, ImgInfo, check_disk_chain, convert_flat, convert_flat_shared, create_overlay, info,
+    info_as, resize,
 };
 
 #[derive(Debug, thiserror::Error)]

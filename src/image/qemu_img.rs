@@ -173,19 +173,29 @@ pub fn check_disk_chain(disk: &Path, backings: &[&Path], shared: bool) -> Result
 /// its whole backing chain folded in to `out`, a standalone qcow2 of the
 /// same virtual size.
 pub fn convert_flat(disk: &Path, out: &Path) -> Result<(), ImageError> {
-    run(
-        &[
-            "convert".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-O".as_ref(),
-            "qcow2".as_ref(),
-            disk.as_os_str(),
-            out.as_os_str(),
-        ],
-        "convert",
-    )?;
+    convert(disk, out, false)
+}
+
+/// [`convert_flat`] of a disk a paused QEMU still has open (`-U`): only
+/// while that guest cannot write (a memory snapshot in progress).
+pub fn convert_flat_shared(disk: &Path, out: &Path) -> Result<(), ImageError> {
+    convert(disk, out, true)
+}
+
+fn convert(disk: &Path, out: &Path, shared: bool) -> Result<(), ImageError> {
+    let mut args: Vec<&OsStr> = vec!["convert".as_ref(), "-q".as_ref()];
+    if shared {
+        args.push("-U".as_ref());
+    }
+    args.extend([
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-O".as_ref(),
+        "qcow2".as_ref(),
+        disk.as_os_str(),
+        out.as_os_str(),
+    ]);
+    run(&args, "convert")?;
     Ok(())
 }
 

@@ -79,6 +79,10 @@ fn index_of(name: &str) -> Result<u32, TapError> {
     nix::net::if_::if_nametoindex(name).map_err(|_| TapError::NoSuchInterface(name.to_string()))
 }
 
+/// The gateway's MAC address in every VM's namespace (locally
+/// administered, unicast; each VM has a link of its own).
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x6d, 0x67, 0x00, 0x00, 0x01];
+
 /// In the current thread's namespace: bring `lo` up, give `tap` the
 /// gateway address and bring it up. Runs its own small runtime because
 /// the netlink socket must be created in this thread's namespace.
@@ -101,6 +105,18 @@ pub fn configure(tap: &str, gateway: Ipv4Addr, prefix: u8, tproxy: bool) -> Resu
             rtnetlink::new_connection().map_err(|e| TapError::Netlink(e.to_string()))?;
         let task = tokio::spawn(conn);
         let result = async {
+            // The gateway's MAC is the same at every start: a guest resumed
+            // from a memory snapshot still has it in its ARP cache.
+            handle
+                .link()
+                .set(
+                    rtnetlink::LinkUnspec::new_with_index(tap_idx)
+                        .address(GATEWAY_MAC.to_vec())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| TapError::Netlink(format!("gateway MAC: {e}")))?;
             for idx in [lo, tap_idx] {
                 handle
                     .link()

@@ -425,7 +425,7 @@ pub fn take_extra_args(cfg: &Config, vm: &VmPaths) -> Result<Vec<String>, HookEr
     Ok(args)
 }
 
-fn stored_path(vm: &VmPaths) -> PathBuf {
+pub fn stored_path(vm: &VmPaths) -> PathBuf {
     vm.state.join(STORED_EXTRA_ARGS)
 }
 

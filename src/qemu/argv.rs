@@ -73,6 +73,22 @@ pub struct VmSpec {
     pub shares: Vec<FsDevice>,
     /// Extra arguments, appended last (`.qemu-extra-args`).
     pub extra: Vec<String>,
+    /// Restore a memory snapshot: QEMU waits for its state (`-incoming
+    /// defer`), then reads it from this descriptor (`migrate-incoming`).
+    pub incoming_fd: Option<i32>,
+    /// A clone's disk: its overlay's backing file (the template's
+    /// snapshot) is this read-only descriptor, not a path QEMU opens.
+    pub backing_fd: Option<i32>,
+}
+
+/// The machine type for `firmware` (Secure Boot needs SMM).
+pub fn machine_type(firmware: &FirmwareFiles) -> &'static str {
+    match firmware {
+        FirmwareFiles::Uefi {
+            secure_boot: true, ..
+        } => "q35,smm=on",
+        _ => "q35",
+    }
 }
 
 fn path(p: &std::path::Path) -> String {
@@ -92,14 +108,7 @@ pub fn build_argv(spec: &VmSpec) -> Vec<String> {
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
     push(&["-msg", "timestamp=on"]);
-    let smm = matches!(
-        spec.firmware,
-        FirmwareFiles::Uefi {
-            secure_boot: true,
-            ..
-        }
-    );
-    let machine = if smm { "q35,smm=on" } else { "q35" };
+    let machine = machine_type(&spec.firmware);
     match spec.accel {
         Accelerator::Kvm => push(&["-machine", &format!("{machine},accel=kvm"), "-cpu", "host"]),
         Accelerator::Tcg => push(&[
@@ -168,12 +177,27 @@ pub fn build_argv(spec: &VmSpec) -> Vec<String> {
 
     // Disks: the overlay boots; the seed is a virtio disk (Debian's cloud
     // kernel has no AHCI driver, so a SATA CD-ROM would be invisible).
+    match spec.backing_fd {
+        None => push(&[
+            "-drive",
+            &format!(
+                "if=none,id=disk0,file={},format=qcow2,cache=writeback,discard=unmap",
+                path(&spec.disk)
+            ),
+        ]),
+        Some(fd) => push(&[
+            "-add-fd",
+            &format!("fd={fd},set=2,opaque=backing"),
+            "-drive",
+            &format!(
+                "if=none,id=disk0,file={},format=qcow2,cache=writeback,discard=unmap,\
+                 backing.driver=qcow2,backing.read-only=on,backing.file.driver=file,\
+                 backing.file.filename=/dev/fdset/2",
+                path(&spec.disk)
+            ),
+        ]),
+    }
     push(&[
-        "-drive",
-        &format!(
-            "if=none,id=disk0,file={},format=qcow2,cache=writeback,discard=unmap",
-            path(&spec.disk)
-        ),
         "-device",
         "virtio-blk-pci,drive=disk0,bootindex=1",
         "-drive",
@@ -192,6 +216,11 @@ pub fn build_argv(spec: &VmSpec) -> Vec<String> {
         &format!("virtio-net-pci,netdev=net0,mac={}", spec.mac),
         "-device",
         "virtio-rng-pci",
+        // A new generation id at every start, restores included: the guest
+        // kernel reseeds its random number generator when it changes, so a
+        // restored snapshot is not a replay of the saved one.
+        "-device",
+        "vmgenid,guid=auto",
     ]);
 
     for (i, fs) in spec.shares.iter().enumerate() {
@@ -203,6 +232,9 @@ pub fn build_argv(spec: &VmSpec) -> Vec<String> {
         ]);
     }
 
+    if spec.incoming_fd.is_some() {
+        a.extend(["-incoming".to_string(), "defer".to_string()]);
+    }
     a.extend(spec.extra.iter().cloned());
     a
 }
@@ -227,6 +259,8 @@ mod tests {
             serial_fd: 13,
             shares: vec![],
             extra: vec![],
+            incoming_fd: None,
+            backing_fd: None,
         }
     }
 
@@ -240,6 +274,25 @@ mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn restores_wait_for_their_state_and_clones_get_their_backing_by_descriptor() {
+        let plain = build_argv(&spec());
+        assert!(!plain.contains(&"-incoming".to_string()));
+        assert!(values(&plain, "-device").contains(&"vmgenid,guid=auto"));
+        let mut s = spec();
+        s.incoming_fd = Some(20);
+        s.backing_fd = Some(21);
+        let argv = build_argv(&s);
+        assert_eq!(values(&argv, "-incoming"), ["defer"]);
+        assert!(values(&argv, "-add-fd").contains(&"fd=21,set=2,opaque=backing"));
+        let drive = values(&argv, "-drive")[0];
+        assert!(
+            drive.contains("backing.file.filename=/dev/fdset/2")
+                && drive.contains("backing.read-only=on"),
+            "{drive}"
+        );
     }
 
     #[test]

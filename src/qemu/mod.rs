@@ -5,4 +5,4 @@ pub mod argv;
 pub mod process;
 pub mod qmp;
 
-pub use argv::{Accelerator, FirmwareFiles, FsDevice, VmSpec, build_argv};
+pub use argv::{Accelerator, FirmwareFiles, FsDevice, VmSpec, build_argv, machine_type};

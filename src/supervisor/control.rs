@@ -22,6 +22,9 @@ pub enum Request {
     /// Grow the VM's disk to `size` bytes, live (QMP `block_resize`).
     /// Refused when smaller than the disk is now.
     Resize { size: u64 },
+    /// Pause the guest and save its memory, device state and disk as the
+    /// VM's snapshot; then resume it, or stop QEMU when `stop`.
+    SaveMemory { stop: bool },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -55,6 +58,13 @@ pub enum Response {
     Resized {
         from: u64,
         to: u64,
+    },
+    /// A [`Request::SaveMemory`] done.
+    MemorySaved {
+        state_bytes: u64,
+        disk_bytes: u64,
+        paused_ms: u64,
+        stopped: bool,
     },
     Error {
         message: String,

@@ -5,7 +5,8 @@
 //! [`server`] answers the control socket.
 
 pub mod control;
-mod prepare;
+mod memory;
+pub mod prepare;
 pub mod progress;
 mod restart;
 mod running;
@@ -55,6 +56,8 @@ pub enum SupervisorError {
     Wireguard(#[from] crate::wireguard::WgError),
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
+    #[error("{0}")]
+    Snapshot(String),
     #[error("QEMU exited during start-up ({status}); last lines of its log:\n{log}")]
     QemuExited { status: String, log: String },
 }
@@ -74,6 +77,7 @@ impl SupervisorError {
             SupervisorError::Image(e) => e.exit_code(),
             SupervisorError::Tap(tap::TapError::Open(_)) => exit::UNAVAILABLE,
             SupervisorError::Dataplane(e) => e.exit_code(),
+            SupervisorError::Snapshot(_) => exit::CONFIG,
             _ => exit::SOFTWARE,
         }
     }

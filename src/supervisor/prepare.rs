@@ -32,6 +32,12 @@ pub(super) struct Prepared {
     /// WireGuard mode: the plan, the TUN (in the namespace) and the UDP
     /// socket (in the host's).
     pub(super) wg: Option<(crate::wireguard::Plan, std::fs::File, std::net::UdpSocket)>,
+    /// A memory snapshot to restore: its state, open read-only for QEMU.
+    pub(super) incoming: Option<std::fs::File>,
+    /// A clone: the template's snapshot, open read-only for QEMU.
+    pub(super) backing: Option<std::fs::File>,
+    /// The machine facts a memory snapshot of this run records.
+    pub(super) machine: crate::memsnap::Machine,
 }
 
 pub(super) fn bind_private(
@@ -77,7 +83,9 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
     // QEMU, unprivileged and possibly compromised, wrote this disk last
     // time: before it opens it again, its header must still name only the
     // backing file migrant made (not another VM's disk, not a host file).
-    crate::image::check_disk_chain(&vm.disk(), &[&rec.base_image, &vm.snapshot()], false)?;
+    let owner = snapshot_owner(vm, &rec);
+    let snapshot = owner.snapshot();
+    crate::image::check_disk_chain(&vm.disk(), &[&rec.base_image, &snapshot], false)?;
     // Traverse-only for others: the SSH socket inside belongs to the
     // invoking user (hooks, Ansible and `ssh-config` users reach it).
     state::ensure_dir(&vm.run, 0o711)?;
@@ -135,8 +143,14 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
         set_owner(f, identity.uid.as_raw(), identity.gid.as_raw(), 0o600)?;
     }
 
+    // A clone's QEMU never opens the template's files by name: root opens
+    // the snapshot its disk overlays and hands the descriptor over.
+    let backing = match &rec.template {
+        Some(_) => Some(open_read_only(&snapshot)?),
+        None => None,
+    };
     let accel = qemu::accel::resolve(cfg.accel)?;
-    let spec = qemu::VmSpec {
+    let mut spec = qemu::VmSpec {
         name: cfg.name.clone(),
         cpus: cfg.cpus,
         memory_mib: cfg.memory / (1024 * 1024),
@@ -158,6 +172,27 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
             extra.extend(crate::share::extra_qemu_args());
             extra
         },
+        incoming_fd: None,
+        backing_fd: backing.as_ref().map(|f| f.as_raw_fd()),
+    };
+    let version = crate::memsnap::qemu_version().map_err(io("cannot run QEMU for its version"))?;
+    let machine = crate::memsnap::Machine::of(&spec, version, served.len());
+    // A memory snapshot is restored only into the machine it was taken
+    // on (`up` checked this too, and offers `--cold`).
+    let incoming = if rec.restore_memory {
+        let meta = crate::memsnap::load(&owner).ok_or(SupervisorError::Snapshot(
+            "the memory snapshot to restore is gone; `migrant up --cold` boots the disk".into(),
+        ))?;
+        if let Some(why) = meta.mismatch(&machine) {
+            return Err(SupervisorError::Snapshot(format!(
+                "the memory snapshot cannot be restored: {why}; `migrant up --cold` boots the disk instead"
+            )));
+        }
+        let f = open_read_only(&owner.snapshot_state())?;
+        spec.incoming_fd = Some(f.as_raw_fd());
+        Some(f)
+    } else {
+        None
     };
     Ok(Prepared {
         cfg,
@@ -173,5 +208,27 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
         spec,
         served,
         wg,
+        incoming,
+        backing,
+        machine,
     })
+}
+
+/// The VM whose snapshot this VM's disk may overlay: itself, or a
+/// clone's template.
+pub fn snapshot_owner(vm: &VmPaths, rec: &Record) -> VmPaths {
+    match &rec.template {
+        Some(t) => state::Paths::from_env().vm(t),
+        None => vm.clone(),
+    }
+}
+
+/// Open one of root's files read-only, never through a symlink.
+fn open_read_only(path: &Path) -> Result<std::fs::File, SupervisorError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io(format!("cannot open {}", path.display())))
 }

@@ -18,6 +18,8 @@ pub enum Progress {
         peers: Vec<String>,
         dns: Vec<String>,
     },
+    /// A memory snapshot was loaded and the guest resumed.
+    Restored { ms: u64 },
     /// The guest took its DHCP lease.
     Lease { ip: String },
     /// The guest's SSH server answers.

@@ -42,6 +42,9 @@ pub(super) async fn supervise(
         mut spec,
         served,
         wg,
+        incoming,
+        backing,
+        machine,
     } = p;
     let exe = std::env::current_exe().map_err(io("cannot find the migrant executable"))?;
 
@@ -106,6 +109,8 @@ pub(super) async fn supervise(
     let qemu_log = vm.state.join("qemu.log");
     let mut keep_fds = vec![spec.tap_fd, spec.qmp_fd, spec.console_fd, spec.serial_fd];
     keep_fds.extend(spec.shares.iter().map(|s| s.fd));
+    keep_fds.extend(spec.incoming_fd);
+    keep_fds.extend(spec.backing_fd);
     let mut child = process::spawn(process::Launch {
         argv: qemu::build_argv(&spec),
         netns: ns.fd(),
@@ -115,7 +120,7 @@ pub(super) async fn supervise(
     })?;
     // QEMU holds its own copies now.
     let (serial_r, serial_w) = serial;
-    drop((tap, qmp_theirs, console, fs_ends, serial_w));
+    drop((tap, qmp_theirs, console, fs_ends, serial_w, backing));
     serial::spawn(serial_r, vm.serial_log()).map_err(io("serial log thread"))?;
     let qemu_pid = child.id();
     tracing::info!(pid = ?qemu_pid, accel = spec.accel.as_str(), user = %identity.name, "QEMU started");
@@ -128,6 +133,9 @@ pub(super) async fn supervise(
     rec.memory = Some(cfg.memory);
     rec.qemu_user = Some(identity.name.clone());
     rec.started_at = Some(state::now());
+    // The disk diverges from the snapshot from now on: the next start
+    // boots it, unless a reset makes it fresh again.
+    rec.restore_memory = false;
     rec.save(&vm.record())?;
     reporter.send(&Progress::Qemu {
         pid: qemu_pid.unwrap_or(0),
@@ -166,6 +174,27 @@ pub(super) async fn supervise(
         }
     });
 
+    // (after the event task: replies arrive through its polling)
+    let restored = incoming.is_some();
+    if let (Some(fd), Some(file)) = (spec.incoming_fd, incoming) {
+        match super::memory::restore(&qmp, fd).await {
+            Ok(took) => {
+                tracing::info!("memory snapshot restored in {} ms", took.as_millis());
+                reporter.send(&Progress::Restored {
+                    ms: took.as_millis() as u64,
+                });
+            }
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(SupervisorError::Snapshot(format!(
+                    "restoring the memory snapshot failed: {e}; `migrant up --cold` boots the disk instead"
+                )));
+            }
+        }
+        drop(file);
+    }
+
     // The dataplane: unprivileged, in its own process, restarted when it
     // dies (the sockets stay here, so nothing leaves meanwhile).
     let guest_ip = cfg.guest_ip();
@@ -188,6 +217,8 @@ pub(super) async fn supervise(
     );
     plane_plan.journal = true;
     plane_plan.probe_ssh = true;
+    // A restored guest holds its lease already.
+    plane_plan.lease_seen = restored;
     let mut plane = Some(
         dataplane::parent::start(&exe, &vm.state, plane_plan.clone(), &kept, &ns, &hub).await?,
     );
@@ -231,18 +262,48 @@ pub(super) async fn supervise(
                 }
                 break format!("QEMU exited ({status})");
             }
-            Some(ctl) = ctl_rx.recv() => {
-                let Control::Halt { force, timeout, done, flushed } = ctl;
-                let status = halt(&shared.qmp, &mut child, force, timeout).await;
-                crate::share::virtiofsd::stop_all(&mut daemons).await;
-                let _ = Record::update(&vm.record(), |r| r.state = VmState::Stopped);
-                let reason = format!("halted by request ({status})");
-                // Answer after cleanup, so the caller sees a clean state.
-                cleanup(vm);
-                let _ = done.send(Response::Done);
-                let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
-                break reason;
-            }
+            Some(ctl) = ctl_rx.recv() => match ctl {
+                Control::SaveMemory { stop, done, flushed } => {
+                    let saved = super::memory::save(&shared.qmp, vm, &identity, &machine, rec.owner).await;
+                    let answer = match &saved {
+                        Ok(s) => {
+                            tracing::info!(
+                                state = s.state_bytes, disk = s.disk_bytes, paused_ms = s.paused.as_millis() as u64,
+                                "memory snapshot saved"
+                            );
+                            s.response(stop)
+                        }
+                        Err(e) => {
+                            tracing::error!("memory snapshot failed: {e}");
+                            Response::Error { message: e.clone() }
+                        }
+                    };
+                    if saved.is_ok() && stop {
+                        let status = halt(&shared.qmp, &mut child, true, Duration::ZERO).await;
+                        crate::share::virtiofsd::stop_all(&mut daemons).await;
+                        cleanup(vm);
+                        let _ = done.send(answer);
+                        let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
+                        break format!("stopped after a memory snapshot ({status})");
+                    }
+                    // Whatever happened, the guest runs on.
+                    if let Err(e) = shared.qmp.run(qapi::qmp::cont {}).await {
+                        tracing::error!("cannot resume the guest after the snapshot: {e}");
+                    }
+                    let _ = done.send(answer);
+                }
+                Control::Halt { force, timeout, done, flushed } => {
+                    let status = halt(&shared.qmp, &mut child, force, timeout).await;
+                    crate::share::virtiofsd::stop_all(&mut daemons).await;
+                    let _ = Record::update(&vm.record(), |r| r.state = VmState::Stopped);
+                    let reason = format!("halted by request ({status})");
+                    // Answer after cleanup, so the caller sees a clean state.
+                    cleanup(vm);
+                    let _ = done.send(Response::Done);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
+                    break reason;
+                }
+            },
             _ = sigterm.recv() => {
                 let status = halt(&shared.qmp, &mut child, false, Duration::from_secs(cfg.halt_timeout)).await;
                 break format!("SIGTERM ({status})");

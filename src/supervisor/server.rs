@@ -21,6 +21,11 @@ pub(super) enum Control {
         /// Fired once the answer was written to the client.
         flushed: oneshot::Receiver<()>,
     },
+    SaveMemory {
+        stop: bool,
+        done: oneshot::Sender<Response>,
+        flushed: oneshot::Receiver<()>,
+    },
 }
 
 pub(super) struct Shared {
@@ -152,6 +157,25 @@ async fn handle(
                 };
             }
             wait.await.unwrap_or(Response::Done)
+        }
+        Request::SaveMemory { stop } => {
+            let (done, wait) = oneshot::channel();
+            if ctl
+                .send(Control::SaveMemory {
+                    stop,
+                    done,
+                    flushed,
+                })
+                .await
+                .is_err()
+            {
+                return Response::Error {
+                    message: "the VM is stopping".into(),
+                };
+            }
+            wait.await.unwrap_or(Response::Error {
+                message: "the VM stopped during the snapshot".into(),
+            })
         }
     }
 }

@@ -1,0 +1,104 @@
+//! Throwaway clones for `run --snapshot --rm --clone`: a VM of its own
+//! (name, identity, namespace, runtime folder) whose disk overlays the
+//! project VM's snapshot and which resumes that snapshot's memory. The
+//! project's VM — the template — is not touched: its snapshot is only
+//! read, through a descriptor root opens for the clone's QEMU.
+
+use std::path::Path;
+
+use super::{Project, Result};
+use crate::error::Error;
+use crate::exit;
+use crate::state::{self, Record, VmPaths, VmState};
+
+/// The clone's files, made from the template's snapshot: a fresh overlay,
+/// a copy of the seed and UEFI variables the snapshot was taken with, a
+/// record naming the template. Returns the clone's project (its name the
+/// clone's); on failure nothing of it is left.
+pub fn make(template: &Project) -> Result<Project> {
+    let t = &template.vm;
+    let name = template.cfg.name.clone();
+    if let Some(share) = template.cfg.shares.first() {
+        return Err(Error::other(
+            exit::CONFIG,
+            format!(
+                "{name}: clones cannot have shared folders (share {:?} in {}): one store cannot be served to several VMs",
+                share.tag,
+                template.cfg.file.display()
+            ),
+        ));
+    }
+    let rec = Record::load(&t.record())?
+        .filter(|_| t.snapshot().is_file())
+        .ok_or_else(|| {
+            Error::other(
+                exit::UNAVAILABLE,
+                format!(
+                    "{name} has no snapshot to clone; `migrant up`, then `migrant snapshot --memory`, saves one"
+                ),
+            )
+        })?;
+    let clone_name = format!("{name}-clone-{}", random_suffix()?);
+    let vm = template.paths.vm(&clone_name);
+    let made = populate(t, &vm, &rec, &clone_name);
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir_all(&vm.state);
+        return Err(e);
+    }
+    let mut cfg = template.cfg.clone();
+    cfg.name = clone_name;
+    Ok(Project {
+        cfg,
+        paths: template.paths.clone(),
+        vm,
+    })
+}
+
+fn populate(t: &VmPaths, vm: &VmPaths, rec: &Record, clone_name: &str) -> Result<()> {
+    state::ensure_dir(&vm.state, 0o711)?;
+    let size = crate::image::info_as(&t.snapshot(), Some("qcow2"), false)?.virtual_size;
+    crate::image::create_overlay(&t.snapshot(), &vm.disk(), size)?;
+    copy(&t.seed(), &vm.seed())?;
+    if t.snapshot_nvram().is_file() {
+        copy(&t.snapshot_nvram(), &vm.nvram())?;
+    }
+    let extra = crate::provision::hooks::stored_path(t);
+    if extra.is_file() {
+        copy(&extra, &crate::provision::hooks::stored_path(vm))?;
+    }
+    Record {
+        name: clone_name.to_string(),
+        project_dir: rec.project_dir.clone(),
+        base_image: rec.base_image.clone(),
+        // The guest's network device keeps the address it was saved with.
+        mac: rec.mac.clone(),
+        guest_ip: rec.guest_ip.clone(),
+        created_at: state::now(),
+        state: VmState::Stopped,
+        supervisor_pid: None,
+        qemu_pid: None,
+        accel: None,
+        qemu_user: None,
+        started_at: None,
+        last_stop: None,
+        provisioned: true,
+        cpus: None,
+        memory: None,
+        vm_id: None,
+        owner: rec.owner,
+        cloud_init_done: true,
+        restore_memory: crate::memsnap::load(t).is_some(),
+        template: Some(t.name.clone()),
+    }
+    .save(&vm.record())?;
+    Ok(())
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    state::copy_atomic(from, to).map_err(Error::io(to.display().to_string()))
+}
+
+fn random_suffix() -> Result<String> {
+    let b: [u8; 4] = super::random_bytes()?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
