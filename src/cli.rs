@@ -116,6 +116,10 @@ pub enum Cmd {
     },
     /// Open a shell in the VM, or run a command (its exit code is returned).
     Ssh {
+        /// The VM of that name (a clone, or a VM of another project),
+        /// from any folder.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
         /// Command to run in the guest.
         #[arg(last = true)]
         command: Vec<String>,
@@ -207,12 +211,16 @@ pub enum Cmd {
         /// memory snapshot (`snapshot --memory`) is resumed, not booted.
         #[arg(long)]
         snapshot: bool,
-        /// With --snapshot --rm: run in a throwaway clone of the VM, made
-        /// from its snapshot under a name of its own and destroyed
-        /// afterwards; the VM itself is not touched, and any number of
-        /// clones can run at once.
-        #[arg(long, requires_all = ["snapshot", "rm"])]
+        /// With --snapshot: run in a clone of the VM made from its snapshot
+        /// under a name of its own (destroyed afterwards with --rm, left
+        /// running without); the VM itself is not touched, and any number
+        /// of clones can run at once.
+        #[arg(long, requires = "snapshot")]
         clone: bool,
+        /// With --clone: the clone's name (default: the VM's name,
+        /// `-clone-` and random characters).
+        #[arg(long, requires = "clone", value_name = "NAME")]
+        name: Option<String>,
         /// Boot the snapshot's disk even when its memory could be resumed.
         #[arg(long)]
         cold: bool,

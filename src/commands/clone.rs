@@ -14,8 +14,9 @@ use crate::state::{self, Record, VmPaths, VmState};
 /// The clone's files, made from the template's snapshot: a fresh overlay,
 /// a copy of the seed and UEFI variables the snapshot was taken with, a
 /// record naming the template. Returns the clone's project (its name the
-/// clone's); on failure nothing of it is left.
-pub fn make(template: &Project) -> Result<Project> {
+/// clone's: `name`, or one made from the VM's); on failure nothing of it
+/// is left.
+pub fn make(template: &Project, name_wanted: Option<&str>) -> Result<Project> {
     let t = &template.vm;
     let name = template.cfg.name.clone();
     if let Some(share) = template.cfg.shares.first() {
@@ -38,8 +39,24 @@ pub fn make(template: &Project) -> Result<Project> {
                 ),
             )
         })?;
-    let clone_name = format!("{name}-clone-{}", random_suffix()?);
+    let clone_name = match name_wanted {
+        Some(n) => {
+            crate::config::check_name(n).map_err(|e| Error::other(exit::USAGE, e))?;
+            n.to_string()
+        }
+        None => {
+            // Within the 63 characters a name may have.
+            let stem: String = name.chars().take(63 - 15).collect();
+            format!("{stem}-clone-{}", random_suffix()?)
+        }
+    };
     let vm = template.paths.vm(&clone_name);
+    if vm.state.exists() {
+        return Err(Error::other(
+            exit::USAGE,
+            format!("a VM named {clone_name} exists already"),
+        ));
+    }
     let made = populate(t, &vm, &rec, &clone_name);
     if let Err(e) = made {
         let _ = std::fs::remove_dir_all(&vm.state);

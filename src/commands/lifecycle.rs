@@ -171,6 +171,11 @@ fn by_name(name: &str) -> Result<(VmPaths, Option<Config>)> {
     };
     match crate::config::load(&rec.project_dir) {
         Ok(cfg) if cfg.name == name && cfg.dir == rec.project_dir => Ok((vm, Some(cfg))),
+        // A clone: its template's project, under the clone's name.
+        Ok(mut cfg) if rec.template.as_ref() == Some(&cfg.name) && cfg.dir == rec.project_dir => {
+            cfg.name = name.to_string();
+            Ok((vm, Some(cfg)))
+        }
         Ok(_) => {
             println!(
                 "==> {name}: {} now names another VM; no hooks run",
@@ -183,6 +188,23 @@ fn by_name(name: &str) -> Result<(VmPaths, Option<Config>)> {
             Ok((vm, None))
         }
     }
+}
+
+/// `ssh --name NAME`: needs the VM's project (its user and key).
+pub fn ssh_named(name: &str, command: &[String]) -> Result<u8> {
+    let (vm, cfg) = by_name(name)?;
+    let cfg = cfg.ok_or_else(|| {
+        Error::other(
+            exit::CONFIG,
+            format!("{name}: its project does not name it any more; no SSH user or key to use"),
+        )
+    })?;
+    let p = Project {
+        cfg,
+        paths: crate::state::Paths::from_env(),
+        vm,
+    };
+    ssh(&p, command)
 }
 
 /// `halt --name NAME`.

@@ -32,8 +32,10 @@ use crate::provision::hooks::Trigger;
 pub struct RunOptions {
     pub rm: bool,
     pub snapshot: bool,
-    /// Run in a throwaway clone made from the snapshot.
+    /// Run in a clone made from the snapshot (throwaway with `rm`).
     pub clone: bool,
+    /// The clone's name.
+    pub name: Option<String>,
     /// Boot the snapshot's disk even when its memory could be resumed.
     pub cold: bool,
     pub timeout: u64,
@@ -185,10 +187,12 @@ fn after_cleanup(cleanup: Result<()>, result: Result<u8>) -> Result<u8> {
     }
 }
 
-/// `--clone`: CMD in a throwaway clone of the VM's snapshot, destroyed
-/// afterwards whatever happened; the VM itself is not touched.
+/// `--clone`: CMD in a clone of the VM's snapshot; the VM itself is not
+/// touched. With `--rm` the clone is destroyed afterwards whatever
+/// happened; without, it runs on (a CI driver's job VM) unless it never
+/// came up.
 fn run_clone(p: &Project, o: &RunOptions, remote: &str, stdout: OwnedFd) -> Result<u8> {
-    let clone = super::clone::make(p)?;
+    let clone = super::clone::make(p, o.name.as_deref())?;
     eprintln!(
         "==> {}: a clone of {}'s snapshot ({})",
         clone.cfg.name,
@@ -196,7 +200,15 @@ fn run_clone(p: &Project, o: &RunOptions, remote: &str, stdout: OwnedFd) -> Resu
         super::disk::snapshot_summary(&p.vm).unwrap_or_default()
     );
     let result = up_and_run(&clone, o, remote, stdout);
-    after_cleanup(remove(&clone), result)
+    let running = matches!(super::live(&clone.vm), Ok(super::Live::Active(_)));
+    if o.rm || !running {
+        return after_cleanup(remove(&clone), result);
+    }
+    eprintln!(
+        "==> {name}: left running: `migrant ssh --name {name}`, `migrant destroy --name {name}`",
+        name = clone.cfg.name
+    );
+    result
 }
 
 fn up_and_run(p: &Project, o: &RunOptions, remote: &str, stdout: OwnedFd) -> Result<u8> {

@@ -1,0 +1,249 @@
+//! The drivers in `contrib/`:
+//!
+//! * the GitLab Runner custom executor, its stages played in the order and
+//!   with the variables the runner uses (config, prepare, run per script,
+//!   cleanup) on a real guest: a passing job whose scripts share the job's
+//!   clone, a failing job (the runner's build-failure code), a cancelled
+//!   job (SIGTERM to the run stage, cleanup still runs), a cleanup without
+//!   a prepare; nothing remains and the project's VM is untouched;
+//! * the GitHub Actions composite action's script, run with a stand-in
+//!   migrant: inputs arrive as data, never as shell code.
+
+mod common;
+
+use common::*;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const BUILD_FAILURE: i32 = 7;
+const SYSTEM_FAILURE: i32 = 9;
+
+fn driver(stage: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("contrib/gitlab-runner/{stage}.sh"))
+}
+
+/// A stage as the runner starts it: `STAGE.sh PROJECT ARGS…` with the
+/// job's variables (`CUSTOM_ENV_…`) and the failure codes.
+fn stage(env: &Env, name: &str, job: u32, args: &[&str]) -> Command {
+    let mut c = Command::new("bash");
+    c.arg(driver(name))
+        .arg(&env.project)
+        .args(args)
+        .current_dir("/")
+        .env("MIGRANT", bin())
+        .env("MIGRANT_HOME", env.root.path().join("state"))
+        .env("MIGRANT_RUNTIME", env.root.path().join("run"))
+        .env("HOME", env.root.path().join("home"))
+        .env_remove("SUDO_USER")
+        .env_remove("MIGRANT_DIR")
+        .env("CUSTOM_ENV_CI_RUNNER_ID", "1")
+        .env("CUSTOM_ENV_CI_JOB_ID", job.to_string())
+        .env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
+        .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string())
+        .stdin(Stdio::null());
+    c
+}
+
+fn output(mut c: Command) -> Output {
+    c.output().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A script file GitLab would hand to the run stage.
+fn script(env: &Env, name: &str, body: &str) -> PathBuf {
+    let p = env.root.path().join(name);
+    std::fs::write(&p, format!("set -eo pipefail\n{body}\n")).unwrap_or_else(|e| panic!("{e}"));
+    p
+}
+
+fn job_vm_exists(env: &Env, job: u32) -> bool {
+    env.root
+        .path()
+        .join(format!("state/vms/gitlab-1-{job}"))
+        .exists()
+}
+
+#[test]
+fn gitlab_runner_stages_run_each_job_in_its_own_clone() {
+    let Some(image) = test_image() else { return };
+    let env = Env::new("gitlab", &image, "");
+    env.ok(&["up"]);
+    env.ok(&["snapshot", "--memory", "--stop"]);
+    let snapshot = env.state_dir().join("snapshot.qcow2");
+    let mtime = || {
+        std::fs::metadata(&snapshot)
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let before = mtime();
+
+    // config: JSON the runner reads.
+    let out = output(stage(&env, "config", 101, &[]));
+    assert!(out.status.success(), "{}", text(&out));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(cfg["driver"]["name"], "migrant");
+    assert_eq!(cfg["builds_dir"], "/var/tmp/gitlab/builds");
+    assert_eq!(cfg["builds_dir_is_shared"], false);
+
+    // A passing job: its scripts share the job's VM.
+    let out = output(stage(&env, "prepare", 101, &[]));
+    assert!(out.status.success(), "prepare: {}", text(&out));
+    assert!(job_vm_exists(&env, 101));
+    let get_sources = script(
+        &env,
+        "get_sources",
+        "mkdir -p /var/tmp/gitlab/builds && echo fetched > /var/tmp/gitlab/builds/src",
+    );
+    let build = script(
+        &env,
+        "build_script",
+        "test \"$(cat /var/tmp/gitlab/builds/src)\" = fetched\necho built",
+    );
+    for (s, name) in [(&get_sources, "get_sources"), (&build, "build_script")] {
+        let out = output(stage(&env, "run", 101, &[&s.to_string_lossy(), name]));
+        assert!(out.status.success(), "run {name}: {}", text(&out));
+        if name == "build_script" {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("built"));
+        }
+    }
+    let out = output(stage(&env, "cleanup", 101, &[]));
+    assert!(out.status.success(), "cleanup: {}", text(&out));
+    assert!(!job_vm_exists(&env, 101), "the job's VM outlived cleanup");
+
+    // A failing job: the runner's build-failure code, then cleanup.
+    assert!(output(stage(&env, "prepare", 102, &[])).status.success());
+    let fail = script(&env, "failing", "echo failing; exit 3");
+    let out = output(stage(
+        &env,
+        "run",
+        102,
+        &[&fail.to_string_lossy(), "build_script"],
+    ));
+    assert_eq!(out.status.code(), Some(BUILD_FAILURE), "{}", text(&out));
+    assert!(output(stage(&env, "cleanup", 102, &[])).status.success());
+    assert!(!job_vm_exists(&env, 102));
+
+    // A cancelled job: SIGTERM to the run stage's process group, then
+    // cleanup, as the runner does.
+    assert!(output(stage(&env, "prepare", 103, &[])).status.success());
+    let long = script(&env, "long", "echo started; sleep 300");
+    let mut run = stage(&env, "run", 103, &[&long.to_string_lossy(), "build_script"]);
+    let child = run
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(5));
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGTERM);
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!out.status.success(), "a cancelled run succeeded");
+    let out = output(stage(&env, "cleanup", 103, &[]));
+    assert!(out.status.success(), "cleanup after cancel: {}", text(&out));
+    assert!(!job_vm_exists(&env, 103));
+    assert!(
+        wait_for(Duration::from_secs(10), || env
+            .processes()
+            .iter()
+            .all(|(_, c)| !c.contains("gitlab-1-"))),
+        "job processes left: {:?}",
+        env.processes()
+    );
+
+    // The runner may clean up a job whose prepare never ran.
+    assert!(output(stage(&env, "cleanup", 104, &[])).status.success());
+
+    // The project's VM: stopped, its snapshot as it was.
+    assert!(env.ok(&["status"]).contains("state:       stopped"));
+    assert_eq!(mtime(), before, "the snapshot was rewritten");
+    let vms: Vec<_> = std::fs::read_dir(env.root.path().join("state/vms"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(vms, std::slice::from_ref(&env.name));
+    env.ok(&["destroy"]);
+    env.assert_clean();
+}
+
+/// The action's one step, with a stand-in `sudo` and `migrant` that record
+/// the command line: a hostile `run` input reaches migrant as one argument
+/// and runs nothing on the runner.
+#[test]
+fn github_action_passes_inputs_as_data() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let action = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/github-action/action.yml"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let docs = yaml_rust2::YamlLoader::load_from_str(&action).unwrap_or_else(|e| panic!("{e}"));
+    let step = &docs[0]["runs"]["steps"][0];
+    assert_eq!(docs[0]["runs"]["using"].as_str(), Some("composite"));
+    let body = step["run"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no run step"));
+    assert!(
+        !body.contains("${{"),
+        "inputs pasted into the script: {body}"
+    );
+
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap_or_else(|e| panic!("{e}"));
+    let record = dir.path().join("args");
+    let write = |name: &str, text: &str| {
+        let p = bin.join(name);
+        std::fs::write(&p, text).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+    };
+    write("sudo", "#!/bin/sh\n[ \"$1\" = -n ] && shift\nexec \"$@\"\n");
+    write(
+        "fake-migrant",
+        &format!(
+            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done > {}\n",
+            record.display()
+        ),
+    );
+    let pwned = dir.path().join("pwned");
+    let hostile = format!(
+        "make test\"; touch {} #$(touch {})",
+        pwned.display(),
+        pwned.display()
+    );
+    for (cold, want_cold) in [("false", false), ("true", true)] {
+        // The step's environment, as the runner builds it from the inputs.
+        let status = Command::new("bash")
+            .arg("-c")
+            .arg(body)
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    bin.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env("MIGRANT_BIN", "fake-migrant")
+            .env("MIGRANT_PROJECT", "/srv/ci vm")
+            .env("MIGRANT_RUN", &hostile)
+            .env("MIGRANT_COLD", cold)
+            .status()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(status.success());
+        let args = std::fs::read(&record).unwrap_or_else(|e| panic!("{e}"));
+        let args: Vec<String> = args
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let mut want = vec!["-C", "/srv/ci vm", "run", "--snapshot", "--rm", "--clone"];
+        if want_cold {
+            want.push("--cold");
+        }
+        want.extend(["--", hostile.as_str()]);
+        assert_eq!(args, want);
+        assert!(!pwned.exists(), "the input ran as shell code");
+    }
+}
