@@ -59,24 +59,25 @@ impl FirmwareError {
 
 const DESCRIPTOR_DIRS: &[&str] = &["/etc/qemu/firmware", "/usr/share/qemu/firmware"];
 
-const FALLBACKS: &[(&str, &str)] = &[
-    (
-        "/usr/share/OVMF/OVMF_CODE_4M.fd",
-        "/usr/share/OVMF/OVMF_VARS_4M.fd",
-    ),
-    (
-        "/usr/share/OVMF/OVMF_CODE.fd",
-        "/usr/share/OVMF/OVMF_VARS.fd",
-    ),
-    (
-        "/usr/share/edk2/ovmf/OVMF_CODE.fd",
-        "/usr/share/edk2/ovmf/OVMF_VARS.fd",
-    ),
-    (
-        "/usr/share/edk2/x64/OVMF_CODE.4m.fd",
-        "/usr/share/edk2/x64/OVMF_VARS.4m.fd",
-    ),
-];
+/// Distribution paths of OVMF (code, variable template), in order.
+const OVMF_PATHS: &str = include_str!("../firmware/ovmf-paths");
+
+/// The descriptor written beside the `ovmf-prebuilt` release (`@DIR@`:
+/// its folder).
+const PREBUILT_DESCRIPTOR: &str = include_str!("../firmware/ovmf-prebuilt.json");
+
+/// Its file name there.
+const PREBUILT_DESCRIPTOR_FILE: &str = "migrant.json";
+
+fn fallbacks() -> impl Iterator<Item = (PathBuf, PathBuf)> {
+    OVMF_PATHS
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((PathBuf::from(w.next()?), PathBuf::from(w.next()?)))
+        })
+}
 
 /// SeaBIOS as QEMU ships it (for `doctor`).
 const SEABIOS: &[&str] = &[
@@ -219,14 +220,25 @@ pub fn prebuilt_dir(home: &Path) -> PathBuf {
     home.join("firmware").join("ovmf-prebuilt")
 }
 
+/// The release's descriptor text for its folder `dir`.
+fn prebuilt_descriptor(dir: &Path) -> String {
+    let quoted = serde_json::to_string(&dir.to_string_lossy()).unwrap_or_default();
+    let escaped = quoted.trim_start_matches('"').trim_end_matches('"');
+    PREBUILT_DESCRIPTOR.replace("@DIR@", escaped)
+}
+
+/// The fetched release, through the descriptor written beside it (made
+/// here for a copy fetched before descriptors were written).
 fn from_prebuilt(home: &Path) -> Option<Ovmf> {
-    let dir = prebuilt_dir(home).join("x64");
-    let (code, vars) = (dir.join("code.fd"), dir.join("vars.fd"));
-    (code.is_file() && vars.is_file()).then(|| Ovmf {
-        code,
-        vars,
-        secure_boot: false,
+    let dir = prebuilt_dir(home);
+    let descriptor = dir.join(PREBUILT_DESCRIPTOR_FILE);
+    if !descriptor.is_file() && dir.join("x64").is_dir() {
+        let _ =
+            crate::state::write_atomic(&descriptor, prebuilt_descriptor(&dir).as_bytes(), 0o644);
+    }
+    from_descriptors(&[&dir], false).map(|o| Ovmf {
         origin: "ovmf-prebuilt".into(),
+        ..o
     })
 }
 
@@ -240,9 +252,7 @@ pub fn find(secure: bool, home: &Path) -> Option<Ovmf> {
     if secure {
         return None;
     }
-    FALLBACKS
-        .iter()
-        .map(|(c, v)| (PathBuf::from(c), PathBuf::from(v)))
+    fallbacks()
         .find(|(c, v)| c.is_file() && v.is_file())
         .map(|(code, vars)| Ovmf {
             code,
@@ -426,5 +436,31 @@ mod tests {
         let o = from_prebuilt(home.path()).unwrap_or_else(|| panic!("not found"));
         assert_eq!(o.origin, "ovmf-prebuilt");
         assert!(!o.secure_boot);
+        assert_eq!(o.code, x64.join("code.fd"));
+        assert_eq!(o.vars, x64.join("vars.fd"));
+        // Found through the descriptor written beside the release.
+        assert!(
+            prebuilt_dir(home.path())
+                .join(PREBUILT_DESCRIPTOR_FILE)
+                .is_file()
+        );
+    }
+
+    #[test]
+    fn prebuilt_descriptor_escapes_its_folder() {
+        let text = prebuilt_descriptor(Path::new("/home/a \"b\"/fw"));
+        let d: Descriptor = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(
+            d.mapping.executable.map(|f| f.filename),
+            Some(PathBuf::from("/home/a \"b\"/fw/x64/code.fd"))
+        );
+    }
+
+    #[test]
+    fn distribution_paths_are_pairs() {
+        let all: Vec<_> = fallbacks().collect();
+        assert_eq!(all.len(), 4);
+        assert!(all.iter().all(|(c, v)| c.is_absolute() && v.is_absolute()));
+        assert_eq!(all[0].0, PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"));
     }
 }

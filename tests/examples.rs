@@ -1,7 +1,11 @@
 //! The project folders in `examples/`, which people copy: each loads as a
 //! Migrantfile, names a share, limits egress to a list of domains, and its
-//! playbook passes `ansible-playbook --syntax-check`.
+//! playbook passes `ansible-playbook --syntax-check`; the Debian 13 one
+//! boots on the Debian 13 test guest with its offline-safe tasks.
 
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
 
 fn examples() -> Vec<PathBuf> {
@@ -78,4 +82,80 @@ fn every_example_playbook_passes_the_syntax_check() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `examples/debian-13-agent` as a user copies it, on the Debian 13 test
+/// guest (its image line pointed at it, offline): it boots, its hook
+/// runs, its workspace share is mounted, and its playbook's tasks tagged
+/// `offline` provision the guest.
+#[test]
+fn the_debian_13_example_boots_with_its_offline_tasks() {
+    let Some(image) = test_image_13() else { return };
+    let env = Env::new("example", &image, "");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/debian-13-agent");
+    let mf = std::fs::read_to_string(example.join("Migrantfile")).unwrap_or_else(|e| panic!("{e}"));
+    let mf = mf
+        .replace(
+            "name = \"agent-debian\"",
+            &format!("name = \"{}\"", env.name),
+        )
+        .replace(
+            "image = \"debian-13\"",
+            &format!("image = \"{}\"", image.display()),
+        );
+    assert!(mf.contains(&env.name) && mf.contains(&image.display().to_string()));
+    std::fs::write(env.project.join("Migrantfile"), mf).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::copy(
+        example.join("cloud-init.yml"),
+        env.project.join("cloud-init.yml"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir(env.project.join("hooks")).unwrap_or_else(|e| panic!("{e}"));
+    for hook in std::fs::read_dir(example.join("hooks")).unwrap_or_else(|e| panic!("{e}")) {
+        let hook = hook.unwrap_or_else(|e| panic!("{e}")).path();
+        let name = hook.file_name().unwrap_or_default();
+        std::fs::copy(&hook, env.project.join("hooks").join(name))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // The playbook's online tasks need the internet: up without it, then
+    // its offline-safe part, as `migrant provision` runs it.
+    let up = env.ok(&["up"]);
+    assert!(
+        up.contains("is up at 10.0.2.15 (trigger: up)"),
+        "post-up hook: {up}"
+    );
+    std::fs::copy(
+        example.join("playbook.yml"),
+        env.project.join("playbook.yml"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    env.ok(&["provision", "--", "--tags", "offline"]);
+    assert_eq!(
+        env.ok(&["ssh", "--", "stat", "-c", "%U", "/home/migrant/.local/bin"])
+            .trim(),
+        "migrant"
+    );
+    assert_eq!(
+        env.ok(&[
+            "ssh",
+            "--",
+            "test -f /etc/profile.d/local-bin.sh && echo yes"
+        ])
+        .trim(),
+        "yes"
+    );
+    assert_eq!(
+        env.ok(&[
+            "ssh",
+            "--",
+            "findmnt",
+            "-no",
+            "FSTYPE",
+            "/home/migrant/workspace"
+        ])
+        .trim(),
+        "virtiofs"
+    );
+    env.ok(&["destroy"]);
+    env.assert_clean();
 }

@@ -355,3 +355,43 @@ fn a_killed_up_leaves_no_vm_booting() {
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     env.assert_clean();
 }
+
+/// Debian 13 (trixie), Debian's stable release, boots and lives through
+/// the same lifecycle: first boot waits for cloud-init, a later one does
+/// not, files survive a halt, and a memory snapshot resumes.
+#[test]
+fn debian_13_lifecycle() {
+    let Some(image) = test_image_13() else { return };
+    let env = Env::new("trixie", &image, "");
+    let out = env.run(&["up"]);
+    assert!(out.status.success(), "up: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("waiting for cloud-init"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        env.ok(&["ssh", "--", ". /etc/os-release && echo $VERSION_ID"])
+            .trim(),
+        "13"
+    );
+    env.ok(&["ssh", "--", "echo kept > /var/tmp/marker"]);
+    env.ok(&["halt"]);
+    let again = env.ok(&["up"]);
+    assert!(!again.contains("waiting for cloud-init"), "{again}");
+    assert_eq!(
+        env.ok(&["ssh", "--", "cat", "/var/tmp/marker"]).trim(),
+        "kept"
+    );
+    env.ok(&["snapshot", "--memory"]);
+    let out = env.run(&["run", "--snapshot", "--", "cat", "/var/tmp/marker"]);
+    assert!(out.status.success(), "run --snapshot: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("resumed from its memory snapshot"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept");
+    env.ok(&["destroy"]);
+    env.assert_clean();
+}

@@ -251,49 +251,89 @@ pub fn check_resumable(p: &Project, cold: bool) -> Result<()> {
     }
 }
 
-/// Set the guest's clock to the host's (a restored guest's clock stands
-/// where it was saved). The time is sent once the guest's side waits for
-/// it, so the SSH handshake does not make it late. A failure only warns.
-fn set_guest_clock(cfg: &Config, vm: &VmPaths) {
+/// What one SSH login that sets the guest's clock came to.
+enum ClockAttempt {
+    Set,
+    /// The login did not work (yet): SSH's complaint.
+    NoLogin(String),
+    /// Logged in, but the clock could not be set.
+    NotSet(String),
+}
+
+/// Log in and set the guest's clock to the host's (a restored guest's
+/// clock stands where it was saved). The time is sent once the guest's
+/// side waits for it, so the SSH handshake does not make it late.
+fn set_guest_clock(cfg: &Config, vm: &VmPaths) -> Result<ClockAttempt> {
     use std::io::Write;
-    let run = || -> std::result::Result<(), String> {
-        let mut cmd = super::ssh_command(cfg, vm).map_err(|e| e.to_string())?;
-        cmd.args([
-            "-o",
-            "BatchMode=yes",
-            "--",
-            "sudo -n sh -c 'echo go; read t; date -u -s \"@$t\" >/dev/null && echo set'",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
-        let (Some(mut input), Some(output)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err("no pipes to ssh".into());
-        };
-        let mut lines = BufReader::new(output).lines();
-        let first = lines.next().transpose().map_err(|e| e.to_string())?;
-        if first.as_deref() == Some("go") {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            let _ = writeln!(input, "{}.{:09}", now.as_secs(), now.subsec_nanos());
-        }
-        drop(input);
-        let second = lines.next().transpose().map_err(|e| e.to_string())?;
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if second.as_deref() == Some("set") {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-        }
+    let mut cmd = super::ssh_command(cfg, vm)?;
+    cmd.args([
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=15",
+        "--",
+        "echo in; sudo -n sh -c 'echo go; read t; date -u -s \"@$t\" >/dev/null && echo set'",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(Error::io("cannot run ssh"))?;
+    let (Some(mut input), Some(output)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err(Error::other(exit::SOFTWARE, "ssh without pipes"));
     };
-    if let Err(e) = run() {
-        eprintln!(
-            "warning: {}: cannot set the restored guest's clock ({e}); it may be behind the host's",
-            cfg.name
-        );
+    let mut lines = BufReader::new(output).lines().map_while(|l| l.ok());
+    let logged_in = lines.next().as_deref() == Some("in");
+    let mut set = false;
+    if logged_in && lines.next().as_deref() == Some("go") {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let _ = writeln!(input, "{}.{:09}", now.as_secs(), now.subsec_nanos());
+        set = lines.next().as_deref() == Some("set");
     }
+    drop(input);
+    drop(lines);
+    let out = child
+        .wait_with_output()
+        .map_err(Error::io("waiting for ssh"))?;
+    let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    Ok(match (logged_in, set) {
+        (_, true) => ClockAttempt::Set,
+        (true, false) => ClockAttempt::NotSet(why),
+        (false, _) => ClockAttempt::NoLogin(why),
+    })
+}
+
+/// For a resumed guest, [`wait_login`] and the clock in one login (each
+/// SSH login costs most of a second under TCG). A clock that cannot be
+/// set only warns.
+fn login_setting_clock(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<()> {
+    loop {
+        match set_guest_clock(cfg, vm)? {
+            ClockAttempt::Set => return Ok(()),
+            ClockAttempt::NotSet(why) => {
+                eprintln!(
+                    "warning: {}: cannot set the resumed guest's clock ({why}); it may be behind the host's",
+                    cfg.name
+                );
+                return Ok(());
+            }
+            ClockAttempt::NoLogin(why) if Instant::now() > deadline => {
+                return Err(login_failed(cfg, &why));
+            }
+            ClockAttempt::NoLogin(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+fn login_failed(cfg: &Config, why: &str) -> Error {
+    Error::other(
+        exit::UNAVAILABLE,
+        format!(
+            "{}: SSH login as {} does not work: {why}",
+            cfg.name, cfg.ssh.user
+        ),
+    )
 }
 
 /// The Migrantfile's `autoconnect`, unless told not to.
@@ -572,13 +612,12 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
         return Ok(());
     }
 
-    wait_login(cfg, vm, deadline)?;
     if restored {
         // The guest runs on from the moment it was saved: its cloud-init
         // is long done, its clock is behind.
-        set_guest_clock(cfg, vm);
-        return Ok(());
+        return login_setting_clock(cfg, vm, deadline);
     }
+    wait_login(cfg, vm, deadline)?;
     // Only until cloud-init has run once for this VM, as the original
     // waits only when it creates the VM: later boots neither wait nor warn
     // (its playbooks often disable cloud-init after the first boot).
@@ -642,14 +681,9 @@ fn wait_login(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<()> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(Error::other(
-                exit::UNAVAILABLE,
-                format!(
-                    "{}: SSH login as {} does not work: {}",
-                    cfg.name,
-                    cfg.ssh.user,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
+            return Err(login_failed(
+                cfg,
+                String::from_utf8_lossy(&out.stderr).trim(),
             ));
         }
         std::thread::sleep(Duration::from_secs(1));

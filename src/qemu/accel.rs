@@ -30,17 +30,9 @@ impl AccelError {
 
 const MARKER: &[u8] = b"MIGRANT-KVM-OK";
 
-fn boot_sector() -> Vec<u8> {
-    // 16-bit real mode: write MARKER to COM1 (0x3f8), then halt forever.
-    let mut code = vec![0xBA, 0xF8, 0x03]; // mov dx, 0x3f8
-    for &b in MARKER {
-        code.extend_from_slice(&[0xB0, b, 0xEE]); // mov al, b; out dx, al
-    }
-    code.extend_from_slice(&[0xB0, b'\n', 0xEE, 0xFA, 0xF4, 0xEB, 0xFD]); // cli; hlt; jmp $-1
-    code.resize(510, 0);
-    code.extend_from_slice(&[0x55, 0xAA]);
-    code
-}
+/// The probe: a boot sector that prints [`MARKER`] on COM1 and halts
+/// (`firmware/kvm-probe.asm`, built into `firmware/kvm-probe.bin`).
+const BOOT_SECTOR: &[u8; 512] = include_bytes!("../../firmware/kvm-probe.bin");
 
 /// Run the probe (uncached). `Ok(())` when KVM really ran guest code.
 pub fn probe_kvm() -> Result<(), String> {
@@ -52,7 +44,7 @@ pub fn probe_kvm() -> Result<(), String> {
     let qemu = which(QEMU_BINARY).ok_or_else(|| format!("{QEMU_BINARY} not found"))?;
     let dir = tempfile_dir()?;
     let disk = dir.join("probe.img");
-    std::fs::write(&disk, boot_sector()).map_err(|e| e.to_string())?;
+    std::fs::write(&disk, BOOT_SECTOR).map_err(|e| e.to_string())?;
     let mut child = Command::new(qemu)
         .args([
             "-accel",
@@ -179,7 +171,7 @@ mod tests {
 
     #[test]
     fn boot_sector_is_bootable_and_prints_marker() {
-        let s = boot_sector();
+        let s = BOOT_SECTOR;
         assert_eq!(s.len(), 512);
         assert_eq!(&s[510..], &[0x55, 0xAA]);
         // mov dx, 0x3f8 first, then one `mov al, imm8; out dx, al` per byte.

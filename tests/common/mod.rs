@@ -25,17 +25,27 @@ pub struct Env {
 /// (the test then reports itself skipped) unless `MIGRANT_REQUIRE_INTEGRATION`
 /// is set, in which case a missing prerequisite fails the test.
 pub fn test_image() -> Option<PathBuf> {
+    test_image_from("MIGRANT_TEST_IMAGE")
+}
+
+/// The Debian 13 test guest (`MIGRANT_GUEST_RELEASE=13
+/// scripts/build-guest-image`), like [`test_image`].
+pub fn test_image_13() -> Option<PathBuf> {
+    test_image_from("MIGRANT_TEST_IMAGE_13")
+}
+
+fn test_image_from(var: &str) -> Option<PathBuf> {
     let required = std::env::var_os("MIGRANT_REQUIRE_INTEGRATION").is_some();
-    let img = std::env::var_os("MIGRANT_TEST_IMAGE").map(PathBuf::from);
+    let img = std::env::var_os(var).map(PathBuf::from);
     let root = nix::unistd::Uid::effective().is_root();
     match img {
         Some(p) if p.is_file() && root => Some(p),
         _ if required => panic!(
-            "integration prerequisites missing: MIGRANT_TEST_IMAGE={:?}, root={root}; run scripts/test",
-            std::env::var_os("MIGRANT_TEST_IMAGE")
+            "integration prerequisites missing: {var}={:?}, root={root}; run scripts/test",
+            std::env::var_os(var)
         ),
         _ => {
-            eprintln!("SKIPPED: set MIGRANT_TEST_IMAGE and run as root (scripts/test does)");
+            eprintln!("SKIPPED: set {var} and run as root (scripts/test does)");
             None
         }
     }
