@@ -21,6 +21,15 @@ fn yaml_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Hands the folders the mounts made in users' homes to those users; `$1`
+/// lists them.
+pub(crate) const GIVE_BACK_HOMES: &str = "[ -f \"$1\" ] || exit 0; \
+    sort -u \"$1\" | while read -r d; do \
+    getent passwd | while IFS=: read -r _ _ u g _ h _; do \
+    case $h in /|'') continue ;; esac; \
+    case $d/ in \"$h\"/*) chown \"$u:$g\" \"$d\" ;; esac; \
+    done; done";
+
 /// The cloud-config part that mounts the shares with a guest path, or
 /// `None` when none has one.
 pub fn mounts_part(shares: &[Share]) -> Option<String> {
@@ -40,8 +49,11 @@ pub fn mounts_part(shares: &[Share]) -> Option<String> {
     );
     // Tags are [A-Za-z0-9_-]; guest paths are absolute, without blanks,
     // control characters or "..": both are safe as shell arguments and
-    // in fstab once quoted.
-    let script = "mkdir -p \"$1\" && { grep -qs \"^$2 $1 virtiofs \" /etc/fstab || \
+    // in fstab once quoted. The folders made above the mount point are
+    // noted: bootcmd runs before cloud-init creates the users, so a mount
+    // point in a user's home would leave that home root's.
+    let script = "d=$(dirname \"$1\"); while [ ! -e \"$d\" ]; do echo \"$d\"; d=$(dirname \"$d\"); done >> /run/migrant-share-dirs; \
+                  mkdir -p \"$1\" && { grep -qs \"^$2 $1 virtiofs \" /etc/fstab || \
                   echo \"$2 $1 virtiofs defaults,nofail 0 0\" >> /etc/fstab; } && \
                   { mountpoint -q \"$1\" || mount \"$1\"; }";
     for s in mounted {
@@ -53,6 +65,13 @@ pub fn mounts_part(shares: &[Share]) -> Option<String> {
             yaml_quote(&s.tag)
         ));
     }
+    // Once the users exist (first boot; runcmd runs late): each folder
+    // noted above that lies in a user's home belongs to that user (never
+    // the mount points themselves: they are the shares).
+    out.push_str(&format!(
+        "runcmd:\n  - [sh, -c, {}, migrant-share, /run/migrant-share-dirs]\n",
+        yaml_quote(GIVE_BACK_HOMES)
+    ));
     Some(out)
 }
 

@@ -180,6 +180,23 @@ fn seed_mounts_are_a_second_mime_part() {
     assert!(!out.contains("nomount"), "{out}");
     assert!(out.contains("settings: [append]"));
     assert!(out.trim_end().ends_with("--"));
+    // Folders made above a mount point in a home go to its user once the
+    // users exist; the scripts are valid sh.
+    assert!(out.contains("runcmd:\n  - [sh, -c, '"), "{out}");
+    assert!(out.contains("chown"), "{out}");
+    assert!(out.contains("migrant-share, /run/migrant-share-dirs]"), "{out}");
+    let part = seed::mounts_part(&cfg.shares).unwrap_or_default();
+    let docs = yaml_rust2::YamlLoader::load_from_str(&part).unwrap_or_else(|e| panic!("{e}"));
+    for key in ["bootcmd", "runcmd"] {
+        for cmd in docs[0][key].as_vec().unwrap_or_else(|| panic!("no {key}")) {
+            let script = cmd[2].as_str().unwrap_or_else(|| panic!("{key}: {cmd:?}"));
+            let ok = std::process::Command::new("sh")
+                .args(["-n", "-c", script])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "{key} script does not parse: {script}");
+        }
+    }
 
     // No guest paths: untouched.
     let (_d, plain) = project("[[share]]\nhost = \"ws\"\n");
@@ -218,4 +235,48 @@ fn a_failed_allocation_leaves_nothing() {
         .map(|r| r.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(listing.is_empty(), "{listing:?}");
+}
+
+/// The first-boot fix-up, run with a stand-in `getent` and `chown`: a
+/// folder made in a user's home goes to that user; one outside any home,
+/// and `/` homes, are left alone.
+#[test]
+fn folders_made_in_a_home_go_to_its_user() {
+    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let bin = d.path().join("bin");
+    std::fs::create_dir(&bin).unwrap_or_else(|e| panic!("{e}"));
+    let log = d.path().join("chown.log");
+    let write = |name: &str, text: String| {
+        let p = bin.join(name);
+        std::fs::write(&p, text).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+    };
+    write(
+        "getent",
+        "#!/bin/sh\nprintf 'root:x:0:0::/root:/bin/sh\\nsys:x:3:3::/:/bin/sh\\nmigrant:x:1000:1000::/home/migrant:/bin/bash\\n'\n"
+            .to_string(),
+    );
+    write(
+        "chown",
+        format!("#!/bin/sh\necho \"$@\" >> {}\n", log.display()),
+    );
+    let list = d.path().join("dirs");
+    std::fs::write(
+        &list,
+        "/home/migrant\n/home/migrant/code\n/srv\n/home/migrant\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let status = std::process::Command::new("sh")
+        .args(["-c", seed::GIVE_BACK_HOMES, "migrant-share"])
+        .arg(&list)
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .status()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(status.success());
+    let chowned = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        chowned,
+        "1000:1000 /home/migrant\n1000:1000 /home/migrant/code\n"
+    );
 }
