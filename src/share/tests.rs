@@ -184,7 +184,10 @@ fn seed_mounts_are_a_second_mime_part() {
     // users exist; the scripts are valid sh.
     assert!(out.contains("runcmd:\n  - [sh, -c, '"), "{out}");
     assert!(out.contains("chown"), "{out}");
-    assert!(out.contains("migrant-share, /run/migrant-share-dirs]"), "{out}");
+    assert!(
+        out.contains("migrant-share, /run/migrant-share-dirs]"),
+        "{out}"
+    );
     let part = seed::mounts_part(&cfg.shares).unwrap_or_default();
     let docs = yaml_rust2::YamlLoader::load_from_str(&part).unwrap_or_else(|e| panic!("{e}"));
     for key in ["bootcmd", "runcmd"] {
