@@ -263,7 +263,7 @@ enum ClockAttempt {
 /// Log in and set the guest's clock to the host's (a restored guest's
 /// clock stands where it was saved). The time is sent once the guest's
 /// side waits for it, so the SSH handshake does not make it late.
-fn set_guest_clock(cfg: &Config, vm: &VmPaths) -> Result<ClockAttempt> {
+fn set_guest_clock(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<ClockAttempt> {
     use std::io::Write;
     let mut cmd = super::ssh_command(cfg, vm)?;
     cmd.args([
@@ -278,6 +278,9 @@ fn set_guest_clock(cfg: &Config, vm: &VmPaths) -> Result<ClockAttempt> {
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(Error::io("cannot run ssh"))?;
+    // The guest answers here: one that never says its lines does not
+    // hold `up` past its deadline.
+    let _watchdog = kill_after(child.id(), deadline);
     let (Some(mut input), Some(output)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(Error::other(exit::SOFTWARE, "ssh without pipes"));
     };
@@ -309,7 +312,7 @@ fn set_guest_clock(cfg: &Config, vm: &VmPaths) -> Result<ClockAttempt> {
 /// set only warns.
 fn login_setting_clock(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<()> {
     loop {
-        match set_guest_clock(cfg, vm)? {
+        match set_guest_clock(cfg, vm, deadline)? {
             ClockAttempt::Set => return Ok(()),
             ClockAttempt::NotSet(why) => {
                 eprintln!(
@@ -676,7 +679,12 @@ fn wait_login(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<()> {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let out = cmd.output().map_err(Error::io("cannot run ssh"))?;
+        let child = cmd.spawn().map_err(Error::io("cannot run ssh"))?;
+        let watchdog = kill_after(child.id(), deadline);
+        let out = child
+            .wait_with_output()
+            .map_err(Error::io("waiting for ssh"))?;
+        drop(watchdog);
         if out.status.success() {
             return Ok(());
         }
@@ -688,6 +696,24 @@ fn wait_login(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<()> {
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// Kill `pid` (an ssh talking to the guest) unless the returned sender is
+/// dropped first, at `deadline` but not within 30 s from now.
+fn kill_after(pid: u32, deadline: Instant) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    let within = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(30));
+    std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(within) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    });
+    tx
 }
 
 /// Wait for cloud-init's first run; `true` once it has finished (well or
