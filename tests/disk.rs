@@ -156,7 +156,7 @@ fn uefi_resize_snapshot_reset() {
         status["snapshot"]
             .as_str()
             .unwrap_or("")
-            .starts_with("saved"),
+            .starts_with("disk, saved"),
         "{status}"
     );
     env.assert_clean();
