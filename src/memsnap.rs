@@ -9,8 +9,6 @@
 //! the snapshot is a disk snapshot: the record is written last and removed
 //! first.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
 use crate::qemu::FirmwareFiles;
@@ -121,46 +119,47 @@ impl Meta {
 
     /// Why the snapshot cannot be resumed by `now`, if it cannot.
     pub fn mismatch(&self, now: &Machine) -> Option<String> {
-        let mut why = Vec::new();
-        if self.qemu_version != now.qemu_version {
-            why.push(format!(
-                "it was taken with {:?}, this host runs {:?}",
-                self.qemu_version, now.qemu_version
-            ));
-        }
-        if self.machine != now.machine {
-            why.push(format!(
-                "machine {} then, {} now",
-                self.machine, now.machine
-            ));
-        }
-        if self.accel != now.accel {
-            why.push(format!(
-                "accelerator {} then, {} now",
-                self.accel, now.accel
-            ));
-        }
-        if self.cpus != now.cpus {
-            why.push(format!("{} CPUs then, {} now", self.cpus, now.cpus));
-        }
-        if self.memory_mib != now.memory_mib {
-            why.push(format!(
-                "memory {} MiB then, {} MiB now",
-                self.memory_mib, now.memory_mib
-            ));
-        }
-        if self.firmware != now.firmware {
-            why.push(format!(
-                "firmware {} then, {} now",
-                self.firmware, now.firmware
-            ));
-        }
-        if self.shares != now.shares {
-            why.push(format!(
-                "{} shared folders then, {} now (QEMU cannot restore shares)",
-                self.shares, now.shares
-            ));
-        }
+        let (t, n) = (self, now);
+        let checks = [
+            (
+                t.qemu_version != n.qemu_version,
+                format!(
+                    "it was taken with {:?}, this host runs {:?}",
+                    t.qemu_version, n.qemu_version
+                ),
+            ),
+            (
+                t.machine != n.machine,
+                format!("machine {} then, {} now", t.machine, n.machine),
+            ),
+            (
+                t.accel != n.accel,
+                format!("accelerator {} then, {} now", t.accel, n.accel),
+            ),
+            (
+                t.cpus != n.cpus,
+                format!("{} CPUs then, {} now", t.cpus, n.cpus),
+            ),
+            (
+                t.memory_mib != n.memory_mib,
+                format!("memory {} MiB then, {} MiB now", t.memory_mib, n.memory_mib),
+            ),
+            (
+                t.firmware != n.firmware,
+                format!("firmware {} then, {} now", t.firmware, n.firmware),
+            ),
+            (
+                t.shares != n.shares,
+                format!(
+                    "{} shared folders then, {} now (QEMU cannot restore shares)",
+                    t.shares, n.shares
+                ),
+            ),
+        ];
+        let why: Vec<String> = checks
+            .into_iter()
+            .filter_map(|(differs, text)| differs.then_some(text))
+            .collect();
         (!why.is_empty()).then(|| why.join("; "))
     }
 }
@@ -205,11 +204,6 @@ pub fn qemu_version() -> std::io::Result<String> {
 pub fn save(vm: &VmPaths, meta: &Meta, owner: Option<u32>) -> Result<(), state::StateError> {
     let json = serde_json::to_vec_pretty(meta).unwrap_or_default();
     state::write_private(&vm.snapshot_meta(), &json, owner)
-}
-
-/// The state file's size, when it exists.
-pub fn state_size(path: &Path) -> Option<u64> {
-    std::fs::metadata(path).ok().map(|m| m.len())
 }
 
 #[cfg(test)]

@@ -384,6 +384,15 @@ pub fn release_vm_id(vm: &VmPaths, id: u32) {
 }
 
 impl Record {
+    /// The VM whose snapshot this VM's disk may overlay: itself, or a
+    /// clone's template.
+    pub fn snapshot_owner(&self, vm: &VmPaths) -> VmPaths {
+        match &self.template {
+            Some(t) => Paths::from_env().vm(t),
+            None => vm.clone(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Option<Record>, StateError> {
         match std::fs::read(path) {
             Ok(bytes) => {

@@ -158,11 +158,7 @@ fn gitlab_runner_stages_run_each_job_in_its_own_clone() {
     // The project's VM: stopped, its snapshot as it was.
     assert!(env.ok(&["status"]).contains("state:       stopped"));
     assert_eq!(mtime(), before, "the snapshot was rewritten");
-    let vms: Vec<_> = std::fs::read_dir(env.root.path().join("state/vms"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let vms = names_in(&env.root.path().join("state/vms"));
     assert_eq!(vms, std::slice::from_ref(&env.name));
     env.ok(&["destroy"]);
     env.assert_clean();

@@ -129,21 +129,13 @@ fn memory_snapshots_resume_clone_and_refuse_another_machine() {
     clone_randoms.dedup();
     assert_eq!(clone_randoms.len(), 3, "clones made the same random bytes");
     // Nothing of the clones remains; the VM runs on, untouched.
-    let vms: Vec<_> = std::fs::read_dir(env.root.path().join("state/vms"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let vms = names_in(&env.root.path().join("state/vms"));
     assert_eq!(
         vms,
         std::slice::from_ref(&env.name),
         "clone state left behind"
     );
-    let runs: Vec<_> = std::fs::read_dir(env.root.path().join("run"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let runs = names_in(&env.root.path().join("run"));
     assert_eq!(
         runs,
         std::slice::from_ref(&env.name),

@@ -19,16 +19,11 @@ use crate::state::{self, Record, VmPaths, VmState};
 pub fn make(template: &Project, name_wanted: Option<&str>) -> Result<Project> {
     let t = &template.vm;
     let name = template.cfg.name.clone();
-    if let Some(share) = template.cfg.shares.first() {
-        return Err(Error::other(
-            exit::CONFIG,
-            format!(
-                "{name}: clones cannot have shared folders (share {:?} in {}): one store cannot be served to several VMs",
-                share.tag,
-                template.cfg.file.display()
-            ),
-        ));
-    }
+    super::refuse_shares(
+        &template.cfg,
+        "a clone",
+        "one store cannot be served to several VMs",
+    )?;
     let rec = Record::load(&t.record())?
         .filter(|_| t.snapshot().is_file())
         .ok_or_else(|| {
@@ -83,13 +78,10 @@ fn populate(t: &VmPaths, vm: &VmPaths, rec: &Record, clone_name: &str) -> Result
     if extra.is_file() {
         copy(&extra, &crate::provision::hooks::stored_path(vm))?;
     }
+    // The template's record (project, base image, the MAC the guest's
+    // network device was saved with, owner), as a new stopped VM.
     Record {
         name: clone_name.to_string(),
-        project_dir: rec.project_dir.clone(),
-        base_image: rec.base_image.clone(),
-        // The guest's network device keeps the address it was saved with.
-        mac: rec.mac.clone(),
-        guest_ip: rec.guest_ip.clone(),
         created_at: state::now(),
         state: VmState::Stopped,
         supervisor_pid: None,
@@ -99,13 +91,11 @@ fn populate(t: &VmPaths, vm: &VmPaths, rec: &Record, clone_name: &str) -> Result
         started_at: None,
         last_stop: None,
         provisioned: true,
-        cpus: None,
-        memory: None,
         vm_id: None,
-        owner: rec.owner,
         cloud_init_done: true,
         restore_memory: crate::memsnap::load(t).is_some(),
         template: Some(t.name.clone()),
+        ..rec.clone()
     }
     .save(&vm.record())?;
     Ok(())

@@ -318,16 +318,11 @@ pub fn snapshot(p: &Project) -> Result<u8> {
 pub fn snapshot_memory(p: &Project, stop: bool) -> Result<u8> {
     let name = &p.cfg.name;
     let vm = &p.vm;
-    if let Some(share) = p.cfg.shares.first() {
-        return Err(Error::other(
-            exit::CONFIG,
-            format!(
-                "{name}: a memory snapshot cannot hold shared folders (share {:?} in {}): QEMU 7.2 cannot save a virtiofs device's state. `migrant snapshot` saves the disk alone",
-                share.tag,
-                p.cfg.file.display()
-            ),
-        ));
-    }
+    super::refuse_shares(
+        &p.cfg,
+        "a memory snapshot",
+        "QEMU 7.2 cannot save a virtiofs device's state. `migrant snapshot` saves the disk alone",
+    )?;
     match live(vm)? {
         Live::Active(r) if r.state == VmState::Running => {}
         Live::Active(_) | Live::Busy => {

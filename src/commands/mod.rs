@@ -144,6 +144,23 @@ fn project_dir(given: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 /// A loaded project: its configuration and its VM's files.
+/// Refused (78) when the project has a shared folder: `what` cannot
+/// hold one, `why` says why and what to do.
+pub fn refuse_shares(cfg: &config::Config, what: &str, why: &str) -> Result<()> {
+    match cfg.shares.first() {
+        Some(share) => Err(Error::other(
+            crate::exit::CONFIG,
+            format!(
+                "{}: {what} cannot hold shared folders (share {:?} in {}): {why}",
+                cfg.name,
+                share.tag,
+                cfg.file.display()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `N` random bytes from the kernel.
 pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut b = [0u8; N];

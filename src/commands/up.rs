@@ -196,10 +196,9 @@ fn warm_or_cold(cfg: &Config, vm: &VmPaths, cold: bool) -> Result<()> {
     if !rec.restore_memory {
         return Ok(());
     }
-    let owner = crate::supervisor::prepare::snapshot_owner(vm, &rec);
-    let why = match crate::memsnap::load(&owner) {
+    let why = match crate::memsnap::load(&rec.snapshot_owner(vm)) {
         None => Some("its memory state is gone".to_string()),
-        Some(_) => unresumable(cfg, &owner)?,
+        Some(meta) => mismatch(cfg, &meta)?,
     };
     match (why, cold) {
         (None, false) => Ok(()),
@@ -220,9 +219,14 @@ fn warm_or_cold(cfg: &Config, vm: &VmPaths, cold: bool) -> Result<()> {
 /// Why the memory snapshot of `owner` cannot be resumed by the machine
 /// `cfg` asks for (`None`: it can, or it is no memory snapshot).
 fn unresumable(cfg: &Config, owner: &VmPaths) -> Result<Option<String>> {
-    let Some(meta) = crate::memsnap::load(owner) else {
-        return Ok(None);
-    };
+    match crate::memsnap::load(owner) {
+        Some(meta) => mismatch(cfg, &meta),
+        None => Ok(None),
+    }
+}
+
+/// Why `meta`'s snapshot cannot be resumed by the machine `cfg` asks for.
+fn mismatch(cfg: &Config, meta: &crate::memsnap::Meta) -> Result<Option<String>> {
     let version = crate::memsnap::qemu_version().map_err(Error::io("cannot run QEMU"))?;
     // The accelerator is checked when QEMU starts (resolving it probes).
     let now = crate::memsnap::Machine::for_config(cfg, &meta.accel, version);

@@ -106,6 +106,15 @@ pub(super) async fn save(
     let state_tmp = vm.state.join(".snapshot.vmstate.tmp");
     let disk_tmp = vm.state.join(".snapshot.qcow2.tmp");
     let result = async {
+        // Asked before the pause, not during it.
+        let qemu_version = tokio::task::spawn_blocking(crate::memsnap::qemu_version)
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("QEMU's version: {e}"))?;
+        let machine = Machine {
+            qemu_version,
+            ..machine.clone()
+        };
         let listener = listen_for(&sock, identity)?;
         qmp.run(qapi::qmp::stop {})
             .await
@@ -160,7 +169,7 @@ pub(super) async fn save(
         } else {
             let _ = std::fs::remove_file(vm.snapshot_nvram());
         }
-        let meta = Meta::new(machine.clone(), state_bytes, paused.as_millis() as u64);
+        let meta = Meta::new(machine, state_bytes, paused.as_millis() as u64);
         crate::memsnap::save(vm, &meta, owner).map_err(|e| crate::error::chain(&e))?;
         Ok(Saved {
             state_bytes,

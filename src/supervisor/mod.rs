@@ -6,7 +6,7 @@
 
 pub mod control;
 mod memory;
-pub mod prepare;
+mod prepare;
 pub mod progress;
 mod restart;
 mod running;

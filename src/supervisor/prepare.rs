@@ -36,7 +36,8 @@ pub(super) struct Prepared {
     pub(super) incoming: Option<std::fs::File>,
     /// A clone: the template's snapshot, open read-only for QEMU.
     pub(super) backing: Option<std::fs::File>,
-    /// The machine facts a memory snapshot of this run records.
+    /// The machine facts a memory snapshot of this run records (QEMU's
+    /// version only after a restore; a snapshot asks for it).
     pub(super) machine: crate::memsnap::Machine,
 }
 
@@ -83,7 +84,7 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
     // QEMU, unprivileged and possibly compromised, wrote this disk last
     // time: before it opens it again, its header must still name only the
     // backing file migrant made (not another VM's disk, not a host file).
-    let owner = snapshot_owner(vm, &rec);
+    let owner = rec.snapshot_owner(vm);
     let snapshot = owner.snapshot();
     crate::image::check_disk_chain(&vm.disk(), &[&rec.base_image, &snapshot], false)?;
     // Traverse-only for others: the SSH socket inside belongs to the
@@ -175,11 +176,14 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
         incoming_fd: None,
         backing_fd: backing.as_ref().map(|f| f.as_raw_fd()),
     };
-    let version = crate::memsnap::qemu_version().map_err(io("cannot run QEMU for its version"))?;
-    let machine = crate::memsnap::Machine::of(&spec, version, served.len());
+    // QEMU's version is asked only when it matters (a restore here, a
+    // memory snapshot later): not at every start.
+    let mut machine = crate::memsnap::Machine::of(&spec, String::new(), served.len());
     // A memory snapshot is restored only into the machine it was taken
     // on (`up` checked this too, and offers `--cold`).
     let incoming = if rec.restore_memory {
+        machine.qemu_version =
+            crate::memsnap::qemu_version().map_err(io("cannot run QEMU for its version"))?;
         let meta = crate::memsnap::load(&owner).ok_or(SupervisorError::Snapshot(
             "the memory snapshot to restore is gone; `migrant up --cold` boots the disk".into(),
         ))?;
@@ -212,15 +216,6 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
         backing,
         machine,
     })
-}
-
-/// The VM whose snapshot this VM's disk may overlay: itself, or a
-/// clone's template.
-pub fn snapshot_owner(vm: &VmPaths, rec: &Record) -> VmPaths {
-    match &rec.template {
-        Some(t) => state::Paths::from_env().vm(t),
-        None => vm.clone(),
-    }
 }
 
 /// Open one of root's files read-only, never through a symlink.
