@@ -13,6 +13,7 @@
 //! recorded image, mounted with those options, or the VM does not start
 //! (exit 78), and a running VM is stopped if that changes.
 
+pub mod direct_io;
 pub mod image;
 pub mod loopdev;
 pub mod mountinfo;

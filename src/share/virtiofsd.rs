@@ -147,6 +147,8 @@ pub fn main(args: Args) -> u8 {
     let cfg = passthrough::Config {
         entry_timeout: timeout,
         attr_timeout: timeout,
+        // Direct I/O, when the guest's kernel allows it, comes from
+        // `ByKernel`; this is the policy for every other kernel.
         cache_policy: CachePolicy::Auto,
         root_dir: sandbox.get_root_dir(),
         mountinfo_prefix: None,
@@ -178,7 +180,7 @@ pub fn main(args: Args) -> u8 {
     }
 
     let fs = match PassthroughFs::new(cfg) {
-        Ok(fs) => fs,
+        Ok(fs) => super::direct_io::ByKernel::new(fs),
         Err(e) => return fail(&tag, format!("file system: {e}")),
     };
     serve(fs, listener, &tag)
@@ -214,7 +216,7 @@ fn drop_capabilities(squashed: bool) -> Result<(), String> {
     capng::apply(capng::Set::BOTH).map_err(|e| e.to_string())
 }
 
-fn serve(fs: PassthroughFs, mut listener: Listener, tag: &str) -> u8 {
+fn serve(fs: super::direct_io::ByKernel, mut listener: Listener, tag: &str) -> u8 {
     let backend = match VhostUserFsBackendBuilder::default()
         .set_thread_pool_size(0)
         .set_tag(None)
