@@ -321,4 +321,54 @@ mod tests {
             0o600
         );
     }
+
+    /// Another VM's QEMU (another identity) cannot connect to the
+    /// migration socket and hand the supervisor a state of its choosing;
+    /// this VM's QEMU can.
+    #[tokio::test]
+    async fn only_the_vms_identity_reaches_the_migration_socket() {
+        use std::os::unix::process::CommandExt;
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIPPED: only_the_vms_identity_reaches_the_migration_socket needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let sock = dir.path().join("migrate.sock");
+        let base = crate::qemu::process::VM_ID_BASE + 60_000;
+        let identity = |n: u32| Identity {
+            name: format!("test-{n}"),
+            uid: nix::unistd::Uid::from_raw(n),
+            gid: nix::unistd::Gid::from_raw(n),
+            groups: Vec::new(),
+        };
+        let _listener = listen_for(&sock, &identity(base)).unwrap_or_else(|e| panic!("{e}"));
+        let connect_as = |uid: u32| {
+            std::process::Command::new("socat")
+                .args(["-u", "OPEN:/dev/null"])
+                .arg(format!("UNIX-CONNECT:{}", sock.display()))
+                .uid(uid)
+                .gid(uid)
+                .stderr(std::process::Stdio::piped())
+                .output()
+                .unwrap_or_else(|e| panic!("socat (scripts/setup installs it): {e}"))
+        };
+        let other = connect_as(base + 1);
+        assert!(!other.status.success(), "another identity connected");
+        assert!(
+            String::from_utf8_lossy(&other.stderr).contains("Permission denied"),
+            "{}",
+            String::from_utf8_lossy(&other.stderr)
+        );
+        let own = connect_as(base);
+        assert!(
+            own.status.success(),
+            "QEMU's identity: {}",
+            String::from_utf8_lossy(&own.stderr)
+        );
+    }
 }
