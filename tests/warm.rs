@@ -140,31 +140,13 @@ fn memory_snapshots_resume_clone_and_refuse_another_machine() {
         "--",
         "true",
     ]);
-    let record = env
-        .root
-        .path()
-        .join("state/vms")
-        .join(&kept)
-        .join("record.json");
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&record).unwrap_or_else(|e| panic!("{e}")))
-            .unwrap_or_else(|e| panic!("{e}"));
-    let clone_id = record["vm_id"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no vm_id: {record}"));
-    assert_ne!(clone_id, u64::from(env.vm_id()));
+    let clone_id = vm_id_in(&env.root.path().join("state/vms").join(&kept));
+    assert_ne!(clone_id, env.vm_id());
     for file in ["snapshot.qcow2", "snapshot.vmstate", "disk.qcow2"] {
         let path = env.state_dir().join(file);
         assert!(path.exists(), "{}", path.display());
-        let out = std::process::Command::new("setpriv")
-            .arg(format!("--reuid={clone_id}"))
-            .arg(format!("--regid={clone_id}"))
-            .arg("--clear-groups")
-            .arg("head")
-            .arg("-c1")
-            .arg(&path)
-            .output()
-            .unwrap_or_else(|e| panic!("setpriv: {e}"));
+        let path = path.to_string_lossy();
+        let out = as_identity(clone_id, &["head", "-c1", &path]);
         assert!(
             !out.status.success() && text(&out).contains("Permission denied"),
             "the clone's identity read {file}: {}",

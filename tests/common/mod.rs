@@ -212,27 +212,13 @@ impl Env {
 
     /// The VM's own uid (and gid), from its record.
     pub fn vm_id(&self) -> u32 {
-        let text = std::fs::read_to_string(self.state_dir().join("record.json"))
-            .unwrap_or_else(|e| panic!("record: {e}"));
-        let rec: serde_json::Value =
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-        rec["vm_id"]
-            .as_u64()
-            .and_then(|v| u32::try_from(v).ok())
-            .unwrap_or_else(|| panic!("no vm_id in {text}"))
+        vm_id_in(&self.state_dir())
     }
 
     /// Run `cmd` as the VM's own uid and gid, without groups: what its
     /// QEMU, if compromised, could do.
     pub fn as_vm(&self, cmd: &[&str]) -> Output {
-        let id = self.vm_id();
-        Command::new("setpriv")
-            .arg(format!("--reuid={id}"))
-            .arg(format!("--regid={id}"))
-            .arg("--clear-groups")
-            .args(cmd)
-            .output()
-            .unwrap_or_else(|e| panic!("setpriv: {e}"))
+        as_identity(self.vm_id(), cmd)
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -295,6 +281,29 @@ impl Drop for Env {
             );
         }
     }
+}
+
+/// The VM identity in the record of the VM whose state folder is `state`.
+pub fn vm_id_in(state: &Path) -> u32 {
+    let text = std::fs::read_to_string(state.join("record.json"))
+        .unwrap_or_else(|e| panic!("record: {e}"));
+    let rec: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    rec["vm_id"]
+        .as_u64()
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or_else(|| panic!("no vm_id in {text}"))
+}
+
+/// Run `cmd` as VM identity `id` (uid and gid, no groups).
+pub fn as_identity(id: u32, cmd: &[&str]) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={id}"))
+        .arg(format!("--regid={id}"))
+        .arg("--clear-groups")
+        .args(cmd)
+        .output()
+        .unwrap_or_else(|e| panic!("setpriv: {e}"))
 }
 
 pub fn text(out: &Output) -> String {
