@@ -238,8 +238,14 @@ pub fn vendor_data() -> &'static str {
 ///
 /// The MAC address is lower-cased and quoted: unquoted, YAML 1.1 would read
 /// an all-digit `52:54:00:12:34:56` as a base-60 integer.
-pub fn network_config(mac: &str) -> String {
-    format!(
+///
+/// With `net6` (`ipv6 = true`) the NIC also gets the guest's static IPv6
+/// address and the gateway as its IPv6 router. Static rather than router
+/// advertisements or DHCPv6: the addresses are fixed for every VM, the
+/// guest's renderer (ifupdown on Debian 12, netplan on 13) applies it the
+/// same way, and the dataplane keeps no other guest-facing protocol.
+pub fn network_config(mac: &str, net6: Option<crate::config::Net6>) -> String {
+    let mut out = format!(
         "version: 2\n\
          ethernets:\n\
          \x20 id0:\n\
@@ -248,7 +254,24 @@ pub fn network_config(mac: &str) -> String {
          \x20   set-name: eth0\n\
          \x20   dhcp4: true\n",
         yaml_quote(&mac.trim().to_ascii_lowercase())
-    )
+    );
+    if let Some(n) = net6 {
+        out.push_str(&format!(
+            "\x20   addresses:\n\
+             \x20     - {}\n\
+             \x20   gateway6: {}\n",
+            yaml_quote(&format!("{}/{}", n.guest, crate::config::Net6::PREFIX)),
+            yaml_quote(&n.gateway.to_string()),
+        ));
+    }
+    out
+}
+
+/// Whether a seed's network-config gives the guest the IPv6 address of
+/// `net6` (what `up` compares with the Migrantfile's `ipv6`).
+pub fn network_config_has_ipv6(config: &str) -> bool {
+    let guest = crate::config::Net6::standard().guest;
+    config.contains(&format!("\"{guest}/"))
 }
 
 /// A YAML double-quoted scalar holding `s`.
@@ -422,7 +445,7 @@ mod tests {
             ),
             (
                 "network-config",
-                network_config("52:54:00:12:34:56").into_bytes(),
+                network_config("52:54:00:12:34:56", None).into_bytes(),
             ),
             ("vendor-data", Vec::new()),
         ]
@@ -629,9 +652,19 @@ mod tests {
 
     #[test]
     fn network_config_matches_mac() {
+        let plain = network_config("52:54:00:AB:cd:01", None);
         assert_eq!(
-            network_config("52:54:00:AB:cd:01"),
+            plain,
             "version: 2\nethernets:\n  id0:\n    match:\n      macaddress: \"52:54:00:ab:cd:01\"\n    set-name: eth0\n    dhcp4: true\n"
         );
+        assert!(!network_config_has_ipv6(&plain));
+        let v6 = network_config("52:54:00:AB:cd:01", Some(crate::config::Net6::standard()));
+        assert_eq!(
+            v6,
+            format!(
+                "{plain}    addresses:\n      - \"fd6d:6967:7261:6e74::15/64\"\n    gateway6: \"fd6d:6967:7261:6e74::2\"\n"
+            )
+        );
+        assert!(network_config_has_ipv6(&v6));
     }
 }

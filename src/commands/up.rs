@@ -428,7 +428,7 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
     let mac = random_mac()?;
     let instance = format!("{}-{}", cfg.name, state::now());
     let meta = crate::seed::meta_data(&instance, &cfg.name);
-    let net = crate::seed::network_config(&mac);
+    let net = crate::seed::network_config(&mac, cfg.net6());
     crate::seed::write_seed(
         &vm.seed(),
         &[

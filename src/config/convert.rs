@@ -244,22 +244,36 @@ fn setting(name: &str, d: &Draft, cfg: &Config, ctx: &Ctx) -> (Section, String) 
     let top = |s: String| (Section::Top, s);
     let line = |key: &str, v: String| format!("{key} = {v}");
     match name {
-        "VM_NAME" => top(d.name.as_ref().map(|a| line("name", quoted(&a.value))).unwrap_or_default()),
-        "IMAGE_URL" => top(
-            d.image
-                .as_ref()
-                .map(|a| line("image", quoted(&image_text(a, ctx))))
-                .unwrap_or_default(),
-        ),
-        "IMAGE_CHECKSUM" => top(
-            d.image_checksum
-                .as_ref()
-                .map(|a| line("image_checksum", quoted(&a.value)))
-                .unwrap_or_default(),
-        ),
-        "RAM_MB" => top(d.memory.as_ref().map(|a| line("memory", quoted(&exact_size(a.value)))).unwrap_or_default()),
-        "DISK_GB" => top(d.disk.as_ref().map(|a| line("disk", quoted(&exact_size(a.value)))).unwrap_or_default()),
-        "VCPUS" => top(d.cpus.as_ref().map(|a| line("cpus", a.value.to_string())).unwrap_or_default()),
+        "VM_NAME" => top(d
+            .name
+            .as_ref()
+            .map(|a| line("name", quoted(&a.value)))
+            .unwrap_or_default()),
+        "IMAGE_URL" => top(d
+            .image
+            .as_ref()
+            .map(|a| line("image", quoted(&image_text(a, ctx))))
+            .unwrap_or_default()),
+        "IMAGE_CHECKSUM" => top(d
+            .image_checksum
+            .as_ref()
+            .map(|a| line("image_checksum", quoted(&a.value)))
+            .unwrap_or_default()),
+        "RAM_MB" => top(d
+            .memory
+            .as_ref()
+            .map(|a| line("memory", quoted(&exact_size(a.value))))
+            .unwrap_or_default()),
+        "DISK_GB" => top(d
+            .disk
+            .as_ref()
+            .map(|a| line("disk", quoted(&exact_size(a.value))))
+            .unwrap_or_default()),
+        "VCPUS" => top(d
+            .cpus
+            .as_ref()
+            .map(|a| line("cpus", a.value.to_string()))
+            .unwrap_or_default()),
         "BOOT_FIRMWARE" => top(line(
             "firmware",
             quoted(match d.firmware {
@@ -279,13 +293,17 @@ fn setting(name: &str, d: &Draft, cfg: &Config, ctx: &Ctx) -> (Section, String) 
             "tunnel_ports",
             format!(
                 "[{}]",
-                d.tunnel_ports.iter().map(|a| a.value.to_string()).collect::<Vec<_>>().join(", ")
+                d.tunnel_ports
+                    .iter()
+                    .map(|a| a.value.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
         "CLOUD_INIT_WAIT" => top(line("wait_cloud_init", d.wait_cloud_init.to_string())),
-        "OS_VARIANT" => top(
-            "# OS_VARIANT: not used by migrant (QEMU needs no guest OS hint)".to_string(),
-        ),
+        "OS_VARIANT" => {
+            top("# OS_VARIANT: not used by migrant (QEMU needs no guest OS hint)".to_string())
+        }
         "SHARED_FOLDERS" => (Section::Share, shares(cfg, ctx)),
         // Folded into every share's `size` and `isolation`.
         "SHARED_FOLDER_SIZE_GB" | "SHARED_FOLDER_ISOLATION" => (
@@ -316,17 +334,18 @@ fn setting(name: &str, d: &Draft, cfg: &Config, ctx: &Ctx) -> (Section, String) 
         ),
         "NETWORK_IPV6" => (
             Section::Network,
-            match d.ipv6.as_ref().map(|a| a.value) {
-                Some(true) => "# NETWORK_IPV6=nat: IPv6 egress is not available in this version (the guest gets IPv4)".into(),
-                _ => line("ipv6", "false".into()),
-            },
+            line("ipv6", d.ipv6.as_ref().is_some_and(|a| a.value).to_string()),
         ),
         "HOST_ACCESS" => (
             Section::Network,
             if d.rules.is_empty() {
                 line("rules", "[]".into())
             } else {
-                let items: Vec<String> = d.rules.iter().map(|a| format!("  {},", quoted(&a.value))).collect();
+                let items: Vec<String> = d
+                    .rules
+                    .iter()
+                    .map(|a| format!("  {},", quoted(&a.value)))
+                    .collect();
                 format!("rules = [\n{}\n]", items.join("\n"))
             },
         ),

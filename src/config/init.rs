@@ -87,7 +87,8 @@ rules = []
 # outside the tunnel) unless the host's resolvers are chosen explicitly.
 #dns = "host"
 
-# IPv6 egress: not available in this version (IPv6 is dropped; true is refused).
+# IPv6 egress through the same wall as IPv4 (off: every IPv6 packet is
+# dropped and DNS gives no IPv6 addresses). Not with WireGuard yet.
 #ipv6 = false
 
 [ssh]

@@ -331,6 +331,38 @@ impl Config {
     pub fn gateway_ip(&self) -> Ipv4Addr {
         host_in(self.network.subnet, 2)
     }
+    /// The guest's IPv6 network, with `ipv6 = true`.
+    pub fn net6(&self) -> Option<Net6> {
+        self.network.ipv6.then(Net6::standard)
+    }
+}
+
+/// The guest's IPv6 network (`ipv6 = true`): a unique local /64, the
+/// same in every VM, since each VM has a namespace of its own (like the
+/// default IPv4 subnet). The gateway is `::2`, the guest `::15`, set in
+/// the seed's network-config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Net6 {
+    pub gateway: std::net::Ipv6Addr,
+    pub guest: std::net::Ipv6Addr,
+}
+
+impl Net6 {
+    pub const PREFIX: u8 = 64;
+    const NET: [u16; 4] = [0xfd6d, 0x6967, 0x7261, 0x6e74];
+
+    pub fn standard() -> Net6 {
+        let [a, b, c, d] = Net6::NET;
+        Net6 {
+            gateway: std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, 2),
+            guest: std::net::Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0x15),
+        }
+    }
+
+    /// Whether `ip` is in the guest's /64.
+    pub fn contains(&self, ip: std::net::Ipv6Addr) -> bool {
+        ip.segments()[..4] == Net6::NET
+    }
 }
 
 fn host_in(net: ipnet::Ipv4Net, host: u8) -> Ipv4Addr {

@@ -497,21 +497,16 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         Some(at) => std::time::Duration::from_secs(at.value as u64),
         None => std::time::Duration::from_secs(10),
     };
-    // IPv6 egress is not built: every IPv6 packet is dropped. Asked for
-    // in a TOML file, that is an error; the original's NETWORK_IPV6=nat
-    // (a legacy file meant for that tool) is said and the VM gets IPv4.
-    let ipv6 = false;
-    if let Some(at) = d.ipv6.as_ref().filter(|at| at.value) {
-        if at.field != "NETWORK_IPV6" {
-            return Err(ctx.err_at(
-                at,
-                "IPv6 egress is not available in this version (every IPv6 packet is dropped; the guest gets IPv4); remove `ipv6 = true`",
-            ));
-        }
-        d.warnings.push(format!(
-            "{}:{}: NETWORK_IPV6=nat: IPv6 egress is not available in this version; the guest gets IPv4 only",
-            ctx.file.display(),
-            at.line
+    // IPv6 egress (the original's NETWORK_IPV6=nat): the same wall as
+    // IPv4, through the host's IPv6 default route. Not through a WireGuard
+    // tunnel yet: refused rather than let IPv6 leave beside the tunnel.
+    let ipv6 = d.ipv6.as_ref().is_some_and(|at| at.value);
+    if let Some(at) = d.ipv6.as_ref().filter(|at| at.value)
+        && wireguard.is_some()
+    {
+        return Err(ctx.err_at(
+            at,
+            "IPv6 through a WireGuard tunnel is not available in this version (with ipv6 = false, a dual-stack WireGuard file works over IPv4); remove it, or the WireGuard config",
         ));
     }
 

@@ -369,8 +369,8 @@ fn legacy_rules_fixture() {
         ]
     );
     assert_eq!(c.network.egress, Egress::Open);
-    // NETWORK_IPV6=nat: said, not silently dropped; the guest gets IPv4.
-    assert!(!c.network.ipv6);
+    // NETWORK_IPV6=nat: IPv6 egress, as in the original.
+    assert!(c.network.ipv6);
     assert_eq!(
         c.network.rules,
         vec![
@@ -403,13 +403,9 @@ fn legacy_rules_fixture() {
     assert!(!c.wait_cloud_init);
     assert_eq!(c.autoconnect, Autoconnect::None);
     assert_eq!(c.firmware, Firmware::Bios);
-    assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
     assert!(c.warnings[0].contains("NETWORKS is recorded but not used"));
-    assert!(
-        c.warnings
-            .iter()
-            .any(|w| w.contains("NETWORK_IPV6=nat: IPv6 egress is not available"))
-    );
+    assert!(!c.warnings.iter().any(|w| w.contains("NETWORK_IPV6")));
     assert!(
         c.warnings
             .iter()
@@ -920,22 +916,28 @@ fn toml_network() {
     );
 }
 
-/// IPv6 egress is not built: asking for it is an error, not ignored.
+/// `ipv6 = true` gives the guest IPv6; not yet through a WireGuard tunnel,
+/// which is refused rather than let IPv6 leave beside it.
 #[test]
-fn toml_ipv6_is_refused() {
+fn toml_ipv6_and_its_refusal_with_wireguard() {
     let content = format!("{IMG}[network]\nipv6 = true\n");
     let dir = project(&content);
+    let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.network.ipv6 && c.warnings.is_empty());
+    assert_eq!(c.net6(), Some(crate::config::Net6::standard()));
+    std::fs::write(dir.path().join("wireguard.conf"), "[Interface]\n")
+        .unwrap_or_else(|e| panic!("{e}"));
     bad_in(
         dir.path(),
         &content,
         3,
         "network.ipv6",
-        "IPv6 egress is not available in this version",
+        "IPv6 through a WireGuard tunnel is not available in this version",
     );
     let off = format!("{IMG}[network]\nipv6 = false\n");
     let dir = project(&off);
     let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-    assert!(!c.network.ipv6 && c.warnings.is_empty());
+    assert!(!c.network.ipv6 && c.warnings.is_empty() && c.net6().is_none());
 }
 
 #[test]

@@ -280,14 +280,14 @@ pub fn upstream_query(
 
 /// The guest's response, built from the upstream's: the guest's id and
 /// question, the upstream's code, answers whose addresses `allowed`
-/// admits (A records; AAAA dropped while IPv6 egress is off; HTTPS/SVCB
-/// dropped, as their address hints bypass this check), the authority
+/// admits (A and AAAA records; HTTPS/SVCB dropped, as their address
+/// hints bypass this check), the authority
 /// section's SOA for negative caching, nothing additional. `None` when the
 /// upstream's answer does not match the question (then SERVFAIL).
 pub fn guest_response(
     guest: &Message,
     upstream: &[u8],
-    allowed: impl Fn(Ipv4Addr) -> bool,
+    allowed: impl Fn(std::net::IpAddr) -> bool,
 ) -> Option<Message> {
     let up = Message::from_vec(upstream).ok()?;
     let question = guest.queries.first()?;
@@ -306,8 +306,9 @@ pub fn guest_response(
     resp.add_query(question.clone());
     for rec in up.answers {
         let keep = match &rec.data {
-            RData::A(a) => allowed(a.0),
-            RData::AAAA(_) | RData::HTTPS(_) | RData::SVCB(_) => false,
+            RData::A(a) => allowed(a.0.into()),
+            RData::AAAA(a) => allowed(a.0.into()),
+            RData::HTTPS(_) | RData::SVCB(_) => false,
             _ => true,
         };
         if keep {
@@ -701,21 +702,36 @@ mod tests {
                 RData::A(A(Ipv4Addr::from(ip))),
             ));
         }
-        up.add_answer(Record::from_rdata(
-            name.clone(),
-            60,
-            RData::AAAA(hickory_proto::rr::rdata::AAAA("fd00::1".parse().unwrap())),
-        ));
+        for ip in ["fd00::1", "2a0a:2000::10"] {
+            up.add_answer(Record::from_rdata(
+                name.clone(),
+                60,
+                RData::AAAA(hickory_proto::rr::rdata::AAAA(ip.parse().unwrap())),
+            ));
+        }
         up.add_additional(Record::from_rdata(
             name.clone(),
             60,
             RData::A(A(Ipv4Addr::new(10, 9, 9, 9))),
         ));
-        let public = |ip: Ipv4Addr| super::super::policy::classify(ip).is_none();
+        let public = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(v4) => super::super::policy::classify(v4).is_none(),
+            std::net::IpAddr::V6(v6) => {
+                super::super::policy::classify6(v6) == super::super::policy::Class6::Public
+            }
+        };
         let resp = guest_response(&guest, &up.to_vec().unwrap(), public).unwrap();
         assert_eq!(resp.metadata.id, 0x1234, "the guest's id");
         let addrs: Vec<_> = resp.answers.iter().map(|r| r.data.clone()).collect();
-        assert_eq!(addrs, vec![RData::A(A(Ipv4Addr::new(93, 184, 216, 34)))]);
+        assert_eq!(
+            addrs,
+            vec![
+                RData::A(A(Ipv4Addr::new(93, 184, 216, 34))),
+                RData::AAAA(hickory_proto::rr::rdata::AAAA(
+                    "2a0a:2000::10".parse().unwrap()
+                ))
+            ]
+        );
         assert!(resp.additionals.is_empty());
         // An answer to another question is not passed on.
         let other = Message::from_vec(&query("other.example.", RecordType::A, false)).unwrap();

@@ -7,7 +7,7 @@
 //! asks for: the TLS SNI or the HTTP Host header.
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ struct Learned {
 #[derive(Debug, Clone)]
 pub struct Allowlist {
     patterns: Arc<Vec<String>>,
-    learned: Arc<Mutex<HashMap<Ipv4Addr, Learned>>>,
+    learned: Arc<Mutex<HashMap<IpAddr, Learned>>>,
 }
 
 /// Lower-case, without a trailing dot.
@@ -58,7 +58,8 @@ impl Allowlist {
     }
 
     /// Record that DNS answered `name` with `ip` (for `ttl` seconds).
-    pub fn learn(&self, name: &str, ip: Ipv4Addr, ttl: u32) {
+    pub fn learn(&self, name: &str, ip: impl Into<IpAddr>, ttl: u32) {
+        let ip = ip.into();
         let now = Instant::now();
         let until = now + Duration::from_secs(u64::from(ttl.min(MAX_TTL))) + GRACE;
         let Ok(mut map) = self.learned.lock() else {
@@ -99,7 +100,7 @@ impl Allowlist {
         }
     }
 
-    fn live_names(&self, ip: Ipv4Addr) -> HashSet<String> {
+    fn live_names(&self, ip: IpAddr) -> HashSet<String> {
         let now = Instant::now();
         self.learned
             .lock()
@@ -118,19 +119,23 @@ impl Allowlist {
     }
 
     /// An allowed name resolved to `ip` recently.
-    pub fn admits_addr(&self, ip: Ipv4Addr) -> bool {
-        self.live_names(ip).iter().any(|n| self.name_allowed(n))
+    pub fn admits_addr(&self, ip: impl Into<IpAddr>) -> bool {
+        self.live_names(ip.into())
+            .iter()
+            .any(|n| self.name_allowed(n))
     }
 
     /// Names that are not allowed also resolved to `ip`: the proxy must
     /// check which name a connection is for.
-    pub fn is_shared(&self, ip: Ipv4Addr) -> bool {
-        self.live_names(ip).iter().any(|n| !self.name_allowed(n))
+    pub fn is_shared(&self, ip: impl Into<IpAddr>) -> bool {
+        self.live_names(ip.into())
+            .iter()
+            .any(|n| !self.name_allowed(n))
     }
 
     /// Whether a connection to `ip` that names `requested` (SNI or Host)
     /// is admitted.
-    pub fn admits_request(&self, ip: Ipv4Addr, requested: &str) -> bool {
+    pub fn admits_request(&self, ip: impl Into<IpAddr>, requested: &str) -> bool {
         self.name_allowed(requested) && self.admits_addr(ip)
     }
 
@@ -501,6 +506,7 @@ impl Chunked {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn wildcards_match_subdomains_only() {
@@ -548,7 +554,7 @@ mod tests {
         let names = a
             .learned
             .lock()
-            .map(|m| m.get(&ip).map_or(0, |l| l.names.len()))
+            .map(|m| m.get(&IpAddr::V4(ip)).map_or(0, |l| l.names.len()))
             .unwrap_or(0);
         assert_eq!(names, MAX_NAMES_PER_ADDR);
         assert!(a.admits_addr(ip));

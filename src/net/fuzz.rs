@@ -185,15 +185,19 @@ fn fuzz_dns_answers() {
         answer.extend_from_slice(&ip);
     }
     let seeds = vec![answer];
-    let public = |ip: Ipv4Addr| super::policy::classify(ip).is_none();
+    let public = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => super::policy::classify(v4).is_none(),
+        std::net::IpAddr::V6(v6) => super::policy::classify6(v6) == super::policy::Class6::Public,
+    };
     check!().for_each(|data: &[u8]| {
         let up = input(&seeds, data);
         if let Some(resp) = super::dns::guest_response(&guest, &up, public) {
             assert_eq!(resp.metadata.id, guest.metadata.id);
             for rec in &resp.answers {
                 match &rec.data {
-                    RData::A(a) => assert!(public(a.0), "{} passed", a.0),
-                    RData::AAAA(_) | RData::HTTPS(_) | RData::SVCB(_) => {
+                    RData::A(a) => assert!(public(a.0.into()), "{} passed", a.0),
+                    RData::AAAA(a) => assert!(public(a.0.into()), "{} passed", a.0),
+                    RData::HTTPS(_) | RData::SVCB(_) => {
                         panic!("{rec:?} passed")
                     }
                     _ => {}

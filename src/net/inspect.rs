@@ -14,7 +14,7 @@
 //! On a refusal the upstream is shut for writing, the answers already
 //! asked for are delivered, and the connection ends.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ const READ_CHUNK: usize = 16 * 1024;
 /// One inspected connection: what the guest may name, and both ends.
 struct Conn<'a> {
     list: &'a Allowlist,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     guest: &'a TcpStream,
     upstream: &'a TcpStream,
     /// Bytes sent upstream for the guest.
@@ -63,7 +63,7 @@ const CLIENT_FIRST_WAIT: Duration = Duration::from_millis(800);
 /// away before saying anything.
 pub async fn before_connect(
     list: &Allowlist,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     guest: &TcpStream,
 ) -> Result<Option<First>, Refusal> {
     let mut bytes = Vec::new();
@@ -127,7 +127,7 @@ impl Refusal {
 /// says whether it is an HTTP request, and the host it named.
 async fn check_first(
     list: &Allowlist,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     guest: &TcpStream,
     buf: &mut Vec<u8>,
 ) -> Result<(bool, Option<String>), Refusal> {
@@ -166,7 +166,7 @@ async fn check_first(
 }
 
 /// `None`: more bytes are needed.
-fn verdict(list: &Allowlist, ip: Ipv4Addr, flight: &FirstFlight) -> Option<Result<(), Refusal>> {
+fn verdict(list: &Allowlist, ip: IpAddr, flight: &FirstFlight) -> Option<Result<(), Refusal>> {
     let named = |name: &str| {
         if list.admits_request(ip, name) {
             Ok(())
@@ -201,7 +201,7 @@ fn verdict(list: &Allowlist, ip: Ipv4Addr, flight: &FirstFlight) -> Option<Resul
 /// moved each way (from the guest, to it).
 pub async fn relay(
     list: &Allowlist,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     guest: &TcpStream,
     upstream: &TcpStream,
     first: First,

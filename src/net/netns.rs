@@ -9,7 +9,7 @@
 //! This is the one place that needs CAP_SYS_ADMIN for networking.
 
 use std::fs::File;
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::sched::{CloneFlags, setns, unshare};
@@ -80,14 +80,40 @@ pub enum Request {
     /// A transparent UDP socket bound to `bind` (the destination a guest's
     /// datagram named) and connected to `peer` (the guest): replies speak
     /// as the place the guest wrote to.
-    Reply {
-        bind: SocketAddrV4,
-        peer: SocketAddrV4,
-    },
+    Reply { bind: SocketAddr, peer: SocketAddr },
+}
+
+/// An address in a request: family, 16 address bytes (an IPv4 address in
+/// the first 4), port.
+const ADDR_LEN: usize = 19;
+
+fn put_addr(b: &mut [u8], a: SocketAddr) {
+    match a.ip() {
+        IpAddr::V4(v4) => {
+            b[0] = 4;
+            b[1..5].copy_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            b[0] = 6;
+            b[1..17].copy_from_slice(&v6.octets());
+        }
+    }
+    b[17..19].copy_from_slice(&a.port().to_be_bytes());
+}
+
+fn get_addr(b: &[u8]) -> Option<SocketAddr> {
+    let b: &[u8; ADDR_LEN] = b.try_into().ok()?;
+    let port = u16::from_be_bytes([b[17], b[18]]);
+    let ip = match b[0] {
+        4 if b[5..17].iter().all(|x| *x == 0) => IpAddr::from(<[u8; 4]>::try_from(&b[1..5]).ok()?),
+        6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&b[1..17]).ok()?)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 impl Request {
-    const LEN: usize = 13;
+    const LEN: usize = 1 + 2 * ADDR_LEN;
 
     fn encode(&self) -> [u8; Request::LEN] {
         let mut b = [0u8; Request::LEN];
@@ -96,10 +122,8 @@ impl Request {
             Request::Datagram => b[0] = 2,
             Request::Reply { bind, peer } => {
                 b[0] = 3;
-                b[1..5].copy_from_slice(&bind.ip().octets());
-                b[5..7].copy_from_slice(&bind.port().to_be_bytes());
-                b[7..11].copy_from_slice(&peer.ip().octets());
-                b[11..13].copy_from_slice(&peer.port().to_be_bytes());
+                put_addr(&mut b[1..1 + ADDR_LEN], *bind);
+                put_addr(&mut b[1 + ADDR_LEN..], *peer);
             }
         }
         b
@@ -107,18 +131,16 @@ impl Request {
 
     fn decode(b: &[u8]) -> Option<Request> {
         let b: &[u8; Request::LEN] = b.try_into().ok()?;
-        let addr = |ip: &[u8], port: &[u8]| {
-            let ip: [u8; 4] = ip.try_into().ok()?;
-            let port: [u8; 2] = port.try_into().ok()?;
-            Some(SocketAddrV4::new(ip.into(), u16::from_be_bytes(port)))
-        };
+        let rest_zero = b[1..].iter().all(|x| *x == 0);
         match b[0] {
-            1 => Some(Request::Stream),
-            2 => Some(Request::Datagram),
-            3 => Some(Request::Reply {
-                bind: addr(&b[1..5], &b[5..7])?,
-                peer: addr(&b[7..11], &b[11..13])?,
-            }),
+            1 if rest_zero => Some(Request::Stream),
+            2 if rest_zero => Some(Request::Datagram),
+            3 => {
+                let bind = get_addr(&b[1..1 + ADDR_LEN])?;
+                let peer = get_addr(&b[1 + ADDR_LEN..])?;
+                // One family: a reply speaks from where the guest wrote.
+                (bind.is_ipv4() == peer.is_ipv4()).then_some(Request::Reply { bind, peer })
+            }
             _ => None,
         }
     }
@@ -135,11 +157,20 @@ impl Request {
                 s
             }
             Request::Reply { bind, peer } => {
-                let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+                let s = Socket::new(
+                    Domain::for_address(*bind),
+                    Type::DGRAM.cloexec(),
+                    Some(Protocol::UDP),
+                )?;
                 s.set_reuse_address(true)?;
-                s.set_ip_transparent_v4(true)?;
-                s.bind(&std::net::SocketAddr::V4(*bind).into())?;
-                s.connect(&std::net::SocketAddr::V4(*peer).into())?;
+                if bind.is_ipv4() {
+                    s.set_ip_transparent_v4(true)?;
+                } else {
+                    s.set_only_v6(true)?;
+                    s.set_ip_transparent_v6(true)?;
+                }
+                s.bind(&(*bind).into())?;
+                s.connect(&(*peer).into())?;
                 s
             }
         };
@@ -158,7 +189,7 @@ impl Request {
 pub fn serve(
     ns: &NetNs,
     link: OwnedFd,
-    guest: std::net::Ipv4Addr,
+    guests: Vec<IpAddr>,
 ) -> Result<std::thread::JoinHandle<()>, NetnsError> {
     let fd = ns.fd.try_clone().map_err(NetnsError::Enter)?;
     std::thread::Builder::new()
@@ -185,7 +216,7 @@ pub fn serve(
                     }
                 };
                 let made = match Request::decode(&buf[..n]) {
-                    Some(Request::Reply { peer, .. }) if *peer.ip() != guest => {
+                    Some(Request::Reply { peer, .. }) if !guests.contains(&peer.ip()) => {
                         Err(std::io::Error::from_raw_os_error(libc::EPERM))
                     }
                     Some(req) => req.make(),
@@ -364,8 +395,8 @@ impl NsSockets {
     /// [`Request::Reply`]).
     pub async fn reply(
         &self,
-        bind: SocketAddrV4,
-        peer: SocketAddrV4,
+        bind: SocketAddr,
+        peer: SocketAddr,
     ) -> std::io::Result<tokio::net::UdpSocket> {
         let s = self.socket(Request::Reply { bind, peer }).await?;
         tokio::net::UdpSocket::from_std(s.into())
@@ -406,5 +437,46 @@ impl Exit {
             }
             (Exit::Tunnel(t), _) => t.udp().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requests cross a boundary from a process that may be compromised:
+    /// every well-formed one round-trips, anything else is refused.
+    #[test]
+    fn requests_round_trip_and_garbage_is_refused() {
+        let v4: SocketAddr = "45.20.0.10:53".parse().unwrap_or_else(|e| panic!("{e}"));
+        let g4: SocketAddr = "10.0.2.15:40000".parse().unwrap_or_else(|e| panic!("{e}"));
+        let v6: SocketAddr = "[2a0a:2000::10]:53"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let g6: SocketAddr = "[fd6d:6967:7261:6e74::15]:40000"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        for req in [
+            Request::Stream,
+            Request::Datagram,
+            Request::Reply { bind: v4, peer: g4 },
+            Request::Reply { bind: v6, peer: g6 },
+        ] {
+            assert_eq!(Request::decode(&req.encode()), Some(req));
+        }
+        // Mixed families, unknown kinds and families, stray bytes, lengths.
+        let mixed = Request::Reply { bind: v4, peer: g6 }.encode();
+        assert_eq!(Request::decode(&mixed), None);
+        let mut bad = Request::Reply { bind: v6, peer: g6 }.encode();
+        bad[1] = 5;
+        assert_eq!(Request::decode(&bad), None);
+        let mut stray = Request::Reply { bind: v4, peer: g4 }.encode();
+        stray[10] = 1;
+        assert_eq!(Request::decode(&stray), None);
+        let mut stream = Request::Stream.encode();
+        stream[3] = 1;
+        assert_eq!(Request::decode(&stream), None);
+        assert_eq!(Request::decode(&[9; Request::LEN]), None);
+        assert_eq!(Request::decode(&[1]), None);
     }
 }

@@ -42,6 +42,10 @@ pub struct Plan {
     pub gateway: Ipv4Addr,
     /// The guest's leased address: the only source it may send from.
     pub guest: Ipv4Addr,
+    /// With `ipv6 = true`: the gateway's and the guest's IPv6 addresses
+    /// (the guest's its only IPv6 source, neighbour discovery aside);
+    /// without, every IPv6 packet from the guest is dropped.
+    pub net6: Option<crate::config::Net6>,
     /// TCP and UDP TPROXY listener ports inside the namespace; `None` when
     /// nothing may leave (egress none, no holes): then all but DHCP and DNS
     /// is dropped.
@@ -86,6 +90,72 @@ fn to_gateway(tap: &str, gw: &str, proto: &str, port: u16) -> Vec<Value> {
     ]
 }
 
+/// Neighbour discovery from the guest: router and neighbour
+/// solicitations and neighbour advertisements, with the hop limit of 255
+/// that proves they were not routed. Router advertisements and redirects
+/// from the guest are not in it.
+fn neighbour_discovery(tap: &str) -> Vec<Value> {
+    vec![
+        iif(tap),
+        json!({"match": {"op": "==",
+            "left": {"payload": {"protocol": "icmpv6", "field": "type"}},
+            "right": {"set": ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]}}}),
+        match_eq(
+            json!({"payload": {"protocol": "ip6", "field": "hoplimit"}}),
+            json!(255),
+        ),
+        json!({"accept": null}),
+    ]
+}
+
+/// The IPv6 part of the prerouting chain: everything dropped without
+/// `net6`; with it, neighbour discovery, then only the guest's own
+/// source address, and the gateway's closed TCP ports reset (DNS over
+/// TCP to the gateway is the resolver's, through the proxy).
+fn ipv6_rules(plan: &Plan) -> Vec<Value> {
+    let tap = plan.tap.as_str();
+    let v6 = match_eq(json!({"meta": {"key": "nfproto"}}), json!("ipv6"));
+    let Some(net6) = plan.net6 else {
+        return vec![rule(
+            "prerouting",
+            vec![iif(tap), v6, json!({"drop": null})],
+        )];
+    };
+    let mut open: Vec<u16> = plan.gateway_tcp_holes.clone();
+    open.push(53);
+    vec![
+        rule("prerouting", neighbour_discovery(tap)),
+        rule(
+            "prerouting",
+            vec![
+                iif(tap),
+                v6,
+                json!({"match": {"op": "!=",
+                    "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
+                    "right": net6.guest.to_string()}}),
+                json!({"counter": SPOOFED}),
+                json!({"drop": null}),
+            ],
+        ),
+        rule(
+            "prerouting",
+            vec![
+                iif(tap),
+                match_eq(
+                    json!({"payload": {"protocol": "ip6", "field": "daddr"}}),
+                    json!(net6.gateway.to_string()),
+                ),
+                match_eq(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
+                json!({"match": {"op": "!=",
+                    "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                    "right": {"set": open}}}),
+                json!({"counter": GATEWAY_REFUSED}),
+                json!({"reject": {"type": "tcp reset"}}),
+            ],
+        ),
+    ]
+}
+
 /// The complete ruleset as nft JSON.
 pub fn ruleset(plan: &Plan) -> Value {
     let tap = plan.tap.as_str();
@@ -100,15 +170,6 @@ pub fn ruleset(plan: &Plan) -> Value {
             "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}}),
         json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "forward",
             "type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}}}),
-        // No IPv6 at all.
-        rule(
-            "prerouting",
-            vec![
-                iif(tap),
-                match_eq(json!({"meta": {"key": "nfproto"}}), json!("ipv6")),
-                json!({"drop": null}),
-            ],
-        ),
         // Anti-spoofing: the guest sends from its leased address only
         // (before its lease, DHCP from 0.0.0.0).
         rule(
@@ -168,6 +229,7 @@ pub fn ruleset(plan: &Plan) -> Value {
         rule("prerouting", to_gateway(tap, &gw, "udp", 53)),
         rule("prerouting", to_gateway(tap, &gw, "tcp", 53)),
     ];
+    cmds.extend(ipv6_rules(plan));
     // The gateway's closed TCP ports answer like closed ports: a reset
     // to the SYN (the proxy would otherwise complete the handshake first).
     let mut closed = vec![
@@ -188,19 +250,26 @@ pub fn ruleset(plan: &Plan) -> Value {
     cmds.push(rule("prerouting", closed));
     match plan.proxy {
         Some((tcp, udp)) => {
-            for (proto, port) in [("tcp", tcp), ("udp", udp)] {
-                cmds.push(rule(
-                    "prerouting",
-                    vec![
-                        iif(tap),
-                        match_eq(json!({"meta": {"key": "l4proto"}}), json!(proto)),
-                        json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": TPROXY_MARK}}),
-                        // tproxy assigns the socket but does not end the
-                        // chain: accept, or the catch-all drop below wins.
-                        json!({"tproxy": {"family": "ip", "port": port}}),
-                        json!({"accept": null}),
-                    ],
-                ));
+            let families: &[(&str, &str)] = match plan.net6 {
+                Some(_) => &[("ipv4", "ip"), ("ipv6", "ip6")],
+                None => &[("ipv4", "ip")],
+            };
+            for (nfproto, family) in families {
+                for (proto, port) in [("tcp", tcp), ("udp", udp)] {
+                    cmds.push(rule(
+                        "prerouting",
+                        vec![
+                            iif(tap),
+                            match_eq(json!({"meta": {"key": "nfproto"}}), json!(nfproto)),
+                            match_eq(json!({"meta": {"key": "l4proto"}}), json!(proto)),
+                            json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": TPROXY_MARK}}),
+                            // tproxy assigns the socket but does not end the
+                            // chain: accept, or the catch-all drop below wins.
+                            json!({"tproxy": {"family": family, "port": port}}),
+                            json!({"accept": null}),
+                        ],
+                    ));
+                }
             }
             cmds.push(rule("prerouting", vec![iif(tap), json!({"drop": null})]));
         }
@@ -236,6 +305,9 @@ pub fn ruleset(plan: &Plan) -> Value {
             json!({"accept": null}),
         ],
     ));
+    if plan.net6.is_some() {
+        cmds.push(rule("input", neighbour_discovery(tap)));
+    }
     cmds.push(rule("input", vec![iif(tap), json!({"drop": null})]));
     if let Some(tun) = &plan.tunnel {
         // The far side of the tunnel may answer, never open: no listener
@@ -335,6 +407,7 @@ mod tests {
             tap: "tap0".into(),
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             guest: Ipv4Addr::new(10, 0, 2, 15),
+            net6: None,
             proxy: Some((15001, 15002)),
             gateway_tcp_holes: vec![8080],
             tunnel: None,
@@ -382,6 +455,7 @@ mod tests {
             tap: "tap0".into(),
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             guest: Ipv4Addr::new(10, 0, 2, 15),
+            net6: None,
             proxy: None,
             gateway_tcp_holes: vec![],
             tunnel: None,
@@ -407,11 +481,17 @@ mod tests {
             return;
         }
         let ns = crate::net::netns::NetNs::create().unwrap_or_else(|e| panic!("{e}"));
-        for proxy in [Some((15001, 15002)), None] {
+        let v6 = Some(crate::config::Net6::standard());
+        for (proxy, net6) in [
+            (Some((15001, 15002)), None),
+            (None, None),
+            (Some((15001, 15002)), v6),
+        ] {
             let plan = Plan {
                 tap: "tap0".into(),
                 gateway: Ipv4Addr::new(10, 0, 2, 2),
                 guest: Ipv4Addr::new(10, 0, 2, 15),
+                net6,
                 proxy,
                 gateway_tcp_holes: vec![8080, 8081],
                 tunnel: None,
@@ -446,6 +526,21 @@ mod tests {
                 proxy.is_some(),
                 "{listed}"
             );
+            assert_eq!(
+                listed.contains("tproxy ip6 to :15001 accept"),
+                net6.is_some(),
+                "{listed}"
+            );
+            if net6.is_some() {
+                assert!(
+                    listed.contains(
+                        "ip6 saddr != fd6d:6967:7261:6e74::15 counter name \"spoofed_source\" drop"
+                    ),
+                    "{listed}"
+                );
+            } else {
+                assert!(listed.contains("meta nfproto ipv6 drop"), "{listed}");
+            }
         }
     }
 
@@ -455,6 +550,7 @@ mod tests {
             tap: "tap0".into(),
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             guest: Ipv4Addr::new(10, 0, 2, 15),
+            net6: None,
             proxy: Some((15001, 15002)),
             gateway_tcp_holes: vec![],
             tunnel: Some("wg0".into()),

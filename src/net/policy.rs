@@ -5,10 +5,10 @@
 //! route: every allowed flow is a new connection made by the supervisor.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::{Arc, RwLock};
 
-use crate::config::{Egress, NetRule, Proto};
+use crate::config::{Egress, Net6, NetRule, Proto};
 
 /// Why a flow was refused.
 #[derive(
@@ -22,7 +22,7 @@ pub enum Denial {
     GatewayPort,
     /// 127.0.0.0/8 and 0.0.0.0/8.
     Loopback,
-    /// RFC 1918.
+    /// RFC 1918; for IPv6 unique local fc00::/7 and site-local fec0::/10.
     Private,
     /// 100.64.0.0/10.
     Cgnat,
@@ -38,7 +38,7 @@ pub enum Denial {
     GuestNetwork,
     /// Not an address or name admitted by `allow_domains`.
     NotAllowedDomain,
-    /// IPv6 (no IPv6 egress in this version).
+    /// IPv6 while `ipv6` is off.
     Ipv6,
     /// More concurrent TCP connections than the proxy relays for one VM.
     TooManyConnections,
@@ -140,6 +140,72 @@ pub fn classify(ip: Ipv4Addr) -> Option<Denial> {
     }
 }
 
+/// What the fixed IPv6 classes say of an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Class6 {
+    /// A global unicast address.
+    Public,
+    /// One of the forms that carry an IPv4 address (NAT64, 6to4, Teredo):
+    /// it is decided as each of these IPv4 addresses too.
+    Embeds(Vec<Ipv4Addr>),
+    Denied(Denial),
+}
+
+/// The fixed IPv6 address classes. Only global unicast 2000::/3 may be
+/// public; within it documentation, benchmarking and ORCHID ranges are
+/// reserved, and the transition forms embed an IPv4 address that the
+/// IPv4 rules decide (a guest must not reach a LAN host as
+/// `64:ff9b::c0a8:4d32`). IPv4-mapped addresses are not classed here:
+/// the policy decides them as the IPv4 flow they are.
+pub fn classify6(ip: Ipv6Addr) -> Class6 {
+    let s = ip.segments();
+    let o = ip.octets();
+    let v4 = |b: [u8; 4]| Ipv4Addr::from(b);
+    let in_net =
+        |net: Ipv6Addr, prefix: u8| ipnet::Ipv6Net::new(net, prefix).is_ok_and(|n| n.contains(&ip));
+    if ip.is_unspecified() || ip.is_loopback() {
+        Class6::Denied(Denial::Loopback)
+    } else if in_net(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10) {
+        Class6::Denied(Denial::LinkLocal)
+    } else if in_net(Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7)
+        || in_net(Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 0), 10)
+    {
+        Class6::Denied(Denial::Private)
+    } else if s[0] >> 8 == 0xff {
+        Class6::Denied(Denial::Multicast)
+    } else if in_net(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96) {
+        Class6::Embeds(vec![v4([o[12], o[13], o[14], o[15]])])
+    } else if in_net(Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48) {
+        // Local-use NAT64: the prefix length is the operator's; read it
+        // both as a /48 (RFC 6052, around the reserved octet) and a /96.
+        Class6::Embeds(vec![
+            v4([o[6], o[7], o[9], o[10]]),
+            v4([o[12], o[13], o[14], o[15]]),
+        ])
+    } else if s[0] == 0x2002 {
+        Class6::Embeds(vec![v4([o[2], o[3], o[4], o[5]])])
+    } else if in_net(Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0), 32) {
+        // Teredo: the server's address, and the client's (inverted).
+        Class6::Embeds(vec![
+            v4([o[4], o[5], o[6], o[7]]),
+            v4([!o[12], !o[13], !o[14], !o[15]]),
+        ])
+    } else if in_net(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0), 32)
+        || in_net(Ipv6Addr::new(0x2001, 0x2, 0, 0, 0, 0, 0, 0), 48)
+        || in_net(Ipv6Addr::new(0x2001, 0x10, 0, 0, 0, 0, 0, 0), 28)
+        || in_net(Ipv6Addr::new(0x2001, 0x20, 0, 0, 0, 0, 0, 0), 28)
+        || in_net(Ipv6Addr::new(0x3fff, 0, 0, 0, 0, 0, 0, 0), 20)
+        || !in_net(Ipv6Addr::new(0x2000, 0, 0, 0, 0, 0, 0, 0), 3)
+    {
+        // Documentation, benchmarking, ORCHID, and everything outside
+        // global unicast (discard 100::/64, IPv4-compatible ::/96 among
+        // them).
+        Class6::Denied(Denial::Reserved)
+    } else {
+        Class6::Public
+    }
+}
+
 /// The host's own addresses, refreshed by the supervisor.
 #[derive(Debug, Default, Clone)]
 pub struct HostAddrs(Arc<RwLock<HashSet<IpAddr>>>);
@@ -198,6 +264,9 @@ pub struct Policy {
     pub domains: Option<super::domains::Allowlist>,
     /// WireGuard mode: flows that are not named holes use the tunnel.
     pub tunnel: bool,
+    /// With `ipv6 = true`: the guest's IPv6 network; otherwise every IPv6
+    /// flow is refused.
+    pub net6: Option<Net6>,
 }
 
 impl Policy {
@@ -233,12 +302,45 @@ impl Policy {
         Ok(())
     }
 
+    /// The same for an IPv6 address (IPv4-mapped ones are decided as
+    /// IPv4 before this): the fixed classes, the IPv4 rules for every
+    /// IPv4 address it embeds, the host's own addresses.
+    fn classify_public6(&self, ip: Ipv6Addr) -> Result<(), Denial> {
+        match classify6(ip) {
+            Class6::Public => {}
+            Class6::Embeds(inner) => {
+                for v4 in inner {
+                    self.classify_public(v4)?;
+                }
+            }
+            Class6::Denied(Denial::Private) if self.egress == Egress::Open => {}
+            Class6::Denied(d) => return Err(d),
+        }
+        if self.host.contains(IpAddr::V6(ip)) {
+            return Err(Denial::HostAddress);
+        }
+        Ok(())
+    }
+
     /// Whether a DNS answer may tell the guest about `ip`: an address the
     /// guest could be allowed to reach (before the route rule, which
     /// [`super::route::Gate`] adds), or a named LAN hole. Answers that
     /// name the host, the LAN or reserved space are dropped, so that a
     /// split-horizon name tells the guest nothing internal.
-    pub fn answer_address(&self, ip: Ipv4Addr) -> Result<bool, Denial> {
+    pub fn answer_address(&self, ip: IpAddr) -> Result<bool, Denial> {
+        let ip = match ip {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4,
+                None => {
+                    let net6 = self.net6.ok_or(Denial::Ipv6)?;
+                    if net6.contains(v6) {
+                        return Err(Denial::GuestNetwork);
+                    }
+                    return self.classify_public6(v6).map(|()| false);
+                }
+            },
+        };
         if self.in_subnet(ip) {
             return Err(Denial::GuestNetwork);
         }
@@ -253,35 +355,87 @@ impl Policy {
     }
 
     /// The decision for a guest flow to `dst`.
-    pub fn decide(&self, proto: Proto, dst: SocketAddrV4) -> Result<Allowed, Denial> {
+    pub fn decide(&self, proto: Proto, dst: SocketAddr) -> Result<Allowed, Denial> {
+        match dst {
+            SocketAddr::V4(d) => self.decide4(proto, d),
+            SocketAddr::V6(d) => match d.ip().to_ipv4_mapped() {
+                // An IPv4-mapped destination is an IPv4 flow.
+                Some(v4) => self.decide4(proto, SocketAddrV4::new(v4, d.port())),
+                None => self.decide6(proto, *d.ip(), d.port()),
+            },
+        }
+    }
+
+    fn decide6(&self, proto: Proto, ip: Ipv6Addr, port: u16) -> Result<Allowed, Denial> {
+        let net6 = self.net6.ok_or(Denial::Ipv6)?;
+        if ip == net6.gateway {
+            // The gateway's IPv6 address opens the same holes as its IPv4
+            // one.
+            return self.gateway_hole(proto, port);
+        }
+        if net6.contains(ip) {
+            return Err(Denial::GuestNetwork);
+        }
+        if self.egress == Egress::None {
+            return Err(Denial::EgressNone);
+        }
+        self.classify_public6(ip)?;
+        self.domains_admit(proto, IpAddr::V6(ip), port)?;
+        Ok(Allowed {
+            to: SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0)),
+            hole: false,
+            via_tunnel: self.tunnel,
+        })
+    }
+
+    /// With `allow_domains`: QUIC is refused, and anything else needs an
+    /// address its DNS answers admitted.
+    fn domains_admit(&self, proto: Proto, ip: IpAddr, port: u16) -> Result<(), Denial> {
+        if let Some(list) = &self.domains {
+            if proto == Proto::Udp && port == 443 {
+                return Err(Denial::Quic);
+            }
+            if !list.admits_addr(ip) {
+                return Err(Denial::NotAllowedDomain);
+            }
+        }
+        Ok(())
+    }
+
+    /// What a rule opens on the gateway's `port`, if any.
+    fn gateway_hole(&self, proto: Proto, port: u16) -> Result<Allowed, Denial> {
+        for r in &self.rules {
+            match *r {
+                NetRule::AllowHostPort { proto: p, port: hp } if p == proto && hp == port => {
+                    return Ok(Allowed {
+                        to: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, hp)),
+                        hole: true,
+                        via_tunnel: false,
+                    });
+                }
+                NetRule::ForwardPort {
+                    proto: p,
+                    guest_port,
+                    target,
+                    via_tunnel,
+                } if p == proto && guest_port == port => {
+                    return Ok(Allowed {
+                        to: SocketAddr::V4(target),
+                        hole: true,
+                        via_tunnel,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Err(Denial::GatewayPort)
+    }
+
+    fn decide4(&self, proto: Proto, dst: SocketAddrV4) -> Result<Allowed, Denial> {
         let ip = *dst.ip();
         let port = dst.port();
         if ip == self.gateway {
-            for r in &self.rules {
-                match *r {
-                    NetRule::AllowHostPort { proto: p, port: hp } if p == proto && hp == port => {
-                        return Ok(Allowed {
-                            to: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, hp)),
-                            hole: true,
-                            via_tunnel: false,
-                        });
-                    }
-                    NetRule::ForwardPort {
-                        proto: p,
-                        guest_port,
-                        target,
-                        via_tunnel,
-                    } if p == proto && guest_port == port => {
-                        return Ok(Allowed {
-                            to: SocketAddr::V4(target),
-                            hole: true,
-                            via_tunnel,
-                        });
-                    }
-                    _ => {}
-                }
-            }
-            return Err(Denial::GatewayPort);
+            return self.gateway_hole(proto, port);
         }
         if self.in_subnet(ip) {
             return Err(Denial::GuestNetwork);
@@ -297,14 +451,7 @@ impl Policy {
             return Err(Denial::EgressNone);
         }
         self.classify_public(ip)?;
-        if let Some(list) = &self.domains {
-            if proto == Proto::Udp && port == 443 {
-                return Err(Denial::Quic);
-            }
-            if !list.admits_addr(ip) {
-                return Err(Denial::NotAllowedDomain);
-            }
-        }
+        self.domains_admit(proto, IpAddr::V4(ip), port)?;
         // With WireGuard, everything that is not a named hole leaves
         // through the tunnel.
         Ok(Allowed {
@@ -337,11 +484,12 @@ mod tests {
             host,
             domains: None,
             tunnel: false,
+            net6: None,
         }
     }
 
-    fn to(a: [u8; 4], port: u16) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::from(a), port)
+    fn to(a: [u8; 4], port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::from(a), port))
     }
 
     #[test]
@@ -421,7 +569,7 @@ mod tests {
                 NetRule::ForwardPort {
                     proto: Proto::Tcp,
                     guest_port: 8081,
-                    target: to([10, 0, 0, 5], 80),
+                    target: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 5), 80),
                     via_tunnel: false,
                 },
             ],
@@ -500,10 +648,7 @@ mod tests {
             ],
         );
         p.tunnel = true;
-        let via = |ip: [u8; 4], port| {
-            p.decide(Proto::Tcp, SocketAddrV4::new(Ipv4Addr::from(ip), port))
-                .map(|a| a.via_tunnel)
-        };
+        let via = |ip: [u8; 4], port| p.decide(Proto::Tcp, to(ip, port)).map(|a| a.via_tunnel);
         assert_eq!(via([93, 184, 216, 34], 443), Ok(true));
         assert_eq!(via([192, 168, 1, 50], 80), Ok(false));
         assert_eq!(via([192, 168, 1, 51], 80), Ok(true));
@@ -513,10 +658,7 @@ mod tests {
         assert_eq!(via([192, 168, 1, 52], 80), Err(Denial::Private));
         assert_eq!(via([45, 1, 2, 3], 80), Err(Denial::HostAddress));
         p.tunnel = false;
-        let via = |ip: [u8; 4], port| {
-            p.decide(Proto::Tcp, SocketAddrV4::new(Ipv4Addr::from(ip), port))
-                .map(|a| a.via_tunnel)
-        };
+        let via = |ip: [u8; 4], port| p.decide(Proto::Tcp, to(ip, port)).map(|a| a.via_tunnel);
         assert_eq!(via([93, 184, 216, 34], 443), Ok(false));
     }
     #[test]
@@ -536,7 +678,7 @@ mod tests {
         );
         for ip in CLOUD_HOSTS {
             assert_eq!(
-                p.decide(Proto::Tcp, SocketAddrV4::new(ip, 80)),
+                p.decide(Proto::Tcp, SocketAddr::from((ip, 80))),
                 Err(Denial::CloudHost)
             );
         }
@@ -576,12 +718,130 @@ mod tests {
                 via_tunnel: false,
             }],
         );
-        let a = |ip: [u8; 4]| p.answer_address(Ipv4Addr::from(ip));
+        let a = |ip: [u8; 4]| p.answer_address(Ipv4Addr::from(ip).into());
         assert_eq!(a([93, 184, 216, 34]), Ok(false));
         assert_eq!(a([192, 168, 1, 50]), Ok(true));
         assert_eq!(a([192, 168, 1, 51]), Err(Denial::Private));
         assert_eq!(a([45, 1, 2, 3]), Err(Denial::HostAddress));
         assert_eq!(a([10, 0, 2, 15]), Err(Denial::GuestNetwork));
         assert_eq!(a([168, 63, 129, 16]), Err(Denial::CloudHost));
+    }
+
+    fn v6(p: &Policy, ip: &str, port: u16) -> Result<Allowed, Denial> {
+        let ip: Ipv6Addr = ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
+        p.decide(Proto::Tcp, SocketAddr::from((ip, port)))
+    }
+
+    fn with_ipv6(egress: Egress) -> Policy {
+        let mut p = policy(egress, vec![]);
+        p.net6 = Some(Net6::standard());
+        let mut host: HashSet<IpAddr> = HashSet::new();
+        host.insert("2a0a:1000::1".parse().unwrap_or_else(|e| panic!("{e}")));
+        host.insert(IpAddr::V4(Ipv4Addr::new(45, 1, 2, 3)));
+        p.host.replace(host);
+        p
+    }
+
+    #[test]
+    fn ipv6_is_refused_unless_enabled() {
+        let p = policy(Egress::Direct, vec![]);
+        assert_eq!(v6(&p, "2a0a:2000::10", 80), Err(Denial::Ipv6));
+        assert_eq!(
+            p.answer_address("2a0a:2000::10".parse().unwrap_or_else(|e| panic!("{e}"))),
+            Err(Denial::Ipv6)
+        );
+    }
+
+    #[test]
+    fn ipv6_reaches_global_unicast_only() {
+        let p = with_ipv6(Egress::Direct);
+        assert_eq!(
+            v6(&p, "2a0a:2000::10", 443).map(|a| a.to),
+            Ok("[2a0a:2000::10]:443"
+                .parse()
+                .unwrap_or_else(|e| panic!("{e}")))
+        );
+        let cases = [
+            ("::", Denial::Loopback),
+            ("::1", Denial::Loopback),
+            ("fe80::1", Denial::LinkLocal),
+            ("fd12::5", Denial::Private),
+            ("fc00::1", Denial::Private),
+            ("fec0::1", Denial::Private),
+            ("ff02::1", Denial::Multicast),
+            ("ff05::1:3", Denial::Multicast),
+            ("2001:db8::1", Denial::Reserved),
+            ("100::1", Denial::Reserved),
+            ("::10.1.2.3", Denial::Reserved),
+            ("4000::1", Denial::Reserved),
+            ("2a0a:1000::1", Denial::HostAddress),
+            ("fd6d:6967:7261:6e74::99", Denial::GuestNetwork),
+            ("fd6d:6967:7261:6e74::2", Denial::GatewayPort),
+        ];
+        for (ip, want) in cases {
+            assert_eq!(v6(&p, ip, 80), Err(want), "{ip}");
+        }
+    }
+
+    /// Every form that carries an IPv4 address is decided as that
+    /// address: a LAN host is not reachable through NAT64, 6to4, Teredo
+    /// or an IPv4-mapped address; a public one is.
+    #[test]
+    fn ipv6_forms_of_ipv4_addresses_are_decided_as_ipv4() {
+        let p = with_ipv6(Egress::Direct);
+        for (ip, want) in [
+            ("64:ff9b::c0a8:4d32", Denial::Private),
+            ("64:ff9b::7f00:1", Denial::Loopback),
+            ("64:ff9b:1:c0a8:4d:3200::", Denial::Private),
+            // Local-use NAT64 is read as a /48 and as a /96: both must pass.
+            ("64:ff9b:1:5db8:d8:2200:a9fe:a9fe", Denial::LinkLocal),
+            ("64:ff9b:1::5db8:d822", Denial::Loopback),
+            ("2002:c0a8:4d32::1", Denial::Private),
+            ("2002:2d01:0203::1", Denial::HostAddress),
+            // Teredo: server 192.168.77.50, client anything.
+            ("2001:0:c0a8:4d32::1", Denial::Private),
+            // Teredo: the client 10.0.0.1, inverted in the last 32 bits.
+            ("2001:0:5db8:d822:0:0:f5ff:fffe", Denial::Private),
+            ("::ffff:192.168.77.50", Denial::Private),
+            ("::ffff:127.0.0.1", Denial::Loopback),
+            ("64:ff9b::a83f:8110", Denial::CloudHost),
+        ] {
+            assert_eq!(v6(&p, ip, 80), Err(want), "{ip}");
+        }
+        // Public IPv4 inside: allowed, and a mapped address is an IPv4 flow.
+        assert!(v6(&p, "64:ff9b::5db8:d822", 80).is_ok());
+        assert_eq!(
+            v6(&p, "::ffff:93.184.216.34", 80).map(|a| a.to),
+            Ok("93.184.216.34:80".parse().unwrap_or_else(|e| panic!("{e}")))
+        );
+    }
+
+    #[test]
+    fn ipv6_follows_egress_and_allow_domains() {
+        let mut p = with_ipv6(Egress::Open);
+        // Open admits the LAN (ULA), never the host or link-local.
+        assert!(v6(&p, "fd12::5", 80).is_ok());
+        assert_eq!(v6(&p, "fe80::1", 80), Err(Denial::LinkLocal));
+        assert_eq!(v6(&p, "2a0a:1000::1", 80), Err(Denial::HostAddress));
+        p.egress = Egress::None;
+        assert_eq!(v6(&p, "2a0a:2000::10", 80), Err(Denial::EgressNone));
+        p.egress = Egress::Direct;
+        let list = super::super::domains::Allowlist::new(&["ok.example".into()]);
+        let ok: Ipv6Addr = "2a0a:2000::10".parse().unwrap_or_else(|e| panic!("{e}"));
+        list.learn("ok.example", ok, 60);
+        p.domains = Some(list);
+        assert!(v6(&p, "2a0a:2000::10", 443).is_ok());
+        assert_eq!(v6(&p, "2a0a:2000::11", 443), Err(Denial::NotAllowedDomain));
+        assert_eq!(
+            p.decide(Proto::Udp, SocketAddr::from((ok, 443))),
+            Err(Denial::Quic)
+        );
+        // Answers: public IPv6 yes, the host, ULA and mapped LAN no.
+        let a = |ip: &str| p.answer_address(ip.parse().unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(a("2a0a:2000::10"), Ok(false));
+        assert_eq!(a("2a0a:1000::1"), Err(Denial::HostAddress));
+        assert_eq!(a("fd12::5"), Err(Denial::Private));
+        assert_eq!(a("::ffff:10.0.0.1"), Err(Denial::Private));
+        assert_eq!(a("64:ff9b::a00:1"), Err(Denial::Private));
     }
 }

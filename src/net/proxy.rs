@@ -4,7 +4,7 @@
 //! makes its own connection from the host's namespace.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,7 +45,7 @@ pub const MAX_UDP_FLOWS: usize = 4096;
 const UDP_IDLE: Duration = Duration::from_secs(60);
 
 /// Live UDP flows: (guest source, original destination) → upstream socket.
-type Flows = Arc<Mutex<HashMap<(SocketAddr, SocketAddrV4), Arc<UdpSocket>>>>;
+type Flows = Arc<Mutex<HashMap<(SocketAddr, SocketAddr), Arc<UdpSocket>>>>;
 
 /// Counters shown by `migrant status`.
 #[derive(Debug, Default)]
@@ -57,7 +57,7 @@ pub struct Stats {
     journal: Journal,
     /// The name each address was last given in a DNS answer, for the
     /// journal (at most [`MAX_NAMES`]).
-    names: Mutex<HashMap<std::net::Ipv4Addr, String>>,
+    names: Mutex<HashMap<IpAddr, String>>,
 }
 
 /// Addresses remembered with their names; the map starts over when full.
@@ -97,7 +97,7 @@ impl Stats {
     }
 
     /// A DNS answer named `ip`.
-    pub fn named(&self, ip: std::net::Ipv4Addr, name: &str) {
+    pub fn named(&self, ip: IpAddr, name: &str) {
         if let Ok(mut m) = self.names.lock() {
             if m.len() >= MAX_NAMES && !m.contains_key(&ip) {
                 m.clear();
@@ -106,7 +106,7 @@ impl Stats {
         }
     }
 
-    fn name_of(&self, ip: std::net::Ipv4Addr) -> Option<String> {
+    fn name_of(&self, ip: IpAddr) -> Option<String> {
         self.names.lock().ok().and_then(|m| m.get(&ip).cloned())
     }
 
@@ -116,14 +116,14 @@ impl Stats {
     pub fn flow_ended(
         &self,
         proto: Proto,
-        dst: SocketAddrV4,
+        dst: SocketAddr,
         allowed: Allowed,
         name: Option<String>,
         up: u64,
         down: u64,
     ) {
         let mut e = Entry::new(proto_name(proto), dst.to_string(), Decision::Allowed);
-        e.name = name.or_else(|| self.name_of(*dst.ip()));
+        e.name = name.or_else(|| self.name_of(dst.ip()));
         e.up = up;
         e.down = down;
         e.reason = match (allowed.hole, allowed.via_tunnel) {
@@ -190,8 +190,8 @@ impl Stats {
         }
     }
 
-    pub fn deny(&self, proto: Proto, src: SocketAddr, dst: SocketAddrV4, why: Denial) {
-        let name = self.name_of(*dst.ip());
+    pub fn deny(&self, proto: Proto, src: SocketAddr, dst: SocketAddr, why: Denial) {
+        let name = self.name_of(dst.ip());
         if self.refused(proto_name(proto), dst.to_string(), name, why) {
             tracing::info!(
                 "denied {} {src} -> {dst}: {}",
@@ -204,8 +204,8 @@ impl Stats {
     /// A refusal after inspection, with what was seen.
     /// A connection allow_domains cut off; the journal names the host the
     /// refused request named, when it named one.
-    pub fn deny_inspected(&self, src: SocketAddr, dst: SocketAddrV4, r: super::inspect::Refusal) {
-        let name = r.name.or_else(|| self.name_of(*dst.ip()));
+    pub fn deny_inspected(&self, src: SocketAddr, dst: SocketAddr, r: super::inspect::Refusal) {
+        let name = r.name.or_else(|| self.name_of(dst.ip()));
         if self.refused("tcp", dst.to_string(), name, r.why) {
             tracing::info!(
                 "denied tcp {src} -> {dst}: {} ({})",
@@ -253,12 +253,36 @@ pub struct Proxy {
     pub tunnel: Option<Arc<NsSockets>>,
 }
 
-/// The TCP TPROXY listener; call on a thread inside the namespace.
-pub fn tcp_listener() -> std::io::Result<std::net::TcpListener> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+/// A transparent socket of `family` (IPv6 only, never mapped IPv4) bound
+/// to `port` of every address.
+fn transparent(v6: bool, ty: Type, proto: Protocol, port: u16) -> std::io::Result<Socket> {
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, ty.cloexec(), Some(proto))?;
     s.set_reuse_address(true)?;
-    s.set_ip_transparent_v4(true)?;
-    s.bind(&SocketAddr::from(([0, 0, 0, 0], TCP_PORT)).into())?;
+    let any = if v6 {
+        s.set_only_v6(true)?;
+        s.set_ip_transparent_v6(true)?;
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
+    } else {
+        s.set_ip_transparent_v4(true)?;
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port))
+    };
+    if proto == Protocol::UDP {
+        if v6 {
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6OrigDstAddr, &true)
+        } else {
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4OrigDstAddr, &true)
+        }
+        .map_err(std::io::Error::from)?;
+    }
+    s.bind(&any.into())?;
+    Ok(s)
+}
+
+/// The TCP TPROXY listener (IPv4, or IPv6 with `v6`); call on a thread
+/// inside the namespace.
+pub fn tcp_listener(v6: bool) -> std::io::Result<std::net::TcpListener> {
+    let s = transparent(v6, Type::STREAM, Protocol::TCP, TCP_PORT)?;
     // Accepted connections inherit these: no system calls per connection.
     s.set_tcp_nodelay(true)?;
     s.set_tcp_keepalive(&KEEPALIVE)?;
@@ -268,25 +292,23 @@ pub fn tcp_listener() -> std::io::Result<std::net::TcpListener> {
 }
 
 /// The UDP TPROXY socket (with the original destination delivered as
-/// ancillary data); call on a thread inside the namespace.
-pub fn udp_socket() -> std::io::Result<std::net::UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
-    s.set_reuse_address(true)?;
-    s.set_ip_transparent_v4(true)?;
-    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4OrigDstAddr, &true)
-        .map_err(std::io::Error::from)?;
-    s.bind(&SocketAddr::from(([0, 0, 0, 0], UDP_PORT)).into())?;
+/// ancillary data; IPv4, or IPv6 with `v6`); call on a thread inside the
+/// namespace.
+pub fn udp_socket(v6: bool) -> std::io::Result<std::net::UdpSocket> {
+    let s = transparent(v6, Type::DGRAM, Protocol::UDP, UDP_PORT)?;
     s.set_nonblocking(true)?;
     Ok(s.into())
 }
 
-fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+/// An address as the policy sees it: IPv4-mapped IPv6 as IPv4, without
+/// flow label or scope.
+fn plain(addr: SocketAddr) -> SocketAddr {
     match addr {
-        SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(a) => a
-            .ip()
-            .to_ipv4_mapped()
-            .map(|ip| SocketAddrV4::new(ip, a.port())),
+        SocketAddr::V4(_) => addr,
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(ip) => SocketAddr::from((ip, a.port())),
+            None => SocketAddr::from((*a.ip(), a.port())),
+        },
     }
 }
 
@@ -312,7 +334,7 @@ impl Proxy {
                 }
             };
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                if let Some(dst) = stream.local_addr().ok().and_then(v4) {
+                if let Ok(dst) = stream.local_addr().map(plain) {
                     self.stats
                         .deny(Proto::Tcp, src, dst, Denial::TooManyConnections);
                 }
@@ -330,13 +352,13 @@ impl Proxy {
     async fn tcp_flow(&self, guest: TcpStream, src: SocketAddr) {
         // With TPROXY the accepted socket's local address is where the
         // guest meant to go.
-        let Some(dst) = guest.local_addr().ok().and_then(v4) else {
+        let Ok(dst) = guest.local_addr().map(plain) else {
             return reset(guest);
         };
         let policy = &self.gate.policy;
         // DNS over TCP to any server is answered by the gateway's
         // resolver, like DNS over UDP: one resolver sees every lookup.
-        if dst.port() == 53 && *dst.ip() != policy.gateway {
+        if dst.port() == 53 && !is_gateway(policy, dst.ip()) {
             return self.resolver.tcp_client(guest).await;
         }
         let allowed = match self.gate.decide(Proto::Tcp, dst) {
@@ -350,7 +372,7 @@ impl Proxy {
         // anything is sent on its behalf.
         let inspect = policy.domains.as_ref().filter(|_| !allowed.hole);
         let first = match inspect {
-            Some(list) => match super::inspect::before_connect(list, *dst.ip(), &guest).await {
+            Some(list) => match super::inspect::before_connect(list, dst.ip(), &guest).await {
                 Ok(Some(first)) => first,
                 Ok(None) => return reset(guest),
                 Err(refusal) => {
@@ -390,7 +412,7 @@ impl Proxy {
         let _ = upstream.set_nodelay(true);
         let (up, down) = if let Some(list) = inspect {
             let (refused, up, down) =
-                super::inspect::relay(list, *dst.ip(), &guest, &upstream, first).await;
+                super::inspect::relay(list, dst.ip(), &guest, &upstream, first).await;
             if let Some(refusal) = refused {
                 self.stats.deny_inspected(src, dst, refusal);
             }
@@ -450,7 +472,7 @@ impl Proxy {
         }
     }
 
-    async fn udp_flow(&self, src: SocketAddr, dst: SocketAddrV4, first: Vec<u8>, flows: Flows) {
+    async fn udp_flow(&self, src: SocketAddr, dst: SocketAddr, first: Vec<u8>, flows: Flows) {
         // DNS to any server goes to the gateway's resolver, so that
         // `allow_domains` sees every lookup.
         let is_dns = dst.port() == 53;
@@ -466,8 +488,7 @@ impl Proxy {
             }
         };
         // The reply socket speaks as `dst` to the guest.
-        let Some(guest) = v4(src) else { return };
-        let reply = match self.inside.reply(dst, guest).await {
+        let reply = match self.inside.reply(dst, src).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("udp reply socket for {dst}: {e}");
@@ -579,15 +600,15 @@ fn forward(from: &UdpSocket, to: &UdpSocket, count: &mut u64) -> std::io::Result
     }
 }
 
-/// Receive one datagram with its original destination.
+/// Receive one datagram with its original destination (either family).
 fn recv_orig(
     sock: &std::net::UdpSocket,
     buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr, SocketAddrV4)> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
+) -> std::io::Result<(usize, SocketAddr, SocketAddr)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
     let mut iov = [std::io::IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(libc::sockaddr_in);
-    let msg = recvmsg::<SockaddrIn>(
+    let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
+    let msg = recvmsg::<SockaddrStorage>(
         sock.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg),
@@ -596,19 +617,41 @@ fn recv_orig(
     .map_err(std::io::Error::from)?;
     let src = msg
         .address
-        .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())))
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+                })
+        })
         .ok_or_else(|| std::io::Error::other("datagram without a source"))?;
     let mut dst = None;
     for c in msg.cmsgs().map_err(std::io::Error::from)? {
-        if let ControlMessageOwned::Ipv4OrigDstAddr(sin) = c {
-            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            dst = Some(SocketAddrV4::new(ip, u16::from_be(sin.sin_port)));
+        match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(sin) => {
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                dst = Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))));
+            }
+            ControlMessageOwned::Ipv6OrigDstAddr(sin6) => {
+                let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                dst = Some(SocketAddr::from((ip, u16::from_be(sin6.sin6_port))));
+            }
+            _ => {}
         }
     }
     let len = msg.bytes;
     let dst =
         dst.ok_or_else(|| std::io::Error::other("datagram without its original destination"))?;
-    Ok((len, src, dst))
+    Ok((len, plain(src), plain(dst)))
+}
+
+/// The gateway's own address, IPv4 or IPv6.
+fn is_gateway(policy: &super::policy::Policy, ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4 == policy.gateway,
+        IpAddr::V6(v6) => policy.net6.is_some_and(|n| n.gateway == v6),
+    }
 }
 
 /// Keep the policy's view of the host current: its addresses, its default

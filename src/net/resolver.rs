@@ -112,8 +112,10 @@ impl Resolver {
             );
             return Some(refused);
         }
-        // No IPv6 egress: no AAAA answers, at once, from here.
-        if question.query_type() == hickory_proto::rr::RecordType::AAAA {
+        // Without IPv6 egress: no AAAA answers, at once, from here (so
+        // that clients do not wait on IPv6 first).
+        let ipv6 = self.gate.as_ref().is_some_and(|g| g.policy.net6.is_some());
+        if !ipv6 && question.query_type() == hickory_proto::rr::RecordType::AAAA {
             let empty = dns::reply(&guest, hickory_proto::op::ResponseCode::NoError);
             return dns::encode_for(empty, transport == Transport::Udp);
         }
@@ -136,8 +138,8 @@ impl Resolver {
         }
         self.stats.dns_answered(&name, &qtype);
         for rec in &resp.answers {
-            if let RData::A(a) = &rec.data {
-                self.stats.named(a.0, &name);
+            if let Some(ip) = address_of(&rec.data) {
+                self.stats.named(ip, &name);
             }
         }
         dns::encode_for(resp, transport == Transport::Udp)
@@ -299,15 +301,24 @@ fn random_id() -> u16 {
     u16::from_ne_bytes(b)
 }
 
-/// Admit the A records of an answer (already filtered) to the allowed
-/// name that was asked.
+/// The address an A or AAAA record carries.
+fn address_of(data: &RData) -> Option<std::net::IpAddr> {
+    match data {
+        RData::A(a) => Some(a.0.into()),
+        RData::AAAA(a) => Some(a.0.into()),
+        _ => None,
+    }
+}
+
+/// Admit the A and AAAA records of an answer (already filtered) to the
+/// allowed name that was asked.
 fn learn(allow: &Allowlist, name: &str, msg: &Message) {
     for rec in &msg.answers {
-        if let RData::A(a) = &rec.data {
-            allow.learn(name, a.0, rec.ttl);
+        if let Some(ip) = address_of(&rec.data) {
+            allow.learn(name, ip, rec.ttl);
             // The owner name too (a CNAME target), so that shared
             // addresses are recognised as such.
-            allow.learn(&rec.name.to_ascii(), a.0, rec.ttl);
+            allow.learn(&rec.name.to_ascii(), ip, rec.ttl);
         }
     }
 }

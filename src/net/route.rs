@@ -17,7 +17,7 @@
 //! error the answer is a refusal and the last good next hops are kept.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -213,12 +213,22 @@ impl RouteSocket {
     }
 
     /// How this namespace would send to `dst`.
-    pub fn get(&mut self, dst: Ipv4Addr) -> Route {
+    pub fn get(&mut self, dst: IpAddr) -> Route {
         let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        msg.header.destination_prefix_length = 32;
-        msg.attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        match dst {
+            IpAddr::V4(v4) => {
+                msg.header.address_family = AddressFamily::Inet;
+                msg.header.destination_prefix_length = 32;
+                msg.attributes
+                    .push(RouteAttribute::Destination(RouteAddress::Inet(v4)));
+            }
+            IpAddr::V6(v6) => {
+                msg.header.address_family = AddressFamily::Inet6;
+                msg.header.destination_prefix_length = 128;
+                msg.attributes
+                    .push(RouteAttribute::Destination(RouteAddress::Inet6(v6)));
+            }
+        }
         match self.request(msg, NLM_F_REQUEST) {
             Ok(r) => r.first().map_or(Route::Unreachable, route_of),
             // ENETUNREACH, EHOSTUNREACH, EACCES, EINVAL: no way there.
@@ -229,12 +239,23 @@ impl RouteSocket {
         }
     }
 
-    /// Every IPv4 route of every table.
+    /// Every route of every table, IPv4 and IPv6.
     pub fn dump(&mut self) -> std::io::Result<Vec<RouteMessage>> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
-        self.request(msg, NLM_F_REQUEST | NLM_F_DUMP)
+        let mut routes = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = family;
+            msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+            match self.request(msg, NLM_F_REQUEST | NLM_F_DUMP) {
+                Ok(r) => routes.extend(r),
+                // A host without IPv6 (ipv6.disable=1) has no such table.
+                Err(e) if family == AddressFamily::Inet6 => {
+                    tracing::debug!("no IPv6 routes: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(routes)
     }
 }
 
@@ -294,7 +315,7 @@ impl RouteGuard {
     }
 
     /// Whether a flow to `dst` leaves the way the rule admits.
-    pub fn check(&self, dst: Ipv4Addr) -> Result<(), Denial> {
+    pub fn check(&self, dst: IpAddr) -> Result<(), Denial> {
         use std::sync::atomic::Ordering;
         let started = Instant::now();
         let route = match self.socket.lock() {
@@ -353,11 +374,11 @@ impl Gate {
     pub fn decide(
         &self,
         proto: crate::config::Proto,
-        dst: std::net::SocketAddrV4,
+        dst: std::net::SocketAddr,
     ) -> Result<super::policy::Allowed, Denial> {
         let allowed = self.policy.decide(proto, dst)?;
         if !allowed.hole {
-            self.guard(allowed.via_tunnel)?.check(*dst.ip())?;
+            self.guard(allowed.via_tunnel)?.check(allowed.to.ip())?;
         }
         Ok(allowed)
     }
@@ -372,7 +393,7 @@ impl Gate {
 
     /// Whether a DNS answer may carry `ip` (see
     /// [`super::policy::Policy::answer_address`]).
-    pub fn answer_allowed(&self, ip: Ipv4Addr) -> bool {
+    pub fn answer_allowed(&self, ip: IpAddr) -> bool {
         match self.policy.answer_address(ip) {
             Ok(true) => true,
             Ok(false) => self
@@ -387,6 +408,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn v4(a: [u8; 4]) -> Option<IpAddr> {
         Some(IpAddr::V4(Ipv4Addr::from(a)))
@@ -496,8 +518,11 @@ mod tests {
         let Ok(mut s) = RouteSocket::new() else {
             return; // No netlink in this sandbox.
         };
-        assert_eq!(s.get(Ipv4Addr::LOCALHOST), Route::Local);
-        let _ = s.get(Ipv4Addr::new(45, 20, 0, 10));
+        assert_eq!(s.get(Ipv4Addr::LOCALHOST.into()), Route::Local);
+        let _ = s.get(Ipv4Addr::new(45, 20, 0, 10).into());
+        if std::path::Path::new("/proc/net/if_inet6").exists() {
+            assert_eq!(s.get(std::net::Ipv6Addr::LOCALHOST.into()), Route::Local);
+        }
         assert!(s.dump().is_ok());
     }
 }

@@ -86,12 +86,34 @@ pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x6d, 0x67, 0x00, 0x00, 0x01];
 /// In the current thread's namespace: bring `lo` up, give `tap` the
 /// gateway address and bring it up. Runs its own small runtime because
 /// the netlink socket must be created in this thread's namespace.
-pub fn configure(tap: &str, gateway: Ipv4Addr, prefix: u8, tproxy: bool) -> Result<(), TapError> {
-    // No IPv6 in the VM's namespace at all (v1 policy).
+///
+/// With `net6` the gateway also gets its IPv6 address on `tap` (no
+/// duplicate address detection, no router advertisements accepted: the
+/// guest's address is static, from the seed); without it the namespace
+/// has no IPv6 at all.
+pub fn configure(
+    tap: &str,
+    gateway: Ipv4Addr,
+    prefix: u8,
+    net6: Option<crate::config::Net6>,
+    tproxy: bool,
+) -> Result<(), TapError> {
+    let sysctl = |key: &str, name: &str, value: &[u8]| {
+        let path = format!("/proc/sys/net/ipv6/conf/{key}/{name}");
+        match std::path::Path::new(&path).exists() {
+            true => {
+                std::fs::write(&path, value).map_err(|e| TapError::Netlink(format!("{path}: {e}")))
+            }
+            false => Ok(()),
+        }
+    };
+    let off: &[u8] = if net6.is_some() { b"0" } else { b"1" };
     for key in ["all", "default", tap] {
-        let path = format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6");
-        if std::path::Path::new(&path).exists() {
-            std::fs::write(&path, b"1").map_err(|e| TapError::Netlink(format!("{path}: {e}")))?;
+        sysctl(key, "disable_ipv6", off)?;
+    }
+    if net6.is_some() {
+        for name in ["accept_dad", "accept_ra", "autoconf", "forwarding"] {
+            sysctl(tap, name, b"0")?;
         }
     }
     let lo = index_of("lo")?;
@@ -131,6 +153,15 @@ pub fn configure(tap: &str, gateway: Ipv4Addr, prefix: u8, tproxy: bool) -> Resu
                 .execute()
                 .await
                 .map_err(|e| TapError::Netlink(format!("address {gateway}/{prefix}: {e}")))?;
+            if let Some(n) = net6 {
+                let p = crate::config::Net6::PREFIX;
+                handle
+                    .address()
+                    .add(tap_idx, n.gateway.into(), p)
+                    .execute()
+                    .await
+                    .map_err(|e| TapError::Netlink(format!("address {}/{p}: {e}", n.gateway)))?;
+            }
             if tproxy {
                 // Packets the ruleset marked for the proxy are delivered
                 // locally whatever their destination.
@@ -157,6 +188,31 @@ pub fn configure(tap: &str, gateway: Ipv4Addr, prefix: u8, tproxy: bool) -> Resu
                     .execute()
                     .await
                     .map_err(|e| TapError::Netlink(format!("tproxy route: {e}")))?;
+            }
+            if tproxy && net6.is_some() {
+                handle
+                    .rule()
+                    .add()
+                    .v6()
+                    .fw_mark(super::nft::TPROXY_MARK)
+                    .table_id(super::nft::TPROXY_TABLE)
+                    .action(rtnetlink::packet_route::rule::RuleAction::ToTable)
+                    .execute()
+                    .await
+                    .map_err(|e| TapError::Netlink(format!("IPv6 tproxy rule: {e}")))?;
+                let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                    .destination_prefix(std::net::Ipv6Addr::UNSPECIFIED, 0)
+                    .output_interface(lo)
+                    .table_id(super::nft::TPROXY_TABLE)
+                    .kind(rtnetlink::packet_route::route::RouteType::Local)
+                    .scope(rtnetlink::packet_route::route::RouteScope::Host)
+                    .build();
+                handle
+                    .route()
+                    .add(route)
+                    .execute()
+                    .await
+                    .map_err(|e| TapError::Netlink(format!("IPv6 tproxy route: {e}")))?;
             }
             Ok(())
         }

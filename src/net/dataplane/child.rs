@@ -119,6 +119,7 @@ struct Owned {
     dns: OwnedFd,
     dns_tcp: OwnedFd,
     proxy: Option<(OwnedFd, OwnedFd)>,
+    proxy6: Option<(OwnedFd, OwnedFd)>,
     tunnel_routes: Option<OwnedFd>,
     ssh: Option<OwnedFd>,
     factory: OwnedFd,
@@ -139,6 +140,10 @@ impl Owned {
             dns: inherited(f.dns)?,
             dns_tcp: inherited(f.dns_tcp)?,
             proxy: match (f.tcp, f.udp) {
+                (Some(t), Some(u)) => Some((inherited(t)?, inherited(u)?)),
+                _ => None,
+            },
+            proxy6: match (f.tcp6, f.udp6) {
                 (Some(t), Some(u)) => Some((inherited(t)?, inherited(u)?)),
                 _ => None,
             },
@@ -232,6 +237,7 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
             host,
             domains: allow.clone(),
             tunnel: plan.tunnel,
+            net6: plan.net6,
         },
         host: route::RouteGuard::new(route::RouteSocket::new()?, rule),
         // Without its socket, tunnel flows are refused (fail closed).
@@ -272,7 +278,7 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
     let dns_tcp = tokio::net::TcpListener::from_std(std::net::TcpListener::from(fds.dns_tcp))?;
     tokio::spawn(Arc::clone(&resolver).serve_tcp(dns_tcp));
     tokio::spawn(proxy::watch_host(Arc::clone(&gate)));
-    if let Some((tcp, udp)) = fds.proxy {
+    if fds.proxy.is_some() {
         let proxy = Arc::new(proxy::Proxy {
             gate: Arc::clone(&gate),
             stats: Arc::clone(&stats),
@@ -280,14 +286,18 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
             resolver,
             tunnel,
         });
-        let tcp = tokio::net::TcpListener::from_std(std::net::TcpListener::from(tcp))?;
-        tokio::spawn(Arc::clone(&proxy).serve_tcp(tcp));
-        let udp = std::net::UdpSocket::from(udp);
-        tokio::spawn(async move {
-            if let Err(e) = proxy.serve_udp(udp).await {
-                tracing::error!("UDP proxy stopped: {e}");
-            }
-        });
+        // One pair of listeners per address family, one proxy behind them.
+        for (tcp, udp) in fds.proxy.into_iter().chain(fds.proxy6) {
+            let tcp = tokio::net::TcpListener::from_std(std::net::TcpListener::from(tcp))?;
+            tokio::spawn(Arc::clone(&proxy).serve_tcp(tcp));
+            let udp = std::net::UdpSocket::from(udp);
+            let proxy = Arc::clone(&proxy);
+            tokio::spawn(async move {
+                if let Err(e) = proxy.serve_udp(udp).await {
+                    tracing::error!("UDP proxy stopped: {e}");
+                }
+            });
+        }
     }
 
     // SSH: the forward from the host's socket, and the readiness probe.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::netns::NetNs;
 use super::{dhcp, nft, proxy, tap};
-use crate::config::{Config, Egress, NetRule, Proto};
+use crate::config::{Config, Egress, Net6, NetRule, Proto};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -55,6 +55,8 @@ pub struct Setup {
     /// The guest's leased address.
     pub guest: std::net::Ipv4Addr,
     pub prefix: u8,
+    /// With `ipv6 = true`: the guest's IPv6 network.
+    pub net6: Option<Net6>,
     /// The proxy runs unless nothing at all may leave.
     pub proxied: bool,
     /// Gateway TCP ports opened by rules.
@@ -70,6 +72,7 @@ impl Setup {
             gateway: cfg.gateway_ip(),
             guest: cfg.guest_ip(),
             prefix: cfg.network.subnet.prefix_len(),
+            net6: cfg.net6(),
             proxied: cfg.network.egress != Egress::None || !cfg.network.rules.is_empty(),
             gateway_tcp_holes: cfg
                 .network
@@ -110,15 +113,24 @@ pub struct Sockets {
     pub dns: std::net::UdpSocket,
     pub dns_tcp: std::net::TcpListener,
     pub listeners: Option<(std::net::TcpListener, std::net::UdpSocket)>,
+    /// The same for IPv6 (with `ipv6 = true`).
+    pub listeners6: Option<(std::net::TcpListener, std::net::UdpSocket)>,
 }
 
 /// Configure `iface` and the namespace; call on a thread inside it.
 pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError> {
-    tap::configure(iface, setup.gateway, setup.prefix, setup.proxied)?;
+    tap::configure(
+        iface,
+        setup.gateway,
+        setup.prefix,
+        setup.net6,
+        setup.proxied,
+    )?;
     let plan = nft::Plan {
         tap: iface.to_string(),
         gateway: setup.gateway,
         guest: setup.guest,
+        net6: setup.net6,
         proxy: setup.proxied.then_some((proxy::TCP_PORT, proxy::UDP_PORT)),
         gateway_tcp_holes: setup.gateway_tcp_holes.clone(),
         tunnel: setup.tunnel_iface.clone(),
@@ -132,14 +144,17 @@ pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError
     dns_tcp
         .set_nonblocking(true)
         .map_err(io("DNS TCP listener"))?;
-    let listeners = if setup.proxied {
-        Some((
-            proxy::tcp_listener().map_err(io("TCP proxy listener"))?,
-            proxy::udp_socket().map_err(io("UDP proxy socket"))?,
+    let listeners = |v6: bool| -> Result<_, DataplaneError> {
+        Ok((
+            proxy::tcp_listener(v6).map_err(io("TCP proxy listener"))?,
+            proxy::udp_socket(v6).map_err(io("UDP proxy socket"))?,
         ))
-    } else {
-        None
     };
+    let listeners6 = match setup.net6 {
+        Some(_) if setup.proxied => Some(listeners(true)?),
+        _ => None,
+    };
+    let listeners = setup.proxied.then(|| listeners(false)).transpose()?;
     let guest_link = nix::net::if_::if_nametoindex(iface).map_err(|e| DataplaneError::Io {
         what: "guest link index",
         source: e.into(),
@@ -164,6 +179,7 @@ pub fn setup_in_ns(iface: &str, setup: &Setup) -> Result<Sockets, DataplaneError
         dns,
         dns_tcp,
         listeners,
+        listeners6,
     })
 }
 
@@ -176,6 +192,7 @@ pub struct Plan {
     pub guest: Ipv4Addr,
     pub gateway: Ipv4Addr,
     pub subnet: ipnet::Ipv4Net,
+    pub net6: Option<Net6>,
     pub mac: [u8; 6],
     pub egress: Egress,
     pub rules: Vec<NetRule>,
@@ -211,6 +228,8 @@ pub struct Fds {
     pub dns_tcp: i32,
     pub tcp: Option<i32>,
     pub udp: Option<i32>,
+    pub tcp6: Option<i32>,
+    pub udp6: Option<i32>,
     pub tunnel_routes: Option<i32>,
     pub ssh: Option<i32>,
     /// The socket link ([`crate::net::netns::NsSockets::remote`]).
@@ -223,9 +242,16 @@ impl Fds {
     pub fn all(&self) -> Vec<i32> {
         let mut v = vec![self.dhcp, self.dns, self.dns_tcp, self.factory, self.events];
         v.extend(
-            [self.tcp, self.udp, self.tunnel_routes, self.ssh]
-                .into_iter()
-                .flatten(),
+            [
+                self.tcp,
+                self.udp,
+                self.tcp6,
+                self.udp6,
+                self.tunnel_routes,
+                self.ssh,
+            ]
+            .into_iter()
+            .flatten(),
         );
         v
     }
@@ -247,6 +273,7 @@ impl Plan {
             guest: cfg.guest_ip(),
             gateway: cfg.gateway_ip(),
             subnet: cfg.network.subnet,
+            net6: cfg.net6(),
             mac,
             egress: cfg.network.egress,
             rules: cfg.network.rules.clone(),

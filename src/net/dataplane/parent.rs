@@ -146,12 +146,16 @@ pub async fn start(
         dns_tcp: s.dns_tcp.as_raw_fd(),
         tcp: s.listeners.as_ref().map(|(t, _)| t.as_raw_fd()),
         udp: s.listeners.as_ref().map(|(_, u)| u.as_raw_fd()),
+        tcp6: s.listeners6.as_ref().map(|(t, _)| t.as_raw_fd()),
+        udp6: s.listeners6.as_ref().map(|(_, u)| u.as_raw_fd()),
         tunnel_routes: s.routes.as_ref().map(|r| r.as_raw_fd()),
         ssh: kept.ssh.as_ref().map(|l| l.as_raw_fd()),
         factory: factory_theirs.as_raw_fd(),
         events: events_theirs.as_raw_fd(),
     };
-    let guest = plan.guest;
+    // Reply sockets may speak to the guest's addresses only.
+    let mut guests = vec![std::net::IpAddr::V4(plan.guest)];
+    guests.extend(plan.net6.map(|n| std::net::IpAddr::V6(n.guest)));
     let text = serde_json::to_vec(&plan).map_err(|e| io("dataplane plan")(e.into()))?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("__dataplane")
@@ -166,7 +170,7 @@ pub async fn start(
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(&text).await.map_err(io("dataplane plan"))?;
     }
-    crate::net::netns::serve(ns, factory_ours, guest).map_err(|e| DataplaneError::Io {
+    crate::net::netns::serve(ns, factory_ours, guests).map_err(|e| DataplaneError::Io {
         what: "dataplane socket factory",
         source: std::io::Error::other(e),
     })?;
