@@ -123,7 +123,8 @@ def tls(ip, port, sni, mode):
     return got.decode().strip()
 
 def udp(ip, port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
     s.settimeout(3)
     s.sendto(b"ping", (ip, int(port)))
     return s.recvfrom(100)[0].decode()
@@ -155,6 +156,17 @@ def check(c):
         src, ip, port = arg.split(":")
         socket.create_connection((ip, int(port)), timeout=5, source_address=(src, 0)).close()
         return "open"
+    if kind == "say6":
+        # From a chosen source, a line sent and the first answer read: a
+        # proxied connection the policy refuses is reset after its
+        # handshake, so only an answer proves it got through.
+        src, ip, port = arg.split(",")
+        s = socket.create_connection((ip, int(port)), timeout=5, source_address=(src, 0))
+        s.sendall(b"hi\n")
+        got = s.recv(100)
+        if not got:
+            raise EOFError()
+        return got.decode().strip()
     if kind == "keepalive":
         return keepalive(*arg.split(":"))
     if kind == "manyheaders":
@@ -163,6 +175,11 @@ def check(c):
         return tls(*arg.split(":"))
     if kind == "udp":
         return udp(*arg.split(":"))
+    if kind == "udp6":
+        ip, port = arg.rsplit(":", 1)
+        return udp(ip, port)
+    if kind == "dns6":
+        return socket.getaddrinfo(arg, 80, socket.AF_INET6)[0][4][0]
     return "ERR unknown check"
 
 for c in sys.argv[1:]:

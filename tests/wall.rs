@@ -13,16 +13,22 @@ use common::*;
 #[test]
 fn egress_reaches_only_the_internet_and_dns_tells_nothing_internal() {
     let Some(image) = test_image() else { return };
-    let net = TestNet::new("w");
+    let net = TestNet::with_ipv6("w");
     let env = Env::new_in("wall", &image, "", Some(&net.host));
     env.ok(&["up"]);
     // Guest root gives itself a second address, to send from a source
-    // that is not its lease.
+    // that is not its lease, and (IPv6 being off) an IPv6 address and
+    // route of its own.
     env.ok(&[
         "ssh",
         "--",
-        "sudo ip addr add 10.0.2.77/32 dev $(ip -o -4 route show default | awk '{print $5}')",
+        "dev=$(ip -o -4 route show default | awk '{print $5}'); \
+         sudo ip addr add 10.0.2.77/32 dev $dev \
+         && sudo sysctl -qw net.ipv6.conf.$dev.disable_ipv6=0 \
+         && sudo ip -6 addr add fd6d:6967:7261:6e74::15/64 dev $dev nodad \
+         && sudo ip -6 route replace default via fd6d:6967:7261:6e74::2 dev $dev",
     ]);
+    net.count_ipv6_arrivals();
     let r = env.probe(&[
         // Controls: the internet works, by name and by address.
         "http:http://ok.test/",
@@ -44,8 +50,12 @@ fn egress_reaches_only_the_internet_and_dns_tells_nothing_internal() {
         "dnsq:10.0.2.2:AXFR:test",
         // A single-label name.
         "dnsq:10.0.2.2:A:intranet",
-        // IPv6 is off: no AAAA answers, so clients do not wait on it.
+        // IPv6 is off: no AAAA answers, so clients do not wait on it,
+        // and nothing IPv6 leaves, whatever the guest configures.
         "dnsq:10.0.2.2:AAAA:ok.test",
+        "dnsq:10.0.2.2:AAAA:v6.test",
+        "http:http://[2a0a:2000::10]/",
+        "udp6:2a0a:2000::10:443",
         // A spoofed source address.
         "tcpfrom:10.0.2.15:45.20.0.10:80",
         "tcpfrom:10.0.2.77:45.20.0.10:80",
@@ -67,10 +77,15 @@ fn egress_reaches_only_the_internet_and_dns_tells_nothing_internal() {
             ("dnsq:10.0.2.2:AXFR:test", "rcode 5"),
             ("dnsq:10.0.2.2:A:intranet", "rcode 5"),
             ("dnsq:10.0.2.2:AAAA:ok.test", "answers 0"),
+            ("dnsq:10.0.2.2:AAAA:v6.test", "answers 0"),
+            ("http:http://[2a0a:2000::10]/", "ERR"),
+            ("udp6:2a0a:2000::10:443", "ERR"),
             ("tcpfrom:10.0.2.15:45.20.0.10:80", "open"),
             ("tcpfrom:10.0.2.77:45.20.0.10:80", "ERR"),
         ],
     );
+
+    assert_eq!(net.ipv6_arrived(), 0, "IPv6 left with ipv6 = false");
 
     let status = env.ok(&["status"]);
     for reason in ["not-internet", "cloud-host", "dns-query", "spoofed-source"] {
@@ -116,6 +131,108 @@ fn egress_reaches_only_the_internet_and_dns_tells_nothing_internal() {
     let denied = env.ok(&["egress", "--denied"]);
     assert!(denied.contains("DENIED (cloud-host)"), "{denied}");
     assert!(!denied.contains("allowed"), "{denied}");
+    env.ok(&["destroy"]);
+    env.assert_clean();
+}
+
+/// `ipv6 = true`: the same wall for IPv6. The guest reaches the
+/// internet by address and by name (and the server sees the host's
+/// address); the host's addresses (one added while the VM runs), its
+/// link-local ones, a ULA LAN host, an internal network routed elsewhere,
+/// every form of a LAN IPv4 address inside IPv6, multicast and a spoofed
+/// source are refused, and DNS does not name what is refused.
+#[test]
+fn ipv6_egress_reaches_only_the_internet() {
+    let Some(image) = test_image() else { return };
+    let net = TestNet::with_ipv6("6");
+    let env = Env::new_in("wall6", &image, "[network]\nipv6 = true\n", Some(&net.host));
+    env.ok(&["up"]);
+    let addrs = env.ok(&["ssh", "--", "ip -6 -o addr show scope global"]);
+    assert!(addrs.contains("fd6d:6967:7261:6e74::15/64"), "{addrs}");
+    // A second address to spoof from (deprecated, so that the guest's
+    // own connections keep choosing its lease).
+    env.ok(&[
+        "ssh",
+        "--",
+        "sudo ip -6 addr add fd6d:6967:7261:6e74::77/64 dev eth0 nodad preferred_lft 0",
+    ]);
+    let host_ll = net.host_link_local();
+    let host_ll_check = format!("tcp:{host_ll}%eth0:9096");
+    let r = env.probe(&[
+        "http:http://[2a0a:2000::10]/",
+        "dns6:v6.test",
+        "tcp:2a0a:2000::10:443",
+        "udp6:2a0a:2000::10:443",
+        "dnsq:10.0.2.2:AAAA:v6.test",
+        // DNS never names what is refused.
+        "dnsq:10.0.2.2:AAAA:split6.test",
+        "dnsq:10.0.2.2:AAAA:internal6.test",
+        // The host itself, its link-local addresses, the LAN, an internal
+        // network, LAN IPv4 hosts inside IPv6.
+        "http:http://[2a0a:1000::1]:9096/",
+        "tcp:fe80::6d:67ff:fe00:1%eth0:80",
+        &host_ll_check,
+        "http:http://[fd77::50]/",
+        "http:http://[2a0a:3000::10]/",
+        "http:http://[64:ff9b::c0a8:4d32]/",
+        "http:http://[2002:c0a8:4d32::1]/",
+        "http:http://[::ffff:192.168.77.50]/",
+        "udp6:ff0e::1:5353",
+        // A link-local destination from the guest's global address
+        // reaches the proxy (from a link-local source, the guest is
+        // stopped as a spoofer first).
+        "say6:fd6d:6967:7261:6e74::15,fe80::6d:67ff:fe00:1%eth0,443",
+        // Only the guest's own address may send.
+        "say6:fd6d:6967:7261:6e74::15,2a0a:2000::10,443",
+        "say6:fd6d:6967:7261:6e74::77,2a0a:2000::10,443",
+    ]);
+    expect_all(
+        &r,
+        &[
+            ("http:http://[2a0a:2000::10]/", "2a0a:1000::1"),
+            ("dns6:v6.test", "2a0a:2000::10"),
+            ("tcp:2a0a:2000::10:443", "open"),
+            ("udp6:2a0a:2000::10:443", "ping"),
+            ("dnsq:10.0.2.2:AAAA:v6.test", "answers 1"),
+            ("dnsq:10.0.2.2:AAAA:split6.test", "answers 0"),
+            ("dnsq:10.0.2.2:AAAA:internal6.test", "answers 0"),
+            ("http:http://[2a0a:1000::1]:9096/", "ERR"),
+            ("tcp:fe80::6d:67ff:fe00:1%eth0:80", "ERR"),
+            (&host_ll_check, "ERR"),
+            ("http:http://[fd77::50]/", "ERR"),
+            ("http:http://[2a0a:3000::10]/", "ERR"),
+            ("http:http://[64:ff9b::c0a8:4d32]/", "ERR"),
+            ("http:http://[2002:c0a8:4d32::1]/", "ERR"),
+            ("http:http://[::ffff:192.168.77.50]/", "ERR"),
+            ("udp6:ff0e::1:5353", "ERR"),
+            (
+                "say6:fd6d:6967:7261:6e74::15,fe80::6d:67ff:fe00:1%eth0,443",
+                "ERR",
+            ),
+            ("say6:fd6d:6967:7261:6e74::15,2a0a:2000::10,443", "hello"),
+            ("say6:fd6d:6967:7261:6e74::77,2a0a:2000::10,443", "ERR"),
+        ],
+    );
+    // A host address that appears while the VM runs is refused at once.
+    net.add_host_address("2a0a:1000::77/64");
+    let r = env.probe(&["http:http://[2a0a:1000::77]:9096/"]);
+    expect_all(&r, &[("http:http://[2a0a:1000::77]:9096/", "ERR")]);
+
+    let status = env.ok(&["status"]);
+    for reason in [
+        "host-address",
+        "link-local",
+        "private",
+        "not-internet",
+        "spoofed-source",
+    ] {
+        assert!(status.contains(reason), "status lacks {reason}: {status}");
+    }
+    let journal = env.ok(&["egress", "--json"]);
+    assert!(
+        journal.contains("\"dst\":\"[2a0a:2000::10]:80\"") && journal.contains("\"allowed\""),
+        "no IPv6 flow in the journal: {journal}"
+    );
     env.ok(&["destroy"]);
     env.assert_clean();
 }

@@ -16,6 +16,19 @@
 //!     internal.test (11.1.0.10), split.test (192.168.77.50), and the PTR
 //!     of 192.168.77.50 (printer.lan.test)
 //! ```
+//! With IPv6 ([`TestNet::with_ipv6`]), public-looking addresses too:
+//! ```text
+//!   [host ns] 2a0a:1000::1 ──veth── 2a0a:1000::2 [internet ns]
+//!       │       (default route)        2a0a:2000::10 http "@peer" (answers
+//!       │                                with the client's address), tcp
+//!       │                                "hello" and udp echo on 443
+//!       │ fd77::1 ──veth── fd77::50 [lan ns] http "lan6"
+//!   host ns also: [::]:9096 http "host6" (every host address)
+//!   an internal network over the LAN link: 2a0a:3000::/48 via fd77::50;
+//!     2a0a:3000::10 http "internal6"
+//!   DNS: v6.test (2a0a:2000::10 and 45.20.0.10), split6.test (fd77::50),
+//!     internal6.test (2a0a:3000::10)
+//! ```
 //! migrant runs inside the host namespace (`ip netns exec`), whose
 //! resolv.conf (`/etc/netns/<host>/resolv.conf`) names the internet DNS.
 
@@ -53,11 +66,16 @@ fn in_ns(ns: &str, args: &[&str]) {
 /// A tiny HTTP server answering every request with `body` and echoing
 /// the Host header it saw: `python3` from Debian.
 const HTTP: &str = r#"
-import http.server, sys
+import http.server, socket, sys
 body = sys.argv[3].encode()
+if ":" in sys.argv[1]:
+    http.server.ThreadingHTTPServer.address_family = socket.AF_INET6
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        global body
+        if sys.argv[3] == "@peer":
+            body = self.client_address[0].encode()
         if self.path == "/big":
             self.send_response(200)
             self.send_header("Content-Length", str(20 << 20))
@@ -79,6 +97,9 @@ http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_foreve
 const RESPONDER: &str = r#"
 import socket, socketserver, sys, threading
 addr = (sys.argv[1], int(sys.argv[2]))
+if ":" in sys.argv[1]:
+    socketserver.UDPServer.address_family = socket.AF_INET6
+    socketserver.ThreadingTCPServer.address_family = socket.AF_INET6
 class T(socketserver.BaseRequestHandler):
     def handle(self):
         self.request.settimeout(5)
@@ -113,6 +134,15 @@ asyncio.run(main())
 
 impl TestNet {
     pub fn new(tag: &str) -> TestNet {
+        TestNet::build(tag, false)
+    }
+
+    /// The same network, with the IPv6 part of the picture above.
+    pub fn with_ipv6(tag: &str) -> TestNet {
+        TestNet::build(tag, true)
+    }
+
+    fn build(tag: &str, ipv6: bool) -> TestNet {
         let id = format!("{tag}{}", std::process::id() % 100000);
         let net = TestNet {
             host: format!("mgt-h-{id}"),
@@ -189,12 +219,19 @@ impl TestNet {
         net.http(&net.host.clone(), "127.0.0.1", 8080, "host-loopback");
         net.http(&net.host.clone(), "127.0.0.1", 9091, "host-loopback-closed");
         net.http(&net.host.clone(), "45.10.0.1", 9090, "host-public");
+        if ipv6 {
+            net.add_ipv6();
+        }
         let dns = Command::new("ip")
             .args([
                 "netns",
                 "exec",
                 &net.inet,
                 "dnsmasq",
+                "--address=/v6.test/2a0a:2000::10",
+                "--address=/v6.test/45.20.0.10",
+                "--address=/split6.test/fd77::50",
+                "--address=/internal6.test/2a0a:3000::10",
                 "--no-daemon",
                 "--no-resolv",
                 "--no-hosts",
@@ -218,6 +255,50 @@ impl TestNet {
         net
     }
 
+    fn add_ipv6(&mut self) {
+        let (h, i, l) = (self.host.clone(), self.inet.clone(), self.lan.clone());
+        for (ns, dev, addr) in [
+            (&h, "mgt-hi", "2a0a:1000::1/64"),
+            (&i, "mgt-ih", "2a0a:1000::2/64"),
+            (&h, "mgt-hl", "fd77::1/64"),
+            (&l, "mgt-lh", "fd77::50/64"),
+        ] {
+            in_ns(ns, &["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"]);
+        }
+        for (ns, addr) in [(&i, "2a0a:2000::10/128"), (&l, "2a0a:3000::10/128")] {
+            in_ns(ns, &["ip", "-6", "addr", "add", addr, "dev", "lo"]);
+        }
+        in_ns(
+            &h,
+            &["ip", "-6", "route", "add", "default", "via", "2a0a:1000::2"],
+        );
+        in_ns(
+            &h,
+            &[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "2a0a:3000::/48",
+                "via",
+                "fd77::50",
+            ],
+        );
+        in_ns(
+            &i,
+            &["ip", "-6", "route", "add", "default", "via", "2a0a:1000::1"],
+        );
+        in_ns(
+            &l,
+            &["ip", "-6", "route", "add", "default", "via", "fd77::1"],
+        );
+        self.http(&i, "2a0a:2000::10", 80, "@peer");
+        self.spawn(&i, &["python3", "-c", RESPONDER, "2a0a:2000::10", "443"]);
+        self.http(&l, "fd77::50", 80, "lan6");
+        self.http(&l, "2a0a:3000::10", 80, "internal6");
+        self.http(&h, "::", 9096, "host6");
+    }
+
     fn http(&mut self, ns: &str, addr: &str, port: u16, body: &str) {
         self.spawn(ns, &["python3", "-c", HTTP, addr, &port.to_string(), body]);
     }
@@ -232,6 +313,70 @@ impl TestNet {
             .spawn()
             .unwrap_or_else(|e| panic!("server {cmd:?}: {e}"));
         self.servers.push(child);
+    }
+
+    /// Count IPv6 TCP and UDP packets that reach the internet namespace
+    /// from the host's (see [`TestNet::ipv6_arrived`]).
+    pub fn count_ipv6_arrivals(&self) {
+        let rules = "add table inet mgtc\n\
+            add chain inet mgtc pre { type filter hook prerouting priority -300; }\n\
+            add rule inet mgtc pre iifname mgt-ih meta nfproto ipv6 meta l4proto { tcp, udp } counter\n";
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.inet, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("nft: {e}"));
+        if let Some(mut stdin) = child.stdin.take() {
+            std::io::Write::write_all(&mut stdin, rules.as_bytes())
+                .unwrap_or_else(|e| panic!("nft: {e}"));
+        }
+        let status = child.wait().unwrap_or_else(|e| panic!("nft: {e}"));
+        assert!(status.success(), "nft counter in the internet namespace");
+    }
+
+    /// IPv6 TCP and UDP packets counted since [`TestNet::count_ipv6_arrivals`].
+    pub fn ipv6_arrived(&self) -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.inet, "nft", "list", "chain", "inet", "mgtc", "pre",
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("nft: {e}"));
+        let listed = String::from_utf8_lossy(&out.stdout);
+        listed
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no counter: {listed}"))
+    }
+
+    /// Add an address to the host's link towards the internet, while
+    /// whatever runs goes on.
+    pub fn add_host_address(&self, addr: &str) {
+        in_ns(
+            &self.host,
+            &["ip", "addr", "add", addr, "dev", "mgt-hi", "nodad"],
+        );
+    }
+
+    /// The host's link-local address on its link towards the internet.
+    pub fn host_link_local(&self) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.host, "ip", "-6", "-o", "addr", "show", "dev", "mgt-hi",
+                "scope", "link",
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("ip: {e}"));
+        let listed = String::from_utf8_lossy(&out.stdout);
+        listed
+            .split_whitespace()
+            .skip_while(|w| *w != "inet6")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no link-local address: {listed}"))
     }
 
     /// Run `cmd` inside the host namespace.
