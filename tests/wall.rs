@@ -137,15 +137,33 @@ fn egress_reaches_only_the_internet_and_dns_tells_nothing_internal() {
 
 /// `ipv6 = true`: the same wall for IPv6. The guest reaches the
 /// internet by address and by name (and the server sees the host's
-/// address); the host's addresses (one added while the VM runs), its
+/// address), and an IPv6 LAN host only through its holes; the host's
+/// addresses (one added while the VM runs), its
 /// link-local ones, a ULA LAN host, an internal network routed elsewhere,
 /// every form of a LAN IPv4 address inside IPv6, multicast and a spoofed
 /// source are refused, and DNS does not name what is refused.
 #[test]
 fn ipv6_egress_reaches_only_the_internet() {
     let Some(image) = test_image() else { return };
-    let net = TestNet::with_ipv6("6");
-    let env = Env::new_in("wall6", &image, "[network]\nipv6 = true\n", Some(&net.host));
+    ipv6_wall(&image, "6");
+}
+
+/// The same on Debian 13, whose cloud-init renders the static address
+/// with netplan (Debian 12: ifupdown).
+#[test]
+fn ipv6_egress_on_debian_13() {
+    let Some(image) = test_image_13() else { return };
+    ipv6_wall(&image, "t");
+}
+
+fn ipv6_wall(image: &std::path::Path, tag: &str) {
+    let net = TestNet::with_ipv6(tag);
+    let env = Env::new_in(
+        &format!("wall6{tag}"),
+        image,
+        "[network]\nipv6 = true\nrules = [\"allow-lan-host fd77::51\", \"forward-port tcp/8081 [fd77::50]:80\"]\n",
+        Some(&net.host),
+    );
     env.ok(&["up"]);
     let addrs = env.ok(&["ssh", "--", "ip -6 -o addr show scope global"]);
     assert!(addrs.contains("fd6d:6967:7261:6e74::15/64"), "{addrs}");
@@ -164,6 +182,11 @@ fn ipv6_egress_reaches_only_the_internet() {
         "tcp:2a0a:2000::10:443",
         "udp6:2a0a:2000::10:443",
         "dnsq:10.0.2.2:AAAA:v6.test",
+        // Holes: one IPv6 LAN host, a forward to another (from either
+        // gateway address).
+        "http:http://[fd77::51]/",
+        "http:http://10.0.2.2:8081/",
+        "http:http://[fd6d:6967:7261:6e74::2]:8081/",
         // DNS never names what is refused.
         "dnsq:10.0.2.2:AAAA:split6.test",
         "dnsq:10.0.2.2:AAAA:internal6.test",
@@ -194,6 +217,9 @@ fn ipv6_egress_reaches_only_the_internet() {
             ("tcp:2a0a:2000::10:443", "open"),
             ("udp6:2a0a:2000::10:443", "ping"),
             ("dnsq:10.0.2.2:AAAA:v6.test", "answers 1"),
+            ("http:http://[fd77::51]/", "lan6-other"),
+            ("http:http://10.0.2.2:8081/", "lan6"),
+            ("http:http://[fd6d:6967:7261:6e74::2]:8081/", "lan6"),
             ("dnsq:10.0.2.2:AAAA:split6.test", "answers 0"),
             ("dnsq:10.0.2.2:AAAA:internal6.test", "answers 0"),
             ("http:http://[2a0a:1000::1]:9096/", "ERR"),

@@ -221,21 +221,22 @@ pub enum NetRule {
         /// Port on the host, reached by the guest at the gateway.
         port: u16,
     },
-    /// `allow-lan-host 192.168.1.50 [via-tunnel]`
+    /// `allow-lan-host 192.168.1.50 [via-tunnel]` (or an IPv6 address)
     AllowLanHost {
         /// The LAN host the guest may reach.
-        addr: Ipv4Addr,
+        addr: std::net::IpAddr,
         /// Reach it through the WireGuard tunnel instead of around it.
         via_tunnel: bool,
     },
-    /// `forward-port tcp/11434 100.64.0.6:11434 [via-tunnel]`
+    /// `forward-port tcp/11434 100.64.0.6:11434 [via-tunnel]` (or
+    /// `[fd12::5]:80`)
     ForwardPort {
         /// Protocol.
         proto: Proto,
         /// Port the guest connects to on the gateway.
         guest_port: u16,
         /// Where those connections go.
-        target: std::net::SocketAddrV4,
+        target: std::net::SocketAddr,
         /// Send through the WireGuard tunnel instead of around it.
         via_tunnel: bool,
     },
@@ -294,7 +295,7 @@ impl Config {
             let NetRule::AllowLanHost { addr, .. } = rule else {
                 continue;
             };
-            if !addr.is_loopback() && !host.contains(&std::net::IpAddr::V4(*addr)) {
+            if !addr.is_loopback() && !host.contains(addr) {
                 continue;
             }
             let text = std::fs::read_to_string(&self.file).unwrap_or_default();
@@ -303,7 +304,7 @@ impl Config {
                 .lines()
                 .position(|l| {
                     l.contains("allow-lan-host")
-                        && l.split(|c: char| !c.is_ascii_digit() && c != '.')
+                        && l.split(|c: char| !c.is_ascii_hexdigit() && c != '.' && c != ':')
                             .any(|w| w == needle)
                 })
                 .map_or(0, |i| i + 1);

@@ -514,7 +514,10 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
     let mut claimed: HashMap<(super::Proto, u16), &At<String>> = HashMap::new();
     for at in &d.rules {
         let rule = values::parse_rule(&at.value).map_err(|e| ctx.err_at(at, e))?;
-        let inside = |addr| subnet.contains(&addr);
+        let inside = |addr: std::net::IpAddr| match addr {
+            std::net::IpAddr::V4(v4) => subnet.contains(&v4),
+            std::net::IpAddr::V6(v6) => super::Net6::standard().contains(v6),
+        };
         match &rule {
             NetRule::AllowLanHost { addr, .. } if inside(*addr) => {
                 return Err(ctx.err_at(
@@ -525,7 +528,7 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
                     ),
                 ));
             }
-            NetRule::ForwardPort { target, .. } if inside(*target.ip()) => {
+            NetRule::ForwardPort { target, .. } if inside(target.ip()) => {
                 return Err(ctx.err_at(
                     at,
                     format!(
@@ -536,6 +539,46 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
                 ));
             }
             _ => {}
+        }
+        // The guest sends IPv6 only with ipv6 = true; the tunnel carries
+        // IPv4 only.
+        if let NetRule::AllowLanHost {
+            addr: std::net::IpAddr::V6(_),
+            via_tunnel,
+        } = rule
+        {
+            if !ipv6 {
+                return Err(ctx.err_at(
+                    at,
+                    format!(
+                        "invalid rule {:?}: an IPv6 LAN host needs `ipv6 = true` (the guest has no IPv6 otherwise)",
+                        at.value
+                    ),
+                ));
+            }
+            if via_tunnel {
+                return Err(ctx.err_at(
+                    at,
+                    format!(
+                        "invalid rule {:?}: the WireGuard tunnel carries IPv4 only",
+                        at.value
+                    ),
+                ));
+            }
+        }
+        if let NetRule::ForwardPort {
+            target: std::net::SocketAddr::V6(_),
+            via_tunnel: true,
+            ..
+        } = rule
+        {
+            return Err(ctx.err_at(
+                at,
+                format!(
+                    "invalid rule {:?}: the WireGuard tunnel carries IPv4 only",
+                    at.value
+                ),
+            ));
         }
         let via_tunnel = matches!(
             rule,

@@ -197,13 +197,13 @@ fn toml_full_fixture() {
                 port: 8080
             },
             NetRule::AllowLanHost {
-                addr: Ipv4Addr::new(192, 168, 1, 50),
+                addr: Ipv4Addr::new(192, 168, 1, 50).into(),
                 via_tunnel: false
             },
             NetRule::ForwardPort {
                 proto: Proto::Tcp,
                 guest_port: 11434,
-                target: SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 6), 11434),
+                target: SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 6), 11434).into(),
                 via_tunnel: true,
             },
         ]
@@ -383,13 +383,13 @@ fn legacy_rules_fixture() {
                 port: 5353
             },
             NetRule::AllowLanHost {
-                addr: Ipv4Addr::new(192, 168, 1, 50),
+                addr: Ipv4Addr::new(192, 168, 1, 50).into(),
                 via_tunnel: false
             },
             NetRule::ForwardPort {
                 proto: Proto::Tcp,
                 guest_port: 8081,
-                target: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 5), 80),
+                target: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 5), 80).into(),
                 via_tunnel: false,
             },
         ]
@@ -424,7 +424,7 @@ fn legacy_tunnel_fixture() {
         vec![NetRule::ForwardPort {
             proto: Proto::Tcp,
             guest_port: 11434,
-            target: SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 6), 11434),
+            target: SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 6), 11434).into(),
             via_tunnel: true,
         }]
     );
@@ -481,7 +481,7 @@ fn legacy_quoting_and_expansions() {
                 port: 80
             },
             NetRule::AllowLanHost {
-                addr: Ipv4Addr::new(10, 1, 2, 3),
+                addr: Ipv4Addr::new(10, 1, 2, 3).into(),
                 via_tunnel: false
             },
         ]
@@ -938,6 +938,25 @@ fn toml_ipv6_and_its_refusal_with_wireguard() {
     let dir = project(&off);
     let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
     assert!(!c.network.ipv6 && c.warnings.is_empty() && c.net6().is_none());
+    // IPv6 holes: a LAN host needs ipv6 = true; a forward to an IPv6
+    // target does not (the guest uses the gateway's IPv4 address).
+    let hole = "rules = [\"allow-lan-host fd12::5\", \"forward-port tcp/8081 [fd12::5]:80\"]\n";
+    let on = format!("{IMG}[network]\nipv6 = true\n{hole}");
+    let dir = project(&on);
+    let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.network.rules.len(), 2);
+    let content = format!("{IMG}[network]\n{hole}");
+    let dir = project(&content);
+    bad_in(
+        dir.path(),
+        &content,
+        3,
+        "network.rules[0]",
+        "an IPv6 LAN host needs `ipv6 = true`",
+    );
+    let fwd = format!("{IMG}[network]\nrules = [\"forward-port tcp/8081 [2a0a::5]:80\"]\n");
+    let dir = project(&fwd);
+    assert!(load_in(dir.path()).is_ok());
 }
 
 #[test]
@@ -997,11 +1016,11 @@ fn toml_wireguard_timeout_and_via_tunnel_lan_hosts() {
         c.network.rules,
         [
             NetRule::AllowLanHost {
-                addr: Ipv4Addr::new(192, 168, 1, 5),
+                addr: Ipv4Addr::new(192, 168, 1, 5).into(),
                 via_tunnel: true
             },
             NetRule::AllowLanHost {
-                addr: Ipv4Addr::new(192, 168, 1, 6),
+                addr: Ipv4Addr::new(192, 168, 1, 6).into(),
                 via_tunnel: false
             },
         ]
@@ -1322,7 +1341,7 @@ fn legacy_shares_and_rules() {
         ),
         5,
         "HOST_ACCESS[1]",
-        "\"router\" is not a numeric IPv4 address",
+        "\"router\" is not a numeric IPv4 or IPv6 address",
     );
     bad(
         &format!("{L}HOST_ACCESS=(\n  \"forward-port udp/53 10.0.0.1:53\"\n)\n"),

@@ -3,7 +3,7 @@
 //! message (without file/line) on error, the caller adds the location.
 
 use super::{NetRule, Proto};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 
 pub(super) const KIB: u64 = 1024;
 pub(super) const MIB: u64 = 1024 * KIB;
@@ -233,14 +233,36 @@ pub(super) fn parse_port(text: &str) -> Result<u16, String> {
 
 /// An address a rule may point at: unicast and routable by the host; not
 /// loopback, "this network", broadcast, multicast or reserved.
-fn check_rule_target(addr: Ipv4Addr) -> Result<(), String> {
-    let first = addr.octets()[0];
-    if addr.is_loopback() || first == 0 || addr.is_broadcast() || first >= 224 {
+fn check_rule_target(addr: std::net::IpAddr) -> Result<(), String> {
+    let routable = match addr {
+        std::net::IpAddr::V4(v4) => {
+            let first = v4.octets()[0];
+            !(v4.is_loopback() || first == 0 || v4.is_broadcast() || first >= 224)
+        }
+        // Link-local addresses need an interface, which a rule cannot name.
+        std::net::IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local()
+                || v6.to_ipv4_mapped().is_some())
+        }
+    };
+    if !routable {
         return Err(format!(
-            "{addr} is not a unicast address the host can route to (loopback, 0.x, multicast, broadcast and reserved addresses are refused)"
+            "{addr} is not a unicast address the host can route to (loopback, 0.x, multicast, broadcast, link-local, IPv4-mapped and reserved addresses are refused)"
         ));
     }
     Ok(())
+}
+
+/// A rule's address: numeric IPv4 (as the original writes it, leading
+/// zeros allowed) or IPv6.
+fn parse_rule_addr(text: &str) -> Option<std::net::IpAddr> {
+    match parse_ipv4(text) {
+        Some(v4) => Some(v4.into()),
+        None => text.parse::<std::net::Ipv6Addr>().ok().map(Into::into),
+    }
 }
 
 /// A rule's optional trailing modifier: nothing, or `via-tunnel`.
@@ -254,7 +276,7 @@ fn via_tunnel(rest: &[&str]) -> Result<bool, String> {
     }
 }
 
-const RULE_FORMS: &str = "expected one of: allow-host-port <tcp|udp>/<port>; allow-lan-host <ipv4> [via-tunnel]; forward-port <tcp|udp>/<guest-port> <ipv4>:<port> [via-tunnel]";
+const RULE_FORMS: &str = "expected one of: allow-host-port <tcp|udp>/<port>; allow-lan-host <ipv4|ipv6> [via-tunnel]; forward-port <tcp|udp>/<guest-port> <ipv4>:<port>|[<ipv6>]:<port> [via-tunnel]";
 
 /// Parse one network rule (the original's `HOST_ACCESS` directive syntax).
 /// Checks syntax, port ranges, reserved guest ports and target addresses;
@@ -272,8 +294,8 @@ pub(super) fn parse_rule(text: &str) -> Result<NetRule, String> {
             return bad("expected allow-host-port <tcp|udp>/<port>".into());
         }
         ["allow-lan-host", addr, rest @ ..] if rest.len() <= 1 => {
-            let Some(addr) = parse_ipv4(addr) else {
-                return bad(format!("{addr:?} is not a numeric IPv4 address"));
+            let Some(addr) = parse_rule_addr(addr) else {
+                return bad(format!("{addr:?} is not a numeric IPv4 or IPv6 address"));
             };
             if let Err(e) = check_rule_target(addr) {
                 return bad(e);
@@ -284,17 +306,30 @@ pub(super) fn parse_rule(text: &str) -> Result<NetRule, String> {
             };
             NetRule::AllowLanHost { addr, via_tunnel }
         }
-        ["allow-lan-host", ..] => return bad("expected allow-lan-host <ipv4> [via-tunnel]".into()),
+        ["allow-lan-host", ..] => {
+            return bad("expected allow-lan-host <ipv4|ipv6> [via-tunnel]".into());
+        }
         ["forward-port", spec, target, rest @ ..] if rest.len() <= 1 => {
             let (proto, guest_port) = match parse_proto_port(spec) {
                 Ok(v) => v,
                 Err(e) => return bad(e),
             };
             let Some((ip, port)) = target.rsplit_once(':') else {
-                return bad(format!("target {target:?} should be <ipv4>:<port>"));
+                return bad(format!(
+                    "target {target:?} should be <ipv4>:<port> or [<ipv6>]:<port>"
+                ));
             };
-            let Some(ip) = parse_ipv4(ip) else {
-                return bad(format!("{ip:?} is not a numeric IPv4 address"));
+            let ip = match ip.strip_prefix('[').and_then(|i| i.strip_suffix(']')) {
+                Some(v6) => v6
+                    .parse::<std::net::Ipv6Addr>()
+                    .ok()
+                    .map(std::net::IpAddr::V6),
+                None => parse_ipv4(ip).map(std::net::IpAddr::V4),
+            };
+            let Some(ip) = ip else {
+                return bad(format!(
+                    "target {target:?} should be <ipv4>:<port> or [<ipv6>]:<port>"
+                ));
             };
             if let Err(e) = check_rule_target(ip) {
                 return bad(e);
@@ -310,13 +345,14 @@ pub(super) fn parse_rule(text: &str) -> Result<NetRule, String> {
             NetRule::ForwardPort {
                 proto,
                 guest_port,
-                target: SocketAddrV4::new(ip, port),
+                target: std::net::SocketAddr::new(ip, port),
                 via_tunnel,
             }
         }
         ["forward-port", ..] => {
             return bad(
-                "expected forward-port <tcp|udp>/<guest-port> <ipv4>:<port> [via-tunnel]".into(),
+                "expected forward-port <tcp|udp>/<guest-port> <ipv4>:<port>|[<ipv6>]:<port> [via-tunnel]"
+                    .into(),
             );
         }
         _ => return bad(RULE_FORMS.into()),
@@ -522,7 +558,7 @@ mod tests {
         assert_eq!(
             parse_rule("  allow-lan-host   192.168.001.50 "),
             Ok(NetRule::AllowLanHost {
-                addr: Ipv4Addr::new(192, 168, 1, 50),
+                addr: Ipv4Addr::new(192, 168, 1, 50).into(),
                 via_tunnel: false
             })
         );
@@ -531,8 +567,24 @@ mod tests {
             Ok(NetRule::ForwardPort {
                 proto: Proto::Udp,
                 guest_port: 11434,
-                target: SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 6), 443),
+                target: std::net::SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 6), 443).into(),
                 via_tunnel: true,
+            })
+        );
+        assert_eq!(
+            parse_rule("allow-lan-host fd12::5"),
+            Ok(NetRule::AllowLanHost {
+                addr: "fd12::5".parse().unwrap_or_else(|e| panic!("{e}")),
+                via_tunnel: false
+            })
+        );
+        assert_eq!(
+            parse_rule("forward-port tcp/8081 [fd12::5]:80"),
+            Ok(NetRule::ForwardPort {
+                proto: Proto::Tcp,
+                guest_port: 8081,
+                target: "[fd12::5]:80".parse().unwrap_or_else(|e| panic!("{e}")),
+                via_tunnel: false,
             })
         );
         for bad in [
@@ -552,6 +604,13 @@ mod tests {
             "forward-port tcp/8080 10.0.0.5",
             "forward-port tcp/8080 10.0.0.5:80 via-vpn",
             "forward-port tcp/8080 255.255.255.255:80",
+            "allow-lan-host ::1",
+            "allow-lan-host fe80::1",
+            "allow-lan-host ff02::1",
+            "allow-lan-host ::ffff:192.168.1.5",
+            "forward-port tcp/8080 fd12::5:80",
+            "forward-port tcp/8080 [fd12::5]",
+            "forward-port tcp/8080 [::1]:80",
             "allow-everything",
         ] {
             assert!(parse_rule(bad).is_err(), "{bad} accepted");

@@ -272,12 +272,12 @@ pub struct Policy {
 impl Policy {
     /// A named `allow-lan-host` hole for `ip` (with its via-tunnel mark);
     /// never one of the host's own addresses, which `up` refuses too.
-    fn lan_hole(&self, ip: Ipv4Addr) -> Result<Option<bool>, Denial> {
+    fn lan_hole(&self, ip: IpAddr) -> Result<Option<bool>, Denial> {
         let hole = self.rules.iter().find_map(|r| match r {
             NetRule::AllowLanHost { addr, via_tunnel } if *addr == ip => Some(*via_tunnel),
             _ => None,
         });
-        if hole.is_some() && (self.host.contains(IpAddr::V4(ip)) || ip.is_loopback()) {
+        if hole.is_some() && (self.host.contains(ip) || ip.is_loopback()) {
             return Err(Denial::HostAddress);
         }
         Ok(hole)
@@ -337,6 +337,9 @@ impl Policy {
                     if net6.contains(v6) {
                         return Err(Denial::GuestNetwork);
                     }
+                    if self.lan_hole(IpAddr::V6(v6))?.is_some() {
+                        return Ok(true);
+                    }
                     return self.classify_public6(v6).map(|()| false);
                 }
             },
@@ -344,7 +347,7 @@ impl Policy {
         if self.in_subnet(ip) {
             return Err(Denial::GuestNetwork);
         }
-        if self.lan_hole(ip)?.is_some() {
+        if self.lan_hole(IpAddr::V4(ip))?.is_some() {
             return Ok(true);
         }
         self.classify_public(ip).map(|()| false)
@@ -376,13 +379,21 @@ impl Policy {
         if net6.contains(ip) {
             return Err(Denial::GuestNetwork);
         }
+        let to = SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0));
+        if let Some(via_tunnel) = self.lan_hole(IpAddr::V6(ip))? {
+            return Ok(Allowed {
+                to,
+                hole: true,
+                via_tunnel,
+            });
+        }
         if self.egress == Egress::None {
             return Err(Denial::EgressNone);
         }
         self.classify_public6(ip)?;
         self.domains_admit(proto, IpAddr::V6(ip), port)?;
         Ok(Allowed {
-            to: SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0)),
+            to,
             hole: false,
             via_tunnel: self.tunnel,
         })
@@ -420,7 +431,7 @@ impl Policy {
                     via_tunnel,
                 } if p == proto && guest_port == port => {
                     return Ok(Allowed {
-                        to: SocketAddr::V4(target),
+                        to: target,
                         hole: true,
                         via_tunnel,
                     });
@@ -440,7 +451,7 @@ impl Policy {
         if self.in_subnet(ip) {
             return Err(Denial::GuestNetwork);
         }
-        if let Some(via_tunnel) = self.lan_hole(ip)? {
+        if let Some(via_tunnel) = self.lan_hole(IpAddr::V4(ip))? {
             return Ok(Allowed {
                 to: SocketAddr::V4(dst),
                 hole: true,
@@ -563,13 +574,13 @@ mod tests {
                     port: 8080,
                 },
                 NetRule::AllowLanHost {
-                    addr: Ipv4Addr::new(192, 168, 1, 50),
+                    addr: Ipv4Addr::new(192, 168, 1, 50).into(),
                     via_tunnel: false,
                 },
                 NetRule::ForwardPort {
                     proto: Proto::Tcp,
                     guest_port: 8081,
-                    target: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 5), 80),
+                    target: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 5), 80).into(),
                     via_tunnel: false,
                 },
             ],
@@ -628,17 +639,17 @@ mod tests {
             Egress::Direct,
             vec![
                 NetRule::AllowLanHost {
-                    addr: Ipv4Addr::new(192, 168, 1, 50),
+                    addr: Ipv4Addr::new(192, 168, 1, 50).into(),
                     via_tunnel: false,
                 },
                 NetRule::AllowLanHost {
-                    addr: Ipv4Addr::new(192, 168, 1, 51),
+                    addr: Ipv4Addr::new(192, 168, 1, 51).into(),
                     via_tunnel: true,
                 },
                 NetRule::ForwardPort {
                     proto: Proto::Tcp,
                     guest_port: 8081,
-                    target: SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 6), 80),
+                    target: SocketAddrV4::new(Ipv4Addr::new(100, 64, 0, 6), 80).into(),
                     via_tunnel: true,
                 },
                 NetRule::AllowHostPort {
@@ -667,11 +678,11 @@ mod tests {
             Egress::Open,
             vec![
                 NetRule::AllowLanHost {
-                    addr: Ipv4Addr::new(45, 1, 2, 3),
+                    addr: Ipv4Addr::new(45, 1, 2, 3).into(),
                     via_tunnel: false,
                 },
                 NetRule::AllowLanHost {
-                    addr: Ipv4Addr::new(127, 0, 0, 1),
+                    addr: Ipv4Addr::new(127, 0, 0, 1).into(),
                     via_tunnel: false,
                 },
             ],
@@ -714,7 +725,7 @@ mod tests {
         let p = policy(
             Egress::Direct,
             vec![NetRule::AllowLanHost {
-                addr: Ipv4Addr::new(192, 168, 1, 50),
+                addr: Ipv4Addr::new(192, 168, 1, 50).into(),
                 via_tunnel: false,
             }],
         );
@@ -843,5 +854,42 @@ mod tests {
         assert_eq!(a("fd12::5"), Err(Denial::Private));
         assert_eq!(a("::ffff:10.0.0.1"), Err(Denial::Private));
         assert_eq!(a("64:ff9b::a00:1"), Err(Denial::Private));
+    }
+
+    #[test]
+    fn ipv6_holes_open_exactly_their_host() {
+        let mut p = with_ipv6(Egress::Direct);
+        p.rules = vec![
+            NetRule::AllowLanHost {
+                addr: "fd12::5".parse().unwrap_or_else(|e| panic!("{e}")),
+                via_tunnel: false,
+            },
+            NetRule::AllowLanHost {
+                addr: "2a0a:1000::1".parse().unwrap_or_else(|e| panic!("{e}")),
+                via_tunnel: false,
+            },
+            NetRule::ForwardPort {
+                proto: Proto::Tcp,
+                guest_port: 8081,
+                target: "[fd12::5]:80".parse().unwrap_or_else(|e| panic!("{e}")),
+                via_tunnel: false,
+            },
+        ];
+        assert_eq!(v6(&p, "fd12::5", 22).map(|a| a.hole), Ok(true));
+        assert_eq!(v6(&p, "fd12::6", 22), Err(Denial::Private));
+        // Never the host, whatever a rule says.
+        assert_eq!(v6(&p, "2a0a:1000::1", 22), Err(Denial::HostAddress));
+        // The forward, from either gateway address.
+        let fwd: SocketAddr = "[fd12::5]:80".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            v6(&p, "fd6d:6967:7261:6e74::2", 8081).map(|a| a.to),
+            Ok(fwd)
+        );
+        assert_eq!(
+            p.decide(Proto::Tcp, to([10, 0, 2, 2], 8081)).map(|a| a.to),
+            Ok(fwd)
+        );
+        let a = |ip: &str| p.answer_address(ip.parse().unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(a("fd12::5"), Ok(true));
     }
 }

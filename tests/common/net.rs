@@ -22,7 +22,7 @@
 //!       │       (default route)        2a0a:2000::10 http "@peer" (answers
 //!       │                                with the client's address), tcp
 //!       │                                "hello" and udp echo on 443
-//!       │ fd77::1 ──veth── fd77::50 [lan ns] http "lan6"
+//!       │ fd77::1 ──veth── fd77::50, ::51 [lan ns] http "lan6", "lan6-other"
 //!   host ns also: [::]:9096 http "host6" (every host address)
 //!   an internal network over the LAN link: 2a0a:3000::/48 via fd77::50;
 //!     2a0a:3000::10 http "internal6"
@@ -262,6 +262,7 @@ impl TestNet {
             (&i, "mgt-ih", "2a0a:1000::2/64"),
             (&h, "mgt-hl", "fd77::1/64"),
             (&l, "mgt-lh", "fd77::50/64"),
+            (&l, "mgt-lh", "fd77::51/64"),
         ] {
             in_ns(ns, &["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"]);
         }
@@ -295,6 +296,7 @@ impl TestNet {
         self.http(&i, "2a0a:2000::10", 80, "@peer");
         self.spawn(&i, &["python3", "-c", RESPONDER, "2a0a:2000::10", "443"]);
         self.http(&l, "fd77::50", 80, "lan6");
+        self.http(&l, "fd77::51", 80, "lan6-other");
         self.http(&l, "2a0a:3000::10", 80, "internal6");
         self.http(&h, "::", 9096, "host6");
     }
