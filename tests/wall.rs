@@ -245,6 +245,10 @@ fn ipv6_wall(image: &std::path::Path, tag: &str) {
     expect_all(&r, &[("http:http://[2a0a:1000::77]:9096/", "ERR")]);
 
     let status = env.ok(&["status"]);
+    assert!(
+        status.contains("ipv6:        fd6d:6967:7261:6e74::15"),
+        "{status}"
+    );
     for reason in [
         "host-address",
         "link-local",

@@ -16,6 +16,9 @@ struct StatusView {
     state: String,
     project: String,
     ip: Option<String>,
+    /// The guest's IPv6 address (`ipv6 = true`, status of one project).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ipv6: Option<String>,
     accelerator: Option<String>,
     qemu_user: Option<String>,
     supervisor_pid: Option<u32>,
@@ -65,6 +68,7 @@ fn view(name: &str, live: &Live, project: &str) -> StatusView {
             .map(|r| r.project_dir.display().to_string())
             .unwrap_or_else(|| project.to_string()),
         ip: rec.filter(|_| active).map(|r| r.guest_ip.clone()),
+        ipv6: None,
         accelerator: rec.filter(|_| active).and_then(|r| r.accel.clone()),
         qemu_user: rec.filter(|_| active).and_then(|r| r.qemu_user.clone()),
         supervisor_pid: rec.and_then(|r| r.supervisor_pid),
@@ -106,6 +110,9 @@ fn print_view(v: &StatusView) {
     println!("project:     {}", v.project);
     if let Some(ip) = &v.ip {
         println!("ip:          {ip}");
+    }
+    if let Some(ip) = &v.ipv6 {
+        println!("ipv6:        {ip}");
     }
     if let Some(a) = &v.accelerator {
         println!("accelerator: {a}");
@@ -215,6 +222,14 @@ pub fn status(p: &Project, json: bool) -> Result<u8> {
             super::drift::When::Stopped
         };
         v.pending = super::drift::pending_changes(p, r, now);
+    }
+    // The guest has the IPv6 address its seed gave it, if IPv6 is on.
+    if matches!(l, Live::Active(_))
+        && let Some(net6) = p.cfg.net6()
+        && crate::seed::read_seed_file(&p.vm.seed(), "network-config")
+            .is_ok_and(|n| crate::seed::network_config_has_ipv6(&String::from_utf8_lossy(&n)))
+    {
+        v.ipv6 = Some(net6.guest.to_string());
     }
     if matches!(l, Live::Active(_))
         && let Ok(Response::Status { network, .. }) = control::request(

@@ -251,6 +251,27 @@ pub struct Proxy {
     pub resolver: Arc<Resolver>,
     /// WireGuard mode: where flows marked `via_tunnel` connect from.
     pub tunnel: Option<Arc<NsSockets>>,
+    /// The flow caps, shared by the IPv4 and IPv6 listeners.
+    pub slots: Slots,
+}
+
+/// Slots for relayed TCP connections and tracked UDP flows, sized by
+/// [`super::dataplane::flow_caps`].
+#[derive(Debug, Clone)]
+pub struct Slots {
+    tcp: Arc<tokio::sync::Semaphore>,
+    udp: Arc<tokio::sync::Semaphore>,
+}
+
+impl Slots {
+    pub fn sized() -> Slots {
+        let (tcp_cap, udp_cap) = super::dataplane::flow_caps();
+        tracing::info!("at most {tcp_cap} relayed TCP connections and {udp_cap} UDP flows");
+        Slots {
+            tcp: Arc::new(tokio::sync::Semaphore::new(tcp_cap)),
+            udp: Arc::new(tokio::sync::Semaphore::new(udp_cap)),
+        }
+    }
 }
 
 /// A transparent socket of `family` (IPv6 only, never mapped IPv4) bound
@@ -321,9 +342,6 @@ fn reset(stream: TcpStream) {
 
 impl Proxy {
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
-        let (tcp_cap, _) = super::dataplane::flow_caps();
-        tracing::info!("at most {tcp_cap} relayed TCP connections");
-        let slots = Arc::new(tokio::sync::Semaphore::new(tcp_cap));
         loop {
             let (stream, src) = match listener.accept().await {
                 Ok(c) => c,
@@ -333,7 +351,7 @@ impl Proxy {
                     continue;
                 }
             };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            let Ok(slot) = Arc::clone(&self.slots.tcp).try_acquire_owned() else {
                 if let Ok(dst) = stream.local_addr().map(plain) {
                     self.stats
                         .deny(Proto::Tcp, src, dst, Denial::TooManyConnections);
@@ -438,8 +456,6 @@ impl Proxy {
         let fd = unsafe { AsyncFd::register(socket) }
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let flows: Flows = Arc::default();
-        let (_, udp_cap) = super::dataplane::flow_caps();
-        let slots = Arc::new(tokio::sync::Semaphore::new(udp_cap));
         let mut buf = vec![0u8; 65536];
         loop {
             let mut guard = fd.readable().await?;
@@ -458,7 +474,7 @@ impl Proxy {
                 let _ = up.send(&data).await;
                 continue;
             }
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            let Ok(slot) = Arc::clone(&self.slots.udp).try_acquire_owned() else {
                 self.stats
                     .deny(Proto::Udp, src, dst, Denial::TooManyConnections);
                 continue;

@@ -285,6 +285,7 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
             inside: Arc::clone(&inside),
             resolver,
             tunnel,
+            slots: proxy::Slots::sized(),
         });
         // One pair of listeners per address family, one proxy behind them.
         for (tcp, udp) in fds.proxy.into_iter().chain(fds.proxy6) {
