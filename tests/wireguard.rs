@@ -208,6 +208,32 @@ impl Vpn {
         )
     }
 
+    /// The peer's side of IPv6 through the tunnel: its address on the
+    /// WireGuard interface, the file's IPv6 address among the peer's
+    /// allowed IPs, and a route to the internet namespace's IPv6 servers
+    /// (which route the tunnel's network back).
+    fn add_ipv6(&self, net: &TestNet) {
+        let our_public = wg_key(&["pubkey"], &self.our_private);
+        sh(
+            &self.ns,
+            &format!(
+                "sysctl -qw net.ipv6.conf.all.forwarding=1 \
+                 && sysctl -qw net.ipv6.conf.{iface}.disable_ipv6=0 \
+                 && sysctl -qw net.ipv6.conf.mgt-vi.disable_ipv6=0 \
+                 && ip -6 addr add fc00:bbbb:bbbb:bb01::1/64 dev {iface} nodad \
+                 && wg set {iface} peer {our_public} allowed-ips 10.77.0.2/32,fc00:bbbb:bbbb:bb01::1:102/128 \
+                 && ip -6 addr add 2a0a:4100::1/64 dev mgt-vi nodad \
+                 && ip -6 route add default via 2a0a:4100::2",
+                iface = self.iface
+            ),
+        );
+        sh(
+            &net.inet,
+            "ip -6 addr add 2a0a:4100::2/64 dev mgt-iv nodad \
+             && ip -6 route add fc00:bbbb:bbbb:bb01::/64 via 2a0a:4100::1",
+        );
+    }
+
     /// What reached the internet over the host's direct link (source,
     /// destination, protocol, port), for a failure message.
     fn direct_flows(net: &TestNet) -> String {
@@ -476,4 +502,59 @@ fn a_wrong_key_or_a_dead_endpoint_fails_up_and_leaves_nothing() {
         assert!(!status.contains("wireguard:"), "{status}");
     }
     assert_eq!(Vpn::direct_packets(&net), 0, "{}", Vpn::direct_flows(&net));
+}
+
+/// `ipv6 = true` with a provider's dual-stack file: the guest's IPv4 and
+/// IPv6 both go through the tunnel (the server sees the tunnel's
+/// addresses), nothing leaves directly, and the policy holds for IPv6
+/// inside the tunnel.
+#[test]
+fn with_ipv6_both_families_go_through_the_tunnel() {
+    let Some(image) = test_image() else { return };
+    let net = TestNet::with_ipv6("x");
+    let vpn = Vpn::new(&net, "6");
+    vpn.add_ipv6(&net);
+    let env = Env::new_in("wg6", &image, "[network]\nipv6 = true\n", Some(&net.host));
+    std::fs::write(
+        env.project.join("wireguard.conf"),
+        vpn.conf(&vpn.peer_public, "45.31.0.2:51820"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = env.run(&["up"]);
+    assert!(out.status.success(), "up: {}", text(&out));
+    // The IPv6 parts are used now: nothing said about them.
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("IPv6 parts are unused"),
+        "{}",
+        text(&out)
+    );
+    let r = env.probe(&[
+        "http:http://45.20.0.12/",
+        "http:http://[2a0a:2000::10]/",
+        "dns6:v6.test",
+        // The host and the LAN stay out of reach inside the tunnel.
+        "http:http://[2a0a:1000::1]:9096/",
+        "http:http://[fd77::50]/",
+    ]);
+    expect(&r, "http:http://45.20.0.12/", "10.77.0.2");
+    expect(
+        &r,
+        "http:http://[2a0a:2000::10]/",
+        "fc00:bbbb:bbbb:bb01::1:102",
+    );
+    expect(&r, "http:http://[2a0a:1000::1]:9096/", "ERR");
+    expect(&r, "http:http://[fd77::50]/", "ERR");
+    assert_eq!(
+        Vpn::direct_packets(&net),
+        0,
+        "guest traffic reached the internet outside the tunnel: {}",
+        Vpn::direct_flows(&net)
+    );
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("fc00:bbbb:bbbb:bb01::1:102/128"),
+        "{status}"
+    );
+    env.ok(&["destroy"]);
+    env.assert_clean();
 }

@@ -56,6 +56,14 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
         for w in &conf.warnings {
             eprintln!("warning: {w}");
         }
+        if !cfg.network.ipv6 {
+            if let Some(w) = conf.unused_ipv6(wg) {
+                eprintln!("warning: {w}");
+            }
+        } else if conf.addresses6.is_empty() {
+            let e = crate::wireguard::WgError::NoAddress6(wg.display().to_string());
+            return Err(Error::other(e.exit_code(), e.to_string()));
+        }
         if !conf.dns.iter().any(|d| d.is_ipv4()) {
             if !cfg.network.dns_host {
                 return Err(Error::other(

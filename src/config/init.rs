@@ -88,7 +88,8 @@ rules = []
 #dns = "host"
 
 # IPv6 egress through the same wall as IPv4 (off: every IPv6 packet is
-# dropped and DNS gives no IPv6 addresses). Not with WireGuard yet.
+# dropped and DNS gives no IPv6 addresses). With WireGuard, through the
+# tunnel (its file needs an IPv6 Address).
 #ipv6 = false
 
 [ssh]

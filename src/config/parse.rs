@@ -498,17 +498,9 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         None => std::time::Duration::from_secs(10),
     };
     // IPv6 egress (the original's NETWORK_IPV6=nat): the same wall as
-    // IPv4, through the host's IPv6 default route. Not through a WireGuard
-    // tunnel yet: refused rather than let IPv6 leave beside the tunnel.
+    // IPv4, through the host's IPv6 default route or, with WireGuard,
+    // through the tunnel (whose file then needs an IPv6 Address).
     let ipv6 = d.ipv6.as_ref().is_some_and(|at| at.value);
-    if let Some(at) = d.ipv6.as_ref().filter(|at| at.value)
-        && wireguard.is_some()
-    {
-        return Err(ctx.err_at(
-            at,
-            "IPv6 through a WireGuard tunnel is not available in this version (with ipv6 = false, a dual-stack WireGuard file works over IPv4); remove it, or the WireGuard config",
-        ));
-    }
 
     let mut rules: Vec<NetRule> = Vec::new();
     let mut claimed: HashMap<(super::Proto, u16), &At<String>> = HashMap::new();
@@ -560,7 +552,7 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
                 return Err(ctx.err_at(
                     at,
                     format!(
-                        "invalid rule {:?}: the WireGuard tunnel carries IPv4 only",
+                        "invalid rule {:?}: via-tunnel takes IPv4 hosts only in this version",
                         at.value
                     ),
                 ));
@@ -575,7 +567,7 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
             return Err(ctx.err_at(
                 at,
                 format!(
-                    "invalid rule {:?}: the WireGuard tunnel carries IPv4 only",
+                    "invalid rule {:?}: via-tunnel takes IPv4 targets only in this version",
                     at.value
                 ),
             ));

@@ -916,10 +916,10 @@ fn toml_network() {
     );
 }
 
-/// `ipv6 = true` gives the guest IPv6; not yet through a WireGuard tunnel,
-/// which is refused rather than let IPv6 leave beside it.
+/// `ipv6 = true` gives the guest IPv6, with WireGuard too (through the
+/// tunnel).
 #[test]
-fn toml_ipv6_and_its_refusal_with_wireguard() {
+fn toml_ipv6_and_its_holes() {
     let content = format!("{IMG}[network]\nipv6 = true\n");
     let dir = project(&content);
     let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
@@ -927,13 +927,8 @@ fn toml_ipv6_and_its_refusal_with_wireguard() {
     assert_eq!(c.net6(), Some(crate::config::Net6::standard()));
     std::fs::write(dir.path().join("wireguard.conf"), "[Interface]\n")
         .unwrap_or_else(|e| panic!("{e}"));
-    bad_in(
-        dir.path(),
-        &content,
-        3,
-        "network.ipv6",
-        "IPv6 through a WireGuard tunnel is not available in this version",
-    );
+    let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.network.ipv6 && c.network.wireguard.is_some());
     let off = format!("{IMG}[network]\nipv6 = false\n");
     let dir = project(&off);
     let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));

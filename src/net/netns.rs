@@ -77,10 +77,16 @@ pub enum Request {
     Stream,
     /// A UDP socket bound to an ephemeral port (tunnel exits).
     Datagram,
+    /// The same two for IPv6 (`ipv6 = true` through the tunnel).
+    Stream6,
+    Datagram6,
     /// A transparent UDP socket bound to `bind` (the destination a guest's
     /// datagram named) and connected to `peer` (the guest): replies speak
     /// as the place the guest wrote to.
-    Reply { bind: SocketAddr, peer: SocketAddr },
+    Reply {
+        bind: SocketAddr,
+        peer: SocketAddr,
+    },
 }
 
 /// An address in a request: family, 16 address bytes (an IPv4 address in
@@ -120,6 +126,8 @@ impl Request {
         match self {
             Request::Stream => b[0] = 1,
             Request::Datagram => b[0] = 2,
+            Request::Stream6 => b[0] = 4,
+            Request::Datagram6 => b[0] = 5,
             Request::Reply { bind, peer } => {
                 b[0] = 3;
                 put_addr(&mut b[1..1 + ADDR_LEN], *bind);
@@ -135,6 +143,8 @@ impl Request {
         match b[0] {
             1 if rest_zero => Some(Request::Stream),
             2 if rest_zero => Some(Request::Datagram),
+            4 if rest_zero => Some(Request::Stream6),
+            5 if rest_zero => Some(Request::Datagram6),
             3 => {
                 let bind = get_addr(&b[1..1 + ADDR_LEN])?;
                 let peer = get_addr(&b[1 + ADDR_LEN..])?;
@@ -151,9 +161,16 @@ impl Request {
         use socket2::{Domain, Protocol, Socket, Type};
         let s = match self {
             Request::Stream => Socket::new(Domain::IPV4, Type::STREAM.cloexec(), None)?,
+            Request::Stream6 => Socket::new(Domain::IPV6, Type::STREAM.cloexec(), None)?,
             Request::Datagram => {
                 let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), None)?;
                 s.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
+                s
+            }
+            Request::Datagram6 => {
+                let s = Socket::new(Domain::IPV6, Type::DGRAM.cloexec(), None)?;
+                s.set_only_v6(true)?;
+                s.bind(&std::net::SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
                 s
             }
             Request::Reply { bind, peer } => {
@@ -378,16 +395,27 @@ impl NsSockets {
         &self,
         to: std::net::SocketAddr,
     ) -> std::io::Result<tokio::net::TcpStream> {
-        let s = self.socket(Request::Stream).await?;
+        let req = if to.is_ipv6() {
+            Request::Stream6
+        } else {
+            Request::Stream
+        };
+        let s = self.socket(req).await?;
         let std: std::net::TcpStream = s.into();
         tokio::net::TcpSocket::from_std_stream(std)
             .connect(to)
             .await
     }
 
-    /// A UDP socket bound to an ephemeral port inside the namespace.
-    pub async fn udp(&self) -> std::io::Result<tokio::net::UdpSocket> {
-        let s = self.socket(Request::Datagram).await?;
+    /// A UDP socket bound to an ephemeral port inside the namespace, of
+    /// the family of `to`.
+    pub async fn udp(&self, to: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+        let req = if to.is_ipv6() {
+            Request::Datagram6
+        } else {
+            Request::Datagram
+        };
+        let s = self.socket(req).await?;
         tokio::net::UdpSocket::from_std(s.into())
     }
 
@@ -435,7 +463,7 @@ impl Exit {
             (Exit::Host, std::net::SocketAddr::V6(_)) => {
                 tokio::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).await
             }
-            (Exit::Tunnel(t), _) => t.udp().await,
+            (Exit::Tunnel(t), to) => t.udp(to).await,
         }
     }
 }
@@ -459,6 +487,8 @@ mod tests {
         for req in [
             Request::Stream,
             Request::Datagram,
+            Request::Stream6,
+            Request::Datagram6,
             Request::Reply { bind: v4, peer: g4 },
             Request::Reply { bind: v6, peer: g6 },
         ] {

@@ -224,13 +224,26 @@ pub fn configure(
 
 /// In the current thread's namespace: give the TUN `name` its address and
 /// MTU, bring it up and route each of `routes` into it.
+///
+/// With `v6` (`ipv6 = true`) also its IPv6 address and IPv6 routes.
 pub fn configure_tun(
     name: &str,
     address: ipnet::Ipv4Net,
     mtu: u16,
     routes: &[ipnet::Ipv4Net],
+    v6: Option<&(ipnet::Ipv6Net, Vec<ipnet::Ipv6Net>)>,
 ) -> Result<(), TapError> {
     let idx = index_of(name)?;
+    if v6.is_some() {
+        for (key, value) in [
+            ("disable_ipv6", b"0"),
+            ("accept_dad", b"0"),
+            ("accept_ra", b"0"),
+        ] {
+            let path = format!("/proc/sys/net/ipv6/conf/{name}/{key}");
+            std::fs::write(&path, value).map_err(|e| TapError::Netlink(format!("{path}: {e}")))?;
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -268,6 +281,26 @@ pub fn configure_tun(
                     // covers an AllowedIPs entry equal to it.
                     Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
                     Err(e) => return Err(TapError::Netlink(format!("route {net}: {e}"))),
+                }
+            }
+            if let Some((address6, routes6)) = v6 {
+                handle
+                    .address()
+                    .add(idx, address6.addr().into(), address6.prefix_len())
+                    .execute()
+                    .await
+                    .map_err(|e| TapError::Netlink(format!("address {address6}: {e}")))?;
+                for net in routes6 {
+                    let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                        .destination_prefix(net.network(), net.prefix_len())
+                        .output_interface(idx)
+                        .build();
+                    match handle.route().add(route).execute().await {
+                        Ok(()) => {}
+                        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {
+                        }
+                        Err(e) => return Err(TapError::Netlink(format!("route {net}: {e}"))),
+                    }
                 }
             }
             Ok(())

@@ -434,7 +434,10 @@ async fn publish_wg(
         if let Some(r) = report {
             let p = crate::wireguard::Published {
                 written_ms: state::now_ms(),
-                address: plan.address.to_string(),
+                address: match &plan.v6 {
+                    Some((a6, _)) => format!("{}, {a6}", plan.address),
+                    None => plan.address.to_string(),
+                },
                 dns: plan.dns.iter().map(|d| d.to_string()).collect(),
                 peers: r.peers,
                 written_endpoints: plan.peers.iter().map(|p| p.written.clone()).collect(),

@@ -89,6 +89,22 @@ pub struct WgConfig {
     pub peers: Vec<Peer>,
     /// Things said about the file that do not stop it from working.
     pub warnings: Vec<String>,
+    /// The file's IPv6 parts, described: said once at `up` as unused
+    /// when the guest has no IPv6 ([`WgConfig::unused_ipv6`]).
+    pub ipv6_parts: Vec<String>,
+}
+
+impl WgConfig {
+    /// The warning for a dual-stack file when the guest has no IPv6.
+    pub fn unused_ipv6(&self, file: &Path) -> Option<String> {
+        (!self.ipv6_parts.is_empty()).then(|| {
+            format!(
+                "{}: its IPv6 parts are unused (the guest has no IPv6 unless `ipv6 = true`; IPv4 goes through the tunnel): {}",
+                file.display(),
+                self.ipv6_parts.join(", ")
+            )
+        })
+    }
 }
 
 /// Read and parse `path`.
@@ -410,13 +426,6 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
             line: p.line,
         });
     }
-    if !unused6.is_empty() {
-        warnings.push(format!(
-            "{}: its IPv6 parts are unused (the guest has no IPv6; IPv4 goes through the tunnel): {}",
-            file.display(),
-            unused6.join(", ")
-        ));
-    }
     if dns.is_empty() {
         warnings.push(format!(
             "{}: no DNS in [Interface]: the guest's DNS queries go to the host's resolvers, outside the tunnel",
@@ -427,6 +436,7 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
         private_key,
         addresses,
         addresses6,
+        ipv6_parts: unused6,
         dns,
         dns_search,
         mtu,

@@ -46,6 +46,10 @@ pub enum WgError {
     },
     #[error("{0}: no IPv4 Address in [Interface]; the tunnel needs one")]
     NoAddress(String),
+    #[error(
+        "{0}: no IPv6 Address in [Interface], and `ipv6 = true` sends the guest's IPv6 through the tunnel; add the tunnel's IPv6 address, or set ipv6 = false"
+    )]
+    NoAddress6(String),
     #[error("cannot create the WireGuard TUN device")]
     Tun(#[source] crate::net::tap::TapError),
     #[error("cannot set up the WireGuard UDP socket")]
@@ -74,7 +78,7 @@ pub enum WgError {
 impl WgError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            WgError::NoAddress(_) => crate::exit::CONFIG,
+            WgError::NoAddress(_) | WgError::NoAddress6(_) => crate::exit::CONFIG,
             // A name that does not resolve now may resolve later.
             WgError::Resolve { .. }
             | WgError::Tun(_)
@@ -106,18 +110,39 @@ pub struct Plan {
     pub routes: Vec<Ipv4Net>,
     /// The tunnel's DNS servers (IPv4), queried through it.
     pub dns: Vec<Ipv4Addr>,
+    /// With `ipv6 = true`: the tunnel's IPv6 address and every IPv6
+    /// `AllowedIPs` entry, once (the guest's IPv6 goes through it too);
+    /// otherwise the file's IPv6 parts are unused.
+    pub v6: Option<(ipnet::Ipv6Net, Vec<ipnet::Ipv6Net>)>,
     /// The wg-quick file, for messages.
     pub file: String,
 }
 
 /// Resolve endpoint names once, on the host, and collect what the
 /// namespace needs. Runs in the host's namespace (its resolver).
-pub fn plan(file: &Path, conf: conf::WgConfig) -> Result<Plan, WgError> {
+pub fn plan(file: &Path, conf: conf::WgConfig, ipv6: bool) -> Result<Plan, WgError> {
     let name = file.display().to_string();
     let address = *conf
         .addresses
         .first()
         .ok_or_else(|| WgError::NoAddress(name.clone()))?;
+    let v6 = if ipv6 {
+        let address6 = *conf
+            .addresses6
+            .first()
+            .ok_or_else(|| WgError::NoAddress6(name.clone()))?;
+        let mut routes6: Vec<ipnet::Ipv6Net> = Vec::new();
+        for n in conf.peers.iter().flat_map(|p| &p.allowed_ips) {
+            if let IpNet::V6(v6) = n
+                && !routes6.contains(&v6.trunc())
+            {
+                routes6.push(v6.trunc());
+            }
+        }
+        Some((address6, routes6))
+    } else {
+        None
+    };
     let mut peers = Vec::new();
     for p in &conf.peers {
         let (written, endpoint) = resolve_endpoint(&name, p)?;
@@ -152,6 +177,7 @@ pub fn plan(file: &Path, conf: conf::WgConfig) -> Result<Plan, WgError> {
         address,
         routes,
         dns,
+        v6,
         file: name,
     })
 }
@@ -227,13 +253,13 @@ impl Plan {
                     public_key: p.public_key.0,
                     preshared_key: p.preshared_key.as_ref().map(|k| k.0),
                     endpoint: r.endpoint,
+                    // IPv6 entries only when the guest's IPv6 uses the
+                    // tunnel: otherwise no IPv6 packet is carried.
                     allowed_ips: p
                         .allowed_ips
                         .iter()
-                        .filter_map(|n| match n {
-                            IpNet::V4(v4) => Some(v4.trunc()),
-                            IpNet::V6(_) => None,
-                        })
+                        .filter(|n| n.addr().is_ipv4() || self.v6.is_some())
+                        .map(IpNet::trunc)
                         .collect(),
                     keepalive: p.persistent_keepalive,
                 })
@@ -258,8 +284,14 @@ impl Plan {
 /// interface address and MTU, bring it up and route `AllowedIPs` into it.
 pub fn create_tun_in_ns(plan: &Plan) -> Result<File, WgError> {
     let tun = crate::net::tap::create_tun(TUN_NAME).map_err(WgError::Tun)?;
-    crate::net::tap::configure_tun(TUN_NAME, plan.address, plan.mtu(), &plan.routes)
-        .map_err(WgError::Tun)?;
+    crate::net::tap::configure_tun(
+        TUN_NAME,
+        plan.address,
+        plan.mtu(),
+        &plan.routes,
+        plan.v6.as_ref(),
+    )
+    .map_err(WgError::Tun)?;
     Ok(tun)
 }
 
@@ -360,7 +392,7 @@ impl Published {
 /// Read the VM's WireGuard file and resolve its endpoints (host namespace).
 pub fn plan_for(cfg: &crate::config::Config) -> Result<Option<Plan>, WgError> {
     match &cfg.network.wireguard {
-        Some(file) => Ok(Some(plan(file, conf::load(file)?)?)),
+        Some(file) => Ok(Some(plan(file, conf::load(file)?, cfg.network.ipv6)?)),
         None => Ok(None),
     }
 }
@@ -418,7 +450,7 @@ mod tests {
              [Peer]\nPublicKey = {PEER}\nEndpoint = localhost:51820\n\
              AllowedIPs = 10.7.0.0/24, 10.7.0.9/24, ::/0, 0.0.0.0/0\n"
         ));
-        let p = plan(Path::new("wg.conf"), c).unwrap_or_else(|e| panic!("{e}"));
+        let p = plan(Path::new("wg.conf"), c, false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             p.peers[0].endpoint,
             Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 51820))
@@ -447,7 +479,7 @@ mod tests {
         let with_mtu = parse(&format!(
             "[Interface]\nPrivateKey = {KEY}\nAddress = 10.7.0.2/32\nMTU = 1280\n\n[Peer]\nPublicKey = {PEER}\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0\n"
         ));
-        let m = plan(Path::new("wg.conf"), with_mtu).unwrap_or_else(|e| panic!("{e}"));
+        let m = plan(Path::new("wg.conf"), with_mtu, false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(m.mtu(), 1280);
     }
 
@@ -461,13 +493,22 @@ mod tests {
              [Peer]\nPublicKey = {PEER}\nEndpoint = [::1]:51820\nAllowedIPs = 0.0.0.0/0, ::/0\n"
         ));
         assert_eq!(c.addresses6.len(), 1);
-        let said: Vec<&String> = c.warnings.iter().filter(|w| w.contains("IPv6")).collect();
-        assert_eq!(said.len(), 1, "said once: {:?}", c.warnings);
+        assert!(!c.warnings.iter().any(|w| w.contains("IPv6")));
+        let said = c.unused_ipv6(Path::new("wg.conf")).unwrap_or_default();
         assert!(
-            said[0].contains("fc00:bbbb:bbbb:bb01::1:102/128") && said[0].contains("::/0"),
+            said.contains("fc00:bbbb:bbbb:bb01::1:102/128") && said.contains("::/0"),
             "{said:?}"
         );
-        let p = plan(Path::new("wg.conf"), c).unwrap_or_else(|e| panic!("{e}"));
+        // With ipv6 = true the IPv6 parts are the tunnel's.
+        let both = plan(Path::new("wg.conf"), c.clone(), true).unwrap_or_else(|e| panic!("{e}"));
+        let (a6, r6) = both.v6.clone().unwrap_or_else(|| panic!("no IPv6 plan"));
+        assert_eq!(a6.to_string(), "fc00:bbbb:bbbb:bb01::1:102/128");
+        assert_eq!(
+            r6.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            ["::/0"]
+        );
+        assert_eq!(both.spec().peers[0].allowed_ips.len(), 2);
+        let p = plan(Path::new("wg.conf"), c, false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.address.to_string(), "10.7.0.2/32");
         let udp = bind_udp(&p).unwrap_or_else(|e| panic!("{e}"));
         let peer = udp.peer_addr().unwrap_or_else(|e| panic!("{e}"));
@@ -479,7 +520,7 @@ mod tests {
              [Peer]\nPublicKey = {PEER}\nEndpoint = [::1]:51820\nAllowedIPs = 10.8.0.0/16\n\n\
              [Peer]\nPublicKey = {KEY}\nEndpoint = 127.0.0.1:51821\nAllowedIPs = 0.0.0.0/0\n"
         ));
-        let p = plan(Path::new("wg.conf"), two).unwrap_or_else(|e| panic!("{e}"));
+        let p = plan(Path::new("wg.conf"), two, false).unwrap_or_else(|e| panic!("{e}"));
         let udp = bind_udp(&p).unwrap_or_else(|e| panic!("{e}"));
         assert!(udp.peer_addr().is_err(), "several peers: not connected");
         assert!(udp.local_addr().is_ok_and(|a| a.is_ipv6()));

@@ -15,7 +15,7 @@
 //! every 250 ms as boringtun expects.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// What the loop needs, sent by the supervisor over the child's stdin
@@ -42,7 +42,7 @@ pub struct PeerSpec {
     pub preshared_key: Option<[u8; 32]>,
     /// Resolved on the host at `up`; `None` until the peer reaches us.
     pub endpoint: Option<SocketAddr>,
-    pub allowed_ips: Vec<Ipv4Net>,
+    pub allowed_ips: Vec<IpNet>,
     pub keepalive: Option<u16>,
 }
 
@@ -79,18 +79,18 @@ struct Peer {
     tunn: Tunn,
     public: [u8; 32],
     endpoint: Option<SocketAddr>,
-    allowed: Vec<Ipv4Net>,
+    allowed: Vec<IpNet>,
     handshaken: bool,
 }
 
 impl Peer {
-    fn allows(&self, ip: Ipv4Addr) -> bool {
+    fn allows(&self, ip: IpAddr) -> bool {
         self.allowed.iter().any(|n| n.contains(&ip))
     }
 }
 
 /// The peer for a packet to `dst`: the most specific `AllowedIPs` entry.
-fn route(peers: &[Peer], dst: Ipv4Addr) -> Option<usize> {
+fn route(peers: &[Peer], dst: IpAddr) -> Option<usize> {
     peers
         .iter()
         .enumerate()
@@ -279,7 +279,7 @@ struct Loop {
 impl Loop {
     /// A packet the namespace routed into the TUN: encrypt it for its peer.
     fn on_tun(&mut self, packet: &[u8]) {
-        let Some(IpAddr::V4(dst)) = Tunn::dst_address(packet) else {
+        let Some(dst) = Tunn::dst_address(packet) else {
             return;
         };
         let Some(i) = route(&self.peers, dst) else {
@@ -375,7 +375,7 @@ impl Loop {
                 }
                 TunnResult::WriteToTunnelV4(b, src) => {
                     authentic = true;
-                    if self.peers[i].allows(src) {
+                    if self.peers[i].allows(src.into()) {
                         let len = b.len();
                         if let Err(e) = self.tun.write(&self.out[..len]) {
                             tracing::debug!("wireguard: write to the TUN: {e}");
@@ -383,8 +383,15 @@ impl Loop {
                     }
                     break;
                 }
-                TunnResult::WriteToTunnelV6(..) => {
+                TunnResult::WriteToTunnelV6(b, src) => {
                     authentic = true;
+                    // Only when IPv6 entries were given (ipv6 = true).
+                    if self.peers[i].allows(src.into()) {
+                        let len = b.len();
+                        if let Err(e) = self.tun.write(&self.out[..len]) {
+                            tracing::debug!("wireguard: write to the TUN: {e}");
+                        }
+                    }
                     break;
                 }
                 TunnResult::Done => {
@@ -623,6 +630,7 @@ fn set_nonblocking(f: &impl AsFd) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn keys() -> (StaticSecret, PublicKey) {
         let s = StaticSecret::from([7u8; 32]);
@@ -645,11 +653,17 @@ mod tests {
     #[test]
     fn packets_go_to_the_most_specific_allowed_ips() {
         let peers = vec![peer(&["0.0.0.0/0"]), peer(&["10.9.0.0/16", "10.9.8.0/24"])];
-        assert_eq!(route(&peers, Ipv4Addr::new(1, 1, 1, 1)), Some(0));
-        assert_eq!(route(&peers, Ipv4Addr::new(10, 9, 1, 1)), Some(1));
-        assert_eq!(route(&peers, Ipv4Addr::new(10, 9, 8, 1)), Some(1));
+        let at = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(route(&peers, at("1.1.1.1")), Some(0));
+        assert_eq!(route(&peers, at("10.9.1.1")), Some(1));
+        assert_eq!(route(&peers, at("10.9.8.1")), Some(1));
         let only = vec![peer(&["10.9.0.0/16"])];
-        assert_eq!(route(&only, Ipv4Addr::new(1, 1, 1, 1)), None);
+        assert_eq!(route(&only, at("1.1.1.1")), None);
+        // IPv6 only where IPv6 entries were given.
+        assert_eq!(route(&peers, at("2a0a::1")), None);
+        let dual = vec![peer(&["0.0.0.0/0", "::/0"]), peer(&["fd00:77::/64"])];
+        assert_eq!(route(&dual, at("2a0a::1")), Some(0));
+        assert_eq!(route(&dual, at("fd00:77::9")), Some(1));
     }
 
     #[test]
@@ -734,7 +748,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let b_ip: IpAddr = b_host.parse().unwrap_or_else(|e| panic!("{e}"));
         let b_addr = SocketAddr::new(b_ip, b_port);
-        let net = |s: &str| s.parse::<Ipv4Net>().unwrap_or_else(|e| panic!("{e}"));
+        let net = |s: &str| s.parse::<IpNet>().unwrap_or_else(|e| panic!("{e}"));
         // A has one peer: its socket is connected to it, as the supervisor
         // does (sends without an address, GSO as a socket option); B's is
         // not (sendto and sendmsg with addresses).
