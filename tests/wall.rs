@@ -255,6 +255,7 @@ fn ipv6_wall(image: &std::path::Path, tag: &str) {
         "private",
         "not-internet",
         "spoofed-source",
+        "multicast",
     ] {
         assert!(status.contains(reason), "status lacks {reason}: {status}");
     }

@@ -26,6 +26,9 @@ pub const TABLE: &str = "migrant";
 /// Named counter of guest packets dropped for a source address other
 /// than the guest's own.
 pub const SPOOFED: &str = "spoofed_source";
+/// Named counter of guest TCP and UDP packets to multicast addresses,
+/// dropped (neighbour discovery is not among them).
+pub const MULTICAST: &str = "multicast";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -164,6 +167,7 @@ pub fn ruleset(plan: &Plan) -> Value {
         json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
         json!({"add": {"counter": {"family": "inet", "table": TABLE, "name": GATEWAY_REFUSED}}}),
         json!({"add": {"counter": {"family": "inet", "table": TABLE, "name": SPOOFED}}}),
+        json!({"add": {"counter": {"family": "inet", "table": TABLE, "name": MULTICAST}}}),
         json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "prerouting",
             "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}}}),
         json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "input",
@@ -248,6 +252,25 @@ pub fn ruleset(plan: &Plan) -> Value {
     closed.push(json!({"counter": GATEWAY_REFUSED}));
     closed.push(json!({"reject": {"type": "tcp reset"}}));
     cmds.push(rule("prerouting", closed));
+    // TCP and UDP to multicast groups go nowhere (the namespace forwards
+    // nothing): dropped here and counted, not left to the proxy.
+    for (family, group) in [("ip", ("224.0.0.0", 4)), ("ip6", ("ff00::", 8))] {
+        cmds.push(rule(
+            "prerouting",
+            vec![
+                iif(tap),
+                match_eq(
+                    json!({"payload": {"protocol": family, "field": "daddr"}}),
+                    json!({"prefix": {"addr": group.0, "len": group.1}}),
+                ),
+                json!({"match": {"op": "==",
+                    "left": {"meta": {"key": "l4proto"}},
+                    "right": {"set": ["tcp", "udp"]}}}),
+                json!({"counter": MULTICAST}),
+                json!({"drop": null}),
+            ],
+        ));
+    }
     match plan.proxy {
         Some((tcp, udp)) => {
             let families: &[(&str, &str)] = match plan.net6 {
@@ -499,7 +522,10 @@ mod tests {
             let listed = ns
                 .run(|| {
                     apply(&ruleset(&plan))?;
-                    assert_eq!(read_counters([GATEWAY_REFUSED, SPOOFED])?, [0, 0]);
+                    assert_eq!(
+                        read_counters([GATEWAY_REFUSED, SPOOFED, MULTICAST])?,
+                        [0, 0, 0]
+                    );
                     let out = Command::new("nft")
                         .args(["list", "ruleset"])
                         .output()

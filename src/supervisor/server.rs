@@ -83,7 +83,7 @@ async fn network_view(shared: &Shared) -> proxy::StatsView {
     }
     let ns = Arc::clone(&shared.ns);
     let read = tokio::task::spawn_blocking(move || {
-        ns.run(|| nft::read_counters([nft::GATEWAY_REFUSED, nft::SPOOFED]))
+        ns.run(|| nft::read_counters([nft::GATEWAY_REFUSED, nft::SPOOFED, nft::MULTICAST]))
     })
     .await
     .map_err(|e| e.to_string())
@@ -91,10 +91,11 @@ async fn network_view(shared: &Shared) -> proxy::StatsView {
     .and_then(|r| r.map_err(|e| e.to_string()));
     match read {
         Ok(counts) => {
-            for (n, why) in counts
-                .into_iter()
-                .zip([Denial::GatewayPort, Denial::SpoofedSource])
-            {
+            for (n, why) in counts.into_iter().zip([
+                Denial::GatewayPort,
+                Denial::SpoofedSource,
+                Denial::Multicast,
+            ]) {
                 if n > 0 {
                     *view.denied.entry(why.as_str().to_string()).or_default() += n;
                 }
