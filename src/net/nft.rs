@@ -93,6 +93,51 @@ fn to_gateway(tap: &str, gw: &str, proto: &str, port: u16) -> Vec<Value> {
     ]
 }
 
+/// The payload protocol of an address's family in nft's JSON.
+fn family(ip: std::net::IpAddr) -> &'static str {
+    if ip.is_ipv6() { "ip6" } else { "ip" }
+}
+
+/// Drop (and count) what the guest sends from any source but `guest`, in
+/// that address's family.
+fn spoofed(tap: &str, guest: std::net::IpAddr) -> Value {
+    let nfproto = if guest.is_ipv6() { "ipv6" } else { "ipv4" };
+    rule(
+        "prerouting",
+        vec![
+            iif(tap),
+            match_eq(json!({"meta": {"key": "nfproto"}}), json!(nfproto)),
+            json!({"match": {"op": "!=",
+                "left": {"payload": {"protocol": family(guest), "field": "saddr"}},
+                "right": guest.to_string()}}),
+            json!({"counter": SPOOFED}),
+            json!({"drop": null}),
+        ],
+    )
+}
+
+/// The gateway's closed TCP ports (all but `open`) answer like closed
+/// ports: a reset to the SYN (the proxy would otherwise complete the
+/// handshake first), counted.
+fn closed_ports(tap: &str, gateway: std::net::IpAddr, open: &[u16]) -> Value {
+    let mut expr = vec![
+        iif(tap),
+        match_eq(
+            json!({"payload": {"protocol": family(gateway), "field": "daddr"}}),
+            json!(gateway.to_string()),
+        ),
+        match_eq(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
+    ];
+    if !open.is_empty() {
+        expr.push(json!({"match": {"op": "!=",
+            "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+            "right": {"set": open}}}));
+    }
+    expr.push(json!({"counter": GATEWAY_REFUSED}));
+    expr.push(json!({"reject": {"type": "tcp reset"}}));
+    rule("prerouting", expr)
+}
+
 /// Neighbour discovery from the guest: router and neighbour
 /// solicitations and neighbour advertisements, with the hop limit of 255
 /// that proves they were not routed. Router advertisements and redirects
@@ -117,8 +162,8 @@ fn neighbour_discovery(tap: &str) -> Vec<Value> {
 /// TCP to the gateway is the resolver's, through the proxy).
 fn ipv6_rules(plan: &Plan) -> Vec<Value> {
     let tap = plan.tap.as_str();
-    let v6 = match_eq(json!({"meta": {"key": "nfproto"}}), json!("ipv6"));
     let Some(net6) = plan.net6 else {
+        let v6 = match_eq(json!({"meta": {"key": "nfproto"}}), json!("ipv6"));
         return vec![rule(
             "prerouting",
             vec![iif(tap), v6, json!({"drop": null})],
@@ -128,34 +173,8 @@ fn ipv6_rules(plan: &Plan) -> Vec<Value> {
     open.push(53);
     vec![
         rule("prerouting", neighbour_discovery(tap)),
-        rule(
-            "prerouting",
-            vec![
-                iif(tap),
-                v6,
-                json!({"match": {"op": "!=",
-                    "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
-                    "right": net6.guest.to_string()}}),
-                json!({"counter": SPOOFED}),
-                json!({"drop": null}),
-            ],
-        ),
-        rule(
-            "prerouting",
-            vec![
-                iif(tap),
-                match_eq(
-                    json!({"payload": {"protocol": "ip6", "field": "daddr"}}),
-                    json!(net6.gateway.to_string()),
-                ),
-                match_eq(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
-                json!({"match": {"op": "!=",
-                    "left": {"payload": {"protocol": "tcp", "field": "dport"}},
-                    "right": {"set": open}}}),
-                json!({"counter": GATEWAY_REFUSED}),
-                json!({"reject": {"type": "tcp reset"}}),
-            ],
-        ),
+        spoofed(tap, net6.guest.into()),
+        closed_ports(tap, net6.gateway.into(), &open),
     ]
 }
 
@@ -191,18 +210,7 @@ pub fn ruleset(plan: &Plan) -> Value {
                 json!({"accept": null}),
             ],
         ),
-        rule(
-            "prerouting",
-            vec![
-                iif(tap),
-                match_eq(json!({"meta": {"key": "nfproto"}}), json!("ipv4")),
-                json!({"match": {"op": "!=",
-                    "left": {"payload": {"protocol": "ip", "field": "saddr"}},
-                    "right": plan.guest.to_string()}}),
-                json!({"counter": SPOOFED}),
-                json!({"drop": null}),
-            ],
-        ),
+        spoofed(tap, plan.guest.into()),
         // Replies to connections the supervisor itself opened into the
         // guest (the SSH forward) are ours: deliver them, never divert.
         rule(
@@ -234,24 +242,11 @@ pub fn ruleset(plan: &Plan) -> Value {
         rule("prerouting", to_gateway(tap, &gw, "tcp", 53)),
     ];
     cmds.extend(ipv6_rules(plan));
-    // The gateway's closed TCP ports answer like closed ports: a reset
-    // to the SYN (the proxy would otherwise complete the handshake first).
-    let mut closed = vec![
-        iif(tap),
-        match_eq(
-            json!({"payload": {"protocol": "ip", "field": "daddr"}}),
-            json!(gw.clone()),
-        ),
-        match_eq(json!({"meta": {"key": "l4proto"}}), json!("tcp")),
-    ];
-    if !plan.gateway_tcp_holes.is_empty() {
-        closed.push(json!({"match": {"op": "!=",
-            "left": {"payload": {"protocol": "tcp", "field": "dport"}},
-            "right": {"set": plan.gateway_tcp_holes}}}));
-    }
-    closed.push(json!({"counter": GATEWAY_REFUSED}));
-    closed.push(json!({"reject": {"type": "tcp reset"}}));
-    cmds.push(rule("prerouting", closed));
+    cmds.push(closed_ports(
+        tap,
+        plan.gateway.into(),
+        &plan.gateway_tcp_holes,
+    ));
     // TCP and UDP to multicast groups go nowhere (the namespace forwards
     // nothing): dropped here and counted, not left to the proxy.
     for (family, group) in [("ip", ("224.0.0.0", 4)), ("ip6", ("ff00::", 8))] {

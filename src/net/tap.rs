@@ -98,22 +98,13 @@ pub fn configure(
     net6: Option<crate::config::Net6>,
     tproxy: bool,
 ) -> Result<(), TapError> {
-    let sysctl = |key: &str, name: &str, value: &[u8]| {
-        let path = format!("/proc/sys/net/ipv6/conf/{key}/{name}");
-        match std::path::Path::new(&path).exists() {
-            true => {
-                std::fs::write(&path, value).map_err(|e| TapError::Netlink(format!("{path}: {e}")))
-            }
-            false => Ok(()),
-        }
-    };
     let off: &[u8] = if net6.is_some() { b"0" } else { b"1" };
     for key in ["all", "default", tap] {
-        sysctl(key, "disable_ipv6", off)?;
+        ipv6_sysctl(key, "disable_ipv6", off)?;
     }
     if net6.is_some() {
         for name in ["accept_dad", "accept_ra", "autoconf", "forwarding"] {
-            sysctl(tap, name, b"0")?;
+            ipv6_sysctl(tap, name, b"0")?;
         }
     }
     let lo = index_of("lo")?;
@@ -163,56 +154,10 @@ pub fn configure(
                     .map_err(|e| TapError::Netlink(format!("address {}/{p}: {e}", n.gateway)))?;
             }
             if tproxy {
-                // Packets the ruleset marked for the proxy are delivered
-                // locally whatever their destination.
-                handle
-                    .rule()
-                    .add()
-                    .v4()
-                    .fw_mark(super::nft::TPROXY_MARK)
-                    .table_id(super::nft::TPROXY_TABLE)
-                    .action(rtnetlink::packet_route::rule::RuleAction::ToTable)
-                    .execute()
-                    .await
-                    .map_err(|e| TapError::Netlink(format!("tproxy rule: {e}")))?;
-                let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                    .output_interface(lo)
-                    .table_id(super::nft::TPROXY_TABLE)
-                    .kind(rtnetlink::packet_route::route::RouteType::Local)
-                    .scope(rtnetlink::packet_route::route::RouteScope::Host)
-                    .build();
-                handle
-                    .route()
-                    .add(route)
-                    .execute()
-                    .await
-                    .map_err(|e| TapError::Netlink(format!("tproxy route: {e}")))?;
-            }
-            if tproxy && net6.is_some() {
-                handle
-                    .rule()
-                    .add()
-                    .v6()
-                    .fw_mark(super::nft::TPROXY_MARK)
-                    .table_id(super::nft::TPROXY_TABLE)
-                    .action(rtnetlink::packet_route::rule::RuleAction::ToTable)
-                    .execute()
-                    .await
-                    .map_err(|e| TapError::Netlink(format!("IPv6 tproxy rule: {e}")))?;
-                let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-                    .destination_prefix(std::net::Ipv6Addr::UNSPECIFIED, 0)
-                    .output_interface(lo)
-                    .table_id(super::nft::TPROXY_TABLE)
-                    .kind(rtnetlink::packet_route::route::RouteType::Local)
-                    .scope(rtnetlink::packet_route::route::RouteScope::Host)
-                    .build();
-                handle
-                    .route()
-                    .add(route)
-                    .execute()
-                    .await
-                    .map_err(|e| TapError::Netlink(format!("IPv6 tproxy route: {e}")))?;
+                tproxy_routing(&handle, lo, Ipv4Addr::UNSPECIFIED.into()).await?;
+                if net6.is_some() {
+                    tproxy_routing(&handle, lo, std::net::Ipv6Addr::UNSPECIFIED.into()).await?;
+                }
             }
             Ok(())
         }
@@ -235,13 +180,8 @@ pub fn configure_tun(
 ) -> Result<(), TapError> {
     let idx = index_of(name)?;
     if v6.is_some() {
-        for (key, value) in [
-            ("disable_ipv6", b"0"),
-            ("accept_dad", b"0"),
-            ("accept_ra", b"0"),
-        ] {
-            let path = format!("/proc/sys/net/ipv6/conf/{name}/{key}");
-            std::fs::write(&path, value).map_err(|e| TapError::Netlink(format!("{path}: {e}")))?;
+        for key in ["disable_ipv6", "accept_dad", "accept_ra"] {
+            ipv6_sysctl(name, key, b"0")?;
         }
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -270,9 +210,23 @@ pub fn configure_tun(
                 .execute()
                 .await
                 .map_err(|e| TapError::Netlink(format!("address {address}: {e}")))?;
-            for net in routes {
-                let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            let routes6 = v6.map(|(_, r)| r.as_slice()).unwrap_or_default();
+            let nets = routes
+                .iter()
+                .map(|n| ipnet::IpNet::from(*n))
+                .chain(routes6.iter().map(|n| ipnet::IpNet::from(*n)));
+            if let Some((address6, _)) = v6 {
+                handle
+                    .address()
+                    .add(idx, address6.addr().into(), address6.prefix_len())
+                    .execute()
+                    .await
+                    .map_err(|e| TapError::Netlink(format!("address {address6}: {e}")))?;
+            }
+            for net in nets {
+                let route = rtnetlink::RouteMessageBuilder::<std::net::IpAddr>::new()
                     .destination_prefix(net.network(), net.prefix_len())
+                    .map_err(|e| TapError::Netlink(format!("route {net}: {e}")))?
                     .output_interface(idx)
                     .build();
                 match handle.route().add(route).execute().await {
@@ -283,30 +237,64 @@ pub fn configure_tun(
                     Err(e) => return Err(TapError::Netlink(format!("route {net}: {e}"))),
                 }
             }
-            if let Some((address6, routes6)) = v6 {
-                handle
-                    .address()
-                    .add(idx, address6.addr().into(), address6.prefix_len())
-                    .execute()
-                    .await
-                    .map_err(|e| TapError::Netlink(format!("address {address6}: {e}")))?;
-                for net in routes6 {
-                    let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-                        .destination_prefix(net.network(), net.prefix_len())
-                        .output_interface(idx)
-                        .build();
-                    match handle.route().add(route).execute().await {
-                        Ok(()) => {}
-                        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {
-                        }
-                        Err(e) => return Err(TapError::Netlink(format!("route {net}: {e}"))),
-                    }
-                }
-            }
             Ok(())
         }
         .await;
         task.abort();
         result
     })
+}
+
+/// Set `/proc/sys/net/ipv6/conf/<iface>/<key>` of the current thread's
+/// namespace, if the kernel has it (a host without IPv6 has none).
+fn ipv6_sysctl(iface: &str, key: &str, value: &[u8]) -> Result<(), TapError> {
+    let path = format!("/proc/sys/net/ipv6/conf/{iface}/{key}");
+    if !std::path::Path::new(&path).exists() {
+        return Ok(());
+    }
+    std::fs::write(&path, value).map_err(|e| TapError::Netlink(format!("{path}: {e}")))
+}
+
+/// Packets the ruleset marked for the proxy are delivered locally
+/// whatever their destination: a policy rule for the mark and a `local`
+/// default route in its table, for the family of `any`.
+async fn tproxy_routing(
+    handle: &rtnetlink::Handle,
+    lo: u32,
+    any: std::net::IpAddr,
+) -> Result<(), TapError> {
+    let rule = handle.rule().add();
+    let added = match any {
+        std::net::IpAddr::V4(_) => {
+            rule.v4()
+                .fw_mark(super::nft::TPROXY_MARK)
+                .table_id(super::nft::TPROXY_TABLE)
+                .action(rtnetlink::packet_route::rule::RuleAction::ToTable)
+                .execute()
+                .await
+        }
+        std::net::IpAddr::V6(_) => {
+            rule.v6()
+                .fw_mark(super::nft::TPROXY_MARK)
+                .table_id(super::nft::TPROXY_TABLE)
+                .action(rtnetlink::packet_route::rule::RuleAction::ToTable)
+                .execute()
+                .await
+        }
+    };
+    added.map_err(|e| TapError::Netlink(format!("tproxy rule ({any}): {e}")))?;
+    let route = rtnetlink::RouteMessageBuilder::<std::net::IpAddr>::new()
+        .destination_prefix(any, 0)
+        .map_err(|e| TapError::Netlink(format!("tproxy route ({any}): {e}")))?
+        .output_interface(lo)
+        .table_id(super::nft::TPROXY_TABLE)
+        .kind(rtnetlink::packet_route::route::RouteType::Local)
+        .scope(rtnetlink::packet_route::route::RouteScope::Host)
+        .build();
+    handle
+        .route()
+        .add(route)
+        .execute()
+        .await
+        .map_err(|e| TapError::Netlink(format!("tproxy route ({any}): {e}")))
 }
