@@ -178,6 +178,7 @@ fn ipv6_wall(image: &std::path::Path, tag: &str) {
     let host_ll_check = format!("tcp:{host_ll}%eth0:9096");
     let r = env.probe(&[
         "http:http://[2a0a:2000::10]/",
+        "http:http://v6only.test/",
         "dns6:v6.test",
         "tcp:2a0a:2000::10:443",
         "udp6:2a0a:2000::10:443",
@@ -213,6 +214,7 @@ fn ipv6_wall(image: &std::path::Path, tag: &str) {
         &r,
         &[
             ("http:http://[2a0a:2000::10]/", "2a0a:1000::1"),
+            ("http:http://v6only.test/", "2a0a:1000::1"),
             ("dns6:v6.test", "2a0a:2000::10"),
             ("tcp:2a0a:2000::10:443", "open"),
             ("udp6:2a0a:2000::10:443", "ping"),

@@ -26,7 +26,8 @@
 //!   host ns also: [::]:9096 http "host6" (every host address)
 //!   an internal network over the LAN link: 2a0a:3000::/48 via fd77::50;
 //!     2a0a:3000::10 http "internal6"
-//!   DNS: v6.test (2a0a:2000::10 and 45.20.0.10), split6.test (fd77::50),
+//!   DNS: v6.test (2a0a:2000::10 and 45.20.0.10), v6only.test
+//!     (2a0a:2000::10, no IPv4), split6.test (fd77::50),
 //!     internal6.test (2a0a:3000::10)
 //! ```
 //! migrant runs inside the host namespace (`ip netns exec`), whose
@@ -229,6 +230,7 @@ impl TestNet {
                 &net.inet,
                 "dnsmasq",
                 "--address=/v6.test/2a0a:2000::10",
+                "--address=/v6only.test/2a0a:2000::10",
                 "--address=/v6.test/45.20.0.10",
                 "--address=/split6.test/fd77::50",
                 "--address=/internal6.test/2a0a:3000::10",
