@@ -64,12 +64,13 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
             let e = crate::wireguard::WgError::NoAddress6(wg.display().to_string());
             return Err(Error::other(e.exit_code(), e.to_string()));
         }
-        if !conf.dns.iter().any(|d| d.is_ipv4()) {
+        // IPv6 servers are reached only when the tunnel carries IPv6.
+        if !conf.dns.iter().any(|d| d.is_ipv4() || cfg.network.ipv6) {
             if !cfg.network.dns_host {
                 return Err(Error::other(
                     exit::CONFIG,
                     format!(
-                        "{} has no IPv4 `DNS =` line: the guest's DNS would leave outside the tunnel. Add `DNS = <the tunnel's resolver>` to it, or set `dns = \"host\"` under [network] in {} to use the host's resolvers",
+                        "{} has no IPv4 `DNS =` line (IPv6 ones serve only with ipv6 = true): the guest's DNS would leave outside the tunnel. Add `DNS = <the tunnel's resolver>` to it, or set `dns = \"host\"` under [network] in {} to use the host's resolvers",
                         wg.display(),
                         cfg.file.display()
                     ),

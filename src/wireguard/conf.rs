@@ -250,7 +250,10 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
                 for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                     match IpAddr::from_str(item) {
                         Ok(IpAddr::V4(a)) => dns.push(IpAddr::V4(a)),
-                        Ok(IpAddr::V6(a)) => unused6.push(format!("DNS {a} (line {line})")),
+                        Ok(IpAddr::V6(a)) => {
+                            dns.push(IpAddr::V6(a));
+                            unused6.push(format!("DNS {a} (line {line})"));
+                        }
                         Err(_) if valid_domain(item) => dns_search.push(item.to_string()),
                         Err(_) => {
                             return Err(err(

@@ -108,8 +108,9 @@ pub struct Plan {
     pub address: Ipv4Net,
     /// Every IPv4 `AllowedIPs` entry of every peer, once.
     pub routes: Vec<Ipv4Net>,
-    /// The tunnel's DNS servers (IPv4), queried through it.
-    pub dns: Vec<Ipv4Addr>,
+    /// The tunnel's DNS servers, queried through it (IPv6 ones only with
+    /// `ipv6 = true`).
+    pub dns: Vec<IpAddr>,
     /// With `ipv6 = true`: the tunnel's IPv6 address and every IPv6
     /// `AllowedIPs` entry, once (the guest's IPv6 goes through it too);
     /// otherwise the file's IPv6 parts are unused.
@@ -163,13 +164,12 @@ pub fn plan(file: &Path, conf: conf::WgConfig, ipv6: bool) -> Result<Plan, WgErr
             }
         }
     }
+    // IPv6 servers only when the tunnel carries IPv6.
     let dns = conf
         .dns
         .iter()
-        .filter_map(|a| match a {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        })
+        .filter(|a| a.is_ipv4() || v6.is_some())
+        .copied()
         .collect();
     Ok(Plan {
         conf,
@@ -458,7 +458,7 @@ mod tests {
         assert_eq!(p.peers[0].written.as_deref(), Some("localhost:51820"));
         let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
         assert_eq!(routes, ["10.7.0.0/24", "0.0.0.0/0"]);
-        assert_eq!(p.dns, [Ipv4Addr::new(10, 7, 0, 1)]);
+        assert_eq!(p.dns, [IpAddr::from(Ipv4Addr::new(10, 7, 0, 1))]);
         assert_eq!(p.mtu(), DEFAULT_MTU);
         let spec = p.spec();
         assert_eq!(
@@ -508,6 +508,21 @@ mod tests {
             ["::/0"]
         );
         assert_eq!(both.spec().peers[0].allowed_ips.len(), 2);
+        // An IPv6 resolver serves only when the tunnel carries IPv6.
+        let v6dns = parse(&format!(
+            "[Interface]\nPrivateKey = {KEY}\nAddress = 10.7.0.2/32, fd00:7::2/128\nDNS = fd00:7::53\n\n\
+             [Peer]\nPublicKey = {PEER}\nEndpoint = 127.0.0.1:51820\nAllowedIPs = 0.0.0.0/0, ::/0\n"
+        ));
+        let off =
+            plan(Path::new("wg.conf"), v6dns.clone(), false).unwrap_or_else(|e| panic!("{e}"));
+        assert!(off.dns.is_empty());
+        let on = plan(Path::new("wg.conf"), v6dns, true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            on.dns,
+            ["fd00:7::53"
+                .parse::<IpAddr>()
+                .unwrap_or_else(|e| panic!("{e}"))]
+        );
         let p = plan(Path::new("wg.conf"), c, false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.address.to_string(), "10.7.0.2/32");
         let udp = bind_udp(&p).unwrap_or_else(|e| panic!("{e}"));

@@ -263,7 +263,7 @@ impl Plan {
     pub fn for_config(
         cfg: &Config,
         mac: [u8; 6],
-        tunnel_dns: Option<&[Ipv4Addr]>,
+        tunnel_dns: Option<&[std::net::IpAddr]>,
         identity: &crate::qemu::process::Identity,
         empty_parent: &std::path::Path,
     ) -> Plan {
