@@ -210,6 +210,8 @@ fn convert_carries_settings_and_comments_over() {
     // SHARED_FOLDER_SIZE_GB folded into the share that gave no size.
     assert_eq!(shares[1]["size"].as_str(), Some("4G"));
     assert_eq!(v["network"]["rules"].as_array().map(Vec::len), Some(2));
+    // NETWORK_IPV6=nat: IPv6 egress.
+    assert_eq!(v["network"]["ipv6"].as_bool(), Some(true));
     assert_eq!(v["ssh"]["key"].as_str(), Some("~/.ssh/agent_key"));
     assert!(toml_text.contains("# OS_VARIANT: not used"), "{toml_text}");
     assert!(

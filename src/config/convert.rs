@@ -7,8 +7,7 @@
 //! TOML is then made from what the file said (not from defaults), each
 //! setting under the comments that stood above its assignment, inline
 //! comments kept beside it. Settings of the original that migrant does not
-//! use (`OS_VARIANT`, `NETWORKS`, `NETWORK_IPV6=nat`) become comments that
-//! say so. Last, the TOML is read back and must give the same
+//! use (`OS_VARIANT`, `NETWORKS`) become comments that say so. Last, the TOML is read back and must give the same
 //! configuration as the original file; otherwise nothing is written.
 
 use std::path::{Path, PathBuf};

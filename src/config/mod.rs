@@ -192,8 +192,8 @@ pub struct Network {
     pub dns_host: bool,
     /// How long `up` waits for the tunnel's first handshake (default 10 s).
     pub wireguard_timeout: std::time::Duration,
-    /// Give the guest IPv6 egress (the original's `NETWORK_IPV6=nat`);
-    /// refused together with WireGuard.
+    /// Give the guest IPv6 egress (the original's `NETWORK_IPV6=nat`),
+    /// through the WireGuard tunnel when there is one.
     pub ipv6: bool,
     /// The original's `NETWORKS` entries (virt-install `--network` specs),
     /// verbatim; empty for TOML files. Recorded only: migrant always gives
