@@ -129,6 +129,49 @@ def udp(ip, port):
     s.sendto(b"ping", (ip, int(port)))
     return s.recvfrom(100)[0].decode()
 
+def ns_flood(iface, count):
+    """Neighbour solicitations for the gateway's address from `count`
+    made-up link-local sources (guest root, a raw socket): how many were
+    sent."""
+    import os, random
+    def csum(data):
+        if len(data) % 2:
+            data += b"\0"
+        s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+        while s >> 16:
+            s = (s & 0xFFFF) + (s >> 16)
+        return ~s & 0xFFFF
+    target = socket.inet_pton(socket.AF_INET6, "fd6d:6967:7261:6e74::2")
+    dst = socket.inet_pton(socket.AF_INET6, "ff02::1:ff00:2")
+    mac = open("/sys/class/net/%s/address" % iface).read().strip()
+    lladdr = bytes(int(x, 16) for x in mac.split(":"))
+    s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    scope = socket.if_nametoindex(iface)
+    sent = 0
+    for _ in range(int(count)):
+        src = b"\xfe\x80" + bytes(6) + os.urandom(8)
+        body = struct.pack("!BBHI", 135, 0, 0, 0) + target + bytes([1, 1]) + lladdr
+        pseudo = src + dst + struct.pack("!I3xB", len(body), 58)
+        body = body[:2] + struct.pack("!H", csum(pseudo + body)) + body[4:]
+        hdr = struct.pack("!IHBB", 6 << 28, len(body), 58, 255) + src + dst
+        s.sendto(hdr + body, ("ff02::1:ff00:2", 0, 0, scope))
+        sent += 1
+    return "sent %d" % sent
+
+def arp_flood(iface, count):
+    """ARP requests for the gateway's address from `count` made-up sender
+    addresses (guest root, a packet socket): how many were sent."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((iface, 0))
+    mac = bytes(int(x, 16) for x in open("/sys/class/net/%s/address" % iface).read().strip().split(":"))
+    sent = 0
+    for i in range(int(count)):
+        sender = bytes([45, 7, (i >> 8) & 255, i & 255])
+        arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + sender + bytes(6) + bytes([10, 0, 2, 2])
+        s.send(b"\xff" * 6 + mac + b"\x08\x06" + arp)
+        sent += 1
+    return "sent %d" % sent
+
 def check(c):
     kind, _, arg = c.partition(":")
     if kind == "dns":
@@ -178,6 +221,10 @@ def check(c):
     if kind == "udp6":
         ip, port = arg.rsplit(":", 1)
         return udp(ip, port)
+    if kind == "arpflood":
+        return arp_flood(*arg.split(","))
+    if kind == "nsflood":
+        return ns_flood(*arg.split(","))
     if kind == "dns6":
         return socket.getaddrinfo(arg, 80, socket.AF_INET6)[0][4][0]
     return "ERR unknown check"

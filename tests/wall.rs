@@ -86,6 +86,10 @@ fn egress_reaches_only_the_internet_and_dns_tells_nothing_internal() {
     );
 
     assert_eq!(net.ipv6_arrived(), 0, "IPv6 left with ipv6 = false");
+    // ARP requests from made-up sender addresses fill no neighbour table.
+    flood_is_dropped(&env, "arpflood:eth0,300");
+    let r = env.probe(&["http:http://ok.test/"]);
+    expect_all(&r, &[("http:http://ok.test/", "internet-ok")]);
 
     let status = env.ok(&["status"]);
     for reason in ["not-internet", "cloud-host", "dns-query", "spoofed-source"] {
@@ -241,6 +245,15 @@ fn ipv6_wall(image: &std::path::Path, tag: &str) {
             ("say6:fd6d:6967:7261:6e74::77,2a0a:2000::10,443", "ERR"),
         ],
     );
+    // Neighbour solicitations from made-up link-local sources (each one
+    // would make the namespace's kernel remember a neighbour, in tables
+    // bounded for the whole host) are dropped before the kernel sees
+    // them, and counted; the guest's own neighbour discovery still works.
+    flood_is_dropped(&env, "nsflood:eth0,300");
+    env.ok(&["ssh", "--", "sudo ip -6 neigh flush dev eth0"]);
+    let r = env.probe(&["http:http://[2a0a:2000::10]/"]);
+    expect_all(&r, &[("http:http://[2a0a:2000::10]/", "2a0a:1000::1")]);
+
     // A host address that appears while the VM runs is refused at once.
     net.add_host_address("2a0a:1000::77/64");
     let r = env.probe(&["http:http://[2a0a:1000::77]:9096/"]);
@@ -266,6 +279,22 @@ fn ipv6_wall(image: &std::path::Path, tag: &str) {
         journal.contains("\"dst\":\"[2a0a:2000::10]:80\"") && journal.contains("\"allowed\""),
         "no IPv6 flow in the journal: {journal}"
     );
+    // The guest's IPv6 address is set when it is built: turning IPv6 off
+    // in the Migrantfile is said, not silently half-applied.
+    let file = env.project.join("Migrantfile");
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{e}"));
+    let off: String = text
+        .lines()
+        .filter(|l| !l.starts_with("rules"))
+        .map(|l| format!("{}\n", l.replace("ipv6 = true", "ipv6 = false")))
+        .collect();
+    std::fs::write(&file, off).unwrap_or_else(|e| panic!("{e}"));
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("the VM was built with ipv6 = true"),
+        "{status}"
+    );
+    std::fs::write(&file, text).unwrap_or_else(|e| panic!("{e}"));
     env.ok(&["destroy"]);
     env.assert_clean();
 }
@@ -523,4 +552,39 @@ fn a_flood_from_the_guest_stays_within_its_bounds() {
     expect_all(&r, &[("http:http://ok.test/", "internet-ok")]);
     env.ok(&["destroy"]);
     env.assert_clean();
+}
+
+/// `spoofed-source` refusals so far, from `migrant status`.
+fn spoofed_count(env: &Env) -> u64 {
+    let status = env.ok(&["status"]);
+    status
+        .split("spoofed-source ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Guest root sends a flood of 300 neighbour-table entries in the making
+/// (`check` of guest_probe.py, as root): every packet must be dropped in
+/// the namespace and counted as a spoofed source. Without that the
+/// namespace's kernel remembers each made-up sender, and neighbour tables
+/// are bounded for the whole host: the host and the other VMs could no
+/// longer reach new neighbours.
+fn flood_is_dropped(env: &Env, check: &str) {
+    let before = spoofed_count(env);
+    let out = env.run_input(
+        &["ssh", "--", "sudo", "python3", "-", check],
+        include_bytes!("guest_probe.py"),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{check} => sent 300")),
+        "{}",
+        text(&out)
+    );
+    let after = spoofed_count(env);
+    assert!(
+        after >= before + 300,
+        "{check}: the made-up senders were not dropped: spoofed-source {before} -> {after}"
+    );
 }

@@ -138,16 +138,23 @@ fn closed_ports(tap: &str, gateway: std::net::IpAddr, open: &[u16]) -> Value {
     rule("prerouting", expr)
 }
 
-/// Neighbour discovery from the guest: router and neighbour
-/// solicitations and neighbour advertisements, with the hop limit of 255
-/// that proves they were not routed. Router advertisements and redirects
-/// from the guest are not in it.
-fn neighbour_discovery(tap: &str) -> Vec<Value> {
+/// Neighbour discovery from the guest: neighbour solicitations and
+/// advertisements, with the hop limit of 255 that proves they were not
+/// routed, from the guest's own address or the unspecified one (duplicate
+/// address detection). Only those: each solicitation makes the kernel
+/// remember its sender, and neighbour tables are bounded for the whole
+/// host, so a guest that could solicit from endless link-local addresses
+/// could crowd out the host's own neighbours. Router solicitations (no
+/// router answers here), advertisements and redirects are not in it.
+fn neighbour_discovery(tap: &str, guest: std::net::Ipv6Addr) -> Vec<Value> {
     vec![
         iif(tap),
         json!({"match": {"op": "==",
             "left": {"payload": {"protocol": "icmpv6", "field": "type"}},
-            "right": {"set": ["nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert"]}}}),
+            "right": {"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]}}}),
+        json!({"match": {"op": "==",
+            "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
+            "right": {"set": [guest.to_string(), "::"]}}}),
         match_eq(
             json!({"payload": {"protocol": "ip6", "field": "hoplimit"}}),
             json!(255),
@@ -172,9 +179,34 @@ fn ipv6_rules(plan: &Plan) -> Vec<Value> {
     let mut open: Vec<u16> = plan.gateway_tcp_holes.clone();
     open.push(53);
     vec![
-        rule("prerouting", neighbour_discovery(tap)),
+        rule("prerouting", neighbour_discovery(tap, net6.guest)),
         spoofed(tap, net6.guest.into()),
         closed_ports(tap, net6.gateway.into(), &open),
+    ]
+}
+
+/// ARP from the guest names only its own address as the sender (or none,
+/// for a probe): the kernel remembers the sender of every ARP request for
+/// one of its addresses, and neighbour tables are bounded for the whole
+/// host (1024 entries by default), so a guest sending requests from
+/// endless made-up addresses would leave the host and every other VM
+/// unable to reach new neighbours. Dropped and counted as spoofed.
+fn arp_rules(plan: &Plan) -> Vec<Value> {
+    let rule = json!({"add": {"rule": {"family": "arp", "table": TABLE, "chain": "input",
+    "expr": [
+        iif(&plan.tap),
+        {"match": {"op": "!=",
+            "left": {"payload": {"protocol": "arp", "field": "saddr ip"}},
+            "right": {"set": [plan.guest.to_string(), "0.0.0.0"]}}},
+        {"counter": SPOOFED},
+        {"drop": null},
+    ]}}});
+    vec![
+        json!({"add": {"table": {"family": "arp", "name": TABLE}}}),
+        json!({"add": {"counter": {"family": "arp", "table": TABLE, "name": SPOOFED}}}),
+        json!({"add": {"chain": {"family": "arp", "table": TABLE, "name": "input",
+            "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}}),
+        rule,
     ]
 }
 
@@ -323,8 +355,8 @@ pub fn ruleset(plan: &Plan) -> Value {
             json!({"accept": null}),
         ],
     ));
-    if plan.net6.is_some() {
-        cmds.push(rule("input", neighbour_discovery(tap)));
+    if let Some(net6) = plan.net6 {
+        cmds.push(rule("input", neighbour_discovery(tap, net6.guest)));
     }
     cmds.push(rule("input", vec![iif(tap), json!({"drop": null})]));
     if let Some(tun) = &plan.tunnel {
@@ -340,6 +372,7 @@ pub fn ruleset(plan: &Plan) -> Value {
         ));
         cmds.push(rule("input", vec![iif(tun), json!({"drop": null})]));
     }
+    cmds.extend(arp_rules(plan));
     json!({"nftables": cmds})
 }
 
@@ -351,8 +384,10 @@ pub const GATEWAY_REFUSED: &str = "gateway_refused";
 /// table, read with one `nft` run; call from a thread inside the
 /// namespace.
 pub fn read_counters<const N: usize>(names: [&str; N]) -> Result<[u64; N], NftError> {
+    // Every counter of the namespace (only ours exist there): a name may
+    // stand in both our tables (inet and arp), and the counts add up.
     let out = Command::new("nft")
-        .args(["-j", "list", "counters", "table", "inet", TABLE])
+        .args(["-j", "list", "counters"])
         .stdin(Stdio::null())
         .output()
         .map_err(NftError::Spawn)?;
@@ -369,14 +404,17 @@ pub fn read_counters<const N: usize>(names: [&str; N]) -> Result<[u64; N], NftEr
     Ok(packets)
 }
 
-/// The `packets` of counter `name` in `nft -j list counters` output.
+/// The `packets` of the counters named `name` of our tables in
+/// `nft -j list counters` output, added up; `None` when there is none.
 fn counter_packets(json: &[u8], name: &str) -> Option<u64> {
     let v: Value = serde_json::from_slice(json).ok()?;
     v["nftables"]
         .as_array()?
         .iter()
-        .find(|o| o["counter"]["name"] == name)
-        .and_then(|o| o["counter"]["packets"].as_u64())
+        .filter(|o| o["counter"]["name"] == name && o["counter"]["table"] == TABLE)
+        .map(|o| o["counter"]["packets"].as_u64())
+        .reduce(|a, b| Some(a? + b?))
+        .flatten()
 }
 
 /// Apply `ruleset` with nft; call from a thread inside the namespace.
@@ -486,6 +524,8 @@ mod tests {
     fn counter_packets_from_nft_json() {
         let out = br#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"counter": {"family": "inet", "name": "gateway_refused", "table": "migrant", "handle": 1, "packets": 7, "bytes": 420}}]}"#;
         assert_eq!(counter_packets(out, GATEWAY_REFUSED), Some(7));
+        let both = br#"{"nftables": [{"counter": {"family": "inet", "name": "spoofed_source", "table": "migrant", "packets": 3}}, {"counter": {"family": "arp", "name": "spoofed_source", "table": "migrant", "packets": 4}}, {"counter": {"family": "inet", "name": "spoofed_source", "table": "other", "packets": 50}}]}"#;
+        assert_eq!(counter_packets(both, SPOOFED), Some(7));
         assert_eq!(counter_packets(out, "other"), None);
         assert_eq!(counter_packets(b"not json", GATEWAY_REFUSED), None);
     }
@@ -559,9 +599,21 @@ mod tests {
                     ),
                     "{listed}"
                 );
+                // Neighbour discovery from the guest's own addresses only.
+                assert!(
+                    listed.contains("icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 saddr { ::, fd6d:6967:7261:6e74::15 } ip6 hoplimit 255 accept"),
+                    "{listed}"
+                );
             } else {
                 assert!(listed.contains("meta nfproto ipv6 drop"), "{listed}");
             }
+            assert!(
+                listed.contains("table arp migrant")
+                    && listed.contains(
+                        "arp saddr ip != { 0.0.0.0, 10.0.2.15 } counter name \"spoofed_source\" drop"
+                    ),
+                "{listed}"
+            );
         }
     }
 
