@@ -7,7 +7,7 @@ def dns_udp(server, name):
     for part in name.split("."):
         q += bytes([len(part)]) + part.encode()
     q += b"\0" + struct.pack(">HH", 1, 1)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(4)
     s.sendto(q, (server, 53))
     r, _ = s.recvfrom(4096)
@@ -177,10 +177,10 @@ def check(c):
     if kind == "dns":
         return socket.gethostbyname(arg)
     if kind == "udpdns":
-        server, name = arg.split(":")
+        server, name = arg.rsplit(":", 1)
         return dns_udp(server, name)
     if kind == "tcpdns":
-        server, name = arg.split(":")
+        server, name = arg.rsplit(":", 1)
         return dns_tcp(server, name)
     if kind == "http":
         return urllib.request.urlopen(arg, timeout=6).read().decode()

@@ -187,6 +187,9 @@ fn ipv6_wall(image: &std::path::Path, tag: &str) {
         "tcp:2a0a:2000::10:443",
         "udp6:2a0a:2000::10:443",
         "dnsq:10.0.2.2:AAAA:v6.test",
+        // DNS to the gateway's IPv6 address, over UDP and TCP.
+        "udpdns:fd6d:6967:7261:6e74::2:ok.test",
+        "tcpdns:fd6d:6967:7261:6e74::2:ok.test",
         // Holes: one IPv6 LAN host, a forward to another (from either
         // gateway address).
         "http:http://[fd77::51]/",
@@ -223,6 +226,8 @@ fn ipv6_wall(image: &std::path::Path, tag: &str) {
             ("tcp:2a0a:2000::10:443", "open"),
             ("udp6:2a0a:2000::10:443", "ping"),
             ("dnsq:10.0.2.2:AAAA:v6.test", "answers 1"),
+            ("udpdns:fd6d:6967:7261:6e74::2:ok.test", "45.20.0.10"),
+            ("tcpdns:fd6d:6967:7261:6e74::2:ok.test", "45.20.0.10"),
             ("http:http://[fd77::51]/", "lan6-other"),
             ("http:http://10.0.2.2:8081/", "lan6"),
             ("http:http://[fd6d:6967:7261:6e74::2]:8081/", "lan6"),

@@ -374,9 +374,10 @@ impl Proxy {
             return reset(guest);
         };
         let policy = &self.gate.policy;
-        // DNS over TCP to any server is answered by the gateway's
+        // DNS over TCP to any server (the gateway's IPv6 address too; its
+        // IPv4 one has a listener of its own) is answered by the gateway's
         // resolver, like DNS over UDP: one resolver sees every lookup.
-        if dst.port() == 53 && !is_gateway(policy, dst.ip()) {
+        if dst.port() == 53 && dst.ip() != IpAddr::V4(policy.gateway) {
             return self.resolver.tcp_client(guest).await;
         }
         let allowed = match self.gate.decide(Proto::Tcp, dst) {
@@ -660,14 +661,6 @@ fn recv_orig(
     let dst =
         dst.ok_or_else(|| std::io::Error::other("datagram without its original destination"))?;
     Ok((len, plain(src), plain(dst)))
-}
-
-/// The gateway's own address, IPv4 or IPv6.
-fn is_gateway(policy: &super::policy::Policy, ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4 == policy.gateway,
-        IpAddr::V6(v6) => policy.net6.is_some_and(|n| n.gateway == v6),
-    }
 }
 
 /// Keep the policy's view of the host current: its addresses, its default
