@@ -61,16 +61,23 @@ pub fn pending_changes(p: &Project, rec: &Record, now: When) -> Vec<String> {
             ));
         }
     }
-    // The guest's IPv6 address comes from the seed, which is written once.
-    if let Ok(net) = crate::seed::read_seed_file(&p.vm.seed(), "network-config") {
-        let has = crate::seed::network_config_has_ipv6(&String::from_utf8_lossy(&net));
-        if has != cfg.network.ipv6 {
-            notes.push(format!(
-                "ipv6 = {} in the Migrantfile, the VM was built with ipv6 = {has}; the guest's network is set when it is built (`migrant destroy` and `up` to rebuild){}",
-                cfg.network.ipv6,
-                if has { "; its IPv6 packets are dropped" } else { "" }
-            ));
-        }
+    if let Some(has) = built_with_ipv6(&p.vm)
+        && has != cfg.network.ipv6
+    {
+        notes.push(format!(
+            "ipv6 = {} in the Migrantfile, the VM was built with ipv6 = {has}; the guest's network is set when it is built (`migrant destroy` and `up` to rebuild){}",
+            cfg.network.ipv6,
+            if has { "; its IPv6 packets are dropped" } else { "" }
+        ));
     }
     notes
+}
+
+/// Whether the VM was built with an IPv6 address: the guest's network
+/// comes from the seed, which is written once (`None`: no readable seed).
+pub fn built_with_ipv6(vm: &crate::state::VmPaths) -> Option<bool> {
+    let net = crate::seed::read_seed_file(&vm.seed(), "network-config").ok()?;
+    Some(crate::seed::network_config_has_ipv6(
+        &String::from_utf8_lossy(&net),
+    ))
 }

@@ -226,8 +226,7 @@ pub fn status(p: &Project, json: bool) -> Result<u8> {
     // The guest has the IPv6 address its seed gave it, if IPv6 is on.
     if matches!(l, Live::Active(_))
         && let Some(net6) = p.cfg.net6()
-        && crate::seed::read_seed_file(&p.vm.seed(), "network-config")
-            .is_ok_and(|n| crate::seed::network_config_has_ipv6(&String::from_utf8_lossy(&n)))
+        && super::drift::built_with_ipv6(&p.vm) == Some(true)
     {
         v.ipv6 = Some(net6.guest.to_string());
     }

@@ -306,10 +306,8 @@ pub fn guest_response(
     resp.add_query(question.clone());
     for rec in up.answers {
         let keep = match &rec.data {
-            RData::A(a) => allowed(a.0.into()),
-            RData::AAAA(a) => allowed(a.0.into()),
             RData::HTTPS(_) | RData::SVCB(_) => false,
-            _ => true,
+            data => address_of(data).is_none_or(&allowed),
         };
         if keep {
             resp.add_answer(rec);
@@ -324,6 +322,15 @@ pub fn guest_response(
         resp.set_edns(response_edns());
     }
     Some(resp)
+}
+
+/// The address an A or AAAA record carries.
+pub fn address_of(data: &RData) -> Option<std::net::IpAddr> {
+    match data {
+        RData::A(a) => Some(a.0.into()),
+        RData::AAAA(a) => Some(a.0.into()),
+        _ => None,
+    }
 }
 
 /// SERVFAIL for `guest`'s question.

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::Message;
-use hickory_proto::rr::RData;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::dns::{self, Outcome, Stub};
@@ -138,7 +137,7 @@ impl Resolver {
         }
         self.stats.dns_answered(&name, &qtype);
         for rec in &resp.answers {
-            if let Some(ip) = address_of(&rec.data) {
+            if let Some(ip) = dns::address_of(&rec.data) {
                 self.stats.named(ip, &name);
             }
         }
@@ -301,20 +300,11 @@ fn random_id() -> u16 {
     u16::from_ne_bytes(b)
 }
 
-/// The address an A or AAAA record carries.
-fn address_of(data: &RData) -> Option<std::net::IpAddr> {
-    match data {
-        RData::A(a) => Some(a.0.into()),
-        RData::AAAA(a) => Some(a.0.into()),
-        _ => None,
-    }
-}
-
 /// Admit the A and AAAA records of an answer (already filtered) to the
 /// allowed name that was asked.
 fn learn(allow: &Allowlist, name: &str, msg: &Message) {
     for rec in &msg.answers {
-        if let Some(ip) = address_of(&rec.data) {
+        if let Some(ip) = dns::address_of(&rec.data) {
             allow.learn(name, ip, rec.ttl);
             // The owner name too (a CNAME target), so that shared
             // addresses are recognised as such.

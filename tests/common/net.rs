@@ -64,6 +64,21 @@ fn in_ns(ns: &str, args: &[&str]) {
     ip(&a);
 }
 
+/// What `args` prints inside `ns`.
+fn ns_output(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The word after the first `key` in `text`.
+fn word_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.split_whitespace().skip_while(|w| *w != key).nth(1)
+}
+
 /// A tiny HTTP server answering every request with `body` and echoing
 /// the Host header it saw: `python3` from Debian.
 const HTTP: &str = r#"
@@ -340,17 +355,8 @@ impl TestNet {
 
     /// IPv6 TCP and UDP packets counted since [`TestNet::count_ipv6_arrivals`].
     pub fn ipv6_arrived(&self) -> u64 {
-        let out = Command::new("ip")
-            .args([
-                "netns", "exec", &self.inet, "nft", "list", "chain", "inet", "mgtc", "pre",
-            ])
-            .output()
-            .unwrap_or_else(|e| panic!("nft: {e}"));
-        let listed = String::from_utf8_lossy(&out.stdout);
-        listed
-            .split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
+        let listed = ns_output(&self.inet, &["nft", "list", "chain", "inet", "mgtc", "pre"]);
+        word_after(&listed, "packets")
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no counter: {listed}"))
     }
@@ -366,18 +372,13 @@ impl TestNet {
 
     /// The host's link-local address on its link towards the internet.
     pub fn host_link_local(&self) -> String {
-        let out = Command::new("ip")
-            .args([
-                "netns", "exec", &self.host, "ip", "-6", "-o", "addr", "show", "dev", "mgt-hi",
-                "scope", "link",
-            ])
-            .output()
-            .unwrap_or_else(|e| panic!("ip: {e}"));
-        let listed = String::from_utf8_lossy(&out.stdout);
-        listed
-            .split_whitespace()
-            .skip_while(|w| *w != "inet6")
-            .nth(1)
+        let listed = ns_output(
+            &self.host,
+            &[
+                "ip", "-6", "-o", "addr", "show", "dev", "mgt-hi", "scope", "link",
+            ],
+        );
+        word_after(&listed, "inet6")
             .and_then(|a| a.split('/').next())
             .map(str::to_string)
             .unwrap_or_else(|| panic!("no link-local address: {listed}"))
