@@ -287,7 +287,15 @@ fn dataplane_is_confined_and_fails_closed(env: &Env) {
     });
     assert!(restarted, "the dataplane was not started again");
     let again = env.pid_of("__dataplane").unwrap_or(plane);
-    assert_eq!(proc_status(again)["Seccomp"], "2");
+    // The new process installs its filter right after it starts: give it
+    // that moment (the first read could come before it).
+    assert!(
+        wait_for(Duration::from_secs(5), || proc_status(again)
+            .get("Seccomp")
+            .is_some_and(|s| s == "2")),
+        "the restarted dataplane has no seccomp filter: {:?}",
+        proc_status(again).get("Seccomp")
+    );
     // Let the guest's loop go on with the new dataplane, then read it.
     std::thread::sleep(Duration::from_secs(5));
     let log = env.ok(&["ssh", "--", "cat /tmp/egress.log"]);
