@@ -32,6 +32,9 @@ pub struct Confine {
     /// SIGKILL when the forking thread exits; the start fails if the
     /// parent is already gone.
     pub die_with_parent: bool,
+    /// `RLIMIT_FSIZE`: the largest file the child may write (a write
+    /// past it fails with EFBIG; SIGXFSZ is ignored in the child).
+    pub max_file_size: Option<u64>,
 }
 
 impl Confine {
@@ -55,7 +58,7 @@ impl Confine {
         }
     }
 
-    /// In the forked child: fcntl, setns, prctl, setgroups, setgid,
+    /// In the forked child: fcntl, setns, setrlimit, signal, prctl, setgroups, setgid,
     /// setuid, getppid over data allocated before the fork; nothing
     /// allocates. The groups and gid go before the uid, since a non-root
     /// process may no longer change them; a failure aborts the spawn, so
@@ -74,6 +77,19 @@ impl Confine {
                 && libc::setns(ns, libc::CLONE_NEWNET) < 0
             {
                 return Err(err());
+            }
+            if let Some(max) = self.max_file_size {
+                let limit = libc::rlimit {
+                    rlim_cur: max,
+                    rlim_max: max,
+                };
+                // EFBIG for the write, not a silent kill: the program
+                // sees the error (QEMU reports it to the guest).
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) < 0
+                    || libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR
+                {
+                    return Err(err());
+                }
             }
             if self.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 return Err(err());

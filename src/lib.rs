@@ -13,6 +13,7 @@ pub mod firmware;
 pub mod image;
 pub mod jail;
 pub mod lockfile;
+pub mod logging;
 pub mod memsnap;
 pub mod net;
 pub mod provision;

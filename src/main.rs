@@ -2,19 +2,7 @@ use clap::Parser;
 use migrant::cli::{Cli, Cmd};
 use std::process::ExitCode;
 
-fn init_logging(verbose: u8, default: &str) {
-    let filter = match verbose {
-        0 => std::env::var("MIGRANT_LOG").unwrap_or_else(|_| default.to_string()),
-        1 => "migrant=debug".into(),
-        _ => "debug".into(),
-    };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
-}
+use migrant::logging::init as init_logging;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

@@ -106,9 +106,84 @@ impl Rotating {
     }
 }
 
+/// A thread copying a pipe into a capped file until every write end is
+/// closed. A process whose output the guest (or a compromised QEMU)
+/// steers writes into the pipe, never the file, so it cannot grow the
+/// file past the cap nor stall on it: the pipe is always drained.
+pub struct Drain(std::sync::mpsc::Receiver<()>);
+
+impl Drain {
+    /// Start copying `pipe` (a read end) into `log`.
+    pub fn spawn(
+        name: &str,
+        pipe: std::os::fd::OwnedFd,
+        mut log: Rotating,
+    ) -> std::io::Result<Drain> {
+        use std::io::Read;
+        let (done, finished) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let mut pipe = std::fs::File::from(pipe);
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match pipe.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            // Nowhere to say it but the log that failed.
+                            let _ = log.write(&buf[..n]);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+                let _ = done.send(());
+            })?;
+        Ok(Drain(finished))
+    }
+
+    /// Wait up to `timeout` for the writers to close and the copy to end.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        self.0.recv_timeout(timeout).is_ok()
+    }
+}
+
+/// A log a confined child writes: the write end of a pipe whose other
+/// end a thread of this process copies into `path`, rotated at `cap`.
+/// The child gets the pipe, never the file.
+pub fn capped_log(name: &str, path: &Path, cap: u64) -> std::io::Result<(std::fs::File, Drain)> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let drain = Drain::spawn(name, read, Rotating::new(path.to_path_buf(), cap, 0o600))?;
+    Ok((std::fs::File::from(write), drain))
+}
+
+/// The cap of a helper's log (`qemu.log`, `wireguard.log`,
+/// `virtiofsd-TAG.log`).
+pub const HELPER_LOG_CAP: u64 = 1 << 20;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drained_pipe_is_capped() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("qemu.log");
+        let (r, w) = nix::unistd::pipe().unwrap_or_else(|e| panic!("{e}"));
+        let drain = Drain::spawn("test", r, Rotating::new(path.clone(), 4096, 0o600))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut w = std::fs::File::from(w);
+        for i in 0..10_000u32 {
+            w.write_all(format!("line {i:05}\n").as_bytes())
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        drop(w);
+        assert!(drain.wait(std::time::Duration::from_secs(10)));
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        assert!(size(&path) <= 4096 && size(&previous(&path)) <= 4096);
+        let now = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(now.ends_with("line 09999\n"), "{now}");
+    }
 
     #[test]
     fn never_more_than_twice_the_cap() {

@@ -11,15 +11,31 @@ use std::time::Duration;
 fn direct_egress_policy_holes_tunnel_and_cleanup() {
     let Some(image) = test_image() else { return };
     let root_rules = TestNet::ruleset(None);
-    let net = TestNet::new("d");
+    let mut net = TestNet::new("d");
     let host_rules = TestNet::ruleset(Some(&net.host));
+    // 45.10.0.77 becomes the host's own address after `up` checked the
+    // rules: the forward to it must then open nothing.
     let env = Env::new_in(
         "net",
         &image,
-        "[network]\nrules = [\"allow-host-port tcp/8080\", \"allow-lan-host 192.168.77.50\", \"forward-port tcp/8081 192.168.77.51:80\"]\n",
+        "[network]\nrules = [\"allow-host-port tcp/8080\", \"allow-lan-host 192.168.77.50\", \"forward-port tcp/8081 192.168.77.51:80\", \"forward-port tcp/8082 45.10.0.77:9092\"]\n",
         Some(&net.host),
     );
     env.ok(&["up"]);
+    net.add_host_address("45.10.0.77/32");
+    net.host_http("45.10.0.77", 9092, "host-gained");
+    let served = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &net.host, "python3", "-c",
+                "import urllib.request;print(urllib.request.urlopen('http://45.10.0.77:9092/',timeout=5).read().decode())"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("host-gained"))
+            .unwrap_or(false)
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), served),
+        "the host's new service does not answer on the host"
+    );
     let qemu = env
         .pid_of("qemu-system")
         .unwrap_or_else(|| panic!("no QEMU"));
@@ -39,6 +55,8 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
         "http:http://10.0.2.2:8080/",
         "http:http://10.0.2.2:9091/",
         "http:http://10.0.2.2:8081/",
+        // A forward to an address the host gained later: the host.
+        "http:http://10.0.2.2:8082/",
         // The host itself, by its public-looking address.
         "http:http://45.10.0.1:9090/",
         // LAN: only the allowed host; metadata never.
@@ -58,6 +76,7 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
     expect(&r, "http:http://10.0.2.2:8080/", "host-loopback");
     expect(&r, "http:http://10.0.2.2:9091/", "ERR");
     expect(&r, "http:http://10.0.2.2:8081/", "lan-other");
+    expect(&r, "http:http://10.0.2.2:8082/", "ERR");
     expect(&r, "http:http://45.10.0.1:9090/", "ERR");
     expect(&r, "http:http://192.168.77.50/", "lan");
     expect(&r, "http:http://192.168.77.51/", "ERR");

@@ -376,30 +376,38 @@ fn allow_domains_fails_closed() {
 fn a_lan_hole_aimed_at_the_host_is_refused() {
     let Some(image) = test_image() else { return };
     let net = TestNet::new("l");
-    // 192.168.77.1 is the host's own address on its LAN link.
-    let env = Env::new_in(
-        "wallh",
-        &image,
-        "[network]\nrules = [\"allow-lan-host 192.168.77.1\"]\n",
-        Some(&net.host),
-    );
-    let out = env.run(&["up"]);
-    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("192.168.77.1") && err.contains("host"),
-        "{}",
-        text(&out)
-    );
-    assert!(env.pid_of("qemu-system").is_none(), "a VM was started");
-    env.assert_clean();
+    // 192.168.77.1 is the host's own address on its LAN link, 45.10.0.1
+    // its address towards the internet (a service listens there).
+    for (rule, addr) in [
+        ("allow-lan-host 192.168.77.1", "192.168.77.1"),
+        ("forward-port tcp/8081 192.168.77.1:9090", "192.168.77.1"),
+        ("forward-port tcp/8081 45.10.0.1:9090", "45.10.0.1"),
+    ] {
+        let env = Env::new_in(
+            "wallh",
+            &image,
+            &format!("[network]\nrules = [\"{rule}\"]\n"),
+            Some(&net.host),
+        );
+        let out = env.run(&["up"]);
+        assert_eq!(out.status.code(), Some(78), "{rule}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(addr) && err.contains("holes never open the host"),
+            "{rule}: {}",
+            text(&out)
+        );
+        assert!(env.pid_of("qemu-system").is_none(), "a VM was started");
+        env.assert_clean();
+    }
 }
 
 /// The guest's flood, run as root in the guest: an ordinary 20 MiB
 /// download starts first, then 5000 held TCP connections (the cap is
 /// 4096, or less where the open-file limit is lower), 5 MiB printed on the
-/// serial console, 20 000 DNS questions, 6000 UDP flows (cap 4096) and
-/// 100 000 refused datagrams.
+/// serial console, 20 000 DNS questions, 6000 UDP flows (cap 4096),
+/// 20 000 DNS datagrams to the broadcast address (each one a log line
+/// before) and 100 000 refused datagrams.
 const FLOOD: &str = r#"
 import resource, socket, struct, threading, time, urllib.request
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -447,6 +455,10 @@ for i in range(20000):
     send(q + b"\0" + struct.pack(">HH", 1, 1), ("10.0.2.2", 53))
 for i in range(6000):
     send(b"x", ("45.20.0.10", 10000 + i))
+# DNS to the broadcast address: no reply socket can speak as it.
+u.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+for i in range(20000):
+    send(b"x" * 12, ("255.255.255.255", 53))
 for i in range(100000):
     send(b"x", ("10.9.%d.%d" % (i // 250 % 250, i % 250 + 1), 9))
 print("flooded", flush=True)
@@ -469,6 +481,34 @@ fn a_flood_from_the_guest_stays_within_its_bounds() {
     let plane = env
         .pid_of("__dataplane")
         .unwrap_or_else(|| panic!("no dataplane"));
+    // What a compromised QEMU could grow: its output is a pipe into a
+    // capped log, and no file it writes may pass its disk's size and the
+    // format's tables (RLIMIT_FSIZE; the test disk is 4 GiB).
+    let qemu = env
+        .pid_of("qemu-system")
+        .unwrap_or_else(|| panic!("no QEMU"));
+    for (pid, who) in [(qemu, "QEMU"), (sup, "the supervisor")] {
+        for fd in [1, 2] {
+            let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            assert!(
+                target.starts_with("pipe:"),
+                "{who}'s descriptor {fd} is {target}, not a pipe into a capped log"
+            );
+        }
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{qemu}/limits")).unwrap_or_default();
+    let max_file = limits
+        .lines()
+        .find(|l| l.starts_with("Max file size"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("QEMU's file size is not limited:\n{limits}"));
+    assert!(
+        max_file < 5 << 30,
+        "QEMU may write files of {max_file} bytes"
+    );
     let mut flood = env
         .cmd(&["ssh", "--", "sudo", "python3", "-"])
         .stdin(std::process::Stdio::piped())
@@ -530,6 +570,8 @@ fn a_flood_from_the_guest_stays_within_its_bounds() {
     assert!(max_rss_kib <= 256 * 1024, "{max_rss_kib} KiB resident");
     let status = env.ok(&["status"]);
     assert!(status.contains("too-many-connections"), "{status}");
+    // The broadcast DNS datagrams were counted, not logged one by one.
+    assert!(status.contains("multicast"), "{status}");
     let size = |name: &str| {
         std::fs::metadata(env.state_dir().join(name))
             .map(|m| m.len())

@@ -283,19 +283,26 @@ pub struct Ssh {
 }
 
 impl Config {
-    /// Refuse holes aimed at the host itself: an `allow-lan-host` naming
-    /// one of `host`'s own addresses (or loopback) would open every
-    /// service of the host to the guest. Checked by `up` against the
+    /// Refuse holes aimed at the host itself: an `allow-lan-host` or a
+    /// `forward-port` naming one of `host`'s own addresses (or loopback,
+    /// or the unspecified address) would open the host's services to the
+    /// guest. Checked by `up` against the
     /// addresses the host has then; the proxy refuses them at run time too.
     pub fn check_holes_against(
         &self,
         host: &std::collections::HashSet<std::net::IpAddr>,
     ) -> Result<(), ConfigError> {
         for rule in &self.network.rules {
-            let NetRule::AllowLanHost { addr, .. } = rule else {
-                continue;
+            let (addr, keyword) = match rule {
+                NetRule::AllowLanHost { addr, .. } => (*addr, "allow-lan-host"),
+                NetRule::ForwardPort { target, .. } => (target.ip(), "forward-port"),
+                NetRule::AllowHostPort { .. } => continue,
             };
-            if !addr.is_loopback() && !host.contains(addr) {
+            let plain = match addr {
+                std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, std::net::IpAddr::V4),
+                v4 => v4,
+            };
+            if !plain.is_loopback() && !plain.is_unspecified() && !host.contains(&plain) {
                 continue;
             }
             let text = std::fs::read_to_string(&self.file).unwrap_or_default();
@@ -303,9 +310,12 @@ impl Config {
             let line = text
                 .lines()
                 .position(|l| {
-                    l.contains("allow-lan-host")
+                    l.contains(keyword)
                         && l.split(|c: char| !c.is_ascii_hexdigit() && c != '.' && c != ':')
-                            .any(|w| w == needle)
+                            .any(|w| {
+                                w.strip_prefix(needle.as_str())
+                                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+                            })
                 })
                 .map_or(0, |i| i + 1);
             let field = match self.format {

@@ -1545,3 +1545,44 @@ fn the_guest_user_comes_from_cloud_init() {
         .unwrap_or_else(|| panic!("a bad user name passed"));
     assert!(e.to_string().contains("cloud-init.yml: users:"), "{e}");
 }
+
+#[test]
+fn holes_aimed_at_the_host_name_their_line() {
+    let host: std::collections::HashSet<std::net::IpAddr> = ["45.1.2.3", "2a0a::7"]
+        .iter()
+        .map(|a| a.parse().unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    for (rule, line) in [
+        ("allow-lan-host 45.1.2.3", 4),
+        ("forward-port tcp/8080 45.1.2.3:80", 4),
+        ("forward-port tcp/8080 [2a0a::7]:80", 4),
+    ] {
+        let content =
+            format!("image = \"debian-12\"\n[network]\nipv6 = true\nrules = [\"{rule}\"]\n");
+        let (_dir, cfg) = good(&content);
+        let err = match cfg.check_holes_against(&host) {
+            Ok(()) => panic!("accepted: {rule}"),
+            Err(e) => e,
+        };
+        assert_eq!(err.exit_code(), 78, "{err}");
+        let ConfigError::Invalid {
+            line: got, field, ..
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            (*got, field.as_str()),
+            (line, "network.rules"),
+            "{rule}: {err}"
+        );
+        assert!(
+            err.to_string().contains("holes never open the host"),
+            "{err}"
+        );
+    }
+    let (_dir, cfg) = good(
+        "image = \"debian-12\"\n[network]\nrules = [\"forward-port tcp/8080 45.1.2.4:80\", \"allow-host-port tcp/8081\"]\n",
+    );
+    assert!(cfg.check_holes_against(&host).is_ok());
+}

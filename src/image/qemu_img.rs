@@ -140,7 +140,8 @@ pub fn create_overlay(base: &Path, disk: &Path, size: u64) -> Result<(), ImageEr
 /// `backings`, read as qcow2 or raw. QEMU writes this file and may be
 /// compromised: a header rewritten to name `/etc/shadow` would make root's
 /// `qemu-img convert` fold that file into a snapshot the guest then reads.
-pub fn check_disk_chain(disk: &Path, backings: &[&Path], shared: bool) -> Result<(), ImageError> {
+/// Returns the disk's virtual size.
+pub fn check_disk_chain(disk: &Path, backings: &[&Path], shared: bool) -> Result<u64, ImageError> {
     let tampered = |message: String| ImageError::Tampered {
         path: disk.to_path_buf(),
         message,
@@ -151,7 +152,7 @@ pub fn check_disk_chain(disk: &Path, backings: &[&Path], shared: bool) -> Result
         return Err(tampered("it names an external data file".into()));
     }
     let Some(backing) = &info.backing_filename else {
-        return Ok(());
+        return Ok(info.virtual_size);
     };
     if !backings
         .iter()
@@ -162,7 +163,7 @@ pub fn check_disk_chain(disk: &Path, backings: &[&Path], shared: bool) -> Result
         )));
     }
     match info.backing_format.as_deref() {
-        Some(f) if FORMATS.contains(&f) => Ok(()),
+        Some(f) if FORMATS.contains(&f) => Ok(info.virtual_size),
         other => Err(tampered(format!(
             "its backing file's format is {other:?}, not qcow2 or raw"
         ))),

@@ -277,10 +277,25 @@ impl Policy {
             NetRule::AllowLanHost { addr, via_tunnel } if *addr == ip => Some(*via_tunnel),
             _ => None,
         });
-        if hole.is_some() && (self.host.contains(ip) || ip.is_loopback()) {
-            return Err(Denial::HostAddress);
+        if hole.is_some() {
+            self.not_the_host(ip)?;
         }
         Ok(hole)
+    }
+
+    /// Every hole but `allow-host-port` (whose one target is the host's
+    /// loopback port it names) must not open the host: not one of its
+    /// addresses, not loopback, not the unspecified address (which a
+    /// connect turns into the host).
+    fn not_the_host(&self, ip: IpAddr) -> Result<(), Denial> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if self.host.contains(ip) || ip.is_loopback() || ip.is_unspecified() {
+            return Err(Denial::HostAddress);
+        }
+        Ok(())
     }
 
     /// The address rules for a flow that is not a hole: cloud host
@@ -430,6 +445,7 @@ impl Policy {
                     target,
                     via_tunnel,
                 } if p == proto && guest_port == port => {
+                    self.not_the_host(target.ip())?;
                     return Ok(Allowed {
                         to: target,
                         hole: true,
@@ -703,6 +719,27 @@ mod tests {
             p.decide(Proto::Tcp, to([127, 0, 0, 1], 22)),
             Err(Denial::HostAddress)
         );
+        // Nor does a forward: to one of the host's addresses, loopback, the
+        // unspecified address or their IPv4-mapped forms, whatever port.
+        for (port, target) in [
+            (8001, "45.1.2.3:80"),
+            (8002, "127.0.0.1:80"),
+            (8003, "0.0.0.0:80"),
+            (8004, "[::ffff:45.1.2.3]:80"),
+            (8005, "[::1]:80"),
+        ] {
+            p.rules.push(NetRule::ForwardPort {
+                proto: Proto::Tcp,
+                guest_port: port,
+                target: target.parse().unwrap_or_else(|e| panic!("{e}")),
+                via_tunnel: false,
+            });
+            assert_eq!(
+                p.decide(Proto::Tcp, to([10, 0, 2, 2], port)),
+                Err(Denial::HostAddress),
+                "{target}"
+            );
+        }
         // QUIC only with allow_domains; other UDP needs an admitted address.
         assert!(p.decide(Proto::Udp, to([93, 184, 216, 34], 443)).is_ok());
         let list = super::super::domains::Allowlist::new(&["ok.example".into()]);

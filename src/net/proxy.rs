@@ -508,7 +508,13 @@ impl Proxy {
         let reply = match self.inside.reply(dst, src).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!("udp reply socket for {dst}: {e}");
+                // No socket can speak as a broadcast, multicast or
+                // scope-less link-local address: counted, not logged
+                // (the guest chooses how many).
+                match unanswerable(dst.ip()) {
+                    Some(why) => self.stats.deny(Proto::Udp, src, dst, why),
+                    None => tracing::warn!("udp reply socket for {dst}: {e}"),
+                }
                 return;
             }
         };
@@ -676,5 +682,19 @@ pub async fn watch_host(gate: Arc<Gate>) {
             list.expire();
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Why no reply socket can speak as `ip`, if it is an address no unicast
+/// socket may take: broadcast and multicast, an IPv6 link-local address
+/// (which needs a scope), the unspecified address.
+fn unanswerable(ip: IpAddr) -> Option<Denial> {
+    match ip {
+        IpAddr::V4(v4) if v4.is_broadcast() || v4.is_multicast() => Some(Denial::Multicast),
+        IpAddr::V4(v4) if v4.is_unspecified() => Some(Denial::Loopback),
+        IpAddr::V6(v6) if v6.is_multicast() => Some(Denial::Multicast),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some(Denial::LinkLocal),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some(Denial::Loopback),
+        _ => None,
     }
 }

@@ -314,8 +314,8 @@ impl RouteGuard {
         }
     }
 
-    /// Whether a flow to `dst` leaves the way the rule admits.
-    pub fn check(&self, dst: IpAddr) -> Result<(), Denial> {
+    /// The kernel's route to `dst`, timed.
+    fn lookup(&self, dst: IpAddr) -> Route {
         use std::sync::atomic::Ordering;
         let started = Instant::now();
         let route = match self.socket.lock() {
@@ -325,6 +325,23 @@ impl RouteGuard {
         let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.lookups.fetch_add(1, Ordering::Relaxed);
         self.lookup_nanos.fetch_add(took, Ordering::Relaxed);
+        route
+    }
+
+    /// Whether a named hole to `dst` stays off the host: its target may
+    /// be anywhere the rule names (the LAN, a VPN), but never an address
+    /// the kernel delivers locally, including one the host gained after
+    /// `up` checked the rules.
+    pub fn check_hole(&self, dst: IpAddr) -> Result<(), Denial> {
+        match self.lookup(dst) {
+            Route::Local => Err(Denial::HostAddress),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a flow to `dst` leaves the way the rule admits.
+    pub fn check(&self, dst: IpAddr) -> Result<(), Denial> {
+        let route = self.lookup(dst);
         let verdict = self.judge_now(route);
         if verdict == Err(Denial::NotInternet) && matches!(route, Route::Unicast { .. }) {
             // The default route may have changed since the last read.
@@ -377,8 +394,13 @@ impl Gate {
         dst: std::net::SocketAddr,
     ) -> Result<super::policy::Allowed, Denial> {
         let allowed = self.policy.decide(proto, dst)?;
+        let guard = self.guard(allowed.via_tunnel)?;
         if !allowed.hole {
-            self.guard(allowed.via_tunnel)?.check(allowed.to.ip())?;
+            guard.check(allowed.to.ip())?;
+        } else if !allowed.to.ip().is_loopback() {
+            // Loopback is `allow-host-port`'s own target (the policy
+            // refuses it for every other hole).
+            guard.check_hole(allowed.to.ip())?;
         }
         Ok(allowed)
     }

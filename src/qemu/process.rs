@@ -153,16 +153,40 @@ pub struct Launch<'a> {
     pub identity: &'a Identity,
     /// Descriptors QEMU must inherit (they are named in the argv).
     pub keep_fds: Vec<RawFd>,
-    /// QEMU's stdout and stderr go here.
+    /// QEMU's stdout and stderr go here, through a pipe (rotated at
+    /// [`LOG_CAP`]).
     pub log: &'a Path,
+    /// The largest file QEMU may write (`RLIMIT_FSIZE`): its disk's
+    /// virtual size and the image format's metadata, so that a
+    /// compromised QEMU cannot grow a file it writes past what the guest
+    /// was given.
+    pub max_file_size: u64,
+}
+
+/// `qemu.log` is rotated at this size (QEMU writes a pipe, never the
+/// file).
+pub const LOG_CAP: u64 = crate::rotate::HELPER_LOG_CAP;
+
+/// The largest file a QEMU whose disk has `virtual_size` bytes may
+/// write: every cluster of the disk allocated, the format's tables for
+/// them (a qcow2 L2 entry and a refcount per 64 KiB cluster: under 1/4096
+/// of the size), leaked clusters of interrupted writes and the NVRAM
+/// variables, with room to spare (1/64 + 256 MiB).
+pub fn max_file_size(virtual_size: u64) -> u64 {
+    virtual_size
+        .saturating_add(virtual_size / 64)
+        .saturating_add(256 << 20)
 }
 
 /// Start QEMU. Must be called from the thread that lives as long as the VM
 /// (the supervisor's main thread): the parent-death signal fires when the
 /// thread that forked exits.
-pub fn spawn(launch: Launch<'_>) -> Result<tokio::process::Child, ProcessError> {
+pub fn spawn(
+    launch: Launch<'_>,
+) -> Result<(tokio::process::Child, crate::rotate::Drain), ProcessError> {
     let program = which(QEMU_BINARY).ok_or(ProcessError::NotFound)?;
-    let log = crate::state::open_log(launch.log).map_err(ProcessError::Spawn)?;
+    let (log, drain) =
+        crate::rotate::capped_log("qemu-log", launch.log, LOG_CAP).map_err(ProcessError::Spawn)?;
     let log2 = log.try_clone().map_err(ProcessError::Spawn)?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(&launch.argv)
@@ -182,7 +206,9 @@ pub fn spawn(launch: Launch<'_>) -> Result<tokio::process::Child, ProcessError> 
         )),
         no_new_privs: true,
         die_with_parent: true,
+        max_file_size: Some(launch.max_file_size),
     }
     .apply(&mut cmd);
-    cmd.spawn().map_err(ProcessError::Spawn)
+    let child = cmd.spawn().map_err(ProcessError::Spawn)?;
+    Ok((child, drain))
 }

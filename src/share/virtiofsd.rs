@@ -277,7 +277,8 @@ pub fn spawn(
     let _ = std::fs::remove_file(socket_path);
     let qemu_end = result?;
 
-    let out = crate::state::open_log(log)?;
+    let (out, _drain) =
+        crate::rotate::capped_log("virtiofsd-log", log, crate::rotate::HELPER_LOG_CAP)?;
     let err = out.try_clone()?;
     let fd = listener.as_raw_fd();
     let mut cmd = tokio::process::Command::new(exe);

@@ -124,6 +124,7 @@ pub fn main(args: Args) -> u8 {
     crate::net::dataplane::raise_fd_limit();
     let paths = Paths::from_env();
     let vm = paths.vm(&args.name);
+    let log = capture_output(&vm);
     let result = run(&args, &vm, &mut reporter);
     let code = match &result {
         Ok(()) => 0,
@@ -138,7 +139,51 @@ pub fn main(args: Args) -> u8 {
         }
     };
     cleanup(&vm);
+    if let Some(drain) = log {
+        release_output(&drain);
+    }
     code
+}
+
+/// `supervisor.log` is rotated at this size.
+pub const LOG_CAP: u64 = 2 << 20;
+
+/// Send this process's stdout and stderr (and so its children's: the
+/// dataplane, the tunnel) into a pipe drained into `supervisor.log`,
+/// capped at [`LOG_CAP`] with one previous file. On failure the output
+/// stays where `up` put it (logged: the rate limit still holds).
+fn capture_output(vm: &VmPaths) -> Option<crate::rotate::Drain> {
+    let captured = (|| -> std::io::Result<crate::rotate::Drain> {
+        let (write, drain) =
+            crate::rotate::capped_log("supervisor-log", &vm.supervisor_log(), LOG_CAP)?;
+        for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+            // SAFETY: dup2 onto the standard descriptors, which this
+            // process owns; `write` stays open for the call.
+            if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&write), fd) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(drain)
+    })();
+    match captured {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!("supervisor log stays uncapped: {e}");
+            None
+        }
+    }
+}
+
+/// Close this process's ends of the log pipe and let the drain finish
+/// (the children are gone by now; it waits at most two seconds).
+fn release_output(drain: &crate::rotate::Drain) {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+            // SAFETY: dup2 of an open descriptor onto a standard one.
+            unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
+        }
+    }
+    drain.wait(std::time::Duration::from_secs(2));
 }
 
 /// Remove the runtime files and mark the record stopped.

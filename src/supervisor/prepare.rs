@@ -39,6 +39,8 @@ pub(super) struct Prepared {
     /// The machine facts a memory snapshot of this run records (QEMU's
     /// version only after a restore; a snapshot asks for it).
     pub(super) machine: crate::memsnap::Machine,
+    /// The disk's virtual size, which bounds the files QEMU may write.
+    pub(super) disk_size: u64,
 }
 
 pub(super) fn bind_private(
@@ -86,7 +88,8 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
     // backing file migrant made (not another VM's disk, not a host file).
     let owner = rec.snapshot_owner(vm);
     let snapshot = owner.snapshot();
-    crate::image::check_disk_chain(&vm.disk(), &[&rec.base_image, &snapshot], false)?;
+    let disk_size =
+        crate::image::check_disk_chain(&vm.disk(), &[&rec.base_image, &snapshot], false)?;
     // Traverse-only for others: the SSH socket inside belongs to the
     // invoking user (hooks, Ansible and `ssh-config` users reach it).
     state::ensure_dir(&vm.run, 0o711)?;
@@ -215,6 +218,7 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
         incoming,
         backing,
         machine,
+        disk_size,
     })
 }
 

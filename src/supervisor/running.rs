@@ -45,6 +45,7 @@ pub(super) async fn supervise(
         incoming,
         backing,
         machine,
+        disk_size,
     } = p;
     let exe = std::env::current_exe().map_err(io("cannot find the migrant executable"))?;
 
@@ -111,13 +112,15 @@ pub(super) async fn supervise(
     keep_fds.extend(spec.shares.iter().map(|s| s.fd));
     keep_fds.extend(spec.incoming_fd);
     keep_fds.extend(spec.backing_fd);
-    let mut child = process::spawn(process::Launch {
+    let (mut child, qemu_log_drain) = process::spawn(process::Launch {
         argv: qemu::build_argv(&spec),
         netns: ns.fd(),
         identity: &identity,
         keep_fds,
         log: &qemu_log,
+        max_file_size: process::max_file_size(disk_size),
     })?;
+    let qemu_log = (qemu_log.as_path(), &qemu_log_drain);
     // QEMU holds its own copies now.
     let (serial_r, serial_w) = serial;
     drop((tap, qmp_theirs, console, fs_ends, serial_w, backing));
@@ -151,7 +154,7 @@ pub(super) async fn supervise(
             // QEMU closing the monitor usually means it exited: say why.
             if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), child.wait()).await
             {
-                return Err(qemu_exited(Some(status), &qemu_log));
+                return Err(qemu_exited(Some(status), qemu_log));
             }
             return Err(e.into());
         }
@@ -253,12 +256,14 @@ pub(super) async fn supervise(
     // handshake), after a delay that doubles while it keeps dying.
     let mut tunnel_restart = Restart::new();
 
+    // Events the guest can repeat at will are counted, not logged each.
+    let mut event_counts = EventCounts::default();
     let stop_reason: String = loop {
         tokio::select! {
             status = child.wait() => {
                 let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                 if !ready {
-                    return Err(qemu_exited(None, &qemu_log).with_status(status));
+                    return Err(qemu_exited(None, qemu_log).with_status(status));
                 }
                 break format!("QEMU exited ({status})");
             }
@@ -309,7 +314,7 @@ pub(super) async fn supervise(
                 break format!("SIGTERM ({status})");
             }
             Some(ev) = event_rx.recv() => {
-                on_event(&ev, vm);
+                on_event(&ev, vm, &mut event_counts);
             }
             status = exit_of(tunnel.as_mut().map(|t| &mut t.child)) => {
                 // Fail closed: the TUN went with the process, so nothing
@@ -466,7 +471,12 @@ impl SupervisorError {
     }
 }
 
-fn qemu_exited(status: Option<std::process::ExitStatus>, log: &Path) -> SupervisorError {
+/// QEMU's last words: its log, once the pipe into it is drained.
+fn qemu_exited(
+    status: Option<std::process::ExitStatus>,
+    (log, drain): (&Path, &crate::rotate::Drain),
+) -> SupervisorError {
+    drain.wait(Duration::from_secs(2));
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(15)..].join("\n");
@@ -478,11 +488,29 @@ fn qemu_exited(status: Option<std::process::ExitStatus>, log: &Path) -> Supervis
     }
 }
 
-fn on_event(ev: &qapi::qmp::Event, vm: &VmPaths) {
+/// How often each guest-repeatable QMP event came: the 1st, 2nd, 4th,
+/// 8th… of a kind is logged (with its count), the rest only counted, so a
+/// guest resetting itself in a loop writes a few dozen lines a year, not
+/// one per reset.
+#[derive(Debug, Default)]
+struct EventCounts(std::collections::HashMap<&'static str, u64>);
+
+impl EventCounts {
+    /// Count one `kind`; `Some(count)` when this one is to be logged.
+    fn count(&mut self, kind: &'static str) -> Option<u64> {
+        let n = self.0.entry(kind).or_insert(0);
+        *n = n.saturating_add(1);
+        n.is_power_of_two().then_some(*n)
+    }
+}
+
+fn on_event(ev: &qapi::qmp::Event, vm: &VmPaths, counts: &mut EventCounts) {
     use qapi::qmp::Event;
     match ev {
         Event::STOP { .. } => {
-            tracing::info!("QMP: STOP");
+            if let Some(n) = counts.count("STOP") {
+                tracing::info!("QMP: STOP (#{n})");
+            }
             let _ = Record::update(&vm.record(), |r| {
                 if r.state == VmState::Running {
                     r.state = VmState::Paused
@@ -490,7 +518,9 @@ fn on_event(ev: &qapi::qmp::Event, vm: &VmPaths) {
             });
         }
         Event::RESUME { .. } => {
-            tracing::info!("QMP: RESUME");
+            if let Some(n) = counts.count("RESUME") {
+                tracing::info!("QMP: RESUME (#{n})");
+            }
             let _ = Record::update(&vm.record(), |r| {
                 if r.state == VmState::Paused {
                     r.state = VmState::Running
@@ -498,9 +528,21 @@ fn on_event(ev: &qapi::qmp::Event, vm: &VmPaths) {
             });
         }
         Event::SHUTDOWN { data, .. } => tracing::info!("QMP: SHUTDOWN {data:?}"),
-        Event::RESET { data, .. } => tracing::info!("QMP: RESET {data:?}"),
-        Event::GUEST_PANICKED { data, .. } => tracing::error!("QMP: GUEST_PANICKED {data:?}"),
-        Event::BLOCK_IO_ERROR { data, .. } => tracing::error!("QMP: BLOCK_IO_ERROR {data:?}"),
+        Event::RESET { data, .. } => {
+            if let Some(n) = counts.count("RESET") {
+                tracing::info!("QMP: RESET {data:?} (#{n}; logged at powers of two)");
+            }
+        }
+        Event::GUEST_PANICKED { data, .. } => {
+            if let Some(n) = counts.count("GUEST_PANICKED") {
+                tracing::error!("QMP: GUEST_PANICKED {data:?} (#{n})");
+            }
+        }
+        Event::BLOCK_IO_ERROR { data, .. } => {
+            if let Some(n) = counts.count("BLOCK_IO_ERROR") {
+                tracing::error!("QMP: BLOCK_IO_ERROR {data:?} (#{n}; logged at powers of two)");
+            }
+        }
         other => tracing::debug!("QMP event: {other:?}"),
     }
 }
@@ -544,5 +586,18 @@ async fn exit_of(
     match child {
         Some(c) => c.wait().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_events_are_logged_at_powers_of_two() {
+        let mut c = EventCounts::default();
+        let logged: Vec<u64> = (0..1000).filter_map(|_| c.count("RESET")).collect();
+        assert_eq!(logged, vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 512]);
+        assert_eq!(c.count("STOP"), Some(1));
     }
 }

@@ -117,7 +117,9 @@ pub async fn start(
 ) -> Result<Tunnel, WgError> {
     use std::os::fd::AsRawFd;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(WgError::Spawn)?;
-    let out = crate::state::open_log(log).map_err(WgError::Spawn)?;
+    let (out, _drain) =
+        crate::rotate::capped_log("wireguard-log", log, crate::rotate::HELPER_LOG_CAP)
+            .map_err(WgError::Spawn)?;
     let err = out.try_clone().map_err(WgError::Spawn)?;
     let fds = [tun.as_raw_fd(), udp.as_raw_fd(), theirs.as_raw_fd()];
     let parent = nix::unistd::getpid();

@@ -370,6 +370,13 @@ impl TestNet {
         );
     }
 
+    /// An HTTP server answering `body` on `addr:port` in the host's
+    /// namespace (owned by this network).
+    pub fn host_http(&mut self, addr: &str, port: u16, body: &str) {
+        let host = self.host.clone();
+        self.http(&host, addr, port, body);
+    }
+
     /// The host's link-local address on its link towards the internet.
     pub fn host_link_local(&self) -> String {
         let listed = ns_output(
