@@ -24,4 +24,5 @@ pub mod share;
 pub mod size;
 pub mod state;
 pub mod supervisor;
+pub mod userfile;
 pub mod wireguard;

@@ -492,3 +492,134 @@ fn files_in_the_project_folder_are_made_as_the_invoking_user() {
     assert_eq!(store.uid(), 65534, "the store is not the user's");
     let _ = s.cmd(&["unmount"]).env("SUDO_USER", "nobody").output();
 }
+
+/// Whether `secret` appears in `o`'s output or in any file under the
+/// sandbox's state folder.
+fn leaks(s: &Sandbox, o: &Output, secret: &str) -> Option<String> {
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(o));
+    if out.contains(secret) {
+        return Some(format!("the output: {out}"));
+    }
+    let mut stack = vec![s.home()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(secret.len()).any(|w| w == secret.as_bytes())
+            {
+                return Some(p.display().to_string());
+            }
+        }
+    }
+    None
+}
+
+/// Root reads what a project names with the rights of the user the
+/// project belongs to: under sudo, a WireGuard file, a `cloud-init.yml`
+/// symlink and a local image naming a root-only file each fail with the
+/// user's own "Permission denied" and leak nothing into any output, the
+/// seed or the image cache. Root running in a folder another user owns
+/// (a CI runner) runs its hooks as that owner: a hook that is a symlink to
+/// a root-owned program (`make`) runs the owner's Makefile as the owner.
+/// (Before: the WireGuard error quoted the file's first line, the other
+/// two were copied for the guest, and the Makefile ran as root.)
+#[test]
+fn root_reads_and_runs_a_projects_files_as_its_user() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    const SECRET: &str = "ROOT-ONLY-SECRET";
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    open_to_all(tmp.path());
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(tmp.path().join("base.qcow2"))
+        .arg("64M")
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(created, "qemu-img create");
+    let plain = "#cloud-config\n";
+    let cases = [
+        (
+            format!(
+                "{}[network]\nwireguard = \"{}\"\n",
+                good_file(tmp.path()),
+                secret.display()
+            ),
+            false,
+        ),
+        (good_file(tmp.path()), true),
+        (
+            format!("name = \"codes\"\nimage = \"{}\"\n", secret.display()),
+            false,
+        ),
+    ];
+    for (migrantfile, cloud_init_link) in cases {
+        let s = Sandbox::new(&migrantfile, (!cloud_init_link).then_some(plain));
+        open_to_all(s.root.path());
+        let project = s.root.path().join("project");
+        nix::unistd::chown(&project, Some(65534.into()), Some(65534.into()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        if cloud_init_link {
+            std::os::unix::fs::symlink(&secret, project.join("cloud-init.yml"))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let o = s
+            .cmd(&["up", "--timeout", "5"])
+            .env("SUDO_USER", "nobody")
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!o.status.success(), "up went on: {migrantfile}");
+        assert!(
+            stderr(&o).contains("Permission denied"),
+            "{migrantfile}: {}",
+            stderr(&o)
+        );
+        if let Some(place) = leaks(&s, &o, SECRET) {
+            panic!("{migrantfile}: root's file reached {place}");
+        }
+        assert!(
+            common::names_in(&s.home().join("vms")).is_empty(),
+            "a VM was left behind"
+        );
+    }
+
+    // Root, no sudo, in nobody's folder: the hook runs as nobody.
+    let s = Sandbox::new(&good_file(tmp.path()), Some(plain));
+    open_to_all(s.root.path());
+    let project = s.root.path().join("project");
+    let hooks = project.join("hooks");
+    std::fs::create_dir(&hooks).unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink("/usr/bin/make", hooks.join("pre-up"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        project.join("Makefile"),
+        "all:\n\tid -u > ran-as\n\tfalse\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    for p in [&project, &hooks, &project.join("Makefile")] {
+        nix::unistd::chown(p.as_path(), Some(65534.into()), Some(65534.into()))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let o = s.run(&["up", "--timeout", "5"]);
+    assert!(!o.status.success(), "the failing hook did not stop up");
+    let ran_as = std::fs::read_to_string(project.join("ran-as")).unwrap_or_default();
+    assert_eq!(
+        ran_as.trim(),
+        "65534",
+        "the owner's Makefile ran as uid {ran_as}: {}",
+        stderr(&o)
+    );
+    assert!(
+        common::names_in(&s.home().join("vms")).is_empty(),
+        "a VM was left behind"
+    );
+}

@@ -77,6 +77,8 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
     expect(&r, "http:http://10.0.2.2:9091/", "ERR");
     expect(&r, "http:http://10.0.2.2:8081/", "lan-other");
     expect(&r, "http:http://10.0.2.2:8082/", "ERR");
+    // (Gone again: the next `up` below would refuse the rule, rightly.)
+    net.remove_host_address("45.10.0.77/32");
     expect(&r, "http:http://45.10.0.1:9090/", "ERR");
     expect(&r, "http:http://192.168.77.50/", "lan");
     expect(&r, "http:http://192.168.77.51/", "ERR");

@@ -456,21 +456,32 @@ fn shares_refuse_to_start_and_delete_nothing() {
 fn a_share_without_isolation_gives_guest_root_nothing_on_the_host() {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let Some(image) = test_image() else { return };
+    // A folder of a user's, a folder of root's (root running migrant for
+    // its own project maps guest root to root), and an isolated store.
     let env = Env::new(
         "plain",
         &image,
-        "[[share]]\nhost = \"plain\"\nguest = \"/mnt/plain\"\nisolation = false\n",
+        "[[share]]\nhost = \"plain\"\nguest = \"/mnt/plain\"\nisolation = false\n\
+         [[share]]\nhost = \"rootown\"\nguest = \"/mnt/rootown\"\nisolation = false\n\
+         [[share]]\nhost = \"iso\"\nguest = \"/mnt/iso\"\nsize = \"1G\"\n",
     );
     let dir = env.project.join("plain");
     std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
     nix::unistd::chown(&dir, Some(65534.into()), Some(65534.into()))
         .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir(env.project.join("rootown")).unwrap_or_else(|e| panic!("{e}"));
     env.ok(&["up"]);
     let out = guest(
         &env,
         "sudo sh -c 'echo x > /mnt/plain/rootsh; chown 0:0 /mnt/plain/rootsh; chmod 4755 /mnt/plain/rootsh; \
          mknod /mnt/plain/disk b 8 0 2>/dev/null && echo MKNOD-OK || echo MKNOD-REFUSED; \
-         echo hello > /mnt/plain/note; cat /mnt/plain/note'",
+         echo hello > /mnt/plain/note; cat /mnt/plain/note; \
+         for d in plain rootown iso; do \
+           cp /bin/bash /mnt/$d/rsh && chmod 4755 /mnt/$d/rsh; \
+           cp /bin/true /mnt/$d/gsh && chmod 6755 /mnt/$d/gsh; \
+           mkdir -m 2775 /mnt/$d/gdir; \
+           python3 -c \"import os; os.setxattr(\\\"/mnt/$d/gsh\\\", \\\"security.capability\\\", bytes([1,0,0,2]) + bytes(16))\" 2>/dev/null && echo CAP-SET-$d || echo CAP-REFUSED-$d; \
+         done'",
     );
     assert!(out.contains("hello"), "the share does not work: {out}");
     assert!(
@@ -492,6 +503,24 @@ fn a_share_without_isolation_gives_guest_root_nothing_on_the_host() {
         !disk.as_ref().is_ok_and(|m| m.file_type().is_block_device()),
         "a block device appeared in the share: {disk:?}"
     );
+    // No set-user-ID or set-group-ID bit and no file capability reaches
+    // the host, on any kind of share, whoever owns the folder.
+    for d in ["plain", "rootown", "iso"] {
+        assert!(out.contains(&format!("CAP-REFUSED-{d}")), "{d}: {out}");
+        for f in ["rsh", "rootsh", "gsh", "gdir"] {
+            let Ok(m) = std::fs::symlink_metadata(env.project.join(d).join(f)) else {
+                assert!(f == "rootsh" && d != "plain", "{d}/{f} was not made: {out}");
+                continue;
+            };
+            assert_eq!(
+                m.mode() & 0o6000,
+                0,
+                "{d}/{f} is mode {:o} (owner {}) on the host",
+                m.mode(),
+                m.uid()
+            );
+        }
+    }
     env.ok(&["destroy"]);
 }
 

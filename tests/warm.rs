@@ -15,6 +15,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 const PROBE: &str =
     "cat /var/tmp/marker; date +%s; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo";
 
+/// A machine's identity, as its first command sees it: the first 16
+/// bytes it reads from /dev/urandom, machine-id, hostname, SSH host key.
+const IDENTITY: &str = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+    cat /etc/machine-id; hostname; cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub";
+
 /// (marker, guest clock, 32 random bytes) from [`PROBE`]'s output.
 fn probe_output(out: &std::process::Output) -> (String, u64, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -94,8 +99,13 @@ fn memory_snapshots_resume_clone_and_refuse_another_machine() {
         "the guest sees no VM generation id device"
     );
 
+    // The template's identity, which no clone may share or change.
+    let template_id = env.ok(&["ssh", "--", IDENTITY]);
+
     // Three throwaway clones at once, while the VM runs; each returns its
-    // command's exit code; their random bytes differ.
+    // command's exit code; the first bytes their first command reads from
+    // /dev/urandom differ, and so do their machine-id, hostname and SSH
+    // host key (each also differs from the template's).
     let snapshot_mtime = std::fs::metadata(env.state_dir().join("snapshot.qcow2"))
         .and_then(|m| m.modified())
         .unwrap_or_else(|e| panic!("{e}"));
@@ -108,7 +118,7 @@ fn memory_snapshots_resume_clone_and_refuse_another_machine() {
                 "--rm",
                 "--clone",
                 "--",
-                &format!("{PROBE}; exit {}", 41 + i),
+                &format!("{IDENTITY}; {PROBE}; exit {}", 41 + i),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -118,16 +128,57 @@ fn memory_snapshots_resume_clone_and_refuse_another_machine() {
         })
         .collect();
     let mut clone_randoms = Vec::new();
+    let mut identities: Vec<Vec<String>> = vec![Vec::new(); 4];
     for (i, child) in children.into_iter().enumerate() {
         let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out.status.code(), Some(41 + i as i32), "{}", text(&out));
-        let (marker, _, random) = probe_output(&out);
-        assert_eq!(marker, "kept");
-        clone_randoms.push(random);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 7, "clone said: {}", text(&out));
+        for (k, line) in lines[..4].iter().enumerate() {
+            identities[k].push(line.to_string());
+        }
+        assert_eq!(lines[4], "kept");
+        clone_randoms.push(lines[6].to_string());
     }
     clone_randoms.sort();
     clone_randoms.dedup();
     assert_eq!(clone_randoms.len(), 3, "clones made the same random bytes");
+    let template: Vec<&str> = template_id.lines().collect();
+    assert_eq!(template.len(), 4, "{template_id}");
+    for (k, what) in [
+        "first random bytes",
+        "machine-id",
+        "hostname",
+        "SSH host key",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut seen = identities[k].clone();
+        assert!(
+            seen.iter().all(|v| !v.is_empty() && v != template[k]),
+            "a clone kept the template's {what}: {seen:?} vs {}",
+            template[k]
+        );
+        seen.sort();
+        seen.dedup();
+        assert_eq!(
+            seen.len(),
+            3,
+            "clones share their {what}: {:?}",
+            identities[k]
+        );
+    }
+    // The template is itself still.
+    assert_eq!(
+        env.ok(&["ssh", "--", IDENTITY])
+            .lines()
+            .skip(1)
+            .collect::<Vec<_>>(),
+        template[1..].to_vec(),
+        "a clone changed the template"
+    );
     // A kept clone's QEMU, if compromised, cannot open the template's
     // files by name: it was handed the snapshot and state as descriptors.
     let kept = format!("{}-kept", env.name);

@@ -7,7 +7,6 @@ cat <<JSON
   "builds_dir": "/var/tmp/gitlab/builds",
   "cache_dir": "/var/tmp/gitlab/cache",
   "builds_dir_is_shared": false,
-  "hostname": "$(job_vm)",
   "driver": { "name": "migrant", "version": "${version:-unknown}" }
 }
 JSON

@@ -6,6 +6,7 @@ source "$(dirname "$0")/base.sh"
 script=${1:?"the script's path"}
 stage=${2:-}
 vm=$(job_vm)
+require_record "$vm"
 rc=0
 "$MIGRANT" ssh --name "$vm" -- bash <"$script" || rc=$?
 case $rc in

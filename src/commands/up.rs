@@ -16,6 +16,7 @@ use crate::exit;
 use crate::provision::ansible;
 use crate::provision::hooks::{self, Hook, Trigger};
 use crate::provision::keys;
+use crate::provision::renew;
 use crate::state::{self, Record, VmLock, VmPaths, VmState};
 use crate::supervisor::control::{self, Request};
 use crate::supervisor::progress::Progress;
@@ -52,7 +53,7 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     // The WireGuard file's mistakes are reported before anything starts
     // (the supervisor reads it again and resolves endpoint names).
     if let Some(wg) = &cfg.network.wireguard {
-        let conf = crate::wireguard::conf::load(wg)?;
+        let conf = crate::wireguard::conf::load(wg, &cfg.reader)?;
         for w in &conf.warnings {
             eprintln!("warning: {w}");
         }
@@ -273,10 +274,17 @@ enum ClockAttempt {
     NotSet(String),
 }
 
-/// Log in and set the guest's clock to the host's (a restored guest's
-/// clock stands where it was saved). The time is sent once the guest's
-/// side waits for it, so the SSH handshake does not make it late.
-fn set_guest_clock(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<ClockAttempt> {
+/// Log in, set the guest's clock to the host's (a restored guest's clock
+/// stands where it was saved), reseed its random generator and, for a
+/// clone, give it a new identity ([`crate::provision::renew`]). The time
+/// is sent once the guest's side waits for it, so the SSH handshake does
+/// not make it late.
+fn set_guest_clock(
+    cfg: &Config,
+    vm: &VmPaths,
+    deadline: Instant,
+    clone: Option<&renew::Identity>,
+) -> Result<ClockAttempt> {
     use std::io::Write;
     let mut cmd = super::ssh_command(cfg, vm)?;
     cmd.args([
@@ -285,11 +293,12 @@ fn set_guest_clock(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<Cloc
         "-o",
         "ConnectTimeout=15",
         "--",
-        "echo in; sudo -n sh -c 'echo go; read t; date -u -s \"@$t\" >/dev/null && echo set'",
+        renew::SCRIPT,
     ])
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
+    let seed: [u8; 64] = super::random_bytes()?;
     let mut child = cmd.spawn().map_err(Error::io("cannot run ssh"))?;
     // The guest answers here: one that never says its lines does not
     // hold `up` past its deadline.
@@ -299,21 +308,39 @@ fn set_guest_clock(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<Cloc
     };
     let mut lines = BufReader::new(output).lines().map_while(|l| l.ok());
     let logged_in = lines.next().as_deref() == Some("in");
-    let mut set = false;
+    let mut said = Vec::new();
     if logged_in && lines.next().as_deref() == Some("go") {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let _ = writeln!(input, "{}.{:09}", now.as_secs(), now.subsec_nanos());
-        set = lines.next().as_deref() == Some("set");
+        let _ = input.write_all(renew::input(now, &seed, clone).as_bytes());
+        drop(input);
+        said.extend(lines.by_ref().take(8));
     }
-    drop(input);
     drop(lines);
     let out = child
         .wait_with_output()
         .map_err(Error::io("waiting for ssh"))?;
     let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    Ok(match (logged_in, set) {
+    let has = |w: &str| said.iter().any(|l| l == w);
+    if logged_in && !has("seeded") {
+        eprintln!(
+            "warning: {}: the resumed guest's random generator was {} (python3 missing in the guest?)",
+            cfg.name,
+            if has("mixed") {
+                "given new bytes but not reseeded"
+            } else {
+                "not reseeded"
+            }
+        );
+    }
+    if logged_in && clone.is_some() && !has("renewed") {
+        eprintln!(
+            "warning: {}: the clone could not be given its own machine-id, hostname and SSH host keys",
+            cfg.name
+        );
+    }
+    Ok(match (logged_in, has("set")) {
         (_, true) => ClockAttempt::Set,
         (true, false) => ClockAttempt::NotSet(why),
         (false, _) => ClockAttempt::NoLogin(why),
@@ -324,8 +351,19 @@ fn set_guest_clock(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<Cloc
 /// SSH login costs most of a second under TCG). A clock that cannot be
 /// set only warns.
 fn login_setting_clock(cfg: &Config, vm: &VmPaths, deadline: Instant) -> Result<()> {
+    // A clone (its record names the VM it was cloned from) is a new
+    // machine; every resume gets a new random state.
+    let is_clone = Record::load(&vm.record())?.is_some_and(|r| r.template.is_some());
+    let identity = if is_clone {
+        Some(renew::Identity {
+            machine_id: super::random_bytes()?,
+            hostname: renew::hostname_for(&vm.name),
+        })
+    } else {
+        None
+    };
     loop {
-        match set_guest_clock(cfg, vm, deadline)? {
+        match set_guest_clock(cfg, vm, deadline, identity.as_ref())? {
             ClockAttempt::Set => return Ok(()),
             ClockAttempt::NotSet(why) => {
                 eprintln!(
@@ -390,7 +428,7 @@ fn remove_new_vm(vm: &VmPaths) {
 /// is built.
 fn user_data(cfg: &Config) -> Result<String> {
     let path = cfg.dir.join("cloud-init.yml");
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+    let text = cfg.reader.read_to_string(&path, 1 << 20).map_err(|e| {
         Error::other(
             exit::CONFIG,
             format!(
@@ -431,7 +469,7 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
     }
     let source = crate::image::resolve(&cfg.image, cfg.image_checksum.as_ref())?;
     state::ensure_dir(&paths.images(), 0o711)?;
-    let base = crate::image::obtain(&source, &paths.images(), &cfg.name)?;
+    let base = crate::image::obtain(&source, &paths.images(), &cfg.name, &cfg.reader)?;
     state::ensure_dir(&vm.state, 0o711)?;
     crate::image::create_overlay(&base, &vm.disk(), cfg.disk)?;
     let mac = random_mac()?;

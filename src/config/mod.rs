@@ -47,6 +47,9 @@ pub struct Config {
     pub file: PathBuf,
     /// The project folder: the Migrantfile's folder (absolute).
     pub dir: PathBuf,
+    /// Whose rights every file the project names is read with
+    /// (`cloud-init.yml`, the WireGuard file, a local image).
+    pub reader: crate::userfile::Reader,
     /// VM name: `[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`; default: the folder name
     /// (sanitised).
     pub name: String,
@@ -305,7 +308,10 @@ impl Config {
             if !plain.is_loopback() && !plain.is_unspecified() && !host.contains(&plain) {
                 continue;
             }
-            let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+            let text = self
+                .reader
+                .read_to_string(&self.file, parse::MAX_FILE)
+                .unwrap_or_default();
             let needle = addr.to_string();
             let line = text
                 .lines()

@@ -221,6 +221,8 @@ pub(super) struct Ctx {
     pub dir: PathBuf,
     /// Home of the invoking user, for `~/`.
     pub home: Option<PathBuf>,
+    /// Whose rights the project's files are read with.
+    pub reader: crate::userfile::Reader,
 }
 
 impl Ctx {
@@ -230,6 +232,7 @@ impl Ctx {
             .unwrap_or_else(|_| dir.to_path_buf());
         Ctx {
             file: dir.join(FILE_NAME),
+            reader: crate::userfile::Reader::for_project(&dir),
             dir,
             home,
         }
@@ -331,8 +334,11 @@ pub(super) fn ssh_key(dir: &Path, home: Option<PathBuf>) -> Result<Option<PathBu
     d.ssh_key.as_ref().map(|at| ctx.resolve(at)).transpose()
 }
 
+/// The longest Migrantfile (or `cloud-init.yml`) read.
+pub const MAX_FILE: u64 = 1 << 20;
+
 pub(super) fn read(ctx: &Ctx) -> Result<String, ConfigError> {
-    match std::fs::read_to_string(&ctx.file) {
+    match ctx.reader.read_to_string(&ctx.file, MAX_FILE) {
         Ok(t) => Ok(t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ConfigError::NotFound {
             dir: ctx.dir.clone(),
@@ -739,7 +745,7 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         // name is an error naming cloud-init.yml).
         None => {
             let file = ctx.dir.join("cloud-init.yml");
-            let text = std::fs::read_to_string(&file).ok();
+            let text = ctx.reader.read_to_string(&file, MAX_FILE).ok();
             let user = super::guest_user::infer(text.as_deref(), &image);
             values::check_user(&user)
                 .map_err(|e| ctx.err(0, "ssh.user", format!("{}: users: {e}", file.display())))?;
@@ -765,6 +771,7 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
     Ok(Config {
         file: ctx.file.clone(),
         dir: ctx.dir.clone(),
+        reader: ctx.reader.clone(),
         name,
         image,
         image_checksum,

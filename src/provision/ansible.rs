@@ -179,7 +179,7 @@ pub fn run(dir: &Path, target: &Target, extra: &[String]) -> Result<(), AnsibleE
     let playbook = dir.join(PLAYBOOK);
     let program =
         find_in_path("ansible-playbook").ok_or(AnsibleError::Missing(playbook.clone()))?;
-    let who = Invoker::current()?;
+    let who = Invoker::for_project(dir)?;
     as_user::check_runnable(&playbook, &who)?;
     let tmp = TempDir::new(&who)?;
     let inv = tmp.path.join("inventory");

@@ -52,6 +52,30 @@ impl Invoker {
         })
     }
 
+    /// Who a project's programs (hooks, Ansible) run as: the sudo user;
+    /// for root in a folder another user controls (a CI runner in a
+    /// checkout), that user (see [`crate::userfile::controller`]), so
+    /// that root never runs what the folder's owner chose; else us.
+    pub fn for_project(dir: &Path) -> Result<Invoker, AsUserError> {
+        let me = Invoker::current()?;
+        if !Uid::effective().is_root() || !me.uid.is_root() {
+            return Ok(me);
+        }
+        let Some(uid) = crate::userfile::controller(dir) else {
+            return Ok(me);
+        };
+        let user = User::from_uid(Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .ok_or_else(|| AsUserError::NoUser(uid.to_string()))?;
+        Ok(Invoker {
+            name: user.name,
+            uid: user.uid,
+            gid: user.gid,
+            home: user.dir,
+        })
+    }
+
     pub fn managed_key(&self) -> PathBuf {
         self.home.join(".ssh").join("migrant")
     }

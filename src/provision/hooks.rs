@@ -278,7 +278,7 @@ fn run_one(
     let Some(path) = find(&cfg.dir, hook) else {
         return Ok(());
     };
-    let who = Invoker::current().map_err(KeyError::from)?;
+    let who = Invoker::for_project(&cfg.dir).map_err(KeyError::from)?;
     let as_user = |source| HookError::AsUser {
         hook: hook.name(),
         source,

@@ -4,5 +4,6 @@ pub mod ansible;
 pub mod as_user;
 pub mod hooks;
 pub mod keys;
+pub mod renew;
 pub mod ssh;
 pub mod sshconfig;

@@ -12,6 +12,10 @@
 //! served with direct I/O and shared mappings allowed; otherwise the
 //! daemon keeps the page-cache policy (`CachePolicy::Auto`).
 //!
+//! The same wrapper keeps set-user-ID and set-group-ID bits, and file
+//! capabilities, off everything the guest creates or changes
+//! ([`without_set_id`]): they would mean something to the host.
+//!
 //! virtiofsd fixes its cache policy when the file system is built, before
 //! the guest connects, so [`ByKernel`] wraps the passthrough file system:
 //! `init` records what the kernel offered, `open` and `create` add direct
@@ -77,6 +81,21 @@ pub fn negotiate(capable: FsOptions, answer: FsOptions) -> (FsOptions, bool) {
     }
 }
 
+/// A mode without its set-user-ID and set-group-ID bits. Nothing the
+/// guest makes or changes on a share carries them on the host, whoever
+/// runs migrant: guest root's `chmod 4755` on a copy of bash would
+/// otherwise leave a program any local user runs as the file's owner
+/// (root, when root runs migrant for its own folder).
+pub fn without_set_id(mode: u32) -> u32 {
+    mode & !(libc::S_ISUID | libc::S_ISGID)
+}
+
+/// Extended attributes the guest may not set: file capabilities, which
+/// give a program privileges the way a set-user-ID bit does.
+pub fn refused_xattr(name: &CStr) -> bool {
+    name.to_bytes() == b"security.capability"
+}
+
 /// Methods that go to the passthrough file system unchanged.
 macro_rules! pass_through {
     ($(fn $name:ident $(<$g:ident: $bound:path>)? (&self $(, $arg:ident: $ty:ty)* $(,)?) $(-> $ret:ty)?;)*) => {
@@ -123,10 +142,82 @@ impl FileSystem for ByKernel {
         umask: u32,
         extensions: Extensions,
     ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions)> {
-        let (entry, handle, opts) = self
-            .fs
-            .create(ctx, parent, name, mode, kill_priv, flags, umask, extensions)?;
+        let (entry, handle, opts) = self.fs.create(
+            ctx,
+            parent,
+            name,
+            without_set_id(mode),
+            kill_priv,
+            flags,
+            umask,
+            extensions,
+        )?;
         Ok((entry, handle, self.file_options(flags, opts)))
+    }
+
+    fn mkdir(
+        &self,
+        ctx: Context,
+        parent: Self::Inode,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+        extensions: Extensions,
+    ) -> io::Result<Entry> {
+        self.fs
+            .mkdir(ctx, parent, name, without_set_id(mode), umask, extensions)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mknod(
+        &self,
+        ctx: Context,
+        inode: Self::Inode,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+        extensions: Extensions,
+    ) -> io::Result<Entry> {
+        self.fs.mknod(
+            ctx,
+            inode,
+            name,
+            without_set_id(mode),
+            rdev,
+            umask,
+            extensions,
+        )
+    }
+
+    fn setattr(
+        &self,
+        ctx: Context,
+        inode: Self::Inode,
+        mut attr: fuse::SetattrIn,
+        handle: Option<Self::Handle>,
+        valid: SetattrValid,
+    ) -> io::Result<(fuse::Attr, Duration)> {
+        if valid.contains(SetattrValid::MODE) {
+            attr.mode = without_set_id(attr.mode);
+        }
+        self.fs.setattr(ctx, inode, attr, handle, valid)
+    }
+
+    fn setxattr(
+        &self,
+        ctx: Context,
+        inode: Self::Inode,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+        extra_flags: SetxattrFlags,
+    ) -> io::Result<()> {
+        if refused_xattr(name) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        self.fs
+            .setxattr(ctx, inode, name, value, flags, extra_flags)
     }
 
     pass_through! {
@@ -135,11 +226,8 @@ impl FileSystem for ByKernel {
         fn forget(&self, ctx: Context, inode: Self::Inode, count: u64);
         fn batch_forget(&self, ctx: Context, requests: Vec<(Self::Inode, u64)>);
         fn getattr(&self, ctx: Context, inode: Self::Inode, handle: Option<Self::Handle>) -> io::Result<(fuse::Attr, Duration)>;
-        fn setattr(&self, ctx: Context, inode: Self::Inode, attr: fuse::SetattrIn, handle: Option<Self::Handle>, valid: SetattrValid) -> io::Result<(fuse::Attr, Duration)>;
         fn readlink(&self, ctx: Context, inode: Self::Inode) -> io::Result<Vec<u8>>;
         fn symlink(&self, ctx: Context, linkname: &CStr, parent: Self::Inode, name: &CStr, extensions: Extensions) -> io::Result<Entry>;
-        fn mknod(&self, ctx: Context, inode: Self::Inode, name: &CStr, mode: u32, rdev: u32, umask: u32, extensions: Extensions) -> io::Result<Entry>;
-        fn mkdir(&self, ctx: Context, parent: Self::Inode, name: &CStr, mode: u32, umask: u32, extensions: Extensions) -> io::Result<Entry>;
         fn unlink(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<()>;
         fn rmdir(&self, ctx: Context, parent: Self::Inode, name: &CStr) -> io::Result<()>;
         fn rename(&self, ctx: Context, olddir: Self::Inode, oldname: &CStr, newdir: Self::Inode, newname: &CStr, flags: u32) -> io::Result<()>;
@@ -151,7 +239,6 @@ impl FileSystem for ByKernel {
         fn fallocate(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, mode: u32, offset: u64, length: u64) -> io::Result<()>;
         fn release(&self, ctx: Context, inode: Self::Inode, flags: u32, handle: Self::Handle, flush: bool, flock_release: bool, lock_owner: Option<u64>) -> io::Result<()>;
         fn statfs(&self, ctx: Context, inode: Self::Inode) -> io::Result<libc::statvfs64>;
-        fn setxattr(&self, ctx: Context, inode: Self::Inode, name: &CStr, value: &[u8], flags: u32, extra_flags: SetxattrFlags) -> io::Result<()>;
         fn getxattr(&self, ctx: Context, inode: Self::Inode, name: &CStr, size: u32) -> io::Result<GetxattrReply>;
         fn listxattr(&self, ctx: Context, inode: Self::Inode, size: u32) -> io::Result<ListxattrReply>;
         fn removexattr(&self, ctx: Context, inode: Self::Inode, name: &CStr) -> io::Result<()>;
@@ -177,6 +264,16 @@ impl SerializableFileSystem for ByKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_id_bits_and_capabilities_never_reach_the_host() {
+        assert_eq!(without_set_id(0o104755), 0o100755);
+        assert_eq!(without_set_id(0o2775), 0o775);
+        assert_eq!(without_set_id(0o6777), 0o777);
+        assert_eq!(without_set_id(0o1777), 0o1777, "sticky stays");
+        assert!(refused_xattr(c"security.capability"));
+        assert!(!refused_xattr(c"user.note"));
+    }
 
     #[test]
     fn direct_io_only_when_the_kernel_can_map_it() {

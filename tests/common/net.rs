@@ -370,6 +370,11 @@ impl TestNet {
         );
     }
 
+    /// Remove an address [`TestNet::add_host_address`] added.
+    pub fn remove_host_address(&self, addr: &str) {
+        in_ns(&self.host, &["ip", "addr", "del", addr, "dev", "mgt-hi"]);
+    }
+
     /// An HTTP server answering `body` on `addr:port` in the host's
     /// namespace (owned by this network).
     pub fn host_http(&mut self, addr: &str, port: u16, body: &str) {
