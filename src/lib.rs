@@ -16,6 +16,7 @@ pub mod lockfile;
 pub mod logging;
 pub mod memsnap;
 pub mod net;
+pub mod nofollow;
 pub mod provision;
 pub mod qemu;
 pub mod rotate;

@@ -548,3 +548,107 @@ fn a_trixie_share_uses_direct_io_and_still_maps_shared() {
     env.assert_clean();
     assert_no_mounts_or_loops(&env);
 }
+
+/// The review's attack on the mount point, as a second local user
+/// through sudo: the user's pre-up hook (run as the user, before the
+/// supervisor mounts the store) replaces the project folder with a link
+/// to `/proc/PID/root/HOSTDIR`, where PID is the user's own process in an
+/// unprivileged user and mount namespace whose HOSTDIR is a bind of a
+/// folder the user fills (the Migrantfile, a hard link to the store).
+/// Through the user's namespace everything reads as the user's own; a
+/// mount point resolved by following links lands on the host's
+/// HOSTDIR/ws, a folder of root's. Nothing may be mounted there.
+/// (Before: the user's ext4 image was mounted over the host folder.)
+#[test]
+fn a_project_folder_swapped_for_a_namespace_link_mounts_nothing_on_the_host() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(image) = test_image() else { return };
+    let env = Env::new("swap", &image, "[[share]]\nhost = \"ws\"\nsize = \"1G\"\n");
+    let root = env.root.path().to_path_buf();
+    let nobody = |p: &std::path::Path| {
+        nix::unistd::chown(p, Some(65534.into()), Some(65534.into()))
+            .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()))
+    };
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // nobody's key (made by `pubkey` for root) and folders.
+    let key = root.join("home/.ssh/migrant");
+    let mut mf =
+        std::fs::read_to_string(env.project.join("Migrantfile")).unwrap_or_else(|e| panic!("{e}"));
+    mf.push_str(&format!("\n[ssh]\nkey = \"{}\"\n", key.display()));
+    std::fs::write(env.project.join("Migrantfile"), mf).unwrap_or_else(|e| panic!("{e}"));
+    for p in [
+        root.clone(),
+        root.join("home/.ssh"),
+        key.clone(),
+        root.join("home/.ssh/migrant.pub"),
+        env.project.clone(),
+    ] {
+        nobody(&p);
+    }
+    // Root's folder that the link must not reach.
+    let hostdir = root.join("hostdir");
+    std::fs::create_dir_all(hostdir.join("ws")).unwrap_or_else(|e| panic!("{e}"));
+    let fake = root.join("fake");
+    std::fs::create_dir(&fake).unwrap_or_else(|e| panic!("{e}"));
+    nobody(&fake);
+    let hooks = env.project.join("hooks");
+    std::fs::create_dir(&hooks).unwrap_or_else(|e| panic!("{e}"));
+    let hook = hooks.join("pre-up");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nset -e\np=\"$PWD\"\n\
+             cp Migrantfile cloud-init.yml {fake}/ && ln ws.img {fake}/ws.img && mkdir -p {fake}/ws\n\
+             unshare --user --map-root-user --mount sh -c 'mount --bind {fake} {hostdir} && exec sleep 600' </dev/null >/dev/null 2>&1 &\n\
+             pid=$!\nsleep 2\n\
+             mv \"$p\" \"$p.real\"\nln -s \"/proc/$pid/root{hostdir}\" \"$p\"\n",
+            fake = fake.display(),
+            hostdir = hostdir.display(),
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    nobody(&hooks);
+    nobody(&hook);
+    let out = env
+        .cmd(&["up", "--timeout", "120"])
+        .env("SUDO_USER", "nobody")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mounted_on_host = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*hostdir.join("ws").to_string_lossy()));
+    // Undo the swap, whatever happened, before asserting.
+    let _ = std::process::Command::new("pkill")
+        .args(["-KILL", "-u", "nobody", "-f", "sleep 600"])
+        .status();
+    let moved = root.join("project.real");
+    if moved.exists() {
+        let _ = std::fs::remove_file(&env.project);
+        let _ = std::fs::rename(&moved, &env.project);
+    }
+    if mounted_on_host {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(hostdir.join("ws"))
+            .status();
+    }
+    assert!(
+        !mounted_on_host,
+        "the user's store was mounted on root's folder {}: {}",
+        hostdir.join("ws").display(),
+        text(&out)
+    );
+    assert!(!out.status.success(), "up went on: {}", text(&out));
+    assert!(
+        text(&out).contains("symbolic link"),
+        "not refused for the link: {}",
+        text(&out)
+    );
+    let _ = env.run(&["destroy"]);
+    env.assert_clean();
+}

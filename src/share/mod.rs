@@ -452,9 +452,24 @@ pub fn mount_store(tag: &str, image: &Path, dir: &Path) -> Result<bool, ShareErr
             why: "is not a folder (a symlink or a file)".into(),
         });
     }
-    let real_dir = dir
-        .canonicalize()
-        .map_err(io(format!("share folder {}", dir.display())))?;
+    // The mount point, opened once with no symlink followed anywhere on its
+    // path: the mount is made on this descriptor, so a project folder
+    // swapped for a link (to a host folder, or through a user's namespace
+    // at /proc/PID/root) is refused, never followed.
+    let through_link = |e: std::io::Error, what: &Path| {
+        if crate::nofollow::is_link_refusal(&e) {
+            ShareError::Foreign {
+                tag: tag.into(),
+                dir: what.to_path_buf(),
+                why: "is not a folder, or has a symbolic link on its path (was the project folder moved or replaced?)"
+                    .into(),
+            }
+        } else {
+            io(format!("share folder {}", what.display()))(e)
+        }
+    };
+    let dir_fd = crate::nofollow::open_dir(dir).map_err(|e| through_link(e, dir))?;
+    let real_dir = dir.to_path_buf();
     let mounts = mountinfo::read().map_err(io("/proc/self/mountinfo"))?;
     if mountinfo::top_at(&mounts, &real_dir).is_some() {
         return check_mount(&mounts, &real_dir, image)
@@ -471,19 +486,17 @@ pub fn mount_store(tag: &str, image: &Path, dir: &Path) -> Result<bool, ShareErr
         dir: dir.to_path_buf(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags_nofollow()
-        .open(image)
-        .map_err(mount_err)?;
+    let file = std::fs::File::from(
+        crate::nofollow::open(image, nix::fcntl::OFlag::O_RDWR)
+            .map_err(|e| through_link(e, image))?,
+    );
     let dev = loopdev::attach(&file).map_err(mount_err)?;
     let flags = nix::mount::MsFlags::from_bits_retain(
         libc::MS_NOSYMFOLLOW | libc::MS_NODEV | libc::MS_NOSUID,
     );
     let mounted = nix::mount::mount(
         Some(dev.path.as_path()),
-        &real_dir,
+        &crate::nofollow::proc_path(&dir_fd),
         Some("ext4"),
         flags,
         Some("errors=remount-ro"),
@@ -495,13 +508,25 @@ pub fn mount_store(tag: &str, image: &Path, dir: &Path) -> Result<bool, ShareErr
         return Err(mount_err(e.into()));
     }
     drop(dev);
+    // The new mount's root, reached the same way (no link followed): the
+    // rest acts on it, never on a path that could have changed.
+    let root_fd = match crate::nofollow::open_dir(&real_dir) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = nix::mount::umount2(
+                &crate::nofollow::proc_path(&dir_fd),
+                nix::mount::MntFlags::MNT_DETACH,
+            );
+            return Err(through_link(e, dir));
+        }
+    };
     // Shared: a mount namespace created while the store is mounted (`ip
     // netns exec`, a systemd service) gets a copy in the same peer group,
     // so our unmount reaches that copy too instead of leaving it holding
     // the file system and its loop device.
     if let Err(e) = nix::mount::mount(
         None::<&str>,
-        &real_dir,
+        &crate::nofollow::proc_path(&root_fd),
         None::<&str>,
         nix::mount::MsFlags::MS_SHARED,
         None::<&str>,
@@ -510,7 +535,10 @@ pub fn mount_store(tag: &str, image: &Path, dir: &Path) -> Result<bool, ShareErr
     }
     let mounts = mountinfo::read().map_err(io("/proc/self/mountinfo"))?;
     if let Err(why) = check_mount(&mounts, &real_dir, image) {
-        let _ = unmount_dir(&real_dir);
+        let _ = nix::mount::umount2(
+            &crate::nofollow::proc_path(&root_fd),
+            nix::mount::MntFlags::MNT_DETACH,
+        );
         return Err(ShareError::Foreign {
             tag: tag.into(),
             dir: dir.to_path_buf(),
@@ -520,18 +548,9 @@ pub fn mount_store(tag: &str, image: &Path, dir: &Path) -> Result<bool, ShareErr
     Ok(true)
 }
 
-trait NoFollow {
-    fn custom_flags_nofollow(&mut self) -> &mut Self;
-}
-
-impl NoFollow for std::fs::OpenOptions {
-    fn custom_flags_nofollow(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::custom_flags(self, libc::O_NOFOLLOW | libc::O_CLOEXEC)
-    }
-}
-
 fn unmount_dir(dir: &Path) -> std::io::Result<()> {
-    match nix::mount::umount2(dir, nix::mount::MntFlags::empty()) {
+    // A link planted at the last component is not followed.
+    match nix::mount::umount2(dir, nix::mount::MntFlags::UMOUNT_NOFOLLOW) {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EBUSY) => {
             // A host program has a file open in it: detach the mount now;
@@ -540,7 +559,11 @@ fn unmount_dir(dir: &Path) -> std::io::Result<()> {
                 "{} is busy; detaching it (it is freed when the last program using it exits)",
                 dir.display()
             );
-            nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH).map_err(Into::into)
+            nix::mount::umount2(
+                dir,
+                nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+            )
+            .map_err(Into::into)
         }
         Err(e) => Err(e.into()),
     }
