@@ -58,14 +58,15 @@ impl Confine {
         }
     }
 
-    /// In the forked child: fcntl, setns, setrlimit, signal, prctl, setgroups, setgid,
-    /// setuid, getppid over data allocated before the fork; nothing
+    /// In the forked child: fcntl, setns, setrlimit, signal, prctl,
+    /// setgroups, setgid, setuid, getppid over data allocated before the
+    /// fork; nothing
     /// allocates. The groups and gid go before the uid, since a non-root
     /// process may no longer change them; a failure aborts the spawn, so
     /// the program never runs with more than it was given.
     fn in_child(&self, parent: i32) -> std::io::Result<()> {
         let err = std::io::Error::last_os_error;
-        // SAFETY (each call below): system calls on integers and on
+        // SAFETY: each call below is a system call on integers and on
         // buffers owned by `self`, valid for the call.
         unsafe {
             for &fd in &self.keep_fds {

@@ -108,8 +108,7 @@ fn missing_key_with_placeholder_is_made_and_a_missing_image_creates_nothing() {
 
 #[test]
 fn held_lock_is_75() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIPPED: needs root");
+    if !common::as_root() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -169,8 +168,7 @@ fn unusable_state_folder_is_70() {
 
 #[test]
 fn permission_denied_is_77() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIPPED: needs root to switch to an unprivileged user");
+    if !common::as_root() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -256,8 +254,7 @@ fn wireguard_config_mistakes_are_78_with_the_line_and_create_nothing() {
 #[test]
 fn a_planted_key_symlink_reads_nothing_of_root() {
     use std::os::unix::fs::PermissionsExt;
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIPPED: needs root");
+    if !common::as_root() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -402,8 +399,7 @@ fn open_to_all(path: &Path) {
 #[test]
 fn files_in_the_project_folder_are_made_as_the_invoking_user() {
     use std::os::unix::fs::MetadataExt;
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIPPED: needs root");
+    if !common::as_root() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -528,8 +524,7 @@ fn leaks(s: &Sandbox, o: &Output, secret: &str) -> Option<String> {
 #[test]
 fn root_reads_and_runs_a_projects_files_as_its_user() {
     use std::os::unix::fs::PermissionsExt;
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIPPED: needs root");
+    if !common::as_root() {
         return;
     }
     const SECRET: &str = "ROOT-ONLY-SECRET";

@@ -51,6 +51,20 @@ fn test_image_from(var: &str) -> Option<PathBuf> {
     }
 }
 
+/// Whether a test that acts as root (other users, ownership) can run:
+/// without root it is skipped, loudly, unless `MIGRANT_REQUIRE_INTEGRATION`
+/// is set (scripts/test sets it), in which case it fails.
+pub fn as_root() -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    if std::env::var_os("MIGRANT_REQUIRE_INTEGRATION").is_some() {
+        panic!("this test needs root and MIGRANT_REQUIRE_INTEGRATION is set");
+    }
+    eprintln!("SKIPPED: needs root (scripts/test runs it)");
+    false
+}
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_migrant"))
 }
