@@ -263,11 +263,6 @@ pub fn find(secure: bool, home: &Path) -> Option<Ovmf> {
         .or_else(|| from_prebuilt(home))
 }
 
-/// Find OVMF (without Secure Boot) with the default home; for `doctor`.
-pub fn find_ovmf() -> Option<(PathBuf, PathBuf)> {
-    find(false, &crate::state::Paths::from_env().home).map(|o| (o.code, o.vars))
-}
-
 /// SeaBIOS, if QEMU's copy is where distributions put it.
 pub fn find_seabios() -> Option<PathBuf> {
     SEABIOS.iter().map(PathBuf::from).find(|p| p.is_file())

@@ -1,7 +1,7 @@
 //! migrant: throwaway QEMU virtual machines for untrusted workloads.
 //!
-//! See `DESIGN.md` in the steering repository and README.md for the
-//! architecture. The binary in `src/main.rs` is a thin shell over this crate.
+//! README.md and SECURITY.md describe the architecture and the promises.
+//! The binary in `src/main.rs` is a thin shell over this crate.
 
 pub mod acl;
 pub mod cli;
