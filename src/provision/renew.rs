@@ -9,7 +9,8 @@
 //! reseed from it (`RNDRESEEDCRNG`) before anything else runs. A clone is
 //! also another machine: a new machine-id, its own name as hostname and
 //! new SSH host keys, made after the reseed (the ED25519 and ECDSA keys at
-//! once, the RSA key in the background: under TCG it takes seconds).
+//! once, the RSA key in the background at the lowest priority: under TCG
+//! it takes seconds, and the guest's first command should not wait).
 //! The clock is set to the host's at the same time.
 
 /// The guest side, as the SSH command line: it says `in` once logged in,
@@ -34,7 +35,7 @@ if [ -n "$id" ]; then
   ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key &&
   ssh-keygen -q -t ecdsa -N "" -f /etc/ssh/ssh_host_ecdsa_key &&
   { systemctl reload ssh || systemctl reload sshd; } >/dev/null 2>&1
-  { ssh-keygen -q -t rsa -b 3072 -N "" -f /etc/ssh/ssh_host_rsa_key &&
+  { nice -n 19 ssh-keygen -q -t rsa -b 3072 -N "" -f /etc/ssh/ssh_host_rsa_key &&
     { systemctl reload ssh || systemctl reload sshd; }; } </dev/null >/dev/null 2>&1 &
   echo renewed
 fi'"#;
