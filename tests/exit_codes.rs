@@ -269,13 +269,7 @@ fn a_planted_key_symlink_reads_nothing_of_root() {
     nix::unistd::chown(&keys, Some(65534.into()), Some(65534.into()))
         .unwrap_or_else(|e| panic!("{e}"));
     std::os::unix::fs::symlink(&secret, keys.join("migrant.pub")).unwrap_or_else(|e| panic!("{e}"));
-    let created = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(tmp.path().join("base.qcow2"))
-        .arg("64M")
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(created, "qemu-img create");
+    small_base_image(tmp.path());
     let s = Sandbox::new(
         &format!(
             "{}[ssh]\nkey = \"{}\"\n",
@@ -385,6 +379,18 @@ fn another_folder_with_the_same_name_touches_nothing() {
 }
 
 /// Make `path` traversable by everyone (a tempdir is 0700).
+/// A real (empty, 64 MiB) qcow2 as `dir/base.qcow2`, what `good_file`
+/// names.
+fn small_base_image(dir: &Path) {
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(dir.join("base.qcow2"))
+        .arg("64M")
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(created, "qemu-img create");
+}
+
 fn open_to_all(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
@@ -534,13 +540,7 @@ fn root_reads_and_runs_a_projects_files_as_its_user() {
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap_or_else(|e| panic!("{e}"));
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
         .unwrap_or_else(|e| panic!("{e}"));
-    let created = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(tmp.path().join("base.qcow2"))
-        .arg("64M")
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(created, "qemu-img create");
+    small_base_image(tmp.path());
     let plain = "#cloud-config\n";
     let cases = [
         (
