@@ -153,7 +153,11 @@ impl Drain {
 /// The child gets the pipe, never the file.
 pub fn capped_log(name: &str, path: &Path, cap: u64) -> std::io::Result<(std::fs::File, Drain)> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let drain = Drain::spawn(name, read, Rotating::new(path.to_path_buf(), cap, 0o600))?;
+    let mut log = Rotating::new(path.to_path_buf(), cap, 0o600);
+    // The file exists (0600) from the start, whether or not the child
+    // ever says anything.
+    log.write(b"")?;
+    let drain = Drain::spawn(name, read, log)?;
     Ok((std::fs::File::from(write), drain))
 }
 
