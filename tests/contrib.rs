@@ -5,7 +5,9 @@
 //!   cleanup) on a real guest: a passing job whose scripts share the job's
 //!   clone, a failing job (the runner's build-failure code), a cancelled
 //!   job (SIGTERM to the run stage, cleanup still runs), a cleanup without
-//!   a prepare; nothing remains and the project's VM is untouched;
+//!   a prepare; a job whose variables copy a running job's ids never
+//!   reaches that job's VM; nothing remains and the project's VM is
+//!   untouched;
 //! * the GitHub Actions composite action's script, run with a stand-in
 //!   migrant: inputs arrive as data, never as shell code.
 
@@ -25,8 +27,18 @@ fn driver(stage: &str) -> PathBuf {
 }
 
 /// A stage as the runner starts it: `STAGE.sh PROJECT ARGS…` with the
-/// job's variables (`CUSTOM_ENV_…`) and the failure codes.
+/// job's response (`JOB_RESPONSE_FILE`, GitLab's job id `job`), the
+/// job's variables (`CUSTOM_ENV_…`, which the job itself may set) and the
+/// failure codes.
 fn stage(env: &Env, name: &str, job: u32, args: &[&str]) -> Command {
+    let dir = env.root.path().join(format!("builds/job-{job}"));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let response = dir.join("response.json");
+    std::fs::write(
+        &response,
+        format!("{{\"id\": {job}, \"token\": \"job-token-{job}\", \"job_info\": {{\"id\": 1}}}}"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let mut c = Command::new("bash");
     c.arg(driver(name))
         .arg(&env.project)
@@ -38,6 +50,8 @@ fn stage(env: &Env, name: &str, job: u32, args: &[&str]) -> Command {
         .env("HOME", env.root.path().join("home"))
         .env_remove("SUDO_USER")
         .env_remove("MIGRANT_DIR")
+        .env("JOB_RESPONSE_FILE", &response)
+        .env("MIGRANT_GITLAB_RECORDS", env.root.path().join("records"))
         .env("CUSTOM_ENV_CI_RUNNER_ID", "1")
         .env("CUSTOM_ENV_CI_JOB_ID", job.to_string())
         .env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
@@ -57,11 +71,17 @@ fn script(env: &Env, name: &str, body: &str) -> PathBuf {
     p
 }
 
+/// Whether GitLab job `job` has a clone (named from its response).
 fn job_vm_exists(env: &Env, job: u32) -> bool {
-    env.root
-        .path()
-        .join(format!("state/vms/gitlab-1-{job}"))
-        .exists()
+    std::fs::read_dir(env.root.path().join("state/vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("gitlab-{job}-"))
+        })
 }
 
 #[test]
@@ -147,13 +167,87 @@ fn gitlab_runner_stages_run_each_job_in_its_own_clone() {
         wait_for(Duration::from_secs(10), || env
             .processes()
             .iter()
-            .all(|(_, c)| !c.contains("gitlab-1-"))),
+            .all(|(_, c)| !c.contains("gitlab-"))),
         "job processes left: {:?}",
         env.processes()
     );
 
     // The runner may clean up a job whose prepare never ran.
     assert!(output(stage(&env, "cleanup", 104, &[])).status.success());
+
+    // A job whose variables copy a running job's ids (CI_JOB_ID and
+    // CI_RUNNER_ID are the job's own to set) gets a VM of its own: its
+    // stages never run in the victim's VM and its cleanup leaves it.
+    assert!(output(stage(&env, "prepare", 105, &[])).status.success());
+    let mark = script(&env, "mark", "echo victim-secret > /var/tmp/victim");
+    let out = output(stage(
+        &env,
+        "run",
+        105,
+        &[&mark.to_string_lossy(), "build_script"],
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let attacker = |name: &str, args: &[&str]| {
+        let mut c = stage(&env, name, 106, args);
+        c.env("CUSTOM_ENV_CI_JOB_ID", "105")
+            .env("CUSTOM_ENV_CI_RUNNER_ID", "1");
+        c
+    };
+    let out = output(attacker("prepare", &[]));
+    assert!(
+        out.status.success(),
+        "the attacker's prepare: {}",
+        text(&out)
+    );
+    let peek = script(
+        &env,
+        "peek",
+        "if test -e /var/tmp/victim; then echo in-victim; else echo own-vm; fi",
+    );
+    let out = output(attacker("run", &[&peek.to_string_lossy(), "build_script"]));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("own-vm"),
+        "the attacker's script ran in the victim's VM: {}",
+        text(&out)
+    );
+    assert!(output(attacker("cleanup", &[])).status.success());
+    assert!(
+        !job_vm_exists(&env, 106),
+        "the attacker's VM outlived cleanup"
+    );
+    assert!(
+        job_vm_exists(&env, 105),
+        "the attacker's cleanup destroyed the victim's VM"
+    );
+    let check = script(&env, "check", "cat /var/tmp/victim");
+    let out = output(stage(
+        &env,
+        "run",
+        105,
+        &[&check.to_string_lossy(), "build_script"],
+    ));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("victim-secret"),
+        "{}",
+        text(&out)
+    );
+    // A stage of a job that prepared nothing touches no VM; a runner
+    // without a job response is refused before anything is made.
+    let out = output(stage(
+        &env,
+        "run",
+        107,
+        &[&check.to_string_lossy(), "build_script"],
+    ));
+    assert_eq!(out.status.code(), Some(SYSTEM_FAILURE), "{}", text(&out));
+    let mut bare = stage(&env, "prepare", 108, &[]);
+    bare.env_remove("JOB_RESPONSE_FILE");
+    let out = output(bare);
+    assert_eq!(out.status.code(), Some(SYSTEM_FAILURE), "{}", text(&out));
+    assert!(!job_vm_exists(&env, 108));
+    assert!(output(stage(&env, "cleanup", 105, &[])).status.success());
+    assert!(!job_vm_exists(&env, 105));
 
     // The project's VM: stopped, its snapshot as it was.
     assert!(env.ok(&["status"]).contains("state:       stopped"));
