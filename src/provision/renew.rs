@@ -8,9 +8,13 @@
 //! which guest root mixes into the input pool and then makes the kernel
 //! reseed from it (`RNDRESEEDCRNG`) before anything else runs. A clone is
 //! also another machine: a new machine-id, its own name as hostname and
-//! new SSH host keys, made after the reseed (the ED25519 and ECDSA keys at
-//! once, the RSA key in the background at the lowest priority: under TCG
-//! it takes seconds, and the guest's first command should not wait).
+//! new SSH host keys, made after the reseed: ED25519 and ECDSA keys, each
+//! moved into place whole (never a moment without one); the template's
+//! RSA and DSA keys are removed, not remade (RSA takes seconds under TCG,
+//! and every client since OpenSSH 6.5 takes ED25519). Before OpenSSH 9.8
+//! each connection's sshd reads the keys from disk, so nothing restarts;
+//! from 9.8 (`sshd-session`) the listener holds them and is reloaded, and
+//! the login waits until it listens again.
 //! The clock is set to the host's at the same time.
 
 /// The guest side, as the SSH command line: it says `in` once logged in,
@@ -31,12 +35,20 @@ if [ -n "$id" ]; then
   printf "%s\n" "$id" >/etc/machine-id
   hostname "$name" && printf "%s\n" "$name" >/etc/hostname
   sed -i "s/^127\.0\.1\.1[[:space:]].*/127.0.1.1 $name/" /etc/hosts 2>/dev/null
-  rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
-  ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key &&
-  ssh-keygen -q -t ecdsa -N "" -f /etc/ssh/ssh_host_ecdsa_key &&
-  { systemctl reload ssh || systemctl reload sshd; } >/dev/null 2>&1
-  { nice -n 19 ssh-keygen -q -t rsa -b 3072 -N "" -f /etc/ssh/ssh_host_rsa_key &&
-    { systemctl reload ssh || systemctl reload sshd; }; } </dev/null >/dev/null 2>&1 &
+  k=/etc/ssh/ssh_host
+  rm -f "$k"_*_key.new "$k"_*_key.new.pub
+  ssh-keygen -q -t ed25519 -N "" -f "$k"_ed25519_key.new &&
+  ssh-keygen -q -t ecdsa -N "" -f "$k"_ecdsa_key.new || exit 1
+  for t in ed25519 ecdsa; do
+    mv -f "$k"_"$t"_key.new.pub "$k"_"$t"_key.pub && mv -f "$k"_"$t"_key.new "$k"_"$t"_key
+  done
+  rm -f "$k"_rsa_key "$k"_rsa_key.pub "$k"_dsa_key "$k"_dsa_key.pub
+  if [ -x /usr/lib/openssh/sshd-session ] || [ -x /usr/libexec/sshd-session ]; then
+    { systemctl reload ssh || systemctl reload sshd; } >/dev/null 2>&1
+    for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+      sleep 0.1; ss -Hltn "sport = :22" 2>/dev/null | grep -q . && break
+    done
+  fi
   echo renewed
 fi'"#;
 
