@@ -16,9 +16,10 @@ const PROBE: &str =
     "cat /var/tmp/marker; date +%s; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo";
 
 /// A machine's identity, as its first command sees it: the first 16
-/// bytes it reads from /dev/urandom, machine-id, hostname, SSH host key.
+/// bytes it reads from /dev/urandom, machine-id, hostname, and the SSH
+/// host key its sshd serves (not only the file).
 const IDENTITY: &str = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
-    cat /etc/machine-id; hostname; cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub";
+    cat /etc/machine-id; hostname; ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | cut -d' ' -f3";
 
 /// (marker, guest clock, 32 random bytes) from [`PROBE`]'s output.
 fn probe_output(out: &std::process::Output) -> (String, u64, String) {
