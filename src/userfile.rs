@@ -85,10 +85,10 @@ impl Reader {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        crate::jail::Confine {
+        crate::sandbox::Confine {
             identity: Some((*uid, *gid, groups.clone())),
             no_new_privs: true,
-            ..crate::jail::Confine::default()
+            ..crate::sandbox::Confine::default()
         }
         .apply_std(&mut cmd);
         let mut child = cmd.spawn()?;

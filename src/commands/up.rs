@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -546,21 +545,13 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
-    // SAFETY: runs in the forked child before exec; setsid and fcntl are
-    // async-signal-safe and nothing is allocated.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            for fd in [lock_fd, progress_fd] {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
+    // Its own session; the lock and the progress pipe go across exec.
+    crate::sandbox::Confine {
+        keep_fds: vec![lock_fd, progress_fd],
+        new_session: true,
+        ..crate::sandbox::Confine::default()
     }
+    .apply_std(&mut cmd);
     // The supervisor enforces the boot deadline itself (a little after
     // ours, so that a waiting `up` reports its own timeout): an `up` that
     // is killed leaves no VM booting forever. With the console attached

@@ -139,9 +139,9 @@ pub fn apply(cmd: &mut Command, who: &Invoker) -> Result<(), AsUserError> {
     } else {
         cmd.env_remove("XDG_RUNTIME_DIR");
     }
-    crate::jail::Confine {
+    crate::sandbox::Confine {
         identity: Some((uid, gid, groups)),
-        ..crate::jail::Confine::default()
+        ..crate::sandbox::Confine::default()
     }
     .apply_std(cmd);
     Ok(())

@@ -196,7 +196,7 @@ pub fn spawn(
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .kill_on_drop(true);
-    crate::jail::Confine {
+    crate::sandbox::Confine {
         keep_fds: launch.keep_fds.clone(),
         netns: Some(launch.netns.as_raw_fd()),
         identity: Some((
@@ -207,6 +207,7 @@ pub fn spawn(
         no_new_privs: true,
         die_with_parent: true,
         max_file_size: Some(launch.max_file_size),
+        new_session: false,
     }
     .apply(&mut cmd);
     let child = cmd.spawn().map_err(ProcessError::Spawn)?;

@@ -9,7 +9,7 @@
 //! create files as the guest's users.
 
 use std::collections::HashSet;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,16 +104,11 @@ pub fn main(args: Args) -> u8 {
     if let Err(e) = set_signal_handlers() {
         return fail(&tag, format!("signal handlers: {e}"));
     }
-    // SAFETY: fcntl on a descriptor number given to us; it fails cleanly
-    // (EBADF) when the descriptor is not open.
-    if unsafe { libc::fcntl(args.fd, libc::F_GETFD) } < 0 {
-        return fail(&tag, format!("descriptor {} is not open", args.fd));
-    }
-    // SAFETY: the supervisor created this listening socket for us and left
-    // it open across exec; nothing else in this process owns it.
-    let listener = unsafe { Listener::from_raw_fd(args.fd) };
-    // SAFETY: as above, marks our own descriptor close-on-exec.
-    unsafe { libc::fcntl(args.fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // The listening socket the supervisor made for us.
+    let listener = match crate::sandbox::inherited(args.fd) {
+        Ok(fd) => Listener::from(std::os::unix::net::UnixListener::from(fd)),
+        Err(e) => return fail(&tag, e.to_string()),
+    };
 
     let shared_dir = match args.shared_dir.to_str() {
         Some(s) if Path::new(s).is_dir() => s.to_string(),
@@ -294,7 +289,7 @@ pub fn spawn(
         .stdout(out)
         .stderr(err)
         .kill_on_drop(true);
-    crate::jail::hand_over(&mut cmd, vec![fd]);
+    crate::sandbox::hand_over(&mut cmd, vec![fd]);
     let child = cmd.spawn()?;
     drop(listener);
     Ok((

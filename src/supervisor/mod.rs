@@ -13,7 +13,6 @@ mod running;
 mod serial;
 mod server;
 
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use crate::config;
@@ -101,20 +100,10 @@ pub struct Args {
     pub boot_timeout: Option<u64>,
 }
 
-/// Adopt a descriptor number given on our command line by our parent.
+/// Adopt a descriptor number given on our command line by our parent
+/// (`None` when absent or not open).
 fn adopt(fd: Option<i32>) -> Option<std::fs::File> {
-    let fd = fd?;
-    // SAFETY: `migrant up` opened this descriptor for us, left it open
-    // across exec and passed its number; nothing else in this process owns
-    // it. fcntl checks that it is really open before we take ownership.
-    unsafe {
-        if libc::fcntl(fd, libc::F_GETFD) < 0 {
-            return None;
-        }
-        let owned = OwnedFd::from_raw_fd(fd);
-        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        Some(std::fs::File::from(owned))
-    }
+    crate::sandbox::inherited(fd?).ok().map(std::fs::File::from)
 }
 
 /// Entry point of `migrant __supervisor`. Returns the process exit code.

@@ -29,15 +29,15 @@ pub struct Args {
     pub parent: i32,
 }
 
-/// What the packet loop may ask of the kernel once it runs: I/O on the
-/// descriptors it holds, waiting, memory, randomness for handshakes,
-/// exiting. Anything else (opening files, new sockets, exec, ptrace, ...)
-/// kills the process, and with it the TUN: fail closed.
-const SYSCALLS: &[&str] = crate::jail::BASE_SYSCALLS;
+/// What the packet loop may ask of the kernel once it runs
+/// ([`crate::sandbox::lists::WIREGUARD`]): anything else (opening files,
+/// new sockets, exec, ptrace, ...) kills the process, and with it the TUN:
+/// fail closed.
+const SYSCALLS: &[&str] = crate::sandbox::lists::WIREGUARD;
 
 /// Sending system calls the loop needs when its UDP socket is not
 /// connected (several peers: any of them, and roaming).
-const SEND_ANYWHERE: &[&str] = &["sendto", "sendmsg", "sendmmsg"];
+const SEND_ANYWHERE: &[&str] = crate::sandbox::lists::WIREGUARD_SEND_ANYWHERE;
 
 /// `setsockopt(fd, SOL_UDP, UDP_SEGMENT, …)`: GSO on a connected socket.
 const SOL_UDP: u64 = 17;
@@ -50,7 +50,7 @@ const UDP_SEGMENT: u64 = 103;
 /// datagram anywhere but to the peer (a filter cannot read a `sendmsg`
 /// destination, so that call is not allowed at all).
 pub(crate) fn confine(connected: bool) -> std::io::Result<()> {
-    let filter = crate::jail::Filter::new().allow(SYSCALLS);
+    let filter = crate::sandbox::Filter::new().allow(SYSCALLS);
     let filter = if connected {
         // sendto(fd, buf, len, flags, NULL, 0) only.
         filter
@@ -73,11 +73,11 @@ pub fn main(args: Args) -> u8 {
 }
 
 fn run(args: &Args) -> std::io::Result<()> {
-    crate::jail::close_strays(&[args.tun_fd, args.udp_fd, args.report_fd]);
-    let tun = std::fs::File::from(crate::jail::inherited(args.tun_fd)?);
-    let udp = std::net::UdpSocket::from(crate::jail::inherited(args.udp_fd)?);
-    let report = std::os::unix::net::UnixStream::from(crate::jail::inherited(args.report_fd)?);
-    crate::jail::drop_identity(args.uid, args.gid, args.parent)?;
+    crate::sandbox::close_strays(&[args.tun_fd, args.udp_fd, args.report_fd]);
+    let tun = std::fs::File::from(crate::sandbox::inherited(args.tun_fd)?);
+    let udp = std::net::UdpSocket::from(crate::sandbox::inherited(args.udp_fd)?);
+    let report = std::os::unix::net::UnixStream::from(crate::sandbox::inherited(args.report_fd)?);
+    crate::sandbox::drop_identity(args.uid, args.gid, args.parent)?;
     let mut text = Vec::new();
     std::io::stdin().lock().read_to_end(&mut text)?;
     let spec: Spec = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
@@ -141,7 +141,7 @@ pub async fn start(
         .stdout(out)
         .stderr(err)
         .kill_on_drop(true);
-    crate::jail::hand_over(&mut cmd, fds.to_vec());
+    crate::sandbox::hand_over(&mut cmd, fds.to_vec());
     let mut child = cmd.spawn().map_err(WgError::Spawn)?;
     // The child holds the only copies now: when it exits, the TUN (and
     // every route out of the namespace) goes with it.

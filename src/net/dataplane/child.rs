@@ -47,10 +47,10 @@ fn run() -> std::io::Result<()> {
         .take(1 << 20)
         .read_to_end(&mut text)?;
     let plan: Plan = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
-    crate::jail::close_strays(&plan.fds.all());
+    crate::sandbox::close_strays(&plan.fds.all());
     let fds = Owned::take(&plan.fds)?;
-    crate::jail::empty_root(&plan.empty_parent)?;
-    crate::jail::drop_identity(plan.uid, plan.gid, plan.parent)?;
+    crate::sandbox::empty_root(&plan.empty_parent)?;
+    crate::sandbox::drop_identity(plan.uid, plan.gid, plan.parent)?;
     filter().load()?;
     tracing::info!(uid = plan.uid, "dataplane started");
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -59,51 +59,15 @@ fn run() -> std::io::Result<()> {
     rt.block_on(serve(plan, fds))
 }
 
-/// What the dataplane may ask of the kernel: I/O on sockets and pipes
-/// (splice), making sockets in the host's namespace (IPv4, IPv6, and
-/// netlink for routes and the host's addresses), waiting, memory, threads
-/// for blocking work, randomness (DNS ids), time. No open, no exec, no
-/// ptrace, no mount, no namespace calls: anything else kills it.
-const SYSCALLS: &[&str] = &[
-    "ioctl",
-    "pipe2",
-    "splice",
-    "connect",
-    "accept4",
-    "bind",
-    "listen",
-    "getsockname",
-    "getpeername",
-    "setsockopt",
-    "getsockopt",
-    "sendto",
-    "sendmsg",
-    "sendmmsg",
-    "shutdown",
-    "epoll_create1",
-    "epoll_ctl",
-    "epoll_wait",
-    "epoll_pwait",
-    "epoll_pwait2",
-    "eventfd2",
-    "clone",
-    "clone3",
-    "set_robust_list",
-    "rseq",
-    "sched_getaffinity",
-    "getcwd",
-    "getuid",
-    "geteuid",
-];
-
-fn filter() -> crate::jail::Filter {
+fn filter() -> crate::sandbox::Filter {
     let domain = |d: i32| [(0u32, d as u64)];
-    crate::jail::Filter::new()
-        .allow(crate::jail::BASE_SYSCALLS)
-        .allow(SYSCALLS)
-        .allow_if("socket", &domain(libc::AF_INET))
-        .allow_if("socket", &domain(libc::AF_INET6))
-        .allow_if("socket", &domain(libc::AF_NETLINK))
+    use crate::sandbox::lists;
+    let filter = crate::sandbox::Filter::new()
+        .allow(lists::BASE)
+        .allow(lists::DATAPLANE);
+    lists::DATAPLANE_SOCKET_FAMILIES
+        .iter()
+        .fold(filter, |f, family| f.allow_if("socket", &domain(*family)))
         // The runtime's own signal pipe.
         .allow_if("socketpair", &domain(libc::AF_UNIX))
         // Reading its own limits (the proxy sizes its caps to them);
@@ -130,7 +94,7 @@ impl Owned {
     fn take(f: &Fds) -> std::io::Result<Owned> {
         // Each one non-blocking, for the runtime.
         let inherited = |fd: i32| -> std::io::Result<OwnedFd> {
-            let owned = crate::jail::inherited(fd)?;
+            let owned = crate::sandbox::inherited(fd)?;
             socket2::SockRef::from(&owned).set_nonblocking(true)?;
             Ok(owned)
         };
@@ -151,7 +115,7 @@ impl Owned {
             ssh: opt(f.ssh)?,
             // The socket link is used blocking, from its own thread.
             factory: {
-                let fd = crate::jail::inherited(f.factory)?;
+                let fd = crate::sandbox::inherited(f.factory)?;
                 socket2::SockRef::from(&fd).set_nonblocking(false)?;
                 fd
             },

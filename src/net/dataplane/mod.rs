@@ -215,7 +215,7 @@ pub struct Plan {
     pub uid: u32,
     pub gid: u32,
     pub parent: i32,
-    /// A folder only root writes, for [`crate::jail::empty_root`].
+    /// A folder only root writes, for [`crate::sandbox::empty_root`].
     pub empty_parent: std::path::PathBuf,
     pub fds: Fds,
 }

@@ -164,7 +164,7 @@ pub async fn start(
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true);
-    crate::jail::hand_over(&mut cmd, plan.fds.all());
+    crate::sandbox::hand_over(&mut cmd, plan.fds.all());
     let mut child = cmd.spawn().map_err(io("cannot start the dataplane"))?;
     drop((factory_theirs, events_theirs));
     if let Some(mut stdin) = child.stdin.take() {

@@ -1,4 +1,5 @@
-//! The one way migrant confines what it starts: descriptors a child
+//! The one way migrant confines what it starts (crosvm's jail helper is
+//! the model): descriptors a child
 //! inherits (everything else closed), its network namespace, an identity
 //! (groups resolved before the fork), no new privileges, death with the
 //! parent ([`Confine`]: QEMU, hooks and Ansible as the user, and through
@@ -10,7 +11,13 @@
 //! A helper's side runs, in this order,
 //! [`close_strays`], [`inherited`] for each descriptor, [`empty_root`]
 //! (while still root), [`drop_identity`], then [`Filter::load`] before it
-//! reads a byte from the guest.
+//! reads a byte from the guest. The seccomp allow-lists are data, side by
+//! side in [`lists`], each unusual call with its reason.
+
+pub mod lists;
+mod seccomp;
+
+pub use seccomp::Filter;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt as _;
@@ -35,6 +42,9 @@ pub struct Confine {
     /// `RLIMIT_FSIZE`: the largest file the child may write (a write
     /// past it fails with EFBIG; SIGXFSZ is ignored in the child).
     pub max_file_size: Option<u64>,
+    /// Start a new session (`setsid`): the child outlives its parent's
+    /// terminal and process group (the supervisor, started by `up`).
+    pub new_session: bool,
 }
 
 impl Confine {
@@ -58,7 +68,7 @@ impl Confine {
         }
     }
 
-    /// In the forked child: fcntl, setns, setrlimit, signal, prctl,
+    /// In the forked child: setsid, fcntl, setns, setrlimit, signal, prctl,
     /// setgroups, setgid, setuid, getppid over data allocated before the
     /// fork; nothing
     /// allocates. The groups and gid go before the uid, since a non-root
@@ -69,6 +79,9 @@ impl Confine {
         // SAFETY: each call below is a system call on integers and on
         // buffers owned by `self`, valid for the call.
         unsafe {
+            if self.new_session && libc::setsid() < 0 {
+                return Err(err());
+            }
             for &fd in &self.keep_fds {
                 if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(err());
@@ -219,122 +232,4 @@ pub fn drop_identity(uid: u32, gid: u32, parent: i32) -> std::io::Result<()> {
         return Err(std::io::Error::other("the parent process is gone"));
     }
     Ok(())
-}
-
-/// What every confined helper's runtime may ask of the kernel: I/O on
-/// descriptors it holds, waiting, memory, time, randomness, signals,
-/// exiting. Each helper's [`Filter`] adds what its own work needs.
-pub const BASE_SYSCALLS: &[&str] = &[
-    "read",
-    "write",
-    "readv",
-    "writev",
-    "recvfrom",
-    "recvmsg",
-    "recvmmsg",
-    "poll",
-    "ppoll",
-    "fcntl",
-    "close",
-    "clock_gettime",
-    "clock_nanosleep",
-    "nanosleep",
-    "futex",
-    "getrandom",
-    "mmap",
-    "munmap",
-    "mremap",
-    "mprotect",
-    "madvise",
-    "brk",
-    "rt_sigreturn",
-    "rt_sigprocmask",
-    "rt_sigaction",
-    "sigaltstack",
-    "sched_yield",
-    "getpid",
-    "gettid",
-    "tgkill",
-    "exit",
-    "exit_group",
-];
-
-/// A seccomp allow-list (libseccomp, as the embedded virtiofsd uses):
-/// anything not allowed kills the whole process.
-#[derive(Debug, Default)]
-pub struct Filter {
-    rules: Vec<(String, Vec<(u32, u64)>)>,
-}
-
-impl Filter {
-    pub fn new() -> Filter {
-        Filter::default()
-    }
-
-    /// Allow each of `names` with any arguments.
-    pub fn allow(mut self, names: &[&str]) -> Filter {
-        self.rules
-            .extend(names.iter().map(|n| (n.to_string(), Vec::new())));
-        self
-    }
-
-    /// Allow `name` only when each `(argument index, value)` holds.
-    pub fn allow_if(mut self, name: &str, args: &[(u32, u64)]) -> Filter {
-        self.rules.push((name.to_string(), args.to_vec()));
-        self
-    }
-
-    /// Install the filter on the calling thread and every thread it starts
-    /// later (call before the process starts any).
-    pub fn load(&self) -> std::io::Result<()> {
-        use libseccomp_sys::*;
-        // SAFETY: seccomp_init allocates a filter context or returns null;
-        // it is released below on every path.
-        let ctx = unsafe { seccomp_init(SCMP_ACT_KILL_PROCESS) };
-        if ctx.is_null() {
-            return Err(std::io::Error::other("seccomp_init failed"));
-        }
-        let mut result = Ok(());
-        for (name, args) in &self.rules {
-            let Ok(cname) = std::ffi::CString::new(name.as_str()) else {
-                continue;
-            };
-            // SAFETY: `cname` is a valid NUL-terminated string.
-            let nr = unsafe { seccomp_syscall_resolve_name(cname.as_ptr()) };
-            if nr == __NR_SCMP_ERROR {
-                // Not a system call on this architecture: nothing to allow.
-                continue;
-            }
-            let cmps: Vec<scmp_arg_cmp> = args
-                .iter()
-                .map(|&(arg, datum)| scmp_arg_cmp {
-                    arg,
-                    op: scmp_compare::SCMP_CMP_EQ,
-                    datum_a: datum,
-                    datum_b: 0,
-                })
-                .collect();
-            // SAFETY: `ctx` is a live filter context and `cmps` holds
-            // exactly `cmps.len()` comparisons for the call to read.
-            let rc = unsafe {
-                seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, nr, cmps.len() as u32, cmps.as_ptr())
-            };
-            if rc < 0 {
-                result = Err(std::io::Error::other(format!(
-                    "seccomp: cannot allow {name}"
-                )));
-                break;
-            }
-        }
-        if result.is_ok() {
-            // SAFETY: `ctx` is a live, complete filter context.
-            let rc = unsafe { seccomp_load(ctx) };
-            if rc < 0 {
-                result = Err(std::io::Error::from_raw_os_error(-rc));
-            }
-        }
-        // SAFETY: `ctx` came from seccomp_init and is not used after this.
-        unsafe { seccomp_release(ctx) };
-        result
-    }
 }
