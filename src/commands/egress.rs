@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{Project, Result};
 use crate::error::Error;
 use crate::exit;
-use crate::net::journal::{self, Decision, Entry};
+use crate::net::dataplane::journal::{self, Decision, Entry};
 use crate::size::human;
 
 pub fn egress(p: &Project, json: bool, follow: bool, denied: bool) -> Result<u8> {

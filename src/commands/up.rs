@@ -42,7 +42,7 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
         crate::share::check_drift(cfg, &rec)?;
     }
     // Holes never open the host, whatever its addresses are today.
-    let host = crate::net::policy::HostAddrs::read_host().map_err(|e| {
+    let host = crate::net::dataplane::policy::HostAddrs::read_host().map_err(|e| {
         Error::other(
             exit::SOFTWARE,
             format!("cannot read the host's addresses: {e}"),

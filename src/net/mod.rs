@@ -1,20 +1,11 @@
-//! Networking: the VM's namespace, its TAP device, and the dataplane the
-//! supervisor serves inside it (DHCP, DNS, forwards).
+//! Networking. The files here run in the supervisor, with root's
+//! rights: the VM's namespace and its socket factory ([`netns`]), the
+//! TAP device ([`tap`]), the nftables ruleset ([`nft`]). Everything that
+//! reads the guest's bytes (DHCP, DNS, the egress proxy and its
+//! inspection, the policy, the journal) lives in [`dataplane`] and runs
+//! in the unprivileged, seccomp-confined dataplane process.
 
 pub mod dataplane;
-pub mod dhcp;
-pub mod dns;
-pub mod domains;
-pub mod forward;
-#[cfg(test)]
-mod fuzz;
-pub mod inspect;
-pub mod journal;
 pub mod netns;
 pub mod nft;
-pub mod policy;
-pub mod proxy;
-pub mod resolver;
-pub mod route;
-pub mod splice;
 pub mod tap;

@@ -207,8 +207,10 @@ pub(super) async fn supervise(
         sockets,
         ssh: Some(ssh_listener),
     };
-    let hub =
-        dataplane::parent::Hub::new(Some(vm.state.join(crate::net::journal::FILE)), rec.owner);
+    let hub = dataplane::parent::Hub::new(
+        Some(vm.state.join(crate::net::dataplane::journal::FILE)),
+        rec.owner,
+    );
     let mut plane_plan = dataplane::Plan::for_config(
         &cfg,
         parse_mac(&rec.mac),

@@ -8,8 +8,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 use super::control::{Info, Request, Response};
+use crate::net::dataplane::{self, proxy};
 use crate::net::netns::NetNs;
-use crate::net::{dataplane, proxy};
 use crate::qemu::{self, Accelerator, qmp::Qmp};
 use crate::state::{self, Record};
 
@@ -76,7 +76,7 @@ pub(super) async fn serve_control(
 /// (connections to closed gateway ports never reach the proxy, spoofed
 /// packets are dropped before it).
 async fn network_view(shared: &Shared) -> proxy::StatsView {
-    use crate::net::{nft, policy::Denial};
+    use crate::net::{dataplane::policy::Denial, nft};
     let mut view = shared.hub.stats().await;
     if !shared.hub.running() {
         view.dataplane = Some("stopped; nothing leaves the VM until it is started again".into());

@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use super::link::{Event, MAX_MESSAGE, ROUTE_COST_REQUEST, STATS_REQUEST};
 use super::{Fds, Plan};
+use super::{dhcp, dns, domains, forward, journal, policy, proxy, resolver, route};
 use crate::net::netns::{Exit, NsSockets};
-use crate::net::{dhcp, dns, domains, forward, journal, policy, proxy, resolver, route};
 
 /// Entry point of `migrant __dataplane`. Returns the exit code.
 pub fn main() -> u8 {

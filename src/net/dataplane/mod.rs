@@ -8,8 +8,21 @@
 //! with a veth whose other end is a namespace standing in for the guest.
 
 pub mod child;
+pub mod dhcp;
+pub mod dns;
+pub mod domains;
+pub mod forward;
+#[cfg(test)]
+mod fuzz;
+pub mod inspect;
+pub mod journal;
 pub mod link;
 pub mod parent;
+pub mod policy;
+pub mod proxy;
+pub mod resolver;
+pub mod route;
+pub mod splice;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -17,7 +30,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::netns::NetNs;
-use super::{dhcp, nft, proxy, tap};
+use super::{nft, tap};
 use crate::config::{Config, Egress, Net6, NetRule, Proto};
 
 #[derive(Debug, thiserror::Error)]
@@ -285,7 +298,7 @@ impl Plan {
                 Some(d) if !d.is_empty() => {
                     d.iter().map(|ip| SocketAddr::from((*ip, 53))).collect()
                 }
-                _ => super::resolver::host_upstreams(),
+                _ => resolver::host_upstreams(),
             },
             tunnel: tunnel_dns.is_some(),
             dns_via_tunnel,

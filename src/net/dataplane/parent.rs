@@ -13,8 +13,8 @@ use tokio::sync::watch;
 
 use super::link::{Event, MAX_MESSAGE, STATS_REQUEST};
 use super::{DataplaneError, Plan, Sockets, io};
+use crate::net::dataplane::proxy::StatsView;
 use crate::net::netns::NetNs;
-use crate::net::proxy::StatsView;
 
 /// What the dataplane children of one VM reported, kept by the supervisor.
 pub struct Hub {
@@ -45,7 +45,7 @@ impl Hub {
             past: Mutex::new(StatsView::default()),
             lease: watch::channel(false).0,
             sshd: watch::channel(false).0,
-            journal: journal.map(|p| Mutex::new(crate::net::journal::file(p, owner))),
+            journal: journal.map(|p| Mutex::new(crate::net::dataplane::journal::file(p, owner))),
             link: Mutex::new(None),
         })
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpStream, UnixListener};
 
-use super::netns::NsSockets;
+use crate::net::netns::NsSockets;
 
 /// Open a TCP connection to `target` from inside the VM's namespace.
 pub async fn connect_in(

@@ -37,7 +37,7 @@ pub struct Resolver {
     /// only.
     pub upstreams: Vec<SocketAddr>,
     /// Where queries to `upstreams` are sent from.
-    pub exit: super::netns::Exit,
+    pub exit: crate::net::netns::Exit,
     pub allow: Option<Allowlist>,
     pub stats: Arc<Stats>,
     /// Decides which addresses an answer may carry (none: every address

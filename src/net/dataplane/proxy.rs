@@ -1,7 +1,9 @@
-//! The egress proxy: TPROXY listeners inside the VM's namespace receive
-//! every TCP connection and UDP datagram the guest sends anywhere; the
-//! supervisor reads the original destination, asks the [`Policy`], and
-//! makes its own connection from the host's namespace.
+//! The egress proxy, in the dataplane: TPROXY listeners inside the VM's
+//! namespace (made by the supervisor, handed over) receive every TCP
+//! connection and UDP datagram the guest sends anywhere; the dataplane
+//! reads the original destination, asks the [`Gate`] (the policy, then
+//! the route rule), and makes its own connection from the host's
+//! namespace, or through the tunnel's socket factory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -16,11 +18,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::journal::{Decision, Entry, Journal};
-use super::netns::NsSockets;
 use super::policy::{Allowed, Denial};
 use super::resolver::Resolver;
 use super::route::Gate;
 use crate::config::Proto;
+use crate::net::netns::NsSockets;
 
 /// Listener ports inside the VM's namespace (nothing else listens there).
 pub const TCP_PORT: u16 = 15001;
@@ -35,7 +37,7 @@ const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_interval(Duration::from_secs(10))
     .with_retries(3);
 /// TCP connections relayed at once for one VM at most: each holds two
-/// sockets and two pipes, so this bounds the supervisor's descriptors and
+/// sockets and two pipes, so this bounds the dataplane's descriptors and
 /// the kernel memory a guest can pin. Beyond it new connections are reset
 /// and counted. Lower when the open-file limit is (`dataplane::flow_caps`).
 pub const MAX_TCP_FLOWS: usize = 4096;
@@ -76,7 +78,7 @@ pub struct StatsView {
 
 /// Refusals logged per interval at most; the rest are counted and summed
 /// up in the next line, so a flood of refused packets cannot grow the
-/// supervisor's log.
+/// supervisor's log (the dataplane writes into it).
 const LOG_BURST: u32 = 20;
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -256,7 +258,7 @@ pub struct Proxy {
 }
 
 /// Slots for relayed TCP connections and tracked UDP flows, sized by
-/// [`super::dataplane::flow_caps`].
+/// [`super::flow_caps`].
 #[derive(Debug, Clone)]
 pub struct Slots {
     tcp: Arc<tokio::sync::Semaphore>,
@@ -265,7 +267,7 @@ pub struct Slots {
 
 impl Slots {
     pub fn sized() -> Slots {
-        let (tcp_cap, udp_cap) = super::dataplane::flow_caps();
+        let (tcp_cap, udp_cap) = super::flow_caps();
         tracing::info!("at most {tcp_cap} relayed TCP connections and {udp_cap} UDP flows");
         Slots {
             tcp: Arc::new(tokio::sync::Semaphore::new(tcp_cap)),
@@ -585,10 +587,10 @@ impl Proxy {
 impl Proxy {
     /// Where an allowed flow connects from; `None` (never the host) when
     /// it must use a tunnel that does not exist.
-    fn exit(&self, allowed: Allowed) -> Option<super::netns::Exit> {
+    fn exit(&self, allowed: Allowed) -> Option<crate::net::netns::Exit> {
         match (allowed.via_tunnel, &self.tunnel) {
-            (false, _) => Some(super::netns::Exit::Host),
-            (true, Some(t)) => Some(super::netns::Exit::Tunnel(Arc::clone(t))),
+            (false, _) => Some(crate::net::netns::Exit::Host),
+            (true, Some(t)) => Some(crate::net::netns::Exit::Tunnel(Arc::clone(t))),
             (true, None) => {
                 tracing::error!(
                     "flow to {} must use the tunnel, which is missing",
