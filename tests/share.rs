@@ -612,16 +612,32 @@ fn a_project_folder_swapped_for_a_namespace_link_mounts_nothing_on_the_host() {
         .unwrap_or_else(|e| panic!("{e}"));
     nobody(&hooks);
     nobody(&hook);
+    // Watch root's folder while `up` runs (a failed start unmounts what
+    // it mounted, so looking afterwards would miss it).
+    let target = hostdir.join("ws").to_string_lossy().into_owned();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = std::sync::Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut seen = false;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && !seen {
+                seen = std::fs::read_to_string("/proc/self/mountinfo")
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.split(' ').nth(4) == Some(target.as_str()));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            seen
+        })
+    };
     let out = env
         .cmd(&["up", "--timeout", "120"])
         .env("SUDO_USER", "nobody")
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
-    let mounted_on_host = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*hostdir.join("ws").to_string_lossy()));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mounted_on_host = watcher.join().unwrap_or(true);
     // Undo the swap, whatever happened, before asserting.
     let _ = std::process::Command::new("pkill")
         .args(["-KILL", "-u", "nobody", "-f", "sleep 600"])
