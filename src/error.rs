@@ -78,18 +78,3 @@ impl Error {
         move |source| Error::Io { what, source }
     }
 }
-
-/// `error: a: b: c` — the error and its sources, once.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let t = src.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = src.source();
-    }
-    s
-}

@@ -1,4 +1,6 @@
-//! Process exit codes (sysexits.h), one place for all of them.
+//! Process exit codes (sysexits.h), one place for all of them, and how an
+//! error is told ([`chain`]): the bottom of the tree, so that any module
+//! may use both without importing the modules above it.
 
 /// Command line usage error.
 pub const USAGE: u8 = 64;
@@ -14,3 +16,18 @@ pub const TEMPFAIL: u8 = 75;
 pub const NOPERM: u8 = 77;
 /// Configuration error (Migrantfile, cloud-init.yml, keys).
 pub const CONFIG: u8 = 78;
+
+/// `error: a: b: c` — the error and its sources, once.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        let t = src.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = src.source();
+    }
+    s
+}

@@ -79,7 +79,7 @@ fn main() -> ExitCode {
             return match migrant::net::dataplane::netlab(&netns, &project) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("migrant: error: {}", migrant::error::chain(e.as_ref()));
+                    eprintln!("migrant: error: {}", migrant::exit::chain(e.as_ref()));
                     ExitCode::from(migrant::exit::SOFTWARE)
                 }
             };
@@ -99,7 +99,7 @@ fn main() -> ExitCode {
     match migrant::commands::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("migrant: error: {}", migrant::error::chain(&e));
+            eprintln!("migrant: error: {}", migrant::exit::chain(&e));
             ExitCode::from(e.exit_code())
         }
     }

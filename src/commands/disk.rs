@@ -175,7 +175,7 @@ fn grow_in_guest(p: &Project) {
         ),
         Err(e) => eprintln!(
             "warning: {name}: {}; grow the root file system inside the guest",
-            crate::error::chain(&e)
+            crate::exit::chain(&e)
         ),
     }
 }

@@ -33,7 +33,7 @@ struct StatusView {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pending: Vec<String>,
     /// Egress counters from the running supervisor.
-    network: Option<crate::net::dataplane::proxy::StatsView>,
+    network: Option<crate::net::dataplane::stats::StatsView>,
     /// Shared folders (status of one project only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     shares: Vec<crate::share::ShareView>,

@@ -181,7 +181,7 @@ fn after_cleanup(cleanup: Result<()>, result: Result<u8>) -> Result<u8> {
         (Ok(()), result) => result,
         (Err(e), Ok(0)) => Err(e),
         (Err(e), result) => {
-            eprintln!("migrant: error: {}", crate::error::chain(&e));
+            eprintln!("migrant: error: {}", crate::exit::chain(&e));
             result
         }
     }

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::parse::{At, Ctx, Draft};
+use super::draft::{At, Ctx, Draft, Span};
 use super::values::{GIB, MIB};
 use super::{Autoconnect, Config, ConfigError, Egress, Firmware, Format};
 
@@ -23,14 +23,6 @@ enum Section {
     Share,
     Network,
     Ssh,
-}
-
-/// One assignment of the original file: its variable, first and last
-/// line.
-pub(super) struct Span {
-    pub name: String,
-    pub first: usize,
-    pub last: usize,
 }
 
 /// The TOML for the bash-style Migrantfile in `dir`.

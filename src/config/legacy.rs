@@ -62,7 +62,7 @@
 //!
 //! [`Egress::Open`]: super::Egress::Open
 
-use super::parse::{At, Ctx, Draft, DraftShare};
+use super::draft::{At, Ctx, Draft, DraftShare};
 use super::values::{self, GIB, MIB};
 use super::{Autoconnect, ConfigError, Egress, Firmware, Format};
 use std::collections::HashMap;
@@ -132,7 +132,7 @@ pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
 pub(super) fn read_with_spans(
     text: &str,
     ctx: &Ctx,
-) -> Result<(Draft, Vec<super::convert::Span>), ConfigError> {
+) -> Result<(Draft, Vec<super::draft::Span>), ConfigError> {
     let assignments = Lexer::new(text, ctx).assignments()?;
     let spans = assignments
         .iter()
@@ -141,7 +141,7 @@ pub(super) fn read_with_spans(
                 Value::Scalar(w) => w.line,
                 Value::Array(ws) => ws.iter().map(|w| w.line).max().unwrap_or(a.line),
             };
-            super::convert::Span {
+            super::draft::Span {
                 name: a.name.clone(),
                 first: a.line,
                 last: last.max(a.line),

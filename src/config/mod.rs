@@ -21,6 +21,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 mod convert;
+mod draft;
 mod error;
 mod guest_user;
 mod init;
@@ -243,6 +244,13 @@ pub enum NetRule {
         /// Send through the WireGuard tunnel instead of around it.
         via_tunnel: bool,
     },
+}
+
+impl Proto {
+    /// `tcp` or `udp`, as rules and the journal write it.
+    pub fn as_str(self) -> &'static str {
+        values::proto_name(self)
+    }
 }
 
 impl std::fmt::Display for Proto {

@@ -2,7 +2,8 @@
 //! `tests/fixtures/config/`, and malformed files with the exact place
 //! each error names.
 
-use super::parse::{self, Ctx};
+use super::draft::{At, Ctx};
+use super::parse;
 use super::values::{GIB, MIB};
 use super::*;
 use std::net::SocketAddrV4;
@@ -522,7 +523,7 @@ fn home_expansion_needs_a_home() {
     );
     let ctx = Ctx::new(dir.path(), None);
     let err = ctx
-        .resolve(&parse::At::new("~/k".to_string(), 3, "ssh.key"))
+        .resolve(&At::new("~/k".to_string(), 3, "ssh.key"))
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();

@@ -40,7 +40,7 @@
 //! span the `toml` crate reports, their field from locating that span in
 //! the parsed document.
 
-use super::parse::{At, Ctx, Draft, DraftShare};
+use super::draft::{At, Ctx, Draft, DraftShare};
 use super::values;
 use super::{Accel, Autoconnect, ConfigError, Egress, Firmware, Format};
 use serde::Deserialize;

@@ -252,7 +252,7 @@ pub fn fire(
         (Err(e), OnFailure::Warn) => {
             eprintln!(
                 "warning: {}",
-                crate::error::chain(&e as &dyn std::error::Error)
+                crate::exit::chain(&e as &dyn std::error::Error)
             );
             Ok(())
         }

@@ -703,7 +703,7 @@ pub fn unmount_served(served: &[Served]) {
         if let Some(img) = &s.image
             && let Err(e) = unmount_store(&s.tag, img, &s.dir)
         {
-            tracing::error!("{}", crate::error::chain(&e));
+            tracing::error!("{}", crate::exit::chain(&e));
         }
     }
 }
@@ -719,7 +719,7 @@ pub fn cleanup_recorded(vm: &VmPaths) {
             match unmount_store(&r.tag, img, &r.host) {
                 Ok(true) => tracing::info!("unmounted the store of share {:?}", r.tag),
                 Ok(false) => {}
-                Err(e) => tracing::error!("{}", crate::error::chain(&e)),
+                Err(e) => tracing::error!("{}", crate::exit::chain(&e)),
             }
         }
     }

@@ -50,7 +50,7 @@ pub enum Response {
         state: String,
         lease_seen: bool,
         /// Egress counters.
-        network: crate::net::dataplane::proxy::StatsView,
+        network: crate::net::dataplane::stats::StatsView,
     },
     Info(Info),
     Done,

@@ -149,10 +149,10 @@ pub(super) async fn save(
         let disk_tmp2 = disk_tmp.clone();
         tokio::task::spawn_blocking(move || -> Result<(), String> {
             crate::image::check_disk_chain(&disk, &[&base, &snapshot], true)
-                .map_err(|e| crate::error::chain(&e))?;
+                .map_err(|e| crate::exit::chain(&e))?;
             let _ = std::fs::remove_file(&disk_tmp2);
             crate::image::convert_flat_shared(&disk, &disk_tmp2)
-                .map_err(|e| crate::error::chain(&e))?;
+                .map_err(|e| crate::exit::chain(&e))?;
             sync_private(&disk_tmp2)
         })
         .await
@@ -170,7 +170,7 @@ pub(super) async fn save(
             let _ = std::fs::remove_file(vm.snapshot_nvram());
         }
         let meta = Meta::new(machine, state_bytes, paused.as_millis() as u64);
-        crate::memsnap::save(vm, &meta, owner).map_err(|e| crate::error::chain(&e))?;
+        crate::memsnap::save(vm, &meta, owner).map_err(|e| crate::exit::chain(&e))?;
         Ok(Saved {
             state_bytes,
             disk_bytes: crate::image::cache::disk_usage(&vm.snapshot()),

@@ -118,7 +118,7 @@ pub fn main(args: Args) -> u8 {
     let code = match &result {
         Ok(()) => 0,
         Err(e) => {
-            let message = crate::error::chain(e);
+            let message = crate::exit::chain(e);
             tracing::error!("{message}");
             reporter.send(&Progress::Failed {
                 message,

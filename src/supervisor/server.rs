@@ -8,7 +8,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 use super::control::{Info, Request, Response};
-use crate::net::dataplane::{self, proxy};
+use crate::net::dataplane;
 use crate::net::netns::NetNs;
 use crate::qemu::{self, Accelerator, qmp::Qmp};
 use crate::state::{self, Record};
@@ -75,7 +75,7 @@ pub(super) async fn serve_control(
 /// The proxy's counters plus the refusals nftables counted itself
 /// (connections to closed gateway ports never reach the proxy, spoofed
 /// packets are dropped before it).
-async fn network_view(shared: &Shared) -> proxy::StatsView {
+async fn network_view(shared: &Shared) -> dataplane::stats::StatsView {
     use crate::net::{dataplane::policy::Denial, nft};
     let mut view = shared.hub.stats().await;
     if !shared.hub.running() {

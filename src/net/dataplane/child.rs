@@ -173,7 +173,7 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
         }
     });
 
-    let stats = Arc::new(proxy::Stats::with_journal(if plan.journal {
+    let stats = Arc::new(super::stats::Stats::with_journal(if plan.journal {
         let report = report.clone();
         journal::Journal::with_sink(Box::new(move |lines: &[u8]| {
             report(Event::Journal(lines.to_vec()));

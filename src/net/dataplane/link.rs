@@ -4,7 +4,7 @@
 //! from a process that parses guest bytes: every message is bounded and
 //! decoded without trusting its contents.
 
-use crate::net::dataplane::proxy::StatsView;
+use crate::net::dataplane::stats::StatsView;
 
 /// The largest message either side sends or accepts.
 pub const MAX_MESSAGE: usize = 128 * 1024;

@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod resolver;
 pub mod route;
 pub mod splice;
+pub mod stats;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::link::{Event, MAX_MESSAGE, STATS_REQUEST};
 use super::{DataplaneError, Plan, Sockets, io};
-use crate::net::dataplane::proxy::StatsView;
+use crate::net::dataplane::stats::StatsView;
 use crate::net::netns::NetNs;
 
 /// What the dataplane children of one VM reported, kept by the supervisor.

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::dns::{self, Outcome, Stub};
 use super::domains::Allowlist;
 use super::policy::Denial;
-use super::proxy::Stats;
+use super::stats::Stats;
 
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 /// DNS over TCP: a client connection closes after this long without a
