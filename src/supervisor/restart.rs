@@ -1,6 +1,8 @@
-//! When to start a child that died (the WireGuard loop, the dataplane)
-//! again: after a delay that doubles, from 1 s up to 60 s, while it keeps
-//! dying soon after it started.
+//! The supervisor's restartable children (the WireGuard loop, the
+//! dataplane), one policy for both ([`Helper`]): when one dies, the VM
+//! fails closed (its sockets or TUN went with it) and it is started again
+//! after a delay that doubles, from 1 s up to 60 s, while it keeps dying
+//! soon after it started ([`Restart`]).
 
 use std::time::Duration;
 
@@ -56,6 +58,97 @@ impl Restart {
                 self.at = None;
             }
             None => std::future::pending().await,
+        }
+    }
+}
+
+/// A child process the supervisor watches.
+pub trait Child {
+    fn process(&mut self) -> &mut tokio::process::Child;
+}
+
+impl Child for crate::wireguard::child::Tunnel {
+    fn process(&mut self) -> &mut tokio::process::Child {
+        &mut self.child
+    }
+}
+
+impl Child for crate::net::dataplane::parent::Running {
+    fn process(&mut self) -> &mut tokio::process::Child {
+        &mut self.child
+    }
+}
+
+/// What [`Helper::next`] resolved to.
+pub enum Turn {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    Due,
+}
+
+/// A restartable child: running or waiting for its next start.
+pub struct Helper<T> {
+    /// How the logs name it ("the dataplane").
+    name: &'static str,
+    /// What the guest lacks while it is down ("network").
+    loss: &'static str,
+    running: Option<T>,
+    restart: Restart,
+}
+
+impl<T: Child> Helper<T> {
+    /// `running`: the child started with the VM, if it has one.
+    pub fn new(name: &'static str, loss: &'static str, running: Option<T>) -> Helper<T> {
+        Helper {
+            name,
+            loss,
+            running,
+            restart: Restart::new(),
+        }
+    }
+
+    /// The next thing to handle: the running child exited, or (while none
+    /// runs) its new start is due.
+    pub async fn next(&mut self) -> Turn {
+        match self.running.as_mut() {
+            Some(c) => Turn::Exited(c.process().wait().await),
+            None => {
+                self.restart.due().await;
+                Turn::Due
+            }
+        }
+    }
+
+    /// The child exited with `status`: forget it, schedule a new start.
+    pub fn exited(&mut self, status: std::io::Result<std::process::ExitStatus>) {
+        let status = status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|e| e.to_string());
+        self.running = None;
+        let delay = self.restart.failed();
+        tracing::error!(
+            "{} exited ({status}); the guest has no {}; starting it again in {} s",
+            self.name,
+            self.loss,
+            delay.as_secs()
+        );
+    }
+
+    /// The outcome of a new start.
+    pub fn restarted<E: std::fmt::Display>(&mut self, started: Result<T, E>) {
+        match started {
+            Ok(t) => {
+                tracing::info!("{} started again", self.name);
+                self.running = Some(t);
+                self.restart.started();
+            }
+            Err(e) => {
+                let delay = self.restart.failed();
+                tracing::error!(
+                    "cannot start {} again: {e}; trying in {} s",
+                    self.name,
+                    delay.as_secs()
+                );
+            }
         }
     }
 }

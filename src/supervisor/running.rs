@@ -13,12 +13,49 @@ use tokio::sync::{mpsc, watch};
 use super::control::Response;
 use super::prepare::{Prepared, bind_private, give_to_invoker};
 use super::progress::{Progress, Reporter};
-use super::restart::Restart;
+use super::restart::{Helper, Turn};
 use super::server::{Control, Shared, serve_control};
 use super::{SupervisorError, cleanup, io, parse_mac, serial};
 use crate::net::dataplane;
 use crate::qemu::{self, process, qmp::Qmp};
 use crate::state::{self, Record, VmPaths, VmState};
+
+/// A running VM as the supervisor sees it: QEMU, its helpers, and what
+/// each event needs. [`Running::watch`] dispatches one event at a time to
+/// one method each.
+struct Running<'a> {
+    vm: &'a VmPaths,
+    reporter: &'a mut Reporter,
+    /// (seconds, when) the guest must have answered SSH by.
+    boot_deadline: Option<(u64, tokio::time::Instant)>,
+    cfg: crate::config::Config,
+    rec: Record,
+    identity: process::Identity,
+    machine: crate::memsnap::Machine,
+    exe: std::path::PathBuf,
+    ns: Arc<crate::net::netns::NetNs>,
+    child: tokio::process::Child,
+    qemu_log: (std::path::PathBuf, crate::rotate::Drain),
+    daemons: Vec<crate::share::virtiofsd::Daemon>,
+    served: Vec<crate::share::Served>,
+    shared: Arc<Shared>,
+    ctl_rx: mpsc::Receiver<Control>,
+    event_rx: mpsc::UnboundedReceiver<qapi::qmp::Event>,
+    sigterm: tokio::signal::unix::Signal,
+    share_check: tokio::time::Interval,
+    ready: bool,
+    lease_reported: bool,
+    event_counts: EventCounts,
+    guest_ip: std::net::Ipv4Addr,
+    hub: Arc<dataplane::parent::Hub>,
+    kept: dataplane::parent::Kept,
+    plane_plan: dataplane::Plan,
+    plane: Helper<dataplane::parent::Running>,
+    tunnel: Helper<crate::wireguard::child::Tunnel>,
+    wg_plan: Option<crate::wireguard::Plan>,
+    lease_rx: watch::Receiver<bool>,
+    sshd_rx: watch::Receiver<bool>,
+}
 
 /// `boot_deadline`: (seconds, when) the guest must have answered SSH by;
 /// past it QEMU is stopped, whether or not an `up` still waits.
@@ -28,6 +65,21 @@ pub(super) async fn supervise(
     reporter: &mut Reporter,
     boot_deadline: Option<(u64, tokio::time::Instant)>,
 ) -> Result<(), SupervisorError> {
+    let mut running = start(p, vm, reporter, boot_deadline).await?;
+    let stop_reason = running.watch().await?;
+    running.finish(stop_reason).await;
+    Ok(())
+}
+
+/// Start everything the VM runs on: the tunnel (fail closed before the
+/// guest exists), the shares' daemons, QEMU, the dataplane, the control
+/// socket.
+async fn start<'a>(
+    p: Prepared,
+    vm: &'a VmPaths,
+    reporter: &'a mut Reporter,
+    boot_deadline: Option<(u64, tokio::time::Instant)>,
+) -> Result<Running<'a>, SupervisorError> {
     let Prepared {
         cfg,
         mut rec,
@@ -50,62 +102,12 @@ pub(super) async fn supervise(
     let exe = std::env::current_exe().map_err(io("cannot find the migrant executable"))?;
 
     // WireGuard first: fail closed before the guest exists.
-    let mut tunnel = None;
-    let mut wg_plan = None;
-    if let Some((plan, tun, udp)) = wg {
-        let up = crate::wireguard::bring_up(
-            &exe,
-            (&plan, tun, udp),
-            &identity,
-            &vm.state.join("wireguard.log"),
-            cfg.network.wireguard_timeout,
-        )
-        .await?;
-        let peers = plan
-            .peers
-            .iter()
-            .map(|p| match (&p.written, p.endpoint) {
-                (Some(w), Some(e)) if *w != e.to_string() => format!("{w} ({e})"),
-                (_, Some(e)) => e.to_string(),
-                _ => format!("{} (no endpoint)", p.public_key),
-            })
-            .collect();
-        reporter.send(&Progress::Tunnel {
-            peers,
-            dns: plan.dns.iter().map(|d| d.to_string()).collect(),
-        });
-        tokio::spawn(publish_wg(
-            up.reports.clone(),
-            vm.run.clone(),
-            plan.clone(),
-            rec.owner,
-        ));
-        tunnel = Some(up);
-        wg_plan = Some(plan);
-    }
+    let (tunnel, wg_plan) =
+        start_tunnel(&exe, wg, &identity, vm, &cfg, reporter, rec.owner).await?;
 
     // One embedded virtiofsd per share, started before QEMU (from this
     // thread: they die with it).
-    let mut daemons = Vec::new();
-    let mut fs_ends = Vec::new();
-    for s in &served {
-        let (daemon, end) = crate::share::virtiofsd::spawn(
-            &exe,
-            &s.tag,
-            &s.dir,
-            &vm.run.join(format!("virtiofsd-{}.sock", s.tag)),
-            &vm.state.join(format!("virtiofsd-{}.log", s.tag)),
-            s.owner,
-        )
-        .map_err(io(format!("cannot start virtiofsd for share {:?}", s.tag)))?;
-        tracing::info!(pid = ?daemon.child.id(), tag = %s.tag, dir = %s.dir.display(), "virtiofsd started");
-        spec.shares.push(qemu::FsDevice {
-            tag: s.tag.clone(),
-            fd: end.as_raw_fd(),
-        });
-        daemons.push(daemon);
-        fs_ends.push(end);
-    }
+    let (daemons, fs_ends) = start_daemons(&exe, &served, vm, &mut spec)?;
 
     let qemu_log = vm.state.join("qemu.log");
     let mut keep_fds = vec![spec.tap_fd, spec.qmp_fd, spec.console_fd, spec.serial_fd];
@@ -120,7 +122,6 @@ pub(super) async fn supervise(
         log: &qemu_log,
         max_file_size: process::max_file_size(disk_size),
     })?;
-    let qemu_log = (qemu_log.as_path(), &qemu_log_drain);
     // QEMU holds its own copies now.
     let (serial_r, serial_w) = serial;
     drop((tap, qmp_theirs, console, fs_ends, serial_w, backing));
@@ -146,36 +147,7 @@ pub(super) async fn supervise(
         user: identity.name.clone(),
     });
 
-    qmp_ours.set_nonblocking(true).map_err(io("QMP socket"))?;
-    let stream = tokio::net::UnixStream::from_std(qmp_ours).map_err(io("QMP socket"))?;
-    let (qmp, mut events) = match Qmp::open(stream).await {
-        Ok(q) => q,
-        Err(e) => {
-            // QEMU closing the monitor usually means it exited: say why.
-            if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), child.wait()).await
-            {
-                return Err(qemu_exited(Some(status), qemu_log));
-            }
-            return Err(e.into());
-        }
-    };
-
-    let (event_tx, mut event_rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(ev) = events.next().await {
-            match ev {
-                Ok(ev) => {
-                    if event_tx.send(ev).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("QMP event stream: {e}");
-                    break;
-                }
-            }
-        }
-    });
+    let (qmp, event_rx) = open_qmp(qmp_ours, &mut child, (&qemu_log, &qemu_log_drain)).await?;
 
     // (after the event task: replies arrive through its polling)
     let restored = incoming.is_some();
@@ -224,13 +196,11 @@ pub(super) async fn supervise(
     plane_plan.probe_ssh = true;
     // A restored guest holds its lease already.
     plane_plan.lease_seen = restored;
-    let mut plane = Some(
-        dataplane::parent::start(&exe, &vm.state, plane_plan.clone(), &kept, &ns, &hub).await?,
-    );
-    tracing::info!(pid = ?plane.as_ref().and_then(|p| p.child.id()), user = %identity.name, "dataplane started");
-    let mut plane_restart = Restart::new();
-    let mut lease_rx = hub.lease.subscribe();
-    let mut sshd_rx = hub.sshd.subscribe();
+    let plane =
+        dataplane::parent::start(&exe, &vm.state, plane_plan.clone(), &kept, &ns, &hub).await?;
+    tracing::info!(pid = ?plane.child.id(), user = %identity.name, "dataplane started");
+    let lease_rx = hub.lease.subscribe();
+    let sshd_rx = hub.sshd.subscribe();
 
     let shared = Arc::new(Shared {
         qmp,
@@ -240,7 +210,7 @@ pub(super) async fn supervise(
         hub: Arc::clone(&hub),
         ns: Arc::clone(&ns),
     });
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(8);
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(8);
     let control = bind_private(&vm.control_sock())?;
     control
         .set_nonblocking(true)
@@ -248,183 +218,411 @@ pub(super) async fn supervise(
     let control = tokio::net::UnixListener::from_std(control).map_err(io("control socket"))?;
     tokio::spawn(serve_control(control, Arc::clone(&shared), ctl_tx));
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    let sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io("signal handler"))?;
-    let mut ready = false;
-    let mut lease_reported = false;
-    // Fail closed while running: the stores must stay what was verified.
-    let mut share_check = tokio::time::interval(Duration::from_secs(2));
-    // A tunnel process that died is started again (a new TUN, a new
-    // handshake), after a delay that doubles while it keeps dying.
-    let mut tunnel_restart = Restart::new();
+    Ok(Running {
+        vm,
+        reporter,
+        boot_deadline,
+        cfg,
+        rec,
+        identity,
+        machine,
+        exe,
+        ns,
+        child,
+        qemu_log: (qemu_log, qemu_log_drain),
+        daemons,
+        served,
+        shared,
+        ctl_rx,
+        event_rx,
+        sigterm,
+        // Fail closed while running: the stores must stay what was
+        // verified.
+        share_check: tokio::time::interval(Duration::from_secs(2)),
+        ready: false,
+        lease_reported: false,
+        // Events the guest can repeat at will are counted, not logged each.
+        event_counts: EventCounts::default(),
+        guest_ip,
+        hub,
+        kept,
+        plane_plan,
+        plane: Helper::new("the dataplane", "network", Some(plane)),
+        // A tunnel process that died is started again (a new TUN, a new
+        // handshake).
+        tunnel: Helper::new("the WireGuard process", "egress", tunnel),
+        wg_plan,
+        lease_rx,
+        sshd_rx,
+    })
+}
 
-    // Events the guest can repeat at will are counted, not logged each.
-    let mut event_counts = EventCounts::default();
-    let stop_reason: String = loop {
-        tokio::select! {
-            status = child.wait() => {
-                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                if !ready {
-                    return Err(qemu_exited(None, qemu_log).with_status(status));
-                }
-                break format!("QEMU exited ({status})");
+/// The WireGuard loop, up and handshaken before the guest exists (fail
+/// closed), with its reports published.
+async fn start_tunnel(
+    exe: &Path,
+    wg: Option<(crate::wireguard::Plan, std::fs::File, std::net::UdpSocket)>,
+    identity: &process::Identity,
+    vm: &VmPaths,
+    cfg: &crate::config::Config,
+    reporter: &mut Reporter,
+    owner: Option<u32>,
+) -> Result<
+    (
+        Option<crate::wireguard::child::Tunnel>,
+        Option<crate::wireguard::Plan>,
+    ),
+    SupervisorError,
+> {
+    if let Some((plan, tun, udp)) = wg {
+        let up = crate::wireguard::bring_up(
+            exe,
+            (&plan, tun, udp),
+            identity,
+            &vm.state.join("wireguard.log"),
+            cfg.network.wireguard_timeout,
+        )
+        .await?;
+        let peers = plan
+            .peers
+            .iter()
+            .map(|p| match (&p.written, p.endpoint) {
+                (Some(w), Some(e)) if *w != e.to_string() => format!("{w} ({e})"),
+                (_, Some(e)) => e.to_string(),
+                _ => format!("{} (no endpoint)", p.public_key),
+            })
+            .collect();
+        reporter.send(&Progress::Tunnel {
+            peers,
+            dns: plan.dns.iter().map(|d| d.to_string()).collect(),
+        });
+        tokio::spawn(publish_wg(
+            up.reports.clone(),
+            vm.run.clone(),
+            plan.clone(),
+            owner,
+        ));
+        return Ok((Some(up), Some(plan)));
+    }
+    Ok((None, None))
+}
+
+/// One embedded virtiofsd per share; their ends go into QEMU's spec.
+fn start_daemons(
+    exe: &Path,
+    served: &[crate::share::Served],
+    vm: &VmPaths,
+    spec: &mut qemu::VmSpec,
+) -> Result<
+    (
+        Vec<crate::share::virtiofsd::Daemon>,
+        Vec<std::os::unix::net::UnixStream>,
+    ),
+    SupervisorError,
+> {
+    let mut daemons = Vec::new();
+    let mut fs_ends = Vec::new();
+    for s in served {
+        let (daemon, end) = crate::share::virtiofsd::spawn(
+            exe,
+            &s.tag,
+            &s.dir,
+            &vm.run.join(format!("virtiofsd-{}.sock", s.tag)),
+            &vm.state.join(format!("virtiofsd-{}.log", s.tag)),
+            s.owner,
+        )
+        .map_err(io(format!("cannot start virtiofsd for share {:?}", s.tag)))?;
+        tracing::info!(pid = ?daemon.child.id(), tag = %s.tag, dir = %s.dir.display(), "virtiofsd started");
+        spec.shares.push(qemu::FsDevice {
+            tag: s.tag.clone(),
+            fd: end.as_raw_fd(),
+        });
+        daemons.push(daemon);
+        fs_ends.push(end);
+    }
+
+    Ok((daemons, fs_ends))
+}
+
+/// QEMU's monitor, and its events forwarded into a channel.
+async fn open_qmp(
+    qmp_ours: std::os::unix::net::UnixStream,
+    child: &mut tokio::process::Child,
+    qemu_log: (&Path, &crate::rotate::Drain),
+) -> Result<(Qmp, mpsc::UnboundedReceiver<qapi::qmp::Event>), SupervisorError> {
+    qmp_ours.set_nonblocking(true).map_err(io("QMP socket"))?;
+    let stream = tokio::net::UnixStream::from_std(qmp_ours).map_err(io("QMP socket"))?;
+    let (qmp, mut events) = match Qmp::open(stream).await {
+        Ok(q) => q,
+        Err(e) => {
+            // QEMU closing the monitor usually means it exited: say why.
+            if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), child.wait()).await
+            {
+                return Err(qemu_exited(Some(status), qemu_log));
             }
-            Some(ctl) = ctl_rx.recv() => match ctl {
-                Control::SaveMemory { stop, done, flushed } => {
-                    let saved = super::memory::save(&shared.qmp, vm, &identity, &machine, rec.owner).await;
-                    let answer = match &saved {
-                        Ok(s) => {
-                            tracing::info!(
-                                state = s.state_bytes, disk = s.disk_bytes, paused_ms = s.paused.as_millis() as u64,
-                                "memory snapshot saved"
-                            );
-                            s.response(stop)
-                        }
-                        Err(e) => {
-                            tracing::error!("memory snapshot failed: {e}");
-                            Response::Error { message: e.clone() }
-                        }
-                    };
-                    if saved.is_ok() && stop {
-                        let status = halt(&shared.qmp, &mut child, true, Duration::ZERO).await;
-                        crate::share::virtiofsd::stop_all(&mut daemons).await;
-                        cleanup(vm);
-                        let _ = done.send(answer);
-                        let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
-                        break format!("stopped after a memory snapshot ({status})");
+            return Err(e.into());
+        }
+    };
+
+    let (event_tx, event_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(ev) => {
+                    if event_tx.send(ev).is_err() {
+                        break;
                     }
-                    // Whatever happened, the guest runs on.
-                    if let Err(e) = shared.qmp.run(qapi::qmp::cont {}).await {
-                        tracing::error!("cannot resume the guest after the snapshot: {e}");
-                    }
-                    let _ = done.send(answer);
                 }
-                Control::Halt { force, timeout, done, flushed } => {
-                    let status = halt(&shared.qmp, &mut child, force, timeout).await;
-                    crate::share::virtiofsd::stop_all(&mut daemons).await;
-                    let _ = Record::update(&vm.record(), |r| r.state = VmState::Stopped);
-                    let reason = format!("halted by request ({status})");
-                    // Answer after cleanup, so the caller sees a clean state.
-                    cleanup(vm);
-                    let _ = done.send(Response::Done);
-                    let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
-                    break reason;
-                }
-            },
-            _ = sigterm.recv() => {
-                let status = halt(&shared.qmp, &mut child, false, Duration::from_secs(cfg.halt_timeout)).await;
-                break format!("SIGTERM ({status})");
-            }
-            Some(ev) = event_rx.recv() => {
-                on_event(&ev, vm, &mut event_counts);
-            }
-            status = exit_of(tunnel.as_mut().map(|t| &mut t.child)) => {
-                // Fail closed: the TUN went with the process, so nothing
-                // leaves until a new one runs; never any other way.
-                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                tunnel = None;
-                let _ = std::fs::remove_file(crate::wireguard::Published::path(&vm.run));
-                let delay = tunnel_restart.failed();
-                tracing::error!(
-                    "the WireGuard process exited ({status}); the guest has no egress; starting it again in {} s",
-                    delay.as_secs()
-                );
-            }
-            _ = tunnel_restart.due() => {
-                if let Some(plan) = wg_plan.clone() {
-                    let log = vm.state.join("wireguard.log");
-                    match crate::wireguard::restart(&exe, &plan, &identity, &log, &ns).await {
-                        Ok((t, plan)) => {
-                            tracing::info!("WireGuard process started again");
-                            tokio::spawn(publish_wg(t.reports.clone(), vm.run.clone(), plan.clone(), rec.owner));
-                            tunnel = Some(t);
-                            tunnel_restart.started();
-                            wg_plan = Some(plan);
-                        }
-                        Err(e) => {
-                            let delay = tunnel_restart.failed();
-                            tracing::error!("cannot start the WireGuard process again: {e}; trying in {} s", delay.as_secs());
-                        }
-                    }
-                }
-            }
-            _ = share_check.tick(), if !served.is_empty() => {
-                if let Err(why) = crate::share::verify_served(&served) {
-                    // Stop at once: no ACPI, no hooks, nothing the guest
-                    // could use to write more through the share.
-                    tracing::error!("{why}; stopping the VM now");
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                    if !ready {
-                        crate::share::virtiofsd::stop_all(&mut daemons).await;
-                        return Err(crate::share::ShareError::Check(why).into());
-                    }
-                    break format!("stopped at once: {why}");
-                }
-                for d in daemons.iter_mut().filter(|d| !d.exited) {
-                    if let Ok(Some(status)) = d.child.try_wait() {
-                        d.exited = true;
-                        tracing::error!("virtiofsd of share {:?} exited ({status}); the guest lost that share", d.tag);
-                    }
-                }
-            }
-            // Nobody may be waiting any more (an `up` killed by Ctrl-C or a
-            // CI job's timeout): a boot that never finishes must not run
-            // on, using a core, forever.
-            _ = tokio::time::sleep_until(boot_deadline.map(|(_, at)| at).unwrap_or_else(tokio::time::Instant::now)), if !ready && boot_deadline.is_some() => {
-                let secs = boot_deadline.map(|(s, _)| s).unwrap_or(0);
-                tracing::error!("the guest did not answer SSH within {secs} s; stopping it (disk kept)");
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                break format!("the guest did not answer SSH within {secs} s of starting; stopped (disk kept)");
-            }
-            Ok(()) = lease_rx.changed(), if !lease_reported => {
-                lease_reported = true;
-                reporter.send(&Progress::Lease { ip: guest_ip.to_string() });
-            }
-            Ok(()) = sshd_rx.changed(), if !ready => {
-                if *sshd_rx.borrow_and_update() {
-                    ready = true;
-                    Record::update(&vm.record(), |r| r.state = VmState::Running)?;
-                    reporter.send(&Progress::Sshd);
-                    reporter.close();
-                    tracing::info!("guest SSH server answers; VM is running");
-                }
-            }
-            status = exit_of(plane.as_mut().map(|p| &mut p.child)) => {
-                // Fail closed: the listeners stay here, unanswered, until
-                // a new dataplane runs.
-                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                plane = None;
-                hub.exited();
-                let delay = plane_restart.failed();
-                tracing::error!(
-                    "the dataplane exited ({status}); the guest has no network; starting it again in {} s",
-                    delay.as_secs()
-                );
-            }
-            _ = plane_restart.due() => {
-                let mut p = plane_plan.clone();
-                p.probe_ssh = !ready;
-                p.lease_seen = *hub.lease.borrow();
-                match dataplane::parent::start(&exe, &vm.state, p, &kept, &ns, &hub).await {
-                    Ok(running) => {
-                        tracing::info!(pid = ?running.child.id(), "dataplane started again");
-                        plane = Some(running);
-                        plane_restart.started();
-                    }
-                    Err(e) => {
-                        let delay = plane_restart.failed();
-                        tracing::error!("cannot start the dataplane again: {e}; trying in {} s", delay.as_secs());
-                    }
+                Err(e) => {
+                    tracing::warn!("QMP event stream: {e}");
+                    break;
                 }
             }
         }
-    };
-    crate::share::virtiofsd::stop_all(&mut daemons).await;
-    tracing::info!("VM stopped: {stop_reason}");
-    let _ = Record::update(&vm.record(), |r| r.last_stop = Some(stop_reason));
-    Ok(())
+    });
+    Ok((qmp, event_rx))
+}
+
+/// What an event handler decided: go on, or stop the VM (why).
+type Next = Result<Option<String>, SupervisorError>;
+
+impl Running<'_> {
+    /// Dispatch events until the VM stops; returns why it stopped.
+    async fn watch(&mut self) -> Result<String, SupervisorError> {
+        loop {
+            let deadline = self
+                .boot_deadline
+                .map(|(_, at)| at)
+                .unwrap_or_else(tokio::time::Instant::now);
+            let stop = tokio::select! {
+                status = self.child.wait() => self.qemu_exited(status),
+                Some(ctl) = self.ctl_rx.recv() => self.control(ctl).await,
+                _ = self.sigterm.recv() => Ok(Some(self.sigterm_received().await)),
+                Some(ev) = self.event_rx.recv() => {
+                    on_event(&ev, self.vm, &mut self.event_counts);
+                    Ok(None)
+                }
+                turn = self.tunnel.next() => {
+                    match turn {
+                        // Fail closed: the TUN went with the process, so
+                        // nothing leaves until a new one runs.
+                        Turn::Exited(status) => {
+                            let _ = std::fs::remove_file(crate::wireguard::Published::path(&self.vm.run));
+                            self.tunnel.exited(status);
+                        }
+                        Turn::Due => self.restart_tunnel().await,
+                    }
+                    Ok(None)
+                }
+                _ = self.share_check.tick(), if !self.served.is_empty() => self.check_shares().await,
+                // Nobody may be waiting any more (an `up` killed by Ctrl-C
+                // or a CI job's timeout): a boot that never finishes must
+                // not run on, using a core, forever.
+                _ = tokio::time::sleep_until(deadline), if !self.ready && self.boot_deadline.is_some() => {
+                    Ok(Some(self.boot_timed_out().await))
+                }
+                Ok(()) = self.lease_rx.changed(), if !self.lease_reported => {
+                    self.lease_reported = true;
+                    self.reporter.send(&Progress::Lease { ip: self.guest_ip.to_string() });
+                    Ok(None)
+                }
+                Ok(()) = self.sshd_rx.changed(), if !self.ready => self.sshd_changed(),
+                turn = self.plane.next() => {
+                    match turn {
+                        // Fail closed: the listeners stay here, unanswered,
+                        // until a new dataplane runs.
+                        Turn::Exited(status) => {
+                            self.hub.exited();
+                            self.plane.exited(status);
+                        }
+                        Turn::Due => self.restart_plane().await,
+                    }
+                    Ok(None)
+                }
+            };
+            if let Some(reason) = stop? {
+                return Ok(reason);
+            }
+        }
+    }
+
+    /// QEMU exited on its own.
+    fn qemu_exited(&mut self, status: std::io::Result<std::process::ExitStatus>) -> Next {
+        let status = status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|e| e.to_string());
+        if !self.ready {
+            let (log, drain) = &self.qemu_log;
+            return Err(qemu_exited(None, (log, drain)).with_status(status));
+        }
+        Ok(Some(format!("QEMU exited ({status})")))
+    }
+
+    /// A request on the control socket.
+    async fn control(&mut self, ctl: Control) -> Next {
+        match ctl {
+            Control::SaveMemory {
+                stop,
+                done,
+                flushed,
+            } => {
+                let saved = super::memory::save(
+                    &self.shared.qmp,
+                    self.vm,
+                    &self.identity,
+                    &self.machine,
+                    self.rec.owner,
+                )
+                .await;
+                let answer = match &saved {
+                    Ok(s) => {
+                        tracing::info!(
+                            state = s.state_bytes,
+                            disk = s.disk_bytes,
+                            paused_ms = s.paused.as_millis() as u64,
+                            "memory snapshot saved"
+                        );
+                        s.response(stop)
+                    }
+                    Err(e) => {
+                        tracing::error!("memory snapshot failed: {e}");
+                        Response::Error { message: e.clone() }
+                    }
+                };
+                if saved.is_ok() && stop {
+                    let status =
+                        halt(&self.shared.qmp, &mut self.child, true, Duration::ZERO).await;
+                    crate::share::virtiofsd::stop_all(&mut self.daemons).await;
+                    cleanup(self.vm);
+                    let _ = done.send(answer);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
+                    return Ok(Some(format!("stopped after a memory snapshot ({status})")));
+                }
+                // Whatever happened, the guest runs on.
+                if let Err(e) = self.shared.qmp.run(qapi::qmp::cont {}).await {
+                    tracing::error!("cannot resume the guest after the snapshot: {e}");
+                }
+                let _ = done.send(answer);
+                Ok(None)
+            }
+            Control::Halt {
+                force,
+                timeout,
+                done,
+                flushed,
+            } => {
+                let status = halt(&self.shared.qmp, &mut self.child, force, timeout).await;
+                crate::share::virtiofsd::stop_all(&mut self.daemons).await;
+                let _ = Record::update(&self.vm.record(), |r| r.state = VmState::Stopped);
+                let reason = format!("halted by request ({status})");
+                // Answer after cleanup, so the caller sees a clean state.
+                cleanup(self.vm);
+                let _ = done.send(Response::Done);
+                let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
+                Ok(Some(reason))
+            }
+        }
+    }
+
+    async fn sigterm_received(&mut self) -> String {
+        let timeout = Duration::from_secs(self.cfg.halt_timeout);
+        let status = halt(&self.shared.qmp, &mut self.child, false, timeout).await;
+        format!("SIGTERM ({status})")
+    }
+
+    async fn restart_tunnel(&mut self) {
+        let Some(plan) = self.wg_plan.clone() else {
+            return;
+        };
+        let log = self.vm.state.join("wireguard.log");
+        let started =
+            crate::wireguard::restart(&self.exe, &plan, &self.identity, &log, &self.ns).await;
+        let started = started.map(|(t, plan)| {
+            tokio::spawn(publish_wg(
+                t.reports.clone(),
+                self.vm.run.clone(),
+                plan.clone(),
+                self.rec.owner,
+            ));
+            self.wg_plan = Some(plan);
+            t
+        });
+        self.tunnel.restarted(started);
+    }
+
+    async fn restart_plane(&mut self) {
+        let mut p = self.plane_plan.clone();
+        p.probe_ssh = !self.ready;
+        p.lease_seen = *self.hub.lease.borrow();
+        let started = dataplane::parent::start(
+            &self.exe,
+            &self.vm.state,
+            p,
+            &self.kept,
+            &self.ns,
+            &self.hub,
+        )
+        .await;
+        if let Ok(r) = &started {
+            tracing::info!(pid = ?r.child.id(), "dataplane started");
+        }
+        self.plane.restarted(started);
+    }
+
+    /// The stores must stay what was verified, and each share's daemon
+    /// running.
+    async fn check_shares(&mut self) -> Next {
+        if let Err(why) = crate::share::verify_served(&self.served) {
+            // Stop at once: no ACPI, no hooks, nothing the guest could use
+            // to write more through the share.
+            tracing::error!("{why}; stopping the VM now");
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+            if !self.ready {
+                crate::share::virtiofsd::stop_all(&mut self.daemons).await;
+                return Err(crate::share::ShareError::Check(why).into());
+            }
+            return Ok(Some(format!("stopped at once: {why}")));
+        }
+        for d in self.daemons.iter_mut().filter(|d| !d.exited) {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                d.exited = true;
+                tracing::error!(
+                    "virtiofsd of share {:?} exited ({status}); the guest lost that share",
+                    d.tag
+                );
+            }
+        }
+        Ok(None)
+    }
+
+    async fn boot_timed_out(&mut self) -> String {
+        let secs = self.boot_deadline.map(|(s, _)| s).unwrap_or(0);
+        tracing::error!("the guest did not answer SSH within {secs} s; stopping it (disk kept)");
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        format!("the guest did not answer SSH within {secs} s of starting; stopped (disk kept)")
+    }
+
+    fn sshd_changed(&mut self) -> Next {
+        if *self.sshd_rx.borrow_and_update() {
+            self.ready = true;
+            Record::update(&self.vm.record(), |r| r.state = VmState::Running)?;
+            self.reporter.send(&Progress::Sshd);
+            self.reporter.close();
+            tracing::info!("guest SSH server answers; VM is running");
+        }
+        Ok(None)
+    }
+
+    /// After the VM stopped: the shares' daemons, the record.
+    async fn finish(&mut self, stop_reason: String) {
+        crate::share::virtiofsd::stop_all(&mut self.daemons).await;
+        tracing::info!("VM stopped: {stop_reason}");
+        let _ = Record::update(&self.vm.record(), |r| r.last_stop = Some(stop_reason));
+    }
 }
 
 /// Publish the packet loop's reports for `migrant wg` and `status` (no
@@ -577,17 +775,6 @@ pub(super) async fn halt(
     match child.wait().await {
         Ok(s) => format!("killed, {s}"),
         Err(e) => format!("kill: {e}"),
-    }
-}
-
-/// The exit of `child`, if there is one; never, if not (a `select!` branch
-/// for a helper that may not be running).
-async fn exit_of(
-    child: Option<&mut tokio::process::Child>,
-) -> std::io::Result<std::process::ExitStatus> {
-    match child {
-        Some(c) => c.wait().await,
-        None => std::future::pending().await,
     }
 }
 
