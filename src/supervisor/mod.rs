@@ -29,6 +29,8 @@ pub enum SupervisorError {
     State(#[from] state::StateError),
     #[error("VM {0} has no record; run `migrant up`")]
     NoRecord(String),
+    #[error("the VM's record is damaged: {0}")]
+    BadRecord(String),
     #[error(transparent)]
     Netns(#[from] crate::net::netns::NetnsError),
     #[error(transparent)]
@@ -68,6 +70,7 @@ impl SupervisorError {
             SupervisorError::Config(e) => e.exit_code(),
             SupervisorError::State(e) => e.exit_code(),
             SupervisorError::NoRecord(_) => exit::USAGE,
+            SupervisorError::BadRecord(_) => exit::DATAERR,
             SupervisorError::Process(e) => e.exit_code(),
             SupervisorError::Accel(e) => e.exit_code(),
             SupervisorError::Firmware(e) => e.exit_code(),
@@ -213,12 +216,24 @@ fn run(args: &Args, vm: &VmPaths, reporter: &mut Reporter) -> Result<(), Supervi
     rt.block_on(running::supervise(p, vm, reporter, deadline))
 }
 
-fn parse_mac(s: &str) -> [u8; 6] {
+/// The VM's MAC address from its record: six hex octets, or an error
+/// (never a made-up address).
+fn parse_mac(s: &str) -> Result<[u8; 6], SupervisorError> {
+    let bad = || {
+        SupervisorError::Snapshot(format!(
+            "the VM's record holds a malformed MAC address {s:?}"
+        ))
+    };
     let mut mac = [0u8; 6];
-    for (i, part) in s.split(':').take(6).enumerate() {
-        mac[i] = u8::from_str_radix(part, 16).unwrap_or(0);
+    let mut parts = s.split(':');
+    for octet in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *octet = u8::from_str_radix(part, 16).map_err(|_| bad())?;
     }
-    mac
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
 }
 
 #[cfg(test)]
@@ -228,8 +243,17 @@ mod tests {
     #[test]
     fn macs() {
         assert_eq!(
-            parse_mac("52:54:00:ab:cd:ef"),
-            [0x52, 0x54, 0, 0xab, 0xcd, 0xef]
+            parse_mac("52:54:00:ab:cd:ef").ok(),
+            Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
         );
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:01",
+            "52:54:00:ab:cd:zz",
+            "5:54:00:ab:cd:ef",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
     }
 }

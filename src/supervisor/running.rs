@@ -185,7 +185,7 @@ async fn start<'a>(
     );
     let mut plane_plan = dataplane::Plan::for_config(
         &cfg,
-        parse_mac(&rec.mac),
+        parse_mac(&rec.mac)?,
         wg_plan
             .as_ref()
             .map(|p: &crate::wireguard::Plan| p.dns.as_slice()),
