@@ -261,6 +261,10 @@ pub enum Cmd {
         lock_fd: Option<i32>,
         #[arg(long)]
         progress_fd: Option<i32>,
+        /// The validated config `up` hands down (JSON in a sealed memfd):
+        /// the supervisor never reads the Migrantfile itself.
+        #[arg(long)]
+        config_fd: i32,
         /// Stop QEMU when the guest has not answered SSH this many seconds
         /// after start (the `up` that waited for it may be gone).
         #[arg(long)]

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
             project,
             lock_fd,
             progress_fd,
+            config_fd,
             boot_timeout,
         } => {
             init_logging(cli.verbose, "info");
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
                 project,
                 lock_fd,
                 progress_fd,
+                config_fd,
                 boot_timeout,
             }));
         }

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 
 /// Whose rights a project's files are read with.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reader {
     /// `(uid, gid, groups)` to read as; `None`: this process reads.
     pub as_user: Option<(u32, u32, Vec<libc::gid_t>)>,

@@ -532,6 +532,12 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
     let log2 = log.try_clone().map_err(Error::io("supervisor log"))?;
     let lock_fd = lock.as_file().as_raw_fd();
     let progress_fd = write_end.as_raw_fd();
+    // The config validated here goes down as it is: the supervisor never
+    // reads the Migrantfile (which may change meanwhile) itself.
+    let config = cfg
+        .handover()
+        .map_err(Error::io("cannot hand the config to the supervisor"))?;
+    let config_fd = config.as_raw_fd();
     let mut cmd = Command::new(super::self_exe()?);
     cmd.arg("__supervisor")
         .arg("--name")
@@ -542,12 +548,14 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
         .arg(lock_fd.to_string())
         .arg("--progress-fd")
         .arg(progress_fd.to_string())
+        .arg("--config-fd")
+        .arg(config_fd.to_string())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
     // Its own session; the lock and the progress pipe go across exec.
     crate::sandbox::Confine {
-        keep_fds: vec![lock_fd, progress_fd],
+        keep_fds: vec![lock_fd, progress_fd, config_fd],
         new_session: true,
         ..crate::sandbox::Confine::default()
     }
@@ -563,7 +571,7 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
     let mut child = cmd
         .spawn()
         .map_err(Error::io("cannot start the supervisor"))?;
-    drop(write_end);
+    drop((write_end, config));
     println!("==> {}: starting (supervisor pid {})", cfg.name, child.id());
 
     let lines = spawn_line_reader(read_end);

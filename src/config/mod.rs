@@ -42,7 +42,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Fully validated project configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     /// The Migrantfile this came from (absolute).
     pub file: PathBuf,
@@ -104,7 +104,7 @@ pub struct Config {
 }
 
 /// The syntax of a Migrantfile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Format {
     /// The native TOML format.
     Toml,
@@ -113,7 +113,7 @@ pub enum Format {
 }
 
 /// Guest boot firmware.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Firmware {
     /// SeaBIOS (legacy BIOS boot).
     Bios,
@@ -122,7 +122,7 @@ pub enum Firmware {
 }
 
 /// CPU acceleration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Accel {
     /// KVM if `/dev/kvm` is usable, TCG otherwise.
     Auto,
@@ -134,7 +134,7 @@ pub enum Accel {
 
 /// What `up` attaches to once the VM is ready (the original's
 /// `AUTOCONNECT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Autoconnect {
     /// Return to the shell.
     None,
@@ -145,7 +145,7 @@ pub enum Autoconnect {
 }
 
 /// A host folder shared with the guest over virtiofs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Share {
     /// Host folder, absolute (resolved against the project folder).
     pub host: PathBuf,
@@ -174,7 +174,7 @@ pub enum Egress {
 }
 
 /// Guest networking.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Network {
     /// Egress policy (default direct).
     pub egress: Egress,
@@ -285,7 +285,7 @@ impl std::fmt::Display for NetRule {
 }
 
 /// SSH access to the guest.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Ssh {
     /// Guest user (default [`DEFAULT_SSH_USER`]).
     pub user: String,
@@ -346,6 +346,42 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The config as one process hands it to another it starts (`up` to
+    /// the supervisor): JSON in a sealed memfd, which the receiver can
+    /// read but nobody can change.
+    pub fn handover(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::io::Write;
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let fd = nix::sys::memfd::memfd_create(
+            c"migrant-config",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+        )?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(&json)?;
+        let seals = nix::fcntl::SealFlag::F_SEAL_SEAL
+            | nix::fcntl::SealFlag::F_SEAL_SHRINK
+            | nix::fcntl::SealFlag::F_SEAL_GROW
+            | nix::fcntl::SealFlag::F_SEAL_WRITE;
+        nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_ADD_SEALS(seals))?;
+        Ok(file.into())
+    }
+
+    /// The config [`Config::handover`] wrote, from its descriptor.
+    pub fn taken_over(fd: std::os::fd::OwnedFd) -> Result<Config, ConfigError> {
+        use std::io::{Read, Seek};
+        let mut file = std::fs::File::from(fd);
+        let mut json = Vec::new();
+        let read = file
+            .seek(std::io::SeekFrom::Start(0))
+            .and_then(|_| file.take(16 << 20).read_to_end(&mut json));
+        let bad = |why: String| ConfigError::Read {
+            path: PathBuf::from("(the config handed down by `up`)"),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, why),
+        };
+        read.map_err(|e| bad(e.to_string()))?;
+        serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))
     }
 
     /// Guest address: `.15` of the subnet.

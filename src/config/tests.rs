@@ -1587,3 +1587,19 @@ fn holes_aimed_at_the_host_name_their_line() {
     );
     assert!(cfg.check_holes_against(&host).is_ok());
 }
+
+#[test]
+fn the_config_handed_down_is_the_one_validated() {
+    let (dir, cfg) = good(
+        "image = \"debian-12\"\nmemory = \"3G\"\n[network]\nrules = [\"allow-host-port tcp/8080\"]\nallow_domains = [\"example.org\"]\n[[share]]\nhost = \"ws\"\nsize = \"2G\"\n",
+    );
+    let fd = cfg.handover().unwrap_or_else(|e| panic!("{e}"));
+    // Sealed: nobody changes it after the hand-over.
+    let mut file = std::fs::File::from(fd.try_clone().unwrap_or_else(|e| panic!("{e}")));
+    assert!(std::io::Write::write_all(&mut file, b"x").is_err());
+    // The Migrantfile changing afterwards changes nothing handed down.
+    std::fs::write(dir.path().join(FILE_NAME), "image = \"other\"\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let back = Config::taken_over(fd).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(back, cfg);
+}

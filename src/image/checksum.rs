@@ -95,7 +95,7 @@ impl Digest {
 }
 
 /// What `image_checksum` says.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Checksum {
     /// The digest itself.
     Digest(Digest),

@@ -99,6 +99,9 @@ pub struct Args {
     pub lock_fd: Option<i32>,
     /// Inherited write end of the progress pipe.
     pub progress_fd: Option<i32>,
+    /// Inherited descriptor holding the validated config (see
+    /// [`config::Config::handover`]).
+    pub config_fd: i32,
     /// Seconds after which a guest that has not answered SSH is stopped.
     pub boot_timeout: Option<u64>,
 }

@@ -80,7 +80,22 @@ fn set_owner(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), Superviso
 }
 
 pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
-    let cfg = config::load(&args.project)?;
+    // The config `up` validated, handed down: never the Migrantfile again
+    // (it may have changed since, and it is the user's file).
+    let cfg =
+        config::Config::taken_over(crate::sandbox::inherited(args.config_fd).map_err(|e| {
+            SupervisorError::Io {
+                what: "the config from `up`".into(),
+                source: e,
+            }
+        })?)?;
+    if cfg.dir != args.project {
+        return Err(SupervisorError::BadRecord(format!(
+            "the config handed down is for {}, not {}",
+            cfg.dir.display(),
+            args.project.display()
+        )));
+    }
     let mut rec =
         Record::load(&vm.record())?.ok_or_else(|| SupervisorError::NoRecord(vm.name.clone()))?;
     // QEMU, unprivileged and possibly compromised, wrote this disk last
