@@ -74,9 +74,9 @@ fn populate(t: &VmPaths, vm: &VmPaths, rec: &Record, clone_name: &str) -> Result
     if t.snapshot_nvram().is_file() {
         copy(&t.snapshot_nvram(), &vm.nvram())?;
     }
-    let extra = crate::provision::hooks::stored_path(t);
+    let extra = crate::qemu::extra::stored_path(t);
     if extra.is_file() {
-        copy(&extra, &crate::provision::hooks::stored_path(vm))?;
+        copy(&extra, &crate::qemu::extra::stored_path(vm))?;
     }
     // The template's record (project, base image, the MAC the guest's
     // network device was saved with, owner), as a new stopped VM.

@@ -418,7 +418,7 @@ fn remove_new_vm(vm: &VmPaths) {
     for log in ["qemu.log", "wireguard.log"] {
         let _ = std::fs::remove_file(vm.state.join(log));
     }
-    hooks::forget_extra_args(vm);
+    crate::qemu::extra::forget(vm);
     let _ = std::fs::remove_file(vm.lock());
     let _ = std::fs::remove_dir(&vm.state);
 }

@@ -324,8 +324,6 @@ pub const EXTRA_ARGS_FILE: &str = ".qemu-extra-args";
 /// The original tool's name for it (virt-install arguments, which mean
 /// nothing to QEMU).
 const LEGACY_EXTRA_ARGS_FILE: &str = ".virt-install-extra-args";
-/// Where the VM keeps them, in its state folder.
-const STORED_EXTRA_ARGS: &str = "qemu-extra-args.json";
 /// A bigger file is refused.
 const EXTRA_ARGS_MAX: u64 = 64 * 1024;
 
@@ -425,37 +423,11 @@ pub fn take_extra_args(cfg: &Config, vm: &VmPaths) -> Result<Vec<String>, HookEr
     Ok(args)
 }
 
-pub fn stored_path(vm: &VmPaths) -> PathBuf {
-    vm.state.join(STORED_EXTRA_ARGS)
-}
-
 fn store_extra_args(vm: &VmPaths, args: &[String]) -> Result<(), HookError> {
-    let path = stored_path(vm);
-    let data = serde_json::to_vec(args).map_err(|e| HookError::Io {
-        path: path.clone(),
-        source: e.into(),
-    })?;
-    crate::state::write_atomic(&path, &data, 0o600).map_err(|e| match e {
-        crate::state::StateError::Io { path, source } => HookError::Io { path, source },
-        other => HookError::Io {
-            path: path.clone(),
-            source: std::io::Error::other(other.to_string()),
-        },
+    crate::qemu::extra::store(vm, args).map_err(|source| HookError::Io {
+        path: crate::qemu::extra::stored_path(vm),
+        source,
     })
-}
-
-/// Drop the stored arguments (a VM whose creation was undone).
-pub fn forget_extra_args(vm: &VmPaths) {
-    let _ = std::fs::remove_file(stored_path(vm));
-}
-
-/// The extra QEMU arguments kept for `vm` (none if it has no file).
-pub fn stored_extra_args(vm: &VmPaths) -> std::io::Result<Vec<String>> {
-    match std::fs::read(stored_path(vm)) {
-        Ok(data) => serde_json::from_slice(&data).map_err(std::io::Error::other),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
 }
 
 #[cfg(test)]

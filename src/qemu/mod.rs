@@ -2,6 +2,7 @@
 
 pub mod accel;
 pub mod argv;
+pub mod extra;
 pub mod process;
 pub mod qmp;
 

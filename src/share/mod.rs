@@ -795,18 +795,5 @@ pub fn views(cfg: &Config) -> Vec<ShareView> {
         .collect()
 }
 
-/// Extra QEMU arguments from `MIGRANT_QEMU_EXTRA_ARGS` (shell words),
-/// appended last; for benchmarks and debugging (`scripts/bench/share` adds
-/// a 9p export this way). Unparseable text is ignored with a warning.
-pub fn extra_qemu_args() -> Vec<String> {
-    let Ok(text) = std::env::var("MIGRANT_QEMU_EXTRA_ARGS") else {
-        return Vec::new();
-    };
-    shlex::split(&text).unwrap_or_else(|| {
-        tracing::warn!("MIGRANT_QEMU_EXTRA_ARGS is not valid shell words; ignored");
-        Vec::new()
-    })
-}
-
 #[cfg(test)]
 mod tests;

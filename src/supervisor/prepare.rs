@@ -185,12 +185,7 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
         shares: Vec::new(),
         // What a pre-up hook gave on creation (see provision::hooks), then
         // MIGRANT_QEMU_EXTRA_ARGS (benchmarks, debugging).
-        extra: {
-            let mut extra = crate::provision::hooks::stored_extra_args(vm)
-                .map_err(io("the VM's extra QEMU arguments"))?;
-            extra.extend(crate::share::extra_qemu_args());
-            extra
-        },
+        extra: { crate::qemu::extra::for_vm(vm).map_err(io("the VM's extra QEMU arguments"))? },
         incoming_fd: None,
         backing_fd: backing.as_ref().map(|f| f.as_raw_fd()),
     };
