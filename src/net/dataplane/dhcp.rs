@@ -387,14 +387,7 @@ async fn serve_to_port(
     // and then most likely ignored.
     let mut buf = vec![0u8; 2048];
     loop {
-        let (len, peer) = match socket.recv_from(&mut buf).await {
-            Ok(got) => got,
-            Err(e) if is_transient(&e) => {
-                tracing::debug!(error = %e, "dhcp: transient receive error");
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let (len, peer) = super::recv_datagram(&socket, &mut buf, "dhcp").await?;
         let Some(request) = buf.get(..len) else {
             continue;
         };
@@ -428,16 +421,6 @@ async fn send_reply(socket: &tokio::net::UdpSocket, reply: &Reply, client_port: 
     if let Err(e) = socket.send_to(&reply.bytes, broadcast).await {
         tracing::warn!(error = %e, dest = %broadcast, "dhcp: cannot send reply");
     }
-}
-
-fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-            | io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionReset
-    )
 }
 
 /// Creates the server socket: UDP, SO_REUSEADDR, SO_BROADCAST,

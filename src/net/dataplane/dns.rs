@@ -368,14 +368,7 @@ pub fn encode_for(resp: Message, udp: bool) -> Option<Vec<u8>> {
 pub async fn serve_udp(socket: tokio::net::UdpSocket, stub: Arc<Stub>) -> io::Result<()> {
     let mut buf = vec![0u8; 4096];
     loop {
-        let (len, peer) = match socket.recv_from(&mut buf).await {
-            Ok(got) => got,
-            Err(e) if is_transient(&e) => {
-                tracing::debug!(error = %e, "dns: transient receive error");
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let (len, peer) = super::recv_datagram(&socket, &mut buf, "dns").await?;
         let Some(query) = buf.get(..len) else {
             continue;
         };
@@ -387,16 +380,6 @@ pub async fn serve_udp(socket: tokio::net::UdpSocket, stub: Arc<Stub>) -> io::Re
             tracing::debug!(error = %e, to = %peer, "dns: cannot send response");
         }
     }
-}
-
-fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-            | io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionReset
-    )
 }
 
 #[cfg(test)]

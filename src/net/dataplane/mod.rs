@@ -34,6 +34,35 @@ use super::netns::NetNs;
 use super::{nft, tap};
 use crate::config::{Config, Egress, Net6, NetRule, Proto};
 
+/// The next datagram on `socket` for a guest-facing server (`what`
+/// names it in the log): errors a guest's packets can cause (an ICMP
+/// error queued on the socket, an interrupted call) are skipped, any
+/// other ends the server.
+pub async fn recv_datagram(
+    socket: &tokio::net::UdpSocket,
+    buf: &mut [u8],
+    what: &str,
+) -> std::io::Result<(usize, SocketAddr)> {
+    use std::io::ErrorKind;
+    loop {
+        match socket.recv_from(buf).await {
+            Ok(got) => return Ok(got),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Interrupted
+                        | ErrorKind::WouldBlock
+                        | ErrorKind::ConnectionRefused
+                        | ErrorKind::ConnectionReset
+                ) =>
+            {
+                tracing::debug!(error = %e, "{what}: transient receive error");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error(transparent)]
