@@ -19,6 +19,7 @@ pub mod nofollow;
 pub mod provision;
 pub mod qemu;
 pub mod rotate;
+pub mod runstate;
 pub mod sandbox;
 pub mod seed;
 pub mod share;

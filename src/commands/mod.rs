@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use crate::cli::{Cli, Cmd};
 use crate::config::{self, Config};
 use crate::error::Error;
-use crate::state::{Paths, Record, VmLock, VmPaths, VmState};
+use crate::state::{Paths, VmLock, VmPaths};
 
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -233,70 +233,11 @@ impl Project {
     }
 }
 
-/// What is true of a VM now, from its record and its lock.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Live {
-    NotCreated,
-    /// Created, nothing runs.
-    Stopped(Record),
-    /// A supervisor holds the lock.
-    Active(Record),
-    /// Something (an `up` or `destroy` in progress) holds the lock but the
-    /// record is gone or new.
-    Busy,
-}
+pub use crate::runstate::{Live, process_is};
 
 /// The VM's state; a stale record (dead supervisor) is repaired here.
 pub fn live(vm: &VmPaths) -> Result<Live> {
-    let rec = Record::load(&vm.record())?;
-    let held = VmLock::is_held(vm);
-    Ok(match (rec, held) {
-        (None, false) => Live::NotCreated,
-        (None, true) => Live::Busy,
-        (Some(r), true) => Live::Active(r),
-        (Some(r), false) if r.state == VmState::Stopped => Live::Stopped(r),
-        (Some(_), false) => Live::Stopped(repair_stale(vm)?),
-    })
-}
-
-/// The supervisor died without cleaning up: kill a QEMU it left (it
-/// should have died with it), remove runtime files, mark stopped.
-fn repair_stale(vm: &VmPaths) -> Result<Record> {
-    let rec = Record::load(&vm.record())?;
-    if let Some(pid) = rec.as_ref().and_then(|r| r.qemu_pid)
-        && process_is(pid, "qemu-system")
-    {
-        tracing::warn!("killing QEMU {pid} left behind by a dead supervisor");
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    for sock in [
-        vm.control_sock(),
-        vm.ssh_sock(),
-        vm.console_sock(),
-        vm.qmp_sock(),
-    ] {
-        let _ = std::fs::remove_file(sock);
-    }
-    let _ = std::fs::remove_dir(&vm.run);
-    crate::share::cleanup_recorded(vm);
-    let updated = Record::update(&vm.record(), |r| {
-        r.state = VmState::Stopped;
-        r.supervisor_pid = None;
-        r.qemu_pid = None;
-        r.started_at = None;
-        r.last_stop = Some("its supervisor died".into());
-    })?;
-    updated.ok_or_else(|| Error::other(crate::exit::SOFTWARE, "record vanished during repair"))
-}
-
-/// Whether `pid` runs a program whose name starts with `prefix`.
-pub fn process_is(pid: u32, prefix: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim().starts_with(prefix))
-        .unwrap_or(false)
+    Ok(crate::runstate::live(vm)?)
 }
 
 /// Wait until nothing holds the VM's lock.

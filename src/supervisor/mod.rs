@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use crate::config;
 use crate::net::{dataplane, tap};
 use crate::qemu::{self, process};
-use crate::state::{self, Paths, Record, VmPaths, VmState};
+use crate::state::{self, Paths, VmPaths};
 use progress::{Progress, Reporter};
 
 #[derive(Debug, thiserror::Error)]
@@ -183,23 +183,9 @@ fn release_output(drain: &crate::rotate::Drain) {
 
 /// Remove the runtime files and mark the record stopped.
 fn cleanup(vm: &VmPaths) {
-    for sock in [
-        vm.control_sock(),
-        vm.ssh_sock(),
-        vm.console_sock(),
-        vm.qmp_sock(),
-    ] {
-        let _ = std::fs::remove_file(sock);
+    if let Err(e) = crate::runstate::stopped(vm, None) {
+        tracing::warn!("cannot mark the VM stopped: {e}");
     }
-    let _ = std::fs::remove_dir(&vm.run);
-    // The stores: unmounted, their loop devices freed (never deleted).
-    crate::share::cleanup_recorded(vm);
-    let _ = Record::update(&vm.record(), |r| {
-        r.state = VmState::Stopped;
-        r.supervisor_pid = None;
-        r.qemu_pid = None;
-        r.started_at = None;
-    });
 }
 
 fn run(args: &Args, vm: &VmPaths, reporter: &mut Reporter) -> Result<(), SupervisorError> {
