@@ -143,7 +143,6 @@ fn project_dir(given: Option<PathBuf>) -> Result<PathBuf> {
     })
 }
 
-/// A loaded project: its configuration and its VM's files.
 /// Refused (78) when the project has a shared folder: `what` cannot
 /// hold one, `why` says why and what to do.
 pub fn refuse_shares(cfg: &config::Config, what: &str, why: &str) -> Result<()> {
@@ -169,6 +168,7 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     Ok(b)
 }
 
+/// A loaded project: its configuration and its VM's files.
 pub struct Project {
     pub cfg: Config,
     pub paths: Paths,

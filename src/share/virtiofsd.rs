@@ -80,9 +80,6 @@ fn fail(tag: &str, what: impl std::fmt::Display) -> u8 {
     1
 }
 
-/// Entry point of `migrant __virtiofsd`; returns the exit code. Never
-/// returns in the sandbox's outer process (it waits for the inner one and
-/// exits with its status).
 /// What a share without isolation may not do, on top of [`CAPS`]: make
 /// device nodes (a block device node the user owns is the host's disk) or
 /// set file capabilities.
@@ -94,6 +91,9 @@ fn parse_owner(text: &str) -> Option<(u32, u32)> {
     Some((u.parse().ok()?, g.parse().ok()?))
 }
 
+/// Entry point of `migrant __virtiofsd`; returns the exit code. Never
+/// returns in the sandbox's outer process (it waits for the inner one and
+/// exits with its status).
 pub fn main(args: Args) -> u8 {
     let tag = args.tag.clone();
     let owner = match args.owner.as_deref().map(parse_owner) {
