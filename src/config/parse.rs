@@ -176,7 +176,59 @@ fn draft(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
 
 /// Checks common to both formats; fill in defaults.
 pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
-    // --- identity and resources ---
+    let Basics {
+        name,
+        image,
+        image_checksum,
+        secure_boot,
+        cpus,
+        memory,
+        disk,
+        halt_timeout,
+    } = basics(&d, ctx)?;
+    let network = network(&mut d, ctx)?;
+    let shares = shares(&d, ctx)?;
+    let (ssh, tunnel_ports) = access(&d, ctx, &image)?;
+    Ok(Config {
+        file: ctx.file.clone(),
+        dir: ctx.dir.clone(),
+        reader: ctx.reader.clone(),
+        name,
+        image,
+        image_checksum,
+        cpus,
+        memory,
+        disk,
+        firmware: d.firmware,
+        secure_boot,
+        accel: d.accel,
+        shares,
+        network,
+        ssh,
+        autoconnect: d.autoconnect,
+        tunnel_ports,
+        wait_cloud_init: d.wait_cloud_init,
+        halt_timeout,
+        format: d.format,
+        warnings: std::mem::take(&mut d.warnings),
+    })
+}
+
+/// The VM's identity and resources, checked.
+struct Basics {
+    name: String,
+    image: String,
+    image_checksum: Option<crate::image::Checksum>,
+    secure_boot: bool,
+    cpus: u32,
+    memory: u64,
+    disk: u64,
+    halt_timeout: u64,
+}
+
+/// Name, image and its checksum, firmware options, CPUs, memory, disk,
+/// halt timeout.
+fn basics(d: &Draft, ctx: &Ctx) -> Result<Basics, ConfigError> {
     let name = match &d.name {
         Some(at) => {
             values::check_name(&at.value).map_err(|e| ctx.err_at(at, e))?;
@@ -264,7 +316,20 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
     };
     let halt_timeout = u64::try_from(halt_timeout).unwrap_or(60);
 
-    // --- network ---
+    Ok(Basics {
+        name,
+        image,
+        image_checksum,
+        secure_boot,
+        cpus,
+        memory,
+        disk,
+        halt_timeout,
+    })
+}
+
+/// Subnet, WireGuard, IPv6, rules (holes), allowed domains.
+fn network(d: &mut Draft, ctx: &Ctx) -> Result<Network, ConfigError> {
     let subnet = match &d.subnet {
         Some(at) => values::parse_subnet(&at.value).map_err(|e| ctx.err_at(at, e))?,
         None => values::parse_subnet(DEFAULT_SUBNET).map_err(|e| ctx.err(0, "subnet", e))?,
@@ -424,7 +489,22 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         }
     }
 
-    // --- shares ---
+    Ok(Network {
+        egress: d.egress,
+        subnet,
+        rules,
+        allow_domains,
+        wireguard,
+        wireguard_timeout,
+        dns_host: d.dns_host,
+        ipv6,
+        legacy_networks: std::mem::take(&mut d.legacy_networks),
+    })
+}
+
+/// Shared folders: each inside the project, none overlapping, none on
+/// what the host runs.
+fn shares(d: &Draft, ctx: &Ctx) -> Result<Vec<Share>, ConfigError> {
     let default_share_size = match &d.share_default_size {
         Some(at) if at.value < MIN_DISK => {
             return Err(ctx.err_at(
@@ -534,7 +614,11 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         });
     }
 
-    // --- ssh, tunnel ---
+    Ok(shares)
+}
+
+/// How the host reaches the guest: the SSH user and key, tunnel ports.
+fn access(d: &Draft, ctx: &Ctx, image: &str) -> Result<(Ssh, Vec<u16>), ConfigError> {
     let user = match &d.ssh_user {
         Some(at) => {
             values::check_user(&at.value).map_err(|e| ctx.err_at(at, e))?;
@@ -546,7 +630,7 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         None => {
             let file = ctx.dir.join("cloud-init.yml");
             let text = ctx.reader.read_to_string(&file, MAX_FILE).ok();
-            let user = super::guest_user::infer(text.as_deref(), &image);
+            let user = super::guest_user::infer(text.as_deref(), image);
             values::check_user(&user)
                 .map_err(|e| ctx.err(0, "ssh.user", format!("{}: users: {e}", file.display())))?;
             user
@@ -568,39 +652,7 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         tunnel_ports.push(port);
     }
 
-    Ok(Config {
-        file: ctx.file.clone(),
-        dir: ctx.dir.clone(),
-        reader: ctx.reader.clone(),
-        name,
-        image,
-        image_checksum,
-        cpus,
-        memory,
-        disk,
-        firmware: d.firmware,
-        secure_boot,
-        accel: d.accel,
-        shares,
-        network: Network {
-            egress: d.egress,
-            subnet,
-            rules,
-            allow_domains,
-            wireguard,
-            wireguard_timeout,
-            dns_host: d.dns_host,
-            ipv6,
-            legacy_networks: std::mem::take(&mut d.legacy_networks),
-        },
-        ssh: Ssh { user, key },
-        autoconnect: d.autoconnect,
-        tunnel_ports,
-        wait_cloud_init: d.wait_cloud_init,
-        halt_timeout,
-        format: d.format,
-        warnings: std::mem::take(&mut d.warnings),
-    })
+    Ok((Ssh { user, key }, tunnel_ports))
 }
 
 fn min_size(v: &Option<At<u64>>, default: u64, min: u64, ctx: &Ctx) -> Result<u64, ConfigError> {
