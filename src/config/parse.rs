@@ -373,6 +373,39 @@ fn network(d: &mut Draft, ctx: &Ctx) -> Result<Network, ConfigError> {
     // through the tunnel (whose file then needs an IPv6 Address).
     let ipv6 = d.ipv6.as_ref().is_some_and(|at| at.value);
 
+    let rules = rules(d, ctx, &subnet, wireguard.as_deref(), ipv6)?;
+
+    let mut allow_domains = Vec::new();
+    for at in &d.allow_domains {
+        let domain = values::check_domain(&at.value).map_err(|e| ctx.err_at(at, e))?;
+        if !allow_domains.contains(&domain) {
+            allow_domains.push(domain);
+        }
+    }
+
+    Ok(Network {
+        egress: d.egress,
+        subnet,
+        rules,
+        allow_domains,
+        wireguard,
+        wireguard_timeout,
+        dns_host: d.dns_host,
+        ipv6,
+        legacy_networks: std::mem::take(&mut d.legacy_networks),
+    })
+}
+
+/// The holes in the wall (`rules`): each parsed, none on a port another
+/// claims, none inside the guest's own network, `via-tunnel` only with a
+/// tunnel, IPv6 only with `ipv6 = true`.
+fn rules(
+    d: &Draft,
+    ctx: &Ctx,
+    subnet: &ipnet::Ipv4Net,
+    wireguard: Option<&Path>,
+    ipv6: bool,
+) -> Result<Vec<NetRule>, ConfigError> {
     let mut rules: Vec<NetRule> = Vec::new();
     let mut claimed: HashMap<(super::Proto, u16), &At<String>> = HashMap::new();
     for at in &d.rules {
@@ -480,26 +513,7 @@ fn network(d: &mut Draft, ctx: &Ctx) -> Result<Network, ConfigError> {
         }
         rules.push(rule);
     }
-
-    let mut allow_domains = Vec::new();
-    for at in &d.allow_domains {
-        let domain = values::check_domain(&at.value).map_err(|e| ctx.err_at(at, e))?;
-        if !allow_domains.contains(&domain) {
-            allow_domains.push(domain);
-        }
-    }
-
-    Ok(Network {
-        egress: d.egress,
-        subnet,
-        rules,
-        allow_domains,
-        wireguard,
-        wireguard_timeout,
-        dns_host: d.dns_host,
-        ipv6,
-        legacy_networks: std::mem::take(&mut d.legacy_networks),
-    })
+    Ok(rules)
 }
 
 /// Shared folders: each inside the project, none overlapping, none on
