@@ -145,28 +145,61 @@ fn decode_key(value: &str) -> Option<[u8; 32]> {
 
 /// Parse the text of a wg-quick file; `file` names it in errors.
 pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
-    let err = |line: usize, field: &str, msg: String| ConfigError::invalid(file, line, field, msg);
-    let mut section = Section::None;
-    let mut interface_line = 0;
-    let mut private_key: Option<Key> = None;
-    let mut addresses = Vec::new();
-    let mut dns = Vec::new();
-    let mut dns_search = Vec::new();
-    let mut mtu = None;
-    let mut listen_port = None;
-    let mut warnings = Vec::new();
-    let mut addresses6 = Vec::new();
-    // The file's IPv6 parts, said once: the guest has no IPv6.
-    let mut unused6: Vec<String> = Vec::new();
-    let mut peers: Vec<PeerDraft> = Vec::new();
-    // Keys set once per section: (section start line, key) already seen.
-    let mut seen: Vec<String> = Vec::new();
-
+    let mut d = Reading::new(file);
     for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
+        d.line(i + 1, raw)?;
+    }
+    d.finish()
+}
+
+/// A wg-quick file being read, line by line.
+struct Reading<'a> {
+    file: &'a Path,
+    section: Section,
+    interface_line: usize,
+    private_key: Option<Key>,
+    addresses: Vec<ipnet::Ipv4Net>,
+    dns: Vec<IpAddr>,
+    dns_search: Vec<String>,
+    mtu: Option<u16>,
+    listen_port: Option<u16>,
+    warnings: Vec<String>,
+    addresses6: Vec<ipnet::Ipv6Net>,
+    /// The file's IPv6 parts, said once: the guest has no IPv6.
+    unused6: Vec<String>,
+    peers: Vec<PeerDraft>,
+    /// Keys of the current section set so far (each may be set once).
+    seen: Vec<String>,
+}
+
+impl<'a> Reading<'a> {
+    fn new(file: &'a Path) -> Reading<'a> {
+        Reading {
+            file,
+            section: Section::None,
+            interface_line: 0,
+            private_key: None,
+            addresses: Vec::new(),
+            dns: Vec::new(),
+            dns_search: Vec::new(),
+            mtu: None,
+            listen_port: None,
+            warnings: Vec::new(),
+            addresses6: Vec::new(),
+            unused6: Vec::new(),
+            peers: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// One line of the file (`line` is its number).
+    fn line(&mut self, line: usize, raw: &str) -> Result<(), ConfigError> {
+        let file = self.file;
+        let err =
+            |line: usize, field: &str, msg: String| ConfigError::invalid(file, line, field, msg);
         let content = raw.split('#').next().unwrap_or_default().trim();
         if content.is_empty() {
-            continue;
+            return Ok(());
         }
         if content.starts_with('[') {
             let name = content
@@ -174,25 +207,26 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
                 .and_then(|c| c.strip_suffix(']'))
                 .map(str::trim)
                 .ok_or_else(|| err(line, "", format!("{content:?} is not a section header")))?;
-            seen.clear();
+            self.seen.clear();
             if name.eq_ignore_ascii_case("interface") {
-                if interface_line != 0 {
+                if self.interface_line != 0 {
                     return Err(err(
                         line,
                         "[Interface]",
                         format!(
-                            "a second [Interface] section (the first is on line {interface_line})"
+                            "a second [Interface] section (the first is on line {})",
+                            self.interface_line
                         ),
                     ));
                 }
-                interface_line = line;
-                section = Section::Interface;
+                self.interface_line = line;
+                self.section = Section::Interface;
             } else if name.eq_ignore_ascii_case("peer") {
-                peers.push(PeerDraft {
+                self.peers.push(PeerDraft {
                     line,
                     ..PeerDraft::default()
                 });
-                section = Section::Peer;
+                self.section = Section::Peer;
             } else {
                 return Err(err(
                     line,
@@ -200,7 +234,7 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
                     format!("unknown section [{name}] (expected [Interface] or [Peer])"),
                 ));
             }
-            continue;
+            return Ok(());
         }
         let Some((key, value)) = content.split_once('=') else {
             return Err(err(line, "", format!("{content:?} is not `Key = Value`")));
@@ -213,51 +247,66 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
         }
         let repeatable = matches!(lower.as_str(), "address" | "dns" | "allowedips");
         if !repeatable {
-            if seen.contains(&lower) {
+            if self.seen.contains(&lower) {
                 return Err(err(line, key, "is set twice in this section".into()));
             }
-            seen.push(lower.clone());
+            self.seen.push(lower.clone());
         }
-        match (section, lower.as_str()) {
-            (Section::None, _) => {
-                return Err(err(
-                    line,
-                    key,
-                    "comes before any [Interface] or [Peer] section".into(),
-                ));
-            }
-            (Section::Interface, "privatekey") => {
-                private_key = Some(Key(decode_key(value).ok_or_else(|| {
+        match self.section {
+            Section::None => Err(err(
+                line,
+                key,
+                "comes before any [Interface] or [Peer] section".into(),
+            )),
+            Section::Interface => self.interface_key(line, key, &lower, value),
+            Section::Peer => self.peer_key(line, key, &lower, value),
+        }
+    }
+
+    /// A key of the [Interface] section.
+    fn interface_key(
+        &mut self,
+        line: usize,
+        key: &str,
+        lower: &str,
+        value: &str,
+    ) -> Result<(), ConfigError> {
+        let file = self.file;
+        let err =
+            |line: usize, field: &str, msg: String| ConfigError::invalid(file, line, field, msg);
+        match lower {
+            "privatekey" => {
+                self.private_key = Some(Key(decode_key(value).ok_or_else(|| {
                     err(
-                        line,
-                        key,
-                        "is not a WireGuard key (44 characters of base64, 32 bytes); `wg genkey` makes one"
-                            .into(),
-                    )
+                line,
+                key,
+                "is not a WireGuard key (44 characters of base64, 32 bytes); `wg genkey` makes one"
+                    .into(),
+            )
                 })?));
             }
-            (Section::Interface, "address") => {
+            "address" => {
                 for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                     let net = parse_net(item)
                         .ok_or_else(|| err(line, key, format!("{item:?} is not an address")))?;
                     match net {
-                        IpNet::V4(v4) => addresses.push(v4),
+                        IpNet::V4(v4) => self.addresses.push(v4),
                         IpNet::V6(v6) => {
-                            addresses6.push(v6);
-                            unused6.push(format!("Address {v6} (line {line})"));
+                            self.addresses6.push(v6);
+                            self.unused6.push(format!("Address {v6} (line {line})"));
                         }
                     }
                 }
             }
-            (Section::Interface, "dns") => {
+            "dns" => {
                 for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                     match IpAddr::from_str(item) {
-                        Ok(IpAddr::V4(a)) => dns.push(IpAddr::V4(a)),
+                        Ok(IpAddr::V4(a)) => self.dns.push(IpAddr::V4(a)),
                         Ok(IpAddr::V6(a)) => {
-                            dns.push(IpAddr::V6(a));
-                            unused6.push(format!("DNS {a} (line {line})"));
+                            self.dns.push(IpAddr::V6(a));
+                            self.unused6.push(format!("DNS {a} (line {line})"));
                         }
-                        Err(_) if valid_domain(item) => dns_search.push(item.to_string()),
+                        Err(_) if valid_domain(item) => self.dns_search.push(item.to_string()),
                         Err(_) => {
                             return Err(err(
                                 line,
@@ -268,8 +317,8 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
                     }
                 }
             }
-            (Section::Interface, "mtu") => {
-                mtu = Some(
+            "mtu" => {
+                self.mtu = Some(
                     value
                         .parse::<u16>()
                         .ok()
@@ -283,173 +332,198 @@ pub fn parse(file: &Path, text: &str) -> Result<WgConfig, ConfigError> {
                         })?,
                 );
             }
-            (Section::Interface, "listenport") => {
-                listen_port = Some(
+            "listenport" => {
+                self.listen_port = Some(
                     value
                         .parse::<u16>()
                         .map_err(|_| err(line, key, format!("{value:?} is not a port number")))?,
                 );
             }
-            (Section::Interface, "preup" | "postup" | "predown" | "postdown") => {
-                warnings.push(format!(
+            "preup" | "postup" | "predown" | "postdown" => {
+                self.warnings.push(format!(
                     "{}:{line}: {key} ignored: migrant never runs commands from a WireGuard config",
                     file.display()
                 ));
             }
-            (Section::Interface, "table" | "saveconfig" | "fwmark") => {
-                warnings.push(format!(
+            "table" | "saveconfig" | "fwmark" => {
+                self.warnings.push(format!(
                     "{}:{line}: {key} ignored: the tunnel lives in the VM's own network namespace",
                     file.display()
                 ));
             }
-            (Section::Peer, k) => {
-                let Some(peer) = peers.last_mut() else {
-                    return Err(err(line, key, "is outside a [Peer] section".into()));
-                };
-                match k {
-                    "publickey" => {
-                        peer.public_key = Some(PublicKey(decode_key(value).ok_or_else(|| {
-                            err(
-                                line,
-                                key,
-                                format!("{value:?} is not a WireGuard public key (44 characters of base64)"),
-                            )
-                        })?));
-                    }
-                    "presharedkey" => {
-                        peer.preshared_key = Some(Key(decode_key(value).ok_or_else(|| {
-                            err(
-                                line,
-                                key,
-                                "is not a WireGuard key (44 characters of base64); `wg genpsk` makes one"
-                                    .into(),
-                            )
-                        })?));
-                    }
-                    "endpoint" => {
-                        peer.endpoint = Some(parse_endpoint(value).ok_or_else(|| {
-                            err(
-                                line,
-                                key,
-                                format!("{value:?} is not HOST:PORT (an IPv6 address in brackets)"),
-                            )
-                        })?);
-                    }
-                    "allowedips" => {
-                        for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                            let net = parse_net(item).ok_or_else(|| {
-                                err(
-                                    line,
-                                    key,
-                                    format!("{item:?} is not an address or ADDRESS/PREFIX"),
-                                )
-                            })?;
-                            // IPv6 ranges are kept: they route nothing
-                            // while the guest has no IPv6.
-                            if net.addr().is_ipv6() {
-                                unused6.push(format!("AllowedIPs {} (line {line})", net.trunc()));
-                            }
-                            peer.allowed_ips.push(net.trunc());
-                        }
-                    }
-                    "persistentkeepalive" => {
-                        peer.persistent_keepalive = Some(if value.eq_ignore_ascii_case("off") {
-                            None
-                        } else {
-                            match value.parse::<u16>() {
-                                Ok(0) => None,
-                                Ok(s) => Some(s),
-                                Err(_) => {
-                                    return Err(err(
-                                        line,
-                                        key,
-                                        format!("{value:?} is not a number of seconds (or off)"),
-                                    ));
-                                }
-                            }
-                        });
-                    }
-                    _ => return Err(err(line, key, "is not a [Peer] setting".into())),
-                }
-            }
-            (Section::Interface, _) => {
+            _ => {
                 return Err(err(line, key, "is not an [Interface] setting".into()));
             }
         }
+        Ok(())
     }
 
-    if interface_line == 0 {
-        return Err(err(0, "[Interface]", "missing".into()));
-    }
-    let private_key = private_key.ok_or_else(|| {
-        err(
-            interface_line,
-            "PrivateKey",
-            "missing in [Interface]".into(),
-        )
-    })?;
-    if addresses.is_empty() {
-        let why = match addresses6.first() {
-            Some(v6) => format!(
-                "only IPv6 ({v6}); the guest's IPv4 goes through the tunnel, so it needs the tunnel's IPv4 address too, like 10.64.0.2/32"
-            ),
-            None => "missing in [Interface] (the tunnel's IPv4 address, like 10.64.0.2/32)".into(),
+    /// A key of the current [Peer] section.
+    fn peer_key(
+        &mut self,
+        line: usize,
+        key: &str,
+        lower: &str,
+        value: &str,
+    ) -> Result<(), ConfigError> {
+        let file = self.file;
+        let err =
+            |line: usize, field: &str, msg: String| ConfigError::invalid(file, line, field, msg);
+        let Some(peer) = self.peers.last_mut() else {
+            return Err(err(line, key, "is outside a [Peer] section".into()));
         };
-        return Err(err(interface_line, "Address", why));
+        match lower {
+            "publickey" => {
+                peer.public_key = Some(PublicKey(decode_key(value).ok_or_else(|| {
+                    err(
+                        line,
+                        key,
+                        format!(
+                            "{value:?} is not a WireGuard public key (44 characters of base64)"
+                        ),
+                    )
+                })?));
+            }
+            "presharedkey" => {
+                peer.preshared_key = Some(Key(decode_key(value).ok_or_else(|| {
+                    err(
+                        line,
+                        key,
+                        "is not a WireGuard key (44 characters of base64); `wg genpsk` makes one"
+                            .into(),
+                    )
+                })?));
+            }
+            "endpoint" => {
+                peer.endpoint = Some(parse_endpoint(value).ok_or_else(|| {
+                    err(
+                        line,
+                        key,
+                        format!("{value:?} is not HOST:PORT (an IPv6 address in brackets)"),
+                    )
+                })?);
+            }
+            "allowedips" => {
+                for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let net = parse_net(item).ok_or_else(|| {
+                        err(
+                            line,
+                            key,
+                            format!("{item:?} is not an address or ADDRESS/PREFIX"),
+                        )
+                    })?;
+                    // IPv6 ranges are kept: they route nothing
+                    // while the guest has no IPv6.
+                    if net.addr().is_ipv6() {
+                        self.unused6
+                            .push(format!("AllowedIPs {} (line {line})", net.trunc()));
+                    }
+                    peer.allowed_ips.push(net.trunc());
+                }
+            }
+            "persistentkeepalive" => {
+                peer.persistent_keepalive = Some(if value.eq_ignore_ascii_case("off") {
+                    None
+                } else {
+                    match value.parse::<u16>() {
+                        Ok(0) => None,
+                        Ok(s) => Some(s),
+                        Err(_) => {
+                            return Err(err(
+                                line,
+                                key,
+                                format!("{value:?} is not a number of seconds (or off)"),
+                            ));
+                        }
+                    }
+                });
+            }
+            _ => return Err(err(line, key, "is not a [Peer] setting".into())),
+        }
+        Ok(())
     }
-    if peers.is_empty() {
-        return Err(err(
-            0,
-            "[Peer]",
-            "missing: the tunnel needs at least one peer".into(),
-        ));
-    }
-    let mut out = Vec::new();
-    for p in peers {
-        let public_key = p
-            .public_key
-            .ok_or_else(|| err(p.line, "PublicKey", "missing in [Peer]".into()))?;
-        if out.iter().any(|q: &Peer| q.public_key == public_key) {
+
+    /// The whole file read: what it must have, the peers checked.
+    fn finish(mut self) -> Result<WgConfig, ConfigError> {
+        let file = self.file;
+        let err =
+            |line: usize, field: &str, msg: String| ConfigError::invalid(file, line, field, msg);
+        if self.interface_line == 0 {
+            return Err(err(0, "[Interface]", "missing".into()));
+        }
+        let interface_line = self.interface_line;
+        let private_key = self.private_key.take().ok_or_else(|| {
+            err(
+                interface_line,
+                "PrivateKey",
+                "missing in [Interface]".into(),
+            )
+        })?;
+        if self.addresses.is_empty() {
+            let why = match self.addresses6.first() {
+                Some(v6) => format!(
+                    "only IPv6 ({v6}); the guest's IPv4 goes through the tunnel, so it needs the tunnel's IPv4 address too, like 10.64.0.2/32"
+                ),
+                None => {
+                    "missing in [Interface] (the tunnel's IPv4 address, like 10.64.0.2/32)".into()
+                }
+            };
+            return Err(err(self.interface_line, "Address", why));
+        }
+        if self.peers.is_empty() {
             return Err(err(
-                p.line,
-                "PublicKey",
-                format!("{public_key}: the same peer twice"),
+                0,
+                "[Peer]",
+                "missing: the tunnel needs at least one peer".into(),
             ));
         }
-        if p.endpoint.is_none() {
-            return Err(err(
-                p.line,
-                "Endpoint",
-                "missing in [Peer]: migrant only connects out, so every peer needs one".into(),
+        let mut out = Vec::new();
+        for p in std::mem::take(&mut self.peers) {
+            let public_key = p
+                .public_key
+                .ok_or_else(|| err(p.line, "PublicKey", "missing in [Peer]".into()))?;
+            if out.iter().any(|q: &Peer| q.public_key == public_key) {
+                return Err(err(
+                    p.line,
+                    "PublicKey",
+                    format!("{public_key}: the same peer twice"),
+                ));
+            }
+            if p.endpoint.is_none() {
+                return Err(err(
+                    p.line,
+                    "Endpoint",
+                    "missing in [Peer]: migrant only connects out, so every peer needs one".into(),
+                ));
+            }
+            out.push(Peer {
+                public_key,
+                preshared_key: p.preshared_key,
+                endpoint: p.endpoint,
+                allowed_ips: p.allowed_ips,
+                persistent_keepalive: p.persistent_keepalive.flatten(),
+                line: p.line,
+            });
+        }
+        if self.dns.is_empty() {
+            self.warnings.push(format!(
+                "{}: no DNS in [Interface]: the guest's DNS queries go to the host's resolvers, outside the tunnel",
+                file.display()
             ));
         }
-        out.push(Peer {
-            public_key,
-            preshared_key: p.preshared_key,
-            endpoint: p.endpoint,
-            allowed_ips: p.allowed_ips,
-            persistent_keepalive: p.persistent_keepalive.flatten(),
-            line: p.line,
-        });
+        Ok(WgConfig {
+            private_key,
+            addresses: self.addresses,
+            addresses6: self.addresses6,
+            ipv6_parts: self.unused6,
+            dns: self.dns,
+            dns_search: self.dns_search,
+            mtu: self.mtu,
+            listen_port: self.listen_port,
+            peers: out,
+            warnings: self.warnings,
+        })
     }
-    if dns.is_empty() {
-        warnings.push(format!(
-            "{}: no DNS in [Interface]: the guest's DNS queries go to the host's resolvers, outside the tunnel",
-            file.display()
-        ));
-    }
-    Ok(WgConfig {
-        private_key,
-        addresses,
-        addresses6,
-        ipv6_parts: unused6,
-        dns,
-        dns_search,
-        mtu,
-        listen_port,
-        peers: out,
-        warnings,
-    })
 }
 
 /// `10.0.0.2/32`, or a bare address (a host route).
