@@ -204,12 +204,15 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
             net6: plan.net6,
         },
         host: route::RouteGuard::new(route::RouteSocket::new()?, rule),
-        // Without its socket, tunnel flows are refused (fail closed).
+        // Without its route socket, tunnel flows are refused (fail closed).
         tunnel: match (&tunnel, fds.tunnel_routes) {
-            (Some(_), Some(fd)) => Some(route::RouteGuard::new(
-                route::RouteSocket::from_socket(socket2::Socket::from(fd))?,
-                route::Rule::NotVia(plan.guest_link),
-            )),
+            (Some(sockets), Some(fd)) => Some(route::TunnelExit {
+                guard: route::RouteGuard::new(
+                    route::RouteSocket::from_socket(socket2::Socket::from(fd))?,
+                    route::Rule::NotVia(plan.guest_link),
+                ),
+                sockets: Arc::clone(sockets),
+            }),
             _ => None,
         },
     });
@@ -248,7 +251,6 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
             stats: Arc::clone(&stats),
             inside: Arc::clone(&inside),
             resolver,
-            tunnel,
             slots: proxy::Slots::sized(),
         });
         // One pair of listeners per address family, one proxy behind them.

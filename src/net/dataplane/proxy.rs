@@ -16,7 +16,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::policy::{Allowed, Denial};
+use super::policy::Denial;
 use super::resolver::Resolver;
 use super::route::Gate;
 use super::stats::Stats;
@@ -55,8 +55,6 @@ pub struct Proxy {
     /// Sockets inside the VM's namespace (the reply sockets of UDP flows).
     pub inside: Arc<NsSockets>,
     pub resolver: Arc<Resolver>,
-    /// WireGuard mode: where flows marked `via_tunnel` connect from.
-    pub tunnel: Option<Arc<NsSockets>>,
     /// The flow caps, shared by the IPv4 and IPv6 listeners.
     pub slots: Slots,
 }
@@ -208,7 +206,7 @@ impl Proxy {
             None => super::inspect::First::default(),
         };
         let named = first.name.clone();
-        let exit = match self.exit(allowed) {
+        let exit = match self.gate.exit(&allowed) {
             Some(e) => e,
             None => return reset(guest),
         };
@@ -328,7 +326,7 @@ impl Proxy {
             return self.dns_flow(reply, first).await;
         }
         let Some(allowed) = allowed else { return };
-        let Some(exit) = self.exit(allowed) else {
+        let Some(exit) = self.gate.exit(&allowed) else {
             return;
         };
         let up = match exit.udp_for(allowed.to).await {
@@ -383,24 +381,6 @@ impl Proxy {
             match tokio::time::timeout(Duration::from_secs(10), reply.recv(&mut buf)).await {
                 Ok(Ok(n)) => query = buf[..n].to_vec(),
                 _ => return,
-            }
-        }
-    }
-}
-
-impl Proxy {
-    /// Where an allowed flow connects from; `None` (never the host) when
-    /// it must use a tunnel that does not exist.
-    fn exit(&self, allowed: Allowed) -> Option<crate::net::netns::Exit> {
-        match (allowed.via_tunnel, &self.tunnel) {
-            (false, _) => Some(crate::net::netns::Exit::Host),
-            (true, Some(t)) => Some(crate::net::netns::Exit::Tunnel(Arc::clone(t))),
-            (true, None) => {
-                tracing::error!(
-                    "flow to {} must use the tunnel, which is missing",
-                    allowed.to
-                );
-                None
             }
         }
     }

@@ -376,13 +376,25 @@ impl RouteGuard {
 
 /// The egress policy with the route rule: what the proxy asks before it
 /// connects, and what the resolver asks of every address in an answer.
+/// It also says where an allowed flow leaves from ([`Gate::exit`]): host
+/// or tunnel is decided here, once.
 #[derive(Debug)]
 pub struct Gate {
     pub policy: super::policy::Policy,
     /// Flows that leave from the host's namespace.
     pub host: RouteGuard,
-    /// WireGuard mode: flows that leave from the VM's namespace.
-    pub tunnel: Option<RouteGuard>,
+    /// WireGuard mode: flows that leave from the VM's namespace, whose
+    /// only route out is the tunnel. Absent (tunnel flows refused) when
+    /// its route socket is.
+    pub tunnel: Option<TunnelExit>,
+}
+
+/// The way out through the tunnel: the route rule of the VM's namespace
+/// and the factory of sockets inside it, always together.
+#[derive(Debug)]
+pub struct TunnelExit {
+    pub guard: RouteGuard,
+    pub sockets: std::sync::Arc<crate::net::netns::NsSockets>,
 }
 
 impl Gate {
@@ -408,8 +420,26 @@ impl Gate {
     fn guard(&self, via_tunnel: bool) -> Result<&RouteGuard, Denial> {
         match (via_tunnel, &self.tunnel) {
             (false, _) => Ok(&self.host),
-            (true, Some(t)) => Ok(t),
+            (true, Some(t)) => Ok(&t.guard),
             (true, None) => Err(Denial::NotInternet),
+        }
+    }
+
+    /// Where a flow [`Gate::decide`] allowed connects from: the host's
+    /// namespace, or the tunnel's sockets; `None` (never the host) when it
+    /// must use a tunnel that is not there.
+    pub fn exit(&self, allowed: &super::policy::Allowed) -> Option<crate::net::netns::Exit> {
+        use crate::net::netns::Exit;
+        match (allowed.via_tunnel, &self.tunnel) {
+            (false, _) => Some(Exit::Host),
+            (true, Some(t)) => Some(Exit::Tunnel(std::sync::Arc::clone(&t.sockets))),
+            (true, None) => {
+                tracing::error!(
+                    "flow to {} must use the tunnel, which is missing",
+                    allowed.to
+                );
+                None
+            }
         }
     }
 
