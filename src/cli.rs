@@ -107,6 +107,10 @@ pub enum Cmd {
         /// Only refusals.
         #[arg(long)]
         denied: bool,
+        /// Print the `allow_domains` that would have admitted what the VM
+        /// did (a Migrantfile section, with counts per name).
+        #[arg(long, conflicts_with_all = ["json", "follow", "denied"])]
+        suggest: bool,
     },
     /// List every VM on this host.
     List {

@@ -100,6 +100,30 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
         .unwrap_or(0);
     assert!(refused >= 3, "gateway refusals not counted: {json}");
 
+    // The journal turned into a policy: the names the guest reached, as
+    // the allow_domains that would admit them (what it looked up and
+    // connected to above).
+    let suggested = || {
+        let out = env.run(&["egress", "--suggest"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        wait_for(Duration::from_secs(15), || suggested()
+            .contains("\"ok.test\", # ")),
+        "egress --suggest: {}",
+        suggested()
+    );
+    let policy: toml::Value =
+        toml::from_str(&suggested()).unwrap_or_else(|e| panic!("{e}: {}", suggested()));
+    let domains = policy["network"]["allow_domains"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        domains.iter().any(|d| d.as_str() == Some("ok.test")),
+        "{domains:?}"
+    );
+
     // migrant tunnel: host 127.0.0.1:8000 -> guest 127.0.0.1:8000.
     env.ok(&[
         "ssh",

@@ -10,14 +10,30 @@ use crate::exit;
 use crate::net::dataplane::journal::{self, Decision, Entry};
 use crate::size::human;
 
-pub fn egress(p: &Project, json: bool, follow: bool, denied: bool) -> Result<u8> {
-    let path = p.vm.state.join(journal::FILE);
+/// `migrant egress --suggest`: see [`super::suggest`].
+pub fn suggest(p: &Project) -> Result<u8> {
+    let path = journal_of(p)?;
+    let entries = journal::read(&path)?;
+    print!(
+        "{}",
+        super::suggest::render(&super::suggest::uses(&entries))
+    );
+    Ok(0)
+}
+
+/// The VM's journal file; 69 when there is no such VM.
+fn journal_of(p: &Project) -> Result<std::path::PathBuf> {
     if !p.vm.state.exists() {
         return Err(Error::other(
             exit::UNAVAILABLE,
             format!("{}: no such VM (run `migrant up` first)", p.cfg.name),
         ));
     }
+    Ok(p.vm.state.join(journal::FILE))
+}
+
+pub fn egress(p: &Project, json: bool, follow: bool, denied: bool) -> Result<u8> {
+    let path = journal_of(p)?;
     let show = |e: &Entry, out: &mut dyn Write| -> std::io::Result<()> {
         if denied && e.decision != Decision::Denied {
             return Ok(());

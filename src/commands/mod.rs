@@ -14,6 +14,7 @@ mod query;
 mod run;
 mod share;
 mod sshconfig;
+mod suggest;
 mod up;
 mod wg;
 
@@ -66,10 +67,12 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Status { json } => query::status(&Project::load(&dir)?, json),
         Cmd::Ip => query::ip(&Project::load_own(&dir)?),
         Cmd::Wg { json } => wg::wg(&Project::load_own(&dir)?, json),
+        Cmd::Egress { suggest: true, .. } => egress::suggest(&Project::load_own(&dir)?),
         Cmd::Egress {
             json,
             follow,
             denied,
+            suggest: false,
         } => egress::egress(&Project::load_own(&dir)?, json, follow, denied),
         Cmd::Info { json } => query::info(&Project::load_own(&dir)?, json),
         Cmd::Ssh {
