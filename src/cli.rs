@@ -231,6 +231,11 @@ pub enum Cmd {
         /// Seconds to wait for the guest to answer SSH.
         #[arg(long, default_value_t = 600, value_name = "SECS")]
         timeout: u64,
+        /// Write what the VM talked to during this run (its egress journal's
+        /// entries, JSON) to FILE: a CI artifact; `egress --suggest` reads
+        /// the same journal.
+        #[arg(long, value_name = "FILE")]
+        egress_report: Option<PathBuf>,
         /// The command. One argument is a shell command line for the guest's
         /// shell; several are quoted and run as they are.
         #[arg(last = true, required = true, value_name = "CMD")]

@@ -1,7 +1,8 @@
 //! `migrant run` on a real guest under TCG: `run --rm` passes standard
 //! input and output through, keeps migrant's own output off standard
 //! output, returns CMD's exit code, fires the hooks with trigger `run`,
-//! and leaves no VM; Ctrl-C (SIGINT) during `up` still removes the VM.
+//! writes the run's egress report, and leaves no VM; Ctrl-C (SIGINT)
+//! during `up` still removes the VM.
 
 mod common;
 
@@ -16,14 +17,18 @@ fn run_rm_passes_io_and_exit_code_and_cleans_up() {
     let env = Env::new("run", &image, "");
     let log = env.log_hooks();
 
+    let report = env.root.path().join("egress-report.json");
+    let report_arg = report.to_string_lossy().into_owned();
     let mut child = env
         .cmd(&[
             "run",
             "--rm",
+            "--egress-report",
+            &report_arg,
             "--",
             "sh",
             "-c",
-            "cat; echo to-stderr >&2; exit 3",
+            "getent hosts 192.168.77.50 >/dev/null; cat; echo to-stderr >&2; exit 3",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -48,6 +53,19 @@ fn run_rm_passes_io_and_exit_code_and_cleans_up() {
     assert!(stderr.contains("==> "), "progress goes to stderr: {stderr}");
     assert!(stderr.contains("destroyed"), "{stderr}");
     assert!(!env.state_dir().exists(), "run --rm left the VM's state");
+    // The run's journal outlived the VM, as a CI artifact: the reverse
+    // name of a private address the command asked for, refused.
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&report).unwrap_or_else(|e| panic!("report: {e}: {stderr}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let entries = report["entries"].as_array().cloned().unwrap_or_default();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["name"] == "50.77.168.192.in-addr.arpa" && e["decision"] == "denied"),
+        "{report}"
+    );
     env.assert_clean();
     assert_eq!(
         std::fs::read_to_string(&log).unwrap_or_default(),

@@ -103,6 +103,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             name,
             cold,
             timeout,
+            egress_report,
             command,
         } => run::run(
             &Project::load_own(&dir)?,
@@ -114,6 +115,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 cold,
                 timeout,
                 command,
+                egress_report,
             },
         ),
         Cmd::Completions { shell } => docs::completions(shell),

@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub cold: bool,
     pub timeout: u64,
     pub command: Vec<String>,
+    /// Write the run's egress journal here (JSON), for a CI artifact.
+    pub egress_report: Option<std::path::PathBuf>,
 }
 
 /// The child signals are passed on to: a pid, or minus a process group.
@@ -211,7 +213,52 @@ fn run_clone(p: &Project, o: &RunOptions, remote: &str, stdout: OwnedFd) -> Resu
     result
 }
 
+/// [`up_then_cmd`], then, with `--egress-report`, the run's journal
+/// written (before any `--rm` cleanup removes it).
 fn up_and_run(p: &Project, o: &RunOptions, remote: &str, stdout: OwnedFd) -> Result<u8> {
+    let started = crate::state::now();
+    let result = up_then_cmd(p, o, remote, stdout);
+    let Some(file) = &o.egress_report else {
+        return result;
+    };
+    match (egress_report(p, started, file), result) {
+        (Ok(()), result) => result,
+        (Err(e), Ok(0)) => Err(e),
+        (Err(e), result) => {
+            eprintln!("migrant: error: {}", crate::exit::chain(&e));
+            result
+        }
+    }
+}
+
+/// The journal entries of this run (from `since` on) as one JSON
+/// document in `file`, written as the invoking user.
+fn egress_report(p: &Project, since: u64, file: &std::path::Path) -> Result<()> {
+    use crate::net::dataplane::journal;
+    // Flows are journaled when they end: let the last ones arrive.
+    std::thread::sleep(Duration::from_secs(1));
+    let entries: Vec<journal::Entry> = journal::read(&p.vm.state.join(journal::FILE))?
+        .into_iter()
+        .filter(|e| e.time >= since)
+        .collect();
+    let report = serde_json::json!({
+        "vm": p.cfg.name,
+        "since": since,
+        "entries": entries,
+    });
+    let text = serde_json::to_vec_pretty(&report)
+        .map_err(|e| Error::other(exit::SOFTWARE, e.to_string()))?;
+    let who = crate::provision::keys::Invoker::current()?;
+    crate::provision::as_user::write_file(&who, file, &text, 0o644)?;
+    eprintln!(
+        "==> {}: egress report written to {}",
+        p.cfg.name,
+        file.display()
+    );
+    Ok(())
+}
+
+fn up_then_cmd(p: &Project, o: &RunOptions, remote: &str, stdout: OwnedFd) -> Result<u8> {
     let mut up = Command::new(super::self_exe()?);
     up.arg("-C")
         .arg(&p.cfg.dir)
