@@ -1,4 +1,4 @@
-//! `migrant egress`: the VM's egress journal (see `net::journal`), as
+//! `migrant egress`: the VM's egress journal (see `net::dataplane::journal`), as
 //! lines a person reads or as the recorded JSON, optionally followed.
 
 use std::io::{Read, Seek, Write};
