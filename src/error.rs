@@ -1,5 +1,6 @@
-//! The top-level error: one variant per module error, each with its exit
-//! code; `main` prints the chain once.
+//! The one error of every command and of the supervisor: one variant per
+//! module error, each with its exit code, gathered here once; `main` (and
+//! the supervisor, into `up`'s progress) prints the chain once.
 
 use crate::exit;
 
@@ -19,6 +20,22 @@ pub enum Error {
     Control(#[from] crate::supervisor::control::ControlError),
     #[error(transparent)]
     Supervisor(#[from] crate::supervisor::SupervisorError),
+    #[error(transparent)]
+    Netns(#[from] crate::net::netns::NetnsError),
+    #[error(transparent)]
+    Tap(#[from] crate::net::tap::TapError),
+    #[error(transparent)]
+    Setup(#[from] crate::net::setup::SetupError),
+    #[error(transparent)]
+    Dataplane(#[from] crate::net::dataplane::DataplaneError),
+    #[error(transparent)]
+    Process(#[from] crate::qemu::process::ProcessError),
+    #[error(transparent)]
+    Qmp(#[from] crate::qemu::qmp::QmpError),
+    #[error(transparent)]
+    Accel(#[from] crate::qemu::accel::AccelError),
+    #[error(transparent)]
+    Wireguard(#[from] crate::wireguard::WgError),
     #[error(transparent)]
     Firmware(#[from] crate::firmware::FirmwareError),
     #[error(transparent)]
@@ -54,6 +71,13 @@ impl Error {
             Error::Key(e) => e.exit_code(),
             Error::Control(e) => e.exit_code(),
             Error::Supervisor(e) => e.exit_code(),
+            Error::Tap(crate::net::tap::TapError::Open(_)) => exit::UNAVAILABLE,
+            Error::Netns(_) | Error::Tap(_) | Error::Qmp(_) => exit::SOFTWARE,
+            Error::Setup(e) => e.exit_code(),
+            Error::Dataplane(e) => e.exit_code(),
+            Error::Process(e) => e.exit_code(),
+            Error::Accel(e) => e.exit_code(),
+            Error::Wireguard(e) => e.exit_code(),
             Error::Firmware(e) => e.exit_code(),
             Error::Hook(e) => e.exit_code(),
             Error::Ansible(e) => e.exit_code(),

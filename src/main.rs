@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         }
         Cmd::Netlab { netns, project } => {
             init_logging(cli.verbose, "warn");
-            return match migrant::net::dataplane::netlab(&netns, &project) {
+            return match migrant::supervisor::netlab::netlab(&netns, &project) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("migrant: error: {}", migrant::exit::chain(e.as_ref()));

@@ -52,16 +52,22 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// The machine QEMU is about to run (shares counted by the caller:
-    /// they are added later).
-    pub fn of(spec: &crate::qemu::VmSpec, qemu_version: String, shares: usize) -> Machine {
+    /// The machine QEMU is about to run: `firmware`, `accel`, (cpus,
+    /// memory in MiB), `shares` virtiofs devices.
+    pub fn of(
+        firmware: &FirmwareFiles,
+        accel: crate::qemu::Accelerator,
+        (cpus, memory_mib): (u32, u64),
+        shares: usize,
+        qemu_version: String,
+    ) -> Machine {
         Machine {
             qemu_version,
-            machine: crate::qemu::machine_type(&spec.firmware).to_string(),
-            accel: spec.accel.as_str().to_string(),
-            cpus: spec.cpus,
-            memory_mib: spec.memory_mib,
-            firmware: firmware_kind(&spec.firmware).to_string(),
+            machine: crate::qemu::machine_type(firmware).to_string(),
+            accel: accel.as_str().to_string(),
+            cpus,
+            memory_mib,
+            firmware: firmware_kind(firmware).to_string(),
             shares,
         }
     }

@@ -236,7 +236,7 @@ pub fn vendor_data() -> &'static str {
 /// the same whatever the guest's naming scheme (Debian's ENI renderer writes
 /// the rename as a udev rule and cloud-init applies it on first boot).
 ///
-/// The MAC address is lower-cased and quoted: unquoted, YAML 1.1 would read
+/// The MAC address is written lower-case and quoted: unquoted, YAML 1.1 would read
 /// an all-digit `52:54:00:12:34:56` as a base-60 integer.
 ///
 /// With `net6` (`ipv6 = true`) the NIC also gets the guest's static IPv6
@@ -244,7 +244,7 @@ pub fn vendor_data() -> &'static str {
 /// advertisements or DHCPv6: the addresses are fixed for every VM, the
 /// guest's renderer (ifupdown on Debian 12, netplan on 13) applies it the
 /// same way, and the dataplane keeps no other guest-facing protocol.
-pub fn network_config(mac: &str, net6: Option<crate::config::Net6>) -> String {
+pub fn network_config(mac: crate::state::Mac, net6: Option<crate::config::Net6>) -> String {
     let mut out = format!(
         "version: 2\n\
          ethernets:\n\
@@ -253,7 +253,7 @@ pub fn network_config(mac: &str, net6: Option<crate::config::Net6>) -> String {
          \x20     macaddress: {}\n\
          \x20   set-name: eth0\n\
          \x20   dhcp4: true\n",
-        yaml_quote(&mac.trim().to_ascii_lowercase())
+        yaml_quote(&mac.to_string())
     );
     if let Some(n) = net6 {
         out.push_str(&format!(
@@ -445,7 +445,8 @@ mod tests {
             ),
             (
                 "network-config",
-                network_config("52:54:00:12:34:56", None).into_bytes(),
+                network_config(crate::state::Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]), None)
+                    .into_bytes(),
             ),
             ("vendor-data", Vec::new()),
         ]
@@ -652,13 +653,16 @@ mod tests {
 
     #[test]
     fn network_config_matches_mac() {
-        let plain = network_config("52:54:00:AB:cd:01", None);
+        let plain = network_config(crate::state::Mac([0x52, 0x54, 0, 0xab, 0xcd, 0x01]), None);
         assert_eq!(
             plain,
             "version: 2\nethernets:\n  id0:\n    match:\n      macaddress: \"52:54:00:ab:cd:01\"\n    set-name: eth0\n    dhcp4: true\n"
         );
         assert!(!network_config_has_ipv6(&plain));
-        let v6 = network_config("52:54:00:AB:cd:01", Some(crate::config::Net6::standard()));
+        let v6 = network_config(
+            crate::state::Mac([0x52, 0x54, 0, 0xab, 0xcd, 0x01]),
+            Some(crate::config::Net6::standard()),
+        );
         assert_eq!(
             v6,
             format!(

@@ -265,6 +265,52 @@ pub fn copy_atomic(from: &Path, to: &Path) -> std::io::Result<()> {
     r
 }
 
+/// A MAC address: six octets, written `52:54:00:ab:cd:ef` (a record that
+/// holds anything else is damaged, never read as a made-up address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Mac(pub [u8; 6]);
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mac, String> {
+        let bad = || format!("{s:?} is not a MAC address (six pairs of hex digits)");
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for octet in &mut mac {
+            let part = parts
+                .next()
+                .filter(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+                .ok_or_else(bad)?;
+            *octet = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        match parts.next() {
+            Some(_) => Err(bad()),
+            None => Ok(Mac(mac)),
+        }
+    }
+}
+
+impl TryFrom<String> for Mac {
+    type Error = String;
+    fn try_from(s: String) -> Result<Mac, String> {
+        s.parse()
+    }
+}
+
+impl From<Mac> for String {
+    fn from(m: Mac) -> String {
+        m.to_string()
+    }
+}
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
 /// The persistent record of one VM (`record.json`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Record {
@@ -273,8 +319,8 @@ pub struct Record {
     pub project_dir: PathBuf,
     /// Cached base image the disk overlays.
     pub base_image: PathBuf,
-    pub mac: String,
-    pub guest_ip: String,
+    pub mac: Mac,
+    pub guest_ip: std::net::Ipv4Addr,
     /// Unix seconds.
     pub created_at: u64,
     pub state: VmState,
@@ -511,4 +557,34 @@ pub fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs() {
+        let m: Mac = "52:54:00:AB:cd:ef"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m, Mac([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        assert_eq!(m.to_string(), "52:54:00:ab:cd:ef");
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:01",
+            "52:54:00:ab:cd:zz",
+            "5:54:00:ab:cd:ef",
+            "52:54:00:ab:cd:+f",
+        ] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad}");
+        }
+        // In a record: a damaged one is refused, never read as zeros.
+        assert!(serde_json::from_str::<Mac>("\"52:54:00:ab:cd\"").is_err());
+        assert_eq!(
+            serde_json::to_string(&m).unwrap_or_default(),
+            "\"52:54:00:ab:cd:ef\""
+        );
+    }
 }

@@ -67,7 +67,7 @@ fn view(name: &str, live: &Live, project: &str) -> StatusView {
         project: rec
             .map(|r| r.project_dir.display().to_string())
             .unwrap_or_else(|| project.to_string()),
-        ip: rec.filter(|_| active).map(|r| r.guest_ip.clone()),
+        ip: rec.filter(|_| active).map(|r| r.guest_ip.to_string()),
         ipv6: None,
         accelerator: rec.filter(|_| active).and_then(|r| r.accel.clone()),
         qemu_user: rec.filter(|_| active).and_then(|r| r.qemu_user.clone()),

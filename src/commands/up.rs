@@ -454,9 +454,10 @@ fn user_data(cfg: &Config) -> Result<String> {
     Ok(crate::seed::substitute_pubkey(&text, Some(&public))?)
 }
 
-fn random_mac() -> Result<String> {
-    let b: [u8; 3] = super::random_bytes()?;
-    Ok(format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))
+/// A locally administered address in QEMU's 52:54:00 range.
+fn random_mac() -> Result<state::Mac> {
+    let [a, b, c]: [u8; 3] = super::random_bytes()?;
+    Ok(state::Mac([0x52, 0x54, 0x00, a, b, c]))
 }
 
 fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
@@ -474,7 +475,7 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
     let mac = random_mac()?;
     let instance = format!("{}-{}", cfg.name, state::now());
     let meta = crate::seed::meta_data(&instance, &cfg.name);
-    let net = crate::seed::network_config(&mac, cfg.net6());
+    let net = crate::seed::network_config(mac, cfg.net6());
     crate::seed::write_seed(
         &vm.seed(),
         &[
@@ -489,7 +490,7 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
         project_dir: cfg.dir.clone(),
         base_image: base,
         mac,
-        guest_ip: cfg.guest_ip().to_string(),
+        guest_ip: cfg.guest_ip(),
         created_at: state::now(),
         state: VmState::Stopped,
         supervisor_pid: None,

@@ -11,10 +11,11 @@
 //! the namespace.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
+
+use super::plan::{NetPlan, PROXY_TCP_PORT, PROXY_UDP_PORT};
 
 /// Firewall mark of packets diverted to the proxy; routed to `lo` by a
 /// policy rule.
@@ -36,28 +37,6 @@ pub enum NftError {
     Spawn(#[source] std::io::Error),
     #[error("nft refused the VM's ruleset: {0}")]
     Rejected(String),
-}
-
-/// What the ruleset must do.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
-    pub tap: String,
-    pub gateway: Ipv4Addr,
-    /// The guest's leased address: the only source it may send from.
-    pub guest: Ipv4Addr,
-    /// With `ipv6 = true`: the gateway's and the guest's IPv6 addresses
-    /// (the guest's its only IPv6 source, neighbour discovery aside);
-    /// without, every IPv6 packet from the guest is dropped.
-    pub net6: Option<crate::config::Net6>,
-    /// TCP and UDP TPROXY listener ports inside the namespace; `None` when
-    /// nothing may leave (egress none, no holes): then all but DHCP and DNS
-    /// is dropped.
-    pub proxy: Option<(u16, u16)>,
-    /// Gateway TCP ports that named holes open; a connection to any other
-    /// gateway port is refused with a reset before any handshake.
-    pub gateway_tcp_holes: Vec<u16>,
-    /// WireGuard's TUN: only answers to our own connections come in.
-    pub tunnel: Option<String>,
 }
 
 fn match_eq(left: Value, right: Value) -> Value {
@@ -167,16 +146,15 @@ fn neighbour_discovery(tap: &str, guest: std::net::Ipv6Addr) -> Vec<Value> {
 /// `net6`; with it, neighbour discovery, then only the guest's own
 /// source address, and the gateway's closed TCP ports reset (DNS over
 /// TCP to the gateway is the resolver's, through the proxy).
-fn ipv6_rules(plan: &Plan) -> Vec<Value> {
-    let tap = plan.tap.as_str();
-    let Some(net6) = plan.net6 else {
+fn ipv6_rules(tap: &str, net: &NetPlan) -> Vec<Value> {
+    let Some(net6) = net.net6 else {
         let v6 = match_eq(json!({"meta": {"key": "nfproto"}}), json!("ipv6"));
         return vec![rule(
             "prerouting",
             vec![iif(tap), v6, json!({"drop": null})],
         )];
     };
-    let mut open: Vec<u16> = plan.gateway_tcp_holes.clone();
+    let mut open: Vec<u16> = net.gateway_tcp_holes();
     open.push(53);
     vec![
         rule("prerouting", neighbour_discovery(tap, net6.guest)),
@@ -191,13 +169,13 @@ fn ipv6_rules(plan: &Plan) -> Vec<Value> {
 /// host (1024 entries by default), so a guest sending requests from
 /// endless made-up addresses would leave the host and every other VM
 /// unable to reach new neighbours. Dropped and counted as spoofed.
-fn arp_rules(plan: &Plan) -> Vec<Value> {
+fn arp_rules(tap: &str, net: &NetPlan) -> Vec<Value> {
     let rule = json!({"add": {"rule": {"family": "arp", "table": TABLE, "chain": "input",
     "expr": [
-        iif(&plan.tap),
+        iif(tap),
         {"match": {"op": "!=",
             "left": {"payload": {"protocol": "arp", "field": "saddr ip"}},
-            "right": {"set": [plan.guest.to_string(), "0.0.0.0"]}}},
+            "right": {"set": [net.guest.to_string(), "0.0.0.0"]}}},
         {"counter": SPOOFED},
         {"drop": null},
     ]}}});
@@ -210,10 +188,14 @@ fn arp_rules(plan: &Plan) -> Vec<Value> {
     ]
 }
 
-/// The complete ruleset as nft JSON.
-pub fn ruleset(plan: &Plan) -> Value {
-    let tap = plan.tap.as_str();
-    let gw = plan.gateway.to_string();
+/// The complete ruleset of the namespace whose guest-facing interface is
+/// `tap`, as nft JSON. The guest sends from its leased address only;
+/// with a proxy (anything may leave: [`NetPlan::proxied`]) its TCP and
+/// UDP are diverted to the TPROXY listeners, else all but DHCP and DNS is
+/// dropped; the gateway's TCP ports but the holes' refuse; with a tunnel,
+/// its TUN only answers.
+pub fn ruleset(tap: &str, net: &NetPlan) -> Value {
+    let gw = net.gateway.to_string();
     let mut cmds = vec![
         json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
         json!({"add": {"counter": {"family": "inet", "table": TABLE, "name": GATEWAY_REFUSED}}}),
@@ -242,7 +224,7 @@ pub fn ruleset(plan: &Plan) -> Value {
                 json!({"accept": null}),
             ],
         ),
-        spoofed(tap, plan.guest.into()),
+        spoofed(tap, net.guest.into()),
         // Replies to connections the supervisor itself opened into the
         // guest (the SSH forward) are ours: deliver them, never divert.
         rule(
@@ -273,11 +255,11 @@ pub fn ruleset(plan: &Plan) -> Value {
         rule("prerouting", to_gateway(tap, &gw, "udp", 53)),
         rule("prerouting", to_gateway(tap, &gw, "tcp", 53)),
     ];
-    cmds.extend(ipv6_rules(plan));
+    cmds.extend(ipv6_rules(tap, net));
     cmds.push(closed_ports(
         tap,
-        plan.gateway.into(),
-        &plan.gateway_tcp_holes,
+        net.gateway.into(),
+        &net.gateway_tcp_holes(),
     ));
     // TCP and UDP to multicast groups go nowhere (the namespace forwards
     // nothing): dropped here and counted, not left to the proxy.
@@ -298,14 +280,14 @@ pub fn ruleset(plan: &Plan) -> Value {
             ],
         ));
     }
-    match plan.proxy {
-        Some((tcp, udp)) => {
-            let families: &[(&str, &str)] = match plan.net6 {
+    match net.proxied() {
+        true => {
+            let families: &[(&str, &str)] = match net.net6 {
                 Some(_) => &[("ipv4", "ip"), ("ipv6", "ip6")],
                 None => &[("ipv4", "ip")],
             };
             for (nfproto, family) in families {
-                for (proto, port) in [("tcp", tcp), ("udp", udp)] {
+                for (proto, port) in [("tcp", PROXY_TCP_PORT), ("udp", PROXY_UDP_PORT)] {
                     cmds.push(rule(
                         "prerouting",
                         vec![
@@ -323,7 +305,7 @@ pub fn ruleset(plan: &Plan) -> Value {
             }
             cmds.push(rule("prerouting", vec![iif(tap), json!({"drop": null})]));
         }
-        None => cmds.push(rule("prerouting", vec![iif(tap), json!({"drop": null})])),
+        false => cmds.push(rule("prerouting", vec![iif(tap), json!({"drop": null})])),
     }
     // Anything from the guest that reached the input hook unmarked and is
     // not DHCP/DNS was not meant for us.
@@ -355,11 +337,11 @@ pub fn ruleset(plan: &Plan) -> Value {
             json!({"accept": null}),
         ],
     ));
-    if let Some(net6) = plan.net6 {
+    if let Some(net6) = net.net6 {
         cmds.push(rule("input", neighbour_discovery(tap, net6.guest)));
     }
     cmds.push(rule("input", vec![iif(tap), json!({"drop": null})]));
-    if let Some(tun) = &plan.tunnel {
+    if let Some(tun) = net.tunnel.as_ref().map(|t| t.iface.as_str()) {
         // The far side of the tunnel may answer, never open: no listener
         // of the namespace (DNS, the proxy) is reachable from there.
         cmds.push(rule(
@@ -372,7 +354,7 @@ pub fn ruleset(plan: &Plan) -> Value {
         ));
         cmds.push(rule("input", vec![iif(tun), json!({"drop": null})]));
     }
-    cmds.extend(arp_rules(plan));
+    cmds.extend(arp_rules(tap, net));
     json!({"nftables": cmds})
 }
 
@@ -444,6 +426,19 @@ pub fn apply(ruleset: &Value) -> Result<(), NftError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Egress, NetRule, Proto};
+    use crate::net::plan::tests::plan as net_plan;
+
+    /// TCP holes to the gateway's `ports` (allow-host-port rules).
+    fn holes(ports: &[u16]) -> Vec<NetRule> {
+        ports
+            .iter()
+            .map(|&port| NetRule::AllowHostPort {
+                proto: Proto::Tcp,
+                port,
+            })
+            .collect()
+    }
 
     fn rules(v: &Value) -> Vec<String> {
         v["nftables"]
@@ -459,15 +454,7 @@ mod tests {
 
     #[test]
     fn direct_egress_diverts_tcp_and_udp_to_the_proxy() {
-        let v = ruleset(&Plan {
-            tap: "tap0".into(),
-            gateway: Ipv4Addr::new(10, 0, 2, 2),
-            guest: Ipv4Addr::new(10, 0, 2, 15),
-            net6: None,
-            proxy: Some((15001, 15002)),
-            gateway_tcp_holes: vec![8080],
-            tunnel: None,
-        });
+        let v = ruleset("tap0", &net_plan(Egress::Direct, holes(&[8080])));
         let r = rules(&v);
         // Only the guest's own source address passes (and DHCP before it).
         let spoof = r
@@ -507,15 +494,7 @@ mod tests {
 
     #[test]
     fn without_a_proxy_nothing_is_diverted() {
-        let v = ruleset(&Plan {
-            tap: "tap0".into(),
-            gateway: Ipv4Addr::new(10, 0, 2, 2),
-            guest: Ipv4Addr::new(10, 0, 2, 15),
-            net6: None,
-            proxy: None,
-            gateway_tcp_holes: vec![],
-            tunnel: None,
-        });
+        let v = ruleset("tap0", &net_plan(Egress::None, Vec::new()));
         assert!(!v.to_string().contains("tproxy"));
         assert!(v.to_string().contains("10.0.2.2"));
     }
@@ -540,23 +519,22 @@ mod tests {
         }
         let ns = crate::net::netns::NetNs::create().unwrap_or_else(|e| panic!("{e}"));
         let v6 = Some(crate::config::Net6::standard());
-        for (proxy, net6) in [
-            (Some((15001, 15002)), None),
-            (None, None),
-            (Some((15001, 15002)), v6),
+        for (egress, net6) in [
+            (Egress::Direct, None),
+            (Egress::None, None),
+            (Egress::Direct, v6),
         ] {
-            let plan = Plan {
-                tap: "tap0".into(),
-                gateway: Ipv4Addr::new(10, 0, 2, 2),
-                guest: Ipv4Addr::new(10, 0, 2, 15),
-                net6,
-                proxy,
-                gateway_tcp_holes: vec![8080, 8081],
-                tunnel: None,
+            // Nothing may leave: no holes either (a hole needs the proxy).
+            let holes = match egress {
+                Egress::None => Vec::new(),
+                _ => holes(&[8080, 8081]),
             };
+            let proxy = !holes.is_empty();
+            let mut plan = net_plan(egress, holes);
+            plan.net6 = net6;
             let listed = ns
                 .run(|| {
-                    apply(&ruleset(&plan))?;
+                    apply(&ruleset("tap0", &plan))?;
                     assert_eq!(
                         read_counters([GATEWAY_REFUSED, SPOOFED, MULTICAST])?,
                         [0, 0, 0]
@@ -572,19 +550,19 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"))
                 .unwrap_or_else(|e| panic!("{e}"));
             assert!(listed.contains("table inet migrant"), "{listed}");
-            assert!(
-                listed.contains(
-                    "ip daddr 10.0.2.2 tcp dport != { 8080, 8081 } counter name \"gateway_refused\" reject with tcp reset"
-                ),
-                "{listed}"
-            );
+            let closed = if proxy {
+                "ip daddr 10.0.2.2 tcp dport != { 8080, 8081 } counter name \"gateway_refused\" reject with tcp reset"
+            } else {
+                "ip daddr 10.0.2.2 meta l4proto tcp counter name \"gateway_refused\" reject with tcp reset"
+            };
+            assert!(listed.contains(closed), "{listed}");
             assert!(
                 listed.contains("ct state established,related accept"),
                 "{listed}"
             );
             assert_eq!(
                 listed.contains("tproxy ip to :15001 accept"),
-                proxy.is_some(),
+                proxy,
                 "{listed}"
             );
             assert_eq!(
@@ -619,16 +597,12 @@ mod tests {
 
     #[test]
     fn the_tunnel_may_answer_but_never_open() {
-        let plan = Plan {
-            tap: "tap0".into(),
-            gateway: Ipv4Addr::new(10, 0, 2, 2),
-            guest: Ipv4Addr::new(10, 0, 2, 15),
-            net6: None,
-            proxy: Some((15001, 15002)),
-            gateway_tcp_holes: vec![],
-            tunnel: Some("wg0".into()),
-        };
-        let r = rules(&ruleset(&plan));
+        let mut plan = net_plan(Egress::Direct, Vec::new());
+        plan.tunnel = Some(crate::net::plan::Tunnel {
+            iface: "wg0".into(),
+            dns: Vec::new(),
+        });
+        let r = rules(&ruleset("tap0", &plan));
         let accept = r
             .iter()
             .position(|e| e.contains("\"wg0\"") && e.contains("established"))
@@ -638,10 +612,8 @@ mod tests {
             .position(|e| e.contains("\"wg0\"") && e.contains("drop"))
             .unwrap_or_else(|| panic!("no drop: {r:?}"));
         assert!(accept < drop);
-        let without = rules(&ruleset(&Plan {
-            tunnel: None,
-            ..plan
-        }));
+        plan.tunnel = None;
+        let without = rules(&ruleset("tap0", &plan));
         assert!(!without.iter().any(|e| e.contains("wg0")));
     }
 }

@@ -58,7 +58,7 @@ pub struct VmSpec {
     pub disk: PathBuf,
     /// NoCloud seed (raw vfat).
     pub seed: PathBuf,
-    pub mac: String,
+    pub mac: crate::state::Mac,
     /// Open TAP device (IFF_VNET_HDR).
     pub tap_fd: i32,
     /// One end of a connected socket pair for QMP.
@@ -252,7 +252,7 @@ mod tests {
             firmware: FirmwareFiles::Bios,
             disk: "/var/lib/migrant/vms/box/disk.qcow2".into(),
             seed: "/var/lib/migrant/vms/box/seed.img".into(),
-            mac: "52:54:00:12:34:56".into(),
+            mac: crate::state::Mac([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
             tap_fd: 10,
             qmp_fd: 11,
             console_fd: 12,

@@ -246,21 +246,18 @@ pub struct Daemon {
     pub exited: bool,
 }
 
-/// Start the embedded virtiofsd for one share. Returns the daemon and the
-/// socket end QEMU gets (`-chardev socket,fd=`): the supervisor creates
-/// the listening socket, connects to it (the connection waits in the
-/// backlog until virtiofsd accepts it) and removes its path, so nothing
-/// else can ever connect. Must be called from the thread that lives as
-/// long as the VM: the daemon gets SIGKILL when that thread exits.
-pub fn spawn(
-    exe: &Path,
-    tag: &str,
-    dir: &Path,
-    socket_path: &Path,
-    log: &Path,
-    owner: Option<(u32, u32)>,
-) -> std::io::Result<(Daemon, std::os::unix::net::UnixStream)> {
-    use std::os::fd::AsRawFd;
+/// The two ends of one share's vhost-user socket: the listener its
+/// virtiofsd accepts on, and the connection QEMU gets (`-chardev
+/// socket,fd=`).
+pub struct Ends {
+    pub listener: std::os::unix::net::UnixListener,
+    pub qemu: std::os::unix::net::UnixStream,
+}
+
+/// Make a share's [`Ends`]: a listening socket at `socket_path`, a
+/// connection to it (which waits in the backlog until virtiofsd accepts
+/// it), and the path removed at once, so nothing else can ever connect.
+pub fn socket_ends(socket_path: &Path) -> std::io::Result<Ends> {
     use std::os::unix::fs::PermissionsExt;
 
     let _ = std::fs::remove_file(socket_path);
@@ -270,7 +267,24 @@ pub fn spawn(
         std::os::unix::net::UnixStream::connect(socket_path)
     })();
     let _ = std::fs::remove_file(socket_path);
-    let qemu_end = result?;
+    Ok(Ends {
+        listener,
+        qemu: result?,
+    })
+}
+
+/// Start the embedded virtiofsd for one share, serving on `listener` (of
+/// [`socket_ends`]). Must be called from the thread that lives as long as
+/// the VM: the daemon gets SIGKILL when that thread exits.
+pub fn spawn(
+    exe: &Path,
+    tag: &str,
+    dir: &Path,
+    listener: std::os::unix::net::UnixListener,
+    log: &Path,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<Daemon> {
+    use std::os::fd::AsRawFd;
 
     let (out, _drain) =
         crate::rotate::capped_log("virtiofsd-log", log, crate::rotate::HELPER_LOG_CAP)?;
@@ -292,14 +306,11 @@ pub fn spawn(
     crate::sandbox::hand_over(&mut cmd, vec![fd]);
     let child = cmd.spawn()?;
     drop(listener);
-    Ok((
-        Daemon {
-            tag: tag.to_string(),
-            child,
-            exited: false,
-        },
-        qemu_end,
-    ))
+    Ok(Daemon {
+        tag: tag.to_string(),
+        child,
+        exited: false,
+    })
 }
 
 /// Stop the daemons and wait for them (a file system they hold keeps its

@@ -6,6 +6,7 @@
 
 pub mod control;
 mod memory;
+pub mod netlab;
 mod prepare;
 pub mod progress;
 mod restart;
@@ -15,48 +16,15 @@ mod server;
 
 use std::path::PathBuf;
 
-use crate::config;
-use crate::net::{dataplane, tap};
-use crate::qemu::{self, process};
 use crate::state::{self, Paths, VmPaths};
 use progress::{Progress, Reporter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
-    #[error(transparent)]
-    Config(#[from] config::ConfigError),
-    #[error(transparent)]
-    State(#[from] state::StateError),
     #[error("VM {0} has no record; run `migrant up`")]
     NoRecord(String),
     #[error("the VM's record is damaged: {0}")]
     BadRecord(String),
-    #[error(transparent)]
-    Netns(#[from] crate::net::netns::NetnsError),
-    #[error(transparent)]
-    Tap(#[from] tap::TapError),
-    #[error(transparent)]
-    Dataplane(#[from] dataplane::DataplaneError),
-    #[error("{what}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Process(#[from] process::ProcessError),
-    #[error(transparent)]
-    Qmp(#[from] qemu::qmp::QmpError),
-    #[error(transparent)]
-    Accel(#[from] qemu::accel::AccelError),
-    #[error(transparent)]
-    Firmware(#[from] crate::firmware::FirmwareError),
-    #[error(transparent)]
-    Share(#[from] crate::share::ShareError),
-    #[error(transparent)]
-    Wireguard(#[from] crate::wireguard::WgError),
-    #[error(transparent)]
-    Image(#[from] crate::image::ImageError),
     #[error("{0}")]
     Snapshot(String),
     #[error("QEMU exited during start-up ({status}); last lines of its log:\n{log}")]
@@ -67,27 +35,18 @@ impl SupervisorError {
     pub fn exit_code(&self) -> u8 {
         use crate::exit;
         match self {
-            SupervisorError::Config(e) => e.exit_code(),
-            SupervisorError::State(e) => e.exit_code(),
             SupervisorError::NoRecord(_) => exit::USAGE,
             SupervisorError::BadRecord(_) => exit::DATAERR,
-            SupervisorError::Process(e) => e.exit_code(),
-            SupervisorError::Accel(e) => e.exit_code(),
-            SupervisorError::Firmware(e) => e.exit_code(),
-            SupervisorError::Share(e) => e.exit_code(),
-            SupervisorError::Wireguard(e) => e.exit_code(),
-            SupervisorError::Image(e) => e.exit_code(),
-            SupervisorError::Tap(tap::TapError::Open(_)) => exit::UNAVAILABLE,
-            SupervisorError::Dataplane(e) => e.exit_code(),
             SupervisorError::Snapshot(_) => exit::CONFIG,
-            _ => exit::SOFTWARE,
+            SupervisorError::QemuExited { .. } => exit::SOFTWARE,
         }
     }
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
-    let what = what.into();
-    move |source| SupervisorError::Io { what, source }
+use crate::error::Error;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    Error::io(what)
 }
 
 /// Arguments of the hidden `__supervisor` mode.
@@ -188,7 +147,7 @@ fn cleanup(vm: &VmPaths) {
     }
 }
 
-fn run(args: &Args, vm: &VmPaths, reporter: &mut Reporter) -> Result<(), SupervisorError> {
+fn run(args: &Args, vm: &VmPaths, reporter: &mut Reporter) -> Result<(), Error> {
     let p = prepare::prepare(args, vm)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -203,46 +162,4 @@ fn run(args: &Args, vm: &VmPaths, reporter: &mut Reporter) -> Result<(), Supervi
         )
     });
     rt.block_on(running::supervise(p, vm, reporter, deadline))
-}
-
-/// The VM's MAC address from its record: six hex octets, or an error
-/// (never a made-up address).
-fn parse_mac(s: &str) -> Result<[u8; 6], SupervisorError> {
-    let bad = || {
-        SupervisorError::Snapshot(format!(
-            "the VM's record holds a malformed MAC address {s:?}"
-        ))
-    };
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for octet in &mut mac {
-        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
-        *octet = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-    }
-    if parts.next().is_some() {
-        return Err(bad());
-    }
-    Ok(mac)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn macs() {
-        assert_eq!(
-            parse_mac("52:54:00:ab:cd:ef").ok(),
-            Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
-        );
-        for bad in [
-            "",
-            "52:54:00:ab:cd",
-            "52:54:00:ab:cd:ef:01",
-            "52:54:00:ab:cd:zz",
-            "5:54:00:ab:cd:ef",
-        ] {
-            assert!(parse_mac(bad).is_err(), "{bad}");
-        }
-    }
 }

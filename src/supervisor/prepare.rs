@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use super::{Args, SupervisorError, io};
 use crate::config::{self, Config};
+use crate::error::Error;
 use crate::net::netns::NetNs;
-use crate::net::{dataplane, tap};
+use crate::net::plan::NetPlan;
+use crate::net::{setup, tap};
 use crate::qemu::{self, process};
 use crate::state::{self, Record, VmPaths};
 
@@ -19,7 +21,10 @@ pub(super) struct Prepared {
     pub(super) rec: Record,
     pub(super) ns: Arc<NetNs>,
     pub(super) tap: std::fs::File,
-    pub(super) sockets: dataplane::Sockets,
+    /// The VM's network, projected once: the namespace was made from it,
+    /// the dataplane gets it.
+    pub(super) net: NetPlan,
+    pub(super) sockets: setup::Sockets,
     pub(super) qmp_ours: std::os::unix::net::UnixStream,
     pub(super) qmp_theirs: std::os::unix::net::UnixStream,
     pub(super) console: std::os::unix::net::UnixListener,
@@ -29,6 +34,8 @@ pub(super) struct Prepared {
     pub(super) spec: qemu::VmSpec,
     /// Shares to serve, their stores mounted.
     pub(super) served: Vec<crate::share::Served>,
+    /// Each share's socket (in `served`'s order): QEMU's end is in `spec`.
+    pub(super) fs_ends: Vec<crate::share::virtiofsd::Ends>,
     /// WireGuard mode: the plan, the TUN (in the namespace) and the UDP
     /// socket (in the host's).
     pub(super) wg: Option<(crate::wireguard::Plan, std::fs::File, std::net::UdpSocket)>,
@@ -43,9 +50,7 @@ pub(super) struct Prepared {
     pub(super) disk_size: u64,
 }
 
-pub(super) fn bind_private(
-    path: &Path,
-) -> Result<std::os::unix::net::UnixListener, SupervisorError> {
+pub(super) fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
     let _ = std::fs::remove_file(path);
     let l = std::os::unix::net::UnixListener::bind(path)
         .map_err(io(format!("cannot listen on {}", path.display())))?;
@@ -55,7 +60,7 @@ pub(super) fn bind_private(
 }
 
 /// The SSH socket belongs to the user who ran `migrant up` (still 0600).
-pub(super) fn give_to_invoker(path: &Path) -> Result<(), SupervisorError> {
+pub(super) fn give_to_invoker(path: &Path) -> Result<(), Error> {
     let Ok(who) = crate::provision::keys::Invoker::current() else {
         return Ok(());
     };
@@ -68,7 +73,7 @@ pub(super) fn give_to_invoker(path: &Path) -> Result<(), SupervisorError> {
 
 /// Give `path` (root's, in the VM's state folder or the image cache) to
 /// `uid`:`gid` with `mode`.
-fn set_owner(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), SupervisorError> {
+fn set_owner(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), Error> {
     nix::unistd::chown(
         path,
         Some(nix::unistd::Uid::from_raw(uid)),
@@ -79,23 +84,8 @@ fn set_owner(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), Superviso
         .map_err(io(format!("chmod {}", path.display())))
 }
 
-pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorError> {
-    // The config `up` validated, handed down: never the Migrantfile again
-    // (it may have changed since, and it is the user's file).
-    let cfg =
-        config::Config::taken_over(crate::sandbox::inherited(args.config_fd).map_err(|e| {
-            SupervisorError::Io {
-                what: "the config from `up`".into(),
-                source: e,
-            }
-        })?)?;
-    if cfg.dir != args.project {
-        return Err(SupervisorError::BadRecord(format!(
-            "the config handed down is for {}, not {}",
-            cfg.dir.display(),
-            args.project.display()
-        )));
-    }
+pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, Error> {
+    let cfg = taken_over(args)?;
     let mut rec =
         Record::load(&vm.record())?.ok_or_else(|| SupervisorError::NoRecord(vm.name.clone()))?;
     // QEMU, unprivileged and possibly compromised, wrote this disk last
@@ -114,17 +104,151 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
     // QEMU runs unprivileged and opens its files here by name.
     state::ensure_dir(&vm.state, 0o711)?;
 
-    // Endpoint names are resolved here, once, in the host's namespace.
-    let wg_plan = crate::wireguard::plan_for(&cfg)?;
+    let Network {
+        net,
+        ns,
+        tap,
+        sockets,
+        wg,
+    } = network(&cfg)?;
+
+    let (qmp_ours, qmp_theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(io("QMP socket pair"))?;
+    let console = bind_private(&vm.console_sock())?;
+    let serial = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| io("serial log pipe")(e.into()))?;
+    // Each share's socket: QEMU's end goes into its command line, the
+    // daemon's is served once the daemons start.
+    let fs_ends = served
+        .iter()
+        .map(|s| {
+            crate::share::virtiofsd::socket_ends(&vm.run.join(format!("virtiofsd-{}.sock", s.tag)))
+                .map_err(io(format!("cannot make the socket of share {:?}", s.tag)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    // The VM's own identity: QEMU and its tunnel run as it.
+    let vm_id = state::allocate_vm_id(vm, rec.vm_id, process::VM_ID_BASE, process::VM_ID_COUNT)?;
+    rec.vm_id = Some(vm_id);
+    let identity = process::vm_identity(vm_id)?;
+    let firmware = crate::firmware::resolve(cfg.firmware, cfg.secure_boot, &vm.nvram())?;
+    hand_files_to(&identity, &rec, vm, &firmware)?;
+
+    // A clone's QEMU never opens the template's files by name: root opens
+    // the snapshot its disk overlays and hands the descriptor over.
+    let backing = match &rec.template {
+        Some(_) => Some(open_read_only(&snapshot)?),
+        None => None,
+    };
+    let accel = qemu::accel::resolve(cfg.accel)?;
+    let size = (cfg.cpus, cfg.memory / (1024 * 1024));
+    // QEMU's version is asked only when it matters (a restore here, a
+    // memory snapshot later): not at every start.
+    let version = match rec.restore_memory {
+        true => crate::memsnap::qemu_version().map_err(io("cannot run QEMU for its version"))?,
+        false => String::new(),
+    };
+    let machine = crate::memsnap::Machine::of(&firmware, accel, size, served.len(), version);
+    // A memory snapshot is restored only into the machine it was taken
+    // on (`up` checked this too, and offers `--cold`).
+    let incoming = match rec.restore_memory {
+        true => Some(memory_to_restore(&owner, &machine)?),
+        false => None,
+    };
+    let spec = qemu::VmSpec {
+        name: cfg.name.clone(),
+        cpus: size.0,
+        memory_mib: size.1,
+        accel,
+        firmware,
+        disk: vm.disk(),
+        seed: vm.seed(),
+        mac: rec.mac,
+        tap_fd: tap.as_raw_fd(),
+        qmp_fd: qmp_theirs.as_raw_fd(),
+        console_fd: console.as_raw_fd(),
+        serial_fd: serial.1.as_raw_fd(),
+        shares: served
+            .iter()
+            .zip(&fs_ends)
+            .map(|(s, e)| qemu::FsDevice {
+                tag: s.tag.clone(),
+                fd: e.qemu.as_raw_fd(),
+            })
+            .collect(),
+        extra: crate::qemu::extra::for_vm(vm).map_err(io("the VM's extra QEMU arguments"))?,
+        incoming_fd: incoming.as_ref().map(|f| f.as_raw_fd()),
+        backing_fd: backing.as_ref().map(|f| f.as_raw_fd()),
+    };
+    Ok(Prepared {
+        cfg,
+        rec,
+        ns,
+        tap,
+        net,
+        sockets,
+        qmp_ours,
+        qmp_theirs,
+        console,
+        serial,
+        identity,
+        spec,
+        served,
+        fs_ends,
+        wg,
+        incoming,
+        backing,
+        machine,
+        disk_size,
+    })
+}
+
+/// The config `up` validated, handed down: never the Migrantfile again
+/// (it may have changed since, and it is the user's file).
+fn taken_over(args: &Args) -> Result<Config, Error> {
+    let fd = crate::sandbox::inherited(args.config_fd).map_err(|e| Error::Io {
+        what: "the config from `up`".into(),
+        source: e,
+    })?;
+    let cfg = config::Config::taken_over(fd)?;
+    if cfg.dir != args.project {
+        return Err(SupervisorError::BadRecord(format!(
+            "the config handed down is for {}, not {}",
+            cfg.dir.display(),
+            args.project.display()
+        ))
+        .into());
+    }
+    Ok(cfg)
+}
+
+/// The VM's network as [`network`] makes it.
+struct Network {
+    net: NetPlan,
+    ns: Arc<NetNs>,
+    tap: std::fs::File,
+    sockets: setup::Sockets,
+    wg: Option<(crate::wireguard::Plan, std::fs::File, std::net::UdpSocket)>,
+}
+
+/// The VM's namespace with its TAP, the tunnel's TUN and every socket the
+/// dataplane will get, all from one [`NetPlan`]; the tunnel's endpoint
+/// names are resolved here, once, in the host's namespace.
+fn network(cfg: &Config) -> Result<Network, Error> {
+    let wg_plan = crate::wireguard::plan_for(cfg)?;
+    let net = NetPlan::of(
+        cfg,
+        wg_plan.as_ref().map(crate::wireguard::Plan::net),
+        setup::host_upstreams(),
+    );
     let ns = Arc::new(NetNs::create()?);
-    let setup = dataplane::Setup::for_config(&cfg);
-    let (tap, sockets, tun) = ns.run(|| -> Result<_, SupervisorError> {
+    let (tap, sockets, tun) = ns.run(|| -> Result<_, Error> {
         let tap = tap::create_tap(tap::TAP_NAME)?;
         let tun = wg_plan
             .as_ref()
             .map(crate::wireguard::create_tun_in_ns)
             .transpose()?;
-        let sockets = dataplane::setup_in_ns(tap::TAP_NAME, &setup)?;
+        let sockets = setup::setup_in_ns(tap::TAP_NAME, &net)?;
         Ok((tap, sockets, tun))
     })??;
     let wg = match (wg_plan, tun) {
@@ -134,106 +258,58 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, SupervisorE
         }
         _ => None,
     };
+    Ok(Network {
+        net,
+        ns,
+        tap,
+        sockets,
+        wg,
+    })
+}
 
-    let (qmp_ours, qmp_theirs) =
-        std::os::unix::net::UnixStream::pair().map_err(io("QMP socket pair"))?;
-    let console = bind_private(&vm.console_sock())?;
-
-    // The VM's own identity: QEMU and its tunnel run as it.
-    let vm_id = state::allocate_vm_id(vm, rec.vm_id, process::VM_ID_BASE, process::VM_ID_COUNT)?;
-    rec.vm_id = Some(vm_id);
-    let identity = process::vm_identity(vm_id)?;
-    // Base images are readable by VM identities only; the snapshot a
-    // reset disk overlays, by this VM only.
+/// Base images are readable by VM identities only; the snapshot a reset
+/// disk overlays, by this VM only; QEMU opens its disk, seed and UEFI
+/// variables itself, as `identity`: 0600, its own.
+fn hand_files_to(
+    identity: &process::Identity,
+    rec: &Record,
+    vm: &VmPaths,
+    firmware: &qemu::FirmwareFiles,
+) -> Result<(), Error> {
     let images = process::system_group(process::IMAGE_GROUP)?;
     set_owner(&rec.base_image, 0, images.as_raw(), 0o640)?;
     if vm.snapshot().exists() {
         set_owner(&vm.snapshot(), 0, identity.gid.as_raw(), 0o640)?;
     }
-    // QEMU opens its disks itself, as the unprivileged user: 0600, its own.
     let mut owned = vec![vm.disk(), vm.seed()];
-    let serial = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| io("serial log pipe")(e.into()))?;
-    let firmware = crate::firmware::resolve(cfg.firmware, cfg.secure_boot, &vm.nvram())?;
-    if let qemu::FirmwareFiles::Uefi { vars, .. } = &firmware {
+    if let qemu::FirmwareFiles::Uefi { vars, .. } = firmware {
         owned.push(vars.clone());
     }
     for f in &owned {
         set_owner(f, identity.uid.as_raw(), identity.gid.as_raw(), 0o600)?;
     }
+    Ok(())
+}
 
-    // A clone's QEMU never opens the template's files by name: root opens
-    // the snapshot its disk overlays and hands the descriptor over.
-    let backing = match &rec.template {
-        Some(_) => Some(open_read_only(&snapshot)?),
-        None => None,
-    };
-    let accel = qemu::accel::resolve(cfg.accel)?;
-    let mut spec = qemu::VmSpec {
-        name: cfg.name.clone(),
-        cpus: cfg.cpus,
-        memory_mib: cfg.memory / (1024 * 1024),
-        accel,
-        firmware,
-        disk: vm.disk(),
-        seed: vm.seed(),
-        mac: rec.mac.clone(),
-        tap_fd: tap.as_raw_fd(),
-        qmp_fd: qmp_theirs.as_raw_fd(),
-        console_fd: console.as_raw_fd(),
-        serial_fd: serial.1.as_raw_fd(),
-        shares: Vec::new(),
-        // What a pre-up hook gave on creation (see provision::hooks), then
-        // MIGRANT_QEMU_EXTRA_ARGS (benchmarks, debugging).
-        extra: { crate::qemu::extra::for_vm(vm).map_err(io("the VM's extra QEMU arguments"))? },
-        incoming_fd: None,
-        backing_fd: backing.as_ref().map(|f| f.as_raw_fd()),
-    };
-    // QEMU's version is asked only when it matters (a restore here, a
-    // memory snapshot later): not at every start.
-    let mut machine = crate::memsnap::Machine::of(&spec, String::new(), served.len());
-    // A memory snapshot is restored only into the machine it was taken
-    // on (`up` checked this too, and offers `--cold`).
-    let incoming = if rec.restore_memory {
-        machine.qemu_version =
-            crate::memsnap::qemu_version().map_err(io("cannot run QEMU for its version"))?;
-        let meta = crate::memsnap::load(&owner).ok_or(SupervisorError::Snapshot(
-            "the memory snapshot to restore is gone; `migrant up --cold` boots the disk".into(),
-        ))?;
-        if let Some(why) = meta.mismatch(&machine) {
-            return Err(SupervisorError::Snapshot(format!(
-                "the memory snapshot cannot be restored: {why}; `migrant up --cold` boots the disk instead"
-            )));
-        }
-        let f = open_read_only(&owner.snapshot_state())?;
-        spec.incoming_fd = Some(f.as_raw_fd());
-        Some(f)
-    } else {
-        None
-    };
-    Ok(Prepared {
-        cfg,
-        rec,
-        ns,
-        tap,
-        sockets,
-        qmp_ours,
-        qmp_theirs,
-        console,
-        serial,
-        identity,
-        spec,
-        served,
-        wg,
-        incoming,
-        backing,
-        machine,
-        disk_size,
-    })
+/// The memory snapshot of `owner` (the VM, or a clone's template), open
+/// read-only for QEMU, if `machine` is the one it was taken on.
+fn memory_to_restore(
+    owner: &VmPaths,
+    machine: &crate::memsnap::Machine,
+) -> Result<std::fs::File, Error> {
+    let meta = crate::memsnap::load(owner).ok_or(SupervisorError::Snapshot(
+        "the memory snapshot to restore is gone; `migrant up --cold` boots the disk".into(),
+    ))?;
+    if let Some(why) = meta.mismatch(machine) {
+        return Err(SupervisorError::Snapshot(format!(
+            "the memory snapshot cannot be restored: {why}; `migrant up --cold` boots the disk instead"
+        )).into());
+    }
+    open_read_only(&owner.snapshot_state())
 }
 
 /// Open one of root's files read-only, never through a symlink.
-fn open_read_only(path: &Path) -> Result<std::fs::File, SupervisorError> {
+fn open_read_only(path: &Path) -> Result<std::fs::File, Error> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)

@@ -2,7 +2,6 @@
 //! dataplane) started and restarted, QMP events, the shares checked, until
 //! QEMU stops, a halt is asked for or SIGTERM comes.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +14,8 @@ use super::prepare::{Prepared, bind_private, give_to_invoker};
 use super::progress::{Progress, Reporter};
 use super::restart::{Helper, Turn};
 use super::server::{Control, Shared, serve_control};
-use super::{SupervisorError, cleanup, io, parse_mac, serial};
+use super::{SupervisorError, cleanup, io, serial};
+use crate::error::Error;
 use crate::net::dataplane;
 use crate::qemu::{self, process, qmp::Qmp};
 use crate::state::{self, Record, VmPaths, VmState};
@@ -64,7 +64,7 @@ pub(super) async fn supervise(
     vm: &VmPaths,
     reporter: &mut Reporter,
     boot_deadline: Option<(u64, tokio::time::Instant)>,
-) -> Result<(), SupervisorError> {
+) -> Result<(), Error> {
     let mut running = start(p, vm, reporter, boot_deadline).await?;
     let stop_reason = running.watch().await?;
     running.finish(stop_reason).await;
@@ -79,20 +79,22 @@ async fn start<'a>(
     vm: &'a VmPaths,
     reporter: &'a mut Reporter,
     boot_deadline: Option<(u64, tokio::time::Instant)>,
-) -> Result<Running<'a>, SupervisorError> {
+) -> Result<Running<'a>, Error> {
     let Prepared {
         cfg,
         mut rec,
         ns,
         tap,
+        net,
         sockets,
         qmp_ours,
         qmp_theirs,
         console,
         serial,
         identity,
-        mut spec,
+        spec,
         served,
+        fs_ends,
         wg,
         incoming,
         backing,
@@ -107,40 +109,17 @@ async fn start<'a>(
 
     // One embedded virtiofsd per share, started before QEMU (from this
     // thread: they die with it).
-    let (daemons, fs_ends) = start_daemons(&exe, &served, vm, &mut spec)?;
+    let (daemons, fs_ends) = start_daemons(&exe, &served, fs_ends, vm)?;
 
     let qemu_log = vm.state.join("qemu.log");
-    let mut keep_fds = vec![spec.tap_fd, spec.qmp_fd, spec.console_fd, spec.serial_fd];
-    keep_fds.extend(spec.shares.iter().map(|s| s.fd));
-    keep_fds.extend(spec.incoming_fd);
-    keep_fds.extend(spec.backing_fd);
-    let (mut child, qemu_log_drain) = process::spawn(process::Launch {
-        argv: qemu::build_argv(&spec),
-        netns: ns.fd(),
-        identity: &identity,
-        keep_fds,
-        log: &qemu_log,
-        max_file_size: process::max_file_size(disk_size),
-    })?;
+    let (mut child, qemu_log_drain) = spawn_qemu(&spec, &ns, &identity, &qemu_log, disk_size)?;
     // QEMU holds its own copies now.
     let (serial_r, serial_w) = serial;
     drop((tap, qmp_theirs, console, fs_ends, serial_w, backing));
     serial::spawn(serial_r, vm.serial_log()).map_err(io("serial log thread"))?;
     let qemu_pid = child.id();
     tracing::info!(pid = ?qemu_pid, accel = spec.accel.as_str(), user = %identity.name, "QEMU started");
-
-    rec.state = VmState::Starting;
-    rec.supervisor_pid = Some(std::process::id());
-    rec.qemu_pid = qemu_pid;
-    rec.accel = Some(spec.accel.as_str().to_string());
-    rec.cpus = Some(spec.cpus);
-    rec.memory = Some(cfg.memory);
-    rec.qemu_user = Some(identity.name.clone());
-    rec.started_at = Some(state::now());
-    // The disk diverges from the snapshot from now on: the next start
-    // boots it, unless a reset makes it fresh again.
-    rec.restore_memory = false;
-    rec.save(&vm.record())?;
+    mark_started(&mut rec, (&spec, cfg.memory), &identity, qemu_pid, vm)?;
     reporter.send(&Progress::Qemu {
         pid: qemu_pid.unwrap_or(0),
         accel: spec.accel.as_str().to_string(),
@@ -148,25 +127,10 @@ async fn start<'a>(
     });
 
     let (qmp, event_rx) = open_qmp(qmp_ours, &mut child, (&qemu_log, &qemu_log_drain)).await?;
-
     // (after the event task: replies arrive through its polling)
     let restored = incoming.is_some();
     if let (Some(fd), Some(file)) = (spec.incoming_fd, incoming) {
-        match super::memory::restore(&qmp, fd).await {
-            Ok(took) => {
-                tracing::info!("memory snapshot restored in {} ms", took.as_millis());
-                reporter.send(&Progress::Restored {
-                    ms: took.as_millis() as u64,
-                });
-            }
-            Err(e) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                return Err(SupervisorError::Snapshot(format!(
-                    "restoring the memory snapshot failed: {e}; `migrant up --cold` boots the disk instead"
-                )));
-            }
-        }
+        restore_memory(&qmp, fd, &mut child, reporter).await?;
         drop(file);
     }
 
@@ -183,21 +147,14 @@ async fn start<'a>(
         Some(vm.state.join(crate::net::dataplane::journal::FILE)),
         rec.owner,
     );
-    let mut plane_plan = dataplane::Plan::for_config(
-        &cfg,
-        parse_mac(&rec.mac)?,
-        wg_plan
-            .as_ref()
-            .map(|p: &crate::wireguard::Plan| p.dns.as_slice()),
-        &identity,
-        &vm.run,
-    );
-    plane_plan.journal = true;
-    plane_plan.probe_ssh = true;
+    let plane_plan = dataplane::Plan::new(&cfg.name, net, rec.mac, &identity, &vm.run);
     // A restored guest holds its lease already.
-    plane_plan.lease_seen = restored;
+    let first = dataplane::Start {
+        probe_ssh: true,
+        lease_seen: restored,
+    };
     let plane =
-        dataplane::parent::start(&exe, &vm.state, plane_plan.clone(), &kept, &ns, &hub).await?;
+        dataplane::parent::start(&exe, &vm.state, &plane_plan, first, &kept, &ns, &hub).await?;
     tracing::info!(pid = ?plane.child.id(), user = %identity.name, "dataplane started");
     let lease_rx = hub.lease.subscribe();
     let sshd_rx = hub.sshd.subscribe();
@@ -259,6 +216,78 @@ async fn start<'a>(
     })
 }
 
+/// QEMU for `spec`, in the VM's namespace, as its identity, with the
+/// descriptors the spec names and its writes bounded by the disk's size;
+/// its output goes to a capped `log`.
+fn spawn_qemu(
+    spec: &qemu::VmSpec,
+    ns: &crate::net::netns::NetNs,
+    identity: &process::Identity,
+    log: &Path,
+    disk_size: u64,
+) -> Result<(tokio::process::Child, crate::rotate::Drain), Error> {
+    let mut keep_fds = vec![spec.tap_fd, spec.qmp_fd, spec.console_fd, spec.serial_fd];
+    keep_fds.extend(spec.shares.iter().map(|s| s.fd));
+    keep_fds.extend(spec.incoming_fd);
+    keep_fds.extend(spec.backing_fd);
+    Ok(process::spawn(process::Launch {
+        argv: qemu::build_argv(spec),
+        netns: ns.fd(),
+        identity,
+        keep_fds,
+        log,
+        max_file_size: process::max_file_size(disk_size),
+    })?)
+}
+
+/// The record of a VM whose QEMU just started (with `memory` bytes).
+fn mark_started(
+    rec: &mut Record,
+    (spec, memory): (&qemu::VmSpec, u64),
+    identity: &process::Identity,
+    qemu_pid: Option<u32>,
+    vm: &VmPaths,
+) -> Result<(), Error> {
+    rec.state = VmState::Starting;
+    rec.supervisor_pid = Some(std::process::id());
+    rec.qemu_pid = qemu_pid;
+    rec.accel = Some(spec.accel.as_str().to_string());
+    rec.cpus = Some(spec.cpus);
+    rec.memory = Some(memory);
+    rec.qemu_user = Some(identity.name.clone());
+    rec.started_at = Some(state::now());
+    // The disk diverges from the snapshot from now on: the next start
+    // boots it, unless a reset makes it fresh again.
+    rec.restore_memory = false;
+    Ok(rec.save(&vm.record())?)
+}
+
+/// Have the waiting QEMU read the memory snapshot from `fd`; on failure
+/// QEMU is stopped (a half-restored guest never runs).
+async fn restore_memory(
+    qmp: &Qmp,
+    fd: i32,
+    child: &mut tokio::process::Child,
+    reporter: &mut Reporter,
+) -> Result<(), Error> {
+    match super::memory::restore(qmp, fd).await {
+        Ok(took) => {
+            tracing::info!("memory snapshot restored in {} ms", took.as_millis());
+            reporter.send(&Progress::Restored {
+                ms: took.as_millis() as u64,
+            });
+            Ok(())
+        }
+        Err(e) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            Err(SupervisorError::Snapshot(format!(
+                "restoring the memory snapshot failed: {e}; `migrant up --cold` boots the disk instead"
+            )).into())
+        }
+    }
+}
+
 /// The WireGuard loop, up and handshaken before the guest exists (fail
 /// closed), with its reports published.
 async fn start_tunnel(
@@ -274,7 +303,7 @@ async fn start_tunnel(
         Option<crate::wireguard::child::Tunnel>,
         Option<crate::wireguard::Plan>,
     ),
-    SupervisorError,
+    Error,
 > {
     if let Some((plan, tun, udp)) = wg {
         let up = crate::wireguard::bring_up(
@@ -309,41 +338,37 @@ async fn start_tunnel(
     Ok((None, None))
 }
 
-/// One embedded virtiofsd per share; their ends go into QEMU's spec.
+/// One embedded virtiofsd per share, each serving its end of the share's
+/// socket; QEMU's ends come back, kept until QEMU holds its own copies.
 fn start_daemons(
     exe: &Path,
     served: &[crate::share::Served],
+    ends: Vec<crate::share::virtiofsd::Ends>,
     vm: &VmPaths,
-    spec: &mut qemu::VmSpec,
 ) -> Result<
     (
         Vec<crate::share::virtiofsd::Daemon>,
         Vec<std::os::unix::net::UnixStream>,
     ),
-    SupervisorError,
+    Error,
 > {
     let mut daemons = Vec::new();
-    let mut fs_ends = Vec::new();
-    for s in served {
-        let (daemon, end) = crate::share::virtiofsd::spawn(
+    let mut qemu_ends = Vec::new();
+    for (s, end) in served.iter().zip(ends) {
+        let daemon = crate::share::virtiofsd::spawn(
             exe,
             &s.tag,
             &s.dir,
-            &vm.run.join(format!("virtiofsd-{}.sock", s.tag)),
+            end.listener,
             &vm.state.join(format!("virtiofsd-{}.log", s.tag)),
             s.owner,
         )
         .map_err(io(format!("cannot start virtiofsd for share {:?}", s.tag)))?;
         tracing::info!(pid = ?daemon.child.id(), tag = %s.tag, dir = %s.dir.display(), "virtiofsd started");
-        spec.shares.push(qemu::FsDevice {
-            tag: s.tag.clone(),
-            fd: end.as_raw_fd(),
-        });
         daemons.push(daemon);
-        fs_ends.push(end);
+        qemu_ends.push(end.qemu);
     }
-
-    Ok((daemons, fs_ends))
+    Ok((daemons, qemu_ends))
 }
 
 /// QEMU's monitor, and its events forwarded into a channel.
@@ -351,7 +376,7 @@ async fn open_qmp(
     qmp_ours: std::os::unix::net::UnixStream,
     child: &mut tokio::process::Child,
     qemu_log: (&Path, &crate::rotate::Drain),
-) -> Result<(Qmp, mpsc::UnboundedReceiver<qapi::qmp::Event>), SupervisorError> {
+) -> Result<(Qmp, mpsc::UnboundedReceiver<qapi::qmp::Event>), Error> {
     qmp_ours.set_nonblocking(true).map_err(io("QMP socket"))?;
     let stream = tokio::net::UnixStream::from_std(qmp_ours).map_err(io("QMP socket"))?;
     let (qmp, mut events) = match Qmp::open(stream).await {
@@ -360,7 +385,7 @@ async fn open_qmp(
             // QEMU closing the monitor usually means it exited: say why.
             if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), child.wait()).await
             {
-                return Err(qemu_exited(Some(status), qemu_log));
+                return Err(qemu_exited(Some(status), qemu_log).into());
             }
             return Err(e.into());
         }
@@ -386,11 +411,11 @@ async fn open_qmp(
 }
 
 /// What an event handler decided: go on, or stop the VM (why).
-type Next = Result<Option<String>, SupervisorError>;
+type Next = Result<Option<String>, Error>;
 
 impl Running<'_> {
     /// Dispatch events until the VM stops; returns why it stopped.
-    async fn watch(&mut self) -> Result<String, SupervisorError> {
+    async fn watch(&mut self) -> Result<String, Error> {
         loop {
             let deadline = self
                 .boot_deadline
@@ -455,7 +480,7 @@ impl Running<'_> {
             .unwrap_or_else(|e| e.to_string());
         if !self.ready {
             let (log, drain) = &self.qemu_log;
-            return Err(qemu_exited(None, (log, drain)).with_status(status));
+            return Err(qemu_exited(None, (log, drain)).with_status(status).into());
         }
         Ok(Some(format!("QEMU exited ({status})")))
     }
@@ -553,13 +578,15 @@ impl Running<'_> {
     }
 
     async fn restart_plane(&mut self) {
-        let mut p = self.plane_plan.clone();
-        p.probe_ssh = !self.ready;
-        p.lease_seen = *self.hub.lease.borrow();
+        let start = dataplane::Start {
+            probe_ssh: !self.ready,
+            lease_seen: *self.hub.lease.borrow(),
+        };
         let started = dataplane::parent::start(
             &self.exe,
             &self.vm.state,
-            p,
+            &self.plane_plan,
+            start,
             &self.kept,
             &self.ns,
             &self.hub,

@@ -262,7 +262,7 @@ async fn info(shared: &Shared) -> Result<Info, qemu::qmp::QmpError> {
             .started_at
             .map(|t| state::now().saturating_sub(t))
             .unwrap_or(0),
-        guest_ip: shared.rec.guest_ip.clone(),
+        guest_ip: shared.rec.guest_ip.to_string(),
         lease_seen: *shared.hub.lease.borrow(),
     })
 }

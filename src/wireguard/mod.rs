@@ -216,6 +216,14 @@ fn resolve_endpoint(
 }
 
 impl Plan {
+    /// The tunnel as the VM's network sees it.
+    pub fn net(&self) -> crate::net::plan::Tunnel {
+        crate::net::plan::Tunnel {
+            iface: TUN_NAME.to_string(),
+            dns: self.dns.clone(),
+        }
+    }
+
     /// The plan with endpoint names resolved again, for a restarted
     /// tunnel (the peer may have moved since `up`); a name that does not
     /// resolve now keeps its last address.

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::link::{Event, MAX_MESSAGE, ROUTE_COST_REQUEST, STATS_REQUEST};
-use super::{Fds, Plan};
+use super::{Fds, Handover};
 use super::{dhcp, dns, domains, forward, journal, policy, proxy, resolver, route};
 use crate::net::netns::{Exit, NsSockets};
 
@@ -46,17 +46,17 @@ fn run() -> std::io::Result<()> {
         .lock()
         .take(1 << 20)
         .read_to_end(&mut text)?;
-    let plan: Plan = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
-    crate::sandbox::close_strays(&plan.fds.all());
-    let fds = Owned::take(&plan.fds)?;
-    crate::sandbox::empty_root(&plan.empty_parent)?;
-    crate::sandbox::drop_identity(plan.uid, plan.gid, plan.parent)?;
+    let h: Handover = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
+    crate::sandbox::close_strays(&h.fds.all());
+    let fds = Owned::take(&h.fds)?;
+    crate::sandbox::empty_root(&h.plan.empty_parent)?;
+    crate::sandbox::drop_identity(h.plan.uid, h.plan.gid, h.plan.parent)?;
     filter().load()?;
-    tracing::info!(uid = plan.uid, "dataplane started");
+    tracing::info!(uid = h.plan.uid, "dataplane started");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(plan, fds))
+    rt.block_on(serve(h, fds))
 }
 
 fn filter() -> crate::sandbox::Filter {
@@ -125,7 +125,9 @@ impl Owned {
 }
 
 /// Serve until the supervisor goes.
-async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
+async fn serve(h: Handover, fds: Owned) -> std::io::Result<()> {
+    let plan = &h.plan;
+    let net = &plan.net;
     let events = Arc::new(tokio::net::UnixDatagram::from_std(
         std::os::unix::net::UnixDatagram::from(fds.events),
     )?);
@@ -138,40 +140,7 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
         }
     };
     let inside = Arc::new(NsSockets::remote(fds.factory).map_err(std::io::Error::other)?);
-
-    // DHCP.
-    let (lease_tx, mut lease_rx) = tokio::sync::watch::channel(plan.lease_seen);
-    let lease = dhcp::Lease {
-        mac: plan.mac,
-        ip: plan.guest,
-        server: plan.gateway,
-        netmask: plan.subnet.netmask(),
-        router: plan.gateway,
-        dns: vec![plan.gateway],
-        lease_secs: 86400,
-        hostname: Some(plan.name.clone()),
-        domain: None,
-        mtu: None,
-    };
-    let dhcp_sock = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fds.dhcp))?;
-    tokio::spawn({
-        let report = report.clone();
-        async move {
-            let r = dhcp::serve(dhcp_sock, lease, move |ev| {
-                if let dhcp::DhcpEvent::Acked { ip } = ev {
-                    tracing::info!("DHCP: lease {ip} acknowledged");
-                    let _ = lease_tx.send(true);
-                    report(Event::Lease);
-                } else {
-                    tracing::debug!("DHCP: {ev:?}");
-                }
-            })
-            .await;
-            if let Err(e) = r {
-                tracing::error!("DHCP server stopped: {e}");
-            }
-        }
-    });
+    let lease_rx = spawn_dhcp(plan, fds.dhcp, h.start.lease_seen, report.clone())?;
 
     let stats = Arc::new(super::stats::Stats::with_journal(if plan.journal {
         let report = report.clone();
@@ -183,49 +152,25 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
         journal::Journal::disabled()
     }));
     let allow =
-        (!plan.allow_domains.is_empty()).then(|| domains::Allowlist::new(&plan.allow_domains));
-    let host = policy::HostAddrs::default();
-    host.refresh();
-    let rule = if plan.egress == crate::config::Egress::Open {
-        route::Rule::AnyUnicast
-    } else {
-        route::Rule::DefaultRoute
-    };
-    let tunnel = plan.tunnel.then(|| Arc::clone(&inside));
-    let gate = Arc::new(route::Gate {
-        policy: policy::Policy {
-            egress: plan.egress,
-            gateway: plan.gateway,
-            subnet: plan.subnet,
-            rules: plan.rules.clone(),
-            host,
-            domains: allow.clone(),
-            tunnel: plan.tunnel,
-            net6: plan.net6,
-        },
-        host: route::RouteGuard::new(route::RouteSocket::new()?, rule),
-        // Without its route socket, tunnel flows are refused (fail closed).
-        tunnel: match (&tunnel, fds.tunnel_routes) {
-            (Some(sockets), Some(fd)) => Some(route::TunnelExit {
-                guard: route::RouteGuard::new(
-                    route::RouteSocket::from_socket(socket2::Socket::from(fd))?,
-                    route::Rule::NotVia(plan.guest_link),
-                ),
-                sockets: Arc::clone(sockets),
-            }),
-            _ => None,
-        },
-    });
+        (!net.allow_domains.is_empty()).then(|| domains::Allowlist::new(&net.allow_domains));
+    let tunnel = net.tunnel.as_ref().map(|_| Arc::clone(&inside));
+    let gate = gate(
+        net,
+        allow.clone(),
+        tunnel.clone(),
+        fds.tunnel_routes,
+        h.guest_link,
+    )?;
     let resolver = Arc::new(resolver::Resolver {
         stub: dns::Stub {
             names: vec![
-                (plan.name.clone(), plan.guest),
-                ("gateway".to_string(), plan.gateway),
+                (plan.name.clone(), net.guest),
+                ("gateway".to_string(), net.gateway),
             ],
         },
-        upstreams: plan.upstreams.clone(),
+        upstreams: net.upstreams.clone(),
         exit: match &tunnel {
-            Some(t) if plan.dns_via_tunnel => Exit::Tunnel(Arc::clone(t)),
+            Some(t) if net.dns_via_tunnel() => Exit::Tunnel(Arc::clone(t)),
             _ => Exit::Host,
         },
         allow,
@@ -266,9 +211,7 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
             });
         }
     }
-
-    // SSH: the forward from the host's socket, and the readiness probe.
-    let ssh_target = SocketAddr::V4(SocketAddrV4::new(plan.guest, 22));
+    let ssh_target = SocketAddr::V4(SocketAddrV4::new(net.guest, 22));
     if let Some(fd) = fds.ssh {
         let listener = std::os::unix::net::UnixListener::from(fd);
         listener.set_nonblocking(true)?;
@@ -279,23 +222,8 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
             ssh_target,
         ));
     }
-    if plan.probe_ssh {
-        let inside = Arc::clone(&inside);
-        let report = report.clone();
-        tokio::spawn(async move {
-            while !*lease_rx.borrow_and_update() {
-                if lease_rx.changed().await.is_err() {
-                    return;
-                }
-            }
-            loop {
-                if forward::ssh_banner(&inside, ssh_target).await {
-                    report(Event::Sshd);
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
+    if h.start.probe_ssh {
+        tokio::spawn(probe_ssh(lease_rx, inside, ssh_target, report.clone()));
     }
 
     // The supervisor's requests, until it goes.
@@ -310,5 +238,106 @@ async fn serve(plan: Plan, fds: Owned) -> std::io::Result<()> {
             }
             _ => {}
         }
+    }
+}
+
+/// The DHCP server on `socket`, offering the guest its one lease; the
+/// returned watch turns true once the guest holds it (at once when
+/// `lease_seen`).
+fn spawn_dhcp(
+    plan: &super::Plan,
+    socket: OwnedFd,
+    lease_seen: bool,
+    report: impl Fn(Event) + Send + 'static,
+) -> std::io::Result<tokio::sync::watch::Receiver<bool>> {
+    let (lease_tx, lease_rx) = tokio::sync::watch::channel(lease_seen);
+    let lease = dhcp::Lease {
+        mac: plan.mac.0,
+        ip: plan.net.guest,
+        server: plan.net.gateway,
+        netmask: plan.net.subnet.netmask(),
+        router: plan.net.gateway,
+        dns: vec![plan.net.gateway],
+        lease_secs: 86400,
+        hostname: Some(plan.name.clone()),
+        domain: None,
+        mtu: None,
+    };
+    let socket = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(socket))?;
+    tokio::spawn(async move {
+        let r = dhcp::serve(socket, lease, move |ev| {
+            if let dhcp::DhcpEvent::Acked { ip } = ev {
+                tracing::info!("DHCP: lease {ip} acknowledged");
+                let _ = lease_tx.send(true);
+                report(Event::Lease);
+            } else {
+                tracing::debug!("DHCP: {ev:?}");
+            }
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!("DHCP server stopped: {e}");
+        }
+    });
+    Ok(lease_rx)
+}
+
+/// The one place a flow's exit is decided: the policy for `net`, the
+/// host's route rule, and in WireGuard mode the tunnel's (the VM's
+/// namespace, whose only way out is not the guest's link). Without its
+/// route socket, tunnel flows are refused (fail closed).
+fn gate(
+    net: &crate::net::plan::NetPlan,
+    domains: Option<domains::Allowlist>,
+    tunnel: Option<Arc<NsSockets>>,
+    tunnel_routes: Option<OwnedFd>,
+    guest_link: u32,
+) -> std::io::Result<Arc<route::Gate>> {
+    let host = policy::HostAddrs::default();
+    host.refresh();
+    let rule = if net.egress == crate::config::Egress::Open {
+        route::Rule::AnyUnicast
+    } else {
+        route::Rule::DefaultRoute
+    };
+    Ok(Arc::new(route::Gate {
+        policy: policy::Policy {
+            net: net.clone(),
+            host,
+            domains,
+        },
+        host: route::RouteGuard::new(route::RouteSocket::new()?, rule),
+        tunnel: match (tunnel, tunnel_routes) {
+            (Some(sockets), Some(fd)) => Some(route::TunnelExit {
+                guard: route::RouteGuard::new(
+                    route::RouteSocket::from_socket(socket2::Socket::from(fd))?,
+                    route::Rule::NotVia(guest_link),
+                ),
+                sockets,
+            }),
+            _ => None,
+        },
+    }))
+}
+
+/// Report when the guest's SSH server first answers, once it holds its
+/// lease.
+async fn probe_ssh(
+    mut lease_rx: tokio::sync::watch::Receiver<bool>,
+    inside: Arc<NsSockets>,
+    target: SocketAddr,
+    report: impl Fn(Event),
+) {
+    while !*lease_rx.borrow_and_update() {
+        if lease_rx.changed().await.is_err() {
+            return;
+        }
+    }
+    loop {
+        if forward::ssh_banner(&inside, target).await {
+            report(Event::Sshd);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

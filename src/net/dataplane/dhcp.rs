@@ -2,7 +2,7 @@
 //!
 //! The pure core, [`handle`] (and its shorthand [`reply`]), turns one request
 //! from the guest into the reply to send, if any; [`serve`] runs it on a
-//! socket made by [`bind_socket`] inside the VM's network namespace.
+//! socket made by [`crate::net::setup::dhcp_socket`] inside the VM's network namespace.
 //!
 //! Everything received is untrusted guest input. Before the packet reaches
 //! the `dhcproto` decoder, its options area is reduced to the few options the
@@ -10,16 +10,13 @@
 //! guest-controlled lengths), and packets from any other MAC address, relayed
 //! packets, replies and plain BOOTP requests are ignored.
 
-use std::ffi::OsString;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 
 use dhcproto::v4::{
     self, DhcpOption, DhcpOptions, Flags, HType, Message, MessageType, Opcode, OptionCode,
 };
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
-use nix::sys::socket::{self as sock, sockopt};
 
 /// The UDP port the server listens on.
 pub const SERVER_PORT: u16 = v4::SERVER_PORT;
@@ -362,7 +359,7 @@ fn fraction(secs: u32, num: u64, den: u64) -> u32 {
 
 /// Serves `lease` on `socket` until a receive error that is not transient.
 ///
-/// `socket` is the one [`bind_socket`] made (bound to 0.0.0.0:67 on the
+/// `socket` is the one [`crate::net::setup::dhcp_socket`] made (bound to 0.0.0.0:67 on the
 /// guest-facing interface inside the VM's network namespace, SO_BROADCAST
 /// set), converted with `tokio::net::UdpSocket::from_std`. Replies go to
 /// 255.255.255.255:68, or to the client's address when it already has one.
@@ -421,36 +418,6 @@ async fn send_reply(socket: &tokio::net::UdpSocket, reply: &Reply, client_port: 
     if let Err(e) = socket.send_to(&reply.bytes, broadcast).await {
         tracing::warn!(error = %e, dest = %broadcast, "dhcp: cannot send reply");
     }
-}
-
-/// Creates the server socket: UDP, SO_REUSEADDR, SO_BROADCAST,
-/// SO_BINDTODEVICE(`ifname`), bound to 0.0.0.0:67, close-on-exec and
-/// non-blocking (ready for `tokio::net::UdpSocket::from_std`).
-///
-/// Call it on a thread that has entered the VM's network namespace: the
-/// socket belongs to the namespace of the thread that creates it. Needs
-/// CAP_NET_BIND_SERVICE (port 67) and, on older kernels, CAP_NET_RAW
-/// (SO_BINDTODEVICE) in that namespace.
-pub fn bind_socket(ifname: &str) -> io::Result<std::net::UdpSocket> {
-    // An empty name would *remove* the device binding.
-    if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ || ifname.contains(['/', '\0']) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("invalid interface name {ifname:?}"),
-        ));
-    }
-    let fd = sock::socket(
-        sock::AddressFamily::Inet,
-        sock::SockType::Datagram,
-        sock::SockFlag::SOCK_CLOEXEC | sock::SockFlag::SOCK_NONBLOCK,
-        sock::SockProtocol::Udp,
-    )?;
-    sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    sock::setsockopt(&fd, sockopt::Broadcast, &true)?;
-    sock::setsockopt(&fd, sockopt::BindToDevice, &OsString::from(ifname))?;
-    let addr = sock::SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, SERVER_PORT));
-    sock::bind(fd.as_raw_fd(), &addr)?;
-    Ok(std::net::UdpSocket::from(fd))
 }
 
 #[cfg(test)]
@@ -898,31 +865,33 @@ mod tests {
     }
 
     #[test]
-    fn bind_socket_rejects_bad_names() {
+    fn dhcp_socket_rejects_bad_names() {
         for bad in ["", "a/b", "0123456789abcdef"] {
-            let err = bind_socket(bad).unwrap_err();
+            let err = crate::net::setup::dhcp_socket(bad).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
         }
     }
 
     /// In a fresh network namespace (skipped without the privilege to make
-    /// one): bind_socket on lo, then serve() answers a DISCOVER with a
+    /// one): dhcp_socket on lo, then serve() answers a DISCOVER with a
     /// broadcast OFFER to port 68.
     #[test]
-    fn bind_socket_and_serve_in_private_netns() {
+    fn dhcp_socket_and_serve_in_private_netns() {
         let outcome = std::thread::spawn(|| {
             if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
                 return Err(format!("cannot unshare the network namespace: {e}"));
             }
             // Nothing else is in this namespace: any port is ours.
-            assert!(bind_socket("nosuchif0").is_err());
-            let std_sock = bind_socket("lo").unwrap();
+            assert!(crate::net::setup::dhcp_socket("nosuchif0").is_err());
+            let std_sock = crate::net::setup::dhcp_socket("lo").unwrap();
             assert_eq!(
                 std_sock.local_addr().unwrap(),
                 "0.0.0.0:67".parse().unwrap()
             );
             assert!(std_sock.broadcast().unwrap());
-            let dev = sock::getsockopt(&std_sock, sockopt::BindToDevice).unwrap();
+            let dev =
+                nix::sys::socket::getsockopt(&std_sock, nix::sys::socket::sockopt::BindToDevice)
+                    .unwrap();
             assert_eq!(dev, "lo");
 
             let up = std::process::Command::new("ip")

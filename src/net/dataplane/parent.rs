@@ -12,9 +12,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::link::{Event, MAX_MESSAGE, STATS_REQUEST};
-use super::{DataplaneError, Plan, Sockets, io};
+use super::{DataplaneError, Handover, Plan, Start, io};
 use crate::net::dataplane::stats::StatsView;
 use crate::net::netns::NetNs;
+use crate::net::setup::Sockets;
 
 /// What the dataplane children of one VM reported, kept by the supervisor.
 pub struct Hub {
@@ -129,7 +130,8 @@ fn add(sum: &mut StatsView, v: &StatsView) {
 pub async fn start(
     exe: &Path,
     label: &Path,
-    mut plan: Plan,
+    plan: &Plan,
+    start: Start,
     kept: &Kept,
     ns: &NetNs,
     hub: &Arc<Hub>,
@@ -139,8 +141,7 @@ pub async fn start(
     let (events_ours, events_theirs) =
         std::os::unix::net::UnixDatagram::pair().map_err(io("dataplane event socket"))?;
     let s = &kept.sockets;
-    plan.guest_link = s.guest_link;
-    plan.fds = super::Fds {
+    let fds = super::Fds {
         dhcp: s.dhcp.as_raw_fd(),
         dns: s.dns.as_raw_fd(),
         dns_tcp: s.dns_tcp.as_raw_fd(),
@@ -153,10 +154,17 @@ pub async fn start(
         factory: factory_theirs.as_raw_fd(),
         events: events_theirs.as_raw_fd(),
     };
+    let keep = fds.all();
     // Reply sockets may speak to the guest's addresses only.
-    let mut guests = vec![std::net::IpAddr::V4(plan.guest)];
-    guests.extend(plan.net6.map(|n| std::net::IpAddr::V6(n.guest)));
-    let text = serde_json::to_vec(&plan).map_err(|e| io("dataplane plan")(e.into()))?;
+    let mut guests = vec![std::net::IpAddr::V4(plan.net.guest)];
+    guests.extend(plan.net.net6.map(|n| std::net::IpAddr::V6(n.guest)));
+    let handover = Handover {
+        plan: plan.clone(),
+        guest_link: s.guest_link,
+        fds,
+        start,
+    };
+    let text = serde_json::to_vec(&handover).map_err(|e| io("dataplane plan")(e.into()))?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("__dataplane")
         .arg("--vm")
@@ -164,16 +172,14 @@ pub async fn start(
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true);
-    crate::sandbox::hand_over(&mut cmd, plan.fds.all());
+    crate::sandbox::hand_over(&mut cmd, keep);
     let mut child = cmd.spawn().map_err(io("cannot start the dataplane"))?;
     drop((factory_theirs, events_theirs));
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(&text).await.map_err(io("dataplane plan"))?;
     }
-    crate::net::netns::serve(ns, factory_ours, guests).map_err(|e| DataplaneError::Io {
-        what: "dataplane socket factory",
-        source: std::io::Error::other(e),
-    })?;
+    crate::net::netns::serve(ns, factory_ours, guests)
+        .map_err(|e| io("dataplane socket factory")(std::io::Error::other(e)))?;
     events_ours
         .set_nonblocking(true)
         .map_err(io("dataplane event socket"))?;

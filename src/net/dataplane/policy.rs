@@ -8,7 +8,8 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::{Arc, RwLock};
 
-use crate::config::{Egress, Net6, NetRule, Proto};
+use crate::config::{Egress, NetRule, Proto};
+use crate::net::plan::NetPlan;
 
 /// Why a flow was refused.
 #[derive(
@@ -255,25 +256,21 @@ impl HostAddrs {
 /// Decides what the guest may reach.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    pub egress: Egress,
-    pub gateway: Ipv4Addr,
-    pub subnet: ipnet::Ipv4Net,
-    pub rules: Vec<NetRule>,
+    /// The VM's network: its egress, holes, subnet and gateway; with
+    /// `ipv6 = true` its IPv6 network (otherwise every IPv6 flow is
+    /// refused); in WireGuard mode, flows that are not named holes use the
+    /// tunnel.
+    pub net: NetPlan,
     pub host: HostAddrs,
     /// With `allow_domains`: addresses its DNS answers admitted.
     pub domains: Option<super::domains::Allowlist>,
-    /// WireGuard mode: flows that are not named holes use the tunnel.
-    pub tunnel: bool,
-    /// With `ipv6 = true`: the guest's IPv6 network; otherwise every IPv6
-    /// flow is refused.
-    pub net6: Option<Net6>,
 }
 
 impl Policy {
     /// A named `allow-lan-host` hole for `ip` (with its via-tunnel mark);
     /// never one of the host's own addresses, which `up` refuses too.
     fn lan_hole(&self, ip: IpAddr) -> Result<Option<bool>, Denial> {
-        let hole = self.rules.iter().find_map(|r| match r {
+        let hole = self.net.rules.iter().find_map(|r| match r {
             NetRule::AllowLanHost { addr, via_tunnel } if *addr == ip => Some(*via_tunnel),
             _ => None,
         });
@@ -307,7 +304,7 @@ impl Policy {
         match classify(ip) {
             // The original's NETWORK_ISOLATION=false: the LAN is open, the
             // host itself still is not.
-            Some(Denial::Private | Denial::Cgnat) if self.egress == Egress::Open => {}
+            Some(Denial::Private | Denial::Cgnat) if self.net.egress == Egress::Open => {}
             Some(d) => return Err(d),
             None => {}
         }
@@ -328,7 +325,7 @@ impl Policy {
                     self.classify_public(v4)?;
                 }
             }
-            Class6::Denied(Denial::Private) if self.egress == Egress::Open => {}
+            Class6::Denied(Denial::Private) if self.net.egress == Egress::Open => {}
             Class6::Denied(d) => return Err(d),
         }
         if self.host.contains(IpAddr::V6(ip)) {
@@ -348,7 +345,7 @@ impl Policy {
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                 Some(v4) => v4,
                 None => {
-                    let net6 = self.net6.ok_or(Denial::Ipv6)?;
+                    let net6 = self.net.net6.ok_or(Denial::Ipv6)?;
                     if net6.contains(v6) {
                         return Err(Denial::GuestNetwork);
                     }
@@ -369,7 +366,7 @@ impl Policy {
     }
 
     fn in_subnet(&self, ip: Ipv4Addr) -> bool {
-        self.subnet.contains(&ip)
+        self.net.subnet.contains(&ip)
     }
 
     /// The decision for a guest flow to `dst`.
@@ -385,7 +382,7 @@ impl Policy {
     }
 
     fn decide6(&self, proto: Proto, ip: Ipv6Addr, port: u16) -> Result<Allowed, Denial> {
-        let net6 = self.net6.ok_or(Denial::Ipv6)?;
+        let net6 = self.net.net6.ok_or(Denial::Ipv6)?;
         if ip == net6.gateway {
             // The gateway's IPv6 address opens the same holes as its IPv4
             // one.
@@ -402,7 +399,7 @@ impl Policy {
                 via_tunnel,
             });
         }
-        if self.egress == Egress::None {
+        if self.net.egress == Egress::None {
             return Err(Denial::EgressNone);
         }
         self.classify_public6(ip)?;
@@ -410,7 +407,7 @@ impl Policy {
         Ok(Allowed {
             to,
             hole: false,
-            via_tunnel: self.tunnel,
+            via_tunnel: self.net.tunnel.is_some(),
         })
     }
 
@@ -430,7 +427,7 @@ impl Policy {
 
     /// What a rule opens on the gateway's `port`, if any.
     fn gateway_hole(&self, proto: Proto, port: u16) -> Result<Allowed, Denial> {
-        for r in &self.rules {
+        for r in &self.net.rules {
             match *r {
                 NetRule::AllowHostPort { proto: p, port: hp } if p == proto && hp == port => {
                     return Ok(Allowed {
@@ -461,7 +458,7 @@ impl Policy {
     fn decide4(&self, proto: Proto, dst: SocketAddrV4) -> Result<Allowed, Denial> {
         let ip = *dst.ip();
         let port = dst.port();
-        if ip == self.gateway {
+        if ip == self.net.gateway {
             return self.gateway_hole(proto, port);
         }
         if self.in_subnet(ip) {
@@ -474,7 +471,7 @@ impl Policy {
                 via_tunnel,
             });
         }
-        if self.egress == Egress::None {
+        if self.net.egress == Egress::None {
             return Err(Denial::EgressNone);
         }
         self.classify_public(ip)?;
@@ -484,7 +481,7 @@ impl Policy {
         Ok(Allowed {
             to: SocketAddr::V4(dst),
             hole: false,
-            via_tunnel: self.tunnel,
+            via_tunnel: self.net.tunnel.is_some(),
         })
     }
 }
@@ -504,14 +501,9 @@ mod tests {
             .collect(),
         );
         Policy {
-            egress,
-            gateway: Ipv4Addr::new(10, 0, 2, 2),
-            subnet: ipnet::Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 2, 0), 24),
-            rules,
+            net: crate::net::plan::tests::plan(egress, rules),
             host,
             domains: None,
-            tunnel: false,
-            net6: None,
         }
     }
 
@@ -674,7 +666,10 @@ mod tests {
                 },
             ],
         );
-        p.tunnel = true;
+        p.net.tunnel = Some(crate::net::plan::Tunnel {
+            iface: "wg0".into(),
+            dns: Vec::new(),
+        });
         let via = |ip: [u8; 4], port| p.decide(Proto::Tcp, to(ip, port)).map(|a| a.via_tunnel);
         assert_eq!(via([93, 184, 216, 34], 443), Ok(true));
         assert_eq!(via([192, 168, 1, 50], 80), Ok(false));
@@ -684,7 +679,7 @@ mod tests {
         // The policy still refuses inside the tunnel.
         assert_eq!(via([192, 168, 1, 52], 80), Err(Denial::Private));
         assert_eq!(via([45, 1, 2, 3], 80), Err(Denial::HostAddress));
-        p.tunnel = false;
+        p.net.tunnel = None;
         let via = |ip: [u8; 4], port| p.decide(Proto::Tcp, to(ip, port)).map(|a| a.via_tunnel);
         assert_eq!(via([93, 184, 216, 34], 443), Ok(false));
     }
@@ -728,7 +723,7 @@ mod tests {
             (8004, "[::ffff:45.1.2.3]:80"),
             (8005, "[::1]:80"),
         ] {
-            p.rules.push(NetRule::ForwardPort {
+            p.net.rules.push(NetRule::ForwardPort {
                 proto: Proto::Tcp,
                 guest_port: port,
                 target: target.parse().unwrap_or_else(|e| panic!("{e}")),
@@ -782,7 +777,7 @@ mod tests {
 
     fn with_ipv6(egress: Egress) -> Policy {
         let mut p = policy(egress, vec![]);
-        p.net6 = Some(Net6::standard());
+        p.net.net6 = Some(crate::config::Net6::standard());
         let mut host: HashSet<IpAddr> = HashSet::new();
         host.insert("2a0a:1000::1".parse().unwrap_or_else(|e| panic!("{e}")));
         host.insert(IpAddr::V4(Ipv4Addr::new(45, 1, 2, 3)));
@@ -871,9 +866,9 @@ mod tests {
         assert!(v6(&p, "fd12::5", 80).is_ok());
         assert_eq!(v6(&p, "fe80::1", 80), Err(Denial::LinkLocal));
         assert_eq!(v6(&p, "2a0a:1000::1", 80), Err(Denial::HostAddress));
-        p.egress = Egress::None;
+        p.net.egress = Egress::None;
         assert_eq!(v6(&p, "2a0a:2000::10", 80), Err(Denial::EgressNone));
-        p.egress = Egress::Direct;
+        p.net.egress = Egress::Direct;
         let list = super::super::domains::Allowlist::new(&["ok.example".into()]);
         let ok: Ipv6Addr = "2a0a:2000::10".parse().unwrap_or_else(|e| panic!("{e}"));
         list.learn("ok.example", ok, 60);
@@ -896,7 +891,7 @@ mod tests {
     #[test]
     fn ipv6_holes_open_exactly_their_host() {
         let mut p = with_ipv6(Egress::Direct);
-        p.rules = vec![
+        p.net.rules = vec![
             NetRule::AllowLanHost {
                 addr: "fd12::5".parse().unwrap_or_else(|e| panic!("{e}")),
                 via_tunnel: false,

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::SockRef;
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -23,18 +23,7 @@ use super::stats::Stats;
 use crate::config::Proto;
 use crate::net::netns::NsSockets;
 
-/// Listener ports inside the VM's namespace (nothing else listens there).
-pub const TCP_PORT: u16 = 15001;
-pub const UDP_PORT: u16 = 15002;
-
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Keepalive on the guest's side of relayed connections (set on the
-/// listener): a guest process gone while its half of a connection waits
-/// frees the slot within minutes.
-const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
-    .with_time(Duration::from_secs(60))
-    .with_interval(Duration::from_secs(10))
-    .with_retries(3);
 /// TCP connections relayed at once for one VM at most: each holds two
 /// sockets and two pipes, so this bounds the dataplane's descriptors and
 /// the kernel memory a guest can pin. Beyond it new connections are reset
@@ -76,53 +65,6 @@ impl Slots {
             udp: Arc::new(tokio::sync::Semaphore::new(udp_cap)),
         }
     }
-}
-
-/// A transparent socket of `family` (IPv6 only, never mapped IPv4) bound
-/// to `port` of every address.
-fn transparent(v6: bool, ty: Type, proto: Protocol, port: u16) -> std::io::Result<Socket> {
-    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
-    let s = Socket::new(domain, ty.cloexec(), Some(proto))?;
-    s.set_reuse_address(true)?;
-    let any = if v6 {
-        s.set_only_v6(true)?;
-        s.set_ip_transparent_v6(true)?;
-        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
-    } else {
-        s.set_ip_transparent_v4(true)?;
-        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port))
-    };
-    if proto == Protocol::UDP {
-        if v6 {
-            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6OrigDstAddr, &true)
-        } else {
-            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4OrigDstAddr, &true)
-        }
-        .map_err(std::io::Error::from)?;
-    }
-    s.bind(&any.into())?;
-    Ok(s)
-}
-
-/// The TCP TPROXY listener (IPv4, or IPv6 with `v6`); call on a thread
-/// inside the namespace.
-pub fn tcp_listener(v6: bool) -> std::io::Result<std::net::TcpListener> {
-    let s = transparent(v6, Type::STREAM, Protocol::TCP, TCP_PORT)?;
-    // Accepted connections inherit these: no system calls per connection.
-    s.set_tcp_nodelay(true)?;
-    s.set_tcp_keepalive(&KEEPALIVE)?;
-    s.listen(1024)?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
-}
-
-/// The UDP TPROXY socket (with the original destination delivered as
-/// ancillary data; IPv4, or IPv6 with `v6`); call on a thread inside the
-/// namespace.
-pub fn udp_socket(v6: bool) -> std::io::Result<std::net::UdpSocket> {
-    let s = transparent(v6, Type::DGRAM, Protocol::UDP, UDP_PORT)?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
 }
 
 /// An address as the policy sees it: IPv4-mapped IPv6 as IPv4, without
@@ -181,7 +123,7 @@ impl Proxy {
         // DNS over TCP to any server (the gateway's IPv6 address too; its
         // IPv4 one has a listener of its own) is answered by the gateway's
         // resolver, like DNS over UDP: one resolver sees every lookup.
-        if dst.port() == 53 && dst.ip() != IpAddr::V4(policy.gateway) {
+        if dst.port() == 53 && dst.ip() != IpAddr::V4(policy.net.gateway) {
             return self.resolver.tcp_client(guest).await;
         }
         let allowed = match self.gate.decide(Proto::Tcp, dst) {

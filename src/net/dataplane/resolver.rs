@@ -3,7 +3,7 @@
 //! 127.0.0.53 works), and with `allow_domains` only allowed names are
 //! forwarded; their answers open their addresses.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,29 +52,6 @@ pub struct Resolver {
 /// `UPSTREAM_TIMEOUT` per upstream and holds one 64 KiB buffer).
 pub const MAX_IN_FLIGHT: usize = 256;
 
-/// `nameserver` lines of a resolv.conf, port 53.
-pub fn upstreams_from(resolv_conf: &str) -> Vec<SocketAddr> {
-    resolv_conf
-        .lines()
-        .filter_map(|l| {
-            let mut words = l.split_whitespace();
-            (words.next() == Some("nameserver"))
-                .then(|| words.next())
-                .flatten()
-                .and_then(|a| a.split('%').next())
-                .and_then(|a| a.parse::<IpAddr>().ok())
-        })
-        .map(|ip| SocketAddr::new(ip, 53))
-        .collect()
-}
-
-/// The host's resolvers, read from /etc/resolv.conf.
-pub fn host_upstreams() -> Vec<SocketAddr> {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .map(|t| upstreams_from(&t))
-        .unwrap_or_default()
-}
-
 impl Resolver {
     /// The response for `query`, if any; forwarded over `transport`.
     ///
@@ -113,7 +90,10 @@ impl Resolver {
         }
         // Without IPv6 egress: no AAAA answers, at once, from here (so
         // that clients do not wait on IPv6 first).
-        let ipv6 = self.gate.as_ref().is_some_and(|g| g.policy.net6.is_some());
+        let ipv6 = self
+            .gate
+            .as_ref()
+            .is_some_and(|g| g.policy.net.net6.is_some());
         if !ipv6 && question.query_type() == hickory_proto::rr::RecordType::AAAA {
             let empty = dns::reply(&guest, hickory_proto::op::ResponseCode::NoError);
             return dns::encode_for(empty, transport == Transport::Udp);
@@ -316,18 +296,6 @@ fn learn(allow: &Allowlist, name: &str, msg: &Message) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn resolv_conf_nameservers() {
-        let text = "# comment\nsearch example.com\nnameserver 127.0.0.53\nnameserver fe80::1%eth0\nnameserver bogus\noptions edns0\n";
-        assert_eq!(
-            upstreams_from(text),
-            vec![
-                "127.0.0.53:53".parse().unwrap_or_else(|e| panic!("{e}")),
-                "[fe80::1]:53".parse().unwrap_or_else(|e| panic!("{e}")),
-            ]
-        );
-    }
 
     fn query(id: u16, name: &str) -> Vec<u8> {
         use hickory_proto::op::{MessageType, OpCode, Query};

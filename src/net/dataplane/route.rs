@@ -449,7 +449,7 @@ impl Gate {
         match self.policy.answer_address(ip) {
             Ok(true) => true,
             Ok(false) => self
-                .guard(self.policy.tunnel)
+                .guard(self.policy.net.tunnel.is_some())
                 .and_then(|g| g.check(ip))
                 .is_ok(),
             Err(_) => false,
