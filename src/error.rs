@@ -21,6 +21,8 @@ pub enum Error {
     #[error(transparent)]
     Supervisor(#[from] crate::supervisor::SupervisorError),
     #[error(transparent)]
+    Refusal(#[from] crate::runstate::Refusal),
+    #[error(transparent)]
     Netns(#[from] crate::net::netns::NetnsError),
     #[error(transparent)]
     Tap(#[from] crate::net::tap::TapError),
@@ -74,6 +76,7 @@ impl Error {
             Error::Tap(crate::net::tap::TapError::Open(_)) => exit::UNAVAILABLE,
             Error::Netns(_) | Error::Tap(_) | Error::Qmp(_) => exit::SOFTWARE,
             Error::Setup(e) => e.exit_code(),
+            Error::Refusal(e) => e.exit_code(),
             Error::Dataplane(e) => e.exit_code(),
             Error::Process(e) => e.exit_code(),
             Error::Accel(e) => e.exit_code(),

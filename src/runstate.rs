@@ -18,6 +18,60 @@ pub enum Live {
     Busy,
 }
 
+/// A command the VM's state refuses: each a case callers and tests tell
+/// apart, with its exit code (the text after the VM's name says what to
+/// do).
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// No such VM yet (69).
+    #[error("{name} is not created{then}")]
+    NotCreated { name: String, then: &'static str },
+    /// It must run for this (69).
+    #[error("{name} is not running{then}")]
+    NotRunning { name: String, then: &'static str },
+    /// It is between states: starting, stopping or paused (75).
+    #[error("{name} is {now}")]
+    Busy { name: String, now: &'static str },
+    /// The command needs a snapshot it has not got (69).
+    #[error("{name} has no {what}{then}")]
+    Missing {
+        name: String,
+        what: &'static str,
+        then: &'static str,
+    },
+    /// The supervisor answered with something this command never asks
+    /// for (70).
+    #[error("unexpected answer from the supervisor")]
+    UnexpectedAnswer,
+}
+
+impl Refusal {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Refusal::NotCreated { .. } | Refusal::NotRunning { .. } | Refusal::Missing { .. } => {
+                crate::exit::UNAVAILABLE
+            }
+            Refusal::Busy { .. } => crate::exit::TEMPFAIL,
+            Refusal::UnexpectedAnswer => crate::exit::SOFTWARE,
+        }
+    }
+
+    /// "starting or stopping; try again"
+    pub fn busy(name: &str) -> Refusal {
+        Refusal::Busy {
+            name: name.to_string(),
+            now: "starting or stopping; try again",
+        }
+    }
+
+    pub fn not_running(name: &str, then: &'static str) -> Refusal {
+        Refusal::NotRunning {
+            name: name.to_string(),
+            then,
+        }
+    }
+}
+
 /// The VM's state; a stale record (dead supervisor) is repaired here.
 pub fn live(vm: &VmPaths) -> Result<Live, StateError> {
     let rec = Record::load(&vm.record())?;

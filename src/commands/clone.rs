@@ -26,13 +26,10 @@ pub fn make(template: &Project, name_wanted: Option<&str>) -> Result<Project> {
     )?;
     let rec = Record::load(&t.record())?
         .filter(|_| t.snapshot().is_file())
-        .ok_or_else(|| {
-            Error::other(
-                exit::UNAVAILABLE,
-                format!(
-                    "{name} has no snapshot to clone; `migrant up`, then `migrant snapshot --memory`, saves one"
-                ),
-            )
+        .ok_or_else(|| crate::runstate::Refusal::Missing {
+            name: name.clone(),
+            what: "snapshot to clone",
+            then: "; `migrant up`, then `migrant snapshot --memory`, saves one",
         })?;
     let clone_name = match name_wanted {
         Some(n) => {

@@ -66,12 +66,11 @@ pub fn resize(p: &Project, size: Option<&str>) -> Result<u8> {
         )
     };
     match live(&p.vm)? {
-        Live::NotCreated => Err(Error::other(
-            exit::UNAVAILABLE,
-            format!(
-                "{name} is not created; `migrant up` creates it with `disk` from the Migrantfile"
-            ),
-        )),
+        Live::NotCreated => Err(crate::runstate::Refusal::NotCreated {
+            name: name.to_string(),
+            then: "; `migrant up` creates it with `disk` from the Migrantfile",
+        }
+        .into()),
         Live::Active(r) if r.state == VmState::Running || r.state == VmState::Paused => {
             let now = current(&p.vm)?;
             if target < now {
@@ -83,10 +82,7 @@ pub fn resize(p: &Project, size: Option<&str>) -> Result<u8> {
                 Duration::from_secs(60),
             )?;
             let Response::Resized { from, to } = resp else {
-                return Err(Error::other(
-                    exit::SOFTWARE,
-                    "unexpected answer from the supervisor",
-                ));
+                return Err(crate::runstate::Refusal::UnexpectedAnswer.into());
             };
             if from == to {
                 println!("==> {name}: the disk is already {}", human(to));
@@ -106,10 +102,7 @@ pub fn resize(p: &Project, size: Option<&str>) -> Result<u8> {
             grow_in_guest(p);
             Ok(0)
         }
-        Live::Active(_) | Live::Busy => Err(Error::other(
-            exit::TEMPFAIL,
-            format!("{name} is starting or stopping; try again"),
-        )),
+        Live::Active(_) | Live::Busy => Err(crate::runstate::Refusal::busy(name).into()),
         Live::Stopped(_) => {
             let _lock = VmLock::try_acquire(&p.vm)?;
             let now = current(&p.vm)?;
@@ -184,10 +177,11 @@ fn grow_in_guest(p: &Project) {
 fn take_down(p: &Project, trigger: &str, force: bool) -> Result<()> {
     let name = &p.cfg.name;
     match live(&p.vm)? {
-        Live::NotCreated => Err(Error::other(
-            exit::UNAVAILABLE,
-            format!("{name} is not created; `migrant up` creates it"),
-        )),
+        Live::NotCreated => Err(crate::runstate::Refusal::NotCreated {
+            name: name.to_string(),
+            then: "; `migrant up` creates it",
+        }
+        .into()),
         // A reset tears the VM down whether or not it runs, and says so to
         // the down hooks (as the original tool does); their failure only
         // warns.
@@ -207,10 +201,7 @@ fn take_down(p: &Project, trigger: &str, force: bool) -> Result<()> {
             post_down_hook(p, trigger);
             Ok(())
         }
-        Live::Active(_) | Live::Busy => Err(Error::other(
-            exit::TEMPFAIL,
-            format!("{name} is starting or stopping; try again"),
-        )),
+        Live::Active(_) | Live::Busy => Err(crate::runstate::Refusal::busy(name).into()),
     }
 }
 
@@ -260,10 +251,12 @@ pub fn snapshot(p: &Project) -> Result<u8> {
     take_down(p, "snapshot", false)?;
     let _lock = VmLock::try_acquire(vm)?;
     if !vm.disk().exists() {
-        return Err(Error::other(
-            exit::UNAVAILABLE,
-            format!("{name} has no disk; `migrant up` creates it"),
-        ));
+        return Err(crate::runstate::Refusal::Missing {
+            name: name.to_string(),
+            what: "disk",
+            then: "; `migrant up` creates it",
+        }
+        .into());
     }
     if vm.snapshot().exists() {
         println!("==> {name}: replacing the existing snapshot");
@@ -326,18 +319,18 @@ pub fn snapshot_memory(p: &Project, stop: bool) -> Result<u8> {
     match live(vm)? {
         Live::Active(r) if r.state == VmState::Running => {}
         Live::Active(_) | Live::Busy => {
-            return Err(Error::other(
-                exit::TEMPFAIL,
-                format!("{name} is starting, stopping or paused; try again once it runs"),
-            ));
+            return Err(crate::runstate::Refusal::Busy {
+                name: name.to_string(),
+                now: "starting, stopping or paused; try again once it runs",
+            }
+            .into());
         }
         _ => {
-            return Err(Error::other(
-                exit::UNAVAILABLE,
-                format!(
-                    "{name} is not running: a memory snapshot saves a running VM (`migrant up` first; `migrant snapshot` saves a stopped VM's disk)"
-                ),
-            ));
+            return Err(crate::runstate::Refusal::not_running(
+                name,
+                ": a memory snapshot saves a running VM (`migrant up` first; `migrant snapshot` saves a stopped VM's disk)",
+            )
+            .into());
         }
     }
     if stop {
@@ -360,10 +353,7 @@ pub fn snapshot_memory(p: &Project, stop: bool) -> Result<u8> {
         stopped,
     } = resp
     else {
-        return Err(Error::other(
-            exit::SOFTWARE,
-            "unexpected answer from the supervisor",
-        ));
+        return Err(crate::runstate::Refusal::UnexpectedAnswer.into());
     };
     println!(
         "==> {name}: memory snapshot saved: memory {}, disk {}; the guest was paused {:.1} s",
@@ -435,10 +425,12 @@ pub fn restore_snapshot(p: &Project, trigger: &str) -> Result<()> {
     let name = &p.cfg.name;
     let vm = &p.vm;
     if !vm.snapshot().exists() {
-        return Err(Error::other(
-            exit::UNAVAILABLE,
-            format!("{name} has no snapshot; `migrant snapshot` saves one"),
-        ));
+        return Err(crate::runstate::Refusal::Missing {
+            name: name.to_string(),
+            what: "snapshot",
+            then: "; `migrant snapshot` saves one",
+        }
+        .into());
     }
     take_down(p, trigger, true)?;
     let _lock = VmLock::try_acquire(vm)?;

@@ -236,14 +236,10 @@ fn is_our_supervisor(pid: u32) -> bool {
 fn require_running(p: &Project) -> Result<()> {
     match live(&p.vm)? {
         Live::Active(r) if r.state == VmState::Running || r.state == VmState::Paused => Ok(()),
-        Live::Active(_) | Live::Busy => Err(Error::other(
-            exit::TEMPFAIL,
-            format!("{} is starting or stopping; try again", p.cfg.name),
-        )),
-        _ => Err(Error::other(
-            exit::UNAVAILABLE,
-            format!("{} is not running; `migrant up` starts it", p.cfg.name),
-        )),
+        Live::Active(_) | Live::Busy => Err(crate::runstate::Refusal::busy(&p.cfg.name).into()),
+        _ => Err(
+            crate::runstate::Refusal::not_running(&p.cfg.name, "; `migrant up` starts it").into(),
+        ),
     }
 }
 

@@ -1,8 +1,6 @@
 //! `migrant provision`, and the provisioning step of `up`.
 
 use super::{Live, Project, Result, live, self_exe, ssh_key};
-use crate::error::Error;
-use crate::exit;
 use crate::provision::ansible::{self, PLAYBOOK, Target};
 use crate::state::{Record, VmState};
 
@@ -10,16 +8,18 @@ pub fn provision(p: &Project, extra: &[String]) -> Result<u8> {
     match live(&p.vm)? {
         Live::Active(r) if r.state == VmState::Running => {}
         Live::Active(_) | Live::Busy => {
-            return Err(Error::other(
-                exit::TEMPFAIL,
-                format!("{} is starting, stopping or paused; try again", p.cfg.name),
-            ));
+            return Err(crate::runstate::Refusal::Busy {
+                name: p.cfg.name.clone(),
+                now: "starting, stopping or paused; try again",
+            }
+            .into());
         }
         _ => {
-            return Err(Error::other(
-                exit::UNAVAILABLE,
-                format!("{} is not running; `migrant up` starts it", p.cfg.name),
-            ));
+            return Err(crate::runstate::Refusal::not_running(
+                &p.cfg.name,
+                "; `migrant up` starts it",
+            )
+            .into());
         }
     }
     if !p.cfg.dir.join(PLAYBOOK).is_file() {

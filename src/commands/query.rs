@@ -5,8 +5,6 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{Live, Project, Result, live};
-use crate::error::Error;
-use crate::exit;
 use crate::state::{Paths, Record};
 use crate::supervisor::control::{self, Request, Response};
 
@@ -308,19 +306,13 @@ pub fn ip(p: &Project) -> Result<u8> {
             println!("{}", r.guest_ip);
             Ok(0)
         }
-        _ => Err(Error::other(
-            exit::UNAVAILABLE,
-            format!("{} is not running", p.cfg.name),
-        )),
+        _ => Err(crate::runstate::Refusal::not_running(&p.cfg.name, "").into()),
     }
 }
 
 pub fn info(p: &Project, json: bool) -> Result<u8> {
     if !matches!(live(&p.vm)?, Live::Active(_)) {
-        return Err(Error::other(
-            exit::UNAVAILABLE,
-            format!("{} is not running", p.cfg.name),
-        ));
+        return Err(crate::runstate::Refusal::not_running(&p.cfg.name, "").into());
     }
     let resp = control::request(
         &p.vm.control_sock(),
@@ -328,10 +320,7 @@ pub fn info(p: &Project, json: bool) -> Result<u8> {
         Duration::from_secs(30),
     )?;
     let Response::Info(i) = resp else {
-        return Err(Error::other(
-            exit::SOFTWARE,
-            "unexpected answer from the supervisor",
-        ));
+        return Err(crate::runstate::Refusal::UnexpectedAnswer.into());
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&i).unwrap_or_default());

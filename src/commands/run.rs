@@ -145,13 +145,12 @@ pub fn run(p: &Project, o: &RunOptions) -> Result<u8> {
     let remote = remote_command(&o.command)?;
     if o.snapshot && !p.vm.snapshot().exists() {
         // Checked first, so that nothing is created or stopped.
-        return Err(Error::other(
-            exit::UNAVAILABLE,
-            format!(
-                "{} has no snapshot to run from; `migrant up`, then `migrant snapshot`, saves one",
-                p.cfg.name
-            ),
-        ));
+        return Err(crate::runstate::Refusal::Missing {
+            name: p.cfg.name.clone(),
+            what: "snapshot to run from",
+            then: "; `migrant up`, then `migrant snapshot`, saves one",
+        }
+        .into());
     }
     if o.snapshot {
         super::up::check_resumable(p, o.cold)?;

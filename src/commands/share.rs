@@ -15,10 +15,7 @@ pub fn mount(p: &Project) -> Result<u8> {
             return Ok(0);
         }
         Live::Busy => {
-            return Err(Error::other(
-                exit::TEMPFAIL,
-                format!("{name} is starting or stopping; try again"),
-            ));
+            return Err(crate::runstate::Refusal::busy(name).into());
         }
         _ => {}
     }

@@ -45,10 +45,11 @@ fn read(p: &Project) -> Result<TunnelView> {
         ));
     }
     if !matches!(live(&p.vm)?, Live::Active(_)) {
-        return Err(Error::other(
-            exit::UNAVAILABLE,
-            format!("{name} is not running; its tunnel exists only while it runs"),
-        ));
+        return Err(crate::runstate::Refusal::not_running(
+            name,
+            "; its tunnel exists only while it runs",
+        )
+        .into());
     }
     let path = Published::path(&p.vm.run);
     let text = std::fs::read_to_string(&path).map_err(|e| {
