@@ -109,61 +109,49 @@ pub fn configure(
     }
     let lo = index_of("lo")?;
     let tap_idx = index_of(tap)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| TapError::Netlink(e.to_string()))?;
-    rt.block_on(async move {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|e| TapError::Netlink(e.to_string()))?;
-        let task = tokio::spawn(conn);
-        let result = async {
-            // The gateway's MAC is the same at every start: a guest resumed
-            // from a memory snapshot still has it in its ARP cache.
+    with_netlink(|handle| async move {
+        // The gateway's MAC is the same at every start: a guest resumed
+        // from a memory snapshot still has it in its ARP cache.
+        handle
+            .link()
+            .set(
+                rtnetlink::LinkUnspec::new_with_index(tap_idx)
+                    .address(GATEWAY_MAC.to_vec())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| TapError::Netlink(format!("gateway MAC: {e}")))?;
+        for idx in [lo, tap_idx] {
             handle
                 .link()
-                .set(
-                    rtnetlink::LinkUnspec::new_with_index(tap_idx)
-                        .address(GATEWAY_MAC.to_vec())
-                        .build(),
-                )
+                .set(rtnetlink::LinkUnspec::new_with_index(idx).up().build())
                 .execute()
                 .await
-                .map_err(|e| TapError::Netlink(format!("gateway MAC: {e}")))?;
-            for idx in [lo, tap_idx] {
-                handle
-                    .link()
-                    .set(rtnetlink::LinkUnspec::new_with_index(idx).up().build())
-                    .execute()
-                    .await
-                    .map_err(|e| TapError::Netlink(format!("link {idx} up: {e}")))?;
-            }
+                .map_err(|e| TapError::Netlink(format!("link {idx} up: {e}")))?;
+        }
+        handle
+            .address()
+            .add(tap_idx, gateway.into(), prefix)
+            .execute()
+            .await
+            .map_err(|e| TapError::Netlink(format!("address {gateway}/{prefix}: {e}")))?;
+        if let Some(n) = net6 {
+            let p = crate::config::Net6::PREFIX;
             handle
                 .address()
-                .add(tap_idx, gateway.into(), prefix)
+                .add(tap_idx, n.gateway.into(), p)
                 .execute()
                 .await
-                .map_err(|e| TapError::Netlink(format!("address {gateway}/{prefix}: {e}")))?;
-            if let Some(n) = net6 {
-                let p = crate::config::Net6::PREFIX;
-                handle
-                    .address()
-                    .add(tap_idx, n.gateway.into(), p)
-                    .execute()
-                    .await
-                    .map_err(|e| TapError::Netlink(format!("address {}/{p}: {e}", n.gateway)))?;
-            }
-            if tproxy {
-                tproxy_routing(&handle, lo, Ipv4Addr::UNSPECIFIED.into()).await?;
-                if net6.is_some() {
-                    tproxy_routing(&handle, lo, std::net::Ipv6Addr::UNSPECIFIED.into()).await?;
-                }
-            }
-            Ok(())
+                .map_err(|e| TapError::Netlink(format!("address {}/{p}: {e}", n.gateway)))?;
         }
-        .await;
-        task.abort();
-        result
+        if tproxy {
+            tproxy_routing(&handle, lo, Ipv4Addr::UNSPECIFIED.into()).await?;
+            if net6.is_some() {
+                tproxy_routing(&handle, lo, std::net::Ipv6Addr::UNSPECIFIED.into()).await?;
+            }
+        }
+        Ok(())
     })
 }
 
@@ -184,6 +172,63 @@ pub fn configure_tun(
             ipv6_sysctl(name, key, b"0")?;
         }
     }
+    with_netlink(|handle| async move {
+        handle
+            .link()
+            .set(
+                rtnetlink::LinkUnspec::new_with_index(idx)
+                    .mtu(u32::from(mtu))
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| TapError::Netlink(format!("{name} up: {e}")))?;
+        handle
+            .address()
+            .add(idx, address.addr().into(), address.prefix_len())
+            .execute()
+            .await
+            .map_err(|e| TapError::Netlink(format!("address {address}: {e}")))?;
+        let routes6 = v6.map(|(_, r)| r.as_slice()).unwrap_or_default();
+        let nets = routes
+            .iter()
+            .map(|n| ipnet::IpNet::from(*n))
+            .chain(routes6.iter().map(|n| ipnet::IpNet::from(*n)));
+        if let Some((address6, _)) = v6 {
+            handle
+                .address()
+                .add(idx, address6.addr().into(), address6.prefix_len())
+                .execute()
+                .await
+                .map_err(|e| TapError::Netlink(format!("address {address6}: {e}")))?;
+        }
+        for net in nets {
+            let route = rtnetlink::RouteMessageBuilder::<std::net::IpAddr>::new()
+                .destination_prefix(net.network(), net.prefix_len())
+                .map_err(|e| TapError::Netlink(format!("route {net}: {e}")))?
+                .output_interface(idx)
+                .build();
+            match handle.route().add(route).execute().await {
+                Ok(()) => {}
+                // The interface address's own subnet route already
+                // covers an AllowedIPs entry equal to it.
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+                Err(e) => return Err(TapError::Netlink(format!("route {net}: {e}"))),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Run `work` with a netlink handle of the current thread's namespace, on
+/// a runtime of its own (these run on threads that entered a namespace,
+/// outside any runtime); the connection ends with it.
+fn with_netlink<F, Fut>(work: F) -> Result<(), TapError>
+where
+    F: FnOnce(rtnetlink::Handle) -> Fut,
+    Fut: std::future::Future<Output = Result<(), TapError>>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -192,54 +237,7 @@ pub fn configure_tun(
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| TapError::Netlink(e.to_string()))?;
         let task = tokio::spawn(conn);
-        let result = async {
-            handle
-                .link()
-                .set(
-                    rtnetlink::LinkUnspec::new_with_index(idx)
-                        .mtu(u32::from(mtu))
-                        .up()
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| TapError::Netlink(format!("{name} up: {e}")))?;
-            handle
-                .address()
-                .add(idx, address.addr().into(), address.prefix_len())
-                .execute()
-                .await
-                .map_err(|e| TapError::Netlink(format!("address {address}: {e}")))?;
-            let routes6 = v6.map(|(_, r)| r.as_slice()).unwrap_or_default();
-            let nets = routes
-                .iter()
-                .map(|n| ipnet::IpNet::from(*n))
-                .chain(routes6.iter().map(|n| ipnet::IpNet::from(*n)));
-            if let Some((address6, _)) = v6 {
-                handle
-                    .address()
-                    .add(idx, address6.addr().into(), address6.prefix_len())
-                    .execute()
-                    .await
-                    .map_err(|e| TapError::Netlink(format!("address {address6}: {e}")))?;
-            }
-            for net in nets {
-                let route = rtnetlink::RouteMessageBuilder::<std::net::IpAddr>::new()
-                    .destination_prefix(net.network(), net.prefix_len())
-                    .map_err(|e| TapError::Netlink(format!("route {net}: {e}")))?
-                    .output_interface(idx)
-                    .build();
-                match handle.route().add(route).execute().await {
-                    Ok(()) => {}
-                    // The interface address's own subnet route already
-                    // covers an AllowedIPs entry equal to it.
-                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
-                    Err(e) => return Err(TapError::Netlink(format!("route {net}: {e}"))),
-                }
-            }
-            Ok(())
-        }
-        .await;
+        let result = work(handle).await;
         task.abort();
         result
     })
