@@ -188,20 +188,44 @@ pub fn doctor() -> Result<u8> {
         ),
     ];
     let mut fatal = false;
-    for c in checks.drain(..) {
-        let mark = match (c.ok, c.required) {
-            (true, _) => "ok  ",
-            (false, true) => "FAIL",
-            (false, false) => "warn",
-        };
-        fatal |= !c.ok && c.required;
-        println!("{mark} {:<14} {}", c.name, c.detail);
-    }
+    print_checks(checks.drain(..), &mut fatal);
+    // What running as an ordinary user will need; migrant runs as root
+    // today, so these only warn.
+    println!("\nwithout root (planned; not needed yet):");
+    let exe = std::env::current_exe().unwrap_or_else(|_| "migrant".into());
+    let user = crate::provision::keys::Invoker::current().ok();
+    let ids = match &user {
+        Some(u) => crate::hostreq::subordinate_ids(&u.name, u.uid.as_raw(), u.gid.as_raw()),
+        None => Err("cannot tell who runs migrant".into()),
+    };
+    print_checks(
+        [
+            check("user ns", false, crate::hostreq::user_namespaces(&exe)),
+            check("subids", false, ids),
+            check("uidmap", false, crate::hostreq::uidmap()),
+            check("tun (users)", false, crate::hostreq::tun_for_users()),
+        ]
+        .into_iter(),
+        &mut fatal,
+    );
     if fatal {
         println!("\n`migrant up` cannot work on this host until the FAIL lines are fixed.");
         Ok(exit::UNAVAILABLE)
     } else {
         Ok(0)
+    }
+}
+
+/// One line per check; `fatal` is set by a required one that failed.
+fn print_checks(checks: impl Iterator<Item = Check>, fatal: &mut bool) {
+    for c in checks {
+        let mark = match (c.ok, c.required) {
+            (true, _) => "ok  ",
+            (false, true) => "FAIL",
+            (false, false) => "warn",
+        };
+        *fatal |= !c.ok && c.required;
+        println!("{mark} {:<14} {}", c.name, c.detail);
     }
 }
 

@@ -1,0 +1,178 @@
+//! What a host must offer for migrant to run as an ordinary user (user
+//! namespaces, subordinate ids, `uidmap`, a TUN device users may open),
+//! each checked with the exact fix when it is missing. `migrant doctor`
+//! prints them; migrant still runs as root today, so none is required
+//! yet.
+
+use crate::subid;
+
+/// Unprivileged user namespaces: enabled, and not restricted by AppArmor.
+pub fn user_namespaces(exe: &std::path::Path) -> Result<String, String> {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    user_namespaces_from(
+        read("/proc/sys/user/max_user_namespaces").as_deref(),
+        read("/proc/sys/kernel/unprivileged_userns_clone").as_deref(),
+        read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref(),
+        exe,
+    )
+}
+
+/// [`user_namespaces`] from the three sysctls' values (`None`: the kernel
+/// has no such setting).
+fn user_namespaces_from(
+    max: Option<&str>,
+    debian_switch: Option<&str>,
+    apparmor: Option<&str>,
+    exe: &std::path::Path,
+) -> Result<String, String> {
+    if max == Some("0") {
+        return Err("user namespaces are disabled: `sysctl -w user.max_user_namespaces=15000`, and the same line in /etc/sysctl.d/ to keep it".into());
+    }
+    if debian_switch == Some("0") {
+        return Err("unprivileged user namespaces are off: `sysctl -w kernel.unprivileged_userns_clone=1`, and the same line in /etc/sysctl.d/ to keep it".into());
+    }
+    if apparmor == Some("1") {
+        return Err(format!(
+            "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10 and later); allow them for migrant once, as root:\n{}",
+            apparmor_profile(exe)
+        ));
+    }
+    Ok("unprivileged user namespaces allowed".into())
+}
+
+/// The commands that install an AppArmor profile letting `exe` (and only
+/// it) create user namespaces.
+pub fn apparmor_profile(exe: &std::path::Path) -> String {
+    format!(
+        "cat > /etc/apparmor.d/migrant <<'EOF'\n\
+         abi <abi/4.0>,\n\
+         include <tunables/global>\n\
+         profile migrant {} flags=(unconfined) {{\n\
+         \x20 userns,\n\
+         }}\n\
+         EOF\n\
+         apparmor_parser -r /etc/apparmor.d/migrant",
+        exe.display()
+    )
+}
+
+/// The invoking user's subordinate uids and gids: at least
+/// [`subid::NEEDED`] of each.
+pub fn subordinate_ids(name: &str, uid: u32, gid: u32) -> Result<String, String> {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    subordinate_ids_from(&read("/etc/subuid"), &read("/etc/subgid"), name, (uid, gid))
+}
+
+fn subordinate_ids_from(
+    subuid: &str,
+    subgid: &str,
+    name: &str,
+    (uid, gid): (u32, u32),
+) -> Result<String, String> {
+    let uids = subid::total(&subid::ranges(subuid, name, uid));
+    let gids = subid::total(&subid::ranges(subgid, name, gid));
+    if uids >= u64::from(subid::NEEDED) && gids >= u64::from(subid::NEEDED) {
+        return Ok(format!("{name}: {uids} subordinate uids, {gids} gids"));
+    }
+    let start = free_start(&[subuid, subgid]);
+    let end = u64::from(start) + u64::from(subid::NEEDED) - 1;
+    Err(format!(
+        "{name} has {uids} subordinate uids and {gids} gids ({} of each needed): `usermod --add-subuids {start}-{end} --add-subgids {start}-{end} {name}`",
+        subid::NEEDED
+    ))
+}
+
+/// The first id from 100000 up, aligned to 65536, past every range of
+/// every user in `files`: a range `usermod` can add without overlapping.
+fn free_start(files: &[&str]) -> u32 {
+    let end = files
+        .iter()
+        .flat_map(|text| text.lines())
+        .filter_map(|line| {
+            let mut p = line.trim().split(':').skip(1);
+            let start: u64 = p.next()?.parse().ok()?;
+            let count: u64 = p.next()?.parse().ok()?;
+            Some(start + count)
+        })
+        .max()
+        .unwrap_or(0)
+        .max(100_000);
+    let step = u64::from(subid::NEEDED);
+    let aligned = end.div_ceil(step) * step;
+    u32::try_from(aligned).unwrap_or(100_000)
+}
+
+/// `newuidmap` and `newgidmap`, which map a user's subordinate ids.
+pub fn uidmap() -> Result<String, String> {
+    match (
+        crate::qemu::process::which("newuidmap"),
+        crate::qemu::process::which("newgidmap"),
+    ) {
+        (Some(u), Some(_)) => Ok(format!("{} and newgidmap", u.display())),
+        _ => Err("newuidmap/newgidmap not found: `apt-get install uidmap`".into()),
+    }
+}
+
+/// `/dev/net/tun` opens for every user (Debian's default mode, 0666).
+pub fn tun_for_users() -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata("/dev/net/tun")
+        .map_err(|e| format!("/dev/net/tun: {e}"))?
+        .permissions()
+        .mode();
+    if mode & 0o006 == 0o006 {
+        Ok(format!("/dev/net/tun is {:04o}", mode & 0o7777))
+    } else {
+        Err(format!(
+            "/dev/net/tun is {:04o}: users cannot open it; `chmod 0666 /dev/net/tun` (scripts/setup does, and installs a udev rule that keeps it)",
+            mode & 0o7777
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn user_namespace_switches() {
+        let exe = Path::new("/usr/local/bin/migrant");
+        assert!(user_namespaces_from(Some("96367"), None, None, exe).is_ok());
+        assert!(user_namespaces_from(Some("96367"), Some("1"), Some("0"), exe).is_ok());
+        let off = user_namespaces_from(Some("0"), None, None, exe);
+        assert!(off.is_err_and(|e| e.contains("user.max_user_namespaces")));
+        let debian = user_namespaces_from(Some("100"), Some("0"), None, exe);
+        assert!(debian.is_err_and(|e| e.contains("kernel.unprivileged_userns_clone=1")));
+        let ubuntu = user_namespaces_from(Some("100"), None, Some("1"), exe);
+        assert!(
+            ubuntu.is_err_and(|e| e.contains("profile migrant /usr/local/bin/migrant")
+                && e.contains("userns,")
+                && e.contains("apparmor_parser -r"))
+        );
+    }
+
+    #[test]
+    fn subordinate_ids_and_the_fix() {
+        let subuid = "alice:100000:65536\nbob:165536:65536\n";
+        let subgid = "alice:100000:65536\nbob:165536:65536\ncarol:400000:10\n";
+        assert!(subordinate_ids_from(subuid, subgid, "alice", (1000, 1000)).is_ok());
+        // Too few gids: the fix names a free, aligned range past every
+        // range of every user.
+        let e = subordinate_ids_from(subuid, subgid, "carol", (1002, 1002))
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("usermod --add-subuids 458752-524287 --add-subgids 458752-524287 carol"),
+            "{e}"
+        );
+        let e = subordinate_ids_from("", "", "dave", (1003, 1003))
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("131072-196607"), "{e}");
+    }
+}
