@@ -29,4 +29,5 @@ pub mod state;
 pub mod subid;
 pub mod supervisor;
 pub mod userfile;
+pub mod userns;
 pub mod wireguard;

@@ -150,3 +150,181 @@ fn chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// Set when this binary runs as the test user's child.
+const USER_CHILD: &str = "MIGRANT_ROOTLESS_USER_CHILD";
+
+/// The user of `scripts/test-user`: an ordinary user with a subordinate
+/// range, or `None` (skipped loudly, or failed under
+/// `MIGRANT_REQUIRE_INTEGRATION`).
+fn test_user() -> Option<nix::unistd::User> {
+    let name = std::env::var("MIGRANT_TEST_USER").unwrap_or_else(|_| "migrant-test".into());
+    match nix::unistd::User::from_name(&name) {
+        Ok(Some(u)) => Some(u),
+        _ if std::env::var_os("MIGRANT_REQUIRE_INTEGRATION").is_some() => {
+            panic!("no test user {name}: run scripts/test-user (scripts/test does)")
+        }
+        _ => {
+            eprintln!("SKIPPED: no test user {name} (scripts/test-user makes it)");
+            None
+        }
+    }
+}
+
+/// An ordinary user maps a VM's user namespace from its own subordinate
+/// range (`newuidmap`/`newgidmap`): root there is the user, who sets up
+/// the VM's network; the VM's identity there is one subordinate id,
+/// which cannot read the user's files nor signal the user's processes,
+/// and whose files are the subordinate id's on the host.
+#[test]
+fn a_vms_identity_owns_nothing_of_its_users() {
+    if let Some(secret) = std::env::var_os(USER_CHILD) {
+        return as_the_user(std::path::Path::new(&secret));
+    }
+    if !common::as_root() {
+        return;
+    }
+    let Some(user) = test_user() else { return };
+    let dir = tempfile::Builder::new()
+        .prefix("migrant-rootless-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Sticky and open to all, like /tmp: the VM's identity writes here.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let exe = dir.path().join("rootless");
+    let me = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::copy(&me, &exe).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The user's own file: theirs alone.
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "the user's").unwrap_or_else(|e| panic!("{e}"));
+    nix::unistd::chown(&secret, Some(user.uid), Some(user.gid)).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.gid))
+        .args(["--init-groups", "--inh-caps=-all", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "a_vms_identity_owns_nothing_of_its_users",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(USER_CHILD, &secret)
+        .env("HOME", &user.dir)
+        .current_dir(dir.path())
+        .output()
+        .unwrap_or_else(|e| panic!("setpriv: {e}"));
+    let text = common::text(&out);
+    assert!(out.status.success(), "as {}: {text}", user.name);
+    assert!(text.contains("identity confined"), "{text}");
+    // On the host, what the VM's identity made is the subordinate id's.
+    let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+    let first = migrant::subid::ranges(&subuid, &user.name, user.uid.as_raw())
+        .first()
+        .map(|r| r.start)
+        .unwrap_or_else(|| panic!("{} has no subordinate uids", user.name));
+    let made = std::fs::metadata(dir.path().join("made-by-the-vm"))
+        .unwrap_or_else(|e| panic!("the VM's file: {e}"));
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(made.uid(), first, "the VM's file belongs to another id");
+}
+
+/// As the test user: map VM 0's namespace in a single-threaded child
+/// (a process with threads may not enter a user namespace), set its
+/// network up as root there, then become the VM's identity and try.
+fn as_the_user(secret: &std::path::Path) {
+    let me = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("who am I"));
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let uids = migrant::subid::ranges(&read("/etc/subuid"), &me.name, me.uid.as_raw());
+    let gids = migrant::subid::ranges(&read("/etc/subgid"), &me.name, me.gid.as_raw());
+    let mapping = migrant::userns::Mapping::for_vm(
+        &me.name,
+        (me.uid.as_raw(), me.gid.as_raw()),
+        (&uids, &gids),
+        0,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let user_pid = nix::unistd::getpid();
+    // SAFETY: the child runs only this function's code and leaves with
+    // _exit; the harness's other threads are idle, blocked in a join.
+    match unsafe { nix::unistd::fork() }.unwrap_or_else(|e| panic!("fork: {e}")) {
+        nix::unistd::ForkResult::Child => {
+            let code = match in_the_vms_namespace(&mapping, secret, user_pid) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("{e}");
+                    1
+                }
+            };
+            // SAFETY: leave the forked child at once.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let status = nix::sys::wait::waitpid(child, None).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                status,
+                nix::sys::wait::WaitStatus::Exited(child, 0),
+                "the VM's side failed (its error is above)"
+            );
+            println!("identity confined");
+        }
+    }
+}
+
+fn in_the_vms_namespace(
+    mapping: &migrant::userns::Mapping,
+    secret: &std::path::Path,
+    user_pid: nix::unistd::Pid,
+) -> Result<(), String> {
+    migrant::userns::enter(mapping, true).map_err(|e| format!("enter: {}", chain(&e)))?;
+    let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let rows: Vec<Vec<&str>> = uid_map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let want = vec![
+        vec!["0".to_string(), mapping.user.0.to_string(), "1".into()],
+        vec!["1".to_string(), mapping.vm.0.to_string(), "1".into()],
+    ];
+    if rows != want {
+        return Err(format!("uid_map {uid_map:?}, wanted {want:?}"));
+    }
+    // Root here: the VM's network, by migrant's own code.
+    let net = NetPlan {
+        gateway: "10.0.2.2".parse().map_err(|e| format!("{e}"))?,
+        guest: "10.0.2.15".parse().map_err(|e| format!("{e}"))?,
+        subnet: "10.0.2.0/24".parse().map_err(|e| format!("{e}"))?,
+        net6: None,
+        egress: Egress::Direct,
+        rules: Vec::new(),
+        allow_domains: Vec::new(),
+        tunnel: None,
+        upstreams: Vec::new(),
+    };
+    let _tap = migrant::net::tap::create_tap("tap0").map_err(|e| format!("TAP: {e}"))?;
+    let _sockets = migrant::net::setup::setup_in_ns("tap0", &net)
+        .map_err(|e| format!("the namespace's set-up: {}", chain(&e)))?;
+    // The VM's identity: nothing of the user's.
+    let vm = migrant::userns::VM_ID;
+    nix::unistd::setresgid(vm.into(), vm.into(), vm.into()).map_err(|e| format!("{e}"))?;
+    nix::unistd::setresuid(vm.into(), vm.into(), vm.into()).map_err(|e| format!("{e}"))?;
+    match std::fs::read_to_string(secret) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+        other => return Err(format!("the VM's identity read the user's file: {other:?}")),
+    }
+    match nix::sys::signal::kill(user_pid, None) {
+        Err(nix::errno::Errno::EPERM) => {}
+        other => return Err(format!("the VM's identity may signal the user: {other:?}")),
+    }
+    let made = secret.with_file_name("made-by-the-vm");
+    std::fs::write(&made, "vm").map_err(|e| format!("{}: {e}", made.display()))?;
+    Ok(())
+}
