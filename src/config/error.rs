@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 /// [`crate::exit::CONFIG`] (78).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The config `up` handed the supervisor could not be read back (a
+    /// bug, or a descriptor that is not the one `up` made).
+    #[error("the config handed down by `up` is unreadable: {0}")]
+    HandedDown(String),
     /// The project folder has no `Migrantfile`.
     #[error("no Migrantfile in {}", dir.display())]
     NotFound {
@@ -64,6 +68,7 @@ impl ConfigError {
             ConfigError::NotFound { .. }
             | ConfigError::Read { .. }
             | ConfigError::Invalid { .. } => crate::exit::CONFIG,
+            ConfigError::HandedDown(_) => crate::exit::SOFTWARE,
         }
     }
 

@@ -376,10 +376,7 @@ impl Config {
         let read = file
             .seek(std::io::SeekFrom::Start(0))
             .and_then(|_| file.take(16 << 20).read_to_end(&mut json));
-        let bad = |why: String| ConfigError::Read {
-            path: PathBuf::from("(the config handed down by `up`)"),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, why),
-        };
+        let bad = |why: String| ConfigError::HandedDown(why);
         read.map_err(|e| bad(e.to_string()))?;
         serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))
     }

@@ -19,12 +19,12 @@ pub struct Restart {
 }
 
 impl Restart {
-    /// For a child that was just started.
-    pub fn new() -> Restart {
+    /// For a child that was just started (`running`), or for none.
+    pub fn new(running: bool) -> Restart {
         Restart {
             at: None,
             backoff: FIRST,
-            running_since: Some(Instant::now()),
+            running_since: running.then(Instant::now),
         }
     }
 
@@ -101,8 +101,8 @@ impl<T: Child> Helper<T> {
         Helper {
             name,
             loss,
+            restart: Restart::new(running.is_some()),
             running,
-            restart: Restart::new(),
         }
     }
 
@@ -159,7 +159,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn delays_double_while_it_keeps_dying_and_reset_after_a_long_run() {
-        let mut r = Restart::new();
+        let mut r = Restart::new(true);
         assert_eq!(r.failed(), Duration::from_secs(1));
         r.due().await;
         assert_eq!(r.failed(), Duration::from_secs(2));
