@@ -51,17 +51,7 @@ fn an_ordinary_user_sets_up_a_vms_namespace() {
     {
         eprintln!("modprobe {MODULES:?} failed ({s})");
     }
-    // A copy of this test binary that `nobody` may run (the build folder
-    // may sit under a home only root enters).
-    let dir = tempfile::Builder::new()
-        .prefix("migrant-rootless-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("{e}"));
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let exe = dir.path().join("rootless");
-    let me = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
-    std::fs::copy(&me, &exe).unwrap_or_else(|e| panic!("{e}"));
+    let (dir, exe) = runnable_copy(0o755);
     let out = Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -151,6 +141,23 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A copy of this test binary that any user may run, in a new folder of
+/// `mode` (the build folder may sit under a home only root enters).
+fn runnable_copy(mode: u32) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("migrant-rootless-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let exe = dir.path().join("rootless");
+    let me = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::copy(&me, &exe).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    (dir, exe)
+}
+
 /// Set when this binary runs as the test user's child.
 const USER_CHILD: &str = "MIGRANT_ROOTLESS_USER_CHILD";
 
@@ -185,18 +192,8 @@ fn a_vms_identity_owns_nothing_of_its_users() {
         return;
     }
     let Some(user) = test_user() else { return };
-    let dir = tempfile::Builder::new()
-        .prefix("migrant-rootless-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("{e}"));
     // Sticky and open to all, like /tmp: the VM's identity writes here.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let exe = dir.path().join("rootless");
-    let me = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
-    std::fs::copy(&me, &exe).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (dir, exe) = runnable_copy(0o1777);
     // The user's own file: theirs alone.
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "the user's").unwrap_or_else(|e| panic!("{e}"));
