@@ -117,6 +117,53 @@ pub fn uidmap() -> Result<String, String> {
     }
 }
 
+/// Kernel modules the VM's namespace needs that a user namespace cannot
+/// load on demand: the TUN/TAP driver and the netfilter parts of the
+/// ruleset (TPROXY, socket matching, rejects, connection tracking).
+pub const MODULES: &[&str] = &[
+    "tun",
+    "nft_tproxy",
+    "nf_tproxy_ipv4",
+    "nf_tproxy_ipv6",
+    "nft_socket",
+    "nft_reject_inet",
+    "nft_ct",
+];
+
+/// Each of [`MODULES`] loaded or built into the kernel.
+pub fn modules() -> Result<String, String> {
+    let loaded = std::fs::read_to_string("/proc/modules").ok();
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let builtin = std::fs::read_to_string(format!("/lib/modules/{release}/modules.builtin"))
+        .unwrap_or_default();
+    modules_from(loaded.as_deref(), &builtin)
+}
+
+/// [`modules`] from `/proc/modules` (`None`: a kernel without loadable
+/// modules, where everything is built in) and `modules.builtin`.
+fn modules_from(loaded: Option<&str>, builtin: &str) -> Result<String, String> {
+    let Some(loaded) = loaded else {
+        return Ok("a kernel without loadable modules: all built in".into());
+    };
+    let has = |m: &str| {
+        loaded.lines().any(|l| l.split(' ').next() == Some(m))
+            || builtin
+                .lines()
+                .any(|l| l.rsplit('/').next() == Some(&format!("{m}.ko")))
+    };
+    let missing: Vec<&str> = MODULES.iter().copied().filter(|m| !has(m)).collect();
+    if missing.is_empty() {
+        return Ok(format!("{} loaded or built in", MODULES.join(", ")));
+    }
+    Err(format!(
+        "not loaded: {}; a user namespace cannot load them: `modprobe -a {}`, and list them in /etc/modules-load.d/migrant.conf to keep them",
+        missing.join(", "),
+        missing.join(" ")
+    ))
+}
+
 /// `/dev/net/tun` opens for every user (Debian's default mode, 0666).
 pub fn tun_for_users() -> Result<String, String> {
     use std::os::unix::fs::PermissionsExt;
@@ -154,6 +201,26 @@ mod tests {
                 && e.contains("userns,")
                 && e.contains("apparmor_parser -r"))
         );
+    }
+
+    #[test]
+    fn modules_loaded_built_in_or_missing() {
+        assert!(modules_from(None, "").is_ok());
+        let all: String = MODULES
+            .iter()
+            .map(|m| format!("{m} 16384 0 - Live 0x0\n"))
+            .collect();
+        assert!(modules_from(Some(&all), "").is_ok());
+        let builtin = "kernel/drivers/net/tun.ko\nkernel/net/netfilter/nft_ct.ko\n";
+        let some = "nft_tproxy 16384 0 - Live 0x0\nnf_tproxy_ipv4 1 0\nnf_tproxy_ipv6 1 0\nnft_socket 1 0\n";
+        let e = modules_from(Some(some), builtin).err().unwrap_or_default();
+        assert!(e.contains("not loaded: nft_reject_inet;"), "{e}");
+        assert!(e.contains("modprobe -a nft_reject_inet`"), "{e}");
+        // A prefix is not the module.
+        let e = modules_from(Some("tunx 1 0\n"), "")
+            .err()
+            .unwrap_or_default();
+        assert!(e.starts_with("not loaded: tun,"), "{e}");
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! namespace. (The rest of running without root is not built yet.)
 //!
 //! Root is used only to become `nobody` and to load the kernel modules a
-//! user namespace cannot load ([`MODULES`]: running without root, the
-//! host must have them loaded or built in).
+//! user namespace cannot load (`hostreq::MODULES`: running without root,
+//! the host must have them loaded or built in; `migrant doctor` checks).
 
 mod common;
 
@@ -20,18 +20,6 @@ use migrant::net::plan::NetPlan;
 
 /// Set when this binary runs as the unprivileged child.
 const CHILD: &str = "MIGRANT_ROOTLESS_CHILD";
-
-/// The netfilter modules the ruleset needs; inside a user namespace the
-/// kernel will not load them on demand.
-const MODULES: &[&str] = &[
-    "tun",
-    "nft_tproxy",
-    "nf_tproxy_ipv4",
-    "nf_tproxy_ipv6",
-    "nft_socket",
-    "nft_reject_inet",
-    "nft_ct",
-];
 
 /// Run as root, this test runs itself again as `nobody` in a user and
 /// network namespace of its own ([`CHILD`] set), where it sets the
@@ -46,10 +34,13 @@ fn an_ordinary_user_sets_up_a_vms_namespace() {
     }
     // Where the modules are built in there is no modprobe to run (and
     // nothing to load); where it fails, the child says what is missing.
-    if let Ok(s) = Command::new("modprobe").arg("-a").args(MODULES).status()
+    if let Ok(s) = Command::new("modprobe")
+        .arg("-a")
+        .args(migrant::hostreq::MODULES)
+        .status()
         && !s.success()
     {
-        eprintln!("modprobe {MODULES:?} failed ({s})");
+        eprintln!("modprobe {:?} failed ({s})", migrant::hostreq::MODULES);
     }
     let (dir, exe) = runnable_copy(0o755);
     let out = Command::new("setpriv")

@@ -203,6 +203,7 @@ pub fn doctor() -> Result<u8> {
             check("user ns", false, crate::hostreq::user_namespaces(&exe)),
             check("subids", false, ids),
             check("uidmap", false, crate::hostreq::uidmap()),
+            check("modules", false, crate::hostreq::modules()),
             check("tun (users)", false, crate::hostreq::tun_for_users()),
         ]
         .into_iter(),
