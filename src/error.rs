@@ -19,7 +19,7 @@ pub enum Error {
     #[error(transparent)]
     Control(#[from] crate::supervisor::control::ControlError),
     #[error(transparent)]
-    Supervisor(#[from] crate::supervisor::SupervisorError),
+    Supervisor(#[from] crate::supervisor::error::SupervisorError),
     #[error(transparent)]
     Refusal(#[from] crate::runstate::Refusal),
     #[error(transparent)]

@@ -1,10 +1,11 @@
 //! The per-VM supervisor: owns the VM's network namespace, its dataplane
 //! and QEMU. Started by `migrant up` as `migrant __supervisor …` in a new
 //! session; lives exactly as long as the VM. [`prepare`] readies
-//! everything, [`running`] starts the children and watches them,
+//! everything, [`start`] starts the children, [`running`] watches them,
 //! [`server`] answers the control socket.
 
 pub mod control;
+pub mod error;
 mod memory;
 pub mod netlab;
 mod prepare;
@@ -13,35 +14,14 @@ mod restart;
 mod running;
 mod serial;
 mod server;
+mod start;
 
 use std::path::PathBuf;
 
 use crate::state::{self, Paths, VmPaths};
 use progress::{Progress, Reporter};
 
-#[derive(Debug, thiserror::Error)]
-pub enum SupervisorError {
-    #[error("VM {0} has no record; run `migrant up`")]
-    NoRecord(String),
-    #[error("the VM's record is damaged: {0}")]
-    BadRecord(String),
-    #[error("{0}")]
-    Snapshot(String),
-    #[error("QEMU exited during start-up ({status}); last lines of its log:\n{log}")]
-    QemuExited { status: String, log: String },
-}
-
-impl SupervisorError {
-    pub fn exit_code(&self) -> u8 {
-        use crate::exit;
-        match self {
-            SupervisorError::NoRecord(_) => exit::USAGE,
-            SupervisorError::BadRecord(_) => exit::DATAERR,
-            SupervisorError::Snapshot(_) => exit::CONFIG,
-            SupervisorError::QemuExited { .. } => exit::SOFTWARE,
-        }
-    }
-}
+pub use error::SupervisorError;
 
 use crate::error::Error;
 
@@ -161,5 +141,5 @@ fn run(args: &Args, vm: &VmPaths, reporter: &mut Reporter) -> Result<(), Error> 
             tokio::time::Instant::now() + std::time::Duration::from_secs(s),
         )
     });
-    rt.block_on(running::supervise(p, vm, reporter, deadline))
+    rt.block_on(start::supervise(p, vm, reporter, deadline))
 }
