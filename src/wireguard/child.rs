@@ -246,14 +246,10 @@ mod tests {
     use std::os::unix::process::ExitStatusExt;
 
     /// The half of [`a_connected_loop_may_send_only_to_its_peer`] that
-    /// runs in a child process: confined as a one-peer loop, it sends to
-    /// its peer, then tries what `MIGRANT_SECCOMP_CHILD` names.
-    #[test]
-    #[ignore = "run by a_connected_loop_may_send_only_to_its_peer in a child process"]
-    fn seccomp_child() {
-        let Ok(mode) = std::env::var("MIGRANT_SECCOMP_CHILD") else {
-            return;
-        };
+    /// runs in a child process (the same test, run again with
+    /// `MIGRANT_SECCOMP_CHILD` set): confined as a one-peer loop, it sends
+    /// to its peer, then tries what `mode` names.
+    fn seccomp_child(mode: &str) -> ! {
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
         let other = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
@@ -265,7 +261,7 @@ mod tests {
         let sent = udp.send(b"to the peer").is_ok()
             && nix::sys::socket::setsockopt(&udp, gso, &1000).is_ok();
         println!("sent to peer: {sent}");
-        match mode.as_str() {
+        match mode {
             "elsewhere" => {
                 let _ = udp.send_to(b"x", other_addr);
             }
@@ -301,13 +297,15 @@ mod tests {
     /// talk to the peer, never to the host or its LAN.
     #[test]
     fn a_connected_loop_may_send_only_to_its_peer() {
+        if let Ok(mode) = std::env::var("MIGRANT_SECCOMP_CHILD") {
+            seccomp_child(&mode);
+        }
         let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
         let run = |mode: &str| {
             std::process::Command::new(&exe)
                 .args([
                     "--exact",
-                    "wireguard::child::tests::seccomp_child",
-                    "--ignored",
+                    "wireguard::child::tests::a_connected_loop_may_send_only_to_its_peer",
                     "--nocapture",
                     "--test-threads=1",
                 ])
