@@ -39,6 +39,13 @@ pub enum Refusal {
         what: &'static str,
         then: &'static str,
     },
+    /// Clones' disks overlay its snapshot (75): it may not go, nor its
+    /// snapshot change, while they exist.
+    #[error(
+        "{name} has clones whose disks overlay its snapshot ({}): `migrant destroy --name CLONE` each first",
+        clones.join(", ")
+    )]
+    HasClones { name: String, clones: Vec<String> },
     /// The supervisor answered with something this command never asks
     /// for (70).
     #[error("unexpected answer from the supervisor")]
@@ -51,7 +58,7 @@ impl Refusal {
             Refusal::NotCreated { .. } | Refusal::NotRunning { .. } | Refusal::Missing { .. } => {
                 crate::exit::UNAVAILABLE
             }
-            Refusal::Busy { .. } => crate::exit::TEMPFAIL,
+            Refusal::Busy { .. } | Refusal::HasClones { .. } => crate::exit::TEMPFAIL,
             Refusal::UnexpectedAnswer => crate::exit::SOFTWARE,
         }
     }
@@ -70,6 +77,37 @@ impl Refusal {
             then,
         }
     }
+}
+
+/// Refused while other VMs are clones of `vm` (their disks overlay its
+/// snapshot): before destroying it or replacing its snapshot.
+pub fn refuse_with_clones(vm: &VmPaths) -> Result<(), Refusal> {
+    let clones = clones_of(vm);
+    if clones.is_empty() {
+        return Ok(());
+    }
+    Err(Refusal::HasClones {
+        name: vm.name.clone(),
+        clones,
+    })
+}
+
+/// The VMs beside `vm` (in the same state folder) whose record names it
+/// as their template, by name, sorted.
+pub fn clones_of(vm: &VmPaths) -> Vec<String> {
+    let Some(vms) = vm.state.parent() else {
+        return Vec::new();
+    };
+    let mut clones: Vec<String> = std::fs::read_dir(vms)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Record::load(&e.path().join("record.json")).ok().flatten())
+        .filter(|r| r.template.as_deref() == Some(vm.name.as_str()) && r.name != vm.name)
+        .map(|r| r.name)
+        .collect();
+    clones.sort();
+    clones
 }
 
 /// The VM's state; a stale record (dead supervisor) is repaired here.

@@ -205,6 +205,19 @@ fn memory_snapshots_resume_clone_and_refuse_another_machine() {
             text(&out)
         );
     }
+    // While the clone's disk overlays the template's snapshot, neither
+    // the template nor its snapshot may go: refused, naming the clone,
+    // the template running on.
+    for args in [&["destroy"][..], &["snapshot", "--memory"], &["snapshot"]] {
+        let out = env.run(args);
+        assert_eq!(out.status.code(), Some(75), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains(&kept) && text(&out).contains("overlay its snapshot"),
+            "{args:?}: {}",
+            text(&out)
+        );
+    }
+    assert!(env.ok(&["status"]).contains("state:       running"));
     env.ok(&["destroy", "--name", &kept]);
     // Nothing of the clones remains; the VM runs on, untouched.
     let vms = names_in(&env.root.path().join("state/vms"));

@@ -248,6 +248,7 @@ fn disk_from_snapshot(vm: &VmPaths) -> Result<()> {
 pub fn snapshot(p: &Project) -> Result<u8> {
     let name = &p.cfg.name;
     let vm = &p.vm;
+    crate::runstate::refuse_with_clones(vm)?;
     take_down(p, "snapshot", false)?;
     let _lock = VmLock::try_acquire(vm)?;
     if !vm.disk().exists() {
@@ -311,6 +312,7 @@ pub fn snapshot(p: &Project) -> Result<u8> {
 pub fn snapshot_memory(p: &Project, stop: bool) -> Result<u8> {
     let name = &p.cfg.name;
     let vm = &p.vm;
+    crate::runstate::refuse_with_clones(vm)?;
     super::refuse_shares(
         &p.cfg,
         "a memory snapshot",

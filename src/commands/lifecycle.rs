@@ -90,6 +90,7 @@ pub fn destroy_as(p: &Project, trigger: Trigger) -> Result<u8> {
 /// VM whose project is gone) no hooks run.
 fn destroy_vm(vm: &VmPaths, cfg: Option<&Config>, trigger: Trigger) -> Result<u8> {
     let name = &vm.name;
+    crate::runstate::refuse_with_clones(vm)?;
     let state = live(vm)?;
     let exists = matches!(state, Live::Active(_) | Live::Stopped(_));
     if exists && let Some(cfg) = cfg {
