@@ -26,13 +26,13 @@ const UNDEFINED_ID: u32 = u32::MAX;
 const READ: u16 = 4;
 const WRITE: u16 = 2;
 
-/// The ACL "owner read-write, `uid` read, nobody else anything".
-fn owner_and_reader(uid: u32) -> Vec<u8> {
+/// The ACL "owner read-write, `uid` `perm`, nobody else anything".
+fn owner_and(uid: u32, perm: u16) -> Vec<u8> {
     let entries = [
         (USER_OBJ, READ | WRITE, UNDEFINED_ID),
-        (USER, READ, uid),
+        (USER, perm, uid),
         (GROUP_OBJ, 0, UNDEFINED_ID),
-        (MASK, READ, UNDEFINED_ID),
+        (MASK, perm, UNDEFINED_ID),
         (OTHER, 0, UNDEFINED_ID),
     ];
     let mut out = VERSION.to_le_bytes().to_vec();
@@ -52,7 +52,19 @@ pub fn let_read(file: &File, uid: u32) -> io::Result<()> {
     if uid == 0 {
         return file.set_permissions(std::fs::Permissions::from_mode(0o600));
     }
-    let acl = owner_and_reader(uid);
+    set(file, &owner_and(uid, READ))
+}
+
+/// Make `file` readable and writable by its owner and by `uid`, nothing
+/// for anyone else: running without root, a VM's disk stays the user's
+/// (who copies, resizes and deletes it) and its QEMU, another id, uses it.
+pub fn let_write(file: &File, uid: u32) -> io::Result<()> {
+    set(file, &owner_and(uid, READ | WRITE))
+}
+
+/// Replace `file`'s access ACL; on failure the file is left 0600.
+fn set(file: &File, acl: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     // SAFETY: the name is a NUL-terminated literal, `acl` outlives the
     // call and its length is passed; the descriptor is owned by `file`.
     let rc = unsafe {
@@ -92,7 +104,7 @@ mod tests {
 
     #[test]
     fn the_entries_are_in_the_kernels_order_and_layout() {
-        let a = owner_and_reader(1000);
+        let a = owner_and(1000, READ);
         assert_eq!(a.len(), 4 + 5 * 8);
         assert_eq!(&a[..4], &[2, 0, 0, 0]);
         let tags: Vec<u16> = a[4..]

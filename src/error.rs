@@ -46,6 +46,8 @@ pub enum Error {
     Ansible(#[from] crate::provision::ansible::AnsibleError),
     #[error(transparent)]
     Share(#[from] crate::share::ShareError),
+    #[error(transparent)]
+    Userns(#[from] crate::userns::UsernsError),
     /// A failure that carries its own exit code.
     #[error("{message}")]
     Other { message: String, code: u8 },
@@ -85,6 +87,7 @@ impl Error {
             Error::Hook(e) => e.exit_code(),
             Error::Ansible(e) => e.exit_code(),
             Error::Share(e) => e.exit_code(),
+            Error::Userns(e) => e.exit_code(),
             Error::Other { code, .. } => *code,
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => {
                 exit::NOPERM

@@ -1,8 +1,13 @@
 //! Where things live, per-VM locks and records.
 //!
-//! * images cache: `$MIGRANT_HOME/images` (default `/var/lib/migrant`)
+//! * images cache: `$MIGRANT_HOME/images` (default `/var/lib/migrant`;
+//!   for a user, `$XDG_DATA_HOME/migrant`, i.e. `~/.local/share/migrant`)
 //! * per-VM state: `$MIGRANT_HOME/vms/<name>/`
-//! * runtime: `$MIGRANT_RUNTIME/<name>/` (default `/run/migrant`)
+//! * runtime: `$MIGRANT_RUNTIME/<name>/` (default `/run/migrant`; for a
+//!   user, `$XDG_RUNTIME_DIR/migrant` when that is theirs alone, else
+//!   `$MIGRANT_HOME/run`)
+//! * VM identities in use: [`IDS_DIR`] (host-wide); for a user,
+//!   `$MIGRANT_HOME/ids` (their VMs' indexes in their subordinate range)
 //!
 //! Every record write is write-temp, fsync, rename.
 
@@ -69,13 +74,31 @@ pub struct Paths {
 
 impl Paths {
     pub fn from_env() -> Self {
+        let rootless = crate::userns::rootless();
         let home = std::env::var_os("MIGRANT_HOME")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/lib/migrant"));
+            .unwrap_or_else(|| match rootless {
+                true => user_data_home().join("migrant"),
+                false => PathBuf::from("/var/lib/migrant"),
+            });
         let runtime = std::env::var_os("MIGRANT_RUNTIME")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/run/migrant"));
+            .unwrap_or_else(|| match rootless {
+                true => user_runtime_dir()
+                    .map(|d| d.join("migrant"))
+                    .unwrap_or_else(|| home.join("run")),
+                false => PathBuf::from("/run/migrant"),
+            });
         Paths { home, runtime }
+    }
+    /// Where the VM identities in use are registered: host-wide for root
+    /// (the ids are the host's), the user's own otherwise (indexes into
+    /// their subordinate range).
+    pub fn ids(&self) -> PathBuf {
+        match crate::userns::rootless() {
+            true => self.home.join("ids"),
+            false => PathBuf::from(IDS_DIR),
+        }
     }
     pub fn images(&self) -> PathBuf {
         self.home.join("images")
@@ -90,6 +113,37 @@ impl Paths {
             run: self.runtime.join(name),
         }
     }
+}
+
+/// `$XDG_DATA_HOME` when absolute, else `~/.local/share` (the home from
+/// `$HOME`, else the password database).
+fn user_data_home() -> PathBuf {
+    let absolute = |v: Option<std::ffi::OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(d) = absolute(std::env::var_os("XDG_DATA_HOME")) {
+        return d;
+    }
+    let home = absolute(std::env::var_os("HOME")).unwrap_or_else(|| {
+        nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map(|u| u.dir)
+            .unwrap_or_else(|| PathBuf::from("/nonexistent"))
+    });
+    home.join(".local/share")
+}
+
+/// `$XDG_RUNTIME_DIR` when it is a folder of this user's that nobody
+/// else may enter (an inherited one, e.g. root's through `runuser`, is
+/// not).
+fn user_runtime_dir() -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = PathBuf::from(std::env::var_os("XDG_RUNTIME_DIR")?);
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    (dir.is_absolute()
+        && meta.is_dir()
+        && meta.uid() == nix::unistd::getuid().as_raw()
+        && meta.mode() & 0o077 == 0)
+        .then_some(dir)
 }
 
 /// The files of one VM.
@@ -371,9 +425,9 @@ pub struct Record {
     pub template: Option<String>,
 }
 
-/// Where VM identities are registered, host-wide (whatever
+/// Where root's VM identities are registered, host-wide (whatever
 /// `MIGRANT_HOME` a VM lives under): one file per id in use, holding the
-/// VM's state folder.
+/// VM's state folder ([`Paths::ids`]).
 pub const IDS_DIR: &str = "/var/lib/migrant-ids";
 
 /// The uid/gid of the VM at `vm`: the one it has if the host-wide
@@ -383,12 +437,11 @@ pub const IDS_DIR: &str = "/var/lib/migrant-ids";
 /// without releasing its id, or a registry from before, cannot block one.
 /// Serialised by a lock on the registry, so two `up`s cannot take one id.
 pub fn allocate_vm_id(
+    dir: &Path,
     vm: &VmPaths,
     current: Option<u32>,
-    base: u32,
-    count: u32,
+    (base, count): (u32, u32),
 ) -> Result<u32, StateError> {
-    let dir = Path::new(IDS_DIR);
     ensure_dir(dir, 0o700)?;
     let lock_path = dir.join(".lock");
     let lock = crate::lockfile::open(&lock_path).map_err(io_err(&lock_path))?;
@@ -422,8 +475,8 @@ pub fn allocate_vm_id(
 
 /// Give the VM's identity back (at `destroy`); an entry another VM holds
 /// is left alone.
-pub fn release_vm_id(vm: &VmPaths, id: u32) {
-    let entry = Path::new(IDS_DIR).join(id.to_string());
+pub fn release_vm_id(dir: &Path, vm: &VmPaths, id: u32) {
+    let entry = dir.join(id.to_string());
     if std::fs::read_to_string(&entry).is_ok_and(|owner| Path::new(&owner) == vm.state) {
         let _ = std::fs::remove_file(entry);
     }

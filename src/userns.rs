@@ -57,54 +57,103 @@ pub struct Mapping {
     pub user: (u32, u32),
     /// The VM's identity: id 1 inside.
     pub vm: (u32, u32),
+    /// The group of the user's base images, which every VM of the user
+    /// reads and nobody else: group 2 inside, the first subordinate gid.
+    pub images: u32,
 }
 
 /// Inside the namespace, the VM's identity.
 pub const VM_ID: u32 = 1;
+/// Inside the namespace, the group that may read the user's base images.
+pub const IMAGES_GID: u32 = 2;
+
+/// Whether migrant runs without root: as an ordinary user, or as root of
+/// a user namespace such a user made (the supervisor, once it entered
+/// the VM's). Decided once per process, before any namespace is entered.
+pub fn rootless() -> bool {
+    static ROOTLESS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ROOTLESS.get_or_init(|| {
+        !nix::unistd::Uid::effective().is_root()
+            || std::fs::read_to_string("/proc/self/uid_map")
+                .map(|m| !is_initial(&m))
+                .unwrap_or(false)
+    })
+}
+
+/// Whether `uid_map` is the initial namespace's (all ids, as they are).
+fn is_initial(uid_map: &str) -> bool {
+    let fields: Vec<&str> = uid_map.split_whitespace().collect();
+    fields == ["0", "0", "4294967295"]
+}
+
+/// The host's id for `id` of this process's user namespace, by
+/// `/proc/self/uid_map` (`None` when unmapped or unreadable).
+pub fn host_uid(id: u32) -> Option<u32> {
+    let map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
+    map.lines().find_map(|line| {
+        let f: Vec<u32> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        match f[..] {
+            [inside, outside, count] if id >= inside && id - inside < count => {
+                outside.checked_add(id - inside)
+            }
+            _ => None,
+        }
+    })
+}
 
 impl Mapping {
     /// The mapping of VM number `index` (0, 1, …: distinct per VM of the
     /// user) for the user `name` with ids `user`, from their subordinate
-    /// ranges: the index-th id of each.
+    /// ranges: the index-th uid, and the (index + 1)-th gid (the first is
+    /// the images group).
     pub fn for_vm(
         name: &str,
         user: (u32, u32),
         (uids, gids): (&[Range], &[Range]),
         index: u32,
     ) -> Result<Mapping, UsernsError> {
-        let pick = |ranges: &[Range], kind| {
-            nth_id(ranges, index).ok_or_else(|| UsernsError::NoIds {
-                user: name.to_string(),
-                kind,
-                index,
-                have: crate::subid::total(ranges),
-            })
+        let pick = |ranges: &[Range], kind, n: Option<u32>| {
+            n.and_then(|n| nth_id(ranges, n))
+                .ok_or_else(|| UsernsError::NoIds {
+                    user: name.to_string(),
+                    kind,
+                    index,
+                    have: crate::subid::total(ranges),
+                })
         };
         Ok(Mapping {
             user,
-            vm: (pick(uids, "uid")?, pick(gids, "gid")?),
+            vm: (
+                pick(uids, "uid", Some(index))?,
+                pick(gids, "gid", index.checked_add(1))?,
+            ),
+            images: pick(gids, "gid", Some(0))?,
         })
     }
 
     /// `newuidmap PID` arguments after the pid: `0 USER 1` and `1 VM 1`.
-    pub fn uid_args(&self) -> [String; 6] {
-        triples(self.user.0, self.vm.0)
+    pub fn uid_args(&self) -> Vec<String> {
+        triples(&[(0, self.user.0), (VM_ID, self.vm.0)])
     }
 
-    pub fn gid_args(&self) -> [String; 6] {
-        triples(self.user.1, self.vm.1)
+    /// `newgidmap PID` arguments after the pid: `0 USER 1`, `1 VM 1` and
+    /// `2 IMAGES 1`.
+    pub fn gid_args(&self) -> Vec<String> {
+        triples(&[
+            (0, self.user.1),
+            (VM_ID, self.vm.1),
+            (IMAGES_GID, self.images),
+        ])
     }
 }
 
-fn triples(user: u32, vm: u32) -> [String; 6] {
-    [
-        "0".into(),
-        user.to_string(),
-        "1".into(),
-        VM_ID.to_string(),
-        vm.to_string(),
-        "1".into(),
-    ]
+fn triples(ids: &[(u32, u32)]) -> Vec<String> {
+    ids.iter()
+        .flat_map(|(inside, outside)| [inside.to_string(), outside.to_string(), "1".into()])
+        .collect()
 }
 
 /// The `index`-th id of `ranges`, in file order (overlapping ranges
@@ -234,21 +283,37 @@ mod tests {
         let gids = [r(200000, 65536)];
         let m = |i| Mapping::for_vm("alice", (1000, 1001), (&uids, &gids), i);
         let first = m(0).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(first.vm, (100000, 200000));
+        assert_eq!(first.vm, (100000, 200001));
+        assert_eq!(first.images, 200000);
         assert_eq!(
             first.uid_args(),
             ["0", "1000", "1", "1", "100000", "1"].map(String::from)
         );
         assert_eq!(
             first.gid_args(),
-            ["0", "1001", "1", "1", "200000", "1"].map(String::from)
+            ["0", "1001", "1", "1", "200001", "1", "2", "200000", "1"].map(String::from)
         );
         // Past the first range, into the second.
         assert_eq!(m(3).map(|m| m.vm.0).ok(), Some(500000));
         assert_eq!(m(4).map(|m| m.vm.0).ok(), Some(500001));
-        // No gid left for VM 65536: refused, naming what is missing.
-        let e = m(65536).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("no subordinate gids left for VM 65536"), "{e}");
+        // Every VM shares the images group, and has a gid of its own.
+        assert_eq!(
+            m(4).map(|m| (m.vm.1, m.images)).ok(),
+            Some((200005, 200000))
+        );
+        // No gid left for VM 65535 (the first is the images group):
+        // refused, naming what is missing.
+        let e = m(65535).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("no subordinate gids left for VM 65535"), "{e}");
         assert!(Mapping::for_vm("bob", (1, 1), (&[], &[]), 0).is_err());
+    }
+
+    #[test]
+    fn the_initial_namespace_is_told_from_a_users() {
+        assert!(is_initial("         0          0 4294967295\n"));
+        assert!(!is_initial(
+            "         0       1000          1\n         1     100000          1\n"
+        ));
+        assert!(!is_initial(""));
     }
 }

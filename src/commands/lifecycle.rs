@@ -134,7 +134,7 @@ fn destroy_vm(vm: &VmPaths, cfg: Option<&Config>, trigger: Trigger) -> Result<u8
     remove_tree(&vm.state)?;
     // Its identity is free again once its files are gone.
     if let Some(id) = rec.and_then(|r| r.vm_id) {
-        crate::state::release_vm_id(vm, id);
+        crate::state::release_vm_id(&crate::state::Paths::from_env().ids(), vm, id);
     }
     let _ = std::fs::remove_dir_all(&vm.run);
     println!("==> {name}: destroyed");

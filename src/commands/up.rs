@@ -554,6 +554,11 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
+    // Without root the supervisor becomes root of the VM's user namespace,
+    // where the defaults would be root's: it gets the user's folders.
+    let paths = state::Paths::from_env();
+    cmd.env("MIGRANT_HOME", &paths.home)
+        .env("MIGRANT_RUNTIME", &paths.runtime);
     // Its own session; the lock and the progress pipe go across exec.
     crate::sandbox::Confine {
         keep_fds: vec![lock_fd, progress_fd, config_fd],

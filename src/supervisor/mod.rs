@@ -11,6 +11,7 @@ pub mod netlab;
 mod prepare;
 pub mod progress;
 mod restart;
+mod rootless;
 mod running;
 mod serial;
 mod server;
@@ -58,6 +59,18 @@ pub fn main(args: Args) -> u8 {
     crate::net::dataplane::raise_fd_limit();
     let paths = Paths::from_env();
     let vm = paths.vm(&args.name);
+    // First, while this process has one thread.
+    if crate::userns::rootless()
+        && let Err(e) = rootless::enter(&vm)
+    {
+        let message = crate::exit::chain(&e);
+        tracing::error!("{message}");
+        reporter.send(&Progress::Failed {
+            message,
+            code: e.exit_code(),
+        });
+        return e.exit_code();
+    }
     let log = capture_output(&vm);
     let result = run(&args, &vm, &mut reporter);
     let code = match &result {

@@ -14,7 +14,7 @@ use crate::net::netns::NetNs;
 use crate::net::plan::NetPlan;
 use crate::net::{setup, tap};
 use crate::qemu::{self, process};
-use crate::state::{self, Record, VmPaths};
+use crate::state::{self, Paths, Record, VmPaths};
 
 pub(super) struct Prepared {
     pub(super) cfg: Config,
@@ -128,9 +128,17 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, Error> {
         .collect::<Result<Vec<_>, _>>()?;
 
     // The VM's own identity: QEMU and its tunnel run as it.
-    let vm_id = state::allocate_vm_id(vm, rec.vm_id, process::VM_ID_BASE, process::VM_ID_COUNT)?;
-    rec.vm_id = Some(vm_id);
-    let identity = process::vm_identity(vm_id)?;
+    // Without root, the VM's identity is id 1 of the user namespace this
+    // process entered (its index was taken then).
+    let identity = match crate::userns::rootless() {
+        true => super::rootless::vm_identity(),
+        false => {
+            let ids = (process::VM_ID_BASE, process::VM_ID_COUNT);
+            let vm_id = state::allocate_vm_id(&Paths::from_env().ids(), vm, rec.vm_id, ids)?;
+            rec.vm_id = Some(vm_id);
+            process::vm_identity(vm_id)?
+        }
+    };
     let firmware = crate::firmware::resolve(cfg.firmware, cfg.secure_boot, &vm.nvram())?;
     hand_files_to(&identity, &rec, vm, &firmware)?;
 
@@ -276,8 +284,11 @@ fn hand_files_to(
     vm: &VmPaths,
     firmware: &qemu::FirmwareFiles,
 ) -> Result<(), Error> {
-    let images = process::system_group(process::IMAGE_GROUP)?;
-    set_owner(&rec.base_image, 0, images.as_raw(), 0o640)?;
+    let images = match crate::userns::rootless() {
+        true => crate::userns::IMAGES_GID,
+        false => process::system_group(process::IMAGE_GROUP)?.as_raw(),
+    };
+    set_owner(&rec.base_image, 0, images, 0o640)?;
     if vm.snapshot().exists() {
         set_owner(&vm.snapshot(), 0, identity.gid.as_raw(), 0o640)?;
     }
@@ -286,9 +297,28 @@ fn hand_files_to(
         owned.push(vars.clone());
     }
     for f in &owned {
-        set_owner(f, identity.uid.as_raw(), identity.gid.as_raw(), 0o600)?;
+        match crate::userns::rootless() {
+            // The user's own files (root here), which the VM's identity
+            // may use: the user keeps them, outside the namespace too.
+            true => share_with(f, identity.uid.as_raw())?,
+            false => set_owner(f, identity.uid.as_raw(), identity.gid.as_raw(), 0o600)?,
+        }
     }
     Ok(())
+}
+
+/// Make `path` this process's, 0600, with `uid` allowed to read and
+/// write it (an ACL entry).
+fn share_with(path: &Path, uid: u32) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io(format!("cannot open {}", path.display())))?;
+    std::os::unix::fs::fchown(&file, Some(0), Some(0))
+        .and_then(|()| crate::acl::let_write(&file, uid))
+        .map_err(io(format!("cannot let the VM use {}", path.display())))
 }
 
 /// The memory snapshot of `owner` (the VM, or a clone's template), open
