@@ -1,14 +1,21 @@
-//! Running without root, the network half: a VM's namespace set up by
-//! migrant's own code — the TAP with its addresses and policy routing,
-//! the nftables ruleset with its TPROXY diversion, anti-spoofing and
-//! closed gateway ports, the transparent listeners, the DHCP and DNS
-//! sockets — by a process that holds no privilege on the host: `nobody`,
-//! root only inside a user namespace of its own that owns the network
-//! namespace. (The rest of running without root is not built yet.)
+//! Running without root.
 //!
-//! Root is used only to become `nobody` and to load the kernel modules a
-//! user namespace cannot load (`hostreq::MODULES`: running without root,
-//! the host must have them loaded or built in; `migrant doctor` checks).
+//! The network half: a VM's namespace set up by migrant's own code — the
+//! TAP with its addresses and policy routing, the nftables ruleset with
+//! its TPROXY diversion, anti-spoofing and closed gateway ports, the
+//! transparent listeners, the DHCP and DNS sockets — by a process that
+//! holds no privilege on the host: `nobody`, root only inside a user
+//! namespace of its own that owns the network namespace.
+//!
+//! The whole: an ordinary user (`scripts/test-user`) runs two VMs (one a
+//! memory-snapshot clone of the other), and no process of either holds
+//! anything on the host; each VM's identity is its own subordinate id and
+//! opens nothing of the other's nor of the user's.
+//!
+//! Root is used only to become those users and to load the kernel modules
+//! a user namespace cannot load (`hostreq::MODULES`: running without
+//! root, the host must have them loaded or built in; `migrant doctor`
+//! checks). Run as the test user itself, the VM test needs no root.
 
 mod common;
 
@@ -315,4 +322,395 @@ fn in_the_vms_namespace(
     let made = secret.with_file_name("made-by-the-vm");
     std::fs::write(&made, "vm").map_err(|e| format!("{}: {e}", made.display()))?;
     Ok(())
+}
+
+/// The test guest image, which an ordinary user may read (`None`:
+/// skipped loudly, or failed under `MIGRANT_REQUIRE_INTEGRATION`).
+fn image_for_users() -> Option<std::path::PathBuf> {
+    match std::env::var_os("MIGRANT_TEST_IMAGE").map(std::path::PathBuf::from) {
+        Some(p) if p.is_file() => Some(p),
+        _ if std::env::var_os("MIGRANT_REQUIRE_INTEGRATION").is_some() => {
+            panic!("MIGRANT_TEST_IMAGE is not set to an image: run scripts/test")
+        }
+        _ => {
+            eprintln!("SKIPPED: set MIGRANT_TEST_IMAGE (scripts/test does)");
+            None
+        }
+    }
+}
+
+/// A project of the test user's, with migrant's state, runtime and home
+/// in a folder of theirs: what the user would have under `~`.
+struct UserProject {
+    dir: tempfile::TempDir,
+    exe: std::path::PathBuf,
+    user: nix::unistd::User,
+    name: String,
+}
+
+impl UserProject {
+    fn new(user: nix::unistd::User, image: &std::path::Path) -> UserProject {
+        let dir = tempfile::Builder::new()
+            .prefix("migrant-user-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let name = format!("rl-{}", std::process::id());
+        let exe = dir.path().join("migrant");
+        std::fs::copy(common::bin(), &exe).unwrap_or_else(|e| panic!("{e}"));
+        for sub in ["project", "home", "state", "run"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap_or_else(|e| panic!("{e}"));
+        }
+        std::fs::write(
+            dir.path().join("project/Migrantfile"),
+            format!(
+                "name = \"{name}\"\nimage = \"{}\"\ncpus = 2\nmemory = \"1G\"\ndisk = \"4G\"\naccel = \"tcg\"\n",
+                image.display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            dir.path().join("project/cloud-init.yml"),
+            "#cloud-config\nusers:\n  - name: migrant\n    sudo: ALL=(ALL) NOPASSWD:ALL\n    shell: /bin/bash\n    ssh_authorized_keys:\n      - __MIGRANT_PUBKEY__\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        // Everything the user's: chown as root (running as the user, it
+        // already is), the folder itself 0755, its contents 0700.
+        let walk = walkdir(dir.path());
+        for p in &walk {
+            if nix::unistd::Uid::effective().is_root() {
+                nix::unistd::chown(p, Some(user.uid), Some(user.gid))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        for sub in ["home", "state", "run"] {
+            std::fs::set_permissions(dir.path().join(sub), std::fs::Permissions::from_mode(0o700))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        UserProject {
+            dir,
+            exe,
+            user,
+            name,
+        }
+    }
+
+    /// `migrant ARGS` as the user (through `setpriv` when the test is root).
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let mut c = match nix::unistd::Uid::effective().is_root() {
+            true => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={}", self.user.uid))
+                    .arg(format!("--regid={}", self.user.gid))
+                    .args(["--init-groups", "--inh-caps=-all", "--"])
+                    .arg(&self.exe);
+                c
+            }
+            false => Command::new(&self.exe),
+        };
+        c.args(args)
+            .current_dir(self.dir.path().join("project"))
+            .env("MIGRANT_HOME", self.dir.path().join("state"))
+            .env("MIGRANT_RUNTIME", self.dir.path().join("run"))
+            .env("HOME", self.dir.path().join("home"))
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("XDG_DATA_HOME")
+            .env_remove("SUDO_USER")
+            .env_remove("MIGRANT_DIR")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("migrant {args:?}: {e}"))
+    }
+
+    /// `migrant ARGS` as the user, which must succeed: its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "migrant {args:?}: {}",
+            common::text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn vm_dir(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join("state/vms").join(name)
+    }
+
+    /// Processes whose command line names this test's folder.
+    fn processes(&self) -> Vec<u32> {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        pids()
+            .into_iter()
+            .filter(|pid| *pid != std::process::id())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| {
+                        String::from_utf8_lossy(&c)
+                            .replace('\0', " ")
+                            .contains(&needle)
+                    })
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+}
+
+impl Drop for UserProject {
+    fn drop(&mut self) {
+        for name in [self.name.clone(), format!("{}-b", self.name)] {
+            let _ = self.run(&["destroy", "--name", &name]);
+        }
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn walkdir(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut all = vec![root.to_path_buf()];
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p.clone());
+            }
+            all.push(p);
+        }
+    }
+    all
+}
+
+/// A `Name:` line of `/proc/PID/status`, its fields.
+fn status_field(pid: u32, name: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")).map(str::to_string))
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+fn user_ns(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/user"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Try to read one byte of each of `files` as the VM identity (id 1,
+/// group 2) of the user namespace `supervisor` runs in; returns the
+/// files that opened.
+fn opened_as_vm(supervisor: u32, files: &[std::path::PathBuf]) -> Vec<String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--target={supervisor}"))
+        .args([
+            "--user",
+            "--",
+            "setpriv",
+            "--reuid=1",
+            "--regid=1",
+            "--groups=2",
+            "--",
+            "sh",
+            "-c",
+            "for f; do head -c1 \"$f\" >/dev/null 2>&1 && echo \"$f\"; done; true",
+            "sh",
+        ])
+        .args(files)
+        .output()
+        .unwrap_or_else(|e| panic!("nsenter: {e}"));
+    assert!(out.status.success(), "nsenter: {}", common::text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// An ordinary user runs two VMs, a memory-snapshot clone beside its
+/// template, with no root: no process of either has uid 0 or a
+/// capability on the host; their QEMUs run as two distinct ids of the
+/// user's subordinate range; as either VM's identity the other's disk,
+/// seed and memory state and the user's SSH key do not open; a killed
+/// supervisor takes its QEMU and dataplane with it; `destroy` leaves
+/// nothing.
+#[test]
+fn a_user_runs_vms_without_root() {
+    let Some(image) = image_for_users() else {
+        return;
+    };
+    let user = match nix::unistd::Uid::effective().is_root() {
+        true => match test_user() {
+            Some(u) => u,
+            None => return,
+        },
+        false => nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("who am I")),
+    };
+    let p = UserProject::new(user, &image);
+    let (a, b) = (p.name.clone(), format!("{}-b", p.name));
+    p.ok(&["up"]);
+    p.ok(&["snapshot", "--memory"]);
+    p.ok(&["run", "--snapshot", "--clone", "--name", &b, "--", "true"]);
+    assert_eq!(p.ok(&["ssh", "--", "hostname"]).trim(), a);
+    assert_eq!(p.ok(&["ssh", "--name", &b, "--", "hostname"]).trim(), b);
+
+    // Every process: no uid 0, and no capability on the host.
+    let procs = p.processes();
+    let qemus: Vec<u32> = procs
+        .iter()
+        .copied()
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|e| e.to_string_lossy().contains("qemu-system"))
+        })
+        .collect();
+    assert_eq!(qemus.len(), 2, "QEMUs: {qemus:?} of {procs:?}");
+    // Two supervisors, two QEMUs, two dataplanes at least.
+    assert!(procs.len() >= 6, "{procs:?}");
+    let host_ns = user_ns(1);
+    for pid in &procs {
+        let uids = status_field(*pid, "Uid");
+        assert!(
+            uids.len() == 4 && uids.iter().all(|u| u != "0"),
+            "process {pid} has uids {uids:?}"
+        );
+        if user_ns(*pid) == host_ns {
+            let caps = status_field(*pid, "CapEff");
+            assert_eq!(
+                caps,
+                ["0000000000000000"],
+                "process {pid} holds {caps:?} on the host"
+            );
+        }
+    }
+    // The QEMUs: two distinct ids of the user's subordinate range.
+    let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+    let ranges = migrant::subid::ranges(&subuid, &p.user.name, p.user.uid.as_raw());
+    let ids: Vec<u32> = qemus
+        .iter()
+        .map(|pid| {
+            status_field(*pid, "Uid")
+                .first()
+                .and_then(|u| u.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect();
+    assert_ne!(ids[0], ids[1], "both QEMUs run as {}", ids[0]);
+    for id in &ids {
+        assert!(
+            ranges
+                .iter()
+                .any(|r| *id >= r.start && id - r.start < r.count),
+            "QEMU runs as {id}, outside {ranges:?}"
+        );
+    }
+
+    // As each VM's identity: its own disk opens (the check works), the
+    // other's files and the user's key do not.
+    let supervisor = |name: &str| {
+        procs
+            .iter()
+            .copied()
+            .find(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                    c.contains("__supervisor") && c.contains(&format!("--name {name} "))
+                })
+            })
+            .unwrap_or_else(|| panic!("no supervisor of {name} in {procs:?}"))
+    };
+    let key = p.dir.path().join("home/.ssh/migrant");
+    assert!(key.is_file(), "no key at {}", key.display());
+    let files = |vm: &str| {
+        [
+            "disk.qcow2",
+            "seed.img",
+            "snapshot.vmstate",
+            "snapshot.qcow2",
+        ]
+        .map(|f| p.vm_dir(vm).join(f))
+        .into_iter()
+        .filter(|f| f.exists())
+        .collect::<Vec<_>>()
+    };
+    let (files_a, files_b) = (files(&a), files(&b));
+    assert!(
+        files_a.len() >= 4 && files_b.len() >= 2,
+        "{files_a:?} {files_b:?}"
+    );
+    let mut probe = files_b.clone();
+    probe.push(key.clone());
+    probe.push(p.vm_dir(&a).join("disk.qcow2"));
+    let opened = opened_as_vm(supervisor(&a), &probe);
+    assert_eq!(
+        opened,
+        [p.vm_dir(&a).join("disk.qcow2").to_string_lossy()],
+        "as {a}'s identity"
+    );
+    let mut probe = files_a.clone();
+    probe.push(key);
+    probe.push(p.vm_dir(&b).join("disk.qcow2"));
+    let opened = opened_as_vm(supervisor(&b), &probe);
+    assert_eq!(
+        opened,
+        [p.vm_dir(&b).join("disk.qcow2").to_string_lossy()],
+        "as {b}'s identity"
+    );
+
+    // kill -9 of B's supervisor: its QEMU and dataplane go with it, and
+    // no process is left in its namespaces.
+    let sup_b = supervisor(&b);
+    let ns_b = user_ns(sup_b);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup_b as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let left = || {
+        pids()
+            .into_iter()
+            .filter(|pid| user_ns(*pid) == ns_b)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        common::wait_for(std::time::Duration::from_secs(15), || left().is_empty()),
+        "left in {b}'s namespace: {:?}",
+        left()
+    );
+
+    p.ok(&["destroy", "--name", &b]);
+    p.ok(&["destroy"]);
+    assert!(
+        common::wait_for(std::time::Duration::from_secs(15), || p
+            .processes()
+            .is_empty()),
+        "processes left: {:?}",
+        p.processes()
+    );
+    let vms = common::names_in(&p.dir.path().join("state/vms"));
+    assert!(vms.is_empty(), "VMs left: {vms:?}");
+    let ids = common::names_in(&p.dir.path().join("state/ids"));
+    assert!(
+        ids.iter().all(|n| n.starts_with('.')),
+        "identities left: {ids:?}"
+    );
 }
