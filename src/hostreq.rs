@@ -1,10 +1,29 @@
 //! What a host must offer for migrant to run as an ordinary user (user
 //! namespaces, subordinate ids, `uidmap`, a TUN device users may open),
 //! each checked with the exact fix when it is missing. `migrant doctor`
-//! prints them; migrant still runs as root today, so none is required
-//! yet.
+//! prints them ([`for_users`]); run by a user, `up` refuses to start
+//! (69) while one is missing, with the same text.
 
 use crate::subid;
+
+/// Every check a user's `up` needs, by name, for the user `name` with
+/// ids `(uid, gid)` (`None`: cannot tell who runs migrant).
+pub fn for_users(
+    exe: &std::path::Path,
+    user: Option<(&str, u32, u32)>,
+) -> Vec<(&'static str, Result<String, String>)> {
+    let ids = match user {
+        Some((name, uid, gid)) => subordinate_ids(name, uid, gid),
+        None => Err("cannot tell who runs migrant".into()),
+    };
+    vec![
+        ("user ns", user_namespaces(exe)),
+        ("subids", ids),
+        ("uidmap", uidmap()),
+        ("modules", modules()),
+        ("tun (users)", tun_for_users()),
+    ]
+}
 
 /// Unprivileged user namespaces: enabled, and not restricted by AppArmor.
 pub fn user_namespaces(exe: &std::path::Path) -> Result<String, String> {

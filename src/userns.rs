@@ -86,10 +86,19 @@ fn is_initial(uid_map: &str) -> bool {
     fields == ["0", "0", "4294967295"]
 }
 
-/// The host's id for `id` of this process's user namespace, by
+/// The host's uid for `id` of this process's user namespace, by
 /// `/proc/self/uid_map` (`None` when unmapped or unreadable).
 pub fn host_uid(id: u32) -> Option<u32> {
-    let map = std::fs::read_to_string("/proc/self/uid_map").ok()?;
+    host_id("/proc/self/uid_map", id)
+}
+
+/// The host's gid for `id`, like [`host_uid`].
+pub fn host_gid(id: u32) -> Option<u32> {
+    host_id("/proc/self/gid_map", id)
+}
+
+fn host_id(file: &str, id: u32) -> Option<u32> {
+    let map = std::fs::read_to_string(file).ok()?;
     map.lines().find_map(|line| {
         let f: Vec<u32> = line
             .split_whitespace()

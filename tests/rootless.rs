@@ -357,22 +357,43 @@ impl UserProject {
         let name = format!("rl-{}", std::process::id());
         let exe = dir.path().join("migrant");
         std::fs::copy(common::bin(), &exe).unwrap_or_else(|e| panic!("{e}"));
-        for sub in ["project", "home", "state", "run"] {
+        let subs = [
+            "project",
+            "shared",
+            "shared/work",
+            "isolated",
+            "home",
+            "state",
+            "run",
+        ];
+        for sub in subs {
             std::fs::create_dir(dir.path().join(sub)).unwrap_or_else(|e| panic!("{e}"));
         }
-        std::fs::write(
-            dir.path().join("project/Migrantfile"),
+        let migrantfile = |name: &str, share: Option<&str>| {
+            let share = share.map(|s| {
+                format!("\n[[share]]\nhost = \"work\"\nguest = \"/home/migrant/work\"\n{s}\n")
+            });
             format!(
-                "name = \"{name}\"\nimage = \"{}\"\ncpus = 2\nmemory = \"1G\"\ndisk = \"4G\"\naccel = \"tcg\"\n",
-                image.display()
-            ),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(
-            dir.path().join("project/cloud-init.yml"),
-            "#cloud-config\nusers:\n  - name: migrant\n    sudo: ALL=(ALL) NOPASSWD:ALL\n    shell: /bin/bash\n    ssh_authorized_keys:\n      - __MIGRANT_PUBKEY__\n",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+                "name = \"{name}\"\nimage = \"{}\"\ncpus = 2\nmemory = \"1G\"\ndisk = \"4G\"\naccel = \"tcg\"\n{}",
+                image.display(),
+                share.unwrap_or_default()
+            )
+        };
+        let cloud_init = "#cloud-config\nusers:\n  - name: migrant\n    sudo: ALL=(ALL) NOPASSWD:ALL\n    shell: /bin/bash\n    ssh_authorized_keys:\n      - __MIGRANT_PUBKEY__\n";
+        // The project; one with a plain shared folder (a memory snapshot
+        // cannot hold one); one with an isolated store.
+        for (sub, vm, share) in [
+            ("project", name.clone(), None),
+            ("shared", format!("{name}-s"), Some("isolation = false")),
+            ("isolated", format!("{name}-iso"), Some("size = \"1G\"")),
+        ] {
+            let write = |file: &str, text: &str| {
+                std::fs::write(dir.path().join(sub).join(file), text)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            };
+            write("Migrantfile", &migrantfile(&vm, share));
+            write("cloud-init.yml", cloud_init);
+        }
         // Everything the user's: chown as root (running as the user, it
         // already is), the folder itself 0755, its contents 0700.
         let walk = walkdir(dir.path());
@@ -400,6 +421,11 @@ impl UserProject {
 
     /// `migrant ARGS` as the user (through `setpriv` when the test is root).
     fn run(&self, args: &[&str]) -> std::process::Output {
+        self.run_in("project", args)
+    }
+
+    /// The same in the test's folder `sub`.
+    fn run_in(&self, sub: &str, args: &[&str]) -> std::process::Output {
         let mut c = match nix::unistd::Uid::effective().is_root() {
             true => {
                 let mut c = Command::new("setpriv");
@@ -412,7 +438,7 @@ impl UserProject {
             false => Command::new(&self.exe),
         };
         c.args(args)
-            .current_dir(self.dir.path().join("project"))
+            .current_dir(self.dir.path().join(sub))
             .env("MIGRANT_HOME", self.dir.path().join("state"))
             .env("MIGRANT_RUNTIME", self.dir.path().join("run"))
             .env("HOME", self.dir.path().join("home"))
@@ -461,7 +487,7 @@ impl UserProject {
 
 impl Drop for UserProject {
     fn drop(&mut self) {
-        for name in [self.name.clone(), format!("{}-b", self.name)] {
+        for name in ["", "-b", "-s"].map(|s| format!("{}{s}", self.name)) {
             let _ = self.run(&["destroy", "--name", &name]);
         }
         for pid in self.processes() {
@@ -544,7 +570,8 @@ fn opened_as_vm(supervisor: u32, files: &[std::path::PathBuf]) -> Vec<String> {
 }
 
 /// An ordinary user runs two VMs, a memory-snapshot clone beside its
-/// template, with no root: no process of either has uid 0 or a
+/// template, with no root (a plain shared folder, and an isolated store
+/// refused): no process of either has uid 0 or a
 /// capability on the host; their QEMUs run as two distinct ids of the
 /// user's subordinate range; as either VM's identity the other's disk,
 /// seed and memory state and the user's SSH key do not open; a killed
@@ -567,6 +594,49 @@ fn a_user_runs_vms_without_root() {
     };
     let p = UserProject::new(user, &image);
     let (a, b) = (p.name.clone(), format!("{}-b", p.name));
+    // An isolated store would need a loop mount: refused before anything
+    // is made (69), saying what works instead.
+    let out = p.run_in("isolated", &["up"]);
+    assert_eq!(out.status.code(), Some(69), "{}", common::text(&out));
+    assert!(
+        common::text(&out).contains("isolation = false"),
+        "{}",
+        common::text(&out)
+    );
+    assert!(!p.dir.path().join("isolated/work.img").exists());
+    assert_eq!(p.ok(&["list"]).trim(), "no VMs");
+
+    // The plain share: what guest root makes there is the user's, and no
+    // set-id bit survives.
+    let ok_in = |sub: &str, args: &[&str]| {
+        let out = p.run_in(sub, args);
+        assert!(
+            out.status.success(),
+            "migrant {args:?}: {}",
+            common::text(&out)
+        );
+    };
+    ok_in("shared", &["up"]);
+    ok_in(
+        "shared",
+        &[
+            "ssh",
+            "--",
+            "sudo -n sh -c 'cp /bin/sh work/sh && chmod 6755 work/sh && mkdir work/d'",
+        ],
+    );
+    for made in ["sh", "d"] {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p.dir.path().join("shared/work").join(made))
+            .unwrap_or_else(|e| panic!("{made}: {e}"));
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (p.user.uid.as_raw(), p.user.gid.as_raw()),
+            "{made} is not the user's"
+        );
+        assert_eq!(m.mode() & 0o6000, 0, "{made} has mode {:o}", m.mode());
+    }
+
     p.ok(&["up"]);
     p.ok(&["snapshot", "--memory"]);
     p.ok(&["run", "--snapshot", "--clone", "--name", &b, "--", "true"]);
@@ -583,9 +653,9 @@ fn a_user_runs_vms_without_root() {
                 .is_ok_and(|e| e.to_string_lossy().contains("qemu-system"))
         })
         .collect();
-    assert_eq!(qemus.len(), 2, "QEMUs: {qemus:?} of {procs:?}");
-    // Two supervisors, two QEMUs, two dataplanes at least.
-    assert!(procs.len() >= 6, "{procs:?}");
+    assert_eq!(qemus.len(), 3, "QEMUs: {qemus:?} of {procs:?}");
+    // Three supervisors, QEMUs and dataplanes at least.
+    assert!(procs.len() >= 9, "{procs:?}");
     let host_ns = user_ns(1);
     for pid in &procs {
         let uids = status_field(*pid, "Uid");
@@ -602,7 +672,7 @@ fn a_user_runs_vms_without_root() {
             );
         }
     }
-    // The QEMUs: two distinct ids of the user's subordinate range.
+    // The QEMUs: three distinct ids of the user's subordinate range.
     let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
     let ranges = migrant::subid::ranges(&subuid, &p.user.name, p.user.uid.as_raw());
     let ids: Vec<u32> = qemus
@@ -614,7 +684,8 @@ fn a_user_runs_vms_without_root() {
                 .unwrap_or(0)
         })
         .collect();
-    assert_ne!(ids[0], ids[1], "both QEMUs run as {}", ids[0]);
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), 3, "the QEMUs run as {ids:?}");
     for id in &ids {
         assert!(
             ranges
@@ -698,6 +769,7 @@ fn a_user_runs_vms_without_root() {
     );
 
     p.ok(&["destroy", "--name", &b]);
+    p.ok(&["destroy", "--name", &format!("{a}-s")]);
     p.ok(&["destroy"]);
     assert!(
         common::wait_for(std::time::Duration::from_secs(15), || p

@@ -111,16 +111,48 @@ fn check(name: &'static str, required: bool, r: std::result::Result<String, Stri
     }
 }
 
+/// [`crate::hostreq::for_users`] for whoever runs migrant.
+fn users_checks() -> Vec<(&'static str, std::result::Result<String, String>)> {
+    let exe = std::env::current_exe().unwrap_or_else(|_| "migrant".into());
+    let user = crate::provision::keys::Invoker::current().ok();
+    crate::hostreq::for_users(
+        &exe,
+        user.as_ref()
+            .map(|u| (u.name.as_str(), u.uid.as_raw(), u.gid.as_raw())),
+    )
+}
+
+/// Run by a user: refuse (69) while the host lacks something running
+/// without root needs, naming each missing thing and its fix.
+pub fn require_for_users() -> Result<()> {
+    if !crate::userns::rootless() {
+        return Ok(());
+    }
+    let missing: Vec<String> = users_checks()
+        .into_iter()
+        .filter_map(|(name, r)| r.err().map(|why| format!("  {name}: {why}")))
+        .collect();
+    match missing.is_empty() {
+        true => Ok(()),
+        false => Err(Error::other(
+            exit::UNAVAILABLE,
+            format!(
+                "this host cannot run VMs without root yet (`migrant doctor` checks):\n{}",
+                missing.join("\n")
+            ),
+        )),
+    }
+}
+
 pub fn doctor() -> Result<u8> {
     let mut checks = vec![
         check(
-            "root",
-            true,
-            if nix::unistd::Uid::effective().is_root() {
-                Ok("running as root".into())
-            } else {
-                Err("migrant needs root (network namespaces, TAP devices); use sudo".into())
-            },
+            "privilege",
+            false,
+            Ok(match crate::userns::rootless() {
+                false => "running as root".into(),
+                true => "running without root: each VM in a user namespace of its own".into(),
+            }),
         ),
         check(
             "qemu",
@@ -189,24 +221,19 @@ pub fn doctor() -> Result<u8> {
     ];
     let mut fatal = false;
     print_checks(checks.drain(..), &mut fatal);
-    // What running as an ordinary user will need; migrant runs as root
-    // today, so these only warn.
-    println!("\nwithout root (planned; not needed yet):");
-    let exe = std::env::current_exe().unwrap_or_else(|_| "migrant".into());
-    let user = crate::provision::keys::Invoker::current().ok();
-    let ids = match &user {
-        Some(u) => crate::hostreq::subordinate_ids(&u.name, u.uid.as_raw(), u.gid.as_raw()),
-        None => Err("cannot tell who runs migrant".into()),
-    };
+    // What running as an ordinary user needs: required when this is one.
+    let rootless = crate::userns::rootless();
+    println!(
+        "\n{}",
+        match rootless {
+            true => "without root:",
+            false => "without root (what an ordinary user's `up` needs):",
+        }
+    );
     print_checks(
-        [
-            check("user ns", false, crate::hostreq::user_namespaces(&exe)),
-            check("subids", false, ids),
-            check("uidmap", false, crate::hostreq::uidmap()),
-            check("modules", false, crate::hostreq::modules()),
-            check("tun (users)", false, crate::hostreq::tun_for_users()),
-        ]
-        .into_iter(),
+        users_checks()
+            .into_iter()
+            .map(|(name, result)| check(name, rootless, result)),
         &mut fatal,
     );
     if fatal {

@@ -36,6 +36,9 @@ pub struct UpOptions {
 
 pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     let Project { cfg, paths, vm } = p;
+    // Run by a user: what the host must offer, and what needs root still.
+    super::host::require_for_users()?;
+    crate::share::check_rootless(cfg)?;
     // A moved project folder or share: refused naming the share and both
     // paths, before anything else.
     if let Some(rec) = crate::share::load_recorded(vm)? {

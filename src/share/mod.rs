@@ -35,6 +35,13 @@ pub enum ShareError {
     #[error("share {tag:?}: {why}")]
     Forbidden { tag: String, why: String },
     #[error(
+        "share {tag:?}: an isolated store (an ext4 image mounted on the folder) needs root for now: \
+         a user namespace cannot mount ext4. Without root, set `isolation = false` in its [[share]] \
+         (the folder is served as it is; every file the guest makes there is yours), or run this \
+         project with sudo (docs/rootless.md)"
+    )]
+    NeedsRoot { tag: String },
+    #[error(
         "share {tag:?}: its host folder moved: the VM was built with {recorded}, the Migrantfile now gives {current}; \
          move it back, or rebuild the VM with `migrant destroy` then `migrant up` (stores are kept)"
     )]
@@ -104,6 +111,7 @@ impl ShareError {
             | ShareError::Mount { .. }
             | ShareError::Check(_) => exit::CONFIG,
             ShareError::Unmount { .. } => exit::TEMPFAIL,
+            ShareError::NeedsRoot { .. } => exit::UNAVAILABLE,
             ShareError::Create { code, .. } => *code,
             ShareError::Io { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
@@ -163,6 +171,15 @@ fn real(path: &Path) -> PathBuf {
 /// The shares may not be the project folder, a parent of it, `hooks/`,
 /// inside `hooks/`, or contain `hooks/` (hooks run on the host: a guest
 /// able to write them would run code there).
+/// Without root: refuse a share with an isolated store, which would need
+/// a loop mount (none is made yet; nothing is created).
+pub fn check_rootless(cfg: &Config) -> Result<(), ShareError> {
+    match cfg.shares.iter().find(|s| s.isolation) {
+        Some(s) if crate::userns::rootless() => Err(ShareError::NeedsRoot { tag: s.tag.clone() }),
+        _ => Ok(()),
+    }
+}
+
 pub fn check_paths(cfg: &Config) -> Result<(), ShareError> {
     let project = real(&cfg.dir);
     let hooks = real(&project.join("hooks"));

@@ -101,6 +101,17 @@ pub fn main(args: Args) -> u8 {
         Some(Some(o)) => Some(o),
         Some(None) => return fail(&tag, "--owner must be UID:GID"),
     };
+    // Read before the sandbox hides /proc.
+    let maps = owner.map(|(uid, gid)| {
+        let real = |id, host: fn(u32) -> Option<u32>| match crate::userns::rootless() {
+            true => host(id),
+            false => None,
+        };
+        (
+            owner_maps(uid, real(uid, crate::userns::host_uid)),
+            owner_maps(gid, real(gid, crate::userns::host_gid)),
+        )
+    });
     if let Err(e) = set_signal_handlers() {
         return fail(&tag, format!("signal handlers: {e}"));
     }
@@ -160,8 +171,8 @@ pub fn main(args: Args) -> u8 {
         // Without isolation every guest id is the folder owner's on the
         // host: a setuid file guest root leaves there runs as that user,
         // never as root.
-        uid_map: owner.map(|(uid, _)| vec![squash(uid)]),
-        gid_map: owner.map(|(_, gid)| vec![squash(gid)]),
+        uid_map: maps.as_ref().map(|(u, _)| u.clone()),
+        gid_map: maps.map(|(_, g)| g),
         ..Default::default()
     };
 
@@ -181,13 +192,24 @@ pub fn main(args: Args) -> u8 {
     serve(fs, listener, &tag)
 }
 
-/// Every guest id to `host`.
-fn squash(host: u32) -> virtiofsd::soft_idmap::cmdline::IdMap {
-    virtiofsd::soft_idmap::cmdline::IdMap::SquashGuest {
+/// Without isolation: every guest id becomes the folder owner's, `host`.
+/// Running without root the owner is root of the VM's user namespace:
+/// the guest sees the owner's `real` id instead, as it would under root.
+fn owner_maps(host: u32, real: Option<u32>) -> Vec<virtiofsd::soft_idmap::cmdline::IdMap> {
+    use virtiofsd::soft_idmap::cmdline::IdMap;
+    let mut maps = vec![IdMap::SquashGuest {
         from_guest: 0,
         to_host: host,
         count: u32::MAX,
+    }];
+    if let Some(real) = real.filter(|r| *r != host) {
+        maps.push(IdMap::Host {
+            from_host: host,
+            to_guest: real,
+            count: 1,
+        });
     }
+    maps
 }
 
 fn drop_capabilities(squashed: bool) -> Result<(), String> {
