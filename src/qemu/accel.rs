@@ -146,14 +146,26 @@ pub fn kvm_usable() -> Result<(), String> {
     r
 }
 
+/// Whether the VM's QEMU can use KVM: without root it runs as a
+/// subordinate id outside the `kvm` group (none of the user's groups is
+/// mapped), which cannot open `/dev/kvm`.
+fn usable_by_vm() -> Result<(), String> {
+    match crate::userns::rootless() {
+        true => {
+            Err("without root, the VM's own id cannot open /dev/kvm yet (docs/rootless.md)".into())
+        }
+        false => kvm_usable(),
+    }
+}
+
 /// Resolve the Migrantfile's `accel`.
 pub fn resolve(want: Accel) -> Result<Accelerator, AccelError> {
     match want {
         Accel::Tcg => Ok(Accelerator::Tcg),
-        Accel::Kvm => kvm_usable()
+        Accel::Kvm => usable_by_vm()
             .map(|_| Accelerator::Kvm)
             .map_err(AccelError::KvmUnusable),
-        Accel::Auto => match kvm_usable() {
+        Accel::Auto => match usable_by_vm() {
             Ok(()) => Ok(Accelerator::Kvm),
             Err(why) => {
                 tracing::warn!(
