@@ -69,6 +69,59 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_migrant"))
 }
 
+/// In a rootless run of the suite (`MIGRANT_TEST_ROOTLESS=1`, tests run as
+/// root), the ordinary user every migrant command runs as
+/// (`MIGRANT_TEST_USER`, made by `scripts/test-user`); `None` otherwise.
+pub fn rootless_user() -> Option<nix::unistd::User> {
+    std::env::var_os("MIGRANT_TEST_ROOTLESS")?;
+    if !nix::unistd::Uid::effective().is_root() {
+        return None;
+    }
+    let name = std::env::var("MIGRANT_TEST_USER").unwrap_or_else(|_| "migrant-test".into());
+    match nix::unistd::User::from_name(&name) {
+        Ok(Some(u)) => Some(u),
+        _ => panic!("MIGRANT_TEST_ROOTLESS is set but there is no user {name}: run scripts/test-user"),
+    }
+}
+
+/// migrant's binary where `user` may run it (the build folder may sit
+/// under a home only root enters): one copy per test process.
+fn bin_for(user: &nix::unistd::User) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("migrant-bin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let exe = dir.join("migrant");
+        std::fs::copy(bin(), &exe).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = user;
+        exe
+    })
+    .clone()
+}
+
+/// Give `root` and everything under it to `user`.
+fn chown_tree(root: &Path, user: &nix::unistd::User) {
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        nix::unistd::chown(&p, Some(user.uid), Some(user.gid))
+            .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+        if p.is_dir() && !p.is_symlink() {
+            todo.extend(
+                std::fs::read_dir(&p)
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        }
+    }
+}
+
 impl Env {
     /// A project named `name` with a TOML Migrantfile (`extra` appended).
     pub fn new(name: &str, image: &Path, extra: &str) -> Env {
@@ -98,6 +151,9 @@ impl Env {
             "#cloud-config\nusers:\n  - name: migrant\n    sudo: ALL=(ALL) NOPASSWD:ALL\n    shell: /bin/bash\n    ssh_authorized_keys:\n      - __MIGRANT_PUBKEY__\n",
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(user) = rootless_user() {
+            chown_tree(root.path(), &user);
+        }
         let env = Env {
             root,
             project,
@@ -110,14 +166,25 @@ impl Env {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin());
-                c
+        // Root enters the test's namespace; a rootless run then becomes
+        // the test user.
+        let mut prefix: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = &self.netns {
+            prefix.extend(["ip", "netns", "exec", ns].map(Into::into));
+        }
+        let exe = match rootless_user() {
+            Some(u) => {
+                prefix.push("setpriv".into());
+                prefix.push(format!("--reuid={}", u.uid).into());
+                prefix.push(format!("--regid={}", u.gid).into());
+                prefix.extend(["--init-groups", "--inh-caps=-all", "--"].map(Into::into));
+                bin_for(&u)
             }
-            None => Command::new(bin()),
+            None => bin(),
         };
+        prefix.push(exe.into());
+        let mut c = Command::new(&prefix[0]);
+        c.args(&prefix[1..]);
         c.args(args)
             .current_dir(&self.project)
             .env("MIGRANT_HOME", self.root.path().join("state"))
@@ -224,9 +291,21 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// The VM's own uid (and gid), from its record.
+    /// The VM's own uid (and gid), from its record; in a rootless run,
+    /// the host's id its QEMU runs as (its record holds an index).
     pub fn vm_id(&self) -> u32 {
-        vm_id_in(&self.state_dir())
+        if rootless_user().is_none() {
+            return vm_id_in(&self.state_dir());
+        }
+        let qemu = self
+            .pid_of("qemu-system")
+            .unwrap_or_else(|| panic!("no QEMU of {} runs", self.name));
+        std::fs::read_to_string(format!("/proc/{qemu}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no uid of QEMU {qemu}"))
     }
 
     /// Run `cmd` as the VM's own uid and gid, without groups: what its
