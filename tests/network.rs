@@ -275,8 +275,9 @@ fn dataplane_is_confined_and_fails_closed(env: &Env) {
         .pid_of("__dataplane")
         .unwrap_or_else(|| panic!("no dataplane process: {:?}", env.processes()));
     let st = proc_status(plane);
-    let id = env.vm_id().to_string();
-    for key in ["Uid", "Gid"] {
+    let (uid, gid) = env.vm_ids();
+    for (key, id) in [("Uid", uid), ("Gid", gid)] {
+        let id = id.to_string();
         let ids: Vec<&str> = st[key].split_whitespace().collect();
         assert_eq!(ids, vec![id.as_str(); 4], "{key}: {st:?}");
     }

@@ -292,20 +292,30 @@ impl Env {
     }
 
     /// The VM's own uid (and gid), from its record; in a rootless run,
-    /// the host's id its QEMU runs as (its record holds an index).
+    /// the host's uid its QEMU runs as (its record holds an index).
     pub fn vm_id(&self) -> u32 {
+        self.vm_ids().0
+    }
+
+    /// The VM's own uid and gid: the same number under root; without
+    /// root, two subordinate ids, read from its QEMU.
+    pub fn vm_ids(&self) -> (u32, u32) {
         if rootless_user().is_none() {
-            return vm_id_in(&self.state_dir());
+            let id = vm_id_in(&self.state_dir());
+            return (id, id);
         }
         let qemu = self
             .pid_of("qemu-system")
             .unwrap_or_else(|| panic!("no QEMU of {} runs", self.name));
-        std::fs::read_to_string(format!("/proc/{qemu}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no uid of QEMU {qemu}"))
+        let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
+        let first = |key: &str| -> u32 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} of QEMU {qemu}"))
+        };
+        (first("Uid:"), first("Gid:"))
     }
 
     /// Run `cmd` as the VM's own uid and gid, without groups: what its
