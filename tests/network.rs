@@ -193,7 +193,11 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
         "namespace outlived kill -9"
     );
     let status = env.ok(&["status"]);
-    assert!(status.contains("stopped"), "{status}");
+    assert!(
+        status.contains("stopped"),
+        "{status}\nthe lock is held by {:?}",
+        common::lock_holders(&env.state_dir())
+    );
     env.assert_clean();
     assert_eq!(TestNet::ruleset(None), root_rules);
     assert_eq!(TestNet::ruleset(Some(&net.host)), host_rules);

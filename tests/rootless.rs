@@ -728,24 +728,13 @@ fn a_user_runs_vms_without_root() {
         files_a.len() >= 4 && files_b.len() >= 2,
         "{files_a:?} {files_b:?}"
     );
-    let mut probe = files_b.clone();
-    probe.push(key.clone());
-    probe.push(p.vm_dir(&a).join("disk.qcow2"));
-    let opened = opened_as_vm(supervisor(&a), &probe);
-    assert_eq!(
-        opened,
-        [p.vm_dir(&a).join("disk.qcow2").to_string_lossy()],
-        "as {a}'s identity"
-    );
-    let mut probe = files_a.clone();
-    probe.push(key);
-    probe.push(p.vm_dir(&b).join("disk.qcow2"));
-    let opened = opened_as_vm(supervisor(&b), &probe);
-    assert_eq!(
-        opened,
-        [p.vm_dir(&b).join("disk.qcow2").to_string_lossy()],
-        "as {b}'s identity"
-    );
+    for (me, others) in [(&a, &files_b), (&b, &files_a)] {
+        let own = p.vm_dir(me).join("disk.qcow2");
+        let mut probe = others.clone();
+        probe.extend([key.clone(), own.clone()]);
+        let opened = opened_as_vm(supervisor(me), &probe);
+        assert_eq!(opened, [own.to_string_lossy()], "as {me}'s identity");
+    }
 
     // kill -9 of B's supervisor: its QEMU and dataplane go with it, and
     // no process is left in its namespaces.

@@ -61,9 +61,15 @@ fn memory_snapshots_resume_clone_and_refuse_another_machine() {
     let saved = env.ok(&["snapshot", "--memory"]);
     assert!(saved.contains("memory snapshot saved"), "{saved}");
     assert!(saved.contains("runs on"), "{saved}");
-    // It holds the guest's memory: root's alone.
+    // It holds the guest's memory: the state's owner's alone (root, or
+    // the user running migrant without root).
     let state = env.state_dir().join("snapshot.vmstate");
-    assert_eq!(mode_and_owner(&state), (0o600, 0), "{}", state.display());
+    assert_eq!(
+        mode_and_owner(&state),
+        (0o600, common::migrant_uid()),
+        "{}",
+        state.display()
+    );
     let status = env.ok(&["status"]);
     assert!(status.contains("state:       running"), "{status}");
     assert!(status.contains("snapshot:    memory, saved"), "{status}");

@@ -80,8 +80,40 @@ pub fn rootless_user() -> Option<nix::unistd::User> {
     let name = std::env::var("MIGRANT_TEST_USER").unwrap_or_else(|_| "migrant-test".into());
     match nix::unistd::User::from_name(&name) {
         Ok(Some(u)) => Some(u),
-        _ => panic!("MIGRANT_TEST_ROOTLESS is set but there is no user {name}: run scripts/test-user"),
+        _ => panic!(
+            "MIGRANT_TEST_ROOTLESS is set but there is no user {name}: run scripts/test-user"
+        ),
     }
+}
+
+/// Who migrant's commands run as: root, or the rootless run's user.
+pub fn migrant_uid() -> u32 {
+    rootless_user().map_or(0, |u| u.uid.as_raw())
+}
+
+/// The processes holding `state`'s lock file open (what keeps a VM
+/// "running" for `status`), as `pid command`.
+pub fn lock_holders(state: &Path) -> Vec<String> {
+    let lock = state.join("lock");
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let holds = std::fs::read_dir(e.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == lock));
+        if holds {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            found.push(format!(
+                "{pid} {}",
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            ));
+        }
+    }
+    found
 }
 
 /// migrant's binary where `user` may run it (the build folder may sit
