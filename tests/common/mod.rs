@@ -117,21 +117,41 @@ pub fn lock_holders(state: &Path) -> Vec<String> {
 }
 
 /// migrant's binary where `user` may run it (the build folder may sit
-/// under a home only root enters): one copy per test process.
+/// under a home only root enters): one hard link (a copy across file
+/// systems) per test process, in a folder named by its pid; folders of
+/// test processes that are gone are removed first.
 fn bin_for(user: &nix::unistd::User) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    COPY.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("migrant-bin-{}", std::process::id()));
+    static LINK: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LINK.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("migrant-bin-")
+                && pid.parse::<u32>().is_ok()
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let dir = tmp.join(format!("migrant-bin-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
             .unwrap_or_else(|e| panic!("{e}"));
         let exe = dir.join("migrant");
-        std::fs::copy(bin(), &exe).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let _ = user;
+        if std::fs::hard_link(bin(), &exe).is_err() {
+            std::fs::copy(bin(), &exe).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let mode = std::fs::metadata(&exe)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        assert!(
+            mode & 0o005 == 0o005,
+            "{} may not be run by {}",
+            exe.display(),
+            user.name
+        );
         exe
     })
     .clone()
