@@ -146,7 +146,7 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Check this host: QEMU, a working accelerator, TUN, nftables, firmware, virtiofs; and what running without root will need (user namespaces, subordinate ids, uidmap, modules).
+    /// Check this host: QEMU, a working accelerator, TUN, nftables, firmware, virtiofs; and what running without root needs (user namespaces, subordinate ids, uidmap, modules; required when run by an ordinary user).
     Doctor,
     /// Grow the VM's disk to SIZE (default: the Migrantfile's `disk`): live
     /// while it runs, including the guest's root file system. Never shrinks.
