@@ -396,12 +396,8 @@ impl UserProject {
         }
         // Everything the user's: chown as root (running as the user, it
         // already is), the folder itself 0755, its contents 0700.
-        let walk = walkdir(dir.path());
-        for p in &walk {
-            if nix::unistd::Uid::effective().is_root() {
-                nix::unistd::chown(p, Some(user.uid), Some(user.gid))
-                    .unwrap_or_else(|e| panic!("{e}"));
-            }
+        if nix::unistd::Uid::effective().is_root() {
+            common::chown_tree(dir.path(), &user);
         }
         for sub in ["home", "state", "run"] {
             std::fs::set_permissions(dir.path().join(sub), std::fs::Permissions::from_mode(0o700))
@@ -468,19 +464,9 @@ impl UserProject {
 
     /// Processes whose command line names this test's folder.
     fn processes(&self) -> Vec<u32> {
-        let needle = self.dir.path().to_string_lossy().into_owned();
-        pids()
+        common::processes_naming(self.dir.path())
             .into_iter()
-            .filter(|pid| *pid != std::process::id())
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| {
-                        String::from_utf8_lossy(&c)
-                            .replace('\0', " ")
-                            .contains(&needle)
-                    })
-                    .unwrap_or(false)
-            })
+            .map(|(pid, _)| pid)
             .collect()
     }
 }
@@ -507,21 +493,6 @@ fn pids() -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn walkdir(root: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut all = vec![root.to_path_buf()];
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p.clone());
-            }
-            all.push(p);
-        }
-    }
-    all
 }
 
 /// A `Name:` line of `/proc/PID/status`, its fields.

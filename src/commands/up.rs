@@ -174,7 +174,7 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     // A VM that cannot start (no tunnel handshake, a share that fails its
     // checks) stays built and stopped, with nothing running; the next `up`
     // tries again with the same disk.
-    start(cfg, vm, &lock, opts.timeout, console_now)?;
+    start(cfg, paths, vm, &lock, opts.timeout, console_now)?;
     drop(lock);
     if console_now {
         if !provisioned {
@@ -525,7 +525,14 @@ fn invoking_owner() -> Option<u32> {
 
 /// Start the supervisor and follow its progress until the guest is ready
 /// (or, with `qemu_only`, until QEMU runs).
-fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: bool) -> Result<()> {
+fn start(
+    cfg: &Config,
+    paths: &state::Paths,
+    vm: &VmPaths,
+    lock: &VmLock,
+    timeout: u64,
+    qemu_only: bool,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let runtime_root = vm.run.parent().unwrap_or(Path::new("/run"));
     state::ensure_dir(runtime_root, 0o711)?;
@@ -559,7 +566,6 @@ fn start(cfg: &Config, vm: &VmPaths, lock: &VmLock, timeout: u64, qemu_only: boo
         .stderr(log2);
     // Without root the supervisor becomes root of the VM's user namespace,
     // where the defaults would be root's: it gets the user's folders.
-    let paths = state::Paths::from_env();
     cmd.env("MIGRANT_HOME", &paths.home)
         .env("MIGRANT_RUNTIME", &paths.runtime);
     // Its own session; the lock and the progress pipe go across exec.

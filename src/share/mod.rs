@@ -168,9 +168,6 @@ fn real(path: &Path) -> PathBuf {
     }
 }
 
-/// The shares may not be the project folder, a parent of it, `hooks/`,
-/// inside `hooks/`, or contain `hooks/` (hooks run on the host: a guest
-/// able to write them would run code there).
 /// Without root: refuse a share with an isolated store, which would need
 /// a loop mount (none is made yet; nothing is created).
 pub fn check_rootless(cfg: &Config) -> Result<(), ShareError> {
@@ -180,6 +177,9 @@ pub fn check_rootless(cfg: &Config) -> Result<(), ShareError> {
     }
 }
 
+/// The shares may not be the project folder, a parent of it, `hooks/`,
+/// inside `hooks/`, or contain `hooks/` (hooks run on the host: a guest
+/// able to write them would run code there).
 pub fn check_paths(cfg: &Config) -> Result<(), ShareError> {
     let project = real(&cfg.dir);
     let hooks = real(&project.join("hooks"));

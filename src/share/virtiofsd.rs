@@ -101,17 +101,16 @@ pub fn main(args: Args) -> u8 {
         Some(Some(o)) => Some(o),
         Some(None) => return fail(&tag, "--owner must be UID:GID"),
     };
-    // Read before the sandbox hides /proc.
-    let maps = owner.map(|(uid, gid)| {
-        let real = |id, host: fn(u32) -> Option<u32>| match crate::userns::rootless() {
-            true => host(id),
-            false => None,
-        };
-        (
-            owner_maps(uid, real(uid, crate::userns::host_uid)),
-            owner_maps(gid, real(gid, crate::userns::host_gid)),
-        )
-    });
+    // Read before the sandbox hides /proc (in the host's user namespace
+    // each id is its own: no map is added).
+    let (uid_map, gid_map) = owner
+        .map(|(uid, gid)| {
+            (
+                owner_maps(uid, crate::userns::host_uid(uid)),
+                owner_maps(gid, crate::userns::host_gid(gid)),
+            )
+        })
+        .unzip();
     if let Err(e) = set_signal_handlers() {
         return fail(&tag, format!("signal handlers: {e}"));
     }
@@ -171,8 +170,8 @@ pub fn main(args: Args) -> u8 {
         // Without isolation every guest id is the folder owner's on the
         // host: a setuid file guest root leaves there runs as that user,
         // never as root.
-        uid_map: maps.as_ref().map(|(u, _)| u.clone()),
-        gid_map: maps.map(|(_, g)| g),
+        uid_map,
+        gid_map,
         ..Default::default()
     };
 

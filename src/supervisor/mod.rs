@@ -60,19 +60,12 @@ pub fn main(args: Args) -> u8 {
     let paths = Paths::from_env();
     let vm = paths.vm(&args.name);
     // First, while this process has one thread.
-    if crate::userns::rootless()
-        && let Err(e) = rootless::enter(&vm)
-    {
-        let message = crate::exit::chain(&e);
-        tracing::error!("{message}");
-        reporter.send(&Progress::Failed {
-            message,
-            code: e.exit_code(),
-        });
-        return e.exit_code();
-    }
+    let entered = match crate::userns::rootless() {
+        true => rootless::enter(&paths, &vm),
+        false => Ok(()),
+    };
     let log = capture_output(&vm);
-    let result = run(&args, &vm, &mut reporter);
+    let result = entered.and_then(|()| run(&args, &vm, &mut reporter));
     let code = match &result {
         Ok(()) => 0,
         Err(e) => {

@@ -284,7 +284,8 @@ fn hand_files_to(
     vm: &VmPaths,
     firmware: &qemu::FirmwareFiles,
 ) -> Result<(), Error> {
-    let images = match crate::userns::rootless() {
+    let rootless = crate::userns::rootless();
+    let images = match rootless {
         true => crate::userns::IMAGES_GID,
         false => process::system_group(process::IMAGE_GROUP)?.as_raw(),
     };
@@ -297,7 +298,7 @@ fn hand_files_to(
         owned.push(vars.clone());
     }
     for f in &owned {
-        match crate::userns::rootless() {
+        match rootless {
             // The user's own files (root here), which the VM's identity
             // may use: the user keeps them, outside the namespace too.
             true => share_with(f, identity.uid.as_raw())?,
@@ -310,12 +311,7 @@ fn hand_files_to(
 /// Make `path` this process's, 0600, with `uid` allowed to read and
 /// write it (an ACL entry).
 fn share_with(path: &Path, uid: u32) -> Result<(), Error> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io(format!("cannot open {}", path.display())))?;
+    let file = open_read_only(path)?;
     std::os::unix::fs::fchown(&file, Some(0), Some(0))
         .and_then(|()| crate::acl::let_write(&file, uid))
         .map_err(io(format!("cannot let the VM use {}", path.display())))
@@ -338,7 +334,7 @@ fn memory_to_restore(
     open_read_only(&owner.snapshot_state())
 }
 
-/// Open one of root's files read-only, never through a symlink.
+/// Open one of the supervisor's files read-only, never through a symlink.
 fn open_read_only(path: &Path) -> Result<std::fs::File, Error> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()

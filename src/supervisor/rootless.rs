@@ -14,7 +14,7 @@ use crate::userns::{self, Mapping};
 
 /// Take the VM's index and enter its user namespace (mapping `0` to the
 /// user and `1` to the index-th subordinate id).
-pub(super) fn enter(vm: &VmPaths) -> Result<(), Error> {
+pub(super) fn enter(paths: &Paths, vm: &VmPaths) -> Result<(), Error> {
     let uid = nix::unistd::getuid();
     let gid = nix::unistd::getgid();
     let name = nix::unistd::User::from_uid(uid)
@@ -31,7 +31,7 @@ pub(super) fn enter(vm: &VmPaths) -> Result<(), Error> {
     let have = crate::subid::total(&uids).min(crate::subid::total(&gids));
     let count = u32::try_from(have).unwrap_or(u32::MAX).max(1);
     let current = Record::load(&vm.record())?.and_then(|r| r.vm_id);
-    let index = state::allocate_vm_id(&Paths::from_env().ids(), vm, current, (0, count))?;
+    let index = state::allocate_vm_id(&paths.ids(), vm, current, (0, count))?;
     let mapping = Mapping::for_vm(&name, (uid.as_raw(), gid.as_raw()), (&uids, &gids), index)?;
     userns::enter(&mapping, false)?;
     Ok(())

@@ -157,8 +157,31 @@ fn bin_for(user: &nix::unistd::User) -> PathBuf {
     .clone()
 }
 
+/// Processes (but this one) whose command line mentions `dir`, with
+/// that command line.
+pub fn processes_naming(dir: &Path) -> Vec<(u32, String)> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
 /// Give `root` and everything under it to `user`.
-fn chown_tree(root: &Path, user: &nix::unistd::User) {
+pub fn chown_tree(root: &Path, user: &nix::unistd::User) {
     let mut todo = vec![root.to_path_buf()];
     while let Some(p) = todo.pop() {
         nix::unistd::chown(&p, Some(user.uid), Some(user.gid))
@@ -386,24 +409,7 @@ impl Env {
 
     /// Processes whose command line mentions this test's folders.
     pub fn processes(&self) -> Vec<(u32, String)> {
-        let needle = self.root.path().to_string_lossy().into_owned();
-        let mut found = Vec::new();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if pid == std::process::id() {
-                continue;
-            }
-            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(&needle) {
-                found.push((pid, cmdline));
-            }
-        }
-        found
+        processes_naming(self.root.path())
     }
 
     pub fn pid_of(&self, what: &str) -> Option<u32> {
