@@ -48,7 +48,12 @@ fn wg_key(args: &[&str], input: &str) -> String {
 
 /// Echo the client's address: proof of which way a connection came.
 const WHOAMI: &str = r#"
-import http.server, sys
+import http.server, socketserver, sys
+class S(http.server.ThreadingHTTPServer):
+    # No DNS lookup of the bound address (HTTPServer's getfqdn).
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = self.client_address[0].encode()
@@ -57,7 +62,7 @@ class H(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
-http.server.ThreadingHTTPServer((sys.argv[1], 80), H).serve_forever()
+S((sys.argv[1], 80), H).serve_forever()
 "#;
 
 /// The "vpn" namespace with its wireguard-go peer, beside a [`TestNet`].

@@ -82,10 +82,16 @@ fn word_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 /// A tiny HTTP server answering every request with `body` and echoing
 /// the Host header it saw: `python3` from Debian.
 const HTTP: &str = r#"
-import http.server, socket, sys
+import http.server, socket, socketserver, sys
 body = sys.argv[3].encode()
+class S(http.server.ThreadingHTTPServer):
+    # HTTPServer's own bind looks its address up in DNS (getfqdn): a
+    # query from the test's own namespace that no test should see.
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 if ":" in sys.argv[1]:
-    http.server.ThreadingHTTPServer.address_family = socket.AF_INET6
+    S.address_family = socket.AF_INET6
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
@@ -105,7 +111,7 @@ class H(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
-http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+S((sys.argv[1], int(sys.argv[2])), H).serve_forever()
 "#;
 
 /// A TCP server that answers `hello` to whatever a client sends, and a
