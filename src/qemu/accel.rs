@@ -146,16 +146,34 @@ pub fn kvm_usable() -> Result<(), String> {
     r
 }
 
-/// Whether the VM's QEMU can use KVM: without root it runs as a
-/// subordinate id outside the `kvm` group (none of the user's groups is
-/// mapped), which cannot open `/dev/kvm`.
+/// Whether the VM's QEMU can use KVM. Without root it runs as a
+/// subordinate id in none of the user's groups (none is mapped), so it
+/// opens `/dev/kvm` only when the node is open to every user: mode 0666,
+/// systemd's own default, which Debian and Ubuntu narrow to 0660 and the
+/// `kvm` group. (QEMU 8.2 and later can instead be handed a descriptor the
+/// user opened, `-accel kvm,device=/dev/fdset/N`; QEMU 7.2 cannot.)
 fn usable_by_vm() -> Result<(), String> {
-    match crate::userns::rootless() {
-        true => {
-            Err("without root, the VM's own id cannot open /dev/kvm yet (docs/rootless.md)".into())
+    if crate::userns::rootless() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata("/dev/kvm")
+            .map_err(|e| format!("/dev/kvm: {e}"))?
+            .permissions()
+            .mode();
+        if !open_to_all(mode) {
+            return Err(format!(
+                "without root, the VM's own id opens /dev/kvm only when every user may \
+                 (mode 0666; here {:04o}): a udev rule `KERNEL==\"kvm\", MODE=\"0666\"` \
+                 does it (docs/rootless.md)",
+                mode & 0o7777
+            ));
         }
-        false => kvm_usable(),
     }
+    kvm_usable()
+}
+
+/// Whether a device node of `mode` may be read and written by any user.
+fn open_to_all(mode: u32) -> bool {
+    mode & 0o006 == 0o006
 }
 
 /// Resolve the Migrantfile's `accel`.
@@ -180,6 +198,14 @@ pub fn resolve(want: Accel) -> Result<Accelerator, AccelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vms_own_id_needs_dev_kvm_open_to_all() {
+        assert!(open_to_all(0o020666));
+        assert!(!open_to_all(0o020660));
+        assert!(!open_to_all(0o020664));
+        assert!(!open_to_all(0o020662));
+    }
 
     #[test]
     fn boot_sector_is_bootable_and_prints_marker() {
