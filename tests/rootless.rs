@@ -627,7 +627,10 @@ fn a_user_runs_vms_without_root() {
     assert_eq!(qemus.len(), 3, "QEMUs: {qemus:?} of {procs:?}");
     // Three supervisors, QEMUs and dataplanes at least.
     assert!(procs.len() >= 9, "{procs:?}");
-    let host_ns = user_ns(1);
+    // This test runs in the host's namespaces (pid 1's may not be
+    // readable, as in a container).
+    let host_ns = user_ns(std::process::id());
+    assert!(!host_ns.is_empty(), "cannot read this process's namespaces");
     for pid in &procs {
         let uids = status_field(*pid, "Uid");
         assert!(
@@ -711,6 +714,39 @@ fn a_user_runs_vms_without_root() {
     // no process is left in its namespaces.
     let sup_b = supervisor(&b);
     let ns_b = user_ns(sup_b);
+    // B's namespaces (user, network, and any other its processes are in),
+    // as `kind:[inode]`.
+    let mut spaces_b: Vec<String> = pids()
+        .into_iter()
+        .filter(|pid| user_ns(*pid) == ns_b)
+        .flat_map(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/ns"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    spaces_b.sort();
+    spaces_b.dedup();
+    let host_spaces: Vec<String> = std::fs::read_dir("/proc/self/ns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !host_spaces.is_empty(),
+        "cannot read this process's namespaces"
+    );
+    spaces_b.retain(|s| !host_spaces.contains(s));
+    assert!(
+        spaces_b.iter().any(|s| s.starts_with("net:")),
+        "B has no network namespace of its own: {spaces_b:?}"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(sup_b as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -727,6 +763,38 @@ fn a_user_runs_vms_without_root() {
         "left in {b}'s namespace: {:?}",
         left()
     );
+    // Nothing holds B's namespaces (`lsns` also lists those kept only by
+    // a descriptor or a bind mount), and no mount is left in the user's
+    // folders or of B's namespaces.
+    let inode = |s: &str| s.split(['[', ']']).nth(1).unwrap_or_default().to_string();
+    let listed = |cmd: &[&str]| {
+        let out = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", cmd[0]));
+        assert!(out.status.success(), "{cmd:?}: {}", common::text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let held = || {
+        let lsns = listed(&["lsns", "-n", "-r", "-o", "NS"]);
+        spaces_b
+            .iter()
+            .filter(|s| lsns.lines().any(|l| l.trim() == inode(s)))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        common::wait_for(std::time::Duration::from_secs(10), || held().is_empty()),
+        "{b}'s namespaces are still held: {:?}",
+        held()
+    );
+    let mounts = listed(&["findmnt", "-r", "-n", "-o", "SOURCE,TARGET"]);
+    let folder = p.dir.path().to_string_lossy().into_owned();
+    let stray: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&folder) || spaces_b.iter().any(|s| l.contains(&inode(s))))
+        .collect();
+    assert!(stray.is_empty(), "mounts left of {b}: {stray:?}");
 
     p.ok(&["destroy", "--name", &b]);
     p.ok(&["destroy", "--name", &format!("{a}-s")]);
@@ -745,4 +813,167 @@ fn a_user_runs_vms_without_root() {
         ids.iter().all(|n| n.starts_with('.')),
         "identities left: {ids:?}"
     );
+}
+
+/// The review's attacks on root through a project's files, replayed by an
+/// ordinary user running migrant without root: a WireGuard file, a
+/// `cloud-init.yml` symlink and a local image naming a file the user may
+/// not read each fail with the user's own "Permission denied" and nothing
+/// of the file reaches any output or anything migrant made; a hook that is
+/// a symlink to a root-owned program (`make`) runs the project's Makefile
+/// as the user. No process of migrant has more than the user to lend.
+#[test]
+fn a_user_gains_nothing_from_what_a_project_names() {
+    let Some(image) = image_for_users() else {
+        return;
+    };
+    let root = nix::unistd::Uid::effective().is_root();
+    let user = match root {
+        true => match test_user() {
+            Some(u) => u,
+            None => return,
+        },
+        false => nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("who am I")),
+    };
+    // Root's secret: a file of root's, 0600, with a marker (as the user
+    // itself, the shadow file, whose content the test cannot know).
+    let secret_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    const MARKER: &str = "ROOT-ONLY-SECRET-OF-THE-HOST";
+    let secret = match root {
+        true => {
+            std::fs::set_permissions(secret_dir.path(), std::fs::Permissions::from_mode(0o755))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let s = secret_dir.path().join("secret");
+            std::fs::write(&s, format!("{MARKER}\n")).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o600))
+                .unwrap_or_else(|e| panic!("{e}"));
+            s
+        }
+        false => std::path::PathBuf::from("/etc/shadow"),
+    };
+    let p = UserProject::new(user.clone(), &image);
+    let project = p.dir.path().join("project");
+    let give = |path: &std::path::Path| {
+        if root {
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                path,
+                Some(user.uid),
+                Some(user.gid),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+        }
+    };
+    let base = p.dir.path().join("base.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("64M")
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(made, "qemu-img create");
+    give(&base);
+    let good = format!("name = \"{}\"\nimage = \"{}\"\n", p.name, base.display());
+    let plain = "#cloud-config\n";
+    let write = |file: &str, text: &str| {
+        let path = project.join(file);
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        give(&path);
+    };
+    let link = |target: &std::path::Path, file: &std::path::Path| {
+        let _ = std::fs::remove_file(file);
+        std::os::unix::fs::symlink(target, file).unwrap_or_else(|e| panic!("{e}"));
+        give(file);
+    };
+    let leaked = |out: &std::process::Output| -> Option<String> {
+        if !root {
+            return None;
+        }
+        if common::text(out).contains(MARKER) {
+            return Some(format!("the output: {}", common::text(out)));
+        }
+        let mut stack = vec![p.dir.path().join("state")];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let path = e.path();
+                if path.is_dir() && !path.is_symlink() {
+                    stack.push(path);
+                } else if std::fs::read(&path)
+                    .is_ok_and(|b| b.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()))
+                {
+                    return Some(path.display().to_string());
+                }
+            }
+        }
+        None
+    };
+    let cases = [
+        (
+            "a WireGuard file",
+            format!("{good}[network]\nwireguard = \"{}\"\n", secret.display()),
+            false,
+        ),
+        ("a cloud-init.yml symlink", good.clone(), true),
+        (
+            "a local image",
+            format!("name = \"{}\"\nimage = \"{}\"\n", p.name, secret.display()),
+            false,
+        ),
+    ];
+    for (what, migrantfile, cloud_init_link) in cases {
+        write("Migrantfile", &migrantfile);
+        match cloud_init_link {
+            true => link(&secret, &project.join("cloud-init.yml")),
+            false => write("cloud-init.yml", plain),
+        }
+        let out = p.run(&["up", "--timeout", "5"]);
+        assert!(!out.status.success(), "{what}: up went on");
+        assert!(
+            common::text(&out).contains("Permission denied"),
+            "{what}: {}",
+            common::text(&out)
+        );
+        if let Some(place) = leaked(&out) {
+            panic!("{what}: root's file reached {place}");
+        }
+        let vms = vms_left(&p);
+        assert!(vms.is_empty(), "{what}: VMs left: {vms:?}");
+    }
+
+    // A hook that is a symlink to a root-owned program runs the project's
+    // Makefile as the user, and its failure stops `up`.
+    write("Migrantfile", &good);
+    write("cloud-init.yml", plain);
+    let hooks = project.join("hooks");
+    std::fs::create_dir(&hooks).unwrap_or_else(|e| panic!("{e}"));
+    give(&hooks);
+    link(std::path::Path::new("/usr/bin/make"), &hooks.join("pre-up"));
+    write("Makefile", "all:\n\tid -u > ran-as\n\tfalse\n");
+    let out = p.run(&["up", "--timeout", "5"]);
+    assert!(!out.status.success(), "the failing hook did not stop up");
+    let ran_as = std::fs::read_to_string(project.join("ran-as")).unwrap_or_default();
+    assert_eq!(
+        ran_as.trim(),
+        user.uid.to_string(),
+        "the Makefile ran as uid {ran_as}: {}",
+        common::text(&out)
+    );
+    let vms = vms_left(&p);
+    assert!(vms.is_empty(), "VMs left: {vms:?}");
+}
+
+/// The VMs in the user's state folder (none when it was never made).
+fn vms_left(p: &UserProject) -> Vec<String> {
+    std::fs::read_dir(p.dir.path().join("state/vms"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
