@@ -326,6 +326,21 @@ fn in_the_vms_namespace(
 
 /// The test guest image, which an ordinary user may read (`None`:
 /// skipped loudly, or failed under `MIGRANT_REQUIRE_INTEGRATION`).
+/// Who runs the VMs of a test: the test user when the test is root (made
+/// by `scripts/test-user`; `None` when it is missing and not required),
+/// else whoever runs the test.
+fn vm_user() -> Option<nix::unistd::User> {
+    match nix::unistd::Uid::effective().is_root() {
+        true => test_user(),
+        false => Some(
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("who am I")),
+        ),
+    }
+}
+
 fn image_for_users() -> Option<std::path::PathBuf> {
     match std::env::var_os("MIGRANT_TEST_IMAGE").map(std::path::PathBuf::from) {
         Some(p) if p.is_file() => Some(p),
@@ -553,16 +568,7 @@ fn a_user_runs_vms_without_root() {
     let Some(image) = image_for_users() else {
         return;
     };
-    let user = match nix::unistd::Uid::effective().is_root() {
-        true => match test_user() {
-            Some(u) => u,
-            None => return,
-        },
-        false => nix::unistd::User::from_uid(nix::unistd::getuid())
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| panic!("who am I")),
-    };
+    let Some(user) = vm_user() else { return };
     let p = UserProject::new(user, &image);
     let (a, b) = (p.name.clone(), format!("{}-b", p.name));
     // An isolated store would need a loop mount: refused before anything
@@ -828,16 +834,7 @@ fn a_user_gains_nothing_from_what_a_project_names() {
         return;
     };
     let root = nix::unistd::Uid::effective().is_root();
-    let user = match root {
-        true => match test_user() {
-            Some(u) => u,
-            None => return,
-        },
-        false => nix::unistd::User::from_uid(nix::unistd::getuid())
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| panic!("who am I")),
-    };
+    let Some(user) = vm_user() else { return };
     // Root's secret: a file of root's, 0600, with a marker (as the user
     // itself, the shadow file, whose content the test cannot know).
     let secret_dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
