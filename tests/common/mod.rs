@@ -433,6 +433,23 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // A failed test's VM folder goes with it: show the end of its
+        // logs first (a guest that never answered says why on its
+        // console).
+        if std::thread::panicking() {
+            for log in ["serial.log", "supervisor.log"] {
+                let path = self.state_dir().join(log);
+                let Ok(bytes) = std::fs::read(&path) else {
+                    continue;
+                };
+                let text = String::from_utf8_lossy(&bytes);
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- the last lines of {} ---", path.display());
+                for line in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
         // Never leave a VM running, whatever the test did.
         let _ = self.cmd(&["destroy"]).output();
         for (pid, _) in self.processes() {
