@@ -507,20 +507,7 @@ fn leaks(s: &Sandbox, o: &Output, secret: &str) -> Option<String> {
     if out.contains(secret) {
         return Some(format!("the output: {out}"));
     }
-    let mut stack = vec![s.home()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() && !p.is_symlink() {
-                stack.push(p);
-            } else if let Ok(bytes) = std::fs::read(&p)
-                && bytes.windows(secret.len()).any(|w| w == secret.as_bytes())
-            {
-                return Some(p.display().to_string());
-            }
-        }
-    }
-    None
+    common::file_containing(&s.home(), secret).map(|p| p.display().to_string())
 }
 
 /// Root reads what a project names with the rights of the user the

@@ -324,8 +324,6 @@ fn in_the_vms_namespace(
     Ok(())
 }
 
-/// The test guest image, which an ordinary user may read (`None`:
-/// skipped loudly, or failed under `MIGRANT_REQUIRE_INTEGRATION`).
 /// Who runs the VMs of a test: the test user when the test is root (made
 /// by `scripts/test-user`; `None` when it is missing and not required),
 /// else whoever runs the test.
@@ -341,6 +339,8 @@ fn vm_user() -> Option<nix::unistd::User> {
     }
 }
 
+/// The test guest image, which an ordinary user may read (`None`:
+/// skipped loudly, or failed under `MIGRANT_REQUIRE_INTEGRATION`).
 fn image_for_users() -> Option<std::path::PathBuf> {
     match std::env::var_os("MIGRANT_TEST_IMAGE").map(std::path::PathBuf::from) {
         Some(p) if p.is_file() => Some(p),
@@ -518,6 +518,18 @@ fn status_field(pid: u32, name: &str) -> Vec<String> {
         .find_map(|l| l.strip_prefix(&format!("{name}:")).map(str::to_string))
         .map(|v| v.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default()
+}
+
+/// The namespaces process `pid` (a number, or `self`) is in, as
+/// `kind:[inode]`.
+fn namespaces(pid: &str) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/ns"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect()
 }
 
 fn user_ns(pid: u32) -> String {
@@ -725,25 +737,11 @@ fn a_user_runs_vms_without_root() {
     let mut spaces_b: Vec<String> = pids()
         .into_iter()
         .filter(|pid| user_ns(*pid) == ns_b)
-        .flat_map(|pid| {
-            std::fs::read_dir(format!("/proc/{pid}/ns"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .map(|l| l.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|pid| namespaces(&pid.to_string()))
         .collect();
     spaces_b.sort();
     spaces_b.dedup();
-    let host_spaces: Vec<String> = std::fs::read_dir("/proc/self/ns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .map(|l| l.to_string_lossy().into_owned())
-        .collect();
+    let host_spaces = namespaces("self");
     assert!(
         !host_spaces.is_empty(),
         "cannot read this process's namespaces"
@@ -894,20 +892,8 @@ fn a_user_gains_nothing_from_what_a_project_names() {
         if common::text(out).contains(MARKER) {
             return Some(format!("the output: {}", common::text(out)));
         }
-        let mut stack = vec![p.dir.path().join("state")];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                let path = e.path();
-                if path.is_dir() && !path.is_symlink() {
-                    stack.push(path);
-                } else if std::fs::read(&path)
-                    .is_ok_and(|b| b.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()))
-                {
-                    return Some(path.display().to_string());
-                }
-            }
-        }
-        None
+        common::file_containing(&p.dir.path().join("state"), MARKER)
+            .map(|f| f.display().to_string())
     };
     let cases = [
         (

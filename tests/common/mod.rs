@@ -180,6 +180,25 @@ pub fn processes_naming(dir: &Path) -> Vec<(u32, String)> {
     found
 }
 
+/// A file under `dir` (symlinks not followed) whose bytes contain
+/// `needle`.
+pub fn file_containing(dir: &Path, needle: &str) -> Option<PathBuf> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p);
+            } else if std::fs::read(&p)
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
 /// Give `root` and everything under it to `user`.
 pub fn chown_tree(root: &Path, user: &nix::unistd::User) {
     let mut todo = vec![root.to_path_buf()];
