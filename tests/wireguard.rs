@@ -46,25 +46,6 @@ fn wg_key(args: &[&str], input: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Echo the client's address: proof of which way a connection came.
-const WHOAMI: &str = r#"
-import http.server, socketserver, sys
-class S(http.server.ThreadingHTTPServer):
-    # No DNS lookup of the bound address (HTTPServer's getfqdn).
-    def server_bind(self):
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.client_address[0].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-S((sys.argv[1], 80), H).serve_forever()
-"#;
-
 /// The "vpn" namespace with its wireguard-go peer, beside a [`TestNet`].
 struct Vpn {
     ns: String,
@@ -135,20 +116,9 @@ impl Vpn {
              && nft add rule inet mgt pre iifname mgt-ih meta nfproto ipv4 meta l4proto '{ tcp, udp }' add @seen4 '{ ip saddr . ip daddr . meta l4proto . th dport }' \
              && nft add rule inet mgt pre iifname mgt-ih meta nfproto ipv6 meta l4proto '{ tcp, udp }' add @seen6 '{ ip6 saddr . ip6 daddr . meta l4proto . th dport }'",
         );
-        let whoami = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &net.inet,
-                "python3",
-                "-c",
-                WHOAMI,
-                "45.20.0.12",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{e}"));
+        // Echoes the client's address: proof of which way a connection
+        // came.
+        let whoami = common::net::http_server(&net.inet, "45.20.0.12", 80, "@peer");
         vpn.children.push(whoami);
 
         let peer_private = wg_key(&["genkey"], "");

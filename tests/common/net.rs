@@ -74,6 +74,23 @@ fn ns_output(ns: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The test HTTP server on `addr`:`port` in namespace `ns`, answering
+/// `body` (`@peer`: the client's address); the caller kills it.
+pub fn http_server(ns: &str, addr: &str, port: u16, body: &str) -> Child {
+    spawn_in(ns, &["python3", "-c", HTTP, addr, &port.to_string(), body])
+}
+
+/// `cmd` run inside namespace `ns`, its output discarded.
+fn spawn_in(ns: &str, cmd: &[&str]) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("server {cmd:?}: {e}"))
+}
+
 /// The word after the first `key` in `text`.
 fn word_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.split_whitespace().skip_while(|w| *w != key).nth(1)
@@ -325,19 +342,12 @@ impl TestNet {
     }
 
     fn http(&mut self, ns: &str, addr: &str, port: u16, body: &str) {
-        self.spawn(ns, &["python3", "-c", HTTP, addr, &port.to_string(), body]);
+        self.servers.push(http_server(ns, addr, port, body));
     }
 
     /// A server process inside `ns`, owned (and killed) by this network.
     fn spawn(&mut self, ns: &str, cmd: &[&str]) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(cmd)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("server {cmd:?}: {e}"));
-        self.servers.push(child);
+        self.servers.push(spawn_in(ns, cmd));
     }
 
     /// Count IPv6 TCP and UDP packets that reach the internet namespace
