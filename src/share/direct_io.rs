@@ -96,17 +96,6 @@ pub fn refused_xattr(name: &CStr) -> bool {
     name.to_bytes() == b"security.capability"
 }
 
-/// Methods that go to the passthrough file system unchanged.
-macro_rules! pass_through {
-    ($(fn $name:ident $(<$g:ident: $bound:path>)? (&self $(, $arg:ident: $ty:ty)* $(,)?) $(-> $ret:ty)?;)*) => {
-        $(
-            fn $name $(<$g: $bound>)? (&self $(, $arg: $ty)*) $(-> $ret)? {
-                self.fs.$name($($arg),*)
-            }
-        )*
-    };
-}
-
 impl FileSystem for ByKernel {
     type Inode = <PassthroughFs as FileSystem>::Inode;
     type Handle = <PassthroughFs as FileSystem>::Handle;

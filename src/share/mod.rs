@@ -13,7 +13,20 @@
 //! recorded image, mounted with those options, or the VM does not start
 //! (exit 78), and a running VM is stopped if that changes.
 
+/// Methods of a file-system wrapper that go to the file system it wraps
+/// (`self.fs`) unchanged.
+macro_rules! pass_through {
+    ($(fn $name:ident $(<$g:ident: $bound:path>)? (&self $(, $arg:ident: $ty:ty)* $(,)?) $(-> $ret:ty)?;)*) => {
+        $(
+            fn $name $(<$g: $bound>)? (&self $(, $arg: $ty)*) $(-> $ret)? {
+                self.fs.$name($($arg),*)
+            }
+        )*
+    };
+}
+
 pub mod direct_io;
+pub mod guard;
 pub mod image;
 pub mod loopdev;
 pub mod mountinfo;
