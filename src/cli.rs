@@ -292,6 +292,10 @@ pub enum Cmd {
         /// (shares without isolation).
         #[arg(long)]
         owner: Option<String>,
+        /// The folder is an isolated share's store, capped at this many
+        /// bytes.
+        #[arg(long)]
+        cap: Option<u64>,
     },
     /// (internal) Benchmarks: run the dataplane of the project's VM on the
     /// interface `tap0` of an existing namespace, until SIGTERM/SIGINT.

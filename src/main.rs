@@ -61,6 +61,7 @@ fn main() -> ExitCode {
             shared_dir,
             tag,
             owner,
+            cap,
         } => {
             init_logging(cli.verbose, "info");
             return ExitCode::from(migrant::share::virtiofsd::main(
@@ -69,6 +70,7 @@ fn main() -> ExitCode {
                     shared_dir,
                     tag,
                     owner,
+                    cap,
                 },
             ));
         }

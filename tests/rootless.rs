@@ -568,8 +568,8 @@ fn opened_as_vm(supervisor: u32, files: &[std::path::PathBuf]) -> Vec<String> {
 }
 
 /// An ordinary user runs two VMs, a memory-snapshot clone beside its
-/// template, with no root (a plain shared folder, and an isolated store
-/// refused): no process of either has uid 0 or a
+/// template, with no root (and a third with a plain shared folder): no
+/// process of either has uid 0 or a
 /// capability on the host; their QEMUs run as two distinct ids of the
 /// user's subordinate range; as either VM's identity the other's disk,
 /// seed and memory state and the user's SSH key do not open; a killed
@@ -583,17 +583,6 @@ fn a_user_runs_vms_without_root() {
     let Some(user) = vm_user() else { return };
     let p = UserProject::new(user, &image);
     let (a, b) = (p.name.clone(), format!("{}-b", p.name));
-    // An isolated store would need a loop mount: refused before anything
-    // is made (69), saying what works instead.
-    let out = p.run_in("isolated", &["up"]);
-    assert_eq!(out.status.code(), Some(69), "{}", common::text(&out));
-    assert!(
-        common::text(&out).contains("isolation = false"),
-        "{}",
-        common::text(&out)
-    );
-    assert!(!p.dir.path().join("isolated/work.img").exists());
-    assert_eq!(p.ok(&["list"]).trim(), "no VMs");
 
     // The plain share: what guest root makes there is the user's, and no
     // set-id bit survives.
@@ -959,4 +948,148 @@ fn vms_left(p: &UserProject) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Without root an isolated share's store is its folder, with the promises
+/// of the ext4 store: the guest cannot write past the cap (not even by
+/// unlinking a full file it keeps open), makes no symlink that leads out
+/// of the share, no device node and no set-id file; `df` in the guest
+/// shows the cap; every file is the user's. A store left by a run as root
+/// (`work.img`) is refused, saying how to get the files out.
+#[test]
+fn an_isolated_share_without_root_is_a_capped_folder() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(image) = image_for_users() else {
+        return;
+    };
+    let Some(user) = vm_user() else { return };
+    let p = UserProject::new(user, &image);
+    let work = p.dir.path().join("isolated/work");
+    let img = p.dir.path().join("isolated/work.img");
+    std::fs::write(&img, b"an ext4 image").unwrap_or_else(|e| panic!("{e}"));
+    let out = p.run_in("isolated", &["up"]);
+    assert_eq!(out.status.code(), Some(78), "{}", common::text(&out));
+    assert!(
+        common::text(&out).contains("debugfs -R 'rdump / "),
+        "{}",
+        common::text(&out)
+    );
+    assert_eq!(p.ok(&["list"]).trim(), "no VMs");
+    std::fs::remove_file(&img).unwrap_or_else(|e| panic!("{e}"));
+
+    let run = |args: &[&str]| {
+        let out = p.run_in("isolated", args);
+        assert!(
+            out.status.success(),
+            "migrant {args:?}: {}",
+            common::text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["up"]);
+    let status = run(&["status"]);
+    assert!(status.contains("the folder is the store"), "{status}");
+    assert!(status.contains("of 1G"), "{status}");
+    assert!(run(&["mount"]).contains("nothing to mount"));
+
+    // As guest root: the folder is the user's, whom the guest's own user
+    // is not.
+    let script = r#"sudo -n sh <<'SCRIPT'
+cd /home/migrant/work
+echo "df:$(df -B1 --output=size . | tail -n 1 | tr -d ' ')"
+mknod dev c 1 3 2>/dev/null; echo "mknod:$?"
+ln -s /etc/shadow abs 2>/dev/null; echo "abs:$?"
+mkdir -p a/b c 2>&1; echo "mkdir:$?"
+ln -s ../../../x a/b/up 2>/dev/null; echo "up:$?"
+ln -s x/../../.. a/b/mid 2>/dev/null; echo "mid:$?"
+ln -s ../../c a/b/in 2>&1; echo "in:$?"
+mv a/b/in shallower 2>/dev/null; echo "mv:$?"
+cp /bin/sh sh && chmod 6755 sh; echo "chmod:$?"
+dd if=/dev/zero of=big bs=1M count=1100 2>/dev/null; echo "fill:$?"
+echo "filled:$(du -B1 --apparent-size big | cut -f1)"
+exec 3<big; rm big
+dd if=/dev/zero of=again bs=1M count=64 2>/dev/null; echo "held:$?"
+exec 3<&-; rm -f again
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  dd if=/dev/zero of=again bs=1M count=64 2>/dev/null && break; sleep 1
+done; echo "freed:$?"
+SCRIPT
+"#;
+    let out = run(&["ssh", "--", script]);
+    let says = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}:")))
+            .unwrap_or_else(|| panic!("no {key} in {out}"))
+            .to_string()
+    };
+    let df: u64 = says("df").parse().unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(
+        ((1 << 30) - (8 << 20)..=1 << 30).contains(&df),
+        "df shows {df}: {out}"
+    );
+    for refused in ["mknod", "abs", "up", "mid", "mv"] {
+        assert_ne!(says(refused), "0", "{refused} was allowed: {out}");
+    }
+    for allowed in ["mkdir", "in", "chmod", "held"] {
+        let want = if allowed == "held" { "1" } else { "0" };
+        assert_eq!(says(allowed), want, "{allowed}: {out}");
+    }
+    assert_ne!(says("fill"), "0", "1100 MiB fit in 1 GiB: {out}");
+    // Refused within a few blocks of the cap, not far before it.
+    let filled: u64 = says("filled")
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    eprintln!("the guest filled {filled} bytes of the 1 GiB cap");
+    assert!(
+        filled >= (1 << 30) - (2 << 20),
+        "only {filled} bytes fit: {out}"
+    );
+    assert_eq!(says("freed"), "0", "the space never came back: {out}");
+
+    // On the host: nothing that leads out, no device, no set-id bit, all
+    // the user's, and no more than the cap on disk.
+    for absent in ["dev", "abs", "a/b/up", "a/b/mid", "shallower"] {
+        assert!(
+            std::fs::symlink_metadata(work.join(absent)).is_err(),
+            "{absent} exists"
+        );
+    }
+    assert_eq!(
+        std::fs::read_link(work.join("a/b/in")).unwrap_or_default(),
+        std::path::Path::new("../../c")
+    );
+    let used = migrant::share::guard::measure(&work).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("the store holds {used} bytes of its 1 GiB cap");
+    assert!(used <= 1 << 30, "{used} bytes on disk");
+    let mut todo = vec![work.clone()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .flatten()
+        {
+            let m = e.metadata().unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                (m.uid(), m.gid()),
+                (p.user.uid.as_raw(), p.user.gid.as_raw()),
+                "{:?}",
+                e.path()
+            );
+            assert_eq!(
+                m.mode() & 0o6000,
+                0,
+                "{:?} has mode {:o}",
+                e.path(),
+                m.mode()
+            );
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    run(&["destroy"]);
+    assert!(
+        work.join("again").is_file(),
+        "destroy removed the store's files"
+    );
+    assert!(vms_left(&p).is_empty(), "{:?}", vms_left(&p));
 }

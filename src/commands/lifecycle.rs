@@ -140,8 +140,7 @@ fn destroy_vm(vm: &VmPaths, cfg: Option<&Config>, trigger: Trigger) -> Result<u8
     println!("==> {name}: destroyed");
     // Stores are the user's data: never deleted.
     let shares = cfg.map(|c| c.shares.as_slice()).unwrap_or_default();
-    for s in shares.iter().filter(|s| s.isolation) {
-        let img = crate::share::image_path(&s.host);
+    for img in shares.iter().filter_map(crate::share::image_of) {
         if img.exists() {
             println!(
                 "==> {name}: store kept: {} (delete it yourself if you no longer need it)",

@@ -185,6 +185,12 @@ fn print_share(s: &crate::share::ShareView) {
     let guest = s.guest.as_deref().unwrap_or("(not mounted by migrant)");
     let state = if !s.isolation {
         "plain folder, no cap".to_string()
+    } else if s.image.is_none() {
+        format!(
+            "the folder is the store, {} used of {}",
+            s.used.map(human).unwrap_or_else(|| "?".into()),
+            s.cap.map(human).unwrap_or_else(|| "?".into())
+        )
     } else if s.mounted {
         format!(
             "mounted, {} used of {}",

@@ -9,6 +9,10 @@ use crate::state::VmLock;
 
 pub fn mount(p: &Project) -> Result<u8> {
     let name = &p.cfg.name;
+    if !p.cfg.shares.iter().any(|s| share::image_of(s).is_some()) {
+        println!("==> {name}: {}: nothing to mount", no_images(p));
+        return Ok(0);
+    }
     match live(&p.vm)? {
         Live::Active(_) => {
             println!("==> {name}: running; its stores are mounted while it runs");
@@ -19,18 +23,18 @@ pub fn mount(p: &Project) -> Result<u8> {
         }
         _ => {}
     }
-    if !p.cfg.shares.iter().any(|s| s.isolation) {
-        println!("==> {name}: no isolated shares: nothing to mount");
-        return Ok(0);
-    }
     let _lock = VmLock::try_acquire(&p.vm)?;
     share::check_paths(&p.cfg)?;
     if let Some(rec) = share::load_recorded(&p.vm)? {
         share::check_drift(&p.cfg, &rec)?;
     }
     let owner = image::Owner::invoker();
-    for s in p.cfg.shares.iter().filter(|s| s.isolation) {
-        let img = share::image_path(&s.host);
+    for (s, img) in p
+        .cfg
+        .shares
+        .iter()
+        .filter_map(|s| Some((s, share::image_of(s)?)))
+    {
         if !s.host.exists() {
             owner.mkdir(&s.host).map_err(|why| {
                 Error::other(exit::NOPERM, format!("create {}: {why}", s.host.display()))
@@ -75,9 +79,17 @@ pub fn unmount(p: &Project) -> Result<u8> {
         }
         _ => {}
     }
+    if !p.cfg.shares.iter().any(|s| share::image_of(s).is_some()) {
+        println!("==> {name}: {}: nothing to unmount", no_images(p));
+        return Ok(0);
+    }
     let _lock = VmLock::try_acquire(&p.vm)?;
-    for s in p.cfg.shares.iter().filter(|s| s.isolation) {
-        let img = share::image_path(&s.host);
+    for (s, img) in p
+        .cfg
+        .shares
+        .iter()
+        .filter_map(|s| Some((s, share::image_of(s)?)))
+    {
         if share::unmount_store(&s.tag, &img, &s.host)? {
             println!("==> {name}: unmounted {}", s.host.display());
         } else {
@@ -85,4 +97,13 @@ pub fn unmount(p: &Project) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Why no share has an image to mount.
+fn no_images(p: &Project) -> &'static str {
+    match p.cfg.shares.iter().any(|s| s.isolation) {
+        // Run as a user, an isolated share's store is its folder.
+        true => "each store is its share's folder, its files already there",
+        false => "no isolated shares",
+    }
 }

@@ -44,7 +44,8 @@ use std::time::{Duration, Instant};
 
 use virtiofsd::filesystem::{
     Context, DirectoryIterator, Entry, Extensions, FileSystem, FsOptions, GetxattrReply,
-    ListxattrReply, OpenOptions, SetattrValid, SetxattrFlags, ZeroCopyReader, ZeroCopyWriter,
+    ListxattrReply, OpenOptions, SerializableFileSystem, SetattrValid, SetxattrFlags,
+    ZeroCopyReader, ZeroCopyWriter,
 };
 use virtiofsd::fuse;
 
@@ -986,6 +987,18 @@ where
         fn access(&self, ctx: Context, inode: Self::Inode, mask: u32) -> io::Result<()>;
         fn lseek(&self, ctx: Context, inode: Self::Inode, handle: Self::Handle, offset: u64, whence: u32) -> io::Result<u64>;
         fn syncfs(&self, ctx: Context, inode: Self::Inode) -> io::Result<()>;
+    }
+}
+
+/// A capped share's state does not migrate: the ledger would not follow
+/// it (memory snapshots refuse shares before QEMU is asked).
+impl<F> SerializableFileSystem for Guarded<F> {
+    fn serialize(&self, _state_pipe: std::fs::File) -> io::Result<()> {
+        Err(io::Error::other("a capped share does not migrate"))
+    }
+
+    fn deserialize_and_apply(&self, _state_pipe: std::fs::File) -> io::Result<()> {
+        Err(io::Error::other("a capped share does not migrate"))
     }
 }
 

@@ -1,13 +1,17 @@
 //! Shared folders: size-capped, symlink-safe stores served by the embedded
 //! virtiofsd.
 //!
-//! With isolation (the default) a share's data lives in a sparse ext4
-//! image `<host>.img` beside its folder. While the VM runs (or after
+//! With isolation (the default) a share is a store the guest cannot
+//! overfill or use against the host. Run as root, the store is a sparse
+//! ext4 image `<host>.img` beside its folder: while the VM runs (or after
 //! `migrant mount`) the image is attached to a loop device and mounted on
-//! the share's folder with `nosymfollow,nodev,nosuid`; virtiofsd serves
-//! that folder. The guest can therefore never write more than the image's
-//! size, and host programs never follow symlinks or open device nodes the
-//! guest planted. Without isolation the folder itself is served.
+//! the share's folder with `nosymfollow,nodev,nosuid`, and virtiofsd
+//! serves that folder. Run as a user (no loop mounts in a user namespace)
+//! the store is the folder itself, served through [`guard`]: the same cap
+//! (`size`), no symlink that leads out of the share, no device nodes.
+//! Either way the guest can never write more than the cap, and host
+//! programs never follow symlinks out of the share or open device nodes
+//! the guest planted. Without isolation the folder itself is served.
 //!
 //! Everything fails closed: what is mounted at a share folder must be the
 //! recorded image, mounted with those options, or the VM does not start
@@ -48,12 +52,15 @@ pub enum ShareError {
     #[error("share {tag:?}: {why}")]
     Forbidden { tag: String, why: String },
     #[error(
-        "share {tag:?}: an isolated store (an ext4 image mounted on the folder) needs root for now: \
-         a user namespace cannot mount ext4. Without root, set `isolation = false` in its [[share]] \
-         (the folder is served as it is; every file the guest makes there is yours), or run this \
-         project with sudo (docs/rootless.md)"
+        "share {tag:?}: {image} is an ext4 store made by a run as root, and only root can mount it. \
+         Without root the share's folder is its store: copy the files out as yourself with \
+         `debugfs -R 'rdump / {host}' {image}` (e2fsprogs), then move the image away (docs/shares.md)"
     )]
-    NeedsRoot { tag: String },
+    ImageNeedsRoot {
+        tag: String,
+        image: PathBuf,
+        host: PathBuf,
+    },
     #[error(
         "share {tag:?}: its host folder moved: the VM was built with {recorded}, the Migrantfile now gives {current}; \
          move it back, or rebuild the VM with `migrant destroy` then `migrant up` (stores are kept)"
@@ -124,7 +131,7 @@ impl ShareError {
             | ShareError::Mount { .. }
             | ShareError::Check(_) => exit::CONFIG,
             ShareError::Unmount { .. } => exit::TEMPFAIL,
-            ShareError::NeedsRoot { .. } => exit::UNAVAILABLE,
+            ShareError::ImageNeedsRoot { .. } => exit::CONFIG,
             ShareError::Create { code, .. } => *code,
             ShareError::Io { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
@@ -154,6 +161,17 @@ pub fn image_path(host: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The ext4 image holding an isolated share's files (run as root).
+pub fn image_of(s: &Share) -> Option<PathBuf> {
+    (s.isolation && !crate::userns::rootless()).then(|| image_path(&s.host))
+}
+
+/// The cap of an isolated share whose folder is its store (run as a
+/// user), in bytes.
+pub fn folder_cap(s: &Share) -> Option<u64> {
+    (s.isolation && crate::userns::rootless()).then_some(s.size)
+}
+
 /// Options every store mount carries, as mountinfo shows them.
 pub const MOUNT_OPTIONS: [&str; 3] = ["nosymfollow", "nodev", "nosuid"];
 
@@ -181,12 +199,22 @@ fn real(path: &Path) -> PathBuf {
     }
 }
 
-/// Without root: refuse a share with an isolated store, which would need
-/// a loop mount (none is made yet; nothing is created).
+/// Without root: refuse an isolated share whose files are in an ext4
+/// image from a run as root (only root can mount it; nothing is created).
 pub fn check_rootless(cfg: &Config) -> Result<(), ShareError> {
-    match cfg.shares.iter().find(|s| s.isolation) {
-        Some(s) if crate::userns::rootless() => Err(ShareError::NeedsRoot { tag: s.tag.clone() }),
-        _ => Ok(()),
+    let old = cfg
+        .shares
+        .iter()
+        .filter(|s| folder_cap(s).is_some())
+        .map(|s| (s, image_path(&s.host)))
+        .find(|(_, img)| std::fs::symlink_metadata(img).is_ok());
+    match old {
+        Some((s, image)) => Err(ShareError::ImageNeedsRoot {
+            tag: s.tag.clone(),
+            image,
+            host: s.host.clone(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -233,8 +261,11 @@ pub struct RecordedShare {
     pub tag: String,
     /// Absolute host folder.
     pub host: PathBuf,
-    /// The store, for isolated shares.
+    /// The store, for isolated shares run as root.
     pub image: Option<PathBuf>,
+    /// The cap, for isolated shares whose folder is the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap: Option<u64>,
     pub guest: Option<String>,
 }
 
@@ -243,7 +274,8 @@ impl RecordedShare {
         RecordedShare {
             tag: s.tag.clone(),
             host: s.host.clone(),
-            image: s.isolation.then(|| image_path(&s.host)),
+            image: image_of(s),
+            cap: folder_cap(s),
             guest: s.guest.clone(),
         }
     }
@@ -294,7 +326,7 @@ pub fn check_drift(cfg: &Config, recorded: &[RecordedShare]) -> Result<(), Share
                     current: s.host.clone(),
                 });
             }
-            Some(s) if s.isolation != r.image.is_some() => {
+            Some(s) if s.isolation != (r.image.is_some() || r.cap.is_some()) => {
                 return Err(ShareError::Changed {
                     what: format!("isolation of {:?} changed", r.tag),
                 });
@@ -335,10 +367,7 @@ pub fn prepare_for_up(cfg: &Config, vm: &VmPaths, building: bool) -> Result<(), 
     let owner = image::Owner::invoker();
     for s in &cfg.shares {
         ensure_folder(&s.host, &owner)?;
-        if !s.isolation {
-            continue;
-        }
-        let img = image_path(&s.host);
+        let Some(img) = image_of(s) else { continue };
         if !img.exists() {
             if building {
                 println!(
@@ -661,9 +690,11 @@ pub struct Served {
     /// folder without isolation).
     pub dir: PathBuf,
     pub image: Option<PathBuf>,
-    /// Without isolation: the folder's owner (uid, gid), to whom every
-    /// file the guest makes there belongs.
+    /// Without isolation, or with the folder as the store: the folder's
+    /// owner (uid, gid), to whom every file the guest makes there belongs.
     pub owner: Option<(u32, u32)>,
+    /// With the folder as the store: its cap in bytes.
+    pub cap: Option<u64>,
 }
 
 /// Supervisor, before QEMU starts: re-check the rules and the record, then
@@ -675,7 +706,7 @@ pub fn mount_for_vm(cfg: &Config, vm: &VmPaths) -> Result<Vec<Served>, ShareErro
     }
     let mut served = Vec::new();
     for s in &cfg.shares {
-        let image = s.isolation.then(|| image_path(&s.host));
+        let image = image_of(s);
         if let Some(img) = &image
             && let Err(e) = mount_store(&s.tag, img, &s.host)
         {
@@ -683,7 +714,7 @@ pub fn mount_for_vm(cfg: &Config, vm: &VmPaths) -> Result<Vec<Served>, ShareErro
             return Err(e);
         }
         let owner = match std::fs::symlink_metadata(&s.host) {
-            _ if s.isolation => None,
+            _ if image.is_some() => None,
             Ok(m) if m.is_dir() => Some((m.uid(), m.gid())),
             _ => {
                 unmount_served(&served);
@@ -699,6 +730,7 @@ pub fn mount_for_vm(cfg: &Config, vm: &VmPaths) -> Result<Vec<Served>, ShareErro
             dir: s.host.clone(),
             image,
             owner,
+            cap: folder_cap(s),
         });
     }
     Ok(served)
@@ -782,7 +814,7 @@ pub fn views(cfg: &Config) -> Vec<ShareView> {
     cfg.shares
         .iter()
         .map(|s| {
-            let img = s.isolation.then(|| image_path(&s.host));
+            let img = image_of(s);
             let dir = s.host.canonicalize().ok();
             let mut v = ShareView {
                 tag: s.tag.clone(),
@@ -795,6 +827,13 @@ pub fn views(cfg: &Config) -> Vec<ShareView> {
                 cap: None,
                 problem: None,
             };
+            if let Some(cap) = folder_cap(s) {
+                // The folder is the store: what its tree holds, charged
+                // as the guard charges it.
+                v.cap = Some(cap);
+                v.used = guard::measure(&s.host).ok();
+                return v;
+            }
             let Some(img) = img else { return v };
             let meta = std::fs::metadata(&img).ok();
             v.cap = meta.as_ref().map(|m| m.len());

@@ -112,6 +112,7 @@ fn added_removed_or_changed_shares_need_a_rebuild() {
         tag: "gone".into(),
         host: "/x/gone".into(),
         image: None,
+        cap: None,
         guest: None,
     });
     assert!(matches!(

@@ -34,6 +34,9 @@ pub struct Args {
     /// `UID:GID`: a share without isolation, whose files all belong to
     /// this owner on the host, whatever guest user makes them.
     pub owner: Option<String>,
+    /// The folder is an isolated share's store, capped at this many bytes
+    /// (served through [`super::guard`]).
+    pub cap: Option<u64>,
 }
 
 /// Descriptors reserved for the daemon itself (memory slots and threads),
@@ -149,13 +152,14 @@ pub fn main(args: Args) -> u8 {
     };
 
     let timeout = Duration::from_secs(1);
+    let root = sandbox.get_root_dir();
     let cfg = passthrough::Config {
         entry_timeout: timeout,
         attr_timeout: timeout,
         // Direct I/O, when the guest's kernel allows it, comes from
         // `ByKernel`; this is the policy for every other kernel.
         cache_policy: CachePolicy::Auto,
-        root_dir: sandbox.get_root_dir(),
+        root_dir: root.clone(),
         mountinfo_prefix: None,
         xattr: false,
         proc_sfd_rawfd: sandbox.get_proc_self_fd(),
@@ -188,7 +192,14 @@ pub fn main(args: Args) -> u8 {
         Ok(fs) => super::direct_io::ByKernel::new(fs),
         Err(e) => return fail(&tag, format!("file system: {e}")),
     };
-    serve(fs, listener, &tag)
+    match args.cap {
+        None => serve(fs, listener, &tag),
+        // Measures the tree first: inside the sandbox, the share is `root`.
+        Some(cap) => match super::guard::Guarded::new(fs, Path::new(&root), cap) {
+            Ok(fs) => serve(fs, listener, &tag),
+            Err(e) => fail(&tag, format!("measuring the store: {e}")),
+        },
+    }
 }
 
 /// Without isolation: every guest id becomes the folder owner's, `host`.
@@ -232,7 +243,14 @@ fn drop_capabilities(squashed: bool) -> Result<(), String> {
     capng::apply(capng::Set::BOTH).map_err(|e| e.to_string())
 }
 
-fn serve(fs: super::direct_io::ByKernel, mut listener: Listener, tag: &str) -> u8 {
+fn serve<F>(fs: F, mut listener: Listener, tag: &str) -> u8
+where
+    F: virtiofsd::filesystem::FileSystem
+        + virtiofsd::filesystem::SerializableFileSystem
+        + Send
+        + Sync
+        + 'static,
+{
     let backend = match VhostUserFsBackendBuilder::default()
         .set_thread_pool_size(0)
         .set_tag(None)
@@ -304,6 +322,7 @@ pub fn spawn(
     listener: std::os::unix::net::UnixListener,
     log: &Path,
     owner: Option<(u32, u32)>,
+    cap: Option<u64>,
 ) -> std::io::Result<Daemon> {
     use std::os::fd::AsRawFd;
 
@@ -320,6 +339,7 @@ pub fn spawn(
         .arg("--tag")
         .arg(tag)
         .args(owner.map(|(u, g)| format!("--owner={u}:{g}")))
+        .args(cap.map(|c| format!("--cap={c}")))
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)

@@ -327,6 +327,7 @@ fn start_daemons(
             end.listener,
             &vm.state.join(format!("virtiofsd-{}.log", s.tag)),
             s.owner,
+            s.cap,
         )
         .map_err(io(format!("cannot start virtiofsd for share {:?}", s.tag)))?;
         tracing::info!(pid = ?daemon.child.id(), tag = %s.tag, dir = %s.dir.display(), "virtiofsd started");
