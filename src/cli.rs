@@ -147,7 +147,13 @@ pub enum Cmd {
         json: bool,
     },
     /// Check this host: QEMU, a working accelerator, TUN, nftables, firmware, virtiofs; and what running without root needs (user namespaces, subordinate ids, uidmap, modules; required when run by an ordinary user).
-    Doctor,
+    Doctor {
+        /// Print only the commands (for root) that install the AppArmor
+        /// profile letting this binary create user namespaces on hosts
+        /// that restrict them (Ubuntu 23.10 and later).
+        #[arg(long)]
+        apparmor_profile: bool,
+    },
     /// Grow the VM's disk to SIZE (default: the Migrantfile's `disk`): live
     /// while it runs, including the guest's root file system. Never shrinks.
     Resize {

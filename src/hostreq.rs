@@ -57,26 +57,37 @@ fn user_namespaces_from(
     if apparmor == Some("1") {
         return Err(format!(
             "AppArmor restricts unprivileged user namespaces (Ubuntu 23.10 and later); allow them for migrant once, as root:\n{}",
-            apparmor_profile(exe)
+            apparmor_profile(exe).unwrap_or_else(|| format!(
+                "(move migrant to a path without quotes, backslashes or control characters first: {})",
+                exe.display()
+            ))
         ));
     }
     Ok("unprivileged user namespaces allowed".into())
 }
 
 /// The commands that install an AppArmor profile letting `exe` (and only
-/// it) create user namespaces.
-pub fn apparmor_profile(exe: &std::path::Path) -> String {
-    format!(
+/// it) create user namespaces; `None` for a path these commands could not
+/// carry safely (a quote, a backslash, a control character: the text is
+/// meant to be run by root's shell).
+pub fn apparmor_profile(exe: &std::path::Path) -> Option<String> {
+    let path = exe.to_str()?;
+    if path
+        .chars()
+        .any(|c| c.is_control() || c == '"' || c == '\\')
+    {
+        return None;
+    }
+    Some(format!(
         "cat > /etc/apparmor.d/migrant <<'EOF'\n\
          abi <abi/4.0>,\n\
          include <tunables/global>\n\
-         profile migrant {} flags=(unconfined) {{\n\
+         profile migrant \"{path}\" flags=(unconfined) {{\n\
          \x20 userns,\n\
          }}\n\
          EOF\n\
-         apparmor_parser -r /etc/apparmor.d/migrant",
-        exe.display()
-    )
+         apparmor_parser -r /etc/apparmor.d/migrant"
+    ))
 }
 
 /// The invoking user's subordinate uids and gids: at least
@@ -216,10 +227,19 @@ mod tests {
         assert!(debian.is_err_and(|e| e.contains("kernel.unprivileged_userns_clone=1")));
         let ubuntu = user_namespaces_from(Some("100"), None, Some("1"), exe);
         assert!(
-            ubuntu.is_err_and(|e| e.contains("profile migrant /usr/local/bin/migrant")
+            ubuntu.is_err_and(|e| e.contains("profile migrant \"/usr/local/bin/migrant\"")
                 && e.contains("userns,")
                 && e.contains("apparmor_parser -r"))
         );
+    }
+
+    #[test]
+    fn a_profile_is_written_only_for_a_path_root_s_shell_reads_as_one() {
+        let p = apparmor_profile(Path::new("/opt/my tools/migrant"));
+        assert!(p.is_some_and(|p| p.contains("profile migrant \"/opt/my tools/migrant\" ")));
+        for bad in ["/x/\nEOF\nrm -rf /\n", "/x/\"y", "/x/a\\b"] {
+            assert_eq!(apparmor_profile(Path::new(bad)), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -259,8 +259,10 @@ fn gitlab_runner_stages_run_each_job_in_its_own_clone() {
 }
 
 /// The action's one step, with a stand-in `sudo` and `migrant` that record
-/// the command line: a hostile `run` input reaches migrant as one argument
-/// and runs nothing on the runner.
+/// their command lines: migrant runs as the runner's user (never through
+/// sudo), a hostile `run` input reaches it as one argument and runs nothing
+/// on the runner; where AppArmor restricts user namespaces, sudo installs
+/// the profile migrant prints, and nothing else.
 #[test]
 fn github_action_passes_inputs_as_data() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -288,21 +290,33 @@ fn github_action_passes_inputs_as_data() {
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap_or_else(|e| panic!("{e}"));
     };
-    write("sudo", "#!/bin/sh\n[ \"$1\" = -n ] && shift\nexec \"$@\"\n");
+    let sudo_log = dir.path().join("sudo.log");
+    write(
+        "sudo",
+        &format!(
+            "#!/bin/sh\necho \"$*\" >> {}\n[ \"$1\" = -n ] && shift\nexec \"$@\"\n",
+            sudo_log.display()
+        ),
+    );
+    let installed = dir.path().join("installed");
     write(
         "fake-migrant",
         &format!(
-            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done > {}\n",
+            "#!/bin/sh\nif [ \"$1 $2\" = \"doctor --apparmor-profile\" ]; then echo 'touch {}'; exit 0; fi\n\
+             for a in \"$@\"; do printf '%s\\0' \"$a\"; done > {}\n",
+            installed.display(),
             record.display()
         ),
     );
+    let sysctl = dir.path().join("restrict");
     let pwned = dir.path().join("pwned");
     let hostile = format!(
         "make test\"; touch {} #$(touch {})",
         pwned.display(),
         pwned.display()
     );
-    for (cold, want_cold) in [("false", false), ("true", true)] {
+    for (cold, want_cold, restricted) in [("false", false, "0"), ("true", true, "1")] {
+        std::fs::write(&sysctl, restricted).unwrap_or_else(|e| panic!("{e}"));
         // The step's environment, as the runner builds it from the inputs.
         let status = Command::new("bash")
             .arg("-c")
@@ -319,6 +333,7 @@ fn github_action_passes_inputs_as_data() {
             .env("MIGRANT_PROJECT", "/srv/ci vm")
             .env("MIGRANT_RUN", &hostile)
             .env("MIGRANT_COLD", cold)
+            .env("MIGRANT_APPARMOR_SYSCTL", &sysctl)
             .status()
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(status.success());
@@ -335,5 +350,14 @@ fn github_action_passes_inputs_as_data() {
         want.extend(["--", hostile.as_str()]);
         assert_eq!(args, want);
         assert!(!pwned.exists(), "the input ran as shell code");
+        // sudo only where AppArmor restricts, and only for the profile.
+        let sudo = std::fs::read_to_string(&sudo_log).unwrap_or_default();
+        match restricted {
+            "1" => {
+                assert_eq!(sudo, "-n true\n-n sh\n");
+                assert!(installed.exists(), "the profile was not installed");
+            }
+            _ => assert_eq!(sudo, "", "sudo ran"),
+        }
     }
 }

@@ -18,7 +18,9 @@ system_failure() {
 # Where prepare records the clones it made (the runner's user only). A
 # stage acts on a VM only if its record is there: never on the project's
 # own VM, another driver's VM, or a name a job chose.
-records=${MIGRANT_GITLAB_RECORDS:-${XDG_RUNTIME_DIR:-/run}/migrant-gitlab}
+# A service user (gitlab-runner) often has no XDG_RUNTIME_DIR: its home.
+if [[ $(id -u) == 0 ]]; then user_runtime=/run; else user_runtime=${HOME:?}/.local/state; fi
+records=${MIGRANT_GITLAB_RECORDS:-${XDG_RUNTIME_DIR:-$user_runtime}/migrant-gitlab}
 
 # One clone per job, named from what the job cannot set: GitLab's job id
 # in the runner's job response (JOB_RESPONSE_FILE; the CUSTOM_ENV_

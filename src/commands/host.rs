@@ -144,7 +144,22 @@ pub fn require_for_users() -> Result<()> {
     }
 }
 
-pub fn doctor() -> Result<u8> {
+pub fn doctor(apparmor_profile: bool) -> Result<u8> {
+    if apparmor_profile {
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::other(exit::SOFTWARE, format!("this binary's own path: {e}")))?;
+        let text = crate::hostreq::apparmor_profile(&exe).ok_or_else(|| {
+            Error::other(
+                exit::CONFIG,
+                format!(
+                    "{}: no profile for a path with quotes, backslashes or control characters; move the binary",
+                    exe.display()
+                ),
+            )
+        })?;
+        println!("{text}");
+        return Ok(0);
+    }
     let mut checks = vec![
         check(
             "privilege",

@@ -34,7 +34,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Init { force } => host::init(&dir, force),
         Cmd::Convert { write } => host::convert(&dir, write),
         Cmd::Pubkey => host::pubkey(&key_for(&dir)?),
-        Cmd::Doctor => host::doctor(),
+        Cmd::Doctor { apparmor_profile } => host::doctor(apparmor_profile),
         Cmd::List { json } => query::list(json),
         Cmd::Up {
             timeout,
