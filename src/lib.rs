@@ -22,6 +22,7 @@ pub mod qemu;
 pub mod rotate;
 pub mod runstate;
 pub mod sandbox;
+pub mod secrets;
 pub mod seed;
 pub mod share;
 pub mod size;

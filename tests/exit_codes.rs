@@ -84,6 +84,37 @@ fn bad_migrantfile_is_78_and_creates_nothing() {
     );
 }
 
+/// `[secrets]` with a bad host is 78 naming it; a good one is refused (69)
+/// until the dataplane brokers secrets, before anything is made.
+#[test]
+fn secrets_are_checked_and_not_yet_started() {
+    let head = "name = \"codes\"\nimage = \"/x.qcow2\"\n[secrets.TOKEN]\nfrom = \"env:TOKEN\"\n";
+    let s = Sandbox::new(&format!("{head}hosts = [\"*.com\"]\n"), Some(CLOUD_INIT));
+    let o = s.run(&["up"]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("Migrantfile:5: secrets.TOKEN.hosts[0]"),
+        "{}",
+        stderr(&o)
+    );
+    let s = Sandbox::new(
+        &format!("{head}hosts = [\"api.example.com\"]\n"),
+        Some(CLOUD_INIT),
+    );
+    let o = s.run(&["up"]);
+    assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not broker them yet"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !s.home().exists(),
+        "a refused up created {}",
+        s.home().display()
+    );
+}
+
 /// A key the placeholder needs but that does not exist yet is made (as
 /// the original tool does), before anything of the VM; a missing image
 /// then stops `up` (78) and leaves no VM behind, the new key kept.

@@ -39,6 +39,21 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     // Run by a user: what the host must offer, and what needs root still.
     super::host::require_for_users()?;
     crate::share::check_rootless(cfg)?;
+    // `[secrets]` is read and checked, but nothing brokers it yet: a VM
+    // that would hand the guest a placeholder nothing replaces is not
+    // started.
+    if let Some(s) = cfg.secrets.first() {
+        return Err(Error::other(
+            exit::UNAVAILABLE,
+            format!(
+                "{}:{}: secrets.{}: this build checks [secrets] but does not broker them yet \
+                 (docs/secrets.md); remove the table to start the VM",
+                cfg.file.display(),
+                s.line,
+                s.name
+            ),
+        ));
+    }
     // A moved project folder or share: refused naming the share and both
     // paths, before anything else.
     if let Some(rec) = crate::share::load_recorded(vm)? {

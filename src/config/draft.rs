@@ -76,6 +76,7 @@ pub(super) struct Draft {
     pub autoconnect: Autoconnect,
     pub tunnel_ports: Vec<At<i64>>,
     pub wait_cloud_init: bool,
+    pub secrets: Vec<super::secrets::DraftSecret>,
     pub warnings: Vec<String>,
 }
 
@@ -109,6 +110,7 @@ impl Draft {
             autoconnect: Autoconnect::None,
             tunnel_ports: Vec::new(),
             wait_cloud_init: true,
+            secrets: Vec::new(),
             warnings: Vec::new(),
         }
     }

@@ -27,6 +27,7 @@ mod guest_user;
 mod init;
 mod legacy;
 mod parse;
+mod secrets;
 #[cfg(test)]
 mod tests;
 mod toml_file;
@@ -34,6 +35,7 @@ mod values;
 
 pub use error::ConfigError;
 pub use init::{INIT_CLOUD_INIT, INIT_MIGRANTFILE, PUBKEY_PLACEHOLDER};
+pub use secrets::{Secret, SecretSource, domain_matches, is_variable_name};
 
 /// Parse a size as the Migrantfile writes it (`20G`, `512M`; powers of
 /// 1024), for command-line arguments.
@@ -85,6 +87,9 @@ pub struct Config {
     pub shares: Vec<Share>,
     /// Guest networking.
     pub network: Network,
+    /// Credentials the guest uses through a placeholder (`[secrets.NAME]`),
+    /// by name; where each value is read, never the value.
+    pub secrets: Vec<Secret>,
     /// How to log into the guest.
     pub ssh: Ssh,
     /// What `up` connects to once the VM is ready (default: nothing).

@@ -187,6 +187,7 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         halt_timeout,
     } = basics(&d, ctx)?;
     let network = network(&mut d, ctx)?;
+    let secrets = super::secrets::check(&d.secrets, &network, ctx)?;
     let shares = shares(&d, ctx)?;
     let (ssh, tunnel_ports) = access(&d, ctx, &image)?;
     Ok(Config {
@@ -204,6 +205,7 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
         accel: d.accel,
         shares,
         network,
+        secrets,
         ssh,
         autoconnect: d.autoconnect,
         tunnel_ports,

@@ -1603,3 +1603,132 @@ fn the_config_handed_down_is_the_one_validated() {
     let back = Config::taken_over(fd).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(back, cfg);
 }
+
+#[test]
+fn toml_secrets() {
+    let (dir, c) = good(
+        "image = \"debian-12\"\n\
+         [secrets.GITHUB_TOKEN]\n\
+         from = \"env:GH_TOKEN\"\n\
+         hosts = [\"API.github.com\", \"*.githubusercontent.com\", \"api.github.com\"]\n\
+         [secrets.NPM]\n\
+         from = \"file:tokens/npm\"\n\
+         hosts = [\"registry.npmjs.org\"]\n\
+         [secrets.PASS]\n\
+         from = \"command:pass show x\"\n\
+         hosts = [\"example.com\"]\n",
+    );
+    let by_name = |n: &str| {
+        c.secrets
+            .iter()
+            .find(|s| s.name == n)
+            .unwrap_or_else(|| panic!("no {n} in {:?}", c.secrets))
+    };
+    let gh = by_name("GITHUB_TOKEN");
+    assert_eq!(gh.from, SecretSource::Env("GH_TOKEN".into()));
+    assert_eq!(gh.hosts, ["api.github.com", "*.githubusercontent.com"]);
+    assert_eq!(gh.line, 3);
+    assert!(gh.sent_to("raw.githubusercontent.com") && !gh.sent_to("github.com"));
+    assert_eq!(
+        by_name("NPM").from,
+        SecretSource::File(dir.path().join("tokens/npm"))
+    );
+    assert_eq!(
+        by_name("PASS").from,
+        SecretSource::Command("pass show x".into())
+    );
+    // The Config never holds a value: only where each comes from.
+    let json = serde_json::to_string(&c).unwrap_or_default();
+    assert!(json.contains("GH_TOKEN") && json.contains("pass show x"));
+}
+
+#[test]
+fn toml_secrets_refused() {
+    let head = "image = \"debian-12\"\n[secrets.T]\n";
+    let with = |from: &str, hosts: &str| format!("{head}from = \"{from}\"\nhosts = [{hosts}]\n");
+    bad(
+        &with("vault:x", "\"a.example.com\""),
+        3,
+        "secrets.T.from",
+        "unknown source kind \"vault\"",
+    );
+    bad(
+        &with("GH_TOKEN", "\"a.example.com\""),
+        3,
+        "secrets.T.from",
+        "env:VARIABLE",
+    );
+    bad(
+        &with("env:A-B", "\"a.example.com\""),
+        3,
+        "secrets.T.from",
+        "not an environment variable",
+    );
+    bad(
+        &with("command: ", "\"a.example.com\""),
+        3,
+        "secrets.T.from",
+        "empty",
+    );
+    bad(
+        &with("env:X", "\"*\""),
+        4,
+        "secrets.T.hosts[0]",
+        "too broad",
+    );
+    bad(
+        &with("env:X", "\"a.example.com\", \"*.com\""),
+        4,
+        "secrets.T.hosts[1]",
+        "too broad",
+    );
+    bad(
+        &with("env:X", "\"10.0.0.1\""),
+        4,
+        "secrets.T.hosts[0]",
+        "IP address",
+    );
+    bad(&with("env:X", ""), 2, "secrets.T", "no hosts");
+    bad(
+        "image = \"debian-12\"\n[secrets.PATH]\nfrom = \"env:X\"\nhosts = [\"a.example.com\"]\n",
+        2,
+        "secrets.PATH",
+        "already uses",
+    );
+    bad(
+        "image = \"debian-12\"\n[secrets.SSL_CERT_FILE]\nfrom = \"env:X\"\nhosts = [\"a.example.com\"]\n",
+        2,
+        "secrets.SSL_CERT_FILE",
+        "already uses",
+    );
+    bad(
+        "image = \"debian-12\"\n[secrets.\"1X\"]\nfrom = \"env:X\"\nhosts = [\"a.example.com\"]\n",
+        2,
+        "secrets.1X",
+        "not an environment variable",
+    );
+    bad(
+        &format!("{head}from = \"env:X\"\nhosts = [\"a.example.com\"]\nwhat = 1\n"),
+        5,
+        "secrets.T.what",
+        "unknown",
+    );
+    // The hosts must be reachable under the policy.
+    bad(
+        "image = \"debian-12\"\n[network]\negress = \"none\"\n[secrets.T]\nfrom = \"env:X\"\nhosts = [\"a.example.com\"]\n",
+        6,
+        "secrets.T.hosts[0]",
+        "egress is \"none\"",
+    );
+    bad(
+        "image = \"debian-12\"\n[network]\nallow_domains = [\"*.debian.org\"]\n[secrets.T]\nfrom = \"env:X\"\nhosts = [\"api.github.com\"]\n",
+        6,
+        "secrets.T.hosts[0]",
+        "not in network.allow_domains",
+    );
+    let (_d, c) = good(
+        "image = \"debian-12\"\n[network]\nallow_domains = [\"*.github.com\", \"example.com\"]\n\
+         [secrets.T]\nfrom = \"env:X\"\nhosts = [\"api.github.com\", \"*.api.github.com\", \"example.com\"]\n",
+    );
+    assert_eq!(c.secrets[0].hosts.len(), 3);
+}

@@ -34,6 +34,10 @@
 //! [ssh]
 //! user = "migrant"
 //! key = "~/.ssh/migrant"
+//!
+//! [secrets.GITHUB_TOKEN]    # the guest sees a placeholder
+//! from = "env:GITHUB_TOKEN" # or "file:PATH", "command:COMMAND"
+//! hosts = ["api.github.com"]
 //! ```
 //!
 //! Unknown keys and wrong types are errors; their line comes from the
@@ -68,6 +72,16 @@ struct RawFile {
     #[serde(default)]
     tunnel_ports: Vec<Spanned<i64>>,
     wait_cloud_init: Option<bool>,
+    #[serde(default)]
+    secrets: std::collections::BTreeMap<Spanned<String>, RawSecret>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    from: Spanned<String>,
+    #[serde(default)]
+    hosts: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -197,6 +211,20 @@ pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
         .enumerate()
         .map(|(i, s)| int(s, &format!("tunnel_ports[{i}]")))
         .collect();
+    for (name, secret) in raw.secrets {
+        let field = format!("secrets.{}", name.get_ref());
+        let line = line_of(text, name.span().start);
+        d.secrets.push(super::secrets::DraftSecret {
+            name: At::new(name.into_inner(), line, field.clone()),
+            from: at(secret.from, format!("{field}.from")),
+            hosts: secret
+                .hosts
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| at(h, format!("{field}.hosts[{i}]")))
+                .collect(),
+        });
+    }
 
     for (i, share) in raw.share.into_iter().enumerate() {
         let field = format!("share[{i}]");
