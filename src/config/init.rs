@@ -97,6 +97,12 @@ rules = []
 user = "migrant"
 # Private key; "~/" is your home. Default: ~/.ssh/migrant
 #key = "~/.ssh/migrant"
+
+# A credential the guest uses through a placeholder, for the listed
+# hosts only (checked; brokering comes next: docs/secrets.md).
+#[secrets.GITHUB_TOKEN]
+#from = "env:GITHUB_TOKEN"   # or "file:PATH", "command:COMMAND"
+#hosts = ["api.github.com"]
 "#;
 
 /// The default `cloud-init.yml`: the `migrant` user with passwordless sudo,
