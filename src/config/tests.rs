@@ -225,7 +225,8 @@ fn init_migrantfile_parses() {
     assert_eq!((c.cpus, c.memory, c.disk), (2, 2 * GIB, 20 * GIB));
     assert!(c.name.starts_with("proj-"), "{}", c.name);
     assert!(c.shares.is_empty());
-    // Uncommenting the share example must give a valid file too.
+    // Uncommenting the share and secret examples must give a valid file
+    // too.
     let uncommented = INIT_MIGRANTFILE
         .lines()
         .map(|l| {
@@ -235,6 +236,8 @@ fn init_migrantfile_parses() {
                 || l.starts_with("#guest")
                 || l.starts_with("#size")
                 || l.starts_with("#isolation")
+                || l.starts_with("#[secrets.")
+                || l.starts_with("#from")
             {
                 &l[1..]
             } else {
@@ -247,6 +250,8 @@ fn init_migrantfile_parses() {
     let c = load_in(dir.path()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.shares.len(), 1);
     assert_eq!(c.shares[0].tag, "workspace");
+    assert_eq!(c.secrets.len(), 1);
+    assert_eq!(c.secrets[0].hosts, ["api.github.com"]);
     assert!(INIT_CLOUD_INIT.starts_with("#cloud-config\n"));
     assert!(INIT_CLOUD_INIT.contains(PUBKEY_PLACEHOLDER));
     assert!(INIT_CLOUD_INIT.contains("name: migrant"));
