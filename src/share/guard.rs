@@ -482,6 +482,22 @@ where
         slot.1 += 1;
     }
 
+    /// The guest opened a handle on `inode`.
+    fn opened(&self, inode: u64) {
+        *lock(&self.held).open.entry(inode).or_insert(0) += 1;
+    }
+
+    /// The guest released a handle on `inode`.
+    fn closed(&self, inode: u64) {
+        let mut h = lock(&self.held);
+        if let Some(n) = h.open.get_mut(&inode) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                h.open.remove(&inode);
+            }
+        }
+    }
+
     fn forgotten(&self, inode: u64, count: u64) {
         let mut h = lock(&self.held);
         if let Some(slot) = h.dirs.get_mut(&inode) {
@@ -675,7 +691,7 @@ where
         // O_TRUNC frees the file's data: left to the next measurement
         // (the charge stays above the truth meanwhile).
         let out = self.fs.open(ctx, inode, kill_priv, flags)?;
-        *lock(&self.held).open.entry(inode.into()).or_insert(0) += 1;
+        self.opened(inode.into());
         Ok(out)
     }
 
@@ -692,16 +708,7 @@ where
         let out = self
             .fs
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner);
-        {
-            let mut h = lock(&self.held);
-            let id: u64 = inode.into();
-            if let Some(n) = h.open.get_mut(&id) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    h.open.remove(&id);
-                }
-            }
-        }
+        self.closed(inode.into());
         self.let_go(inode.into());
         out
     }
@@ -728,7 +735,7 @@ where
         })?;
         let (h, o) = rest.ok_or_else(|| err(libc::EIO))?;
         if h.is_some() {
-            *lock(&self.held).open.entry(e.inode).or_insert(0) += 1;
+            self.opened(e.inode);
         }
         Ok((e, h, o))
     }
