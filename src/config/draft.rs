@@ -43,6 +43,14 @@ pub(super) struct DraftShare {
     pub isolation_field: String,
 }
 
+/// One `[secrets.NAME]` table as read.
+#[derive(Debug, Clone)]
+pub(super) struct DraftSecret {
+    pub name: At<String>,
+    pub from: At<String>,
+    pub hosts: Vec<At<String>>,
+}
+
 /// What a reader extracted, typed but not yet validated. `None` means
 /// "not set, use the default".
 #[derive(Debug, Clone)]
@@ -76,7 +84,7 @@ pub(super) struct Draft {
     pub autoconnect: Autoconnect,
     pub tunnel_ports: Vec<At<i64>>,
     pub wait_cloud_init: bool,
-    pub secrets: Vec<super::secrets::DraftSecret>,
+    pub secrets: Vec<DraftSecret>,
     pub warnings: Vec<String>,
 }
 

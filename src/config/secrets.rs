@@ -10,7 +10,7 @@
 //! value itself is read by the invoking user's own process when the VM
 //! starts (`crate::secrets`), and never enters a `Config`.
 
-use super::draft::{At, Ctx};
+use super::draft::{At, Ctx, DraftSecret};
 use super::{ConfigError, Egress, Network};
 
 /// One secret: the guest's variable `name` holds a placeholder, which the
@@ -89,14 +89,6 @@ pub fn is_variable_name(text: &str) -> bool {
         .next()
         .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
-/// One `[secrets.NAME]` table as read.
-#[derive(Debug, Clone)]
-pub(super) struct DraftSecret {
-    pub name: At<String>,
-    pub from: At<String>,
-    pub hosts: Vec<At<String>>,
 }
 
 /// The secrets, checked against each other and against the network

@@ -214,7 +214,7 @@ pub(super) fn read(text: &str, ctx: &Ctx) -> Result<Draft, ConfigError> {
     for (name, secret) in raw.secrets {
         let field = format!("secrets.{}", name.get_ref());
         let line = line_of(text, name.span().start);
-        d.secrets.push(super::secrets::DraftSecret {
+        d.secrets.push(super::draft::DraftSecret {
             name: At::new(name.into_inner(), line, field.clone()),
             from: at(secret.from, format!("{field}.from")),
             hosts: secret
