@@ -464,7 +464,12 @@ impl UserProject {
 
     /// `migrant ARGS` as the user, which must succeed: its stdout.
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
+        self.ok_in("project", args)
+    }
+
+    /// The same in the test's folder `sub`.
+    fn ok_in(&self, sub: &str, args: &[&str]) -> String {
+        let out = self.run_in(sub, args);
         assert!(
             out.status.success(),
             "migrant {args:?}: {}",
@@ -586,16 +591,8 @@ fn a_user_runs_vms_without_root() {
 
     // The plain share: what guest root makes there is the user's, and no
     // set-id bit survives.
-    let ok_in = |sub: &str, args: &[&str]| {
-        let out = p.run_in(sub, args);
-        assert!(
-            out.status.success(),
-            "migrant {args:?}: {}",
-            common::text(&out)
-        );
-    };
-    ok_in("shared", &["up"]);
-    ok_in(
+    p.ok_in("shared", &["up"]);
+    p.ok_in(
         "shared",
         &[
             "ssh",
@@ -977,15 +974,7 @@ fn an_isolated_share_without_root_is_a_capped_folder() {
     assert_eq!(p.ok(&["list"]).trim(), "no VMs");
     std::fs::remove_file(&img).unwrap_or_else(|e| panic!("{e}"));
 
-    let run = |args: &[&str]| {
-        let out = p.run_in("isolated", args);
-        assert!(
-            out.status.success(),
-            "migrant {args:?}: {}",
-            common::text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let run = |args: &[&str]| p.ok_in("isolated", args);
     run(&["up"]);
     let status = run(&["status"]);
     assert!(status.contains("the folder is the store"), "{status}");

@@ -607,6 +607,12 @@ where
         name: &CStr,
         newdir: u64,
     ) -> io::Result<Option<u64>> {
+        // Within one folder nothing changes depth, nor any parent: the
+        // common rename (write a temporary file, rename it over) costs no
+        // lookup.
+        if olddir == newdir {
+            return Ok(None);
+        }
         let e = self.fs.lookup(ctx, olddir.into(), name)?;
         let verdict = (|| {
             if !is_dir(&e.attr) && !is_link(&e.attr) {
