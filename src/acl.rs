@@ -1,12 +1,10 @@
-//! One more reader for a root-owned file: a POSIX access ACL
-//! (`system.posix_acl_access`) naming one user.
+//! One more user of a file: a POSIX access ACL
+//! (`system.posix_acl_access`) naming one uid.
 //!
-//! A VM's record, egress journal and WireGuard report are read by
-//! `status`, `egress` and `wg` without root, by the user who made the VM
-//! and by nobody else. Owning the files would let that user rewrite what
-//! root later trusts; a group would admit its other members. An ACL entry
-//! grants exactly one uid read access to a file root keeps owning (0600
-//! plus `user:UID:r--`, shown by `ls` as `-rw-r-----+`).
+//! A VM's disk, seed and UEFI variables stay the user's (who copies,
+//! resizes and deletes them), and its QEMU, another id, uses them: the
+//! file stays 0600 plus `user:UID:rw-` (shown by `ls` as `-rw-rw----+`).
+//! A group would admit its other members.
 //!
 //! The xattr's layout is the kernel's (`include/uapi/linux/posix_acl_xattr.h`):
 //! a little-endian version word (2), then entries of tag, permissions and
@@ -44,17 +42,6 @@ fn owner_and(uid: u32, perm: u16) -> Vec<u8> {
     out
 }
 
-/// Make `file` readable and writable by its owner and readable by `uid`,
-/// nothing for anyone else. `uid` 0 needs no entry: the file is made 0600.
-/// A file system without ACLs gives the error (the file stays 0600).
-pub fn let_read(file: &File, uid: u32) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if uid == 0 {
-        return file.set_permissions(std::fs::Permissions::from_mode(0o600));
-    }
-    set(file, &owner_and(uid, READ))
-}
-
 /// Make `file` readable and writable by its owner and by `uid`, nothing
 /// for anyone else: running without root, a VM's disk stays the user's
 /// (who copies, resizes and deletes it) and its QEMU, another id, uses it.
@@ -85,18 +72,6 @@ fn set(file: &File, acl: &[u8]) -> io::Result<()> {
     }
 }
 
-/// Give `file` its reader, or say (once per call site's file) why the
-/// owner will need root to read it: the file stays root's alone.
-pub fn let_read_or_warn(file: &File, uid: Option<u32>, what: &std::path::Path) {
-    if let Err(e) = let_read(file, uid.unwrap_or(0)) {
-        tracing::warn!(
-            "{}: cannot grant read access to uid {}: {e}; only root can read it",
-            what.display(),
-            uid.unwrap_or(0)
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,24 +92,14 @@ mod tests {
 
     #[test]
     fn the_file_shows_the_mask_as_its_group_bits() {
-        let dir = std::env::temp_dir().join(format!("migrant-acl-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.join("f");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("f");
         let f = File::create(&path).unwrap_or_else(|e| panic!("{e}"));
-        match let_read(&f, 4242) {
-            Ok(()) => {
-                let mode = f.metadata().map(|m| m.permissions().mode()).unwrap_or(0);
-                assert_eq!(mode & 0o777, 0o640);
-            }
+        let mode = || f.metadata().map(|m| m.permissions().mode()).unwrap_or(0) & 0o777;
+        match let_write(&f, 4242) {
+            Ok(()) => assert_eq!(mode(), 0o660),
             // A temporary folder without ACL support: the file is 0600.
-            Err(_) => {
-                let mode = f.metadata().map(|m| m.permissions().mode()).unwrap_or(0);
-                assert_eq!(mode & 0o777, 0o600);
-            }
+            Err(_) => assert_eq!(mode(), 0o600),
         }
-        let_read(&f, 0).unwrap_or_else(|e| panic!("{e}"));
-        let mode = f.metadata().map(|m| m.permissions().mode()).unwrap_or(0);
-        assert_eq!(mode & 0o777, 0o600);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -146,7 +146,7 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Check this host: QEMU, a working accelerator, TUN, nftables, firmware, virtiofs; and what running without root needs (user namespaces, subordinate ids, uidmap, modules; required when run by an ordinary user).
+    /// Check this host: QEMU, a working accelerator, TUN, nftables, firmware, virtiofs; and what each VM's user namespace needs (user namespaces, subordinate ids, uidmap, modules).
     Doctor {
         /// Print only the commands (for root) that install the AppArmor
         /// profile letting this binary create user namespaces on hosts
@@ -258,11 +258,11 @@ pub enum Cmd {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
-    /// Mount the shares' stores on their folders while the VM is halted
-    /// (creating a missing store, so a workspace can be filled before the
-    /// first `up`).
+    /// Create the shares' folders, so a workspace can be filled before the
+    /// first `up` (a share's folder is its store: nothing is mounted).
     Mount,
-    /// Unmount the shares' stores mounted by `migrant mount`.
+    /// Nothing to do: a share's folder is its store, never mounted (kept
+    /// for scripts written for older versions).
     Unmount,
 
     /// (internal) The per-VM supervisor.

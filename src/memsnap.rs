@@ -205,11 +205,10 @@ pub fn qemu_version() -> std::io::Result<String> {
         .to_string())
 }
 
-/// Write the record (root's, readable by the VM's owner like its other
-/// records).
-pub fn save(vm: &VmPaths, meta: &Meta, owner: Option<u32>) -> Result<(), state::StateError> {
+/// Write the record (private, like the VM's other records).
+pub fn save(vm: &VmPaths, meta: &Meta) -> Result<(), state::StateError> {
     let json = serde_json::to_vec_pretty(meta).unwrap_or_default();
-    state::write_private(&vm.snapshot_meta(), &json, owner)
+    state::write_private(&vm.snapshot_meta(), &json)
 }
 
 #[cfg(test)]

@@ -11,8 +11,6 @@ pub struct Rotating {
     path: PathBuf,
     cap: u64,
     mode: u32,
-    /// Besides the owner, who may read (an ACL entry, [`crate::acl`]).
-    reader: Option<u32>,
     out: Option<std::fs::File>,
     size: u64,
 }
@@ -31,16 +29,9 @@ impl Rotating {
             path,
             cap,
             mode,
-            reader: None,
             out: None,
             size: 0,
         }
-    }
-
-    /// Let `uid` read the file too (root keeps owning it).
-    pub fn readable_by(mut self, uid: Option<u32>) -> Rotating {
-        self.reader = uid;
-        self
     }
 
     fn open(&mut self) -> std::io::Result<&mut std::fs::File> {
@@ -55,9 +46,6 @@ impl Rotating {
             // An older file keeps no wider mode than asked for.
             use std::os::unix::fs::PermissionsExt;
             f.set_permissions(std::fs::Permissions::from_mode(self.mode))?;
-            if self.reader.is_some() {
-                crate::acl::let_read_or_warn(&f, self.reader, &self.path);
-            }
             self.out = Some(f);
         }
         self.out

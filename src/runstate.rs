@@ -158,7 +158,6 @@ pub fn stopped(vm: &VmPaths, why: Option<&str>) -> Result<Option<Record>, StateE
         let _ = std::fs::remove_file(sock);
     }
     let _ = std::fs::remove_dir(&vm.run);
-    crate::share::cleanup_recorded(vm);
     Record::update(&vm.record(), |r| {
         r.state = VmState::Stopped;
         r.supervisor_pid = None;

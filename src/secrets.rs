@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, Secret, SecretSource};
-use crate::userfile::Reader;
 
 /// How long a `command:` source may take.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,7 +55,7 @@ pub fn read_all(cfg: &Config) -> Result<Vec<(String, Value)>, SecretError> {
     cfg.secrets
         .iter()
         .map(|s| {
-            read(s, &cfg.reader, COMMAND_TIMEOUT)
+            read(s, COMMAND_TIMEOUT)
                 .map(|v| (s.name.clone(), v))
                 .map_err(|why| SecretError {
                     file: cfg.file.clone(),
@@ -68,8 +67,8 @@ pub fn read_all(cfg: &Config) -> Result<Vec<(String, Value)>, SecretError> {
         .collect()
 }
 
-/// One secret's value, read with `reader`'s rights.
-pub fn read(secret: &Secret, reader: &Reader, timeout: Duration) -> Result<Value, String> {
+/// One secret's value, read with this process's (the user's) rights.
+pub fn read(secret: &Secret, timeout: Duration) -> Result<Value, String> {
     let raw = match &secret.from {
         SecretSource::Env(var) => match std::env::var(var) {
             Ok(v) => v,
@@ -80,10 +79,9 @@ pub fn read(secret: &Secret, reader: &Reader, timeout: Duration) -> Result<Value
                 return Err(format!("the environment variable {var} is not UTF-8 text"));
             }
         },
-        SecretSource::File(path) => reader
-            .read_to_string(path, MAX_LEN as u64)
+        SecretSource::File(path) => crate::userfile::read_to_string(path, MAX_LEN as u64)
             .map_err(|e| format!("{}: {e}", path.display()))?,
-        SecretSource::Command(line) => run(line, reader, timeout)?,
+        SecretSource::Command(line) => run(line, timeout)?,
     };
     value(raw)
 }
@@ -110,10 +108,9 @@ fn value(mut raw: String) -> Result<Value, String> {
     Ok(Value(raw))
 }
 
-/// The standard output of `sh -c LINE`, run as `reader`'s user in a
-/// process group of its own, killed with everything it started after
+/// The standard output of `sh -c LINE`, run in a process group of its own, killed with everything it started after
 /// `timeout`.
-fn run(line: &str, reader: &Reader, timeout: Duration) -> Result<String, String> {
+fn run(line: &str, timeout: Duration) -> Result<String, String> {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(line)
@@ -121,14 +118,6 @@ fn run(line: &str, reader: &Reader, timeout: Duration) -> Result<String, String>
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    if let Some((uid, gid, groups)) = &reader.as_user {
-        crate::sandbox::Confine {
-            identity: Some((*uid, *gid, groups.clone())),
-            no_new_privs: true,
-            ..crate::sandbox::Confine::default()
-        }
-        .apply_std(&mut cmd);
-    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run the command: {e}"))?;
@@ -204,11 +193,7 @@ mod tests {
     }
 
     fn read_cmd(line: &str, timeout: Duration) -> Result<Value, String> {
-        read(
-            &secret(SecretSource::Command(line.into())),
-            &Reader::ourselves(),
-            timeout,
-        )
+        read(&secret(SecretSource::Command(line.into())), timeout)
     }
 
     #[test]
@@ -216,11 +201,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let file = dir.path().join("token");
         std::fs::write(&file, "s3cr3t\n").unwrap_or_else(|e| panic!("{e}"));
-        let v = read(
-            &secret(SecretSource::File(file)),
-            &Reader::ourselves(),
-            COMMAND_TIMEOUT,
-        );
+        let v = read(&secret(SecretSource::File(file)), COMMAND_TIMEOUT);
         assert_eq!(v.map(|v| v.expose().to_string()), Ok("s3cr3t".into()));
         let v = read_cmd("printf 'from-command\\r\\n'", COMMAND_TIMEOUT);
         assert_eq!(v.map(|v| v.expose().to_string()), Ok("from-command".into()));
@@ -231,13 +212,11 @@ mod tests {
     fn a_bad_source_says_why_and_never_the_value() {
         let unset = read(
             &secret(SecretSource::Env("MIGRANT_TEST_UNSET_VARIABLE".into())),
-            &Reader::ourselves(),
             COMMAND_TIMEOUT,
         );
         assert!(unset.is_err_and(|e| e.contains("is not set")));
         let missing = read(
             &secret(SecretSource::File("/nonexistent/token".into())),
-            &Reader::ourselves(),
             COMMAND_TIMEOUT,
         );
         assert!(missing.is_err_and(|e| e.contains("/nonexistent/token")));

@@ -1,13 +1,14 @@
 //! Where things live, per-VM locks and records.
 //!
-//! * images cache: `$MIGRANT_HOME/images` (default `/var/lib/migrant`;
-//!   for a user, `$XDG_DATA_HOME/migrant`, i.e. `~/.local/share/migrant`)
+//! * images cache: `$MIGRANT_HOME/images` (default
+//!   `$XDG_DATA_HOME/migrant`, i.e. `~/.local/share/migrant`)
 //! * per-VM state: `$MIGRANT_HOME/vms/<name>/`
-//! * runtime: `$MIGRANT_RUNTIME/<name>/` (default `/run/migrant`; for a
-//!   user, `$XDG_RUNTIME_DIR/migrant` when that is theirs alone, else
+//! * runtime: `$MIGRANT_RUNTIME/<name>/` (default
+//!   `$XDG_RUNTIME_DIR/migrant` when that is the user's alone, else
 //!   `$MIGRANT_HOME/run`)
-//! * VM identities in use: [`IDS_DIR`] (host-wide); for a user,
-//!   `$MIGRANT_HOME/ids` (their VMs' indexes in their subordinate range)
+//! * VM identities in use (their VMs' indexes in the user's subordinate
+//!   range): `.local/share/migrant/ids` in the user's passwd home, one
+//!   registry per user whatever the environment says
 //!
 //! Every record write is write-temp, fsync, rename.
 
@@ -26,7 +27,7 @@ pub enum StateError {
         source: std::io::Error,
     },
     #[error(
-        "{path}: permission denied: a VM's state is root's (its record, egress journal and WireGuard report are readable by the user who made the VM too); run migrant with sudo"
+        "{path}: permission denied: a VM's state belongs to the user who made it; run migrant as that user"
     )]
     Denied {
         path: PathBuf,
@@ -74,31 +75,30 @@ pub struct Paths {
 
 impl Paths {
     pub fn from_env() -> Self {
-        let rootless = crate::userns::rootless();
         let home = std::env::var_os("MIGRANT_HOME")
             .map(PathBuf::from)
-            .unwrap_or_else(|| match rootless {
-                true => user_data_home().join("migrant"),
-                false => PathBuf::from("/var/lib/migrant"),
-            });
+            .unwrap_or_else(|| user_data_home().join("migrant"));
         let runtime = std::env::var_os("MIGRANT_RUNTIME")
             .map(PathBuf::from)
-            .unwrap_or_else(|| match rootless {
-                true => user_runtime_dir()
+            .unwrap_or_else(|| {
+                user_runtime_dir()
                     .map(|d| d.join("migrant"))
-                    .unwrap_or_else(|| home.join("run")),
-                false => PathBuf::from("/run/migrant"),
+                    .unwrap_or_else(|| home.join("run"))
             });
         Paths { home, runtime }
     }
-    /// Where the VM identities in use are registered: host-wide for root
-    /// (the ids are the host's), the user's own otherwise (indexes into
-    /// their subordinate range).
+    /// Where the VM identities in use are registered (indexes into the
+    /// user's subordinate range): one registry per user, in their passwd
+    /// home whatever `HOME`, `XDG_DATA_HOME` or `MIGRANT_HOME` say, so two
+    /// VMs of one user never share an identity (a CI runner's jobs may
+    /// each have a home of their own). Under `MIGRANT_HOME` only for a
+    /// user without a passwd entry.
     pub fn ids(&self) -> PathBuf {
-        match crate::userns::rootless() {
-            true => self.home.join("ids"),
-            false => PathBuf::from(IDS_DIR),
-        }
+        nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map(|u| u.dir.join(".local/share/migrant/ids"))
+            .unwrap_or_else(|| self.home.join("ids"))
     }
     pub fn images(&self) -> PathBuf {
         self.home.join("images")
@@ -236,10 +236,8 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateErro
 
 /// [`write_atomic`] for a file only root and the VM's owner (`reader`, if
 /// any) may read: 0600 plus an ACL entry for the owner ([`crate::acl`]).
-pub fn write_private(path: &Path, data: &[u8], reader: Option<u32>) -> Result<(), StateError> {
-    write_replacing(path, data, 0o600, |f| {
-        crate::acl::let_read_or_warn(f, reader, path)
-    })
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), StateError> {
+    write_replacing(path, data, 0o600, |_| {})
 }
 
 fn write_replacing(
@@ -407,10 +405,6 @@ pub struct Record {
     /// [`allocate_vm_id`]; released with the record at `destroy`.
     #[serde(default)]
     pub vm_id: Option<u32>,
-    /// The user who made the VM (not root): besides root, the only one who
-    /// may read its record, egress journal and WireGuard report.
-    #[serde(default)]
-    pub owner: Option<u32>,
     /// cloud-init has finished its first run in this VM: later boots do
     /// not wait for it.
     #[serde(default)]
@@ -425,13 +419,9 @@ pub struct Record {
     pub template: Option<String>,
 }
 
-/// Where root's VM identities are registered, host-wide (whatever
-/// `MIGRANT_HOME` a VM lives under): one file per id in use, holding the
-/// VM's state folder ([`Paths::ids`]).
-pub const IDS_DIR: &str = "/var/lib/migrant-ids";
-
-/// The uid/gid of the VM at `vm`: the one it has if the host-wide
-/// registry still gives it that id, else the lowest id of
+/// The identity (index) of the VM at `vm`, in the registry `dir` of
+/// [`Paths::ids`] (one file per id in use, holding the VM's state
+/// folder): the one it has if the registry still gives it that id, else the lowest id of
 /// `base .. base + count` that no live VM holds. An entry whose VM is gone
 /// (no record, or a record with another id) is free: a VM destroyed
 /// without releasing its id, or a registry from before, cannot block one.
@@ -512,7 +502,7 @@ impl Record {
             source,
         })?;
         data.push(b'\n');
-        write_private(path, &data, self.owner)
+        write_private(path, &data)
     }
     /// Load, change and save the record at `path`.
     pub fn update(path: &Path, f: impl FnOnce(&mut Record)) -> Result<Option<Record>, StateError> {

@@ -67,25 +67,6 @@ pub const VM_ID: u32 = 1;
 /// Inside the namespace, the group that may read the user's base images.
 pub const IMAGES_GID: u32 = 2;
 
-/// Whether migrant runs without root: as an ordinary user, or as root of
-/// a user namespace such a user made (the supervisor, once it entered
-/// the VM's). Decided once per process, before any namespace is entered.
-pub fn rootless() -> bool {
-    static ROOTLESS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ROOTLESS.get_or_init(|| {
-        !nix::unistd::Uid::effective().is_root()
-            || std::fs::read_to_string("/proc/self/uid_map")
-                .map(|m| !is_initial(&m))
-                .unwrap_or(false)
-    })
-}
-
-/// Whether `uid_map` is the initial namespace's (all ids, as they are).
-fn is_initial(uid_map: &str) -> bool {
-    let fields: Vec<&str> = uid_map.split_whitespace().collect();
-    fields == ["0", "0", "4294967295"]
-}
-
 /// The host's uid for `id` of this process's user namespace, by
 /// `/proc/self/uid_map` (`None` when unmapped or unreadable).
 pub fn host_uid(id: u32) -> Option<u32> {
@@ -315,14 +296,5 @@ mod tests {
         let e = m(65535).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("no subordinate gids left for VM 65535"), "{e}");
         assert!(Mapping::for_vm("bob", (1, 1), (&[], &[]), 0).is_err());
-    }
-
-    #[test]
-    fn the_initial_namespace_is_told_from_a_users() {
-        assert!(is_initial("         0          0 4294967295\n"));
-        assert!(!is_initial(
-            "         0       1000          1\n         1     100000          1\n"
-        ));
-        assert!(!is_initial(""));
     }
 }

@@ -22,8 +22,24 @@ use std::time::Duration;
 const BUILD_FAILURE: i32 = 7;
 const SYSTEM_FAILURE: i32 = 9;
 
-fn driver(stage: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("contrib/gitlab-runner/{stage}.sh"))
+/// The driver's stage script, copied where the test's user may read it
+/// (the source tree may sit under a home only root enters).
+fn driver(env: &Env, stage: &str) -> PathBuf {
+    let dir = env.root.path().join("driver");
+    if !dir.exists() {
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/gitlab-runner");
+        for e in std::fs::read_dir(&src)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .flatten()
+        {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap_or_else(|e| panic!("{e}"));
+        }
+        if let Some(u) = &env.user {
+            chown_tree(&dir, u);
+        }
+    }
+    dir.join(format!("{stage}.sh"))
 }
 
 /// A stage as the runner starts it: `STAGE.sh PROJECT ARGS…` with the
@@ -39,16 +55,28 @@ fn stage(env: &Env, name: &str, job: u32, args: &[&str]) -> Command {
         format!("{{\"id\": {job}, \"token\": \"job-token-{job}\", \"job_info\": {{\"id\": 1}}}}"),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let mut c = Command::new("bash");
-    c.arg(driver(name))
+    // The runner runs its stages as its own user: the test's.
+    let mut c = match &env.user {
+        Some(u) => {
+            chown_tree(&env.root.path().join("builds"), u);
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={}", u.uid))
+                .arg(format!("--regid={}", u.gid))
+                .args(["--init-groups", "--", "bash"]);
+            c
+        }
+        None => Command::new("bash"),
+    };
+    c.arg(driver(env, name))
         .arg(&env.project)
         .args(args)
         .current_dir("/")
-        .env("MIGRANT", bin())
+        .env("MIGRANT", env.exe())
         .env("MIGRANT_HOME", env.root.path().join("state"))
         .env("MIGRANT_RUNTIME", env.root.path().join("run"))
         .env("HOME", env.root.path().join("home"))
         .env_remove("SUDO_USER")
+        .env_remove("SUDO_UID")
         .env_remove("MIGRANT_DIR")
         .env("JOB_RESPONSE_FILE", &response)
         .env("MIGRANT_GITLAB_RECORDS", env.root.path().join("records"))

@@ -37,6 +37,7 @@ impl Sandbox {
             .env("MIGRANT_RUNTIME", self.root.path().join("run"))
             .env("HOME", self.root.path().join("home"))
             .env_remove("SUDO_USER")
+            .env_remove("SUDO_UID")
             .env_remove("MIGRANT_DIR");
         c
     }
@@ -279,86 +280,6 @@ fn wireguard_config_mistakes_are_78_with_the_line_and_create_nothing() {
     assert!(!s.home().join("vms").join("codes").exists());
 }
 
-/// A key path in a folder the user controls, whose `.pub` is a symlink to a
-/// root-only file: `up` run through sudo must read it with the user's
-/// rights, so the file never reaches the guest's seed or any output.
-#[test]
-fn a_planted_key_symlink_reads_nothing_of_root() {
-    use std::os::unix::fs::PermissionsExt;
-    if !common::as_root() {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let secret = tmp.path().join("secret");
-    std::fs::write(&secret, "ROOT-ONLY-SECRET\n").unwrap_or_else(|e| panic!("{e}"));
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let keys = tmp.path().join("keys");
-    std::fs::create_dir(&keys).unwrap_or_else(|e| panic!("{e}"));
-    nix::unistd::chown(&keys, Some(65534.into()), Some(65534.into()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    std::os::unix::fs::symlink(&secret, keys.join("migrant.pub")).unwrap_or_else(|e| panic!("{e}"));
-    small_base_image(tmp.path());
-    let s = Sandbox::new(
-        &format!(
-            "{}[ssh]\nkey = \"{}\"\n",
-            good_file(tmp.path()),
-            keys.join("migrant").display()
-        ),
-        Some(CLOUD_INIT),
-    );
-    let o = s
-        .cmd(&["up", "--timeout", "5"])
-        .env("SUDO_USER", "nobody")
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(!o.status.success(), "up went on: {}", stderr(&o));
-    assert!(stderr(&o).contains("migrant.pub"), "{}", stderr(&o));
-    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
-    assert!(!out.contains("ROOT-ONLY-SECRET"), "{out}");
-    // Nothing under the state folder carries it either.
-    let mut stack = vec![s.home()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(bytes) = std::fs::read(&p) {
-                let text = String::from_utf8_lossy(&bytes);
-                assert!(
-                    !text.contains("ROOT-ONLY-SECRET"),
-                    "{} holds it",
-                    p.display()
-                );
-            }
-        }
-    }
-    let _ = s.run(&["destroy"]);
-    // The root-only file is unchanged, and still root's.
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(&secret).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(meta.uid(), 0);
-    assert_eq!(
-        std::fs::read_to_string(&secret).unwrap_or_default(),
-        "ROOT-ONLY-SECRET\n"
-    );
-
-    // `pubkey` through sudo for a user whose home does not exist: the key
-    // is made as that user, so root creates nothing there.
-    let o = s
-        .cmd(&["pubkey"])
-        .env("SUDO_USER", "nobody")
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(!o.status.success(), "{}", stderr(&o));
-    assert!(
-        !Path::new("/nonexistent").exists(),
-        "root created nobody's home"
-    );
-}
-
 /// Two project folders whose Migrantfiles share a `name`: commands from the
 /// second never stop, destroy, change or attach to the first's VM.
 #[test]
@@ -410,228 +331,94 @@ fn another_folder_with_the_same_name_touches_nothing() {
 }
 
 /// Make `path` traversable by everyone (a tempdir is 0700).
-/// A real (empty, 64 MiB) qcow2 as `dir/base.qcow2`, what `good_file`
-/// names.
-fn small_base_image(dir: &Path) {
-    let created = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(dir.join("base.qcow2"))
-        .arg("64M")
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(created, "qemu-img create");
-}
-
 fn open_to_all(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// Under sudo, the files migrant makes in the project folder (`init`'s,
-/// a share's store) are made by the invoking user's own programs: in a
-/// folder that user may not write, nothing appears (77), and in their own
-/// folder what appears is theirs. (Before, root wrote them by path and
-/// then chowned the path, which a planted symlink redirects.)
+/// `sudo migrant` is refused (77) before anything is read or made: migrant
+/// runs as the user whose VMs they are. And root acts on no project
+/// folder another user controls (77): that user could swap what migrant
+/// reads and runs there (a hook symlinked to `make` ran the owner's
+/// Makefile, as root before the review, as the owner after; now nothing).
 #[test]
-fn files_in_the_project_folder_are_made_as_the_invoking_user() {
-    use std::os::unix::fs::MetadataExt;
+fn sudo_and_another_users_folder_are_refused() {
     if !common::as_root() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     open_to_all(tmp.path());
     let s = Sandbox::new(
-        &format!(
-            "{}[[share]]\nhost = \"ws\"\nsize = \"1G\"\n",
-            good_file(tmp.path())
-        ),
+        &format!("{}[[share]]\nhost = \"ws\"\n", good_file(tmp.path())),
         Some(CLOUD_INIT),
     );
     open_to_all(s.root.path());
     let project = s.root.path().join("project");
-    open_to_all(&project);
-    let before: Vec<_> = std::fs::read_dir(&project)
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-
-    // root's folder, nobody invoking: refused, nothing written.
-    let o = s
-        .cmd(&["mount"])
-        .env("SUDO_USER", "nobody")
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(o.status.code(), Some(77), "mount: {}", stderr(&o));
-    let fresh = tmp.path().join("fresh");
-    std::fs::create_dir(&fresh).unwrap_or_else(|e| panic!("{e}"));
-    open_to_all(&fresh);
-    let o = s
-        .cmd(&["-C", &fresh.to_string_lossy(), "init"])
-        .env("SUDO_USER", "nobody")
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(o.status.code(), Some(77), "init: {}", stderr(&o));
-    let after: Vec<_> = std::fs::read_dir(&project)
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert_eq!(
-        before, after,
-        "root wrote in a folder the user may not write"
-    );
-    let made: Vec<_> = std::fs::read_dir(&fresh)
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(made.is_empty(), "init wrote {made:?}");
-
-    // The user's own folder: what init writes is theirs.
-    nix::unistd::chown(&fresh, Some(65534.into()), Some(65534.into()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let o = s
-        .cmd(&["-C", &fresh.to_string_lossy(), "init"])
-        .env("SUDO_USER", "nobody")
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(o.status.success(), "init: {}", stderr(&o));
-    for f in ["Migrantfile", "cloud-init.yml"] {
-        let m = std::fs::metadata(fresh.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
-        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{f}");
+    let names = || -> Vec<String> { common::names_in(&project) };
+    let before = names();
+    for args in [
+        &["up", "--timeout", "5"][..],
+        &["init", "--force"][..],
+        &["list"][..],
+        &["doctor"][..],
+    ] {
+        let o = s
+            .cmd(args)
+            .env("SUDO_UID", "65534")
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(o.status.code(), Some(77), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("run it as yourself"), "{}", stderr(&o));
     }
-
-    // A symlink planted at the store's temporary name, pointing at a file
-    // only root may write: the store is made as the user, so the root
-    // file keeps its owner and content.
-    nix::unistd::chown(&project, Some(65534.into()), Some(65534.into()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let secret = tmp.path().join("root-only");
-    std::fs::write(&secret, "root's\n").unwrap_or_else(|e| panic!("{e}"));
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let planted = project.join(".ws.img.partial");
-    std::os::unix::fs::symlink(&secret, &planted).unwrap_or_else(|e| panic!("{e}"));
-    std::os::unix::fs::lchown(&planted, Some(65534), Some(65534)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(names(), before, "sudo made something");
+    assert!(!s.home().exists(), "sudo made the state folder");
+    // Root's own shell (`sudo -s` from root) is root's.
     let o = s
-        .cmd(&["mount"])
-        .env("SUDO_USER", "nobody")
+        .cmd(&["list"])
+        .env("SUDO_UID", "0")
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
-    let m = std::fs::metadata(&secret).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((m.uid(), m.len()), (0, 7), "mount: {}", stderr(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // nobody's folder, with a hook symlinked to `make` and a Makefile.
+    let hooks = project.join("hooks");
+    std::fs::create_dir(&hooks).unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink("/usr/bin/make", hooks.join("pre-up"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(project.join("Makefile"), "all:\n\tid -u > ran-as\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    for p in [&project, &hooks, &project.join("Makefile")] {
+        nix::unistd::chown(p.as_path(), Some(65534.into()), Some(65534.into()))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let before = names();
+    let migrantfile = std::fs::read(project.join("Migrantfile")).unwrap_or_default();
+    for args in [
+        &["up", "--timeout", "5"][..],
+        &["mount"][..],
+        &["init", "--force"][..],
+        &["convert", "--write"][..],
+        &["pubkey"][..],
+        &["destroy"][..],
+    ] {
+        let o = s.run(args);
+        assert_eq!(o.status.code(), Some(77), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("controlled by uid 65534"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(names(), before, "something was made in nobody's folder");
     assert_eq!(
-        std::fs::read_to_string(&secret).unwrap_or_default(),
-        "root's\n"
+        std::fs::read(project.join("Migrantfile")).unwrap_or_default(),
+        migrantfile
     );
-    let store = std::fs::metadata(project.join("ws.img"))
-        .unwrap_or_else(|e| panic!("no store made ({e}): {}", stderr(&o)));
-    assert_eq!(store.uid(), 65534, "the store is not the user's");
-    let _ = s.cmd(&["unmount"]).env("SUDO_USER", "nobody").output();
+    assert!(no_vms(&s), "a VM was left behind");
 }
 
 /// Whether the sandbox holds no VM (its folder of VMs may not exist).
 fn no_vms(s: &Sandbox) -> bool {
     std::fs::read_dir(s.home().join("vms")).map_or(true, |mut d| d.next().is_none())
-}
-
-/// Whether `secret` appears in `o`'s output or in any file under the
-/// sandbox's state folder.
-fn leaks(s: &Sandbox, o: &Output, secret: &str) -> Option<String> {
-    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(o));
-    if out.contains(secret) {
-        return Some(format!("the output: {out}"));
-    }
-    common::file_containing(&s.home(), secret).map(|p| p.display().to_string())
-}
-
-/// Root reads what a project names with the rights of the user the
-/// project belongs to: under sudo, a WireGuard file, a `cloud-init.yml`
-/// symlink and a local image naming a root-only file each fail with the
-/// user's own "Permission denied" and leak nothing into any output, the
-/// seed or the image cache. Root running in a folder another user owns
-/// (a CI runner) runs its hooks as that owner: a hook that is a symlink to
-/// a root-owned program (`make`) runs the owner's Makefile as the owner.
-/// (Before: the WireGuard error quoted the file's first line, the other
-/// two were copied for the guest, and the Makefile ran as root.)
-#[test]
-fn root_reads_and_runs_a_projects_files_as_its_user() {
-    use std::os::unix::fs::PermissionsExt;
-    if !common::as_root() {
-        return;
-    }
-    const SECRET: &str = "ROOT-ONLY-SECRET";
-    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    open_to_all(tmp.path());
-    let secret = tmp.path().join("secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
-        .unwrap_or_else(|e| panic!("{e}"));
-    small_base_image(tmp.path());
-    let plain = "#cloud-config\n";
-    let cases = [
-        (
-            format!(
-                "{}[network]\nwireguard = \"{}\"\n",
-                good_file(tmp.path()),
-                secret.display()
-            ),
-            false,
-        ),
-        (good_file(tmp.path()), true),
-        (
-            format!("name = \"codes\"\nimage = \"{}\"\n", secret.display()),
-            false,
-        ),
-    ];
-    for (migrantfile, cloud_init_link) in cases {
-        let s = Sandbox::new(&migrantfile, (!cloud_init_link).then_some(plain));
-        open_to_all(s.root.path());
-        let project = s.root.path().join("project");
-        nix::unistd::chown(&project, Some(65534.into()), Some(65534.into()))
-            .unwrap_or_else(|e| panic!("{e}"));
-        if cloud_init_link {
-            std::os::unix::fs::symlink(&secret, project.join("cloud-init.yml"))
-                .unwrap_or_else(|e| panic!("{e}"));
-        }
-        let o = s
-            .cmd(&["up", "--timeout", "5"])
-            .env("SUDO_USER", "nobody")
-            .output()
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(!o.status.success(), "up went on: {migrantfile}");
-        assert!(
-            stderr(&o).contains("Permission denied"),
-            "{migrantfile}: {}",
-            stderr(&o)
-        );
-        if let Some(place) = leaks(&s, &o, SECRET) {
-            panic!("{migrantfile}: root's file reached {place}");
-        }
-        assert!(no_vms(&s), "a VM was left behind");
-    }
-
-    // Root, no sudo, in nobody's folder: the hook runs as nobody.
-    let s = Sandbox::new(&good_file(tmp.path()), Some(plain));
-    open_to_all(s.root.path());
-    let project = s.root.path().join("project");
-    let hooks = project.join("hooks");
-    std::fs::create_dir(&hooks).unwrap_or_else(|e| panic!("{e}"));
-    std::os::unix::fs::symlink("/usr/bin/make", hooks.join("pre-up"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(
-        project.join("Makefile"),
-        "all:\n\tid -u > ran-as\n\tfalse\n",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    for p in [&project, &hooks, &project.join("Makefile")] {
-        nix::unistd::chown(p.as_path(), Some(65534.into()), Some(65534.into()))
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    let o = s.run(&["up", "--timeout", "5"]);
-    assert!(!o.status.success(), "the failing hook did not stop up");
-    let ran_as = std::fs::read_to_string(project.join("ran-as")).unwrap_or_default();
-    assert_eq!(
-        ran_as.trim(),
-        "65534",
-        "the owner's Makefile ran as uid {ran_as}: {}",
-        stderr(&o)
-    );
-    assert!(no_vms(&s), "a VM was left behind");
 }

@@ -358,11 +358,13 @@ fn a_killed_up_leaves_no_vm_booting() {
 
 /// Debian 13 (trixie), Debian's stable release, boots and lives through
 /// the same lifecycle: first boot waits for cloud-init, a later one does
-/// not, files survive a halt, and a memory snapshot resumes.
+/// not, files survive a halt, and a memory snapshot resumes. Run by root
+/// for root's own VM (whoever runs the rest of the suite): the same
+/// user-namespace path, QEMU as one of root's subordinate ids.
 #[test]
 fn debian_13_lifecycle() {
     let Some(image) = test_image_13() else { return };
-    let env = Env::new("trixie", &image, "");
+    let env = Env::new_for_root("trixie", &image, "");
     let out = env.run(&["up"]);
     assert!(out.status.success(), "up: {}", text(&out));
     assert!(
@@ -382,6 +384,31 @@ fn debian_13_lifecycle() {
     assert_eq!(
         env.ok(&["ssh", "--", "cat", "/var/tmp/marker"]).trim(),
         "kept"
+    );
+    // Root's VM is walled in like anyone's: its QEMU is not root, holds
+    // no capability, and runs as an id of root's subordinate range.
+    let (uid, _) = env.vm_ids();
+    let range = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+    let (start, count) = range
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() == 3 && (f[0] == "root" || f[0] == "0"))
+                .then(|| (f[1].parse::<u32>().ok(), f[2].parse::<u32>().ok()))
+        })
+        .and_then(|(a, b)| Some((a?, b?)))
+        .unwrap_or_else(|| panic!("root has no subordinate range: {range}"));
+    assert!(
+        uid >= start && uid - start < count,
+        "root's QEMU runs as {uid}, outside {start}+{count}"
+    );
+    let qemu = env
+        .pid_of("qemu-system")
+        .unwrap_or_else(|| panic!("no QEMU"));
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
+    assert!(
+        status.lines().any(|l| l == "CapEff:\t0000000000000000"),
+        "root's QEMU holds capabilities: {status}"
     );
     env.ok(&["snapshot", "--memory"]);
     let out = env.run(&["run", "--snapshot", "--", "cat", "/var/tmp/marker"]);

@@ -99,6 +99,7 @@ fn key_paths_follow_the_original() {
             .current_dir(dir)
             .env("HOME", &home)
             .env_remove("SUDO_USER")
+            .env_remove("SUDO_UID")
             .env_remove("MIGRANT_KEY_PATH")
             .env_remove("MIGRANT_DIR")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -158,6 +159,7 @@ fn convert(dir: &Path, args: &[&str]) -> std::process::Output {
         .current_dir(dir)
         .env("HOME", home)
         .env_remove("SUDO_USER")
+        .env_remove("SUDO_UID")
         .output()
         .unwrap_or_else(|e| panic!("{e}"))
 }

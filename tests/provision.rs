@@ -1,6 +1,6 @@
-//! Provisioning, hooks and ssh-config on a real guest under TCG, run the
-//! way a user runs migrant: through sudo (`SUDO_USER=nobody`), so hooks,
-//! Ansible and the SSH socket must all belong to that user, never root.
+//! Provisioning, hooks and ssh-config on a real guest under TCG: hooks,
+//! Ansible, `ssh` and the SSH socket all belong to the user running
+//! migrant (the test user in a rootless run of the suite, else root).
 //!
 //! One test boots twice: create (pre-up writes `.qemu-extra-args`, the
 //! playbook runs once, post-up runs `migrant ssh` as the user) →
@@ -16,7 +16,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Output, Stdio};
 
-const NOBODY: u32 = 65534;
 /// A local user who is not the VM's owner (no passwd entry needed).
 const OTHER: u32 = 65533;
 
@@ -35,19 +34,27 @@ fn chown(path: &Path, uid: u32) {
     .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
 }
 
-/// `migrant ARGS` as if run through `sudo` by nobody.
-fn sudo(env: &Env, args: &[&str]) -> Output {
-    env.cmd(args)
-        .env("SUDO_USER", "nobody")
+/// `bash -c SCRIPT` as the user migrant runs as, in the test's home.
+fn as_migrant_user(env: &Env, script: &str) -> Output {
+    let mut cmd = match rootless_user() {
+        Some(u) => {
+            let mut c = std::process::Command::new("setpriv");
+            c.arg(format!("--reuid={}", u.uid))
+                .arg(format!("--regid={}", u.gid))
+                .args(["--init-groups", "--"]);
+            c.arg("bash");
+            c
+        }
+        None => std::process::Command::new("bash"),
+    };
+    cmd.args(["-c", script])
+        .env("MIGRANT_HOME", env.root.path().join("state"))
+        .env("MIGRANT_RUNTIME", env.root.path().join("run"))
+        .env("HOME", env.root.path().join("home"))
+        .env_remove("SUDO_UID")
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("migrant {args:?}: {e}"))
-}
-
-fn sudo_ok(env: &Env, args: &[&str]) -> String {
-    let out = sudo(env, args);
-    assert!(out.status.success(), "migrant {args:?}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 const PLAYBOOK: &str = "---
@@ -80,7 +87,7 @@ fn hook_lines(log: &Path) -> Vec<String> {
 }
 
 #[test]
-fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
+fn hooks_playbook_and_ssh_config_as_the_user() {
     let Some(image) = test_image() else { return };
     let env = Env::new("prov", &image, "");
     let root = env.root.path().to_path_buf();
@@ -90,21 +97,10 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
     mf.push_str(&format!("\n[ssh]\nkey = \"{}\"\n", key.display()));
     std::fs::write(env.project.join("Migrantfile"), mf).unwrap_or_else(|e| panic!("{e}"));
 
-    // What nobody needs: reach its key, own the project folder (pre-up
-    // writes into it) and a folder for the hooks' log.
-    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
-        .unwrap_or_else(|e| panic!("{e}"));
-    for p in [
-        root.join("home/.ssh"),
-        key.clone(),
-        root.join("home/.ssh/migrant.pub"),
-        env.project.clone(),
-    ] {
-        chown(&p, NOBODY);
-    }
+    let me = migrant_uid();
     let log = root.join("log");
     std::fs::create_dir(&log).unwrap_or_else(|e| panic!("{e}"));
-    chown(&log, NOBODY);
+    chown(&log, me);
 
     let hooks = env.project.join("hooks");
     std::fs::create_dir(&hooks).unwrap_or_else(|e| panic!("{e}"));
@@ -123,7 +119,7 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
         &hooks.join("post-up"),
         &format!(
             "#!/bin/sh\n{record}{bin} ssh -- cat /home/migrant/provisioned > {log}/post-up-ssh 2>&1\n",
-            bin = bin().display(),
+            bin = bin_for_migrant_user().display(),
             log = log.display()
         ),
     );
@@ -135,7 +131,7 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
     std::fs::write(env.project.join("playbook.yml"), PLAYBOOK).unwrap_or_else(|e| panic!("{e}"));
 
     // --- first boot: create, pre-up, playbook, post-up.
-    let out = sudo(&env, &["up"]);
+    let out = env.run(&["up"]);
     assert!(out.status.success(), "up: {}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -145,7 +141,10 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
     assert!(stdout.contains("extra argument"), "{stdout}");
     let name = &env.name;
     let dir = env.project.display().to_string();
-    let tail = format!("uid={NOBODY} home=/nonexistent pwd={dir} dir={dir}");
+    let tail = format!(
+        "uid={me} home={} pwd={dir} dir={dir}",
+        root.join("home").display()
+    );
     assert_eq!(
         hook_lines(&log),
         vec![
@@ -160,23 +159,25 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
     assert_eq!(
         env.ok(&["ssh", "--", "cat", "/home/migrant/controller-uid"])
             .trim(),
-        NOBODY.to_string(),
-        "ansible-playbook must run as the invoking user"
+        me.to_string(),
+        "ansible-playbook must run as the user"
     );
     // `migrant ssh` runs as the user: a key only root may read does not
-    // work (root would read it).
-    let keymeta = std::fs::metadata(&key).unwrap_or_else(|e| panic!("{e}"));
-    chown(&key, 0);
-    let out = sudo(&env, &["ssh", "--", "true"]);
-    assert!(
-        !out.status.success(),
-        "ssh read a root-only key under sudo: {}",
-        text(&out)
-    );
-    chown(&key, keymeta.uid());
-    let out = sudo(&env, &["ssh", "--", "true"]);
+    // work (in a rootless run).
+    if me != 0 {
+        let keymeta = std::fs::metadata(&key).unwrap_or_else(|e| panic!("{e}"));
+        chown(&key, 0);
+        let out = env.run(&["ssh", "--", "true"]);
+        assert!(
+            !out.status.success(),
+            "ssh read a root-only key: {}",
+            text(&out)
+        );
+        chown(&key, keymeta.uid());
+    }
+    let out = env.run(&["ssh", "--", "true"]);
     assert!(out.status.success(), "ssh: {}", text(&out));
-    // post-up ran `migrant ssh` as nobody, through the user's socket.
+    // post-up ran `migrant ssh` as the user, through the user's socket.
     let post_up_ssh = std::fs::read_to_string(log.join("post-up-ssh")).unwrap_or_default();
     assert!(
         post_up_ssh.contains("run"),
@@ -184,11 +185,11 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
     );
     let sock = env.run_dir().join("ssh.sock");
     let meta = std::fs::metadata(&sock).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(meta.uid(), NOBODY, "ssh.sock owner");
+    assert_eq!(meta.uid(), me, "ssh.sock owner");
     assert_eq!(meta.mode() & 0o777, 0o600, "ssh.sock mode");
-    // The VM is nobody's: nobody reads its status and egress journal
-    // without root; another local user reads nothing of it.
-    let out = env.run_as(NOBODY, &["status"]);
+    // The VM is the user's: the user reads its status and egress
+    // journal; another local user reads nothing of it.
+    let out = env.run(&["status"]);
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("running"),
         "status as the VM's owner: {}",
@@ -201,7 +202,7 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
         "{}",
         text(&out)
     );
-    let out = env.run_as(NOBODY, &["egress", "--json"]);
+    let out = env.run(&["egress", "--json"]);
     assert!(out.status.success(), "egress as the owner: {}", text(&out));
     for args in [&["status"][..], &["egress", "--json"], &["info"]] {
         let out = env.run_as(OTHER, args);
@@ -235,61 +236,30 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
     // --- ssh-config, used by plain ssh and scp as the user. (Not through
     // `-F <(…)`: OpenSSH closes inherited descriptors before it reads
     // -F, so process substitution cannot work with any generator.)
-    let config = sudo_ok(&env, &["ssh-config"]);
+    let config = env.ok(&["ssh-config"]);
     assert!(config.starts_with(&format!("Host {name}\n")), "{config}");
     let script = format!(
-        "cd {log} && SUDO_USER=nobody {bin} -C {dir} ssh-config > ssh_config && ssh -F ssh_config {name} cat /home/migrant/provisioned && scp -q -F ssh_config {name}:/home/migrant/controller-uid copied && cat copied",
-        bin = bin().display(),
+        "cd {log} && {bin} -C {dir} ssh-config > ssh_config && ssh -F ssh_config {name} cat /home/migrant/provisioned && scp -q -F ssh_config {name}:/home/migrant/controller-uid copied && cat copied",
+        bin = bin_for_migrant_user().display(),
         log = log.display(),
     );
-    let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "bash",
-            "-c",
-            &script,
-        ])
-        .env("MIGRANT_HOME", root.join("state"))
-        .env("MIGRANT_RUNTIME", root.join("run"))
-        .env("HOME", "/nonexistent")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let out = as_migrant_user(&env, &script);
     assert!(
         out.status.success(),
         "ssh -F $(migrant ssh-config): {}",
         text(&out)
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("run\n{NOBODY}\n")
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("run\n{me}\n"));
     // The same config from standard input.
     let script = format!(
-        "SUDO_USER=nobody {bin} -C {dir} ssh-config | ssh -F /dev/stdin {name} true",
-        bin = bin().display(),
+        "{bin} -C {dir} ssh-config | ssh -F /dev/stdin {name} true",
+        bin = bin_for_migrant_user().display(),
     );
-    let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "bash",
-            "-c",
-            &script,
-        ])
-        .env("MIGRANT_HOME", root.join("state"))
-        .env("MIGRANT_RUNTIME", root.join("run"))
-        .env("HOME", "/nonexistent")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let out = as_migrant_user(&env, &script);
     assert!(out.status.success(), "ssh -F /dev/stdin: {}", text(&out));
 
     // --- provision runs the playbook again.
-    sudo_ok(&env, &["provision"]);
+    env.ok(&["provision"]);
     assert_eq!(
         env.ok(&["ssh", "--", "cat", "/home/migrant/provisioned"]),
         "run\nrun\n"
@@ -298,7 +268,7 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
     // --- a failing playbook: its message, exit 70, the VM stays up.
     std::fs::write(env.project.join("playbook.yml"), FAILING_PLAYBOOK)
         .unwrap_or_else(|e| panic!("{e}"));
-    let out = sudo(&env, &["provision"]);
+    let out = env.run(&["provision"]);
     assert_eq!(
         out.status.code(),
         Some(70),
@@ -320,7 +290,7 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
 
     // --- a failing pre-down blocks halt.
     std::fs::write(log.join("block-down"), "").unwrap_or_else(|e| panic!("{e}"));
-    let out = sudo(&env, &["halt"]);
+    let out = env.run(&["halt"]);
     assert_eq!(out.status.code(), Some(75), "blocked halt: {}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("pre-down"),
@@ -329,12 +299,12 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
     );
     env.ok(&["ssh", "--", "true"]);
     std::fs::remove_file(log.join("block-down")).unwrap_or_else(|e| panic!("{e}"));
-    sudo_ok(&env, &["halt"]);
+    env.ok(&["halt"]);
     env.assert_clean();
 
     // --- a failing pre-up on the stopped VM starts nothing.
     std::fs::write(log.join("fail-pre-up"), "").unwrap_or_else(|e| panic!("{e}"));
-    let out = sudo(&env, &["up"]);
+    let out = env.run(&["up"]);
     assert_eq!(
         out.status.code(),
         Some(75),
@@ -354,7 +324,7 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
     std::fs::remove_file(log.join("fail-pre-up")).unwrap_or_else(|e| panic!("{e}"));
 
     // --- second boot: hooks again, no playbook, extra args kept.
-    let out = sudo(&env, &["up"]);
+    let out = env.run(&["up"]);
     assert!(out.status.success(), "second up: {}", text(&out));
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("provisioning"),
@@ -369,7 +339,7 @@ fn hooks_playbook_and_ssh_config_as_the_invoking_user() {
 
     // --- destroy is not blocked by a failing pre-down.
     std::fs::write(log.join("block-down"), "").unwrap_or_else(|e| panic!("{e}"));
-    let out = sudo(&env, &["destroy"]);
+    let out = env.run(&["destroy"]);
     assert!(out.status.success(), "destroy: {}", text(&out));
     env.assert_clean();
     assert!(!env.state_dir().exists());
@@ -426,12 +396,22 @@ fn without_a_guest() {
     assert!(!env.state_dir().exists(), "a refused up left state behind");
     env.assert_clean();
 
-    // A hook root would run but root does not own: refused.
-    chown(&hooks.join("pre-up"), NOBODY);
+    // A hook another user owns, or others may change: refused.
+    chown(&hooks.join("pre-up"), OTHER);
     let out = env.run(&["up"]);
     assert_eq!(out.status.code(), Some(78), "{}", text(&out));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("would run as root"),
+        String::from_utf8_lossy(&out.stderr).contains(&format!("belongs to uid {OTHER}")),
+        "{}",
+        text(&out)
+    );
+    chown(&hooks.join("pre-up"), migrant_uid());
+    std::fs::set_permissions(hooks.join("pre-up"), std::fs::Permissions::from_mode(0o757))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = env.run(&["up"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("writable"),
         "{}",
         text(&out)
     );

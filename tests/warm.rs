@@ -198,13 +198,13 @@ fn memory_snapshots_resume_clone_and_refuse_another_machine() {
         "--",
         "true",
     ]);
-    let clone_id = vm_id_in(&env.root.path().join("state/vms").join(&kept));
-    assert_ne!(clone_id, env.vm_id());
+    let clone_ids = qemu_ids_in(&env.root.path().join("state/vms").join(&kept));
+    assert_ne!(clone_ids.0, env.vm_id());
     for file in ["snapshot.qcow2", "snapshot.vmstate", "disk.qcow2"] {
         let path = env.state_dir().join(file);
         assert!(path.exists(), "{}", path.display());
         let path = path.to_string_lossy();
-        let out = as_identity(clone_id, &["head", "-c1", &path]);
+        let out = as_identity(clone_ids, &["head", "-c1", &path]);
         assert!(
             !out.status.success() && text(&out).contains("Permission denied"),
             "the clone's identity read {file}: {}",

@@ -10,6 +10,7 @@ use crate::exit;
 use crate::provision::keys;
 
 pub fn init(dir: &Path, force: bool) -> Result<u8> {
+    crate::config::check_ours(dir)?;
     let files = [
         (
             dir.join(crate::config::FILE_NAME),
@@ -26,10 +27,8 @@ pub fn init(dir: &Path, force: bool) -> Result<u8> {
             ),
         ));
     }
-    let who = keys::Invoker::current()?;
-    // As the user: root never writes or chowns a path in their folder.
     for (path, text) in &files {
-        crate::provision::as_user::write_file(&who, path, text.as_bytes(), 0o644)?;
+        crate::provision::as_user::write_file(path, text.as_bytes(), 0o644)?;
         println!("wrote {}", path.display());
     }
     Ok(0)
@@ -57,11 +56,10 @@ pub fn convert(dir: &Path, write: bool) -> Result<u8> {
         ));
     }
     let original = std::fs::read(&file).map_err(Error::io(file.display().to_string()))?;
-    let who = keys::Invoker::current()?;
-    // As the user: root never writes a path in their folder. The copy is
-    // made before the file is replaced, so the original is never lost.
-    crate::provision::as_user::write_file(&who, &orig, &original, 0o644)?;
-    crate::provision::as_user::write_file(&who, &file, toml.as_bytes(), 0o644)?;
+    // The copy is made before the file is replaced, so the original is
+    // never lost.
+    crate::provision::as_user::write_file(&orig, &original, 0o644)?;
+    crate::provision::as_user::write_file(&file, toml.as_bytes(), 0o644)?;
     println!("kept {}", orig.display());
     println!("wrote {} (TOML)", file.display());
     Ok(0)
@@ -122,12 +120,9 @@ fn users_checks() -> Vec<(&'static str, std::result::Result<String, String>)> {
     )
 }
 
-/// Run by a user: refuse (69) while the host lacks something running
-/// without root needs, naming each missing thing and its fix.
+/// Refuse (69) while the host lacks something a VM's user namespace
+/// needs, naming each missing thing and its fix.
 pub fn require_for_users() -> Result<()> {
-    if !crate::userns::rootless() {
-        return Ok(());
-    }
     let missing: Vec<String> = users_checks()
         .into_iter()
         .filter_map(|(name, r)| r.err().map(|why| format!("  {name}: {why}")))
@@ -137,7 +132,7 @@ pub fn require_for_users() -> Result<()> {
         false => Err(Error::other(
             exit::UNAVAILABLE,
             format!(
-                "this host cannot run VMs without root yet (`migrant doctor` checks):\n{}",
+                "this host cannot run VMs in user namespaces yet (`migrant doctor` checks):\n{}",
                 missing.join("\n")
             ),
         )),
@@ -161,14 +156,6 @@ pub fn doctor(apparmor_profile: bool) -> Result<u8> {
         return Ok(0);
     }
     let mut checks = vec![
-        check(
-            "privilege",
-            false,
-            Ok(match crate::userns::rootless() {
-                false => "running as root".into(),
-                true => "running without root: each VM in a user namespace of its own".into(),
-            }),
-        ),
         check(
             "qemu",
             true,
@@ -222,33 +209,16 @@ pub fn doctor(apparmor_profile: bool) -> Result<u8> {
         check("uefi firmware", false, uefi_check(false)),
         check("secure boot", false, uefi_check(true)),
         check("virtiofs", false, qemu_has_device("vhost-user-fs-pci")),
-        check(
-            "qemu user",
-            false,
-            match nix::unistd::User::from_name(crate::qemu::process::QEMU_USER) {
-                Ok(Some(u)) => Ok(format!("{} (uid {})", u.name, u.uid)),
-                _ => Err(format!(
-                    "{} does not exist yet; `migrant up` creates it",
-                    crate::qemu::process::QEMU_USER
-                )),
-            },
-        ),
+        check("left by root", false, root_leftovers()),
     ];
     let mut fatal = false;
     print_checks(checks.drain(..), &mut fatal);
-    // What running as an ordinary user needs: required when this is one.
-    let rootless = crate::userns::rootless();
-    println!(
-        "\n{}",
-        match rootless {
-            true => "without root:",
-            false => "without root (what an ordinary user's `up` needs):",
-        }
-    );
+    // Each VM in a user namespace of its own: what that needs.
+    println!("\nuser namespaces (each VM in one of its own):");
     print_checks(
         users_checks()
             .into_iter()
-            .map(|(name, result)| check(name, rootless, result)),
+            .map(|(name, result)| check(name, true, result)),
         &mut fatal,
     );
     if fatal {
@@ -256,6 +226,29 @@ pub fn doctor(apparmor_profile: bool) -> Result<u8> {
         Ok(exit::UNAVAILABLE)
     } else {
         Ok(0)
+    }
+}
+
+/// Where migrant kept root's VMs when they ran as root (before every VM
+/// took the user-namespace path).
+const ROOT_STATE: &str = "/var/lib/migrant/vms";
+
+/// VMs a migrant that ran as root left behind: no longer managed.
+fn root_leftovers() -> std::result::Result<String, String> {
+    let names: Vec<String> = std::fs::read_dir(ROOT_STATE)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    match names.is_empty() {
+        true => Ok("nothing".into()),
+        false => Err(format!(
+            "{ROOT_STATE} holds VMs an older migrant made as root ({}): no longer managed; \
+             copy out any disk you need (disk.qcow2 in each), then delete the folder as root",
+            names.join(", ")
+        )),
     }
 }
 

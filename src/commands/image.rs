@@ -161,11 +161,7 @@ fn pull(paths: &Paths, name: &str, checksum: Option<&str>) -> Result<u8> {
     let source = crate::image::resolve(&image, checksum.as_ref())?;
     crate::state::ensure_dir(&paths.home, 0o711)?;
     crate::state::ensure_dir(&paths.images(), 0o711)?;
-    // The file named on the command line is read with the invoking
-    // user's rights.
-    let cwd = std::env::current_dir().unwrap_or_default();
-    let reader = crate::userfile::Reader::for_project(&cwd);
-    let path = crate::image::obtain(&source, &paths.images(), "image", &reader)?;
+    let path = crate::image::obtain(&source, &paths.images(), "image")?;
     println!("==> image: {}", path.display());
     Ok(0)
 }

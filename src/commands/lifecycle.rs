@@ -138,16 +138,6 @@ fn destroy_vm(vm: &VmPaths, cfg: Option<&Config>, trigger: Trigger) -> Result<u8
     }
     let _ = std::fs::remove_dir_all(&vm.run);
     println!("==> {name}: destroyed");
-    // Stores are the user's data: never deleted.
-    let shares = cfg.map(|c| c.shares.as_slice()).unwrap_or_default();
-    for img in shares.iter().filter_map(crate::share::image_of) {
-        if img.exists() {
-            println!(
-                "==> {name}: store kept: {} (delete it yourself if you no longer need it)",
-                img.display()
-            );
-        }
-    }
     if exists && let Some(cfg) = cfg {
         hooks::fire(cfg, Hook::PostDown, trigger, None, true)?;
     }

@@ -29,6 +29,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Dispatch a parsed command line (not the hidden modes).
 pub fn run(cli: Cli) -> Result<u8> {
+    refuse_sudo()?;
     let dir = project_dir(cli.dir.clone())?;
     match cli.command {
         Cmd::Init { force } => host::init(&dir, force),
@@ -146,6 +147,29 @@ fn project_dir(given: Option<PathBuf>) -> Result<PathBuf> {
             format!("project folder {}: {e}", dir.display()),
         )
     })
+}
+
+/// `sudo migrant` is refused (77): migrant runs as the user whose VMs
+/// they are, never as root acting for them. Root's own VMs (a shell that
+/// is root, `SUDO_UID` unset or 0) take the same path as anyone's.
+fn refuse_sudo() -> Result<()> {
+    let euid = nix::unistd::Uid::effective().as_raw();
+    match sudo_invoker(euid, std::env::var("SUDO_UID").ok().as_deref()) {
+        None => Ok(()),
+        Some(uid) => Err(Error::other(
+            crate::exit::NOPERM,
+            format!(
+                "migrant does not run through sudo (it was invoked by uid {uid}): run it as \
+                 yourself; it needs no root (`migrant doctor` says what the host must offer)"
+            ),
+        )),
+    }
+}
+
+/// The uid that ran this root process through sudo, when another user did.
+fn sudo_invoker(euid: u32, sudo_uid: Option<&str>) -> Option<u32> {
+    let uid = sudo_uid?.trim().parse::<u32>().ok()?;
+    (euid == 0 && uid != 0).then_some(uid)
 }
 
 /// Refused (78) when the project has a shared folder: `what` cannot
@@ -311,20 +335,33 @@ fn key_for(dir: &std::path::Path) -> Result<PathBuf> {
 }
 
 /// `ssh` to the VM through its supervisor's socket, as the Migrantfile's
-/// user with its key. It runs as the invoking user (their key, their
-/// socket): root never reads a path in their home for them.
+/// user with its key.
 pub fn ssh_command(cfg: &Config, vm: &crate::state::VmPaths) -> Result<std::process::Command> {
-    let mut cmd = crate::provision::ssh::base_command(
+    Ok(crate::provision::ssh::base_command(
         &self_exe()?,
         &vm.ssh_sock(),
         &ssh_key(cfg)?,
         &cfg.ssh.user,
         &cfg.name,
-    );
-    crate::provision::as_user::apply(&mut cmd, &crate::provision::keys::Invoker::current()?)?;
-    Ok(cmd)
+    ))
 }
 
 pub fn self_exe() -> Result<PathBuf> {
     std::env::current_exe().map_err(Error::io("cannot find the migrant executable"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sudo_invoker;
+
+    #[test]
+    fn only_another_user_through_sudo_is_refused() {
+        assert_eq!(sudo_invoker(0, Some("1000")), Some(1000));
+        // Root's own shell, with or without sudo in between.
+        assert_eq!(sudo_invoker(0, None), None);
+        assert_eq!(sudo_invoker(0, Some("0")), None);
+        // A user who set the variable gains or loses nothing by it.
+        assert_eq!(sudo_invoker(1000, Some("1001")), None);
+        assert_eq!(sudo_invoker(0, Some("not a uid")), None);
+    }
 }

@@ -185,29 +185,14 @@ fn print_share(s: &crate::share::ShareView) {
     let guest = s.guest.as_deref().unwrap_or("(not mounted by migrant)");
     let state = if !s.isolation {
         "plain folder, no cap".to_string()
-    } else if s.image.is_none() {
-        format!(
-            "the folder is the store, {} used of {}",
-            s.used.map(human).unwrap_or_else(|| "?".into()),
-            s.cap.map(human).unwrap_or_else(|| "?".into())
-        )
-    } else if s.mounted {
-        format!(
-            "mounted, {} used of {}",
-            s.used.map(human).unwrap_or_else(|| "?".into()),
-            s.cap.map(human).unwrap_or_else(|| "?".into())
-        )
     } else {
         format!(
-            "not mounted, cap {}, image uses {} on disk",
-            s.cap.map(human).unwrap_or_else(|| "?".into()),
-            s.used.map(human).unwrap_or_else(|| "0B".into())
+            "{} used of {}",
+            s.used.map(human).unwrap_or_else(|| "?".into()),
+            s.cap.map(human).unwrap_or_else(|| "?".into())
         )
     };
     println!("share:       {} {} -> {guest}: {state}", s.tag, s.host);
-    if let Some(problem) = &s.problem {
-        println!("             problem: {} {problem}", s.host);
-    }
 }
 
 pub fn status(p: &Project, json: bool) -> Result<u8> {

@@ -38,7 +38,7 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     let Project { cfg, paths, vm } = p;
     // Run by a user: what the host must offer, and what needs root still.
     super::host::require_for_users()?;
-    crate::share::check_rootless(cfg)?;
+    crate::share::check_old_images(cfg)?;
     // `[secrets]` is read and checked, but nothing brokers it yet: a VM
     // that would hand the guest a placeholder nothing replaces is not
     // started.
@@ -70,7 +70,7 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     // The WireGuard file's mistakes are reported before anything starts
     // (the supervisor reads it again and resolves endpoint names).
     if let Some(wg) = &cfg.network.wireguard {
-        let conf = crate::wireguard::conf::load(wg, &cfg.reader)?;
+        let conf = crate::wireguard::conf::load(wg)?;
         for w in &conf.warnings {
             eprintln!("warning: {w}");
         }
@@ -140,10 +140,6 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
         Some(rec) if vm.disk().exists() => {
             for note in super::drift::pending_changes(p, &rec, super::drift::When::Booting) {
                 println!("==> {}: {note}", cfg.name);
-            }
-            if rec.owner.is_none() && invoking_owner().is_some() {
-                // A VM recorded before owners were: its next user owns it.
-                Record::update(&vm.record(), |r| r.owner = invoking_owner())?;
             }
             false
         }
@@ -445,7 +441,7 @@ fn remove_new_vm(vm: &VmPaths) {
 /// is built.
 fn user_data(cfg: &Config) -> Result<String> {
     let path = cfg.dir.join("cloud-init.yml");
-    let text = cfg.reader.read_to_string(&path, 1 << 20).map_err(|e| {
+    let text = crate::userfile::read_to_string(&path, 1 << 20).map_err(|e| {
         Error::other(
             exit::CONFIG,
             format!(
@@ -458,10 +454,9 @@ fn user_data(cfg: &Config) -> Result<String> {
         return Ok(text);
     }
     let key = ssh_key(cfg)?;
-    // Read as the invoking user: the key's folder is theirs.
     let who = keys::Invoker::current()?;
     // A key named but missing is made, as the original tool does.
-    let public = match keys::public_key_as(&who, &key)? {
+    let public = match keys::public_key(&key)? {
         Some(p) => p,
         None => {
             let p = keys::ensure_key(&who, &key)?;
@@ -487,7 +482,7 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
     }
     let source = crate::image::resolve(&cfg.image, cfg.image_checksum.as_ref())?;
     state::ensure_dir(&paths.images(), 0o711)?;
-    let base = crate::image::obtain(&source, &paths.images(), &cfg.name, &cfg.reader)?;
+    let base = crate::image::obtain(&source, &paths.images(), &cfg.name)?;
     state::ensure_dir(&vm.state, 0o711)?;
     crate::image::create_overlay(&base, &vm.disk(), cfg.disk)?;
     let mac = random_mac()?;
@@ -521,21 +516,12 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
         provisioned: false,
         cpus: None,
         memory: None,
-        owner: invoking_owner(),
         cloud_init_done: false,
         restore_memory: false,
         template: None,
     }
     .save(&vm.record())?;
     Ok(())
-}
-
-/// The VM's owner: the user who invoked migrant (through sudo), not root.
-fn invoking_owner() -> Option<u32> {
-    crate::provision::keys::Invoker::current()
-        .ok()
-        .map(|i| i.uid.as_raw())
-        .filter(|&u| u != 0)
 }
 
 /// Start the supervisor and follow its progress until the guest is ready

@@ -142,8 +142,6 @@ pub(super) struct Ctx {
     pub dir: PathBuf,
     /// Home of the invoking user, for `~/`.
     pub home: Option<PathBuf>,
-    /// Whose rights the project's files are read with.
-    pub reader: crate::userfile::Reader,
 }
 
 impl Ctx {
@@ -153,7 +151,6 @@ impl Ctx {
             .unwrap_or_else(|_| dir.to_path_buf());
         Ctx {
             file: dir.join(FILE_NAME),
-            reader: crate::userfile::Reader::for_project(&dir),
             dir,
             home,
         }

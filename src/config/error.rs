@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 /// it was looked for); those about a particular place name its line and
 /// field.
 ///
-/// All of them are configuration errors: [`ConfigError::exit_code`] is
-/// [`crate::exit::CONFIG`] (78).
+/// Nearly all of them are configuration errors: [`ConfigError::exit_code`]
+/// is [`crate::exit::CONFIG`] (78), 77 for a folder that is not the
+/// user's.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config `up` handed the supervisor could not be read back (a
@@ -29,6 +30,19 @@ pub enum ConfigError {
         path: PathBuf,
         /// What the operating system said.
         source: std::io::Error,
+    },
+    /// The project folder is controlled by another user, who could swap
+    /// what migrant reads or runs there.
+    #[error(
+        "{} is controlled by uid {owner} (the owner of it or of a folder on its path), not by you: \
+         whoever controls it chooses what migrant reads and runs there; run migrant as that user",
+        dir.display()
+    )]
+    Foreign {
+        /// The project folder.
+        dir: PathBuf,
+        /// The uid that controls it.
+        owner: u32,
     },
     /// The content is wrong. Rendered as `<file>:<line>: <field>: <message>`;
     /// when the problem is not tied to a line (a required field is missing)
@@ -69,6 +83,7 @@ impl ConfigError {
             | ConfigError::Read { .. }
             | ConfigError::Invalid { .. } => crate::exit::CONFIG,
             ConfigError::HandedDown(_) => crate::exit::SOFTWARE,
+            ConfigError::Foreign { .. } => crate::exit::NOPERM,
         }
     }
 

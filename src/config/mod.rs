@@ -50,9 +50,6 @@ pub struct Config {
     pub file: PathBuf,
     /// The project folder: the Migrantfile's folder (absolute).
     pub dir: PathBuf,
-    /// Whose rights every file the project names is read with
-    /// (`cloud-init.yml`, the WireGuard file, a local image).
-    pub reader: crate::userfile::Reader,
     /// VM name: `[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`; default: the folder name
     /// (sanitised).
     pub name: String,
@@ -321,10 +318,8 @@ impl Config {
             if !plain.is_loopback() && !plain.is_unspecified() && !host.contains(&plain) {
                 continue;
             }
-            let text = self
-                .reader
-                .read_to_string(&self.file, parse::MAX_FILE)
-                .unwrap_or_default();
+            let text =
+                crate::userfile::read_to_string(&self.file, parse::MAX_FILE).unwrap_or_default();
             let needle = addr.to_string();
             let line = text
                 .lines()
@@ -507,37 +502,46 @@ fn is_toml_line(t: &str) -> bool {
     }
 }
 
-/// Home folder of the user who invoked migrant: when running under sudo
-/// (`SUDO_USER` set), that user's home from the password database;
-/// otherwise `$HOME`. `None` if neither is known.
+/// Home folder of the user running migrant, for `~/` in a Migrantfile:
+/// `$HOME` when absolute. `None` otherwise.
 pub fn invoking_user_home() -> Option<PathBuf> {
-    home_from(std::env::var_os("SUDO_USER"), std::env::var_os("HOME"))
+    home_from(std::env::var_os("HOME"))
 }
 
 /// [`invoking_user_home`] with the environment passed in.
-fn home_from(
-    sudo_user: Option<std::ffi::OsString>,
-    home: Option<std::ffi::OsString>,
-) -> Option<PathBuf> {
-    if let Some(user) = sudo_user.filter(|u| !u.is_empty())
-        && let Some(user) = user.to_str()
-        && let Ok(Some(entry)) = nix::unistd::User::from_name(user)
-    {
-        return Some(entry.dir);
+fn home_from(home: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    home.map(PathBuf::from).filter(|h| h.is_absolute())
+}
+
+/// Refuse (77) a project folder another user controls (see
+/// [`crate::userfile::foreign_controller`]): run migrant as that user.
+fn check_controller(dir: &Path, me: u32) -> Result<(), ConfigError> {
+    match crate::userfile::foreign_controller(dir, me) {
+        None => Ok(()),
+        Some(owner) => Err(ConfigError::Foreign {
+            dir: dir.to_path_buf(),
+            owner,
+        }),
     }
-    home.filter(|h| !h.is_empty()).map(PathBuf::from)
+}
+
+/// [`check_controller`] for the user running migrant.
+pub fn check_ours(dir: &Path) -> Result<(), ConfigError> {
+    check_controller(dir, nix::unistd::geteuid().as_raw())
 }
 
 /// Find and load the Migrantfile of the project folder `dir`.
 /// The format (TOML or the original bash style) is detected from content
 /// (see [`Format::detect`]).
 pub fn load(dir: &Path) -> Result<Config, ConfigError> {
+    check_ours(dir)?;
     parse::load(dir, invoking_user_home())
 }
 
 /// The TOML equivalent of the original-style Migrantfile in `dir`, with
 /// its comments (`migrant convert`).
 pub fn convert(dir: &Path) -> Result<String, ConfigError> {
+    check_ours(dir)?;
     convert::convert(dir, invoking_user_home())
 }
 
@@ -550,5 +554,6 @@ pub fn check_name(name: &str) -> Result<(), String> {
 /// Only the private key the Migrantfile in `dir` names, if any (`pubkey`:
 /// the rest of the file need not be complete).
 pub fn ssh_key(dir: &Path) -> Result<Option<PathBuf>, ConfigError> {
+    check_ours(dir)?;
     parse::ssh_key(dir, invoking_user_home())
 }

@@ -37,7 +37,7 @@ fn share_host(dir: &Path, text: &str) -> Result<PathBuf, String> {
     }
     let outside = || {
         format!(
-            "{text:?}: a share is a folder inside the project folder, written relative to it (migrant mounts its store there as root)"
+            "{text:?}: a share is a folder inside the project folder, written relative to it (a folder outside it could be anything the user can reach)"
         )
     };
     if text.starts_with('~') {
@@ -78,7 +78,7 @@ fn share_host(dir: &Path, text: &str) -> Result<PathBuf, String> {
         at.push(c);
         if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
             return Err(format!(
-                "{} is a symlink: a share's path may not contain one (root mounts the store there)",
+                "{} is a symlink: a share's path may not contain one (the guest would write where it leads)",
                 at.display()
             ));
         }
@@ -138,7 +138,7 @@ pub(super) fn ssh_key(dir: &Path, home: Option<PathBuf>) -> Result<Option<PathBu
 pub const MAX_FILE: u64 = 1 << 20;
 
 pub(super) fn read(ctx: &Ctx) -> Result<String, ConfigError> {
-    match ctx.reader.read_to_string(&ctx.file, MAX_FILE) {
+    match crate::userfile::read_to_string(&ctx.file, MAX_FILE) {
         Ok(t) => Ok(t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ConfigError::NotFound {
             dir: ctx.dir.clone(),
@@ -193,7 +193,6 @@ pub(super) fn finish(mut d: Draft, ctx: &Ctx) -> Result<Config, ConfigError> {
     Ok(Config {
         file: ctx.file.clone(),
         dir: ctx.dir.clone(),
-        reader: ctx.reader.clone(),
         name,
         image,
         image_checksum,
@@ -645,7 +644,7 @@ fn access(d: &Draft, ctx: &Ctx, image: &str) -> Result<(Ssh, Vec<u16>), ConfigEr
         // name is an error naming cloud-init.yml).
         None => {
             let file = ctx.dir.join("cloud-init.yml");
-            let text = ctx.reader.read_to_string(&file, MAX_FILE).ok();
+            let text = crate::userfile::read_to_string(&file, MAX_FILE).ok();
             let user = super::guest_user::infer(text.as_deref(), image);
             values::check_user(&user)
                 .map_err(|e| ctx.err(0, "ssh.user", format!("{}: users: {e}", file.display())))?;

@@ -1390,24 +1390,32 @@ fn missing_and_unreadable_files() {
 fn invoking_home() {
     use std::ffi::OsString;
     let os = |s: &str| Some(OsString::from(s));
-    assert_eq!(
-        home_from(None, os("/home/me")),
-        Some(PathBuf::from("/home/me"))
+    assert_eq!(home_from(os("/home/me")), Some(PathBuf::from("/home/me")));
+    assert_eq!(home_from(None), None);
+    assert_eq!(home_from(os("")), None);
+    assert_eq!(home_from(os("relative")), None);
+}
+
+#[test]
+fn a_folder_another_user_controls_is_refused() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        dir.path().join(FILE_NAME),
+        "name = \"x\"\nimage = \"debian-12\"\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let me = nix::unistd::geteuid().as_raw();
+    assert!(check_controller(dir.path(), me).is_ok());
+    let owner = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(dir.path()).unwrap_or_else(|e| panic!("{e}")),
     );
-    assert_eq!(
-        home_from(os(""), os("/home/me")),
-        Some(PathBuf::from("/home/me"))
-    );
-    assert_eq!(home_from(None, None), None);
-    assert_eq!(home_from(None, os("")), None);
-    // Under sudo the invoking user's passwd entry wins over HOME.
-    if let Ok(Some(root)) = nix::unistd::User::from_name("root") {
-        assert_eq!(home_from(os("root"), os("/elsewhere")), Some(root.dir));
+    if owner != 0 {
+        let err = check_controller(dir.path(), me.wrapping_add(1))
+            .err()
+            .unwrap_or_else(|| panic!("another user's folder was accepted"));
+        assert_eq!(err.exit_code(), 77, "{err}");
+        assert!(err.to_string().contains(&format!("uid {owner}")), "{err}");
     }
-    assert_eq!(
-        home_from(os("no-such-user-for-migrant-tests"), os("/home/me")),
-        Some(PathBuf::from("/home/me"))
-    );
 }
 
 #[test]

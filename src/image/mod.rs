@@ -263,14 +263,7 @@ pub fn local_source(image: &str) -> Result<PathBuf, ImageError> {
 
 /// The base image in the cache for `source`: copied (local), found in the
 /// cache, or downloaded. `label` prefixes messages (the VM name).
-/// A local file is read with `reader`'s rights (the project's user), never
-/// root's.
-pub fn obtain(
-    source: &Source,
-    cache_dir: &Path,
-    label: &str,
-    reader: &crate::userfile::Reader,
-) -> Result<PathBuf, ImageError> {
+pub fn obtain(source: &Source, cache_dir: &Path, label: &str) -> Result<PathBuf, ImageError> {
     std::fs::create_dir_all(cache_dir).map_err(|source| ImageError::Cache {
         path: cache_dir.to_path_buf(),
         source,
@@ -278,7 +271,7 @@ pub fn obtain(
     match source {
         Source::Local { path, checksum } => {
             println!("==> {label}: copying image {}", path.display());
-            cache_local_as(path, cache_dir, checksum.as_ref(), reader)
+            cache_local_checked(path, cache_dir, checksum.as_ref())
         }
         Source::Remote { url, alias, verify } => {
             let agent = download::agent();
@@ -466,17 +459,7 @@ pub fn cache_local_checked(
     cache: &Path,
     expected: Option<&Digest>,
 ) -> Result<PathBuf, ImageError> {
-    cache_local_as(src, cache, expected, &crate::userfile::Reader::ourselves())
-}
-
-/// [`cache_local_checked`], reading `src` with `reader`'s rights.
-pub fn cache_local_as(
-    src: &Path,
-    cache: &Path,
-    expected: Option<&Digest>,
-    reader: &crate::userfile::Reader,
-) -> Result<PathBuf, ImageError> {
-    if reader.uid().is_none() && !src.is_file() {
+    if !src.is_file() {
         return Err(ImageError::Missing {
             path: src.to_path_buf(),
         });
@@ -496,7 +479,7 @@ pub fn cache_local_as(
         std::process::id()
     ));
     let result = (|| -> Result<PathBuf, ImageError> {
-        let mut input = reader.open(src).map_err(|e| missing_or(e, src, copy_err))?;
+        let mut input = std::fs::File::open(src).map_err(|e| missing_or(e, src, copy_err))?;
         let mut out = std::fs::File::create(&tmp).map_err(copy_err)?;
         let mut naming = Algo::Sha256.hasher();
         let mut check = expected
@@ -516,9 +499,6 @@ pub fn cache_local_as(
             out.write_all(&buf[..n]).map_err(copy_err)?;
             size += n as u64;
         }
-        // The user's own verdict: a file they may not read is their
-        // EACCES, even if some bytes came.
-        input.finish().map_err(|e| missing_or(e, src, copy_err))?;
         out.sync_all().map_err(copy_err)?;
         let digest = naming.finish();
         if let Some(want) = expected {

@@ -126,7 +126,7 @@ struct TempDir {
 }
 
 impl TempDir {
-    fn new(who: &Invoker) -> Result<TempDir, AnsibleError> {
+    fn new() -> Result<TempDir, AnsibleError> {
         let base = std::env::temp_dir().join("migrant-ansible-XXXXXX");
         let path = nix::unistd::mkdtemp(&base).map_err(|e| AnsibleError::Io {
             what: format!(
@@ -142,7 +142,6 @@ impl TempDir {
         };
         std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o700))
             .map_err(io("chmod"))?;
-        as_user::chown_to(&dir.path, who).map_err(io("chown"))?;
         Ok(dir)
     }
 }
@@ -179,19 +178,16 @@ pub fn run(dir: &Path, target: &Target, extra: &[String]) -> Result<(), AnsibleE
     let playbook = dir.join(PLAYBOOK);
     let program =
         find_in_path("ansible-playbook").ok_or(AnsibleError::Missing(playbook.clone()))?;
-    let who = Invoker::for_project(dir)?;
+    let who = Invoker::current()?;
     as_user::check_runnable(&playbook, &who)?;
-    let tmp = TempDir::new(&who)?;
+    let tmp = TempDir::new()?;
     let inv = tmp.path.join("inventory");
     let write = |path: &Path, text: &str| -> Result<(), AnsibleError> {
         std::fs::write(path, text).map_err(|source| AnsibleError::Io {
             what: format!("cannot write {}", path.display()),
             source,
         })?;
-        as_user::chown_to(path, &who).map_err(|source| AnsibleError::Io {
-            what: format!("chown {}", path.display()),
-            source,
-        })
+        Ok(())
     };
     write(&inv, &inventory(target)?)?;
     let control_dir = tmp.path.join("cp");
@@ -199,10 +195,6 @@ pub fn run(dir: &Path, target: &Target, extra: &[String]) -> Result<(), AnsibleE
     for d in [&control_dir, &local_tmp] {
         std::fs::create_dir(d).map_err(|source| AnsibleError::Io {
             what: format!("cannot create {}", d.display()),
-            source,
-        })?;
-        as_user::chown_to(d, &who).map_err(|source| AnsibleError::Io {
-            what: format!("chown {}", d.display()),
             source,
         })?;
     }
@@ -217,9 +209,8 @@ pub fn run(dir: &Path, target: &Target, extra: &[String]) -> Result<(), AnsibleE
         .env("ANSIBLE_LOCAL_TEMP", &local_tmp)
         .env("ANSIBLE_RETRY_FILES_ENABLED", "False")
         .stdin(Stdio::null());
-    as_user::apply(&mut cmd, &who)?;
     let status = cmd.status().map_err(AnsibleError::Spawn);
-    stop_masters(&control_dir, &who);
+    stop_masters(&control_dir);
     let status = status?;
     if status.success() {
         Ok(())
@@ -233,7 +224,7 @@ pub fn run(dir: &Path, target: &Target, extra: &[String]) -> Result<(), AnsibleE
 
 /// Ansible's default SSH settings keep a master connection for a minute
 /// after the last task; ask every one in `control_dir` to exit now.
-fn stop_masters(control_dir: &Path, who: &Invoker) {
+fn stop_masters(control_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(control_dir) else {
         return;
     };
@@ -245,9 +236,7 @@ fn stop_masters(control_dir: &Path, who: &Invoker) {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if as_user::apply(&mut cmd, who).is_ok() {
-            let _ = cmd.status();
-        }
+        let _ = cmd.status();
     }
 }
 

@@ -12,8 +12,8 @@
 //!   the guest powering off) run no hooks: hooks run from commands only.
 //! * Missing hooks are skipped; a hook that exists but is not executable is
 //!   skipped with a note.
-//! * Hooks run as the invoking user (`SUDO_USER`), never as root on that
-//!   user's behalf, with standard input from `/dev/null`, in the project
+//! * Hooks run as the user running migrant (a hook someone else may
+//!   change is refused), with standard input from `/dev/null`, in the project
 //!   folder, and with `MIGRANT_VM_NAME`, `MIGRANT_VM_DIR` (the project
 //!   folder), `MIGRANT_HOOK`, `MIGRANT_TRIGGER` (the command) and
 //!   `MIGRANT_VM_IP` (empty when the guest has no address yet, or is
@@ -278,7 +278,7 @@ fn run_one(
     let Some(path) = find(&cfg.dir, hook) else {
         return Ok(());
     };
-    let who = Invoker::for_project(&cfg.dir).map_err(KeyError::from)?;
+    let who = Invoker::current().map_err(KeyError::from)?;
     let as_user = |source| HookError::AsUser {
         hook: hook.name(),
         source,
@@ -289,7 +289,6 @@ fn run_one(
     cmd.current_dir(&cfg.dir)
         .envs(env(hook, trigger, &cfg.name, &cfg.dir, ip))
         .stdin(Stdio::null());
-    as_user::apply(&mut cmd, &who).map_err(as_user)?;
     let status = cmd.status().map_err(|source| HookError::Spawn {
         hook: hook.name(),
         path: path.clone(),

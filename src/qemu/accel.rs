@@ -146,27 +146,24 @@ pub fn kvm_usable() -> Result<(), String> {
     r
 }
 
-/// Whether the VM's QEMU can use KVM. Without root it runs as a
-/// subordinate id in none of the user's groups (none is mapped), so it
-/// opens `/dev/kvm` only when the node is open to every user: mode 0666,
+/// Whether the VM's QEMU can use KVM. It runs as a subordinate id in
+/// none of the user's groups (none is mapped), so it opens `/dev/kvm` only when the node is open to every user: mode 0666,
 /// systemd's own default, which Debian and Ubuntu narrow to 0660 and the
 /// `kvm` group. (QEMU 8.2 and later can instead be handed a descriptor the
 /// user opened, `-accel kvm,device=/dev/fdset/N`; QEMU 7.2 cannot.)
 fn usable_by_vm() -> Result<(), String> {
-    if crate::userns::rootless() {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata("/dev/kvm")
-            .map_err(|e| format!("/dev/kvm: {e}"))?
-            .permissions()
-            .mode();
-        if !open_to_all(mode) {
-            return Err(format!(
-                "without root, the VM's own id opens /dev/kvm only when every user may \
-                 (mode 0666; here {:04o}): a udev rule `KERNEL==\"kvm\", MODE=\"0666\"` \
-                 does it (docs/rootless.md)",
-                mode & 0o7777
-            ));
-        }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata("/dev/kvm")
+        .map_err(|e| format!("/dev/kvm: {e}"))?
+        .permissions()
+        .mode();
+    if !open_to_all(mode) {
+        return Err(format!(
+            "the VM's own id opens /dev/kvm only when every user may \
+             (mode 0666; here {:04o}): a udev rule `KERNEL==\"kvm\", MODE=\"0666\"` \
+             does it (docs/rootless.md)",
+            mode & 0o7777
+        ));
     }
     kvm_usable()
 }

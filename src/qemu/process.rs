@@ -1,15 +1,11 @@
 //! Starting QEMU: unprivileged, inside the VM's namespace, tied to the
 //! supervisor's life.
 
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
 use std::process::Stdio;
 
-use nix::unistd::{Gid, Uid, User};
-
-/// The user QEMU runs as. Created on first use when missing.
-pub const QEMU_USER: &str = "migrant-qemu";
+use nix::unistd::{Gid, Uid};
 
 /// The QEMU binary used for every VM.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -22,15 +18,13 @@ pub enum ProcessError {
     NotFound,
     #[error("cannot start {QEMU_BINARY}")]
     Spawn(#[source] std::io::Error),
-    #[error("cannot look up or create the unprivileged user {QEMU_USER}: {0}")]
-    User(String),
 }
 
 impl ProcessError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ProcessError::NotFound => crate::exit::UNAVAILABLE,
-            ProcessError::Spawn(_) | ProcessError::User(_) => crate::exit::SOFTWARE,
+            ProcessError::Spawn(_) => crate::exit::SOFTWARE,
         }
     }
 }
@@ -43,97 +37,6 @@ pub struct Identity {
     pub uid: Uid,
     pub gid: Gid,
     pub groups: Vec<Gid>,
-}
-
-/// The first uid (and gid) of the range VM identities come from: numbers
-/// no distribution gives to users or subordinate id ranges (those start at
-/// 100000 and grow by 65536 per user).
-pub const VM_ID_BASE: u32 = 0x6d00_0000;
-/// How many VM identities there can be at once.
-pub const VM_ID_COUNT: u32 = 65_536;
-/// The group whose members may read the image cache (base images).
-pub const IMAGE_GROUP: &str = "migrant-vm";
-
-/// A group's id, creating the system group when missing.
-pub fn system_group(name: &str) -> Result<Gid, ProcessError> {
-    let find = || {
-        nix::unistd::Group::from_name(name)
-            .map_err(|e| ProcessError::User(e.to_string()))
-            .map(|g| g.map(|g| g.gid))
-    };
-    if let Some(g) = find()? {
-        return Ok(g);
-    }
-    let status = std::process::Command::new("groupadd")
-        .args(["--system", name])
-        .stdin(Stdio::null())
-        .status()
-        .map_err(|e| ProcessError::User(format!("groupadd: {e}")))?;
-    if !status.success() && find()?.is_none() {
-        return Err(ProcessError::User(format!(
-            "groupadd {name} exited with {status}"
-        )));
-    }
-    find()?.ok_or_else(|| ProcessError::User(format!("group {name} missing after groupadd")))
-}
-
-/// The identity of one VM: its own uid and gid (numbers from the VM range,
-/// without a passwd entry), and the groups that let it use /dev/kvm and
-/// read base images. QEMU and the tunnel of that VM run as it, so a
-/// compromised QEMU cannot read, signal or ptrace another VM's files and
-/// processes.
-pub fn vm_identity(id: u32) -> Result<Identity, ProcessError> {
-    let mut groups = vec![system_group(IMAGE_GROUP)?];
-    if let Ok(Some(kvm)) = nix::unistd::Group::from_name("kvm") {
-        groups.push(kvm.gid);
-    }
-    Ok(Identity {
-        name: format!("vm-{id}"),
-        uid: Uid::from_raw(id),
-        gid: Gid::from_raw(id),
-        groups,
-    })
-}
-
-fn lookup(name: &str) -> Result<Option<Identity>, ProcessError> {
-    let Some(u) = User::from_name(name).map_err(|e| ProcessError::User(e.to_string()))? else {
-        return Ok(None);
-    };
-    let cname = CString::new(u.name.clone()).map_err(|e| ProcessError::User(e.to_string()))?;
-    let groups = nix::unistd::getgrouplist(&cname, u.gid)
-        .map_err(|e| ProcessError::User(format!("groups of {}: {e}", u.name)))?;
-    Ok(Some(Identity {
-        name: u.name,
-        uid: u.uid,
-        gid: u.gid,
-        groups,
-    }))
-}
-
-/// The identity QEMU runs as; the system user is created if missing.
-pub fn qemu_identity() -> Result<Identity, ProcessError> {
-    if let Some(id) = lookup(QEMU_USER)? {
-        return Ok(id);
-    }
-    tracing::info!("creating system user {QEMU_USER} for QEMU");
-    let status = std::process::Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--home-dir",
-            "/nonexistent",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--user-group",
-            QEMU_USER,
-        ])
-        .stdin(Stdio::null())
-        .status()
-        .map_err(|e| ProcessError::User(format!("useradd: {e}")))?;
-    if !status.success() && lookup(QEMU_USER)?.is_none() {
-        return Err(ProcessError::User(format!("useradd exited with {status}")));
-    }
-    lookup(QEMU_USER)?.ok_or_else(|| ProcessError::User("user missing after useradd".into()))
 }
 
 /// Find `program` in PATH.

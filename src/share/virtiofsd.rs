@@ -321,7 +321,7 @@ pub fn spawn(
     dir: &Path,
     listener: std::os::unix::net::UnixListener,
     log: &Path,
-    owner: Option<(u32, u32)>,
+    owner: (u32, u32),
     cap: Option<u64>,
 ) -> std::io::Result<Daemon> {
     use std::os::fd::AsRawFd;
@@ -338,7 +338,7 @@ pub fn spawn(
         .arg(dir)
         .arg("--tag")
         .arg(tag)
-        .args(owner.map(|(u, g)| format!("--owner={u}:{g}")))
+        .arg(format!("--owner={}:{}", owner.0, owner.1))
         .args(cap.map(|c| format!("--cap={c}")))
         .stdin(std::process::Stdio::null())
         .stdout(out)

@@ -99,7 +99,6 @@ pub(super) async fn save(
     vm: &VmPaths,
     identity: &Identity,
     machine: &Machine,
-    owner: Option<u32>,
 ) -> Result<Saved, String> {
     let t = Instant::now();
     let sock = vm.run.join("migrate.sock");
@@ -170,7 +169,7 @@ pub(super) async fn save(
             let _ = std::fs::remove_file(vm.snapshot_nvram());
         }
         let meta = Meta::new(machine, state_bytes, paused.as_millis() as u64);
-        crate::memsnap::save(vm, &meta, owner).map_err(|e| crate::exit::chain(&e))?;
+        crate::memsnap::save(vm, &meta).map_err(|e| crate::exit::chain(&e))?;
         Ok(Saved {
             state_bytes,
             disk_bytes: crate::image::cache::disk_usage(&vm.snapshot()),
@@ -339,7 +338,8 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let sock = dir.path().join("migrate.sock");
-        let base = crate::qemu::process::VM_ID_BASE + 60_000;
+        // Ids no user or subordinate range has.
+        let base = 0x6d00_0000 + 60_000;
         let identity = |n: u32| Identity {
             name: format!("test-{n}"),
             uid: nix::unistd::Uid::from_raw(n),

@@ -6,12 +6,12 @@
 
 pub mod control;
 pub mod error;
+mod identity;
 mod memory;
 pub mod netlab;
 mod prepare;
 pub mod progress;
 mod restart;
-mod rootless;
 mod running;
 mod serial;
 mod server;
@@ -60,10 +60,7 @@ pub fn main(args: Args) -> u8 {
     let paths = Paths::from_env();
     let vm = paths.vm(&args.name);
     // First, while this process has one thread.
-    let entered = match crate::userns::rootless() {
-        true => rootless::enter(&paths, &vm),
-        false => Ok(()),
-    };
+    let entered = identity::enter(&paths, &vm);
     let log = capture_output(&vm);
     let result = entered.and_then(|()| run(&args, &vm, &mut reporter));
     let code = match &result {

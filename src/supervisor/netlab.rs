@@ -10,6 +10,9 @@ use crate::net::netns::NetNs;
 use crate::net::plan::NetPlan;
 use crate::net::{setup, tap};
 
+/// The overflow id, `nobody` on Debian.
+const NOBODY: u32 = 65_534;
+
 /// `migrant __netlab`: the dataplane of the project at `project` on the
 /// interface `tap0` of the namespace at `netns`, until SIGTERM or SIGINT;
 /// the same confined child a VM gets.
@@ -40,7 +43,14 @@ pub fn netlab(
         .build()?;
     rt.block_on(async {
         let exe = std::env::current_exe()?;
-        let identity = crate::qemu::process::qemu_identity()?;
+        // The dataplane and tunnel drop to `nobody` (the caller, root in a
+        // benchmark, made the namespace).
+        let identity = crate::qemu::process::Identity {
+            name: "nobody".into(),
+            uid: nix::unistd::Uid::from_raw(NOBODY),
+            gid: nix::unistd::Gid::from_raw(NOBODY),
+            groups: Vec::new(),
+        };
         // WireGuard mode: the same tunnel a VM would get.
         let mut tunnel = None;
         let wg_log =
@@ -67,7 +77,7 @@ pub fn netlab(
         );
         // No VM to journal for.
         plan.journal = false;
-        let hub = parent::Hub::new(None, None);
+        let hub = parent::Hub::new(None);
         let kept = parent::Kept { sockets, ssh: None };
         let mut plane =
             parent::start(&exe, project, &plan, Start::default(), &kept, &ns, &hub).await?;

@@ -14,7 +14,7 @@ use crate::net::netns::NetNs;
 use crate::net::plan::NetPlan;
 use crate::net::{setup, tap};
 use crate::qemu::{self, process};
-use crate::state::{self, Paths, Record, VmPaths};
+use crate::state::{self, Record, VmPaths};
 
 pub(super) struct Prepared {
     pub(super) cfg: Config,
@@ -59,18 +59,6 @@ pub(super) fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListen
     Ok(l)
 }
 
-/// The SSH socket belongs to the user who ran `migrant up` (still 0600).
-pub(super) fn give_to_invoker(path: &Path) -> Result<(), Error> {
-    let Ok(who) = crate::provision::keys::Invoker::current() else {
-        return Ok(());
-    };
-    crate::provision::as_user::chown_to(path, &who).map_err(io(format!(
-        "chown {} to {}",
-        path.display(),
-        who.name
-    )))
-}
-
 /// Give `path` (root's, in the VM's state folder or the image cache) to
 /// `uid`:`gid` with `mode`.
 fn set_owner(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), Error> {
@@ -86,7 +74,7 @@ fn set_owner(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), Error> {
 
 pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, Error> {
     let cfg = taken_over(args)?;
-    let mut rec =
+    let rec =
         Record::load(&vm.record())?.ok_or_else(|| SupervisorError::NoRecord(vm.name.clone()))?;
     // QEMU, unprivileged and possibly compromised, wrote this disk last
     // time: before it opens it again, its header must still name only the
@@ -100,7 +88,7 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, Error> {
     state::ensure_dir(&vm.run, 0o711)?;
     // Fail closed before anything runs: drift, forbidden paths, and each
     // store mounted and verified (unmounted again by `cleanup`).
-    let served = crate::share::mount_for_vm(&cfg, vm)?;
+    let served = crate::share::served_by_vm(&cfg, vm)?;
     // QEMU runs unprivileged and opens its files here by name.
     state::ensure_dir(&vm.state, 0o711)?;
 
@@ -130,15 +118,7 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, Error> {
     // The VM's own identity: QEMU and its tunnel run as it.
     // Without root, the VM's identity is id 1 of the user namespace this
     // process entered (its index was taken then).
-    let identity = match crate::userns::rootless() {
-        true => super::rootless::vm_identity(),
-        false => {
-            let ids = (process::VM_ID_BASE, process::VM_ID_COUNT);
-            let vm_id = state::allocate_vm_id(&Paths::from_env().ids(), vm, rec.vm_id, ids)?;
-            rec.vm_id = Some(vm_id);
-            process::vm_identity(vm_id)?
-        }
-    };
+    let identity = super::identity::vm_identity();
     let firmware = crate::firmware::resolve(cfg.firmware, cfg.secure_boot, &vm.nvram())?;
     hand_files_to(&identity, &rec, vm, &firmware)?;
 
@@ -284,12 +264,7 @@ fn hand_files_to(
     vm: &VmPaths,
     firmware: &qemu::FirmwareFiles,
 ) -> Result<(), Error> {
-    let rootless = crate::userns::rootless();
-    let images = match rootless {
-        true => crate::userns::IMAGES_GID,
-        false => process::system_group(process::IMAGE_GROUP)?.as_raw(),
-    };
-    set_owner(&rec.base_image, 0, images, 0o640)?;
+    set_owner(&rec.base_image, 0, crate::userns::IMAGES_GID, 0o640)?;
     if vm.snapshot().exists() {
         set_owner(&vm.snapshot(), 0, identity.gid.as_raw(), 0o640)?;
     }
@@ -297,13 +272,10 @@ fn hand_files_to(
     if let qemu::FirmwareFiles::Uefi { vars, .. } = firmware {
         owned.push(vars.clone());
     }
+    // The user's own files (root here), which the VM's identity may
+    // use: the user keeps them, outside the namespace too.
     for f in &owned {
-        match rootless {
-            // The user's own files (root here), which the VM's identity
-            // may use: the user keeps them, outside the namespace too.
-            true => share_with(f, identity.uid.as_raw())?,
-            false => set_owner(f, identity.uid.as_raw(), identity.gid.as_raw(), 0o600)?,
-        }
+        share_with(f, identity.uid.as_raw())?;
     }
     Ok(())
 }

@@ -29,7 +29,6 @@ pub(super) struct Running<'a> {
     /// (seconds, when) the guest must have answered SSH by.
     pub(super) boot_deadline: Option<(u64, tokio::time::Instant)>,
     pub(super) cfg: crate::config::Config,
-    pub(super) rec: Record,
     pub(super) identity: process::Identity,
     pub(super) machine: crate::memsnap::Machine,
     pub(super) exe: std::path::PathBuf,
@@ -140,14 +139,9 @@ impl Running<'_> {
                 done,
                 flushed,
             } => {
-                let saved = super::memory::save(
-                    &self.shared.qmp,
-                    self.vm,
-                    &self.identity,
-                    &self.machine,
-                    self.rec.owner,
-                )
-                .await;
+                let saved =
+                    super::memory::save(&self.shared.qmp, self.vm, &self.identity, &self.machine)
+                        .await;
                 let answer = match &saved {
                     Ok(s) => {
                         tracing::info!(
@@ -216,7 +210,6 @@ impl Running<'_> {
                 t.reports.clone(),
                 self.vm.run.clone(),
                 plan.clone(),
-                self.rec.owner,
             ));
             self.wg_plan = Some(plan);
             t
@@ -245,21 +238,8 @@ impl Running<'_> {
         self.plane.restarted(started);
     }
 
-    /// The stores must stay what was verified, and each share's daemon
-    /// running.
+    /// Each share's daemon must keep running (its exit is logged once).
     async fn check_shares(&mut self) -> Next {
-        if let Err(why) = crate::share::verify_served(&self.served) {
-            // Stop at once: no ACPI, no hooks, nothing the guest could use
-            // to write more through the share.
-            tracing::error!("{why}; stopping the VM now");
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
-            if !self.ready {
-                crate::share::virtiofsd::stop_all(&mut self.daemons).await;
-                return Err(crate::share::ShareError::Check(why).into());
-            }
-            return Ok(Some(format!("stopped at once: {why}")));
-        }
         for d in self.daemons.iter_mut().filter(|d| !d.exited) {
             if let Ok(Some(status)) = d.child.try_wait() {
                 d.exited = true;
@@ -300,12 +280,11 @@ impl Running<'_> {
 }
 
 /// Publish the packet loop's reports for `migrant wg` and `status` (no
-/// secrets in them), readable like the VM's record: by root and its owner.
+/// secrets in them), private like the VM's record.
 pub(super) async fn publish_wg(
     mut reports: watch::Receiver<Option<crate::wireguard::tunnel::Report>>,
     run: std::path::PathBuf,
     plan: crate::wireguard::Plan,
-    owner: Option<u32>,
 ) {
     let path = crate::wireguard::Published::path(&run);
     loop {
@@ -322,7 +301,7 @@ pub(super) async fn publish_wg(
                 written_endpoints: plan.peers.iter().map(|p| p.written.clone()).collect(),
             };
             if let Ok(json) = serde_json::to_vec_pretty(&p)
-                && let Err(e) = state::write_private(&path, &json, owner)
+                && let Err(e) = state::write_private(&path, &json)
             {
                 tracing::warn!("cannot write {}: {e}", path.display());
             }

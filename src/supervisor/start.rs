@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::prepare::{Prepared, bind_private, give_to_invoker};
+use super::prepare::{Prepared, bind_private};
 use super::progress::{Progress, Reporter};
 use super::restart::Helper;
 use super::running::{EventCounts, Running, publish_wg, qemu_exited};
@@ -69,8 +69,7 @@ async fn start<'a>(
     let exe = std::env::current_exe().map_err(io("cannot find the migrant executable"))?;
 
     // WireGuard first: fail closed before the guest exists.
-    let (tunnel, wg_plan) =
-        start_tunnel(&exe, wg, &identity, vm, &cfg, reporter, rec.owner).await?;
+    let (tunnel, wg_plan) = start_tunnel(&exe, wg, &identity, vm, &cfg, reporter).await?;
 
     // One embedded virtiofsd per share, started before QEMU (from this
     // thread: they die with it).
@@ -103,15 +102,12 @@ async fn start<'a>(
     // dies (the sockets stay here, so nothing leaves meanwhile).
     let guest_ip = cfg.guest_ip();
     let ssh_listener = bind_private(&vm.ssh_sock())?;
-    give_to_invoker(&vm.ssh_sock())?;
     let kept = dataplane::parent::Kept {
         sockets,
         ssh: Some(ssh_listener),
     };
-    let hub = dataplane::parent::Hub::new(
-        Some(vm.state.join(crate::net::dataplane::journal::FILE)),
-        rec.owner,
-    );
+    let hub =
+        dataplane::parent::Hub::new(Some(vm.state.join(crate::net::dataplane::journal::FILE)));
     let plane_plan = dataplane::Plan::new(&cfg.name, net, rec.mac, &identity, &vm.run);
     // A restored guest holds its lease already.
     let first = dataplane::Start {
@@ -147,7 +143,6 @@ async fn start<'a>(
         reporter,
         boot_deadline,
         cfg,
-        rec,
         identity,
         machine,
         exe,
@@ -262,7 +257,6 @@ async fn start_tunnel(
     vm: &VmPaths,
     cfg: &crate::config::Config,
     reporter: &mut Reporter,
-    owner: Option<u32>,
 ) -> Result<
     (
         Option<crate::wireguard::child::Tunnel>,
@@ -292,12 +286,7 @@ async fn start_tunnel(
             peers,
             dns: plan.dns.iter().map(|d| d.to_string()).collect(),
         });
-        tokio::spawn(publish_wg(
-            up.reports.clone(),
-            vm.run.clone(),
-            plan.clone(),
-            owner,
-        ));
+        tokio::spawn(publish_wg(up.reports.clone(), vm.run.clone(), plan.clone()));
         return Ok((Some(up), Some(plan)));
     }
     Ok((None, None))

@@ -107,12 +107,11 @@ impl WgConfig {
     }
 }
 
-/// Read (as the project's user: `reader`) and parse `path`. A line of
-/// it is quoted in an error only once it parsed as WireGuard syntax.
-pub fn load(path: &Path, reader: &crate::userfile::Reader) -> Result<WgConfig, ConfigError> {
-    let text = reader
-        .read_to_string(path, 1 << 20)
-        .map_err(|source| ConfigError::Read {
+/// Read and parse `path`. A line of it is quoted in an error only once
+/// it parsed as WireGuard syntax.
+pub fn load(path: &Path) -> Result<WgConfig, ConfigError> {
+    let text =
+        crate::userfile::read_to_string(path, 1 << 20).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;

@@ -400,11 +400,7 @@ impl Published {
 /// Read the VM's WireGuard file and resolve its endpoints (host namespace).
 pub fn plan_for(cfg: &crate::config::Config) -> Result<Option<Plan>, WgError> {
     match &cfg.network.wireguard {
-        Some(file) => Ok(Some(plan(
-            file,
-            conf::load(file, &cfg.reader)?,
-            cfg.network.ipv6,
-        )?)),
+        Some(file) => Ok(Some(plan(file, conf::load(file)?, cfg.network.ipv6)?)),
         None => Ok(None),
     }
 }

@@ -19,6 +19,8 @@ pub struct Env {
     pub name: String,
     /// Run migrant inside this network namespace (`ip netns exec`).
     pub netns: Option<String>,
+    /// Who migrant's commands run as: the rootless run's user, or root.
+    pub user: Option<nix::unistd::User>,
 }
 
 /// The test guest image built by `scripts/build-guest-image`, or `None`
@@ -84,6 +86,11 @@ pub fn rootless_user() -> Option<nix::unistd::User> {
             "MIGRANT_TEST_ROOTLESS is set but there is no user {name}: run scripts/test-user"
         ),
     }
+}
+
+/// migrant's binary where the user migrant's commands run as may run it.
+pub fn bin_for_migrant_user() -> PathBuf {
+    rootless_user().map_or_else(bin, |u| bin_for(&u))
 }
 
 /// Who migrant's commands run as: root, or the rootless run's user.
@@ -224,6 +231,23 @@ impl Env {
 
     /// Like [`Env::new`], with every migrant command run inside `netns`.
     pub fn new_in(name: &str, image: &Path, extra: &str, netns: Option<&str>) -> Env {
+        Env::made(name, image, extra, netns, rootless_user())
+    }
+
+    /// Like [`Env::new`], run by root for root's own VM even in a rootless
+    /// run of the suite: root takes the same user-namespace path, with a
+    /// subordinate range of its own.
+    pub fn new_for_root(name: &str, image: &Path, extra: &str) -> Env {
+        Env::made(name, image, extra, None, None)
+    }
+
+    fn made(
+        name: &str,
+        image: &Path,
+        extra: &str,
+        netns: Option<&str>,
+        user: Option<nix::unistd::User>,
+    ) -> Env {
         let root = tempfile::Builder::new()
             .prefix("migrant-it-")
             .tempdir()
@@ -245,14 +269,15 @@ impl Env {
             "#cloud-config\nusers:\n  - name: migrant\n    sudo: ALL=(ALL) NOPASSWD:ALL\n    shell: /bin/bash\n    ssh_authorized_keys:\n      - __MIGRANT_PUBKEY__\n",
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        if let Some(user) = rootless_user() {
-            chown_tree(root.path(), &user);
+        if let Some(user) = &user {
+            chown_tree(root.path(), user);
         }
         let env = Env {
             root,
             project,
             name,
             netns: netns.map(str::to_string),
+            user,
         };
         let out = env.run(&["pubkey"]);
         assert!(out.status.success(), "pubkey: {}", text(&out));
@@ -266,13 +291,13 @@ impl Env {
         if let Some(ns) = &self.netns {
             prefix.extend(["ip", "netns", "exec", ns].map(Into::into));
         }
-        let exe = match rootless_user() {
+        let exe = match &self.user {
             Some(u) => {
                 prefix.push("setpriv".into());
                 prefix.push(format!("--reuid={}", u.uid).into());
                 prefix.push(format!("--regid={}", u.gid).into());
                 prefix.extend(["--init-groups", "--inh-caps=-all", "--"].map(Into::into));
-                bin_for(&u)
+                bin_for(u)
             }
             None => bin(),
         };
@@ -285,6 +310,7 @@ impl Env {
             .env("MIGRANT_RUNTIME", self.root.path().join("run"))
             .env("HOME", self.root.path().join("home"))
             .env_remove("SUDO_USER")
+            .env_remove("SUDO_UID")
             .env_remove("MIGRANT_DIR");
         c
     }
@@ -385,37 +411,50 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// The VM's own uid (and gid), from its record; in a rootless run,
-    /// the host's uid its QEMU runs as (its record holds an index).
+    /// The host's uid its QEMU runs as (the VM's own identity).
     pub fn vm_id(&self) -> u32 {
         self.vm_ids().0
     }
 
-    /// The VM's own uid and gid: the same number under root; without
-    /// root, two subordinate ids, read from its QEMU.
+    /// The VM's own uid and gid on the host (two subordinate ids of the
+    /// user's): read from its running QEMU, else from its record (its
+    /// index in the user's range).
     pub fn vm_ids(&self) -> (u32, u32) {
-        if rootless_user().is_none() {
-            let id = vm_id_in(&self.state_dir());
-            return (id, id);
+        if self.pid_of("qemu-system").is_some() {
+            return qemu_ids_in(&self.state_dir());
         }
-        let qemu = self
-            .pid_of("qemu-system")
-            .unwrap_or_else(|| panic!("no QEMU of {} runs", self.name));
-        let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
-        let first = |key: &str| -> u32 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or_else(|| panic!("no {key} of QEMU {qemu}"))
+        let index = vm_id_in(&self.state_dir());
+        let (name, uid) = match &self.user {
+            Some(u) => (u.name.clone(), u.uid.as_raw()),
+            None => ("root".to_string(), 0),
         };
-        (first("Uid:"), first("Gid:"))
+        let first = |file: &str| -> u32 {
+            std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    (f.len() == 3 && (f[0] == name || f[0] == uid.to_string()))
+                        .then(|| f[1].parse::<u32>().ok())
+                        .flatten()
+                })
+                .unwrap_or_else(|| panic!("{name} has no range in {file}"))
+        };
+        (
+            first("/etc/subuid") + index,
+            first("/etc/subgid") + index + 1,
+        )
+    }
+
+    /// migrant's binary where this test's user may run it.
+    pub fn exe(&self) -> PathBuf {
+        self.user.as_ref().map_or_else(bin, bin_for)
     }
 
     /// Run `cmd` as the VM's own uid and gid, without groups: what its
     /// QEMU, if compromised, could do.
     pub fn as_vm(&self, cmd: &[&str]) -> Output {
-        as_identity(self.vm_id(), cmd)
+        as_identity(self.vm_ids(), cmd)
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -480,7 +519,27 @@ impl Drop for Env {
     }
 }
 
-/// The VM identity in the record of the VM whose state folder is `state`.
+/// The uid and gid of the running QEMU of the VM whose state folder is
+/// `state` (its identity on the host).
+pub fn qemu_ids_in(state: &Path) -> (u32, u32) {
+    let qemu = processes_naming(state)
+        .into_iter()
+        .find(|(_, c)| c.contains("qemu-system"))
+        .map(|(p, _)| p)
+        .unwrap_or_else(|| panic!("no QEMU of {} runs", state.display()));
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
+    let first = |key: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} of QEMU {qemu}"))
+    };
+    (first("Uid:"), first("Gid:"))
+}
+
+/// The VM's index in its user's range, from the record of the VM whose
+/// state folder is `state`.
 pub fn vm_id_in(state: &Path) -> u32 {
     let text = std::fs::read_to_string(state.join("record.json"))
         .unwrap_or_else(|e| panic!("record: {e}"));
@@ -492,11 +551,11 @@ pub fn vm_id_in(state: &Path) -> u32 {
         .unwrap_or_else(|| panic!("no vm_id in {text}"))
 }
 
-/// Run `cmd` as VM identity `id` (uid and gid, no groups).
-pub fn as_identity(id: u32, cmd: &[&str]) -> Output {
+/// Run `cmd` as a VM identity (its uid and gid, no groups).
+pub fn as_identity((uid, gid): (u32, u32), cmd: &[&str]) -> Output {
     Command::new("setpriv")
-        .arg(format!("--reuid={id}"))
-        .arg(format!("--regid={id}"))
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
         .arg("--clear-groups")
         .args(cmd)
         .output()

@@ -109,7 +109,7 @@ impl Journal {
 
     /// Start the writer task for `path` (root's alone) on the current runtime.
     pub fn open(path: PathBuf) -> Journal {
-        let mut out = file(path, None);
+        let mut out = file(path);
         Journal::with_sink(Box::new(move |lines: &[u8]| out.write_lines(lines)))
     }
 
@@ -144,8 +144,8 @@ pub type Sink = Box<dyn FnMut(&[u8]) -> std::io::Result<()> + Send>;
 /// The journal file of a VM, for the supervisor to append the lines its
 /// dataplane sends: rotated at [`MAX_BYTES`], readable by root and
 /// `owner` (the VM's owner) only.
-pub fn file(path: PathBuf, owner: Option<u32>) -> crate::rotate::Rotating {
-    crate::rotate::Rotating::new(path, MAX_BYTES, 0o600).readable_by(owner)
+pub fn file(path: PathBuf) -> crate::rotate::Rotating {
+    crate::rotate::Rotating::new(path, MAX_BYTES, 0o600)
 }
 
 async fn writer(sink: Sink, mut rx: tokio::sync::mpsc::Receiver<Entry>, dropped: Arc<AtomicU64>) {

@@ -40,13 +40,13 @@ pub struct Kept {
 impl Hub {
     /// `journal`: the egress journal file to append to, if any, readable
     /// by root and `owner`.
-    pub fn new(journal: Option<PathBuf>, owner: Option<u32>) -> Arc<Hub> {
+    pub fn new(journal: Option<PathBuf>) -> Arc<Hub> {
         Arc::new(Hub {
             current: watch::channel(StatsView::default()).0,
             past: Mutex::new(StatsView::default()),
             lease: watch::channel(false).0,
             sshd: watch::channel(false).0,
-            journal: journal.map(|p| Mutex::new(crate::net::dataplane::journal::file(p, owner))),
+            journal: journal.map(|p| Mutex::new(crate::net::dataplane::journal::file(p))),
             link: Mutex::new(None),
         })
     }

@@ -1,5 +1,5 @@
-//! The supervisor of a user who is not root: before anything else, while
-//! it still has one thread, it takes the VM's index among the user's VMs
+//! The VM's identity. The supervisor (of any user, root too), before
+//! anything else, while it still has one thread, it takes the VM's index among the user's VMs
 //! (the n-th id of their subordinate ranges is the VM's identity) and
 //! enters a user namespace mapped from it ([`crate::userns`]). Root there
 //! is the user, holding every capability over the namespaces it makes
