@@ -295,9 +295,9 @@ pub enum Cmd {
         #[arg(long)]
         tag: String,
         /// Every file the guest makes belongs to this uid:gid on the host
-        /// (shares without isolation).
+        /// (the folder's owner).
         #[arg(long)]
-        owner: Option<String>,
+        owner: String,
         /// The folder is an isolated share's store, capped at this many
         /// bytes.
         #[arg(long)]

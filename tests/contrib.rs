@@ -56,17 +56,10 @@ fn stage(env: &Env, name: &str, job: u32, args: &[&str]) -> Command {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     // The runner runs its stages as its own user: the test's.
-    let mut c = match &env.user {
-        Some(u) => {
-            chown_tree(&env.root.path().join("builds"), u);
-            let mut c = Command::new("setpriv");
-            c.arg(format!("--reuid={}", u.uid))
-                .arg(format!("--regid={}", u.gid))
-                .args(["--init-groups", "--", "bash"]);
-            c
-        }
-        None => Command::new("bash"),
-    };
+    if let Some(u) = &env.user {
+        chown_tree(&env.root.path().join("builds"), u);
+    }
+    let mut c = env.command("bash");
     c.arg(driver(env, name))
         .arg(&env.project)
         .args(args)

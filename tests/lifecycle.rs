@@ -388,16 +388,7 @@ fn debian_13_lifecycle() {
     // Root's VM is walled in like anyone's: its QEMU is not root, holds
     // no capability, and runs as an id of root's subordinate range.
     let (uid, _) = env.vm_ids();
-    let range = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
-    let (start, count) = range
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() == 3 && (f[0] == "root" || f[0] == "0"))
-                .then(|| (f[1].parse::<u32>().ok(), f[2].parse::<u32>().ok()))
-        })
-        .and_then(|(a, b)| Some((a?, b?)))
-        .unwrap_or_else(|| panic!("root has no subordinate range: {range}"));
+    let (start, count) = subordinate_range("/etc/subuid", "root", 0);
     assert!(
         uid >= start && uid - start < count,
         "root's QEMU runs as {uid}, outside {start}+{count}"

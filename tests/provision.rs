@@ -36,18 +36,8 @@ fn chown(path: &Path, uid: u32) {
 
 /// `bash -c SCRIPT` as the user migrant runs as, in the test's home.
 fn as_migrant_user(env: &Env, script: &str) -> Output {
-    let mut cmd = match rootless_user() {
-        Some(u) => {
-            let mut c = std::process::Command::new("setpriv");
-            c.arg(format!("--reuid={}", u.uid))
-                .arg(format!("--regid={}", u.gid))
-                .args(["--init-groups", "--"]);
-            c.arg("bash");
-            c
-        }
-        None => std::process::Command::new("bash"),
-    };
-    cmd.args(["-c", script])
+    env.command("bash")
+        .args(["-c", script])
         .env("MIGRANT_HOME", env.root.path().join("state"))
         .env("MIGRANT_RUNTIME", env.root.path().join("run"))
         .env("HOME", env.root.path().join("home"))
@@ -119,7 +109,7 @@ fn hooks_playbook_and_ssh_config_as_the_user() {
         &hooks.join("post-up"),
         &format!(
             "#!/bin/sh\n{record}{bin} ssh -- cat /home/migrant/provisioned > {log}/post-up-ssh 2>&1\n",
-            bin = bin_for_migrant_user().display(),
+            bin = env.exe().display(),
             log = log.display()
         ),
     );
@@ -240,7 +230,7 @@ fn hooks_playbook_and_ssh_config_as_the_user() {
     assert!(config.starts_with(&format!("Host {name}\n")), "{config}");
     let script = format!(
         "cd {log} && {bin} -C {dir} ssh-config > ssh_config && ssh -F ssh_config {name} cat /home/migrant/provisioned && scp -q -F ssh_config {name}:/home/migrant/controller-uid copied && cat copied",
-        bin = bin_for_migrant_user().display(),
+        bin = env.exe().display(),
         log = log.display(),
     );
     let out = as_migrant_user(&env, &script);
@@ -253,7 +243,7 @@ fn hooks_playbook_and_ssh_config_as_the_user() {
     // The same config from standard input.
     let script = format!(
         "{bin} -C {dir} ssh-config | ssh -F /dev/stdin {name} true",
-        bin = bin_for_migrant_user().display(),
+        bin = env.exe().display(),
     );
     let out = as_migrant_user(&env, &script);
     assert!(out.status.success(), "ssh -F /dev/stdin: {}", text(&out));

@@ -8,7 +8,6 @@ use super::{Project, Result};
 use crate::share;
 
 pub fn mount(p: &Project) -> Result<u8> {
-    share::check_paths(&p.cfg)?;
     share::check_old_images(&p.cfg)?;
     share::prepare_for_up(&p.cfg, &p.vm, true)?;
     for s in &p.cfg.shares {

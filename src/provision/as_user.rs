@@ -26,10 +26,7 @@ impl Invoker {
             .flatten()
             .ok_or_else(|| AsUserError::NoUser(Uid::current().to_string()))?;
         // `$HOME` wins, as with ssh.
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .filter(|h| h.is_absolute())
-            .unwrap_or(user.dir);
+        let home = crate::config::invoking_user_home().unwrap_or(user.dir);
         Ok(Invoker {
             name: user.name,
             uid: user.uid,

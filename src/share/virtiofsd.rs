@@ -31,9 +31,9 @@ pub struct Args {
     pub shared_dir: PathBuf,
     /// The virtiofs tag (logged; QEMU announces the tag itself).
     pub tag: String,
-    /// `UID:GID`: a share without isolation, whose files all belong to
-    /// this owner on the host, whatever guest user makes them.
-    pub owner: Option<String>,
+    /// `UID:GID`: the share's files all belong to this owner (the
+    /// folder's) on the host, whatever guest user makes them.
+    pub owner: String,
     /// The folder is an isolated share's store, capped at this many bytes
     /// (served through [`super::guard`]).
     pub cap: Option<u64>,
@@ -83,8 +83,8 @@ fn fail(tag: &str, what: impl std::fmt::Display) -> u8 {
     1
 }
 
-/// What a share without isolation may not do, on top of [`CAPS`]: make
-/// device nodes (a block device node the user owns is the host's disk) or
+/// What no share's server may do, on top of [`CAPS`] (every guest id is
+/// squashed to the folder's owner): make device nodes (a block device node the user owns is the host's disk) or
 /// set file capabilities.
 const SQUASHED_DROPS: [&str; 2] = ["MKNOD", "SETFCAP"];
 
@@ -99,21 +99,12 @@ fn parse_owner(text: &str) -> Option<(u32, u32)> {
 /// exits with its status).
 pub fn main(args: Args) -> u8 {
     let tag = args.tag.clone();
-    let owner = match args.owner.as_deref().map(parse_owner) {
-        None => None,
-        Some(Some(o)) => Some(o),
-        Some(None) => return fail(&tag, "--owner must be UID:GID"),
+    let Some((uid, gid)) = parse_owner(&args.owner) else {
+        return fail(&tag, "--owner must be UID:GID");
     };
-    // Read before the sandbox hides /proc (in the host's user namespace
-    // each id is its own: no map is added).
-    let (uid_map, gid_map) = owner
-        .map(|(uid, gid)| {
-            (
-                owner_maps(uid, crate::userns::host_uid(uid)),
-                owner_maps(gid, crate::userns::host_gid(gid)),
-            )
-        })
-        .unzip();
+    // Read before the sandbox hides /proc.
+    let uid_map = Some(owner_maps(uid, crate::userns::host_uid(uid)));
+    let gid_map = Some(owner_maps(gid, crate::userns::host_gid(gid)));
     if let Err(e) = set_signal_handlers() {
         return fail(&tag, format!("signal handlers: {e}"));
     }
@@ -184,7 +175,7 @@ pub fn main(args: Args) -> u8 {
     {
         return fail(&tag, format!("seccomp: {e}"));
     }
-    if let Err(e) = drop_capabilities(owner.is_some()) {
+    if let Err(e) = drop_capabilities() {
         return fail(&tag, format!("dropping capabilities: {e}"));
     }
 
@@ -222,16 +213,14 @@ fn owner_maps(host: u32, real: Option<u32>) -> Vec<virtiofsd::soft_idmap::cmdlin
     maps
 }
 
-fn drop_capabilities(squashed: bool) -> Result<(), String> {
+fn drop_capabilities() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
     }
     let mut caps: HashSet<&str> = CAPS.into_iter().collect();
-    if squashed {
-        for c in SQUASHED_DROPS {
-            caps.remove(c);
-        }
+    for c in SQUASHED_DROPS {
+        caps.remove(c);
     }
     capng::clear(capng::Set::BOTH);
     capng::updatev(

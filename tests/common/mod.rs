@@ -88,11 +88,6 @@ pub fn rootless_user() -> Option<nix::unistd::User> {
     }
 }
 
-/// migrant's binary where the user migrant's commands run as may run it.
-pub fn bin_for_migrant_user() -> PathBuf {
-    rootless_user().map_or_else(bin, |u| bin_for(&u))
-}
-
 /// Who migrant's commands run as: root, or the rootless run's user.
 pub fn migrant_uid() -> u32 {
     rootless_user().map_or(0, |u| u.uid.as_raw())
@@ -451,6 +446,21 @@ impl Env {
         self.user.as_ref().map_or_else(bin, bin_for)
     }
 
+    /// `program` run as this test's user (through `setpriv`, with the
+    /// user's groups), or as root when migrant runs as root.
+    pub fn command(&self, program: &str) -> Command {
+        match &self.user {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={}", u.uid))
+                    .arg(format!("--regid={}", u.gid))
+                    .args(["--init-groups", "--", program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// Run `cmd` as the VM's own uid and gid, without groups: what its
     /// QEMU, if compromised, could do.
     pub fn as_vm(&self, cmd: &[&str]) -> Output {
@@ -536,6 +546,21 @@ pub fn qemu_ids_in(state: &Path) -> (u32, u32) {
             .unwrap_or_else(|| panic!("no {key} of QEMU {qemu}"))
     };
     (first("Uid:"), first("Gid:"))
+}
+
+/// The first id and the count of the range `file` (`/etc/subuid` or
+/// `/etc/subgid`) gives the user `name` (or `uid`).
+pub fn subordinate_range(file: &str, name: &str, uid: u32) -> (u32, u32) {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let ours = f.len() == 3 && (f[0] == name || f[0] == uid.to_string());
+            ours.then(|| Some((f[1].parse().ok()?, f[2].parse().ok()?)))
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("{name} has no range in {file}"))
 }
 
 /// The VM's index in its user's range, from the record of the VM whose
