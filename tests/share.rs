@@ -474,3 +474,76 @@ fn a_trixie_share_uses_direct_io_and_still_maps_shared() {
     env.ok(&["destroy"]);
     env.assert_clean();
 }
+
+/// The review's attack on the mount point, replayed by a second local
+/// user (the suite's user): its pre-up hook swaps the project folder for a
+/// link to a folder of root's, whose `ws` holds root's file. Nothing runs
+/// with more than the user's rights, so the start fails on the user's own
+/// "Permission denied", nothing of root's reaches any output or the VM's
+/// state, and nothing is mounted anywhere. (Before the one code path:
+/// root mounted the user's ext4 image over root's folder.)
+#[test]
+fn a_project_folder_swapped_for_a_link_gains_the_user_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(image) = test_image() else { return };
+    let env = Env::new("swap", &image, "[[share]]\nhost = \"ws\"\nsize = \"1G\"\n");
+    let Some(user) = env.user.clone() else {
+        assert!(
+            std::env::var_os("MIGRANT_REQUIRE_INTEGRATION").is_none(),
+            "this attack needs a second user: MIGRANT_TEST_ROOTLESS=1 (scripts/test sets it)"
+        );
+        eprintln!("SKIPPED: migrant runs as root here; set MIGRANT_TEST_ROOTLESS=1");
+        return;
+    };
+    const MARKER: &str = "ROOT-ONLY-FOLDER-MARKER";
+    let hostdir = env.root.path().join("hostdir");
+    std::fs::create_dir_all(hostdir.join("ws")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(hostdir.join("ws/secret"), MARKER).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&hostdir, std::fs::Permissions::from_mode(0o700))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let hooks = env.project.join("hooks");
+    std::fs::create_dir(&hooks).unwrap_or_else(|e| panic!("{e}"));
+    let hook = hooks.join("pre-up");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nset -e\np=\"$PWD\"\nmv \"$p\" \"$p.real\"\nln -s {} \"$p\"\n",
+            hostdir.display()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    chown_tree(&hooks, &user);
+    let out = env.run(&["up", "--timeout", "120"]);
+    // Undo the swap before asserting, so the VM can be destroyed.
+    let moved = env.root.path().join("project.real");
+    if moved.exists() {
+        let _ = std::fs::remove_file(&env.project);
+        std::fs::rename(&moved, &env.project).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(!out.status.success(), "up went on: {}", text(&out));
+    assert!(
+        text(&out).contains("Permission denied"),
+        "not refused with the user's own error: {}",
+        text(&out)
+    );
+    assert!(!text(&out).contains(MARKER), "{}", text(&out));
+    assert_eq!(
+        file_containing(&env.root.path().join("state"), MARKER),
+        None,
+        "root's file reached the VM's state"
+    );
+    assert_eq!(
+        std::fs::read_to_string(hostdir.join("ws/secret")).unwrap_or_default(),
+        MARKER
+    );
+    assert!(
+        mounts_under(Path::new("/"))
+            .iter()
+            .all(|m| !m.contains("hostdir"))
+    );
+    assert_no_mounts(&env);
+    let _ = env.run(&["destroy"]);
+    env.assert_clean();
+}
