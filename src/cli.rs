@@ -280,6 +280,10 @@ pub enum Cmd {
         /// the supervisor never reads the Migrantfile itself.
         #[arg(long)]
         config_fd: i32,
+        /// The secrets to broker, with their values (JSON in a sealed
+        /// memfd), when the project has any.
+        #[arg(long)]
+        secrets_fd: Option<i32>,
         /// Stop QEMU when the guest has not answered SSH this many seconds
         /// after start (the `up` that waited for it may be gone).
         #[arg(long)]

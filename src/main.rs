@@ -24,6 +24,7 @@ fn main() -> ExitCode {
             lock_fd,
             progress_fd,
             config_fd,
+            secrets_fd,
             boot_timeout,
         } => {
             init_logging(cli.verbose, "info");
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
                 lock_fd,
                 progress_fd,
                 config_fd,
+                secrets_fd,
                 boot_timeout,
             }));
         }

@@ -224,11 +224,57 @@ pub fn substitute_pubkey(user_data: &str, pubkey: Option<&str>) -> Result<String
 /// first boot under TCG (3–18 s measured); migrant's `ssh` accepts any
 /// host key type, and a user who wants RSA keys says so in user-data
 /// (`ssh_genkeytypes`).
-pub fn vendor_data() -> &'static str {
-    "#cloud-config
-     # migrant's defaults; cloud-init.yml (user-data) overrides them.
-     ssh_genkeytypes: [ed25519]
-"
+///
+/// With secrets, a second part: a script (run once, at the end of the
+/// first boot, whatever keys user-data sets) that adds the VM's
+/// authority to the system's trust store and gives every login the
+/// placeholders and the variables that point clients at the store.
+pub fn vendor_data(secrets: Option<&crate::secrets::vm::VmSecrets>) -> String {
+    const DEFAULTS: &str = "#cloud-config
+# migrant's defaults; cloud-init.yml (user-data) overrides them.
+ssh_genkeytypes: [ed25519]
+";
+    let Some(secrets) = secrets else {
+        return DEFAULTS.to_string();
+    };
+    use crate::secrets::vm::GUEST_CA;
+    let env: String = secrets
+        .guest_environment()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}\n"))
+        .collect();
+    let script = format!(
+        "#!/bin/sh\n\
+         # migrant: this VM's secrets stay on the host; its guest trusts the\n\
+         # VM's own authority and holds placeholders.\n\
+         set -e\n\
+         mkdir -p {dir}\n\
+         cat > {GUEST_CA} <<'MIGRANT_CA'\n{ca}MIGRANT_CA\n\
+         if command -v update-ca-certificates >/dev/null; then update-ca-certificates; fi\n\
+         cat >> /etc/environment <<'MIGRANT_ENV'\n{env}MIGRANT_ENV\n",
+        dir = GUEST_CA.rsplit_once('/').map_or("/", |(d, _)| d),
+        ca = with_newline(&secrets.authority.cert_pem),
+    );
+    let boundary = "==migrant-vendor-data==";
+    format!(
+        "Content-Type: multipart/mixed; boundary=\"{boundary}\"\n\
+         MIME-Version: 1.0\n\n\
+         --{boundary}\n\
+         Content-Type: text/cloud-config; charset=\"us-ascii\"\n\n\
+         {DEFAULTS}\n\
+         --{boundary}\n\
+         Content-Type: text/x-shellscript; charset=\"us-ascii\"\n\n\
+         {script}\n\
+         --{boundary}--\n"
+    )
+}
+
+fn with_newline(text: &str) -> String {
+    if text.ends_with('\n') {
+        text.to_string()
+    } else {
+        format!("{text}\n")
+    }
 }
 
 /// The `network-config` file (cloud-init network config version 2): DHCPv4

@@ -85,11 +85,12 @@ fn bad_migrantfile_is_78_and_creates_nothing() {
     );
 }
 
-/// `[secrets]` with a bad host is 78 naming it; a good one is refused (69)
-/// until the dataplane brokers secrets, before anything is made.
+/// `[secrets]` with a bad host is 78 naming it; a good one whose value
+/// cannot be read (an unset variable, a failing command) is 78 naming the
+/// secret's `from`, before anything is made.
 #[test]
-fn secrets_are_checked_and_not_yet_started() {
-    let head = "name = \"codes\"\nimage = \"/x.qcow2\"\n[secrets.TOKEN]\nfrom = \"env:TOKEN\"\n";
+fn secrets_are_checked_before_anything_is_made() {
+    let head = "name = \"codes\"\nimage = \"/x.qcow2\"\n[secrets.TOKEN]\nfrom = \"env:MIGRANT_TEST_UNSET_TOKEN\"\n";
     let s = Sandbox::new(&format!("{head}hosts = [\"*.com\"]\n"), Some(CLOUD_INIT));
     let o = s.run(&["up"]);
     assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
@@ -98,22 +99,32 @@ fn secrets_are_checked_and_not_yet_started() {
         "{}",
         stderr(&o)
     );
-    let s = Sandbox::new(
-        &format!("{head}hosts = [\"api.example.com\"]\n"),
-        Some(CLOUD_INIT),
-    );
-    let o = s.run(&["up"]);
-    assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("does not broker them yet"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(
-        !s.home().exists(),
-        "a refused up created {}",
-        s.home().display()
-    );
+    for (from, why) in [
+        (
+            "env:MIGRANT_TEST_UNSET_TOKEN",
+            "MIGRANT_TEST_UNSET_TOKEN is not set",
+        ),
+        ("command:exit 3", "the command"),
+    ] {
+        let s = Sandbox::new(
+            &format!(
+                "name = \"codes\"\nimage = \"/x.qcow2\"\n[secrets.TOKEN]\nfrom = \"{from}\"\nhosts = [\"api.example.com\"]\n"
+            ),
+            Some(CLOUD_INIT),
+        );
+        let o = s.run(&["up"]);
+        assert_eq!(o.status.code(), Some(78), "{from}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("Migrantfile:4: secrets.TOKEN.from") && stderr(&o).contains(why),
+            "{from}: {}",
+            stderr(&o)
+        );
+        assert!(
+            !s.home().exists(),
+            "a refused up created {}",
+            s.home().display()
+        );
+    }
 }
 
 /// A key the placeholder needs but that does not exist yet is made (as

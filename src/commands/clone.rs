@@ -68,6 +68,12 @@ fn populate(t: &VmPaths, vm: &VmPaths, rec: &Record, clone_name: &str) -> Result
     let size = crate::image::info_as(&t.snapshot(), Some("qcow2"), false)?.virtual_size;
     crate::image::create_overlay(&t.snapshot(), &vm.disk(), size)?;
     copy(&t.seed(), &vm.seed())?;
+    // The guest trusts the template's authority and holds its
+    // placeholders: the clone brokers the same.
+    let secrets = t.state.join(crate::secrets::vm::FILE);
+    if secrets.is_file() {
+        copy(&secrets, &vm.state.join(crate::secrets::vm::FILE))?;
+    }
     if t.snapshot_nvram().is_file() {
         copy(&t.snapshot_nvram(), &vm.nvram())?;
     }

@@ -100,6 +100,15 @@ fn render(e: &Entry) -> String {
     if let Some(n) = &e.name {
         s.push_str(&format!(" {n}"));
     }
+    if let Some(secret) = &e.secret {
+        s.push_str(&format!("  secret {secret}"));
+        if let (Some(m), Some(p)) = (&e.method, &e.path) {
+            s.push_str(&format!(" {m} {p}"));
+        }
+        if let Some(st) = e.status {
+            s.push_str(&format!(" {st}"));
+        }
+    }
     if e.up > 0 || e.down > 0 {
         s.push_str(&format!("  up {} down {}", human(e.up), human(e.down)));
     }

@@ -16,6 +16,7 @@ use crate::provision::ansible;
 use crate::provision::hooks::{self, Hook, Trigger};
 use crate::provision::keys;
 use crate::provision::renew;
+use crate::secrets::vm::VmSecrets;
 use crate::state::{self, Record, VmLock, VmPaths, VmState};
 use crate::supervisor::control::{self, Request};
 use crate::supervisor::progress::Progress;
@@ -39,21 +40,11 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     // Run by a user: what the host must offer, and what needs root still.
     super::host::require_for_users()?;
     crate::share::check_old_images(cfg)?;
-    // `[secrets]` is read and checked, but nothing brokers it yet: a VM
-    // that would hand the guest a placeholder nothing replaces is not
-    // started.
-    if let Some(s) = cfg.secrets.first() {
-        return Err(Error::other(
-            exit::UNAVAILABLE,
-            format!(
-                "{}:{}: secrets.{}: this build checks [secrets] but does not broker them yet \
-                 (docs/secrets.md); remove the table to start the VM",
-                cfg.file.display(),
-                s.line,
-                s.name
-            ),
-        ));
-    }
+    // The secrets' values, read by this process (the user's) each time
+    // the VM starts: a rotated token is the one used. A missing one stops
+    // the start before anything is made.
+    let lent =
+        crate::secrets::read_all(cfg).map_err(|e| Error::other(e.exit_code(), e.to_string()))?;
     // A moved project folder or share: refused naming the share and both
     // paths, before anything else.
     if let Some(rec) = crate::share::load_recorded(vm)? {
@@ -145,6 +136,18 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
         }
         _ => true,
     };
+    // The secrets a built VM was made with must be those the file names
+    // (else 78 before anything runs); a new VM gets its own below.
+    let roots = if cfg.secrets.is_empty() {
+        Vec::new()
+    } else {
+        crate::secrets::upstream_roots().map_err(|e| Error::other(exit::UNAVAILABLE, e))?
+    };
+    let checked = if creating {
+        None
+    } else {
+        Some(broker_plan(cfg, vm, lent.clone(), &roots)?)
+    };
     // Shares: path rules, drift, stores (created when building, required
     // after). Never deletes a store, whatever fails later.
     crate::share::prepare_for_up(cfg, vm, creating)?;
@@ -173,6 +176,10 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
         return Err(e.into());
     }
     crate::firmware::ensure(cfg.firmware, cfg.secure_boot, &paths.home)?;
+    let broker = match checked {
+        Some(plan) => plan,
+        None => broker_plan(cfg, vm, lent, &roots)?,
+    };
     if creating || crate::share::load_recorded(vm)?.is_none() {
         crate::share::save_recorded(vm, cfg)?;
     }
@@ -185,7 +192,14 @@ pub fn up(p: &Project, opts: &UpOptions) -> Result<u8> {
     // A VM that cannot start (no tunnel handshake, a share that fails its
     // checks) stays built and stopped, with nothing running; the next `up`
     // tries again with the same disk.
-    start(cfg, paths, vm, &lock, opts.timeout, console_now)?;
+    start(
+        cfg,
+        paths,
+        vm,
+        &lock,
+        broker.as_ref(),
+        (opts.timeout, console_now),
+    )?;
     drop(lock);
     if console_now {
         if !provisioned {
@@ -467,6 +481,26 @@ fn user_data(cfg: &Config) -> Result<String> {
     Ok(crate::seed::substitute_pubkey(&text, Some(&public))?)
 }
 
+/// What the dataplane brokers for this start: the secrets the VM was made
+/// with (refused, 78, when the Migrantfile now names others), their
+/// values as read now, and the authorities the real servers must chain
+/// to. `None` without secrets.
+fn broker_plan(
+    cfg: &Config,
+    vm: &VmPaths,
+    lent: Vec<(String, crate::secrets::Value)>,
+    roots: &[Vec<u8>],
+) -> Result<Option<crate::net::dataplane::broker::Plan>> {
+    let Some(made) = VmSecrets::load_for(cfg, &vm.state)
+        .map_err(|e| Error::other(e.exit_code(), e.to_string()))?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(crate::net::dataplane::broker::Plan::new(
+        &made, lent, roots,
+    )))
+}
+
 /// A locally administered address in QEMU's 52:54:00 range.
 fn random_mac() -> Result<state::Mac> {
     let [a, b, c]: [u8; 3] = super::random_bytes()?;
@@ -485,6 +519,16 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
     let base = crate::image::obtain(&source, &paths.images(), &cfg.name)?;
     state::ensure_dir(&vm.state, 0o711)?;
     crate::image::create_overlay(&base, &vm.disk(), cfg.disk)?;
+    // The VM's authority and placeholders, fixed for its life: the seed
+    // gives them to the guest.
+    let secrets = if cfg.secrets.is_empty() {
+        None
+    } else {
+        let s = VmSecrets::make(cfg).map_err(|e| Error::other(e.exit_code(), e.to_string()))?;
+        s.save(&vm.state)
+            .map_err(|e| Error::other(e.exit_code(), e.to_string()))?;
+        Some(s)
+    };
     let mac = random_mac()?;
     let instance = format!("{}-{}", cfg.name, state::now());
     let meta = crate::seed::meta_data(&instance, &cfg.name);
@@ -495,7 +539,10 @@ fn create(cfg: &Config, paths: &state::Paths, vm: &VmPaths) -> Result<()> {
             ("meta-data", meta.as_bytes()),
             ("user-data", user_data.as_bytes()),
             ("network-config", net.as_bytes()),
-            ("vendor-data", crate::seed::vendor_data().as_bytes()),
+            (
+                "vendor-data",
+                crate::seed::vendor_data(secrets.as_ref()).as_bytes(),
+            ),
         ],
     )?;
     Record {
@@ -531,8 +578,8 @@ fn start(
     paths: &state::Paths,
     vm: &VmPaths,
     lock: &VmLock,
-    timeout: u64,
-    qemu_only: bool,
+    broker: Option<&crate::net::dataplane::broker::Plan>,
+    (timeout, qemu_only): (u64, bool),
 ) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let runtime_root = vm.run.parent().unwrap_or(Path::new("/run"));
@@ -550,6 +597,16 @@ fn start(
         .handover()
         .map_err(Error::io("cannot hand the config to the supervisor"))?;
     let config_fd = config.as_raw_fd();
+    // The secrets with their values: in memory only, like the config.
+    let secrets = broker
+        .map(|plan| {
+            serde_json::to_vec(plan)
+                .map_err(std::io::Error::other)
+                .and_then(|json| crate::sandbox::handover::sealed(c"migrant-secrets", &json))
+        })
+        .transpose()
+        .map_err(Error::io("cannot hand the secrets to the supervisor"))?;
+    let mut keep_fds = vec![lock_fd, progress_fd, config_fd];
     let mut cmd = Command::new(super::self_exe()?);
     cmd.arg("__supervisor")
         .arg("--name")
@@ -565,13 +622,17 @@ fn start(
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);
+    if let Some(fd) = &secrets {
+        cmd.arg("--secrets-fd").arg(fd.as_raw_fd().to_string());
+        keep_fds.push(fd.as_raw_fd());
+    }
     // Without root the supervisor becomes root of the VM's user namespace,
     // where the defaults would be root's: it gets the user's folders.
     cmd.env("MIGRANT_HOME", &paths.home)
         .env("MIGRANT_RUNTIME", &paths.runtime);
     // Its own session; the lock and the progress pipe go across exec.
     crate::sandbox::Confine {
-        keep_fds: vec![lock_fd, progress_fd, config_fd],
+        keep_fds,
         new_session: true,
         ..crate::sandbox::Confine::default()
     }
@@ -587,7 +648,7 @@ fn start(
     let mut child = cmd
         .spawn()
         .map_err(Error::io("cannot start the supervisor"))?;
-    drop((write_end, config));
+    drop((write_end, config, secrets));
     println!("==> {}: starting (supervisor pid {})", cfg.name, child.id());
 
     let lines = spawn_line_reader(read_end);

@@ -30,6 +30,29 @@ mod parse;
 mod secrets;
 #[cfg(test)]
 mod tests;
+
+/// Configs for other modules' unit tests.
+#[cfg(test)]
+pub mod tests_support {
+    use super::Config;
+
+    /// The config of a project whose Migrantfile has these secrets
+    /// (names and hosts; each read from an environment variable).
+    pub fn with_secrets(secrets: &[(&str, &[&str])]) -> Config {
+        let mut text = String::from("image = \"debian-12\"\n");
+        for (name, hosts) in secrets {
+            let hosts: Vec<String> = hosts.iter().map(|h| format!("{h:?}")).collect();
+            text.push_str(&format!(
+                "[secrets.{name}]\nfrom = \"env:{name}\"\nhosts = [{}]\n",
+                hosts.join(", ")
+            ));
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        std::fs::write(dir.path().join(super::FILE_NAME), text)
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        super::parse::load(dir.path(), None).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
 mod toml_file;
 mod values;
 
@@ -352,32 +375,15 @@ impl Config {
     /// the supervisor): JSON in a sealed memfd, which the receiver can
     /// read but nobody can change.
     pub fn handover(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        use std::io::Write;
         let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-        let fd = nix::sys::memfd::memfd_create(
-            c"migrant-config",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
-        )?;
-        let mut file = std::fs::File::from(fd);
-        file.write_all(&json)?;
-        let seals = nix::fcntl::SealFlag::F_SEAL_SEAL
-            | nix::fcntl::SealFlag::F_SEAL_SHRINK
-            | nix::fcntl::SealFlag::F_SEAL_GROW
-            | nix::fcntl::SealFlag::F_SEAL_WRITE;
-        nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_ADD_SEALS(seals))?;
-        Ok(file.into())
+        crate::sandbox::handover::sealed(c"migrant-config", &json)
     }
 
     /// The config [`Config::handover`] wrote, from its descriptor.
     pub fn taken_over(fd: std::os::fd::OwnedFd) -> Result<Config, ConfigError> {
-        use std::io::{Read, Seek};
-        let mut file = std::fs::File::from(fd);
-        let mut json = Vec::new();
-        let read = file
-            .seek(std::io::SeekFrom::Start(0))
-            .and_then(|_| file.take(16 << 20).read_to_end(&mut json));
         let bad = |why: String| ConfigError::HandedDown(why);
-        read.map_err(|e| bad(e.to_string()))?;
+        let json =
+            crate::sandbox::handover::read_back(fd, 16 << 20).map_err(|e| bad(e.to_string()))?;
         serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))
     }
 

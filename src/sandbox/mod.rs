@@ -14,6 +14,7 @@
 //! reads a byte from the guest. The seccomp allow-lists are data, side by
 //! side in [`lists`], each unusual call with its reason.
 
+pub mod handover;
 pub mod lists;
 mod seccomp;
 

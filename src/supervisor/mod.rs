@@ -42,6 +42,9 @@ pub struct Args {
     /// Inherited descriptor holding the validated config (see
     /// [`config::Config::handover`]).
     pub config_fd: i32,
+    /// Inherited descriptor holding the secrets to broker (see
+    /// [`crate::net::dataplane::broker::Plan`]).
+    pub secrets_fd: Option<i32>,
     /// Seconds after which a guest that has not answered SSH is stopped.
     pub boot_timeout: Option<u64>,
 }

@@ -48,6 +48,8 @@ pub(super) struct Prepared {
     pub(super) machine: crate::memsnap::Machine,
     /// The disk's virtual size, which bounds the files QEMU may write.
     pub(super) disk_size: u64,
+    /// The secrets the dataplane brokers, values included (memory only).
+    pub(super) broker: Option<crate::net::dataplane::broker::Plan>,
 }
 
 pub(super) fn bind_private(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
@@ -74,6 +76,7 @@ fn set_owner(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<(), Error> {
 
 pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, Error> {
     let cfg = taken_over(args)?;
+    let broker = secrets_handed_down(args)?;
     let rec =
         Record::load(&vm.record())?.ok_or_else(|| SupervisorError::NoRecord(vm.name.clone()))?;
     // QEMU, unprivileged and possibly compromised, wrote this disk last
@@ -188,6 +191,7 @@ pub(super) fn prepare(args: &Args, vm: &VmPaths) -> Result<Prepared, Error> {
         backing,
         machine,
         disk_size,
+        broker,
     })
 }
 
@@ -208,6 +212,28 @@ fn taken_over(args: &Args) -> Result<Config, Error> {
         .into());
     }
     Ok(cfg)
+}
+
+/// The secrets `up` read, handed down in memory (never a file).
+fn secrets_handed_down(args: &Args) -> Result<Option<crate::net::dataplane::broker::Plan>, Error> {
+    let Some(fd) = args.secrets_fd else {
+        return Ok(None);
+    };
+    let what = || "the secrets from `up`".to_string();
+    let fd = crate::sandbox::inherited(fd).map_err(|e| Error::Io {
+        what: what(),
+        source: e,
+    })?;
+    let json = crate::sandbox::handover::read_back(fd, 16 << 20).map_err(|e| Error::Io {
+        what: what(),
+        source: e,
+    })?;
+    serde_json::from_slice(&json)
+        .map(Some)
+        .map_err(|e| Error::Io {
+            what: what(),
+            source: std::io::Error::other(e),
+        })
 }
 
 /// The VM's network as [`network`] makes it.

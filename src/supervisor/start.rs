@@ -65,6 +65,7 @@ async fn start<'a>(
         backing,
         machine,
         disk_size,
+        broker,
     } = p;
     let exe = std::env::current_exe().map_err(io("cannot find the migrant executable"))?;
 
@@ -108,7 +109,8 @@ async fn start<'a>(
     };
     let hub =
         dataplane::parent::Hub::new(Some(vm.state.join(crate::net::dataplane::journal::FILE)));
-    let plane_plan = dataplane::Plan::new(&cfg.name, net, rec.mac, &identity, &vm.run);
+    let mut plane_plan = dataplane::Plan::new(&cfg.name, net, rec.mac, &identity, &vm.run);
+    plane_plan.broker = broker;
     // A restored guest holds its lease already.
     let first = dataplane::Start {
         probe_ssh: true,

@@ -12,6 +12,8 @@
 //!     45.20.0.10:9000 holds every connection open; GET /big: 20 MiB
 //!   an internal network the host routes over the LAN link, not its
 //!     default route: 11.1.0.0/16 via 192.168.77.50; 11.1.0.10 http "internal"
+//!   45.20.0.12 and .13: for the test's own servers (secret.test and
+//!     its names resolve to .12, untrusted.test and its names to .13)
 //!   DNS: ok.test, other.test, shared.test, api.allowed.test (public),
 //!     internal.test (11.1.0.10), split.test (192.168.77.50), and the PTR
 //!     of 192.168.77.50 (printer.lan.test)
@@ -217,6 +219,8 @@ impl TestNet {
             "45.20.0.10/32",
             "45.20.0.11/32",
             "45.20.0.53/32",
+            "45.20.0.12/32",
+            "45.20.0.13/32",
             "168.63.129.16/32",
         ] {
             in_ns(i, &["ip", "addr", "add", a, "dev", "lo"]);
@@ -283,6 +287,8 @@ impl TestNet {
                 "--address=/shared.test/45.20.0.10",
                 "--address=/api.allowed.test/45.20.0.10",
                 "--address=/internal.test/11.1.0.10",
+                "--address=/secret.test/45.20.0.12",
+                "--address=/untrusted.test/45.20.0.13",
                 "--address=/split.test/192.168.77.50",
                 "--ptr-record=50.77.168.192.in-addr.arpa,printer.lan.test",
             ])
@@ -346,7 +352,7 @@ impl TestNet {
     }
 
     /// A server process inside `ns`, owned (and killed) by this network.
-    fn spawn(&mut self, ns: &str, cmd: &[&str]) {
+    pub fn spawn(&mut self, ns: &str, cmd: &[&str]) {
         self.servers.push(spawn_in(ns, cmd));
     }
 

@@ -40,11 +40,15 @@ pub fn main() -> u8 {
     }
 }
 
+/// The largest plan read (the broker's upstream roots make most of it:
+/// Debian's store is about 300 KiB of base64).
+const MAX_HANDOVER: u64 = 8 << 20;
+
 fn run() -> std::io::Result<()> {
     let mut text = Vec::new();
     std::io::stdin()
         .lock()
-        .take(1 << 20)
+        .take(MAX_HANDOVER)
         .read_to_end(&mut text)?;
     let h: Handover = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
     crate::sandbox::close_strays(&h.fds.all());
@@ -161,6 +165,15 @@ async fn serve(h: Handover, fds: Owned) -> std::io::Result<()> {
         fds.tunnel_routes,
         h.guest_link,
     )?;
+    // The credential broker: a plan that cannot be used stops the child
+    // (the supervisor reports it) rather than letting placeholders out
+    // unbrokered.
+    let broker = match &plan.broker {
+        Some(b) => Some(Arc::new(
+            super::broker::Broker::new(b).map_err(std::io::Error::other)?,
+        )),
+        None => None,
+    };
     let resolver = Arc::new(resolver::Resolver {
         stub: dns::Stub {
             names: vec![
@@ -177,6 +190,7 @@ async fn serve(h: Handover, fds: Owned) -> std::io::Result<()> {
         stats: Arc::clone(&stats),
         gate: Some(Arc::clone(&gate)),
         in_flight: Arc::new(tokio::sync::Semaphore::new(resolver::MAX_IN_FLIGHT)),
+        broker: broker.clone(),
     });
     let dns_sock = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fds.dns))?;
     tokio::spawn({
@@ -189,7 +203,7 @@ async fn serve(h: Handover, fds: Owned) -> std::io::Result<()> {
     });
     let dns_tcp = tokio::net::TcpListener::from_std(std::net::TcpListener::from(fds.dns_tcp))?;
     tokio::spawn(Arc::clone(&resolver).serve_tcp(dns_tcp));
-    tokio::spawn(proxy::watch_host(Arc::clone(&gate)));
+    tokio::spawn(proxy::watch_host(Arc::clone(&gate), broker.clone()));
     if fds.proxy.is_some() {
         let proxy = Arc::new(proxy::Proxy {
             gate: Arc::clone(&gate),
@@ -197,6 +211,7 @@ async fn serve(h: Handover, fds: Owned) -> std::io::Result<()> {
             inside: Arc::clone(&inside),
             resolver,
             slots: proxy::Slots::sized(),
+            broker,
         });
         // One pair of listeners per address family, one proxy behind them.
         for (tcp, udp) in fds.proxy.into_iter().chain(fds.proxy6) {

@@ -61,6 +61,17 @@ pub struct Entry {
     /// Identical refusals summed into this line.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub count: u64,
+    /// A request the credential broker handled: the secret it carried
+    /// (its name, never its value), the method, the path (without the
+    /// query) and the server's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
 }
 
 fn one() -> u64 {
@@ -83,6 +94,10 @@ impl Entry {
             decision,
             reason: None,
             count: 1,
+            secret: None,
+            method: None,
+            path: None,
+            status: None,
         }
     }
 }

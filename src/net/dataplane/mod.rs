@@ -7,6 +7,7 @@
 //! supervisor runs) with a [`Plan`]. `migrant __netlab` (benchmarks) runs
 //! the same child on a veth whose other end stands in for the guest.
 
+pub mod broker;
 pub mod child;
 pub mod dhcp;
 pub mod dns;
@@ -97,6 +98,9 @@ pub struct Plan {
     pub parent: i32,
     /// A folder only root writes, for [`crate::sandbox::empty_root`].
     pub empty_parent: std::path::PathBuf,
+    /// The VM's secrets, to broker (values included: this plan exists
+    /// only in memory and on the child's stdin).
+    pub broker: Option<broker::Plan>,
 }
 
 impl Plan {
@@ -116,6 +120,7 @@ impl Plan {
             gid: identity.gid.as_raw(),
             parent: nix::unistd::getpid().as_raw(),
             empty_parent: empty_parent.to_path_buf(),
+            broker: None,
         }
     }
 }

@@ -60,6 +60,19 @@ pub enum Denial {
     /// With `allow_domains`: first bytes that start a TLS or HTTP request
     /// but cannot be read whole (split, too large, too slow, malformed).
     Uninspectable,
+    /// A secret's placeholder in a request's URL.
+    SecretInUrl,
+    /// A secret's placeholder in a request's body or trailers.
+    SecretInBody,
+    /// A secret's placeholder to a host not listed for that secret.
+    SecretNotForHost,
+    /// A secret's placeholder in plain HTTP.
+    SecretInClear,
+    /// A secret's host whose server the host's trust store does not
+    /// vouch for.
+    UntrustedServer,
+    /// On a connection for a secret's host, a request for another host.
+    Misdirected,
 }
 
 impl Denial {
@@ -84,6 +97,12 @@ impl Denial {
             Denial::Uninspectable => "uninspectable",
             Denial::DnsQuery => "dns-query",
             Denial::SpoofedSource => "spoofed-source",
+            Denial::SecretInUrl => "secret-in-url",
+            Denial::SecretInBody => "secret-in-body",
+            Denial::SecretNotForHost => "secret-not-for-host",
+            Denial::SecretInClear => "secret-in-clear",
+            Denial::UntrustedServer => "untrusted-server",
+            Denial::Misdirected => "misdirected-request",
         }
     }
 }

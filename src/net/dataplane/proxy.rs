@@ -16,6 +16,7 @@ use socket2::SockRef;
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use super::broker::intercept::{self, Seen};
 use super::policy::Denial;
 use super::resolver::Resolver;
 use super::route::Gate;
@@ -46,6 +47,8 @@ pub struct Proxy {
     pub resolver: Arc<Resolver>,
     /// The flow caps, shared by the IPv4 and IPv6 listeners.
     pub slots: Slots,
+    /// The credential broker, when the VM has secrets.
+    pub broker: Option<Arc<super::broker::Broker>>,
 }
 
 /// Slots for relayed TCP connections and tracked UDP flows, sized by
@@ -133,10 +136,42 @@ impl Proxy {
                 return reset(guest);
             }
         };
-        // With allow_domains, the client's first bytes are checked before
-        // anything is sent on its behalf.
         let inspect = policy.domains.as_ref().filter(|_| !allowed.hole);
-        let first = match inspect {
+        // With secrets, connections to their hosts (and plain HTTP) are
+        // the broker's: looked at without taking a byte.
+        let seen = match &self.broker {
+            Some(b) if !allowed.hole => intercept::classify(b, dst, &guest).await,
+            _ => Seen::Other,
+        };
+        let broker_slot = match (&seen, &self.broker) {
+            (Seen::Other, _) | (_, None) => None,
+            (_, Some(b)) => match Arc::clone(&b.slots).try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    self.stats
+                        .deny(Proto::Tcp, src, dst, Denial::TooManyConnections);
+                    return reset(guest);
+                }
+            },
+        };
+        if let (Seen::Tls(name), Some(list)) = (&seen, inspect)
+            && !list.admits_request(dst.ip(), name)
+        {
+            self.stats.secret_refused(
+                src,
+                dst,
+                Some(name),
+                None,
+                None,
+                Denial::NotAllowedDomain,
+                "",
+            );
+            return reset(guest);
+        }
+        // With allow_domains, the client's first bytes are checked before
+        // anything is sent on its behalf (the broker checks each request
+        // of the connections it takes).
+        let first = match inspect.filter(|_| seen == Seen::Other) {
             Some(list) => match super::inspect::before_connect(list, dst.ip(), &guest).await {
                 Ok(Some(first)) => first,
                 Ok(None) => return reset(guest),
@@ -175,7 +210,18 @@ impl Proxy {
         self.stats.tcp.fetch_add(1, Ordering::Relaxed);
         // The guest's side has TCP_NODELAY and keepalive from the listener.
         let _ = upstream.set_nodelay(true);
-        let (up, down) = if let Some(list) = inspect {
+        let flow = |b: &Arc<super::broker::Broker>| intercept::Flow {
+            broker: Arc::clone(b),
+            stats: Arc::clone(&self.stats),
+            src,
+            dst,
+            list: inspect.cloned(),
+        };
+        let (up, down) = if let (Seen::Tls(name), Some(b)) = (&seen, &self.broker) {
+            intercept::tls(flow(b), guest, upstream, name.clone()).await
+        } else if let (Seen::Http, Some(b)) = (&seen, &self.broker) {
+            intercept::plain(flow(b), guest, upstream).await
+        } else if let Some(list) = inspect {
             let (refused, up, down) =
                 super::inspect::relay(list, dst.ip(), &guest, &upstream, first).await;
             if let Some(refusal) = refused {
@@ -193,6 +239,11 @@ impl Proxy {
                 }
             }
         };
+        drop(broker_slot);
+        let named = named.or(match seen {
+            Seen::Tls(name) => Some(name),
+            _ => None,
+        });
         self.stats
             .flow_ended(Proto::Tcp, dst, allowed, named, up, down);
     }
@@ -393,8 +444,11 @@ fn recv_orig(
 /// Keep the policy's view of the host current: its addresses, its default
 /// routes, and the addresses `allow_domains` admitted (expired entries
 /// dropped).
-pub async fn watch_host(gate: Arc<Gate>) {
+pub async fn watch_host(gate: Arc<Gate>, broker: Option<Arc<super::broker::Broker>>) {
     loop {
+        if let Some(b) = &broker {
+            b.expire();
+        }
         if gate.policy.host.refresh() {
             tracing::info!("host addresses changed; policy updated");
         }

@@ -46,6 +46,9 @@ pub struct Resolver {
     /// Queries being answered at once; beyond it new ones are dropped
     /// (the client retries), so a flood cannot grow tasks and buffers.
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// The credential broker, which looks at connections to the
+    /// addresses its hosts resolve to.
+    pub broker: Option<Arc<super::broker::Broker>>,
 }
 
 /// Queries forwarded at once for one VM (each waits at most
@@ -114,6 +117,13 @@ impl Resolver {
             .unwrap_or_else(|| dns::servfail(&guest));
         if let Some(allow) = &self.allow {
             learn(allow, &name, &resp);
+        }
+        if let Some(broker) = &self.broker {
+            for rec in &resp.answers {
+                if let Some(ip) = dns::address_of(&rec.data) {
+                    broker.learn(&name, ip, rec.ttl);
+                }
+            }
         }
         self.stats.dns_answered(&name, &qtype);
         for rec in &resp.answers {
@@ -322,6 +332,7 @@ mod tests {
             stats: Arc::new(Stats::default()),
             gate: None,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            broker: None,
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

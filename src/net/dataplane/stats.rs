@@ -178,6 +178,54 @@ impl Stats {
         }
     }
 
+    /// The broker put a secret into a request to its host.
+    pub fn secret_used(
+        &self,
+        dst: SocketAddr,
+        secret: &str,
+        asked: &super::broker::intercept::Asked,
+        status: u16,
+    ) {
+        let mut e = Entry::new("tcp", dst.to_string(), Decision::Allowed);
+        e.name = Some(asked.host.clone());
+        e.secret = Some(secret.to_string());
+        e.method = Some(asked.method.clone());
+        e.path = Some(asked.path.clone());
+        e.status = Some(status);
+        self.journal.record(e);
+    }
+
+    /// The broker refused a request (or a connection, without `asked`):
+    /// `secret` names the secret it carried, `detail` says more in the
+    /// log.
+    #[allow(clippy::too_many_arguments)]
+    pub fn secret_refused(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        host: Option<&str>,
+        secret: Option<&str>,
+        asked: Option<&super::broker::intercept::Asked>,
+        why: Denial,
+        detail: &str,
+    ) {
+        self.count(why);
+        let mut e = Entry::new("tcp", dst.to_string(), Decision::Denied);
+        e.name = host
+            .map(super::domains::normalize)
+            .or_else(|| self.name_of(dst.ip()));
+        e.reason = Some(why.as_str().to_string());
+        e.secret = secret.map(str::to_string);
+        if let Some(a) = asked {
+            e.method = Some(a.method.clone());
+            e.path = Some(a.path.clone());
+        }
+        self.journal.record(e);
+        if self.may_log() {
+            tracing::info!("denied tcp {src} -> {dst}: {} {detail}", why.as_str());
+        }
+    }
+
     /// A DNS question the gateway did not forward: `why` counts it,
     /// `detail` says why in the log.
     pub fn deny_dns(&self, name: &str, qtype: &str, why: Denial, detail: &str) {

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, Secret, SecretSource};
 
+pub mod authority;
+pub mod vm;
+
 /// How long a `command:` source may take.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest value accepted.
@@ -25,6 +28,49 @@ impl Value {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    #[cfg(test)]
+    pub fn for_tests(text: &str) -> Value {
+        Value(text.to_string())
+    }
+}
+
+/// A PEM file of authorities the broker also trusts for the real servers
+/// (a corporate root; a test's own authority), read by the user's process.
+pub const UPSTREAM_CA_VAR: &str = "MIGRANT_UPSTREAM_CA";
+
+/// The authorities the real servers of secret hosts must chain to (DER):
+/// the host's trust store (`SSL_CERT_FILE` and `SSL_CERT_DIR` choose
+/// another), and the file [`UPSTREAM_CA_VAR`] names.
+pub fn upstream_roots() -> Result<Vec<Vec<u8>>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots: Vec<Vec<u8>> = found.certs.into_iter().map(|c| c.to_vec()).collect();
+    if let Some(path) = std::env::var_os(UPSTREAM_CA_VAR).filter(|p| !p.is_empty()) {
+        let path = std::path::PathBuf::from(path);
+        let text = crate::userfile::read_to_string(&path, 4 << 20)
+            .map_err(|e| format!("{UPSTREAM_CA_VAR}={}: {e}", path.display()))?;
+        let before = roots.len();
+        for cert in CertificateDer::pem_slice_iter(text.as_bytes()) {
+            let cert = cert.map_err(|e| format!("{UPSTREAM_CA_VAR}={}: {e}", path.display()))?;
+            roots.push(cert.to_vec());
+        }
+        if roots.len() == before {
+            return Err(format!(
+                "{UPSTREAM_CA_VAR}={}: no PEM certificate in it",
+                path.display()
+            ));
+        }
+    }
+    if roots.is_empty() {
+        let why: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+        return Err(format!(
+            "no trusted authorities for the secrets' servers: the host's trust store is empty or unreadable ({}); install ca-certificates, or name a PEM file in {UPSTREAM_CA_VAR}",
+            why.join("; ")
+        ));
+    }
+    Ok(roots)
 }
 
 impl std::fmt::Debug for Value {
