@@ -77,6 +77,20 @@ pub fn netlab(
         );
         // No VM to journal for.
         plan.journal = false;
+        // Secrets: an authority and placeholders of this run's own (no VM
+        // keeps them), the values read as `up` reads them; the authority's
+        // certificate is written beside the Migrantfile for the benchmark's
+        // clients, the placeholders printed.
+        if !cfg.secrets.is_empty() {
+            let values = crate::secrets::read_all(&cfg)?;
+            let made = crate::secrets::vm::VmSecrets::make(&cfg)?;
+            std::fs::write(project.join("netlab-ca.pem"), &made.authority.cert_pem)?;
+            for p in &made.placeholders {
+                println!("placeholder {} {}", p.name, p.text);
+            }
+            let roots = crate::secrets::upstream_roots()?;
+            plan.broker = Some(dataplane::broker::Plan::new(&made, values, &roots));
+        }
         let hub = parent::Hub::new(None);
         let kept = parent::Kept { sockets, ssh: None };
         let mut plane =

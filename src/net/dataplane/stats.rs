@@ -179,13 +179,7 @@ impl Stats {
     }
 
     /// The broker put a secret into a request to its host.
-    pub fn secret_used(
-        &self,
-        dst: SocketAddr,
-        secret: &str,
-        asked: &super::broker::intercept::Asked,
-        status: u16,
-    ) {
+    pub fn secret_used(&self, dst: SocketAddr, secret: &str, asked: &Asked, status: u16) {
         let mut e = Entry::new("tcp", dst.to_string(), Decision::Allowed);
         e.name = Some(asked.host.clone());
         e.secret = Some(secret.to_string());
@@ -205,7 +199,7 @@ impl Stats {
         dst: SocketAddr,
         host: Option<&str>,
         secret: Option<&str>,
-        asked: Option<&super::broker::intercept::Asked>,
+        asked: Option<&Asked>,
         why: Denial,
         detail: &str,
     ) {
@@ -251,4 +245,13 @@ impl Stats {
             dataplane: None,
         }
     }
+}
+
+/// What the journal says of a request.
+#[derive(Debug, Clone)]
+pub struct Asked {
+    pub host: String,
+    pub method: String,
+    /// The path, without the query, cut short for the journal.
+    pub path: String,
 }

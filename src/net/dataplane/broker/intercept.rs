@@ -33,7 +33,7 @@ use super::rewrite::{Refusal, Scanner};
 use crate::net::dataplane::domains::{Allowlist, FirstFlight, first_flight, normalize};
 use crate::net::dataplane::inspect::COMPLETE_WITHIN;
 use crate::net::dataplane::policy::Denial;
-use crate::net::dataplane::stats::Stats;
+use crate::net::dataplane::stats::{Asked, Stats};
 
 /// How long a client may stay silent before its connection is passed on
 /// unlooked-at (server-first protocols: SSH to a secret's host).
@@ -317,15 +317,6 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     ))
 }
 
-/// What the journal says of a request.
-#[derive(Debug, Clone)]
-pub struct Asked {
-    pub host: String,
-    pub method: String,
-    /// The path, without the query, at most [`PATH_IN_JOURNAL`] bytes.
-    pub path: String,
-}
-
 fn asked<B>(req: &Request<B>, host: &str) -> Asked {
     let mut path = req.uri().path().to_string();
     if path.len() > PATH_IN_JOURNAL {
@@ -357,28 +348,42 @@ fn answer(status: StatusCode, text: String) -> Response<Outgoing> {
 }
 
 impl Conn {
-    /// Journal a refusal and answer it.
-    fn refuse(&self, asked: &Asked, r: &Refusal) -> Response<Outgoing> {
+    /// Journal a refused request and answer it with `status` and `text`.
+    fn deny(
+        &self,
+        asked: &Asked,
+        (secret, why): (Option<&str>, Denial),
+        status: StatusCode,
+        text: String,
+    ) -> Response<Outgoing> {
         self.flow.stats.secret_refused(
             self.flow.src,
             self.flow.dst,
             Some(&asked.host),
-            Some(&r.secret),
+            secret,
             Some(asked),
-            r.why,
+            why,
             "",
         );
-        answer(
+        answer(status, text)
+    }
+
+    /// Journal a request refused for the placeholder it carried, and
+    /// answer it.
+    fn refuse(&self, asked: &Asked, r: &Refusal) -> Response<Outgoing> {
+        let what = match r.why {
+            Denial::SecretInUrl => "may not be sent in a URL",
+            Denial::SecretInBody => "may not be sent in a body",
+            Denial::SecretInClear => "may not be sent without TLS",
+            _ => "may not be sent to this host",
+        };
+        self.deny(
+            asked,
+            (Some(&r.secret), r.why),
             StatusCode::FORBIDDEN,
             format!(
-                "migrant: refused: the placeholder of {} {} ({})\n",
+                "migrant: refused: the placeholder of {} {what} ({})\n",
                 r.secret,
-                match r.why {
-                    Denial::SecretInUrl => "may not be sent in a URL",
-                    Denial::SecretInBody => "may not be sent in a body",
-                    Denial::SecretInClear => "may not be sent without TLS",
-                    _ => "may not be sent to this host",
-                },
                 r.why.as_str()
             ),
         )
@@ -401,16 +406,9 @@ async fn handle(
         // On a connection made for a secret's host, a request for
         // another host (which a shared server might route) is refused.
         Some(name) if *name != host => {
-            flow.stats.secret_refused(
-                flow.src,
-                flow.dst,
-                Some(&host),
-                None,
-                Some(&asked),
-                Denial::Misdirected,
-                name,
-            );
-            return Ok(answer(
+            return Ok(conn.deny(
+                &asked,
+                (None, Denial::Misdirected),
                 StatusCode::MISDIRECTED_REQUEST,
                 format!("migrant: this connection is for {name}, not {host}\n"),
             ));
@@ -420,16 +418,9 @@ async fn handle(
             if let Some(list) = &flow.list
                 && !list.admits_request(flow.dst.ip(), &host)
             {
-                flow.stats.secret_refused(
-                    flow.src,
-                    flow.dst,
-                    Some(&host),
-                    None,
-                    Some(&asked),
-                    Denial::NotAllowedDomain,
-                    "",
-                );
-                return Ok(answer(
+                return Ok(conn.deny(
+                    &asked,
+                    (None, Denial::NotAllowedDomain),
                     StatusCode::FORBIDDEN,
                     format!("migrant: {host} is not in allow_domains\n"),
                 ));

@@ -53,9 +53,28 @@ async fn server(upstream: &Authority) -> (SocketAddr, Seen) {
                 };
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
                 let service =
-                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
                         let log = Arc::clone(&log);
                         async move {
+                            // An upgrade: echo what comes after it.
+                            if req.headers().contains_key("upgrade") {
+                                let upgraded = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    if let Ok(u) = upgraded.await {
+                                        let (mut r, mut w) = tokio::io::split(TokioIo::new(u));
+                                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                                    }
+                                });
+                                let mut resp = hyper::Response::new(Full::new(Bytes::new()));
+                                *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                                resp.headers_mut().insert(
+                                    "connection",
+                                    http::HeaderValue::from_static("upgrade"),
+                                );
+                                resp.headers_mut()
+                                    .insert("upgrade", http::HeaderValue::from_static("echo"));
+                                return Ok(resp);
+                            }
                             let auth = req
                                 .headers()
                                 .get("authorization")
@@ -84,6 +103,7 @@ async fn server(upstream: &Authority) -> (SocketAddr, Seen) {
                 } else {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(io, service)
+                        .with_upgrades()
                         .await;
                 }
             });
@@ -190,7 +210,7 @@ async fn http1_keep_alive_requests_carry_the_value_and_refusals_send_nothing() {
     let s = setup(&upstream, &upstream).await;
     let tls = ok(guest(&s, "api.test", &[b"http/1.1"]).await);
     let (mut send, conn) = ok(hyper::client::conn::http1::handshake(TokioIo::new(tls)).await);
-    tokio::spawn(conn);
+    tokio::spawn(conn.with_upgrades());
 
     for path in ["/one", "/two"] {
         let resp = ok(send
@@ -233,6 +253,22 @@ async fn http1_keep_alive_requests_carry_the_value_and_refusals_send_nothing() {
         .await))
     .await;
     assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
+
+    // An upgrade (as WebSocket asks for one) goes through: the bytes after
+    // it travel both ways.
+    let req = ok(Request::get("/ws")
+        .header("host", "api.test")
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(Full::new(Bytes::new())));
+    let resp = ok(send.send_request(req).await);
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut io = TokioIo::new(ok(hyper::upgrade::on(resp).await));
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    ok(io.write_all(b"ping").await);
+    let mut back = [0u8; 4];
+    ok(io.read_exact(&mut back).await);
+    assert_eq!(&back, b"ping");
 
     let all = seen(&s);
     assert_eq!(
