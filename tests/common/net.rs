@@ -12,8 +12,9 @@
 //!     45.20.0.10:9000 holds every connection open; GET /big: 20 MiB
 //!   an internal network the host routes over the LAN link, not its
 //!     default route: 11.1.0.0/16 via 192.168.77.50; 11.1.0.10 http "internal"
-//!   45.20.0.12 and .13: for the test's own servers (secret.test and
-//!     its names resolve to .12, untrusted.test and its names to .13)
+//!   45.20.0.31 and .32: for the test's own servers (secret.test and
+//!     its names resolve to .31, untrusted.test and its names to .32;
+//!     tests/wireguard.rs adds 45.20.0.12 itself)
 //!   DNS: ok.test, other.test, shared.test, api.allowed.test (public),
 //!     internal.test (11.1.0.10), split.test (192.168.77.50), and the PTR
 //!     of 192.168.77.50 (printer.lan.test)
@@ -219,8 +220,8 @@ impl TestNet {
             "45.20.0.10/32",
             "45.20.0.11/32",
             "45.20.0.53/32",
-            "45.20.0.12/32",
-            "45.20.0.13/32",
+            "45.20.0.31/32",
+            "45.20.0.32/32",
             "168.63.129.16/32",
         ] {
             in_ns(i, &["ip", "addr", "add", a, "dev", "lo"]);
@@ -287,8 +288,8 @@ impl TestNet {
                 "--address=/shared.test/45.20.0.10",
                 "--address=/api.allowed.test/45.20.0.10",
                 "--address=/internal.test/11.1.0.10",
-                "--address=/secret.test/45.20.0.12",
-                "--address=/untrusted.test/45.20.0.13",
+                "--address=/secret.test/45.20.0.31",
+                "--address=/untrusted.test/45.20.0.32",
                 "--address=/split.test/192.168.77.50",
                 "--ptr-record=50.77.168.192.in-addr.arpa,printer.lan.test",
             ])

@@ -13,7 +13,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -229,6 +229,9 @@ struct Conn {
     /// The name the guest's TLS was for; `None`: plain HTTP.
     name: Option<String>,
     upstream: Upstream,
+    /// A request asked for an upgrade: the server's side ending may be
+    /// its hand-over to the upgraded stream.
+    upgrading: AtomicBool,
 }
 
 async fn relay<G, U>(flow: Flow, guest: G, upstream: U, name: Option<String>, h2: bool)
@@ -236,6 +239,10 @@ where
     G: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // The server's side ending (its idle timeout, a GOAWAY) ends the
+    // guest's too, as a relayed connection would: else the guest's next
+    // request on its kept-alive connection would find nothing behind it.
+    let (gone_tx, gone) = tokio::sync::oneshot::channel::<()>();
     let upstream = if h2 {
         let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -244,7 +251,10 @@ where
             .await;
         match handshake {
             Ok((send, conn)) => {
-                tokio::spawn(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    let _ = gone_tx.send(());
+                });
                 Upstream::H2(send)
             }
             Err(e) => {
@@ -259,7 +269,10 @@ where
             .await;
         match handshake {
             Ok((send, conn)) => {
-                tokio::spawn(conn.with_upgrades());
+                tokio::spawn(async move {
+                    let _ = conn.with_upgrades().await;
+                    let _ = gone_tx.send(());
+                });
                 Upstream::H1(tokio::sync::Mutex::new(send))
             }
             Err(e) => {
@@ -272,25 +285,47 @@ where
         flow,
         name,
         upstream,
+        upgrading: AtomicBool::new(false),
     });
-    let service = hyper::service::service_fn(move |req| handle(Arc::clone(&conn), req));
+    let service = {
+        let conn = Arc::clone(&conn);
+        hyper::service::service_fn(move |req| handle(Arc::clone(&conn), req))
+    };
     let served = if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_STREAMS)
             .max_header_list_size(MAX_HEADER_LIST)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .serve_connection(TokioIo::new(guest), service)
-            .await
+            .serve_connection(TokioIo::new(guest), service);
+        tokio::pin!(served);
+        tokio::select! {
+            r = served.as_mut() => r,
+            _ = gone => {
+                served.as_mut().graceful_shutdown();
+                served.await
+            }
+        }
     } else {
-        hyper::server::conn::http1::Builder::new()
+        let served = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .max_buf_size(MAX_BUF)
             .header_read_timeout(HEADER_WITHIN)
             .serve_connection(TokioIo::new(guest), service)
-            .with_upgrades()
-            .await
+            .with_upgrades();
+        tokio::pin!(served);
+        tokio::select! {
+            r = served.as_mut() => r,
+            _ = gone => {
+                // An upgrade hands the server's connection over: that is
+                // not its end.
+                if !conn.upgrading.load(Ordering::Relaxed) {
+                    served.as_mut().graceful_shutdown();
+                }
+                served.await
+            }
+        }
     };
     if let Err(e) = served {
         tracing::debug!("broker: the guest's connection: {e}");
@@ -444,6 +479,9 @@ async fn handle(
         .headers()
         .contains_key(http::header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut req));
+    if upgrade.is_some() {
+        conn.upgrading.store(true, Ordering::Relaxed);
+    }
     let tripped: Arc<Mutex<Option<Refusal>>> = Arc::default();
     let (parts, body) = req.into_parts();
     let body = Scanned {

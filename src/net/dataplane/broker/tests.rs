@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -27,8 +28,10 @@ fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
 type Seen = Arc<Mutex<Vec<String>>>;
 
 /// A TLS server for `api.test` and `other.test` whose certificate the
-/// `upstream` authority issued; it records each request.
-async fn server(upstream: &Authority) -> (SocketAddr, Seen) {
+/// `upstream` authority issued; it records each request. With
+/// `close_after`, it drops each connection then, without a word (an idle
+/// timeout).
+async fn server(upstream: &Authority, close_after: Option<Duration>) -> (SocketAddr, Seen) {
     let issuing = ok(upstream.issuing());
     let (chain, key) = ok(issuing.issue("api.test"));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -96,15 +99,23 @@ async fn server(upstream: &Authority) -> (SocketAddr, Seen) {
                         }
                     });
                 let io = TokioIo::new(tls);
-                if h2 {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, service)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .with_upgrades()
-                        .await;
+                let serve = async move {
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .with_upgrades()
+                            .await;
+                    }
+                };
+                match close_after {
+                    Some(after) => {
+                        let _ = tokio::time::timeout(after, serve).await;
+                    }
+                    None => serve.await,
                 }
             });
         }
@@ -123,6 +134,14 @@ struct Setup {
 /// trusts `trusted` for the real servers; the server's certificate comes
 /// from `upstream`.
 async fn setup(upstream: &Authority, trusted: &Authority) -> Setup {
+    setup_with(upstream, trusted, None).await
+}
+
+async fn setup_with(
+    upstream: &Authority,
+    trusted: &Authority,
+    close_after: Option<Duration>,
+) -> Setup {
     let hosts = vec!["api.test".to_string(), "other.test".to_string()];
     let vm = ok(Authority::make("box", &hosts));
     let lent = |name: &str, placeholder: &str, value: &str, host: &str| Lent {
@@ -143,7 +162,7 @@ async fn setup(upstream: &Authority, trusted: &Authority) -> Setup {
         }],
     };
     let broker = Arc::new(ok(Broker::new(&plan)));
-    let (server, seen) = server(upstream).await;
+    let (server, seen) = server(upstream, close_after).await;
     Setup {
         vm,
         broker,
@@ -328,4 +347,23 @@ async fn a_server_the_roots_do_not_vouch_for_gets_nothing() {
     // handshake: the guest sees its connection end.
     assert!(guest(&s, "api.test", &[b"http/1.1"]).await.is_err());
     assert!(seen(&s).is_empty());
+}
+
+#[tokio::test]
+async fn a_server_closing_its_connection_closes_the_guests() {
+    let upstream = ok(Authority::make("upstream", &["api.test".into()]));
+    let s = setup_with(&upstream, &upstream, Some(Duration::from_millis(300))).await;
+    let tls = ok(guest(&s, "api.test", &[b"http/1.1"]).await);
+    let (mut send, conn) = ok(hyper::client::conn::http1::handshake(TokioIo::new(tls)).await);
+    let conn = tokio::spawn(conn);
+    let (status, _) = text(ok(send.send_request(get("/one", "api.test", "none")).await)).await;
+    assert_eq!(status, StatusCode::OK);
+    // The server drops its idle connection: the guest's ends with it, so
+    // that its client opens a new one instead of sending into nothing.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .is_ok(),
+        "the guest's connection outlived the server's"
+    );
 }
