@@ -582,21 +582,15 @@ struct Scanned {
 }
 
 impl Scanned {
-    fn trip(&self, secret: usize) -> BoxError {
-        let r = Refusal {
-            why: if self.clear {
-                Denial::SecretInClear
-            } else {
-                Denial::SecretInBody
-            },
-            secret: self
-                .broker
-                .secrets
-                .held
-                .get(secret)
-                .map(|h| h.name.clone())
-                .unwrap_or_default(),
+    /// Note the refusal of a request whose body (or trailers) carried the
+    /// placeholder of `secret`, and end the body with an error.
+    fn trip(&self, secret: String) -> BoxError {
+        let why = if self.clear {
+            Denial::SecretInClear
+        } else {
+            Denial::SecretInBody
         };
+        let r = Refusal { why, secret };
         if let Ok(mut t) = self.tripped.lock() {
             *t = Some(r);
         }
@@ -615,16 +609,16 @@ impl Body for Scanned {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                let secrets = &this.broker.secrets;
                 if let Some(data) = frame.data_ref() {
-                    if let Some(i) = this.scanner.feed(&this.broker.secrets, data) {
-                        return Poll::Ready(Some(Err(this.trip(i))));
+                    if let Some(i) = this.scanner.feed(secrets, data) {
+                        let name = secrets.held[i].name.clone();
+                        return Poll::Ready(Some(Err(this.trip(name))));
                     }
                 } else if let Some(trailers) = frame.trailers_ref()
-                    && let Some((i, _)) = trailers
-                        .values()
-                        .find_map(|v| this.broker.secrets.find(v.as_bytes()))
+                    && let Err(r) = secrets.check_trailers(trailers)
                 {
-                    return Poll::Ready(Some(Err(this.trip(i))));
+                    return Poll::Ready(Some(Err(this.trip(r.secret))));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
