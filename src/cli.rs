@@ -108,7 +108,8 @@ pub enum Cmd {
         #[arg(long)]
         denied: bool,
         /// Print the `allow_domains` that would have admitted what the VM
-        /// did (a Migrantfile section, with counts per name).
+        /// did (a Migrantfile section, with counts per name), and the
+        /// hosts each secret was sent to.
         #[arg(long, conflicts_with_all = ["json", "follow", "denied"])]
         suggest: bool,
     },

@@ -16,29 +16,60 @@ use common::{Env, expect, test_image};
 
 const REAL: &str = "real-api-token-5d0e1c";
 const ROTATED: &str = "rotated-api-token-77ab02";
+const THIRD: &str = "third-api-token-0f93d1";
 const OTHER_REAL: &str = "real-other-token-c4f1";
 const BAD_REAL: &str = "real-bad-token-9e3a";
 
 /// A test server: HTTPS on `addr`:443 (and plain HTTP on port 80 when
 /// the last argument is `http`), logging each request as a JSON line and
-/// answering `ok`.
+/// answering `ok`; under `/git/` it is a git server (`git http-backend`
+/// over the bare repositories in `gitroot`) that wants Basic auth, as
+/// GitHub does.
 const SERVER: &str = r#"
-import http.server, json, ssl, sys, threading
-addr, cert, key, log, plain = sys.argv[1:6]
+import base64, http.server, json, os, ssl, subprocess, sys, threading
+addr, cert, key, log, plain, gitroot = sys.argv[1:7]
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def any(self):
         n = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(n).decode("latin-1") if n else ""
+        raw = self.rfile.read(n) if n else b""
+        auth = self.headers.get("Authorization")
         rec = {"method": self.command, "path": self.path, "host": self.headers.get("Host"),
-               "authorization": self.headers.get("Authorization"),
-               "x_token": self.headers.get("X-Token"), "body": body}
+               "authorization": auth, "x_token": self.headers.get("X-Token"),
+               "user_agent": self.headers.get("User-Agent"), "body": raw.decode("latin-1")}
         with open(log, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
+        if self.path.startswith("/git/"):
+            return self.git(auth, raw)
+        self.answer(200, [], b"ok")
+    def answer(self, code, headers, body):
+        self.send_response(code)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(b"ok")
+        self.wfile.write(body)
+    def git(self, auth, body):
+        # A placeholder is no credential: only a real token opens the repository.
+        who = base64.b64decode(auth[6:]).decode() if auth and auth.startswith("Basic ") else ""
+        if not who.startswith("git:real-"):
+            return self.answer(401, [("WWW-Authenticate", 'Basic realm="git"')], b"")
+        path, _, query = self.path[4:].partition("?")
+        env = {"PATH": os.environ["PATH"], "GIT_PROJECT_ROOT": gitroot, "GIT_HTTP_EXPORT_ALL": "1",
+               "PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": self.command,
+               "CONTENT_TYPE": self.headers.get("Content-Type") or "", "CONTENT_LENGTH": str(len(body)),
+               "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding") or "",
+               "GIT_PROTOCOL": self.headers.get("Git-Protocol") or "", "REMOTE_USER": "git"}
+        out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True).stdout
+        head, _, payload = out.partition(b"\r\n\r\n")
+        code, headers = 200, []
+        for line in head.decode().split("\r\n"):
+            k, _, v = line.partition(": ")
+            if k.lower() == "status":
+                code = int(v.split()[0])
+            elif k:
+                headers.append((k, v))
+        self.answer(code, headers, payload)
     do_GET = do_POST = do_PUT = any
     def log_message(self, *a):
         pass
@@ -96,6 +127,36 @@ if sys.argv[1:] == ["all"]:
         with raw.wrap_socket(s, server_hostname="plain.secret.test") as t:
             out("passthrough", hashlib.sha256(t.getpeercert(binary_form=True)).hexdigest())
 "#;
+
+/// The clients agents use, each with the placeholder as its docs say to
+/// pass a token: curl, Node's `fetch`, git cloning over HTTPS with the
+/// token in the URL (git sends it as Basic auth after the server's 401).
+const CLIENTS: &str = r#"
+out() { printf '%s => %s\n' "$1" "$2"; }
+out curl "$(curl -sS --max-time 30 -H "Authorization: Bearer $API_TOKEN" https://api.secret.test/curl 2>&1)"
+out node "$(node -e 'fetch("https://api.secret.test/node", {headers: {Authorization: "Bearer " + process.env.API_TOKEN}})
+  .then(async r => console.log(r.status + " " + await r.text()), e => console.log("ERR " + (e.cause || e)))' 2>/dev/null)"
+rm -rf /tmp/clone
+if git clone -q "https://git:$API_TOKEN@api.secret.test/git/repo.git" /tmp/clone 2>/tmp/clone.err; then
+    out git "$(cat /tmp/clone/README)"
+else
+    out git "ERR $(tr '\n' ' ' < /tmp/clone.err)"
+fi
+"#;
+
+/// What the git server serves: `dir/repo.git`, one commit with a README.
+const README: &str = "cloned through the broker";
+
+fn git_repository(dir: &Path) {
+    let d = dir.display();
+    sh(&format!(
+        "set -e; cd {d}; git init -q --bare repo.git; git init -q work; cd work; \
+         printf '%s\\n' '{README}' > README; git add README; \
+         git -c user.name=test -c user.email=test@test commit -q -m one; \
+         git push -q ../repo.git HEAD:refs/heads/main; \
+         git -C ../repo.git symbolic-ref HEAD refs/heads/main"
+    ));
+}
 
 fn sh(cmd: &str) {
     let out = Command::new("sh")
@@ -185,7 +246,11 @@ fn up(env: &Env, token: &str, ca: &Path) -> String {
 }
 
 fn guest(env: &Env, mode: &str) -> std::collections::HashMap<String, String> {
-    let out = env.run_input(&["ssh", "--", "python3", "-", mode], GUEST.as_bytes());
+    lines(env.run_input(&["ssh", "--", "python3", "-", mode], GUEST.as_bytes()))
+}
+
+/// A guest script's `check => result` lines.
+fn lines(out: std::process::Output) -> std::collections::HashMap<String, String> {
     assert!(out.status.success(), "guest script: {}", common::text(&out));
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -207,6 +272,7 @@ fn secrets_reach_their_servers_and_never_the_guest() {
     authority(pki.path(), "stranger", &["bad.untrusted.test"]);
     let log = pki.path().join("secret.log");
     let bad_log = pki.path().join("untrusted.log");
+    git_repository(pki.path());
     let p = |f: &str| pki.path().join(f).display().to_string();
     let inet = net.inet.clone();
     net.spawn(
@@ -220,6 +286,7 @@ fn secrets_reach_their_servers_and_never_the_guest() {
             &p("upstream-server.key"),
             &log.display().to_string(),
             "http",
+            &pki.path().display().to_string(),
         ],
     );
     net.spawn(
@@ -232,6 +299,7 @@ fn secrets_reach_their_servers_and_never_the_guest() {
             &p("stranger-server.pem"),
             &p("stranger-server.key"),
             &bad_log.display().to_string(),
+            "-",
             "-",
         ],
     );
@@ -296,6 +364,10 @@ fn secrets_reach_their_servers_and_never_the_guest() {
         hex::encode(sha2::Sha256::digest(&der))
     };
     expect(&r, "passthrough", &fingerprint);
+    let c = lines(env.run_input(&["ssh", "--", "bash", "-s"], CLIENTS.as_bytes()));
+    expect(&c, "curl", "ok");
+    expect(&c, "node", "200 ok");
+    expect(&c, "git", README);
 
     // The servers: the real value in the headers of the allowed requests
     // only, never a refused request, never the placeholder.
@@ -312,10 +384,31 @@ fn secrets_reach_their_servers_and_never_the_guest() {
     use base64::Engine as _;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("git:{REAL}"));
     assert_eq!(by_path("/git")["authorization"], format!("Basic {basic}"));
+    for path in ["/curl", "/node"] {
+        assert_eq!(by_path(path)["authorization"], format!("Bearer {REAL}"));
+    }
+    // git: the clone's requests after the server's 401 carry the token.
+    let git: Vec<&serde_json::Value> = seen
+        .iter()
+        .filter(|q| q["path"].as_str().is_some_and(|p| p.starts_with("/git/")))
+        .collect();
+    assert!(
+        git.iter().any(|q| q["method"] == "POST"
+            && q["authorization"] == format!("Basic {basic}")
+            && q["user_agent"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("git/"))),
+        "{git:?}"
+    );
     let mut with_real = paths_with(&seen, REAL);
     with_real.extend(paths_with(&seen, &basic));
+    with_real.retain(|p| !p.starts_with("/git/"));
     with_real.sort();
-    assert_eq!(with_real, ["/bearer", "/git", "/ka1", "/ka2"], "{seen:?}");
+    assert_eq!(
+        with_real,
+        ["/bearer", "/curl", "/git", "/ka1", "/ka2", "/node"],
+        "{seen:?}"
+    );
     assert!(paths_with(&seen, &placeholder).is_empty(), "{seen:?}");
     assert!(paths_with(&seen, OTHER_REAL).is_empty(), "{seen:?}");
     assert!(
@@ -327,6 +420,7 @@ fn secrets_reach_their_servers_and_never_the_guest() {
     let wanted = [
         "secret API_TOKEN GET /bearer 200",
         "secret API_TOKEN GET /ka2 200",
+        "secret API_TOKEN POST /git/repo.git/git-upload-pack 200",
         "(secret-in-body)",
         "(secret-in-url)",
         "(secret-not-for-host)",
@@ -343,6 +437,32 @@ fn secrets_reach_their_servers_and_never_the_guest() {
         assert!(journal.contains(want), "{want} not in:\n{journal}");
     }
     assert!(!journal.contains(REAL), "{journal}");
+
+    // The policy from the journal: API_TOKEN's host with its count; the
+    // host it was refused at, commented out; a secret never sent.
+    let suggested = env.ok(&["egress", "--suggest"]);
+    for want in [
+        "[secrets.API_TOKEN]\nhosts = [\n  \"api.secret.test\", # ",
+        "# \"other.secret.test\", # refused 1: not listed for API_TOKEN",
+        "# [secrets.OTHER_TOKEN]: sent to no host",
+    ] {
+        assert!(suggested.contains(want), "{want} not in:\n{suggested}");
+    }
+    // What migrant says of the VM never holds a value.
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["info"],
+        &["info", "--json"],
+        &["list", "--json"],
+        &["egress", "--json"],
+        &["egress", "--suggest"],
+    ] {
+        let said = common::text(&env.run(args));
+        for value in [REAL, OTHER_REAL, BAD_REAL] {
+            assert!(!said.contains(value), "{args:?} printed a value:\n{said}");
+        }
+    }
 
     // Nowhere the guest could look: its environment, its disk and memory
     // (the VM's files, with a memory snapshot among them), the seed.
@@ -386,6 +506,20 @@ fn secrets_reach_their_servers_and_never_the_guest() {
         .find(|q| q["path"] == "/bearer")
         .unwrap_or_else(|| panic!("no second /bearer"));
     assert_eq!(last["authorization"], format!("Bearer {ROTATED}"));
+
+    // And between `halt` and a cold `up`.
+    env.ok(&["halt"]);
+    up(&env, THIRD, &ca);
+    let r = guest(&env, "bearer");
+    expect(&r, "env", &placeholder);
+    expect(&r, "bearer", "200 ok");
+    let last = requests(&log);
+    let last = last
+        .iter()
+        .rev()
+        .find(|q| q["path"] == "/bearer")
+        .unwrap_or_else(|| panic!("no third /bearer"));
+    assert_eq!(last["authorization"], format!("Bearer {THIRD}"));
 
     env.ok(&["destroy"]);
     env.assert_clean();

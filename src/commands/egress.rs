@@ -15,8 +15,9 @@ pub fn suggest(p: &Project) -> Result<u8> {
     let path = journal_of(p)?;
     let entries = journal::read(&path)?;
     print!(
-        "{}",
-        super::suggest::render(&super::suggest::uses(&entries))
+        "{}{}",
+        super::suggest::render(&super::suggest::uses(&entries)),
+        super::suggest::render_secrets(&super::suggest::lent(&entries), &p.cfg.secrets)
     );
     Ok(0)
 }
