@@ -303,6 +303,9 @@ pub enum Cmd {
         /// (the folder's owner).
         #[arg(long)]
         owner: String,
+        /// uid:gid the guest sees the owner's files as (its login user's).
+        #[arg(long)]
+        guest_owner: String,
         /// The folder is an isolated share's store, capped at this many
         /// bytes.
         #[arg(long)]

@@ -63,6 +63,7 @@ fn main() -> ExitCode {
             shared_dir,
             tag,
             owner,
+            guest_owner,
             cap,
         } => {
             init_logging(cli.verbose, "info");
@@ -72,6 +73,7 @@ fn main() -> ExitCode {
                     shared_dir,
                     tag,
                     owner,
+                    guest_owner,
                     cap,
                 },
             ));

@@ -210,6 +210,22 @@ fn shares_end_to_end() {
     );
     assert!(env.project.join("data/d.txt").exists());
 
+    // The guest sees the user's files as its login user's, who writes
+    // there as itself (no sudo); on the host, what it makes is the user's.
+    let g = guest(
+        &env,
+        "id -u; stat -c 'owner=%u:%g' /home/migrant/ws /home/migrant/ws/from-host.txt; \
+         echo as the login user > /home/migrant/ws/by-login-user.txt && echo WROTE; \
+         mkdir /home/migrant/ws/made-by-login-user && echo MKDIR; sync",
+    );
+    assert!(g.starts_with("1000\n"), "the login user: {g}");
+    assert_eq!(g.matches("owner=1000:1000").count(), 2, "{g}");
+    assert!(g.contains("WROTE") && g.contains("MKDIR"), "{g}");
+    for made in ["by-login-user.txt", "made-by-login-user"] {
+        let meta = std::fs::metadata(ws.join(made)).unwrap_or_else(|e| panic!("{made}: {e}"));
+        assert_eq!(meta.uid(), migrant_uid(), "{made} is not the user's");
+    }
+
     // Links that lead out and device nodes are refused; a link inside
     // the share works.
     let g = guest(

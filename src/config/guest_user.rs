@@ -43,6 +43,40 @@ fn image_default(image: &str) -> Option<&'static str> {
     .map(|(_, user)| user)
 }
 
+/// The ids cloud images give the first user cloud-init creates.
+pub const FIRST_USER_ID: u32 = 1000;
+
+pub fn default_ids() -> (u32, u32) {
+    (FIRST_USER_ID, FIRST_USER_ID)
+}
+
+/// The uid and gid `user` gets in the guest: the `uid` its `users:` entry
+/// in cloud-init.yml sets (its user-private group gets the same number),
+/// else [`FIRST_USER_ID`], what Debian, Ubuntu, Fedora and the other
+/// cloud images give the first user created. Only what the guest shows
+/// as a share's owner depends on it: every file the guest makes there is
+/// the host user's whatever its guest owner.
+pub fn ids(cloud_init: Option<&str>, user: &str) -> (u32, u32) {
+    let uid = cloud_init
+        .and_then(|text| YamlLoader::load_from_str(text).ok())
+        .and_then(|docs| {
+            let users = docs.first()?["users"].as_vec()?.clone();
+            users.into_iter().find_map(|u| {
+                if u["name"].as_str() != Some(user) {
+                    return None;
+                }
+                match &u["uid"] {
+                    Yaml::Integer(n) => u32::try_from(*n).ok(),
+                    Yaml::String(s) => s.trim().parse::<u32>().ok(),
+                    _ => None,
+                }
+            })
+        })
+        .filter(|uid| *uid < 1 << 31)
+        .unwrap_or(FIRST_USER_ID);
+    (uid, uid)
+}
+
 /// The guest user for a project whose Migrantfile names none: from its
 /// `cloud-init.yml` text (if readable) and its image.
 pub fn infer(cloud_init: Option<&str>, image: &str) -> String {
@@ -64,6 +98,17 @@ mod tests {
         let text = "#cloud-config\nusers:\n  - default\n  - name: dev\n    sudo: ALL=(ALL) NOPASSWD:ALL\n  - name: other\n";
         assert_eq!(infer(Some(text), "debian-12"), "dev");
         assert_eq!(infer(Some("users:\n  - alice\n"), "x.qcow2"), "alice");
+    }
+
+    #[test]
+    fn the_users_ids_are_its_uid_or_the_first_users() {
+        let text = "#cloud-config\nusers:\n  - default\n  - name: dev\n    uid: 1500\n  - name: ci\n    uid: \"2001\"\n  - name: odd\n    uid: -3\n";
+        assert_eq!(ids(Some(text), "dev"), (1500, 1500));
+        assert_eq!(ids(Some(text), "ci"), (2001, 2001));
+        assert_eq!(ids(Some(text), "odd"), (1000, 1000));
+        assert_eq!(ids(Some(text), "debian"), (1000, 1000));
+        assert_eq!(ids(None, "migrant"), (1000, 1000));
+        assert_eq!(ids(Some("users: [unclosed\n"), "migrant"), (1000, 1000));
     }
 
     #[test]

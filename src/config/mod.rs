@@ -316,6 +316,10 @@ pub struct Ssh {
     pub user: String,
     /// Private key; default `~/.ssh/migrant` of the invoking user.
     pub key: Option<PathBuf>,
+    /// The guest user's uid and gid as cloud-init creates it: shares show
+    /// their owner's files as this user's.
+    #[serde(default = "guest_user::default_ids")]
+    pub ids: (u32, u32),
 }
 
 impl Config {

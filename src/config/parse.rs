@@ -634,6 +634,8 @@ fn shares(d: &Draft, ctx: &Ctx) -> Result<Vec<Share>, ConfigError> {
 
 /// How the host reaches the guest: the SSH user and key, tunnel ports.
 fn access(d: &Draft, ctx: &Ctx, image: &str) -> Result<(Ssh, Vec<u16>), ConfigError> {
+    let file = ctx.dir.join("cloud-init.yml");
+    let text = crate::userfile::read_to_string(&file, MAX_FILE).ok();
     let user = match &d.ssh_user {
         Some(at) => {
             values::check_user(&at.value).map_err(|e| ctx.err_at(at, e))?;
@@ -643,8 +645,6 @@ fn access(d: &Draft, ctx: &Ctx, image: &str) -> Result<(Ssh, Vec<u16>), ConfigEr
         // one written in the Migrantfile; a name that is not a valid user
         // name is an error naming cloud-init.yml).
         None => {
-            let file = ctx.dir.join("cloud-init.yml");
-            let text = crate::userfile::read_to_string(&file, MAX_FILE).ok();
             let user = super::guest_user::infer(text.as_deref(), image);
             values::check_user(&user)
                 .map_err(|e| ctx.err(0, "ssh.user", format!("{}: users: {e}", file.display())))?;
@@ -667,7 +667,8 @@ fn access(d: &Draft, ctx: &Ctx, image: &str) -> Result<(Ssh, Vec<u16>), ConfigEr
         tunnel_ports.push(port);
     }
 
-    Ok((Ssh { user, key }, tunnel_ports))
+    let ids = super::guest_user::ids(text.as_deref(), &user);
+    Ok((Ssh { user, key, ids }, tunnel_ports))
 }
 
 fn min_size(v: &Option<At<u64>>, default: u64, min: u64, ctx: &Ctx) -> Result<u64, ConfigError> {

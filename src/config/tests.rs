@@ -143,7 +143,8 @@ fn toml_minimal_uses_defaults() {
         c.ssh,
         Ssh {
             user: "debian".into(),
-            key: None
+            key: None,
+            ids: (1000, 1000)
         }
     );
     assert_eq!(c.autoconnect, Autoconnect::None);
@@ -344,7 +345,8 @@ fn legacy_debian_fixture() {
         c.ssh,
         Ssh {
             user: "migrant".into(),
-            key: None
+            key: None,
+            ids: (1000, 1000)
         }
     );
     assert_eq!(c.halt_timeout, 60);

@@ -353,6 +353,9 @@ pub struct Served {
     /// The folder's owner (uid, gid), to whom every file the guest makes
     /// there belongs.
     pub owner: (u32, u32),
+    /// The guest's login user (uid, gid), whom the guest sees owning the
+    /// owner's files.
+    pub guest_owner: (u32, u32),
     /// With isolation: the cap in bytes.
     pub cap: Option<u64>,
 }
@@ -376,6 +379,7 @@ pub fn served_by_vm(cfg: &Config, vm: &VmPaths) -> Result<Vec<Served>, ShareErro
                 tag: s.tag.clone(),
                 dir: s.host.clone(),
                 owner: ours(s, &meta)?,
+                guest_owner: cfg.ssh.ids,
                 cap: folder_cap(s),
             })
         })

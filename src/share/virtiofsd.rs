@@ -34,6 +34,9 @@ pub struct Args {
     /// `UID:GID`: the share's files all belong to this owner (the
     /// folder's) on the host, whatever guest user makes them.
     pub owner: String,
+    /// `UID:GID`: the guest's login user, whom the guest sees owning the
+    /// owner's files (so it writes there without `sudo`).
+    pub guest_owner: String,
     /// The folder is an isolated share's store, capped at this many bytes
     /// (served through [`super::guard`]).
     pub cap: Option<u64>,
@@ -102,9 +105,11 @@ pub fn main(args: Args) -> u8 {
     let Some((uid, gid)) = parse_owner(&args.owner) else {
         return fail(&tag, "--owner must be UID:GID");
     };
-    // Read before the sandbox hides /proc.
-    let uid_map = Some(owner_maps(uid, crate::userns::host_uid(uid)));
-    let gid_map = Some(owner_maps(gid, crate::userns::host_gid(gid)));
+    let Some((guest_uid, guest_gid)) = parse_owner(&args.guest_owner) else {
+        return fail(&tag, "--guest-owner must be UID:GID");
+    };
+    let uid_map = Some(owner_maps(uid, guest_uid));
+    let gid_map = Some(owner_maps(gid, guest_gid));
     if let Err(e) = set_signal_handlers() {
         return fail(&tag, format!("signal handlers: {e}"));
     }
@@ -193,20 +198,20 @@ pub fn main(args: Args) -> u8 {
     }
 }
 
-/// Without isolation: every guest id becomes the folder owner's, `host`.
-/// Running without root the owner is root of the VM's user namespace:
-/// the guest sees the owner's `real` id instead, as it would under root.
-fn owner_maps(host: u32, real: Option<u32>) -> Vec<virtiofsd::soft_idmap::cmdline::IdMap> {
+/// Every guest id becomes the folder owner's, `host` (root of the VM's
+/// user namespace: the user); the guest sees the owner's files as its
+/// login user's, `guest`, who can then write there as itself.
+fn owner_maps(host: u32, guest: u32) -> Vec<virtiofsd::soft_idmap::cmdline::IdMap> {
     use virtiofsd::soft_idmap::cmdline::IdMap;
     let mut maps = vec![IdMap::SquashGuest {
         from_guest: 0,
         to_host: host,
         count: u32::MAX,
     }];
-    if let Some(real) = real.filter(|r| *r != host) {
+    if guest != host {
         maps.push(IdMap::Host {
             from_host: host,
-            to_guest: real,
+            to_guest: guest,
             count: 1,
         });
     }
@@ -306,13 +311,17 @@ pub fn socket_ends(socket_path: &Path) -> std::io::Result<Ends> {
 /// the VM: the daemon gets SIGKILL when that thread exits.
 pub fn spawn(
     exe: &Path,
-    tag: &str,
-    dir: &Path,
+    share: &super::Served,
     listener: std::os::unix::net::UnixListener,
     log: &Path,
-    owner: (u32, u32),
-    cap: Option<u64>,
 ) -> std::io::Result<Daemon> {
+    let super::Served {
+        tag,
+        dir,
+        owner,
+        guest_owner,
+        cap,
+    } = share;
     use std::os::fd::AsRawFd;
 
     let (out, _drain) =
@@ -328,6 +337,7 @@ pub fn spawn(
         .arg("--tag")
         .arg(tag)
         .arg(format!("--owner={}:{}", owner.0, owner.1))
+        .arg(format!("--guest-owner={}:{}", guest_owner.0, guest_owner.1))
         .args(cap.map(|c| format!("--cap={c}")))
         .stdin(std::process::Stdio::null())
         .stdout(out)

@@ -313,12 +313,9 @@ fn start_daemons(
     for (s, end) in served.iter().zip(ends) {
         let daemon = crate::share::virtiofsd::spawn(
             exe,
-            &s.tag,
-            &s.dir,
+            s,
             end.listener,
             &vm.state.join(format!("virtiofsd-{}.log", s.tag)),
-            s.owner,
-            s.cap,
         )
         .map_err(io(format!("cannot start virtiofsd for share {:?}", s.tag)))?;
         tracing::info!(pid = ?daemon.child.id(), tag = %s.tag, dir = %s.dir.display(), "virtiofsd started");
