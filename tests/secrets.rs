@@ -259,6 +259,21 @@ fn lines(out: std::process::Output) -> std::collections::HashMap<String, String>
         .collect()
 }
 
+/// The guest still holds `placeholder`, and its Bearer request reached
+/// the server with `token`.
+fn sends(env: &Env, log: &Path, placeholder: &str, token: &str) {
+    let r = guest(env, "bearer");
+    expect(&r, "env", placeholder);
+    expect(&r, "bearer", "200 ok");
+    let seen = requests(log);
+    let last = seen
+        .iter()
+        .rev()
+        .find(|q| q["path"] == "/bearer")
+        .unwrap_or_else(|| panic!("no /bearer in {seen:?}"));
+    assert_eq!(last["authorization"], format!("Bearer {token}"));
+}
+
 #[test]
 fn secrets_reach_their_servers_and_never_the_guest() {
     let Some(image) = test_image() else { return };
@@ -494,32 +509,13 @@ fn secrets_reach_their_servers_and_never_the_guest() {
         "the memory snapshot was searched (the placeholder is in it)"
     );
 
-    // A token rotated on the host while the VM is stopped is the one used.
+    // A token rotated on the host while the VM is stopped is the one used,
+    // after a resume from memory and after `halt` and a cold `up`.
     up(&env, ROTATED, &ca);
-    let r = guest(&env, "bearer");
-    expect(&r, "env", &placeholder);
-    expect(&r, "bearer", "200 ok");
-    let last = requests(&log);
-    let last = last
-        .iter()
-        .rev()
-        .find(|q| q["path"] == "/bearer")
-        .unwrap_or_else(|| panic!("no second /bearer"));
-    assert_eq!(last["authorization"], format!("Bearer {ROTATED}"));
-
-    // And between `halt` and a cold `up`.
+    sends(&env, &log, &placeholder, ROTATED);
     env.ok(&["halt"]);
     up(&env, THIRD, &ca);
-    let r = guest(&env, "bearer");
-    expect(&r, "env", &placeholder);
-    expect(&r, "bearer", "200 ok");
-    let last = requests(&log);
-    let last = last
-        .iter()
-        .rev()
-        .find(|q| q["path"] == "/bearer")
-        .unwrap_or_else(|| panic!("no third /bearer"));
-    assert_eq!(last["authorization"], format!("Bearer {THIRD}"));
+    sends(&env, &log, &placeholder, THIRD);
 
     env.ok(&["destroy"]);
     env.assert_clean();
