@@ -73,11 +73,6 @@ pub fn host_uid(id: u32) -> Option<u32> {
     host_id("/proc/self/uid_map", id)
 }
 
-/// The host's gid for `id`, like [`host_uid`].
-pub fn host_gid(id: u32) -> Option<u32> {
-    host_id("/proc/self/gid_map", id)
-}
-
 fn host_id(file: &str, id: u32) -> Option<u32> {
     let map = std::fs::read_to_string(file).ok()?;
     map.lines().find_map(|line| {

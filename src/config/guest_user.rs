@@ -6,13 +6,18 @@
 
 use yaml_rust2::{Yaml, YamlLoader};
 
+/// The `users:` list of a cloud-init.yml, if it has a readable one.
+fn users(cloud_init: &str) -> Option<Vec<Yaml>> {
+    let docs = YamlLoader::load_from_str(cloud_init).ok()?;
+    docs.first()?["users"].as_vec().cloned()
+}
+
 /// The first `users:` entry with a `name` (entries that are the string
 /// `default` stand for the image's own user and are passed over).
 /// `Some(None)`: the file has `users:` but names nobody; `None`: it has no
 /// (readable) `users:` list.
 fn named_user(cloud_init: &str) -> Option<Option<String>> {
-    let docs = YamlLoader::load_from_str(cloud_init).ok()?;
-    let users = docs.first()?["users"].as_vec()?;
+    let users = users(cloud_init)?;
     Some(users.iter().find_map(|u| match u {
         Yaml::Hash(_) => u["name"].as_str().map(str::to_string),
         // A bare string other than `default` is a user name too (cloud-init
@@ -58,19 +63,14 @@ pub fn default_ids() -> (u32, u32) {
 /// the host user's whatever its guest owner.
 pub fn ids(cloud_init: Option<&str>, user: &str) -> (u32, u32) {
     let uid = cloud_init
-        .and_then(|text| YamlLoader::load_from_str(text).ok())
-        .and_then(|docs| {
-            let users = docs.first()?["users"].as_vec()?.clone();
-            users.into_iter().find_map(|u| {
-                if u["name"].as_str() != Some(user) {
-                    return None;
-                }
-                match &u["uid"] {
-                    Yaml::Integer(n) => u32::try_from(*n).ok(),
-                    Yaml::String(s) => s.trim().parse::<u32>().ok(),
-                    _ => None,
-                }
-            })
+        .and_then(users)
+        .and_then(|users| {
+            let entry = users.iter().find(|u| u["name"].as_str() == Some(user))?;
+            match &entry["uid"] {
+                Yaml::Integer(n) => u32::try_from(*n).ok(),
+                Yaml::String(s) => s.trim().parse::<u32>().ok(),
+                _ => None,
+            }
         })
         .filter(|uid| *uid < 1 << 31)
         .unwrap_or(FIRST_USER_ID);
