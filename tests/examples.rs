@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::share_io::{assert_mapped_and_sqlite, file_io};
 use common::*;
 use std::path::{Path, PathBuf};
 
@@ -87,7 +88,11 @@ fn every_example_playbook_passes_the_syntax_check() {
 /// `examples/debian-13-agent` as a user copies it, on the Debian 13 test
 /// guest (its image line pointed at it, offline): it boots, its hook
 /// runs, its workspace share is mounted, and its playbook's tasks tagged
-/// `offline` provision the guest.
+/// `offline` provision the guest. Debian 13's kernel offers
+/// FUSE_DIRECT_IO_ALLOW_MMAP: the workspace serves file data with direct
+/// I/O (nothing lands in the guest's page cache, the copy that makes reads
+/// slow under TCG), and shared writable mappings and SQLite's WAL still
+/// work.
 #[test]
 fn the_debian_13_example_boots_with_its_offline_tasks() {
     let Some(image) = test_image_13() else { return };
@@ -156,6 +161,10 @@ fn the_debian_13_example_boots_with_its_offline_tasks() {
         .trim(),
         "virtiofs"
     );
+    let io = file_io(&env, "/home/migrant/workspace");
+    assert!(io.cache_growth_kib < 16 * 1024, "page cache used: {io:?}");
+    env.ok(&["halt"]);
+    assert_mapped_and_sqlite(&env.project.join("workspace"), &io);
     env.ok(&["destroy"]);
     env.assert_clean();
 }

@@ -7,21 +7,51 @@ use common::net::TestNet;
 use common::*;
 use std::time::Duration;
 
+/// Each egress policy on one booted guest: the first case on the guest
+/// `up` just booted, the others resumed from the memory snapshot taken
+/// then, with their own `[network]` settings.
 #[test]
-fn direct_egress_policy_holes_tunnel_and_cleanup() {
+fn egress_policies_on_one_guest() {
     let Some(image) = test_image() else { return };
     let root_rules = TestNet::ruleset(None);
-    let mut net = TestNet::new("d");
-    let host_rules = TestNet::ruleset(Some(&net.host));
-    // 45.10.0.77 becomes the host's own address after `up` checked the
-    // rules: the forward to it must then open nothing.
-    let env = Env::new_in(
-        "net",
-        &image,
-        "[network]\nrules = [\"allow-host-port tcp/8080\", \"allow-lan-host 192.168.77.50\", \"forward-port tcp/8081 192.168.77.51:80\", \"forward-port tcp/8082 45.10.0.77:9092\"]\n",
-        Some(&net.host),
-    );
-    env.ok(&["up"]);
+    let net = std::cell::RefCell::new(TestNet::new("d"));
+    let host_rules = TestNet::ruleset(Some(&net.borrow().host));
+    let host = net.borrow().host.clone();
+    let env = Env::new_in("net", &image, "", Some(&host));
+    env.run_cases(&[
+        Case {
+            name: "direct_egress_policy_holes_tunnel_and_cleanup",
+            // 45.10.0.77 becomes the host's own address after `up` checked
+            // the rules: the forward to it must then open nothing.
+            extra: "[network]\nrules = [\"allow-host-port tcp/8080\", \"allow-lan-host 192.168.77.50\", \"forward-port tcp/8081 192.168.77.51:80\", \"forward-port tcp/8082 45.10.0.77:9092\"]\n",
+            run: &|env| {
+                direct_egress_policy_holes_tunnel_and_cleanup(
+                    env,
+                    &mut net.borrow_mut(),
+                    &root_rules,
+                    &host_rules,
+                )
+            },
+        },
+        Case {
+            name: "egress_none",
+            extra: "[network]\negress = \"none\"\nrules = [\"allow-host-port tcp/8080\"]\n",
+            run: &egress_none,
+        },
+        Case {
+            name: "allow_domains",
+            extra: "[network]\nallow_domains = [\"ok.test\", \"*.allowed.test\"]\n",
+            run: &allow_domains,
+        },
+    ]);
+}
+
+fn direct_egress_policy_holes_tunnel_and_cleanup(
+    env: &Env,
+    net: &mut TestNet,
+    root_rules: &str,
+    host_rules: &str,
+) {
     net.add_host_address("45.10.0.77/32");
     net.host_http("45.10.0.77", 9092, "host-gained");
     let served = || {
@@ -161,7 +191,7 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
     let _ = tunnel.kill();
     let _ = tunnel.wait();
 
-    dataplane_is_confined_and_fails_closed(&env);
+    dataplane_is_confined_and_fails_closed(env);
 
     // Halt: nothing of the VM's network remains.
     env.ok(&["halt"]);
@@ -207,21 +237,10 @@ fn direct_egress_policy_holes_tunnel_and_cleanup() {
     env.assert_clean();
     assert_eq!(TestNet::ruleset(None), root_rules);
     assert_eq!(TestNet::ruleset(Some(&net.host)), host_rules);
-    env.ok(&["destroy"]);
 }
 
-#[test]
-fn egress_none_and_allow_domains() {
-    let Some(image) = test_image() else { return };
-    let net = TestNet::new("n");
-
-    let none = Env::new_in(
-        "none",
-        &image,
-        "[network]\negress = \"none\"\nrules = [\"allow-host-port tcp/8080\"]\n",
-        Some(&net.host),
-    );
-    none.ok(&["up"]);
+/// `egress = "none"`: nothing but the named hole on the host.
+fn egress_none(none: &Env) {
     let r = none.probe(&[
         "dns:ok.test",
         "http:http://45.20.0.10/",
@@ -232,16 +251,10 @@ fn egress_none_and_allow_domains() {
     expect(&r, "http:http://45.20.0.10/", "ERR");
     expect(&r, "udpdns:45.20.0.53:ok.test", "ERR");
     expect(&r, "http:http://10.0.2.2:8080/", "host-loopback");
-    none.ok(&["destroy"]);
-    none.assert_clean();
+}
 
-    let allow = Env::new_in(
-        "allow",
-        &image,
-        "[network]\nallow_domains = [\"ok.test\", \"*.allowed.test\"]\n",
-        Some(&net.host),
-    );
-    allow.ok(&["up"]);
+/// `allow_domains`: the listed names (a wildcard too), nothing else.
+fn allow_domains(allow: &Env) {
     let r = allow.probe(&[
         "http:http://45.20.0.10/",
         "dns:ok.test",
@@ -263,8 +276,6 @@ fn egress_none_and_allow_domains() {
     expect(&r, "httphost:45.20.0.10:shared.test", "ERR");
     let status = allow.ok(&["status"]);
     assert!(status.contains("not-allowed-domain"), "{status}");
-    allow.ok(&["destroy"]);
-    allow.assert_clean();
 }
 
 /// The fields of `/proc/PID/status` a confinement check reads.

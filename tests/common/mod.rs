@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 pub mod net;
+pub mod share_io;
 
 pub struct Env {
     pub root: tempfile::TempDir,
@@ -21,6 +22,17 @@ pub struct Env {
     pub netns: Option<String>,
     /// Who migrant's commands run as: the rootless run's user, or root.
     pub user: Option<nix::unistd::User>,
+    /// The Migrantfile's lines before the test's own settings.
+    head: String,
+}
+
+/// One case of a file's shared guest ([`Env::run_cases`]): its name, the
+/// Migrantfile settings it runs with (after the common lines), and what it
+/// does with the guest.
+pub struct Case<'a> {
+    pub name: &'a str,
+    pub extra: &'a str,
+    pub run: &'a dyn Fn(&Env),
 }
 
 /// The test guest image built by `scripts/build-guest-image`, or `None`
@@ -251,14 +263,12 @@ impl Env {
         std::fs::create_dir_all(&project).unwrap_or_else(|e| panic!("{e}"));
         std::fs::create_dir_all(root.path().join("home")).unwrap_or_else(|e| panic!("{e}"));
         let name = format!("{name}-{}", std::process::id());
-        std::fs::write(
-            project.join("Migrantfile"),
-            format!(
-                "name = \"{name}\"\nimage = \"{}\"\ncpus = 2\nmemory = \"1G\"\ndisk = \"4G\"\naccel = \"tcg\"\n{extra}",
-                image.display()
-            ),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let head = format!(
+            "name = \"{name}\"\nimage = \"{}\"\ncpus = 2\nmemory = \"1G\"\ndisk = \"4G\"\naccel = \"tcg\"\n",
+            image.display()
+        );
+        std::fs::write(project.join("Migrantfile"), format!("{head}{extra}"))
+            .unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(
             project.join("cloud-init.yml"),
             "#cloud-config\nusers:\n  - name: migrant\n    sudo: ALL=(ALL) NOPASSWD:ALL\n    shell: /bin/bash\n    ssh_authorized_keys:\n      - __MIGRANT_PUBKEY__\n",
@@ -273,10 +283,62 @@ impl Env {
             name,
             netns: netns.map(str::to_string),
             user,
+            head,
         };
         let out = env.run(&["pubkey"]);
         assert!(out.status.success(), "pubkey: {}", text(&out));
         env
+    }
+
+    /// Replace the test's own Migrantfile settings with `extra`.
+    pub fn set_extra(&self, extra: &str) {
+        let file = self.project.join("Migrantfile");
+        std::fs::write(&file, format!("{}{extra}", self.head))
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    }
+
+    /// The cases of a file on one booted guest: the first `up` boots it and
+    /// a memory snapshot saves it; every case then starts from that
+    /// moment (the first on the guest just booted, each later one after a
+    /// `reset`, which resumes the snapshot in seconds instead of booting
+    /// again), with its own settings, which may differ only where a resume
+    /// allows (the network's host side). Every case runs, also after one
+    /// fails; the test then fails naming each failed case. The VM is
+    /// destroyed and must leave nothing behind.
+    pub fn run_cases(&self, cases: &[Case<'_>]) {
+        let mut failed = Vec::new();
+        for (i, case) in cases.iter().enumerate() {
+            eprintln!("=== case {}", case.name);
+            let started = Instant::now();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.set_extra(case.extra);
+                if i == 0 {
+                    self.ok(&["up"]);
+                    self.ok(&["snapshot", "--memory"]);
+                } else {
+                    let out = self.run(&["reset"]);
+                    assert!(out.status.success(), "reset: {}", text(&out));
+                    assert!(
+                        text(&out).contains("resumed from its memory snapshot"),
+                        "the case booted instead of resuming: {}",
+                        text(&out)
+                    );
+                }
+                (case.run)(self)
+            }));
+            let took = started.elapsed().as_secs();
+            match result {
+                Ok(()) => eprintln!("=== case {}: ok ({took} s)", case.name),
+                Err(_) => {
+                    eprintln!("=== case {}: FAILED ({took} s)", case.name);
+                    failed.push(case.name);
+                }
+            }
+        }
+        // (A failed case's VM goes when the test's folders do.)
+        assert!(failed.is_empty(), "failed cases: {failed:?}");
+        self.ok(&["destroy"]);
+        self.assert_clean();
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {

@@ -17,7 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::broker::intercept::{self, Seen};
-use super::policy::Denial;
+use super::policy::{Allowed, Denial};
 use super::resolver::Resolver;
 use super::route::Gate;
 use super::stats::Stats;
@@ -272,6 +272,16 @@ impl Proxy {
                 let _ = up.send(&data).await;
                 continue;
             }
+            // The verdict before a slot: what the policy refuses holds
+            // none and is counted under its own reason, however many
+            // flows the guest keeps open.
+            let allowed = match self.udp_verdict(dst) {
+                Ok(a) => a,
+                Err(why) => {
+                    self.stats.deny(Proto::Udp, src, dst, why);
+                    continue;
+                }
+            };
             let Ok(slot) = Arc::clone(&self.slots.udp).try_acquire_owned() else {
                 self.stats
                     .deny(Proto::Udp, src, dst, Denial::TooManyConnections);
@@ -280,45 +290,46 @@ impl Proxy {
             let this = Arc::clone(&self);
             let flows = Arc::clone(&flows);
             tokio::spawn(async move {
-                this.udp_flow(src, dst, data, flows).await;
+                this.udp_flow(src, dst, allowed, data, flows).await;
                 drop(slot);
             });
         }
     }
 
-    async fn udp_flow(&self, src: SocketAddr, dst: SocketAddr, first: Vec<u8>, flows: Flows) {
-        // DNS to any server goes to the gateway's resolver, so that
-        // `allow_domains` sees every lookup.
-        let is_dns = dst.port() == 53;
-        let allowed = if is_dns {
-            None
-        } else {
-            match self.gate.decide(Proto::Udp, dst) {
-                Ok(a) => Some(a),
-                Err(why) => {
-                    self.stats.deny(Proto::Udp, src, dst, why);
-                    return;
-                }
-            }
-        };
+    /// A new UDP flow's verdict: `None` for DNS (to any server it goes to
+    /// the gateway's resolver, so that `allow_domains` sees every
+    /// lookup), else where the policy lets it go. Refused: an address no
+    /// reply socket can speak as (broadcast, multicast, scope-less
+    /// link-local), and what the policy refuses.
+    fn udp_verdict(&self, dst: SocketAddr) -> Result<Option<Allowed>, Denial> {
+        if let Some(why) = unanswerable(dst.ip()) {
+            return Err(why);
+        }
+        if dst.port() == 53 {
+            return Ok(None);
+        }
+        self.gate.decide(Proto::Udp, dst).map(Some)
+    }
+
+    async fn udp_flow(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        allowed: Option<Allowed>,
+        first: Vec<u8>,
+        flows: Flows,
+    ) {
         // The reply socket speaks as `dst` to the guest.
         let reply = match self.inside.reply(dst, src).await {
             Ok(s) => s,
             Err(e) => {
-                // No socket can speak as a broadcast, multicast or
-                // scope-less link-local address: counted, not logged
-                // (the guest chooses how many).
-                match unanswerable(dst.ip()) {
-                    Some(why) => self.stats.deny(Proto::Udp, src, dst, why),
-                    None => tracing::warn!("udp reply socket for {dst}: {e}"),
-                }
+                tracing::warn!("udp reply socket for {dst}: {e}");
                 return;
             }
         };
-        if is_dns {
+        let Some(allowed) = allowed else {
             return self.dns_flow(reply, first).await;
-        }
-        let Some(allowed) = allowed else { return };
+        };
         let Some(exit) = self.gate.exit(&allowed) else {
             return;
         };
