@@ -165,22 +165,33 @@ fn up_ssh_halt_up_kill_destroy() {
     assert_eq!(status["state"], "not created");
 }
 
-/// Two VMs at once: each QEMU runs as its own uid, so a compromised QEMU
-/// of one cannot read the other's disk or seed, signal it or read its
-/// memory (what ptrace needs); it can still use its own files.
+/// Two VMs at once (the second a clone of the first, resumed from its
+/// memory snapshot: a VM of its own, with its own disk, seed, folders and
+/// identity): each QEMU runs as its own uid, so a compromised QEMU of one
+/// cannot read the other's disk or seed, signal it or read its memory
+/// (what ptrace needs); it can still use its own files.
 #[test]
 fn each_vm_has_its_own_identity() {
     let Some(image) = test_image() else { return };
     let a = Env::new("ida", &image, "");
-    let b = Env::new("idb", &image, "");
     a.ok(&["up"]);
-    b.ok(&["up"]);
-    let (ida, idb) = (a.vm_id(), b.vm_id());
+    a.ok(&["snapshot", "--memory"]);
+    let b_name = format!("idb-{}", std::process::id());
+    a.ok(&[
+        "run",
+        "--snapshot",
+        "--clone",
+        "--name",
+        &b_name,
+        "--",
+        "true",
+    ]);
+    let b_state = a.root.path().join("state").join("vms").join(&b_name);
+    let (ids_a, ids_b) = (qemu_ids_in(&a.state_dir()), qemu_ids_in(&b_state));
+    let (ida, idb) = (ids_a.0, ids_b.0);
     assert_ne!(ida, idb);
-    for (env, id) in [(&a, ida), (&b, idb)] {
-        let qemu = env
-            .pid_of("qemu-system")
-            .unwrap_or_else(|| panic!("no QEMU"));
+    for (state, id) in [(a.state_dir(), ida), (b_state.clone(), idb)] {
+        let qemu = qemu_pid_in(&state);
         let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
         let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
         assert!(
@@ -196,33 +207,51 @@ fn each_vm_has_its_own_identity() {
         .join("disk.qcow2")
         .to_string_lossy()
         .into_owned();
-    let out = a.as_vm(&["head", "-c", "4", &own_disk]);
+    let out = as_identity(ids_a, &["head", "-c", "4", &own_disk]);
     assert!(
         out.status.success() && out.stdout == b"QFI\xfb",
         "{}",
         text(&out)
     );
-    let b_qemu = b.pid_of("qemu-system").unwrap_or_else(|| panic!("no QEMU"));
+    let b_qemu = qemu_pid_in(&b_state);
     for target in [
-        b.state_dir().join("disk.qcow2"),
-        b.state_dir().join("seed.img"),
+        b_state.join("disk.qcow2"),
+        b_state.join("seed.img"),
         std::path::PathBuf::from(format!("/proc/{b_qemu}/environ")),
     ] {
         let t = target.to_string_lossy().into_owned();
-        let out = a.as_vm(&["head", "-c", "1", &t]);
+        let out = as_identity(ids_a, &["head", "-c", "1", &t]);
         assert!(!out.status.success(), "A's QEMU user read {t}");
     }
-    let out = a.as_vm(&["kill", "-0", &b_qemu.to_string()]);
+    // Nor B A's (its template's) files.
+    let a_qemu = qemu_pid_in(&a.state_dir());
+    for target in [
+        a.state_dir().join("disk.qcow2"),
+        a.state_dir().join("snapshot.vmstate"),
+        std::path::PathBuf::from(format!("/proc/{a_qemu}/environ")),
+    ] {
+        let t = target.to_string_lossy().into_owned();
+        let out = as_identity(ids_b, &["head", "-c", "1", &t]);
+        assert!(!out.status.success(), "B's QEMU user read {t}");
+    }
+    let out = as_identity(ids_a, &["kill", "-0", &b_qemu.to_string()]);
     assert!(!out.status.success(), "A's QEMU user may signal B's QEMU");
     // The logs hold what the guest did and said: neither another VM nor
     // an ordinary local user reads them (who may reach the folder).
     std::fs::set_permissions(
-        b.root.path(),
+        a.root.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    for log in ["supervisor.log", "qemu.log", "serial.log"] {
-        let path = b.state_dir().join(log);
+    // (A resumed clone has said nothing on its console yet: its template's
+    // console log, from the boot, stands for it, read as the clone.)
+    for (path, reader) in [
+        (b_state.join("supervisor.log"), ids_a),
+        (b_state.join("qemu.log"), ids_a),
+        (a.state_dir().join("serial.log"), ids_b),
+        (a.state_dir().join("supervisor.log"), ids_b),
+    ] {
+        let log = path.display();
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(&path)
                 .unwrap_or_else(|e| panic!("{log}: {e}"))
@@ -230,8 +259,8 @@ fn each_vm_has_its_own_identity() {
         );
         assert_eq!(mode & 0o777, 0o600, "{log} is {mode:o}");
         let t = path.to_string_lossy().into_owned();
-        let out = a.as_vm(&["head", "-c", "1", &t]);
-        assert!(!out.status.success(), "A's QEMU user read {log}");
+        let out = as_identity(reader, &["head", "-c", "1", &t]);
+        assert!(!out.status.success(), "the other VM's QEMU user read {log}");
         let out = std::process::Command::new("setpriv")
             .args([
                 "--reuid=65534",
@@ -249,7 +278,7 @@ fn each_vm_has_its_own_identity() {
     // Nothing under the state and runtime folders is readable or listable
     // by an ordinary local user (root made these VMs, so no owner either).
     let mut paths = Vec::new();
-    let mut todo = vec![b.root.path().join("state"), b.root.path().join("run")];
+    let mut todo = vec![a.root.path().join("state"), a.root.path().join("run")];
     while let Some(p) = todo.pop() {
         if let Ok(rd) = std::fs::read_dir(&p) {
             todo.extend(rd.flatten().map(|e| e.path()));
@@ -272,10 +301,10 @@ fn each_vm_has_its_own_identity() {
         "an ordinary user got at: {}",
         text(&out)
     );
+    a.ok(&["destroy", "--name", &b_name]);
     a.ok(&["destroy"]);
-    b.ok(&["destroy"]);
     a.assert_clean();
-    b.assert_clean();
+    assert!(!b_state.exists(), "the clone's folder outlived destroy");
 }
 
 /// An `up` killed while the guest boots (Ctrl-C, a CI job's timeout) does

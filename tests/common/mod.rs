@@ -594,11 +594,7 @@ impl Drop for Env {
 /// The uid and gid of the running QEMU of the VM whose state folder is
 /// `state` (its identity on the host).
 pub fn qemu_ids_in(state: &Path) -> (u32, u32) {
-    let qemu = processes_naming(state)
-        .into_iter()
-        .find(|(_, c)| c.contains("qemu-system"))
-        .map(|(p, _)| p)
-        .unwrap_or_else(|| panic!("no QEMU of {} runs", state.display()));
+    let qemu = qemu_pid_in(state);
     let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap_or_default();
     let first = |key: &str| -> u32 {
         status
@@ -608,6 +604,27 @@ pub fn qemu_ids_in(state: &Path) -> (u32, u32) {
             .unwrap_or_else(|| panic!("no {key} of QEMU {qemu}"))
     };
     (first("Uid:"), first("Gid:"))
+}
+
+/// The pid of the running QEMU of the VM whose state folder is `state`,
+/// from its record (a clone's command line names its template's folder
+/// too).
+pub fn qemu_pid_in(state: &Path) -> u32 {
+    let text = std::fs::read_to_string(state.join("record.json"))
+        .unwrap_or_else(|e| panic!("{}: {e}", state.display()));
+    let rec: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let pid = rec["qemu_pid"]
+        .as_u64()
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or_else(|| panic!("no QEMU of {} runs: {text}", state.display()));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("qemu-system"),
+        "process {pid} of {} is not its QEMU",
+        state.display()
+    );
+    pid
 }
 
 /// The first id and the count of the range `file` (`/etc/subuid` or
