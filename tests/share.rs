@@ -192,6 +192,24 @@ fn shares_end_to_end() {
     env.assert_clean();
     assert_no_mounts(&env);
 
+    // Drift: the project folder moved after the VM was built: refused,
+    // naming the share and both places.
+    let moved: PathBuf = env.root.path().join("moved");
+    std::fs::rename(&env.project, &moved).unwrap_or_else(|e| panic!("{e}"));
+    let out = env
+        .cmd(&["-C", &moved.to_string_lossy(), "up"])
+        .current_dir(env.root.path())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::rename(&moved, &env.project).unwrap_or_else(|e| panic!("{e}"));
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    assert!(t.contains("\"ws\""), "{t}");
+    assert!(t.contains(&ws.display().to_string()), "{t}");
+    assert!(t.contains(&moved.join("ws").display().to_string()), "{t}");
+    env.assert_clean();
+    assert_no_mounts(&env);
+
     // Data survives; a dead supervisor's daemons go with it.
     let out = env.run(&["up"]);
     assert!(out.status.success(), "second up: {}", text(&out));
@@ -285,25 +303,6 @@ fn shares_refuse_to_start_and_delete_nothing() {
     assert!(!env.state_dir().join("disk.qcow2").exists());
     std::fs::remove_file(&img).unwrap_or_else(|e| panic!("{e}"));
 
-    // Drift: the project folder moved after the VM was built.
-    env.ok(&["up"]);
-    env.ok(&["halt"]);
-    let moved: PathBuf = env.root.path().join("moved");
-    std::fs::rename(&env.project, &moved).unwrap_or_else(|e| panic!("{e}"));
-    let out = env
-        .cmd(&["-C", &moved.to_string_lossy(), "up"])
-        .current_dir(env.root.path())
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    std::fs::rename(&moved, &env.project).unwrap_or_else(|e| panic!("{e}"));
-    let t = text(&out);
-    assert_eq!(out.status.code(), Some(78), "{t}");
-    assert!(t.contains("\"ws\""), "{t}");
-    assert!(
-        t.contains(&env.project.join("ws").display().to_string()),
-        "{t}"
-    );
-    assert!(t.contains(&moved.join("ws").display().to_string()), "{t}");
     env.assert_clean();
     assert_no_mounts(&env);
 }
