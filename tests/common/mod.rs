@@ -610,14 +610,7 @@ pub fn qemu_ids_in(state: &Path) -> (u32, u32) {
 /// from its record (a clone's command line names its template's folder
 /// too).
 pub fn qemu_pid_in(state: &Path) -> u32 {
-    let text = std::fs::read_to_string(state.join("record.json"))
-        .unwrap_or_else(|e| panic!("{}: {e}", state.display()));
-    let rec: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    let pid = rec["qemu_pid"]
-        .as_u64()
-        .and_then(|v| u32::try_from(v).ok())
-        .unwrap_or_else(|| panic!("no QEMU of {} runs: {text}", state.display()));
+    let pid = record_field(state, "qemu_pid");
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     assert!(
         String::from_utf8_lossy(&cmdline).contains("qemu-system"),
@@ -645,14 +638,19 @@ pub fn subordinate_range(file: &str, name: &str, uid: u32) -> (u32, u32) {
 /// The VM's index in its user's range, from the record of the VM whose
 /// state folder is `state`.
 pub fn vm_id_in(state: &Path) -> u32 {
-    let text = std::fs::read_to_string(state.join("record.json"))
-        .unwrap_or_else(|e| panic!("record: {e}"));
+    record_field(state, "vm_id")
+}
+
+/// A number of the record of the VM whose state folder is `state`.
+fn record_field(state: &Path, key: &str) -> u32 {
+    let file = state.join("record.json");
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     let rec: serde_json::Value =
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    rec["vm_id"]
+    rec[key]
         .as_u64()
         .and_then(|v| u32::try_from(v).ok())
-        .unwrap_or_else(|| panic!("no vm_id in {text}"))
+        .unwrap_or_else(|| panic!("no {key} in {}: {text}", file.display()))
 }
 
 /// Run `cmd` as a VM identity (its uid and gid, no groups).
